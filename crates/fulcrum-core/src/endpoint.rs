@@ -1,0 +1,406 @@
+//! Endpoints and the live load signals the data plane shares with the balancers.
+//!
+//! An [`Endpoint`] is an immutable description (id, address, weight, labels) plus an
+//! `Arc<LoadSignals>`: atomics that the data plane updates as requests start and finish, and
+//! that survive a rebuild of the pool for endpoints that stay (see
+//! [`Selector::rebuild`](crate::Selector::rebuild)).
+//!
+//! Load is counted by an RAII [`InFlight`] guard: the data plane creates it when it sends a
+//! request and drops it when the response *stream* ends, not at the first byte, so a
+//! backend streaming a thousand tokens for ten seconds counts as busy for ten seconds.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::ewma::PeakEwma;
+use crate::time::Instant;
+
+/// The identity of an endpoint within a pool. Load signals follow the id across rebuilds.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointId(Arc<str>);
+
+impl EndpointId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for EndpointId {
+    fn from(s: &str) -> Self {
+        EndpointId(Arc::from(s))
+    }
+}
+
+impl From<String> for EndpointId {
+    fn from(s: String) -> Self {
+        EndpointId(Arc::from(s))
+    }
+}
+
+impl fmt::Debug for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What an endpoint is: the models it serves, its accelerator, its zone, and free-form labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Labels {
+    /// Model names served (empty: any).
+    pub models: Vec<String>,
+    /// Accelerator type, such as `h100`, `a100`, `l4` or `cpu`.
+    pub accelerator: Option<String>,
+    /// Failure domain: zone, rack or host.
+    pub zone: Option<String>,
+    /// Any other labels.
+    pub other: BTreeMap<String, String>,
+}
+
+/// The static description of an endpoint, as configuration or discovery provides it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// Identity; defaults to the address.
+    pub id: EndpointId,
+    /// Where to connect.
+    pub address: SocketAddr,
+    /// Static weight (relative capacity).
+    pub weight: NonZeroU32,
+    /// Labels.
+    pub labels: Labels,
+}
+
+impl EndpointSpec {
+    /// An endpoint of weight 1 whose id is its address.
+    pub fn new(address: SocketAddr) -> Self {
+        EndpointSpec {
+            id: EndpointId::from(address.to_string()),
+            address,
+            weight: NonZeroU32::MIN,
+            labels: Labels::default(),
+        }
+    }
+
+    /// Sets the static weight.
+    pub fn with_weight(mut self, weight: NonZeroU32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// Sets the id.
+    pub fn with_id(mut self, id: impl Into<EndpointId>) -> Self {
+        self.id = id.into();
+        self
+    }
+}
+
+/// An endpoint of a built pool: its description and its shared load signals.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    spec: EndpointSpec,
+    signals: Arc<LoadSignals>,
+}
+
+impl Endpoint {
+    pub(crate) fn new(spec: EndpointSpec, signals: Arc<LoadSignals>) -> Self {
+        Endpoint { spec, signals }
+    }
+
+    /// The endpoint's id.
+    pub fn id(&self) -> &EndpointId {
+        &self.spec.id
+    }
+
+    /// The endpoint's address.
+    pub fn address(&self) -> SocketAddr {
+        self.spec.address
+    }
+
+    /// The static weight.
+    pub fn weight(&self) -> NonZeroU32 {
+        self.spec.weight
+    }
+
+    /// The labels.
+    pub fn labels(&self) -> &Labels {
+        &self.spec.labels
+    }
+
+    /// The description this endpoint was built from.
+    pub fn spec(&self) -> &EndpointSpec {
+        &self.spec
+    }
+
+    /// The live load signals.
+    pub fn signals(&self) -> &Arc<LoadSignals> {
+        &self.signals
+    }
+}
+
+/// The outcome of one request, as the data plane classifies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The endpoint answered well.
+    Success,
+    /// The endpoint failed (connect error, reset, timeout, 5xx).
+    Failure,
+}
+
+/// Tuning of the latency estimate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LatencyConfig {
+    /// Decay time of the peak EWMA (tower and Linkerd use 10 s).
+    pub decay: Duration,
+    /// Latency assumed for an endpoint that has not answered yet.
+    pub default_rtt: Duration,
+    /// A failed request is recorded as at least this slow, so a backend that fails fast
+    /// never looks fastest.
+    pub failure_penalty: Duration,
+}
+
+impl Default for LatencyConfig {
+    fn default() -> Self {
+        LatencyConfig {
+            decay: Duration::from_secs(10),
+            default_rtt: Duration::from_millis(30),
+            failure_penalty: Duration::from_secs(1),
+        }
+    }
+}
+
+const NO_RAMP: u64 = u64::MAX;
+const UNKNOWN_UTILIZATION: u32 = u32::MAX;
+
+/// Live load signals of one endpoint, shared by the data plane and the balancers.
+///
+/// Every field is an atomic: the request path never takes a lock.
+#[derive(Debug)]
+pub struct LoadSignals {
+    in_flight: AtomicU64,
+    in_flight_tokens: AtomicU64,
+    latency: PeakEwma,
+    consecutive_failures: AtomicU32,
+    /// Utilization reported by the backend, in parts per million; `u32::MAX` when unknown.
+    utilization_ppm: AtomicU32,
+    /// Effective weight (`f64` bits), kept current by [`Selector::refresh`](crate::Selector::refresh).
+    effective_weight: AtomicU64,
+    /// Start of the current slow-start ramp (nanoseconds), or `NO_RAMP`.
+    ramp_since: AtomicU64,
+}
+
+// === impl LoadSignals ===
+
+impl LoadSignals {
+    /// Fresh signals for an endpoint of static weight `weight`.
+    pub fn new(weight: NonZeroU32, latency: &LatencyConfig, now: Instant) -> Self {
+        LoadSignals {
+            in_flight: AtomicU64::new(0),
+            in_flight_tokens: AtomicU64::new(0),
+            latency: PeakEwma::new(latency.default_rtt, now),
+            consecutive_failures: AtomicU32::new(0),
+            utilization_ppm: AtomicU32::new(UNKNOWN_UTILIZATION),
+            effective_weight: AtomicU64::new(f64::from(weight.get()).to_bits()),
+            ramp_since: AtomicU64::new(NO_RAMP),
+        }
+    }
+
+    /// Requests in flight (counted until their response stream ends).
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Estimated tokens (prompt and output) of the requests in flight.
+    pub fn in_flight_tokens(&self) -> u64 {
+        self.in_flight_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Failures since the last success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// The peak-EWMA latency estimate at `now`, in seconds.
+    pub fn latency(&self, now: Instant, config: &LatencyConfig) -> f64 {
+        self.latency.get(now, config.decay)
+    }
+
+    /// Peak-EWMA cost: latency x (in flight + 1) x (1 + consecutive failures).
+    pub fn ewma_cost(&self, now: Instant, config: &LatencyConfig) -> f64 {
+        let pending = self.in_flight() as f64 + 1.0;
+        let failures = f64::from(self.consecutive_failures()) + 1.0;
+        self.latency(now, config) * pending * failures
+    }
+
+    /// Records the latency and outcome of one finished request.
+    pub fn observe(&self, rtt: Duration, outcome: Outcome, now: Instant, config: &LatencyConfig) {
+        match outcome {
+            Outcome::Success => {
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+                self.latency.observe(rtt, now, config.decay);
+            }
+            Outcome::Failure => {
+                self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+                self.latency.observe(rtt.max(config.failure_penalty), now, config.decay);
+            }
+        }
+    }
+
+    /// Utilization the backend reported (0.0 to 1.0), if any.
+    pub fn utilization(&self) -> Option<f64> {
+        match self.utilization_ppm.load(Ordering::Relaxed) {
+            UNKNOWN_UTILIZATION => None,
+            ppm => Some(f64::from(ppm) / 1e6),
+        }
+    }
+
+    /// Records the utilization the backend reports (clamped to 0..=1), or forgets it.
+    pub fn report_utilization(&self, utilization: Option<f64>) {
+        let ppm = match utilization {
+            Some(u) if u.is_finite() => (u.clamp(0.0, 1.0) * 1e6).round() as u32,
+            _ => UNKNOWN_UTILIZATION,
+        };
+        self.utilization_ppm.store(ppm, Ordering::Relaxed);
+    }
+
+    /// The effective weight computed by the last refresh.
+    pub fn effective_weight(&self) -> f64 {
+        f64::from_bits(self.effective_weight.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_effective_weight(&self, w: f64) {
+        self.effective_weight.store(w.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Starts a slow-start ramp at `now` (the endpoint was added or came back healthy).
+    pub fn start_slow_start(&self, now: Instant) {
+        self.ramp_since.store(now.as_nanos().min(NO_RAMP - 1), Ordering::Relaxed);
+    }
+
+    /// When the current slow-start ramp began, if one is running.
+    pub fn slow_start_since(&self) -> Option<Instant> {
+        match self.ramp_since.load(Ordering::Relaxed) {
+            NO_RAMP => None,
+            n => Some(Instant::from_nanos(n)),
+        }
+    }
+
+    pub(crate) fn end_slow_start(&self) {
+        self.ramp_since.store(NO_RAMP, Ordering::Relaxed);
+    }
+}
+
+/// Load of a whole pool, shared like [`LoadSignals`].
+#[derive(Debug, Default)]
+pub struct PoolLoad {
+    in_flight: AtomicU64,
+}
+
+impl PoolLoad {
+    /// Requests in flight in the pool.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one request as in flight on an endpoint until dropped.
+///
+/// The data plane keeps it alive until the response body ends (or the client goes away).
+#[must_use = "the request stops counting as in flight when the guard is dropped"]
+#[derive(Debug)]
+pub struct InFlight {
+    endpoint: Arc<LoadSignals>,
+    pool: Arc<PoolLoad>,
+    tokens: u64,
+    started: Instant,
+}
+
+// === impl InFlight ===
+
+impl InFlight {
+    pub(crate) fn start(endpoint: Arc<LoadSignals>, pool: Arc<PoolLoad>, tokens: u64, now: Instant) -> Self {
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        endpoint.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
+        pool.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { endpoint, pool, tokens, started: now }
+    }
+
+    /// When the request started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Records the request's latency (from its start to `now`) and outcome, then stops
+    /// counting it.
+    pub fn finish(self, outcome: Outcome, now: Instant, config: &LatencyConfig) {
+        let rtt = now.saturating_since(self.started);
+        self.endpoint.observe(rtt, outcome, now, config);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.in_flight_tokens.fetch_sub(self.tokens, Ordering::Relaxed);
+        self.pool.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signals() -> Arc<LoadSignals> {
+        Arc::new(LoadSignals::new(NonZeroU32::MIN, &LatencyConfig::default(), Instant::ZERO))
+    }
+
+    #[test]
+    fn guard_counts_until_dropped() {
+        let s = signals();
+        let pool = Arc::new(PoolLoad::default());
+        let a = InFlight::start(s.clone(), pool.clone(), 100, Instant::ZERO);
+        let b = InFlight::start(s.clone(), pool.clone(), 50, Instant::ZERO);
+        assert_eq!((s.in_flight(), s.in_flight_tokens(), pool.in_flight()), (2, 150, 2));
+        drop(a);
+        assert_eq!((s.in_flight(), s.in_flight_tokens(), pool.in_flight()), (1, 50, 1));
+        b.finish(Outcome::Success, Instant::from_millis(40), &LatencyConfig::default());
+        assert_eq!((s.in_flight(), s.in_flight_tokens(), pool.in_flight()), (0, 0, 0));
+        // 40 ms is above the 30 ms default, so the peak is taken at once.
+        assert!((s.latency(Instant::from_millis(40), &LatencyConfig::default()) - 0.040).abs() < 1e-6);
+    }
+
+    #[test]
+    fn fast_failures_cost_more_than_slow_successes() {
+        let cfg = LatencyConfig::default();
+        let (good, bad) = (signals(), signals());
+        let now = Instant::from_millis(10);
+        good.observe(Duration::from_millis(200), Outcome::Success, now, &cfg);
+        bad.observe(Duration::from_micros(50), Outcome::Failure, now, &cfg);
+        assert!(bad.ewma_cost(now, &cfg) > good.ewma_cost(now, &cfg));
+        assert_eq!(bad.consecutive_failures(), 1);
+        bad.observe(Duration::from_millis(1), Outcome::Success, now, &cfg);
+        assert_eq!(bad.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn utilization_is_clamped_and_forgettable() {
+        let s = signals();
+        assert_eq!(s.utilization(), None);
+        s.report_utilization(Some(1.5));
+        assert_eq!(s.utilization(), Some(1.0));
+        s.report_utilization(Some(f64::NAN));
+        assert_eq!(s.utilization(), None);
+        s.report_utilization(Some(0.25));
+        assert_eq!(s.utilization(), Some(0.25));
+    }
+}

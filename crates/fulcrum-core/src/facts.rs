@@ -1,0 +1,33 @@
+//! What a balancing policy may know about a request.
+
+use std::net::IpAddr;
+
+/// The facts of one request that policies may look at.
+///
+/// The data plane fills only what the pool's policy needs (see
+/// [`Policy::needs`](crate::Policy::needs)): it never buffers a body it does not have to.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestFacts<'a> {
+    /// The client's address.
+    pub client: Option<IpAddr>,
+    /// The hash key the policy's key source produced (a header's value, a cookie, a path).
+    pub hash_key: Option<&'a [u8]>,
+    /// The model named by the request (the OpenAI `model` field).
+    pub model: Option<&'a str>,
+    /// The prompt, or its prefix.
+    pub prompt: Option<&'a str>,
+    /// Estimated token cost (prompt and output).
+    pub estimated_tokens: u64,
+}
+
+impl<'a> RequestFacts<'a> {
+    /// Facts with only a hash key.
+    pub fn with_key(key: &'a [u8]) -> Self {
+        RequestFacts { hash_key: Some(key), ..RequestFacts::default() }
+    }
+
+    /// Facts with only a client address.
+    pub fn with_client(client: IpAddr) -> Self {
+        RequestFacts { client: Some(client), ..RequestFacts::default() }
+    }
+}

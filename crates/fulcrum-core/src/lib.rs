@@ -1,0 +1,44 @@
+//! Fulcrum's core: every balancing decision, and no effect.
+//!
+//! This crate holds the balancing algorithms, the endpoint model and its live load signals,
+//! and (later) health and outlier state machines, breakers, budgets and scaling policies.
+//! Time comes in as an [`Instant`] argument, randomness as an injected [`rand::RngCore`], load
+//! as numbers, so the proxy and the simulator drive the very same code.
+//!
+//! It must never depend on an async runtime, sockets, files or a clock: no tokio, no
+//! `std::time::Instant::now()`, no unseeded random numbers.
+//!
+//! ```
+//! use fulcrum_core::{EndpointSpec, Instant, Policy, RequestFacts, Selector, SelectorOptions};
+//! use rand::{SeedableRng, rngs::SmallRng};
+//!
+//! let specs = vec![
+//!     EndpointSpec::new("10.0.0.1:8000".parse().unwrap()),
+//!     EndpointSpec::new("10.0.0.2:8000".parse().unwrap()),
+//! ];
+//! let pool = Selector::try_new(Policy::default(), SelectorOptions::default(), specs, Instant::ZERO).unwrap();
+//! let mut rng = SmallRng::seed_from_u64(1);
+//! let endpoint = pool.pick(&RequestFacts::default(), Instant::ZERO, &mut rng, |_| true).unwrap();
+//! let guard = pool.begin(endpoint, 0, Instant::ZERO); // held until the response stream ends
+//! assert_eq!(pool.in_flight(), 1);
+//! drop(guard);
+//! assert_eq!(pool.in_flight(), 0);
+//! ```
+
+pub mod balance;
+pub mod endpoint;
+pub mod ewma;
+pub mod facts;
+pub mod hash;
+pub mod policy;
+pub mod selector;
+pub mod time;
+pub mod weight;
+
+pub use endpoint::{
+    Endpoint, EndpointId, EndpointSpec, InFlight, Labels, LatencyConfig, LoadSignals, Outcome, PoolLoad,
+};
+pub use facts::RequestFacts;
+pub use policy::{Cost, HashKey, Policy, PolicyError, PolicyKind};
+pub use selector::{BuildError, Selector, SelectorOptions};
+pub use time::Instant;
