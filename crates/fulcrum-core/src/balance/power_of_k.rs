@@ -73,8 +73,12 @@ impl Balance for PowerOfK {
             let mut sample = [0usize; MAX_K];
             for _ in 0..RESAMPLES {
                 sample_distinct(n, self.k, cx, &mut sample);
+                // Floyd's sample is a uniform set but not in random order; ties go to the
+                // first candidate seen, so start at a random one.
+                let rot = reduce(cx.rng.next_u64(), self.k);
                 let mut best: Option<(usize, f64)> = None;
-                for &idx in &sample[..self.k] {
+                for i in 0..self.k {
+                    let idx = sample[(i + rot) % self.k];
                     let c = cost_of(kind, &pool.endpoints[idx], now, latency);
                     if best.is_none_or(|(_, b)| c < b) && cx.accepts(pool, idx) {
                         best = Some((idx, c));
@@ -114,6 +118,18 @@ mod tests {
             s.iter().for_each(|&x| seen[x] += 1);
         }
         assert!(seen.iter().all(|&c| (300..500).contains(&c)), "{seen:?}");
+    }
+
+    #[test]
+    fn ties_are_broken_at_random() {
+        // All idle: every endpoint must get its turn, including the last index.
+        let pool = selector(Policy::default(), &[1, 1, 1]);
+        let mut rng = SmallRng::seed_from_u64(9);
+        let mut counts = [0u32; 3];
+        for _ in 0..3_000 {
+            counts[pool.pick_index(&RequestFacts::default(), Instant::ZERO, &mut rng, |_| true).unwrap()] += 1;
+        }
+        assert!(counts.iter().all(|&c| (900..1100).contains(&c)), "{counts:?}");
     }
 
     #[test]
