@@ -1,0 +1,369 @@
+//! Fulcrum's configuration: one typed model, read from TOML in two stages.
+//!
+//! Stage one deserializes raw structs that mirror the file (unknown keys are errors, and
+//! field-local checks such as addresses, durations and policies fail there with the line and
+//! column of the value). Stage two, [`Config::from_raw`], checks what spans fields (names are
+//! unique, routes point at pools that exist, pools can be built) and produces typed values:
+//! `SocketAddr`, `Duration`, `NonZero*`, [`Policy`], no sentinels. Every error names the file,
+//! the line and the field, and says what is allowed.
+//!
+//! It must never depend on the proxy, sockets or a runtime: the proxy, the control plane and
+//! the simulator all read this model.
+
+mod duration;
+mod raw;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fulcrum_core::{EndpointSpec, Instant, Policy, Selector, SelectorOptions};
+
+pub use duration::parse_duration;
+
+/// Default limit on a request body the proxy reads (4 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+
+/// A configuration error: where, which field, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file, if the text came from one.
+    pub file: Option<PathBuf>,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// The field at fault, as a path (`pool.llama.endpoints[1].address`).
+    pub field: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(file) => write!(f, "{}", file.display())?,
+            None => f.write_str("<config>")?,
+        }
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if self.field.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// Proxy-wide settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProxySettings {
+    /// Worker threads; `None` means one per core.
+    pub workers: Option<NonZeroUsize>,
+    /// How long shutdown waits for requests in flight.
+    pub drain_timeout: Duration,
+}
+
+/// A listener.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerConfig {
+    /// Its name, which routes refer to.
+    pub name: String,
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// HTTP or TCP, with their settings.
+    pub kind: ListenerKind,
+}
+
+/// What a listener speaks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ListenerKind {
+    /// HTTP/1.1 and HTTP/2 (prior knowledge), with WebSocket pass-through.
+    Http(HttpListener),
+    /// Plain TCP, proxied to a pool.
+    Tcp {
+        /// The pool connections go to.
+        pool: String,
+    },
+}
+
+/// HTTP listener settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpListener {
+    /// The largest request body read when a route or policy needs it (then 413).
+    pub max_body_bytes: usize,
+    /// Time allowed for a client to send a request's headers, counted from when the
+    /// connection starts waiting for them: it also closes keep-alive connections left idle.
+    pub header_read_timeout: Duration,
+    /// Where requests no route matches go; without it they get 404.
+    pub default_pool: Option<String>,
+}
+
+/// A route: which requests of which listeners go to which pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteConfig {
+    /// Listeners the route applies to.
+    pub listeners: Vec<String>,
+    /// What a request must match.
+    pub matcher: RouteMatch,
+    /// Where matching requests go.
+    pub pool: String,
+}
+
+/// Conditions that must all hold for a route to match.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RouteMatch {
+    /// The `Host` (or `:authority`), without port, lowercase.
+    pub host: Option<String>,
+    /// A prefix of the path.
+    pub path_prefix: Option<String>,
+    /// Headers (lowercase names) and the values they must have.
+    pub headers: Vec<(String, String)>,
+    /// OpenAI `model` names in the JSON body; any of them matches.
+    pub models: Vec<String>,
+}
+
+/// Upstream timeouts of a pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolTimeouts {
+    /// Connecting to an endpoint.
+    pub connect: Duration,
+    /// From sending the request to the response headers (time to first byte).
+    pub first_byte: Duration,
+    /// A whole request including its streamed response; `None`: no limit (streams may be long).
+    pub request: Option<Duration>,
+    /// How long an idle upstream connection is kept for reuse.
+    pub idle: Duration,
+}
+
+impl Default for PoolTimeouts {
+    fn default() -> Self {
+        PoolTimeouts {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(60),
+            request: None,
+            idle: Duration::from_secs(90),
+        }
+    }
+}
+
+/// A pool of endpoints and how to balance over them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolConfig {
+    /// The pool's name.
+    pub name: String,
+    /// The balancing policy.
+    pub policy: Policy,
+    /// Slow start, dynamic weights, latency estimation.
+    pub options: SelectorOptions,
+    /// The endpoints.
+    pub endpoints: Vec<EndpointSpec>,
+    /// A cookie the proxy inserts to keep a client on its endpoint.
+    pub sticky_cookie: Option<String>,
+    /// Upstream timeouts.
+    pub timeouts: PoolTimeouts,
+    /// Idle upstream connections kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+}
+
+/// A whole, validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Proxy-wide settings.
+    pub proxy: ProxySettings,
+    /// Listeners, in file order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Routes, in file order: the first that matches wins.
+    pub routes: Vec<RouteConfig>,
+    /// Pools by name.
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
+            line: None,
+            field: String::new(),
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Config::parse(&text, Some(path))
+    }
+
+    /// Parses and validates TOML text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let located = Locator { text, file };
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| located.line_of(s.start));
+            let field = e.span().map(|s| located.field_at(s.start)).unwrap_or_default();
+            // toml's message is one line; its Display adds a source excerpt we replace.
+            ConfigError { file: file.map(Path::to_owned), line, field, message: e.message().trim().to_owned() }
+        })?;
+        Config::from_raw(raw, &located)
+    }
+
+    fn from_raw(raw: raw::RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
+        let proxy = ProxySettings {
+            workers: raw.proxy.workers,
+            drain_timeout: raw.proxy.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
+        };
+
+        let mut pools = BTreeMap::new();
+        for (name, spanned) in raw.pool {
+            let span = spanned.span();
+            let pool = spanned.into_inner();
+            let field = format!("pool.{name}");
+            if !is_name(&name) {
+                return Err(at.error(span.start, &field, "pool names use letters, digits, `-` and `_`"));
+            }
+            let pool =
+                pool.validate(&name).map_err(|(sub, msg)| at.error(span.start, &format!("{field}{sub}"), &msg))?;
+            // Build once to catch what only the whole pool shows (duplicates, table sizes).
+            Selector::try_new(pool.policy.clone(), pool.options.clone(), pool.endpoints.clone(), Instant::ZERO)
+                .map_err(|e| at.error(span.start, &field, &e.to_string()))?;
+            pools.insert(name, pool);
+        }
+
+        let mut listeners = Vec::new();
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, spanned) in raw.listener.into_iter().enumerate() {
+            let span = spanned.span();
+            let l = spanned.into_inner();
+            let field = format!("listener[{i}]");
+            if !is_name(&l.name) {
+                return Err(at.error(span.start, &format!("{field}.name"), "use letters, digits, `-` and `_`"));
+            }
+            if !names.insert(l.name.clone()) {
+                return Err(at.error(span.start, &format!("{field}.name"), &format!("`{}` is used twice", l.name)));
+            }
+            if !addresses.insert(l.address) {
+                let msg = format!("{} is used by another listener", l.address);
+                return Err(at.error(span.start, &format!("{field}.address"), &msg));
+            }
+            if let Some(pool) = &l.pool
+                && !pools.contains_key(pool)
+            {
+                return Err(at.error(span.start, &format!("{field}.pool"), &unknown_pool(pool, &pools)));
+            }
+            let kind = match l.protocol {
+                raw::Protocol::Http => ListenerKind::Http(HttpListener {
+                    max_body_bytes: l.max_body_bytes.map_or(DEFAULT_MAX_BODY_BYTES, NonZeroUsize::get),
+                    header_read_timeout: l.header_read_timeout.map_or(Duration::from_secs(30), |d| d.0),
+                    default_pool: l.pool,
+                }),
+                raw::Protocol::Tcp => match l.pool {
+                    Some(pool) => ListenerKind::Tcp { pool },
+                    None => return Err(at.error(span.start, &format!("{field}.pool"), "a tcp listener needs a pool")),
+                },
+            };
+            listeners.push(ListenerConfig { name: l.name, address: l.address, kind });
+        }
+
+        let http: Vec<String> =
+            listeners.iter().filter(|l| matches!(l.kind, ListenerKind::Http(_))).map(|l| l.name.clone()).collect();
+        let mut routes = Vec::new();
+        for (i, spanned) in raw.route.into_iter().enumerate() {
+            let span = spanned.span();
+            let r = spanned.into_inner();
+            let field = format!("route[{i}]");
+            let listeners = match r.listener {
+                Some(name) if http.contains(&name) => vec![name],
+                Some(name) => {
+                    let msg = format!("no http listener is named `{name}` (http listeners: {})", http.join(", "));
+                    return Err(at.error(span.start, &format!("{field}.listener"), &msg));
+                }
+                None => http.clone(),
+            };
+            if !pools.contains_key(&r.pool) {
+                return Err(at.error(span.start, &format!("{field}.pool"), &unknown_pool(&r.pool, &pools)));
+            }
+            let m = r.matcher;
+            if let Some(prefix) = &m.path_prefix
+                && !prefix.starts_with('/')
+            {
+                return Err(at.error(span.start, &format!("{field}.match.path_prefix"), "must start with `/`"));
+            }
+            let mut headers = Vec::new();
+            for (name, value) in m.headers {
+                if !is_token(&name) {
+                    let msg = format!("`{name}` is not a header name");
+                    return Err(at.error(span.start, &format!("{field}.match.headers"), &msg));
+                }
+                headers.push((name.to_ascii_lowercase(), value));
+            }
+            let matcher = RouteMatch {
+                host: m.host.map(|h| h.to_ascii_lowercase()),
+                path_prefix: m.path_prefix,
+                headers,
+                models: m.model.map(|m| m.0).unwrap_or_default(),
+            };
+            routes.push(RouteConfig { listeners, matcher, pool: r.pool });
+        }
+
+        Ok(Config { proxy, listeners, routes, pools })
+    }
+}
+
+fn unknown_pool(name: &str, pools: &BTreeMap<String, PoolConfig>) -> String {
+    let known: Vec<&str> = pools.keys().map(String::as_str).collect();
+    format!("no pool is named `{name}` (pools: {})", if known.is_empty() { "none".into() } else { known.join(", ") })
+}
+
+pub(crate) fn is_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+pub(crate) fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Turns byte offsets into lines for error messages.
+struct Locator<'a> {
+    text: &'a str,
+    file: Option<&'a Path>,
+}
+
+impl Locator<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text.as_bytes()[..offset.min(self.text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    }
+
+    /// The field written at `offset`: the table header above it and the key on its line
+    /// (`pool.llama.endpoints`), as far as the text shows it.
+    fn field_at(&self, offset: usize) -> String {
+        let offset = offset.min(self.text.len());
+        let start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
+        let line = self.text[start..].lines().next().unwrap_or("");
+        let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"')).filter(|k| !k.starts_with('['));
+        let table = self.text[..start]
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+        match (table, key) {
+            (Some(t), Some(k)) => format!("{t}.{k}"),
+            (Some(t), None) => t,
+            (None, Some(k)) => k.to_owned(),
+            (None, None) => String::new(),
+        }
+    }
+
+    fn error(&self, offset: usize, field: &str, message: &str) -> ConfigError {
+        ConfigError {
+            file: self.file.map(Path::to_owned),
+            line: Some(self.line_of(offset)),
+            field: field.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,237 @@
+//! Stage one: structs that mirror the file. Field-local checks happen while deserializing,
+//! so their errors carry the value's line and column.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use fulcrum_core::endpoint::Labels;
+use fulcrum_core::weight::{DynamicWeight, SlowStart};
+use fulcrum_core::{EndpointSpec, LatencyConfig, Policy, SelectorOptions};
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::{PoolConfig, PoolTimeouts, duration::parse_duration, is_token};
+
+/// A duration written with a unit.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DurationStr(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationStr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(DurationStr).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One string or a list of them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct OneOrMany(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a string or a list of strings")]
+        enum Repr {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match Repr::deserialize(d)? {
+            Repr::One(s) => OneOrMany(vec![s]),
+            Repr::Many(v) => OneOrMany(v),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub proxy: RawProxy,
+    #[serde(default)]
+    pub listener: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    pub route: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub pool: BTreeMap<String, Spanned<RawPool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProxy {
+    pub workers: Option<NonZeroUsize>,
+    pub drain_timeout: Option<DurationStr>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Protocol {
+    #[default]
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub name: String,
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub protocol: Protocol,
+    pub pool: Option<String>,
+    pub max_body_bytes: Option<NonZeroUsize>,
+    pub header_read_timeout: Option<DurationStr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub listener: Option<String>,
+    #[serde(rename = "match", default)]
+    pub matcher: RawMatch,
+    pub pool: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMatch {
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub model: Option<OneOrMany>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSlowStart {
+    pub window: DurationStr,
+    #[serde(default = "one")]
+    pub aggression: f64,
+    #[serde(default = "ten")]
+    pub min_weight_percent: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn ten() -> f64 {
+    10.0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEndpoint {
+    pub address: SocketAddr,
+    pub weight: Option<NonZeroU32>,
+    pub id: Option<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPool {
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub endpoints: Vec<RawEndpoint>,
+    pub sticky_cookie: Option<String>,
+    pub connect_timeout: Option<DurationStr>,
+    pub first_byte_timeout: Option<DurationStr>,
+    pub request_timeout: Option<DurationStr>,
+    pub idle_timeout: Option<DurationStr>,
+    pub max_idle_per_endpoint: Option<usize>,
+    pub slow_start: Option<RawSlowStart>,
+    pub dynamic_weight_min_factor: Option<f64>,
+    pub ewma_decay: Option<DurationStr>,
+    pub default_rtt: Option<DurationStr>,
+    pub failure_penalty: Option<DurationStr>,
+}
+
+type FieldError = (String, String);
+
+fn nonzero(d: Option<DurationStr>, field: &str, default: Duration) -> Result<Duration, FieldError> {
+    match d {
+        Some(DurationStr(d)) if d.is_zero() => Err((format!(".{field}"), "must be longer than zero".into())),
+        Some(DurationStr(d)) => Ok(d),
+        None => Ok(default),
+    }
+}
+
+impl RawPool {
+    /// Stage two for one pool; errors give the sub-field (`.endpoints[1].labels`) and message.
+    pub(crate) fn validate(self, name: &str) -> Result<PoolConfig, FieldError> {
+        let defaults = PoolTimeouts::default();
+        let timeouts = PoolTimeouts {
+            connect: nonzero(self.connect_timeout, "connect_timeout", defaults.connect)?,
+            first_byte: nonzero(self.first_byte_timeout, "first_byte_timeout", defaults.first_byte)?,
+            request: match self.request_timeout {
+                Some(d) => Some(nonzero(Some(d), "request_timeout", Duration::ZERO)?),
+                None => None,
+            },
+            idle: nonzero(self.idle_timeout, "idle_timeout", defaults.idle)?,
+        };
+        let lat = LatencyConfig::default();
+        let latency = LatencyConfig {
+            decay: nonzero(self.ewma_decay, "ewma_decay", lat.decay)?,
+            default_rtt: nonzero(self.default_rtt, "default_rtt", lat.default_rtt)?,
+            failure_penalty: self.failure_penalty.map_or(lat.failure_penalty, |d| d.0),
+        };
+        let slow_start = match self.slow_start {
+            Some(ss) => Some(
+                SlowStart::try_new(ss.window.0, ss.aggression, ss.min_weight_percent)
+                    .map_err(|e| (".slow_start".to_owned(), e.to_string()))?,
+            ),
+            None => None,
+        };
+        let dynamic = match self.dynamic_weight_min_factor {
+            Some(f) => {
+                DynamicWeight::try_new(f).map_err(|e| (".dynamic_weight_min_factor".to_owned(), e.to_string()))?
+            }
+            None => DynamicWeight::default(),
+        };
+        if let Some(cookie) = &self.sticky_cookie
+            && !is_token(cookie)
+        {
+            return Err((".sticky_cookie".into(), format!("`{cookie}` is not a cookie name")));
+        }
+        let mut endpoints = Vec::with_capacity(self.endpoints.len());
+        for (i, e) in self.endpoints.into_iter().enumerate() {
+            let mut labels = Labels { models: e.models, ..Labels::default() };
+            for (k, v) in e.labels {
+                match k.as_str() {
+                    "gpu" | "accelerator" => labels.accelerator = Some(v),
+                    "zone" => labels.zone = Some(v),
+                    _ => {
+                        labels.other.insert(k, v);
+                    }
+                }
+            }
+            let mut spec = EndpointSpec::new(e.address);
+            if let Some(w) = e.weight {
+                spec = spec.with_weight(w);
+            }
+            if let Some(id) = e.id {
+                if id.is_empty() {
+                    return Err((format!(".endpoints[{i}].id"), "must not be empty".into()));
+                }
+                spec = spec.with_id(id);
+            }
+            spec.labels = labels;
+            endpoints.push(spec);
+        }
+        Ok(PoolConfig {
+            name: name.to_owned(),
+            policy: self.policy,
+            options: SelectorOptions::new(latency, slow_start, dynamic),
+            endpoints,
+            sticky_cookie: self.sticky_cookie,
+            timeouts,
+            max_idle_per_endpoint: self.max_idle_per_endpoint.unwrap_or(64),
+        })
+    }
+}

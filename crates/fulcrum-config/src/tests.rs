@@ -1,0 +1,129 @@
+use super::*;
+use fulcrum_core::PolicyKind;
+
+const GOOD: &str = r#"
+[proxy]
+workers = 1
+drain_timeout = "10s"
+
+[[listener]]
+name = "public"
+address = "127.0.0.1:8080"
+
+[[listener]]
+name = "db"
+address = "127.0.0.1:5433"
+protocol = "tcp"
+pool = "postgres"
+
+[[route]]
+listener = "public"
+match = { path_prefix = "/v1/", model = ["llama-3-8b", "llama-3-8b-instruct"] }
+pool = "llama"
+
+[[route]]
+match = { host = "Embed.Example.com", headers = { "X-Tenant" = "a" } }
+pool = "embed"
+
+[pool.llama]
+policy = "power_of_two"
+sticky_cookie = "fulcrum_sticky"
+first_byte_timeout = "30s"
+slow_start = { window = "30s" }
+endpoints = [
+  { address = "127.0.0.1:9001", weight = 2, labels = { gpu = "h100", zone = "a", rack = "r1" }, models = ["llama-3-8b"] },
+  { address = "127.0.0.1:9002" },
+]
+
+[pool.embed]
+policy = { name = "maglev", key = "header:x-user", table_size = 251 }
+endpoints = [{ address = "127.0.0.1:9101" }]
+
+[pool.postgres]
+endpoints = [{ address = "127.0.0.1:5432" }]
+"#;
+
+fn err(text: &str) -> String {
+    Config::parse(text, Some(Path::new("fulcrum.toml"))).unwrap_err().to_string()
+}
+
+#[test]
+fn a_full_file_parses_into_typed_values() {
+    let c = Config::parse(GOOD, None).unwrap();
+    assert_eq!(c.proxy.workers, NonZeroUsize::new(1));
+    assert_eq!(c.proxy.drain_timeout, Duration::from_secs(10));
+    assert_eq!(c.listeners.len(), 2);
+    assert!(matches!(&c.listeners[1].kind, ListenerKind::Tcp { pool } if pool == "postgres"));
+    let ListenerKind::Http(http) = &c.listeners[0].kind else { panic!("http listener") };
+    assert_eq!(http.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    assert_eq!(c.routes[0].matcher.models, ["llama-3-8b", "llama-3-8b-instruct"]);
+    // A route without a listener applies to every HTTP listener.
+    assert_eq!(c.routes[1].listeners, ["public"]);
+    assert_eq!(c.routes[1].matcher.host.as_deref(), Some("embed.example.com"));
+    assert_eq!(c.routes[1].matcher.headers, [("x-tenant".to_owned(), "a".to_owned())]);
+    let llama = &c.pools["llama"];
+    assert_eq!(llama.policy.kind(), PolicyKind::PowerOfTwo);
+    assert_eq!(llama.timeouts.first_byte, Duration::from_secs(30));
+    assert_eq!(llama.endpoints[0].weight.get(), 2);
+    assert_eq!(llama.endpoints[0].labels.accelerator.as_deref(), Some("h100"));
+    assert_eq!(llama.endpoints[0].labels.other["rack"], "r1");
+    assert!(llama.options.slow_start().is_some());
+    assert_eq!(c.pools["embed"].policy.kind(), PolicyKind::Maglev);
+    assert_eq!(c.pools["postgres"].policy, Policy::default());
+}
+
+#[test]
+fn errors_name_file_line_and_field() {
+    let e = err("[[listener]]\nname = \"a\"\naddress = \"localhost\"\n");
+    assert!(e.starts_with("fulcrum.toml:3: listener.address: "), "{e}");
+    assert!(e.contains("socket address"), "{e}");
+
+    let e = err("[pool.x]\nendpoints = [{ address = \"127.0.0.1:1\", weight = 0 }]\n");
+    assert!(e.starts_with("fulcrum.toml:2:") && e.contains("nonzero"), "{e}");
+
+    let e = err("[pool.x]\npolicy = \"fastest\"\n");
+    assert!(e.contains("fulcrum.toml:2: pool.x.policy: unknown policy `fastest`"), "{e}");
+
+    let e = err("[pool.x]\nconnect_timeout = \"5\"\n");
+    assert!(e.contains("needs a unit"), "{e}");
+
+    let e = err("[pool.x]\nconnect_timeout = \"0s\"\n");
+    assert!(e.contains("pool.x.connect_timeout: must be longer than zero"), "{e}");
+
+    let e = err("[[route]]\npool = \"nope\"\n[pool.a]\n");
+    assert!(e.contains("fulcrum.toml:1: route[0].pool: no pool is named `nope` (pools: a)"), "{e}");
+
+    let e = err("[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\n");
+    assert!(e.contains("listener[0].pool: a tcp listener needs a pool"), "{e}");
+
+    let e = err(
+        "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n",
+    );
+    assert!(e.contains("fulcrum.toml:4: listener[1].name: `a` is used twice"), "{e}");
+
+    let e = err("[pool.x]\nweight = 3\n");
+    assert!(e.contains("unknown field `weight`"), "{e}");
+
+    let e = err("[pool.x]\nslow_start = { window = \"10s\", min_weight_percent = 150 }\n");
+    assert!(e.contains("pool.x.slow_start") && e.contains("between 0 and 100"), "{e}");
+
+    let e = err(
+        "[pool.x]\npolicy = { name = \"maglev\", table_size = 3 }\nendpoints = [{ address = \"127.0.0.1:1\" }, { address = \"127.0.0.1:2\" }, { address = \"127.0.0.1:3\" }, { address = \"127.0.0.1:4\" }]\n",
+    );
+    assert!(e.contains("pool.x: maglev table_size 3"), "{e}");
+
+    let e = err("[pool.x]\nendpoints = [{ address = \"127.0.0.1:1\" }, { address = \"127.0.0.1:1\" }]\n");
+    assert!(e.contains("listed twice"), "{e}");
+
+    let e = err("[[route]]\nmatch = { path_prefix = \"v1\" }\npool = \"a\"\n[pool.a]\n");
+    assert!(e.contains("path_prefix: must start with `/`"), "{e}");
+
+    let e = err("this is not toml");
+    assert!(e.starts_with("fulcrum.toml:1: "), "{e}");
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let e = Config::load(Path::new("/nonexistent/fulcrum.toml")).unwrap_err().to_string();
+    assert!(e.starts_with("/nonexistent/fulcrum.toml: cannot read the file"), "{e}");
+}
