@@ -1,0 +1,34 @@
+//! The real clock and randomness the proxy feeds the core.
+
+use std::cell::RefCell;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::OnceLock;
+
+use fulcrum_core::Instant;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+static ORIGIN: OnceLock<std::time::Instant> = OnceLock::new();
+
+/// Now, as the core counts time: nanoseconds since the proxy's first reading.
+pub fn now() -> Instant {
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    Instant::from_nanos(u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// A seed from the process's random hasher keys (no extra entropy dependency).
+pub fn random_seed() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(0x5EED);
+    h.finish()
+}
+
+thread_local! {
+    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::seed_from_u64(random_seed()));
+}
+
+/// Runs `f` with this thread's generator: the proxy's picks need no lock for randomness.
+pub fn with_rng<T>(f: impl FnOnce(&mut SmallRng) -> T) -> T {
+    RNG.with(|r| f(&mut r.borrow_mut()))
+}

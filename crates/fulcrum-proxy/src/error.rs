@@ -1,0 +1,101 @@
+//! Errors the proxy answers itself, mapped to HTTP in one place.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No route matched and the listener has no default pool.
+    #[error("no route matches this request")]
+    NoRoute,
+    /// The pool has no endpoint that can take the request.
+    #[error("no healthy endpoint in pool `{0}`")]
+    NoEndpoint(String),
+    /// Connecting to the chosen endpoint failed.
+    #[error("cannot connect to upstream {endpoint}: {source}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The endpoint did not answer in time.
+    #[error("upstream {endpoint} did not answer within {after_ms} ms")]
+    Timeout {
+        /// The endpoint.
+        endpoint: String,
+        /// The limit that ran out.
+        after_ms: u128,
+    },
+    /// The upstream connection failed before a response.
+    #[error("upstream {endpoint} failed: {source}")]
+    Upstream {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The request body is over the listener's limit.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// Reading the request body failed.
+    #[error("cannot read the request body: {0}")]
+    BadBody(String),
+}
+
+impl ProxyError {
+    /// The status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// A short machine-readable kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::NoEndpoint(_) => "no_healthy_endpoint",
+            ProxyError::Connect { .. } => "upstream_connect_failed",
+            ProxyError::Timeout { .. } => "upstream_timeout",
+            ProxyError::Upstream { .. } => "upstream_failed",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BadBody(_) => "bad_request_body",
+        }
+    }
+
+    /// Whether the fault is upstream's (the endpoint's), rather than the client's or routing's.
+    pub fn is_upstream(&self) -> bool {
+        matches!(self, ProxyError::Connect { .. } | ProxyError::Timeout { .. } | ProxyError::Upstream { .. })
+    }
+
+    /// The JSON answer: `{"error": {"message", "type", "code", "request_id"}}`, OpenAI's shape.
+    pub fn to_response(&self, request_id: &HeaderValue) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "code": self.status().as_u16(),
+                "request_id": request_id.to_str().unwrap_or(""),
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert("x-request-id", request_id.clone());
+        resp
+    }
+}

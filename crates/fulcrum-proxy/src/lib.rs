@@ -1,0 +1,24 @@
+//! Fulcrum's data plane: listeners, routing, upstream connection pools, streaming.
+//!
+//! A request goes: listener -> route (host, path, headers, then the `model` of a JSON body
+//! only if a route needs it) -> pool -> the core's selector picks an endpoint -> a pooled
+//! HTTP/1.1 connection -> the response streams back frame by frame, counted in flight until
+//! its body ends. Pools are immutable snapshots behind `ArcSwap`; counters are atomics; no
+//! lock is taken on the request path.
+//!
+//! This crate owns effects (sockets, timers, tasks) and no decisions: those live in
+//! `fulcrum-core`. It must not depend on the control plane.
+
+pub mod body;
+pub mod clock;
+pub mod error;
+mod headers;
+pub mod http;
+pub mod pool;
+mod route;
+pub mod server;
+mod tcp;
+pub mod upstream;
+
+pub use error::ProxyError;
+pub use server::{Proxy, StartError};

@@ -1,0 +1,134 @@
+//! Route tables: which pool a request goes to.
+//!
+//! Routes are tried in file order; the first whose conditions all hold wins. Host, path and
+//! header conditions are checked first; the body is read (bounded) only when a route that
+//! matched so far also names models, so requests to other routes are never buffered.
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue};
+use http::request::Parts;
+
+use crate::pool::PoolRuntime;
+
+/// A compiled route.
+#[derive(Debug)]
+pub(crate) struct Route {
+    host: Option<String>,
+    path_prefix: Option<String>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    models: Vec<String>,
+    pub(crate) pool: Arc<PoolRuntime>,
+}
+
+impl Route {
+    pub(crate) fn new(config: &fulcrum_config::RouteConfig, pool: Arc<PoolRuntime>) -> Self {
+        let headers = config
+            .matcher
+            .headers
+            .iter()
+            .filter_map(|(n, v)| Some((HeaderName::from_bytes(n.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?)))
+            .collect();
+        Route {
+            host: config.matcher.host.clone(),
+            path_prefix: config.matcher.path_prefix.clone(),
+            headers,
+            models: config.matcher.models.clone(),
+            pool,
+        }
+    }
+
+    fn matches_head(&self, parts: &Parts) -> bool {
+        if let Some(want) = &self.host {
+            let host = parts.uri.host().or_else(|| {
+                let h = parts.headers.get(http::header::HOST)?.to_str().ok()?;
+                // Strip a port, keeping IPv6 brackets whole.
+                Some(match h.rfind(':') {
+                    Some(i) if !h[i..].contains(']') => &h[..i],
+                    _ => h,
+                })
+            });
+            if !host.is_some_and(|h| h.eq_ignore_ascii_case(want)) {
+                return false;
+            }
+        }
+        if let Some(prefix) = &self.path_prefix
+            && !parts.uri.path().starts_with(prefix.as_str())
+        {
+            return false;
+        }
+        self.headers.iter().all(|(name, value)| parts.headers.get_all(name).iter().any(|v| v == value))
+    }
+}
+
+/// The outcome of matching.
+#[derive(Debug)]
+pub(crate) enum Matched<'a> {
+    /// Route to this pool.
+    Pool(&'a Arc<PoolRuntime>),
+    /// A route names models: read the body and match again.
+    NeedBody,
+    /// Nothing matches.
+    None,
+}
+
+/// A listener's routes and fallback.
+#[derive(Debug)]
+pub(crate) struct RouteTable {
+    routes: Vec<Route>,
+    default_pool: Option<Arc<PoolRuntime>>,
+}
+
+impl RouteTable {
+    pub(crate) fn new(routes: Vec<Route>, default_pool: Option<Arc<PoolRuntime>>) -> Self {
+        RouteTable { routes, default_pool }
+    }
+
+    /// Matches a request. `model` is `None` until the body has been read (`body_read`).
+    pub(crate) fn find(&self, parts: &Parts, body_read: bool, model: Option<&str>) -> Matched<'_> {
+        for route in &self.routes {
+            if !route.matches_head(parts) {
+                continue;
+            }
+            if route.models.is_empty() {
+                return Matched::Pool(&route.pool);
+            }
+            if !body_read {
+                return Matched::NeedBody;
+            }
+            if model.is_some_and(|m| route.models.iter().any(|want| want == m)) {
+                return Matched::Pool(&route.pool);
+            }
+        }
+        match &self.default_pool {
+            Some(p) => Matched::Pool(p),
+            None => Matched::None,
+        }
+    }
+}
+
+/// The OpenAI `model` field of a JSON body, if there is one.
+pub(crate) fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct ModelOnly<'a> {
+        #[serde(borrow)]
+        model: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<ModelOnly<'_>>(body).ok()?.model.map(|m| m.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_is_read_from_json_only() {
+        assert_eq!(
+            model_of(br#"{"messages":[{"role":"user","content":"hi"}],"model":"llama"}"#).as_deref(),
+            Some("llama")
+        );
+        assert_eq!(model_of(br#"{"prompt":"x"}"#), None);
+        assert_eq!(model_of(b"not json"), None);
+        assert_eq!(model_of(br#"{"model": 3}"#), None);
+    }
+}

@@ -1,0 +1,208 @@
+//! Listeners, connections and graceful shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fulcrum_config::{Config, ListenerKind};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::http::{ListenerCtx, handle};
+use crate::pool::PoolRuntime;
+use crate::route::{Route, RouteTable};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind its address.
+    #[error("listener `{name}` cannot listen on {address}: {source}")]
+    Bind {
+        /// The listener.
+        name: String,
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A pool could not be built.
+    #[error("pool `{name}`: {source}")]
+    Pool {
+        /// The pool.
+        name: String,
+        /// Why.
+        #[source]
+        source: fulcrum_core::BuildError,
+    },
+}
+
+enum Kind {
+    Http(Arc<ListenerCtx>, Duration),
+    Tcp(Arc<PoolRuntime>),
+}
+
+struct Bound {
+    name: String,
+    listener: TcpListener,
+    kind: Kind,
+}
+
+/// A proxy whose listeners are bound, ready to [`run`](Proxy::run).
+pub struct Proxy {
+    listeners: Vec<Bound>,
+    pools: Vec<Arc<PoolRuntime>>,
+    drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("listeners", &self.listeners.iter().map(|l| &l.name).collect::<Vec<_>>())
+            .field("pools", &self.pools.len())
+            .finish()
+    }
+}
+
+impl Proxy {
+    /// Builds the pools and binds every listener (port 0 picks a free port; see
+    /// [`local_addr`](Self::local_addr)).
+    pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
+        let mut pools = HashMap::new();
+        for (name, pc) in &config.pools {
+            let pool =
+                PoolRuntime::new(pc.clone()).map_err(|source| StartError::Pool { name: name.clone(), source })?;
+            pools.insert(name.clone(), Arc::new(pool));
+        }
+        let mut listeners = Vec::new();
+        for lc in &config.listeners {
+            let listener = TcpListener::bind(lc.address).await.map_err(|source| StartError::Bind {
+                name: lc.name.clone(),
+                address: lc.address,
+                source,
+            })?;
+            let kind = match &lc.kind {
+                ListenerKind::Tcp { pool } => Kind::Tcp(pools[pool].clone()),
+                ListenerKind::Http(h) => {
+                    let routes = config
+                        .routes
+                        .iter()
+                        .filter(|r| r.listeners.contains(&lc.name))
+                        .map(|r| Route::new(r, pools[&r.pool].clone()))
+                        .collect();
+                    let default = h.default_pool.as_ref().map(|p| pools[p].clone());
+                    let ctx = ListenerCtx {
+                        name: lc.name.clone(),
+                        routes: RouteTable::new(routes, default),
+                        max_body_bytes: h.max_body_bytes,
+                    };
+                    Kind::Http(Arc::new(ctx), h.header_read_timeout)
+                }
+            };
+            listeners.push(Bound { name: lc.name.clone(), listener, kind });
+        }
+        let mut pools: Vec<Arc<PoolRuntime>> = pools.into_values().collect();
+        pools.sort_by(|a, b| a.name().cmp(b.name()));
+        Ok(Proxy { listeners, pools, drain_timeout: config.proxy.drain_timeout })
+    }
+
+    /// The address a listener is bound to.
+    pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|l| l.name == listener).and_then(|l| l.listener.local_addr().ok())
+    }
+
+    /// The pools, for status and statistics.
+    pub fn pools(&self) -> Vec<Arc<PoolRuntime>> {
+        self.pools.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and lets requests in flight
+    /// finish for up to the drain timeout.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for bound in self.listeners {
+            tasks.spawn(accept_loop(bound, stop_rx.clone(), self.drain_timeout));
+        }
+        let refresher = tokio::spawn(refresh_loop(self.pools.clone()));
+        shutdown.await;
+        tracing::info!(drain_timeout = ?self.drain_timeout, "shutting down: no new connections, draining");
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        refresher.abort();
+        tracing::info!("stopped");
+    }
+}
+
+/// Keeps effective weights (slow start, reported utilization) current.
+async fn refresh_loop(pools: Vec<Arc<PoolRuntime>>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        pools.iter().for_each(|p| p.refresh());
+    }
+}
+
+async fn accept_loop(bound: Bound, mut stop: watch::Receiver<bool>, drain: Duration) {
+    let Bound { name, listener, kind } = bound;
+    let graceful = GracefulShutdown::new();
+    let mut tcp_conns = JoinSet::new();
+    let builder = Arc::new({
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        if let Kind::Http(_, header_read_timeout) = &kind {
+            b.http1().timer(TokioTimer::new()).header_read_timeout(*header_read_timeout);
+            b.http2().timer(TokioTimer::new());
+        }
+        b
+    });
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off briefly, keep serving.
+                        tracing::warn!(listener = %name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                match &kind {
+                    Kind::Http(ctx, _) => {
+                        let ctx = ctx.clone();
+                        let service = service_fn(move |req| handle(ctx.clone(), peer, req));
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                        let conn = graceful.watch(conn);
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                            }
+                        });
+                    }
+                    Kind::Tcp(pool) => {
+                        tcp_conns.spawn(crate::tcp::serve(stream, peer, pool.clone()));
+                    }
+                }
+            }
+        }
+    }
+    drop(listener);
+    let drained = async {
+        graceful.shutdown().await;
+        while tcp_conns.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(drain, drained).await.is_err() {
+        tracing::warn!(listener = %name, "drain timeout: closing connections still open");
+    }
+}
