@@ -1,0 +1,548 @@
+//! The inference engine's performance model, sans-IO: time comes in as a value.
+//!
+//! This is what a load balancer can observe of a vLLM- or SGLang-like server, reduced to a
+//! few numbers (see `docs/mock-backend.md` for the full page):
+//!
+//! - **Batch slots.** At most `max_num_seqs` sequences run at once; the others wait in FIFO
+//!   order. A sequence is admitted when a slot is free *and* the KV pool can hold it whole
+//!   (prompt plus planned output), so a running sequence is never preempted.
+//! - **Prefill.** An admitted sequence first computes the prompt tokens the prefix cache does
+//!   not hold: `prefill_overhead + uncached_tokens / prefill_tokens_per_sec`. Its first output
+//!   token comes out at the end of prefill (time to first token = queueing + prefill).
+//!   Prefills run alongside decoding and do not slow it down (no chunked-prefill interference).
+//! - **Decode.** After a token, the next one of the same sequence comes
+//!   `itl_base + itl_per_seq x running` later, where `running` counts the sequences holding a
+//!   slot at that moment: a fuller batch decodes more slowly per sequence but faster overall.
+//! - **Speed.** Every duration above is divided by `speed` (2.0 = twice as fast), to model a
+//!   heterogeneous fleet.
+//! - **Prefix cache and KV use.** The KV pool has `num_gpu_blocks` blocks of `block_size`
+//!   tokens. Full prompt blocks are identified by chained hashes ([`Prompt::block_hashes`]);
+//!   when a sequence finishes its blocks stay cached (LRU) and a later prompt that starts with
+//!   the same blocks skips their prefill (at least one token is always computed, as in vLLM).
+//!   A block becomes reusable when the prefill that computed it ends. KV use = blocks held by
+//!   running sequences / `num_gpu_blocks`. See [`PrefixCache`].
+//! - **Output length.** `max_tokens` when the request sets it (finish reason `length`),
+//!   otherwise a seeded log-normal draw ([`OutputLen`], finish reason `stop`); always capped by
+//!   `max_model_len - prompt tokens`.
+//!
+//! The engine is driven like sozu's sans-IO managers: [`Engine::submit`] and
+//! [`Engine::cancel`] are inputs, [`Engine::advance`] processes everything due up to `now`,
+//! [`Engine::next_event_at`] says when to call it again and [`Engine::poll_event`] yields the
+//! outputs (admissions, tokens, completions) with their exact model times. The mock server
+//! drives it with a tokio timer; a simulator can drive it in virtual time.
+//!
+//! ```
+//! use std::time::Duration;
+//! use fulcrum_core::Instant;
+//! use fulcrum_mock::engine::{Engine, EngineConfig, EventKind, Gpu, Prompt, RequestSpec};
+//!
+//! let mut config = EngineConfig::preset(Gpu::H100);
+//! config.itl_base = Duration::from_millis(10);
+//! config.itl_per_seq = Duration::ZERO;
+//! let mut engine = Engine::try_new(config).unwrap();
+//! let prompt = Prompt { tokens: 100, block_hashes: vec![] };
+//! let id = engine.submit(Instant::ZERO, RequestSpec { prompt, max_tokens: Some(3), seed: 1 }).unwrap();
+//! while let Some(at) = engine.next_event_at() {
+//!     engine.advance(at); // a simulator jumps straight to the next event
+//! }
+//! let tokens: Vec<_> = std::iter::from_fn(|| engine.poll_event())
+//!     .filter(|e| e.seq == id && matches!(e.kind, EventKind::Token { .. }))
+//!     .map(|e| e.at)
+//!     .collect();
+//! assert_eq!(tokens.len(), 3);
+//! assert_eq!(tokens[2].saturating_since(tokens[1]), Duration::from_millis(10));
+//! ```
+
+mod cache;
+mod model;
+mod sample;
+
+pub use cache::{BlockId, PrefixCache};
+pub use model::{EngineConfig, EngineConfigError, Gpu};
+pub use sample::{OutputLen, SplitMix64};
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::time::Duration;
+
+use fulcrum_core::Instant;
+
+/// A prompt as the engine sees it: its length and the chained hashes of its full blocks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prompt {
+    /// Prompt length in tokens.
+    pub tokens: u32,
+    /// Hash of each full block, each chained to the one before (see [`crate::tokens`]).
+    /// Entries past `tokens / block_size` are ignored.
+    pub block_hashes: Vec<u64>,
+}
+
+/// One request for the engine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestSpec {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Exact number of tokens to generate; `None` draws it from the output distribution.
+    pub max_tokens: Option<u32>,
+    /// Seed of the request's own draws.
+    pub seed: u64,
+}
+
+/// Identifies a submitted sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SeqId(pub u64);
+
+/// Why a sequence stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FinishReason {
+    /// The model ended its answer (output length drawn from the distribution).
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Something that happened to a sequence, at model time `at`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The sequence.
+    pub seq: SeqId,
+    /// When it happened.
+    pub at: Instant,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// The sequence got a batch slot; `cached_tokens` of its prompt came from the prefix cache.
+    Admitted {
+        /// Prompt tokens found in the prefix cache.
+        cached_tokens: u32,
+    },
+    /// Output token number `index` (0-based) was generated; `last` says it is the final one
+    /// (a `Finished` event at the same time follows).
+    Token {
+        /// 0-based token index.
+        index: u32,
+        /// Whether no token follows.
+        last: bool,
+    },
+    /// The sequence ended and released its slot. Cancelled sequences never get this.
+    Finished {
+        /// Why it ended.
+        reason: FinishReason,
+        /// Tokens generated.
+        output_tokens: u32,
+    },
+}
+
+/// Why a request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// Prompt plus requested output exceed the context length.
+    #[error(
+        "this model's maximum context length is {max_model_len} tokens; the request asks for {prompt_tokens} prompt \
+         tokens and {output_tokens} output tokens"
+    )]
+    ContextTooLong {
+        /// The model's context length.
+        max_model_len: u32,
+        /// Prompt tokens.
+        prompt_tokens: u32,
+        /// Requested output tokens.
+        output_tokens: u32,
+    },
+    /// The sequence would need more KV blocks than the whole pool has.
+    #[error("the request needs {blocks} KV-cache blocks but the server has {capacity}")]
+    ExceedsKvCache {
+        /// Blocks needed.
+        blocks: u64,
+        /// Pool capacity.
+        capacity: u32,
+    },
+}
+
+/// Cumulative counters, as the engine's metrics report them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Prompt tokens looked up in the prefix cache (vLLM's `prefix_cache_queries`).
+    pub prefix_queries: u64,
+    /// Prompt tokens found there (vLLM's `prefix_cache_hits`).
+    pub prefix_hits: u64,
+    /// Prompt tokens of admitted sequences.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub generation_tokens: u64,
+    /// Sequences finished because the model stopped.
+    pub finished_stop: u64,
+    /// Sequences finished on their length limit.
+    pub finished_length: u64,
+    /// Sequences cancelled by the caller.
+    pub cancelled: u64,
+}
+
+/// A snapshot of the engine's load.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EngineStats {
+    /// Sequences holding a batch slot.
+    pub running: u32,
+    /// Sequences waiting for one.
+    pub waiting: u32,
+    /// KV blocks held by running sequences.
+    pub kv_blocks_used: u32,
+    /// Unreferenced blocks kept for their prefix.
+    pub kv_blocks_cached: u32,
+    /// Pool capacity in blocks.
+    pub num_gpu_blocks: u32,
+    /// KV use, 0 to 1: `kv_blocks_used / num_gpu_blocks`.
+    pub kv_usage: f64,
+    /// Cumulative counters.
+    pub counters: Counters,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Waiting,
+    Prefill,
+    Decode,
+}
+
+#[derive(Clone, Debug)]
+struct Seq {
+    prompt: Prompt,
+    output_len: u32,
+    reason: FinishReason,
+    phase: Phase,
+    next_at: Instant,
+    emitted: u32,
+    /// Blocks held, in token order.
+    blocks: Vec<BlockId>,
+    /// Index of the first prompt block this sequence computed itself (the rest were hits).
+    first_computed: u32,
+    /// Output blocks still to allocate (reserved at admission).
+    promised: u32,
+}
+
+/// The engine: batch slots, waiting queue, KV pool and timeline of one simulated server.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    now: Instant,
+    next_id: u64,
+    seqs: HashMap<SeqId, Seq>,
+    /// FIFO of waiting ids; cancelled ids are skipped lazily.
+    queue: VecDeque<SeqId>,
+    waiting: u32,
+    running: u32,
+    timeline: BinaryHeap<Reverse<(Instant, SeqId)>>,
+    cache: PrefixCache,
+    promised: u64,
+    outbox: VecDeque<Event>,
+    counters: Counters,
+}
+
+// === impl Engine ===
+
+impl Engine {
+    /// An idle engine, or an error naming the first invalid field of `config`.
+    pub fn try_new(config: EngineConfig) -> Result<Self, EngineConfigError> {
+        config.validate()?;
+        Ok(Engine {
+            cache: PrefixCache::new(config.num_gpu_blocks),
+            config,
+            now: Instant::ZERO,
+            next_id: 0,
+            seqs: HashMap::new(),
+            queue: VecDeque::new(),
+            waiting: 0,
+            running: 0,
+            timeline: BinaryHeap::new(),
+            promised: 0,
+            outbox: VecDeque::new(),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The model's parameters.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The latest time the engine was driven to.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Queues a request at `now` (after processing everything due until then).
+    pub fn submit(&mut self, now: Instant, spec: RequestSpec) -> Result<SeqId, SubmitError> {
+        self.advance(now);
+        let cfg = &self.config;
+        let prompt_tokens = spec.prompt.tokens;
+        let room = cfg.max_model_len.saturating_sub(prompt_tokens);
+        let (output_len, reason) = match spec.max_tokens {
+            Some(n) if u64::from(prompt_tokens) + u64::from(n) > u64::from(cfg.max_model_len) => {
+                return Err(SubmitError::ContextTooLong {
+                    max_model_len: cfg.max_model_len,
+                    prompt_tokens,
+                    output_tokens: n,
+                });
+            }
+            Some(n) => (n, FinishReason::Length),
+            None if prompt_tokens >= cfg.max_model_len => {
+                return Err(SubmitError::ContextTooLong {
+                    max_model_len: cfg.max_model_len,
+                    prompt_tokens,
+                    output_tokens: 1,
+                });
+            }
+            None => {
+                let n = cfg.output_len.sample(spec.seed);
+                if n > room { (room, FinishReason::Length) } else { (n, FinishReason::Stop) }
+            }
+        };
+        let blocks = blocks_for(u64::from(prompt_tokens) + u64::from(output_len), cfg.block_size);
+        if blocks > u64::from(cfg.num_gpu_blocks) {
+            return Err(SubmitError::ExceedsKvCache { blocks, capacity: cfg.num_gpu_blocks });
+        }
+        let mut prompt = spec.prompt;
+        prompt.block_hashes.truncate((prompt_tokens / cfg.block_size) as usize);
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        let seq = Seq {
+            prompt,
+            output_len,
+            reason,
+            phase: Phase::Waiting,
+            next_at: now,
+            emitted: 0,
+            blocks: Vec::new(),
+            first_computed: 0,
+            promised: 0,
+        };
+        self.seqs.insert(id, seq);
+        self.queue.push_back(id);
+        self.waiting += 1;
+        self.admit(self.now);
+        Ok(id)
+    }
+
+    /// Drops a sequence at `now`, waiting or running, and frees what it held. Returns whether
+    /// it was still there. A cancelled sequence yields no more events.
+    pub fn cancel(&mut self, now: Instant, id: SeqId) -> bool {
+        self.advance(now);
+        let Some(seq) = self.seqs.remove(&id) else { return false };
+        self.counters.cancelled += 1;
+        if seq.phase == Phase::Waiting {
+            self.waiting -= 1;
+            // The id stays in the queue and is skipped when it reaches the front.
+        } else {
+            self.release(seq);
+            self.admit(self.now);
+        }
+        true
+    }
+
+    /// Processes everything due at or before `now`, in time order. Time never goes back: an
+    /// earlier `now` than the last one is taken as the last one.
+    pub fn advance(&mut self, now: Instant) {
+        while let Some(&Reverse((at, id))) = self.timeline.peek() {
+            if at > now {
+                break;
+            }
+            self.timeline.pop();
+            self.now = self.now.max(at);
+            self.step(at, id);
+        }
+        self.now = self.now.max(now);
+    }
+
+    /// When [`advance`](Self::advance) next has something to do, if ever.
+    pub fn next_event_at(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((at, id))) = self.timeline.peek() {
+            match self.seqs.get(&id) {
+                Some(seq) if seq.phase != Phase::Waiting && seq.next_at == at => return Some(at),
+                _ => {
+                    self.timeline.pop();
+                }
+            }
+        }
+        None
+    }
+
+    /// The next output, oldest first.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.outbox.pop_front()
+    }
+
+    /// Sequences holding a batch slot.
+    pub fn running(&self) -> u32 {
+        self.running
+    }
+
+    /// Sequences waiting for a slot.
+    pub fn waiting(&self) -> u32 {
+        self.waiting
+    }
+
+    /// A snapshot of the load and counters.
+    pub fn stats(&self) -> EngineStats {
+        let used = self.cache.referenced();
+        EngineStats {
+            running: self.running,
+            waiting: self.waiting,
+            kv_blocks_used: used,
+            kv_blocks_cached: self.cache.cached(),
+            num_gpu_blocks: self.config.num_gpu_blocks,
+            kv_usage: f64::from(used) / f64::from(self.config.num_gpu_blocks),
+            counters: self.counters,
+        }
+    }
+
+    /// Handles the timeline entry of `id` due at `at`.
+    fn step(&mut self, at: Instant, id: SeqId) {
+        let block_size = self.config.block_size;
+        let Some(seq) = self.seqs.get_mut(&id) else { return };
+        if seq.phase == Phase::Waiting || seq.next_at != at {
+            return; // stale entry
+        }
+        if seq.phase == Phase::Prefill {
+            // The computed prompt blocks become reusable now.
+            let computed = seq.blocks.iter().zip(&seq.prompt.block_hashes).skip(seq.first_computed as usize);
+            for (block, hash) in computed {
+                self.cache.register(*block, *hash);
+            }
+            seq.phase = Phase::Decode;
+        }
+        if seq.emitted < seq.output_len {
+            let index = seq.emitted;
+            seq.emitted += 1;
+            self.counters.generation_tokens += 1;
+            let tokens = u64::from(seq.prompt.tokens) + u64::from(seq.emitted);
+            if (seq.blocks.len() as u64) < blocks_for(tokens, block_size) && seq.promised > 0 {
+                seq.promised -= 1;
+                self.promised -= 1;
+                match self.cache.allocate() {
+                    Some(block) => seq.blocks.push(block),
+                    None => debug_assert!(false, "admission reserved this block"),
+                }
+            }
+            let last = seq.emitted == seq.output_len;
+            self.outbox.push_back(Event { seq: id, at, kind: EventKind::Token { index, last } });
+        }
+        if seq.emitted < seq.output_len {
+            let next = at + self.itl();
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.next_at = next;
+            }
+            self.timeline.push(Reverse((next, id)));
+            return;
+        }
+        let Some(seq) = self.seqs.remove(&id) else { return };
+        match seq.reason {
+            FinishReason::Stop => self.counters.finished_stop += 1,
+            FinishReason::Length => self.counters.finished_length += 1,
+        }
+        self.outbox.push_back(Event {
+            seq: id,
+            at,
+            kind: EventKind::Finished { reason: seq.reason, output_tokens: seq.emitted },
+        });
+        self.release(seq);
+        self.admit(at);
+    }
+
+    /// Admits waiting sequences at `at` while a slot is free and the pool can hold the next.
+    fn admit(&mut self, at: Instant) {
+        let bs = self.config.block_size;
+        while self.running < self.config.max_num_seqs {
+            let Some(&id) = self.queue.front() else { break };
+            let Some(seq) = self.seqs.get(&id) else {
+                self.queue.pop_front(); // cancelled while waiting
+                continue;
+            };
+            let prompt_tokens = seq.prompt.tokens;
+            let prompt_blocks = blocks_for(u64::from(prompt_tokens), bs);
+            let total_blocks = blocks_for(u64::from(prompt_tokens) + u64::from(seq.output_len), bs);
+            // At least one prompt token is always computed, as in vLLM.
+            let max_hits = seq.prompt.block_hashes.len().min((prompt_tokens.saturating_sub(1) / bs) as usize);
+            let (hits, hits_unreferenced) = self.cache.lookup(&seq.prompt.block_hashes[..max_hits]);
+            let need_now = u64::from(hits_unreferenced) + prompt_blocks - u64::from(hits);
+            let need_later = total_blocks - prompt_blocks;
+            let committed = u64::from(self.cache.referenced()) + self.promised;
+            if committed + need_now + need_later > u64::from(self.cache.capacity()) {
+                break; // strict FIFO: the head waits for room
+            }
+            self.queue.pop_front();
+            let Some(mut seq) = self.seqs.remove(&id) else { continue };
+            for hash in &seq.prompt.block_hashes[..hits as usize] {
+                match self.cache.acquire(*hash) {
+                    Some(block) => seq.blocks.push(block),
+                    None => debug_assert!(false, "looked up a moment ago"),
+                }
+            }
+            for _ in u64::from(hits)..prompt_blocks {
+                match self.cache.allocate() {
+                    Some(block) => seq.blocks.push(block),
+                    None => debug_assert!(false, "admission checked the room"),
+                }
+            }
+            let cached_tokens = hits * bs;
+            let uncached = prompt_tokens - cached_tokens;
+            seq.first_computed = hits;
+            seq.promised = need_later as u32;
+            seq.phase = Phase::Prefill;
+            seq.next_at = at + self.prefill_time(uncached);
+            self.promised += need_later;
+            self.waiting -= 1;
+            self.running += 1;
+            self.counters.prefix_queries += u64::from(prompt_tokens);
+            self.counters.prefix_hits += u64::from(cached_tokens);
+            self.counters.prompt_tokens += u64::from(prompt_tokens);
+            self.timeline.push(Reverse((seq.next_at, id)));
+            self.seqs.insert(id, seq);
+            self.outbox.push_back(Event { seq: id, at, kind: EventKind::Admitted { cached_tokens } });
+        }
+    }
+
+    /// Gives back a running sequence's slot and blocks (tail first, so that the start of a
+    /// prefix is the last part of it to be evicted).
+    fn release(&mut self, seq: Seq) {
+        self.running -= 1;
+        self.promised -= u64::from(seq.promised);
+        for block in seq.blocks.iter().rev() {
+            self.cache.release(*block);
+        }
+    }
+
+    fn prefill_time(&self, uncached_tokens: u32) -> Duration {
+        let cfg = &self.config;
+        let secs = cfg.prefill_overhead.as_secs_f64() + f64::from(uncached_tokens) / cfg.prefill_tokens_per_sec;
+        Duration::try_from_secs_f64(secs / cfg.speed).unwrap_or(Duration::MAX)
+    }
+
+    /// Inter-token latency with the current batch.
+    fn itl(&self) -> Duration {
+        let cfg = &self.config;
+        let secs = cfg.itl_base.as_secs_f64() + cfg.itl_per_seq.as_secs_f64() * f64::from(self.running);
+        Duration::try_from_secs_f64(secs / cfg.speed).unwrap_or(Duration::MAX)
+    }
+}
+
+/// Blocks needed for `tokens` tokens.
+fn blocks_for(tokens: u64, block_size: u32) -> u64 {
+    tokens.div_ceil(u64::from(block_size))
+}
+
+#[cfg(test)]
+mod tests;
