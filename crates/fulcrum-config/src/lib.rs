@@ -2,7 +2,7 @@
 //!
 //! Stage one deserializes raw structs that mirror the file (unknown keys are errors, and
 //! field-local checks such as addresses, durations and policies fail there with the line and
-//! column of the value). Stage two, [`Config::from_raw`], checks what spans fields (names are
+//! column of the value). Stage two (`Config::from_raw`) checks what spans fields (names are
 //! unique, routes point at pools that exist, pools can be built) and produces typed values:
 //! `SocketAddr`, `Duration`, `NonZero*`, [`Policy`], no sentinels. Every error names the file,
 //! the line and the field, and says what is allowed.

@@ -1,6 +1,6 @@
 //! The balancing algorithms: one module and one type each, over an immutable snapshot.
 //!
-//! Every algorithm implements [`Balance`]: it is built once from a pool's endpoints (tables,
+//! Every algorithm implements the crate-private `Balance` trait: it is built once from a pool's endpoints (tables,
 //! rings, schedules are precomputed then) and answers `pick` without locks, reading live load
 //! from atomics. The [`Selector`](crate::Selector) owns one and rebuilds it when membership or
 //! table weights change.

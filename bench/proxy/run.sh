@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Side-by-side HTTP proxy benchmark on loopback, in one run:
+#   the backend directly, Fulcrum, HAProxy 2.6 and NGINX 1.22 (Debian packages), each proxy
+#   with one worker thread balancing two keep-alive upstreams round robin.
+# Each proxy runs pinned to CPU 0; wrk and the backend (one NGINX worker serving both
+# upstream ports) share CPU 1. Reported: requests/s, p50/p99 latency (wrk), the proxy's CPU
+# time per request (utime+stime over the run / requests), and its idle RSS.
+# The table replaces the "proxy" section of bench/RESULTS.md.
+#
+# Usage: bench/proxy/run.sh [seconds per run, default 10] [connection counts, default "32 256"]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+DURATION=${1:-10}
+CONNS=${2:-"32 256"}
+WORK=$(mktemp -d /tmp/fulcrum-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need haproxy || ! need nginx || ! need wrk; then
+  echo "== installing haproxy, nginx and wrk (Debian packages)"
+  # Keep the packages' services from starting on their own.
+  created_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; created_policy=1; fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx wrk >/dev/null
+  [ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+fi
+
+echo "== building fulcrum (release)"
+cargo build --release --locked -q -p fulcrum
+FULCRUM=$ROOT/target/release/fulcrum
+
+# Free ports from the kernel's ephemeral range would race; use a fixed block on loopback.
+B1=18081; B2=18082; LB=18080
+
+cat > "$WORK/backend.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/backend.pid;
+error_log $WORK/backend-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$B1; location / { return 200 "hello from b1\n"; } }
+  server { listen 127.0.0.1:$B2; location / { return 200 "hello from b2\n"; } }
+}
+CONF
+
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$LB
+  default_backend be
+backend be
+  balance roundrobin
+  server b1 127.0.0.1:$B1
+  server b2 127.0.0.1:$B2
+CONF
+
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream be { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 512; }
+  server {
+    listen 127.0.0.1:$LB;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+
+cat > "$WORK/fulcrum.toml" <<CONF
+[proxy]
+workers = 1
+[[listener]]
+name = "public"
+address = "127.0.0.1:$LB"
+pool = "be"
+[pool.be]
+policy = "round_robin"
+max_idle_per_endpoint = 512
+endpoints = [{ address = "127.0.0.1:$B1" }, { address = "127.0.0.1:$B2" }]
+CONF
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "port $1 did not open" >&2; return 1
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+taskset -c 1 nginx -c "$WORK/backend.conf" & PIDS+=($!)
+wait_port $B1; wait_port $B2
+
+ROWS=()
+run_wrk() { # name pid port conns
+  local name=$1 pid=$2 port=$3 c=$4
+  # Warm up connections, then measure.
+  taskset -c 1 wrk -t1 -c"$c" -d2s "http://127.0.0.1:$port/" >/dev/null
+  local t0; t0=$([ "$pid" != "-" ] && cpu_ticks "$pid" || echo 0)
+  local out; out=$(taskset -c 1 wrk -t1 -c"$c" -d"${DURATION}s" --latency "http://127.0.0.1:$port/")
+  local t1; t1=$([ "$pid" != "-" ] && cpu_ticks "$pid" || echo 0)
+  local reqs rps p50 p99 errs
+  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {printf "%s ", $0}')
+  local cpu="-"
+  if [ "$pid" != "-" ]; then
+    local hz; hz=$(getconf CLK_TCK)
+    cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" -v r="$reqs" 'BEGIN { printf "%.1f", d / hz * 1e6 / r }')
+  fi
+  ROWS+=("| $name | $c | $rps | $p50 | $p99 | $cpu | ${errs:-none} |")
+  echo "  $name c=$c: $rps req/s, p50 $p50, p99 $p99, cpu/req ${cpu} us ${errs}"
+}
+
+start_lb() { # name
+  case $1 in
+    fulcrum) taskset -c 0 "$FULCRUM" serve -c "$WORK/fulcrum.toml" 2>"$WORK/fulcrum.log" & ;;
+    haproxy) taskset -c 0 haproxy -f "$WORK/haproxy.cfg" -db 2>"$WORK/haproxy.log" & ;;
+    nginx) taskset -c 0 nginx -c "$WORK/nginx.conf" 2>"$WORK/nginx.log" & ;;
+  esac
+  LB_PID=$!
+  PIDS+=("$LB_PID")
+  wait_port $LB
+}
+
+echo "== backend directly"
+for c in $CONNS; do run_wrk "backend (nginx, direct)" - $B1 "$c"; done
+
+declare -A IDLE
+for lb in fulcrum haproxy nginx; do
+  echo "== $lb"
+  start_lb $lb
+  sleep 0.5
+  # NGINX forks a worker: measure the worker (the child of the master).
+  pid=$LB_PID
+  if [ $lb = nginx ]; then pid=$(pgrep -P "$LB_PID" | head -1); fi
+  IDLE[$lb]=$(rss_kb "$pid")
+  for c in $CONNS; do run_wrk "$lb" "$pid" $LB "$c"; done
+  kill "$LB_PID"; wait "$LB_PID" 2>/dev/null || true
+  sleep 0.3
+done
+
+CPU=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
+{
+  echo "<!-- proxy-bench:start -->"
+  echo "Date: $(date -u +%Y-%m-%d), machine: $CPU, $(nproc) cores, $(uname -r)."
+  echo "Command: \`bench/proxy/run.sh $DURATION \"$CONNS\"\` (wrk -t1, ${DURATION} s a run after a 2 s warm-up;"
+  echo "proxy pinned to CPU 0, wrk and the backend to CPU 1; body: 14 bytes)."
+  echo
+  echo "| target | connections | requests/s | p50 | p99 | proxy CPU per request (µs) | errors |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | --- |"
+  printf '%s\n' "${ROWS[@]}"
+  echo
+  echo "Idle RSS after start: fulcrum $((IDLE[fulcrum] / 1024)) MiB ($((IDLE[fulcrum])) KiB), haproxy $((IDLE[haproxy] / 1024)) MiB, nginx worker $((IDLE[nginx] / 1024)) MiB."
+  echo "<!-- proxy-bench:end -->"
+} > "$WORK/section.md"
+cat "$WORK/section.md"
+
+RESULTS=$ROOT/bench/RESULTS.md
+if grep -q "<!-- proxy-bench:start -->" "$RESULTS" 2>/dev/null; then
+  python3 - "$RESULTS" "$WORK/section.md" <<'PY'
+import re, sys
+path, section = sys.argv[1], open(sys.argv[2]).read().strip()
+text = open(path).read()
+text = re.sub(r"<!-- proxy-bench:start -->.*?<!-- proxy-bench:end -->", lambda _: section, text, flags=re.S)
+open(path, "w").write(text)
+PY
+  echo "== updated $RESULTS"
+else
+  echo "== $RESULTS has no proxy-bench markers; section printed above"
+fi

@@ -1,0 +1,97 @@
+//! `fulcrum serve` and `fulcrum validate`.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use fulcrum_config::{Config, ListenerKind};
+use fulcrum_proxy::Proxy;
+
+/// Flags of `fulcrum serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The configuration file (TOML).
+    #[arg(short, long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Worker threads, overriding `[proxy] workers` (default: one per core).
+    #[arg(long)]
+    pub workers: Option<std::num::NonZeroUsize>,
+}
+
+/// Flags of `fulcrum validate`.
+#[derive(Debug, clap::Args)]
+pub struct ValidateArgs {
+    /// The configuration file (TOML).
+    #[arg(short, long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// Checks a file and prints what it describes.
+pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    println!(
+        "{}: ok ({} listeners, {} routes, {} pools, {} endpoints)",
+        args.config.display(),
+        config.listeners.len(),
+        config.routes.len(),
+        config.pools.len(),
+        config.pools.values().map(|p| p.endpoints.len()).sum::<usize>()
+    );
+    Ok(())
+}
+
+/// A runtime with `workers` threads (default: one per core). One worker gets tokio's
+/// current-thread scheduler: no work stealing, no cross-thread wake-ups, as HAProxy and NGINX
+/// run a single thread.
+pub fn runtime(workers: Option<std::num::NonZeroUsize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = match workers {
+        Some(w) if w.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(w) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(w.get());
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    b.enable_all().thread_name("fulcrum-worker").build().context("cannot start the async runtime")
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Runs the proxy until Ctrl-C or SIGTERM, then drains.
+pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    let rt = runtime(args.workers.or(config.proxy.workers))?;
+    rt.block_on(async {
+        let proxy = Proxy::bind(&config).await?;
+        for l in &config.listeners {
+            let kind = match &l.kind {
+                ListenerKind::Http(_) => "http",
+                ListenerKind::Tcp { .. } => "tcp",
+            };
+            let addr = proxy.local_addr(&l.name).map_or_else(|| l.address.to_string(), |a| a.to_string());
+            tracing::info!(listener = %l.name, %addr, protocol = kind, "listening");
+        }
+        proxy.run(shutdown_signal()).await;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,74 @@
+//! The `fulcrum` binary, end to end.
+
+use std::path::Path;
+use std::process::Command;
+
+fn fulcrum() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().and_then(Path::parent).expect("repository root")
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let out = fulcrum().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for sub in ["serve", "validate", "demo", "mock-backend", "policies", "control", "plan"] {
+        assert!(text.contains(sub), "{sub} missing:\n{text}");
+    }
+}
+
+#[test]
+fn every_example_validates() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(repo().join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = fulcrum().arg("validate").arg("-c").arg(&path).output().unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(String::from_utf8_lossy(&out.stdout).contains(": ok ("));
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "examples found: {n}");
+}
+
+#[test]
+fn a_bad_file_names_file_line_and_field() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "[pool.a]\npolicy = \"round_robin\"\nendpoints = [{ address = \"127.0.0.1:1\", weight = -2 }]\n",
+    )
+    .unwrap();
+    let out = fulcrum().arg("validate").arg("-c").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3: pool.a.endpoints:"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    // A planned subcommand says so instead of pretending.
+    let out = fulcrum().arg("plan").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn demo_runs_a_fleet_and_stops_by_itself() {
+    let out = fulcrum()
+        .args(["demo", "--duration", "3s", "--listen", "127.0.0.1:0", "--concurrency", "8", "--max-tokens", "16"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("req/s")).collect();
+    assert!(lines.len() >= 2, "{text}");
+    for name in ["h100-0", "a100-1", "a100-2", "l4-3"] {
+        assert!(lines[1].contains(name), "{text}");
+    }
+    let last = text.lines().last().unwrap_or("");
+    assert!(last.contains(" 0 failed") && !last.starts_with("stopping: 0 requests"), "{text}");
+}
