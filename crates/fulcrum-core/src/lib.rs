@@ -1,7 +1,8 @@
 //! Fulcrum's core: every balancing decision, and no effect.
 //!
 //! This crate holds the balancing algorithms, the endpoint model and its live load signals,
-//! and (later) health and outlier state machines, breakers, budgets and scaling policies.
+//! the health, outlier, breaker, retry and admission state machines (`resilience`), and (later)
+//! scaling policies.
 //! Time comes in as an [`Instant`] argument, randomness as an injected [`rand::RngCore`], load
 //! as numbers, so the proxy and the simulator drive the very same code.
 //!
@@ -31,6 +32,7 @@ pub mod ewma;
 pub mod facts;
 pub mod hash;
 pub mod policy;
+pub mod resilience;
 pub mod selector;
 pub mod time;
 pub mod weight;
