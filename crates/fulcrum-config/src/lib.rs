@@ -12,6 +12,7 @@
 
 mod duration;
 mod raw;
+pub mod resilience;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -110,6 +111,10 @@ pub struct RouteConfig {
     pub matcher: RouteMatch,
     /// Where matching requests go.
     pub pool: String,
+    /// An inference route: its POSTs may be retried (they are not idempotent in HTTP's
+    /// terms, but a model server computes the same answer again). Default: true when the
+    /// route matches on `model`, else false.
+    pub inference: bool,
 }
 
 /// Conditions that must all hold for a route to match.
@@ -166,6 +171,8 @@ pub struct PoolConfig {
     pub timeouts: PoolTimeouts,
     /// Idle upstream connections kept per endpoint.
     pub max_idle_per_endpoint: usize,
+    /// Health checks, outlier detection, breakers, retries, admission control.
+    pub resilience: resilience::PoolResilience,
 }
 
 /// A whole, validated configuration.
@@ -303,7 +310,8 @@ impl Config {
                 headers,
                 models: m.model.map(|m| m.0).unwrap_or_default(),
             };
-            routes.push(RouteConfig { listeners, matcher, pool: r.pool });
+            let inference = r.inference.unwrap_or(!matcher.models.is_empty());
+            routes.push(RouteConfig { listeners, matcher, pool: r.pool, inference });
         }
 
         Ok(Config { proxy, listeners, routes, pools })

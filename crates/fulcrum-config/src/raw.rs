@@ -88,6 +88,7 @@ pub(crate) struct RawListener {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRoute {
     pub listener: Option<String>,
+    pub inference: Option<bool>,
     #[serde(rename = "match", default)]
     pub matcher: RawMatch,
     pub pool: String,
@@ -150,6 +151,13 @@ pub(crate) struct RawPool {
     pub ewma_decay: Option<DurationStr>,
     pub default_rtt: Option<DurationStr>,
     pub failure_penalty: Option<DurationStr>,
+    pub health_check: Option<crate::resilience::RawHealthCheck>,
+    pub outlier_detection: Option<crate::resilience::RawOutlier>,
+    pub circuit_breaker: Option<crate::resilience::RawBreaker>,
+    pub retry: Option<crate::resilience::RawRetry>,
+    pub admission: Option<crate::resilience::RawAdmission>,
+    pub rate_limit: Option<crate::resilience::RawRateLimit>,
+    pub panic_threshold: Option<f64>,
 }
 
 type FieldError = (String, String);
@@ -199,6 +207,16 @@ impl RawPool {
         {
             return Err((".sticky_cookie".into(), format!("`{cookie}` is not a cookie name")));
         }
+        let resilience = crate::resilience::RawResilience {
+            health_check: self.health_check,
+            outlier_detection: self.outlier_detection,
+            circuit_breaker: self.circuit_breaker,
+            retry: self.retry,
+            admission: self.admission,
+            rate_limit: self.rate_limit,
+            panic_threshold: self.panic_threshold,
+        }
+        .validate()?;
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
         for (i, e) in self.endpoints.into_iter().enumerate() {
             let mut labels = Labels { models: e.models, ..Labels::default() };
@@ -232,6 +250,7 @@ impl RawPool {
             sticky_cookie: self.sticky_cookie,
             timeouts,
             max_idle_per_endpoint: self.max_idle_per_endpoint.unwrap_or(64),
+            resilience,
         })
     }
 }

@@ -127,3 +127,58 @@ fn a_missing_file_is_a_clear_error() {
     let e = Config::load(Path::new("/nonexistent/fulcrum.toml")).unwrap_err().to_string();
     assert!(e.starts_with("/nonexistent/fulcrum.toml: cannot read the file"), "{e}");
 }
+
+#[test]
+fn resilience_tables_parse_with_defaults() {
+    let c = Config::parse(GOOD, None).unwrap();
+    let r = &c.pools["llama"].resilience;
+    assert!(r.health_check.is_none() && r.admission.is_none() && r.rate_limit.is_none());
+    assert!(r.outlier.is_some() && r.breaker.is_some());
+    let text = r#"
+[[route]]
+match = { model = "m" }
+pool = "x"
+[[route]]
+match = { path_prefix = "/" }
+pool = "x"
+[pool.x]
+panic_threshold = 30
+health_check = { kind = "http", path = "/ready", interval = "500ms", rise = 1, fall = 2, expected_statuses = [200] }
+outlier_detection = { consecutive_5xx = 3, max_ejection_percent = 50 }
+circuit_breaker = { enabled = false, max_requests = 100 }
+retry = { max_attempts = 4, retryable_statuses = [500, 503], budget_percent = 10.0 }
+admission = { max_in_flight = 8, max_queue = 16, queue_timeout = "2s", priority_header = "X-Priority" }
+rate_limit = { key = "header:x-api-key", rate = 5.0, burst = 10 }
+"#;
+    let c = Config::parse(text, None).unwrap();
+    let r = &c.pools["x"].resilience;
+    assert!(
+        matches!(&r.health_check, Some(HealthCheckRef { kind: resilience::CheckKind::Http { path, .. }, .. }) if path == "/ready")
+    );
+    assert!(r.breaker.is_none());
+    assert_eq!(r.admission.as_ref().unwrap().priority_header.as_deref(), Some("x-priority"));
+    assert_eq!(r.rate_limit.as_ref().unwrap().key, resilience::RateKey::Header("x-api-key".into()));
+    assert!(c.routes[0].inference && !c.routes[1].inference);
+}
+
+type HealthCheckRef = resilience::HealthCheck;
+
+#[test]
+fn resilience_nonsense_is_refused_by_name() {
+    for (table, want) in [
+        ("health_check = { rise = 0 }", "pool.x.health_check.rise: must be at least 1"),
+        ("health_check = { kind = \"udp\" }", "pool.x.health_check.kind"),
+        ("health_check = { interval = \"0s\" }", "pool.x.health_check.interval: must be longer than zero"),
+        ("outlier_detection = { max_ejection_percent = 150 }", "pool.x.outlier_detection.max_ejection_percent"),
+        ("retry = { budget_percent = -5.0 }", "pool.x.retry.budget_percent"),
+        ("retry = { retryable_statuses = [200] }", "pool.x.retry.retryable_statuses"),
+        ("admission = { max_in_flight = 0 }", "pool.x.admission.max_in_flight"),
+        ("rate_limit = { key = \"cookie:x\" }", "pool.x.rate_limit.key"),
+        ("panic_threshold = 120", "pool.x.panic_threshold"),
+        ("circuit_breaker = { probes = 0 }", "pool.x.circuit_breaker.probes"),
+        ("retry = { max_attempts = 3, unknown = 1 }", "unknown field `unknown`"),
+    ] {
+        let e = err(&format!("[pool.x]\n{table}\n"));
+        assert!(e.contains(want), "{table}: {e}");
+    }
+}

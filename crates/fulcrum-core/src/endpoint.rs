@@ -14,7 +14,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::ewma::PeakEwma;
@@ -180,6 +180,20 @@ impl Default for LatencyConfig {
 }
 
 const NO_RAMP: u64 = u64::MAX;
+
+/// Why an endpoint is not taking new requests; several can hold at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Unavailable {
+    /// Not yet checked by an active health check (it joins after its first success).
+    Unchecked = 1,
+    /// Failed its active health checks.
+    Unhealthy = 2,
+    /// Ejected by passive outlier detection.
+    Ejected = 4,
+    /// Being drained: no new requests.
+    Draining = 8,
+}
 const UNKNOWN_UTILIZATION: u32 = u32::MAX;
 
 /// Live load signals of one endpoint, shared by the data plane and the balancers.
@@ -197,6 +211,10 @@ pub struct LoadSignals {
     effective_weight: AtomicU64,
     /// Start of the current slow-start ramp (nanoseconds), or `NO_RAMP`.
     ramp_since: AtomicU64,
+    /// [`Unavailable`] bits.
+    unavailable: AtomicU8,
+    /// Nanoseconds until which the endpoint's circuit is open (0: closed).
+    circuit_open_until: AtomicU64,
 }
 
 // === impl LoadSignals ===
@@ -212,7 +230,39 @@ impl LoadSignals {
             utilization_ppm: AtomicU32::new(UNKNOWN_UTILIZATION),
             effective_weight: AtomicU64::new(f64::from(weight.get()).to_bits()),
             ramp_since: AtomicU64::new(NO_RAMP),
+            unavailable: AtomicU8::new(0),
+            circuit_open_until: AtomicU64::new(0),
         }
+    }
+
+    /// Sets or clears one reason for being unavailable; returns whether the endpoint's
+    /// availability (no reason at all) changed.
+    pub fn set_unavailable(&self, reason: Unavailable, on: bool) -> bool {
+        let bit = reason as u8;
+        let before = if on {
+            self.unavailable.fetch_or(bit, Ordering::Relaxed)
+        } else {
+            self.unavailable.fetch_and(!bit, Ordering::Relaxed)
+        };
+        let after = if on { before | bit } else { before & !bit };
+        (before == 0) != (after == 0)
+    }
+
+    /// Whether `reason` currently holds.
+    pub fn is_unavailable_for(&self, reason: Unavailable) -> bool {
+        self.unavailable.load(Ordering::Relaxed) & reason as u8 != 0
+    }
+
+    /// Whether the endpoint takes new requests at `now`: no [`Unavailable`] reason holds
+    /// and its circuit is not open. Lock-free: the balancers' veto reads it on every pick.
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.unavailable.load(Ordering::Relaxed) == 0
+            && now.as_nanos() >= self.circuit_open_until.load(Ordering::Relaxed)
+    }
+
+    /// Mirrors the circuit breaker: open until `until` (`None`: closed or half-open).
+    pub fn set_circuit_open_until(&self, until: Option<Instant>) {
+        self.circuit_open_until.store(until.map_or(0, Instant::as_nanos), Ordering::Relaxed);
     }
 
     /// Requests in flight (counted until their response stream ends).
@@ -390,6 +440,22 @@ mod tests {
         assert_eq!(bad.consecutive_failures(), 1);
         bad.observe(Duration::from_millis(1), Outcome::Success, now, &cfg);
         assert_eq!(bad.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn availability_has_several_reasons() {
+        let s = signals();
+        let now = Instant::from_millis(10);
+        assert!(s.is_available(now));
+        assert!(s.set_unavailable(Unavailable::Unhealthy, true));
+        assert!(!s.set_unavailable(Unavailable::Ejected, true));
+        assert!(!s.set_unavailable(Unavailable::Unhealthy, false));
+        assert!(!s.is_available(now) && s.is_unavailable_for(Unavailable::Ejected));
+        assert!(s.set_unavailable(Unavailable::Ejected, false));
+        s.set_circuit_open_until(Some(Instant::from_millis(20)));
+        assert!(!s.is_available(now) && s.is_available(Instant::from_millis(20)));
+        s.set_circuit_open_until(None);
+        assert!(s.is_available(now));
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub mod time;
 pub mod weight;
 
 pub use endpoint::{
-    Endpoint, EndpointId, EndpointSpec, InFlight, Labels, LatencyConfig, LoadSignals, Outcome, PoolLoad,
+    Endpoint, EndpointId, EndpointSpec, InFlight, Labels, LatencyConfig, LoadSignals, Outcome, PoolLoad, Unavailable,
 };
 pub use facts::RequestFacts;
 pub use policy::{Cost, HashKey, Policy, PolicyError, PolicyKind};

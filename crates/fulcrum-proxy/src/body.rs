@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use tokio::time::Sleep;
 
+use crate::safety::AdmissionSlot;
 use crate::upstream::{ReqBody, Upstream};
 
 /// Boxed error, as hyper's server accepts.
@@ -27,6 +28,7 @@ pub struct TrackedBody {
     guard: Option<InFlight>,
     connection: Option<(Arc<Upstream>, SendRequest<ReqBody>)>,
     deadline: Option<Pin<Box<Sleep>>>,
+    admission: Option<AdmissionSlot>,
 }
 
 impl std::fmt::Debug for TrackedBody {
@@ -41,12 +43,14 @@ impl TrackedBody {
         guard: InFlight,
         connection: (Arc<Upstream>, SendRequest<ReqBody>),
         deadline: Option<tokio::time::Instant>,
+        admission: Option<AdmissionSlot>,
     ) -> Self {
         let mut body = TrackedBody {
             inner,
             guard: Some(guard),
             connection: Some(connection),
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            admission,
         };
         if body.inner.is_end_stream() {
             body.finish();
@@ -57,6 +61,7 @@ impl TrackedBody {
     /// The stream ended cleanly: stop counting, and reuse the connection.
     fn finish(&mut self) {
         self.guard.take();
+        self.admission.take();
         if let Some((upstream, sender)) = self.connection.take() {
             upstream.checkin(sender);
         }
@@ -65,6 +70,7 @@ impl TrackedBody {
     /// The stream failed: stop counting, and drop the connection.
     fn abort(&mut self) {
         self.guard.take();
+        self.admission.take();
         self.connection.take();
     }
 }

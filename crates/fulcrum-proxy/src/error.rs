@@ -48,6 +48,18 @@ pub enum ProxyError {
     /// Reading the request body failed.
     #[error("cannot read the request body: {0}")]
     BadBody(String),
+    /// Admission control turned the request away (queue full or wait too long).
+    #[error("the pool is overloaded; retry after {retry_after:?}")]
+    Overloaded {
+        /// When to come back.
+        retry_after: std::time::Duration,
+    },
+    /// The client is over its rate limit.
+    #[error("rate limit exceeded; retry after {retry_after:?}")]
+    RateLimited {
+        /// When to come back.
+        retry_after: std::time::Duration,
+    },
 }
 
 impl ProxyError {
@@ -55,7 +67,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoint(_) | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -73,6 +86,19 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream_failed",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BadBody(_) => "bad_request_body",
+            ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::RateLimited { .. } => "rate_limited",
+        }
+    }
+
+    /// How the failure of one try counts for retries, breakers and outlier detection.
+    pub fn observed(&self) -> Option<fulcrum_core::resilience::Observed> {
+        use fulcrum_core::resilience::Observed;
+        match self {
+            ProxyError::Connect { .. } => Some(Observed::ConnectFailure),
+            ProxyError::Timeout { .. } => Some(Observed::Timeout),
+            ProxyError::Upstream { .. } => Some(Observed::Reset),
+            _ => None,
         }
     }
 
@@ -96,6 +122,10 @@ impl ProxyError {
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert("x-request-id", request_id.clone());
+        if let ProxyError::Overloaded { retry_after } | ProxyError::RateLimited { retry_after } = self {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
         resp
     }
 }

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fulcrum_core::policy::HashKey;
+use fulcrum_core::resilience::Observed;
+use fulcrum_core::resilience::breaker::Counts;
+use fulcrum_core::resilience::retry::{Attempt, Decision, is_idempotent_method};
 use fulcrum_core::{Outcome, RequestFacts};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -85,8 +88,8 @@ async fn proxy(
 
     // Route; read the body only if a route needs the model from it.
     let mut model: Option<String> = None;
-    let (pool, body): (Arc<PoolRuntime>, ReqBody) = match ctx.routes.find(&parts, false, None) {
-        Matched::Pool(p) => (p.clone(), Either::Left(incoming)),
+    let (pool, inference, body): (Arc<PoolRuntime>, bool, ReqBody) = match ctx.routes.find(&parts, false, None) {
+        Matched::Pool(p, inference) => (p.clone(), inference, Either::Left(incoming)),
         Matched::None => return Err(ProxyError::NoRoute),
         Matched::NeedBody => {
             if content_length(&parts).is_some_and(|n| n > ctx.max_body_bytes as u64) {
@@ -95,43 +98,35 @@ async fn proxy(
             let bytes = read_body(incoming, ctx.max_body_bytes).await?;
             model = model_of(&bytes);
             match ctx.routes.find(&parts, true, model.as_deref()) {
-                Matched::Pool(p) => (p.clone(), Either::Right(Full::new(bytes))),
+                Matched::Pool(p, inference) => (p.clone(), inference, Either::Right(Full::new(bytes))),
                 _ => return Err(ProxyError::NoRoute),
             }
         }
     };
 
-    // Pick an endpoint.
-    let snapshot = pool.snapshot();
-    let needs = pool.needs();
-    let key: Option<&[u8]> = match &needs.key {
-        Some(HashKey::Header(name)) => parts.headers.get(name.as_str()).map(HeaderValue::as_bytes),
-        Some(HashKey::Cookie(name)) => headers::cookie(&parts.headers, name),
-        Some(HashKey::Path) => Some(parts.uri.path().as_bytes()),
-        Some(HashKey::ClientIp) | None => None,
+    // Overload protection before any work on the pool.
+    let safety = pool.safety().clone();
+    safety.rate_limit(client.ip(), &parts.headers, clock::now())?;
+    let admission = safety.admit(&parts.headers).await?;
+
+    // A request that may be retried must be sendable again: its body is kept (bounded).
+    let policy = &safety.config.retry;
+    let idempotent = is_idempotent_method(parts.method.as_str());
+    let mut may_retry = upgrade.is_none() && policy.max_attempts() > 1 && (idempotent || inference);
+    let body: ReqBody = match body {
+        Either::Left(incoming) if may_retry => {
+            if http_body::Body::is_end_stream(&incoming) {
+                Either::Right(Full::new(Bytes::new()))
+            } else if content_length(&parts).is_some_and(|n| n <= ctx.max_body_bytes as u64) {
+                Either::Right(Full::new(read_body(incoming, ctx.max_body_bytes).await?))
+            } else {
+                // Unknown or large length: stream it through, once.
+                may_retry = false;
+                Either::Left(incoming)
+            }
+        }
+        other => other,
     };
-    let facts = RequestFacts {
-        client: Some(client.ip()),
-        hash_key: key,
-        model: model.as_deref(),
-        prompt: None,
-        estimated_tokens: 0,
-    };
-    let now = clock::now();
-    let sticky_name = pool.config().sticky_cookie.as_deref();
-    let sticky_hit = sticky_name
-        .and_then(|name| headers::cookie(&parts.headers, name))
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| u64::from_str_radix(v, 16).ok())
-        .and_then(|token| snapshot.sticky_index(token));
-    let idx = match sticky_hit {
-        Some(i) => i,
-        None => clock::with_rng(|rng| snapshot.selector.pick_index(&facts, now, rng, |_| true))
-            .ok_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned()))?,
-    };
-    let endpoint = &snapshot.selector.endpoints()[idx];
-    let upstream = snapshot.upstreams[idx].clone();
-    let guard = snapshot.selector.begin(endpoint, 0, now);
 
     // Rewrite the request for the upstream.
     let host = parts.headers.get(header::HOST).cloned();
@@ -148,54 +143,194 @@ async fn proxy(
         parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
     }
     parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body);
+
+    // What the policy looks at.
+    let snapshot = pool.snapshot();
+    let needs = pool.needs();
+    let key: Option<&[u8]> = match &needs.key {
+        Some(HashKey::Header(name)) => parts.headers.get(name.as_str()).map(HeaderValue::as_bytes),
+        Some(HashKey::Cookie(name)) => headers::cookie(&parts.headers, name),
+        Some(HashKey::Path) => Some(parts.uri.path().as_bytes()),
+        Some(HashKey::ClientIp) | None => None,
+    };
+    let key = key.map(<[u8]>::to_vec);
+    let facts = RequestFacts {
+        client: Some(client.ip()),
+        hash_key: key.as_deref(),
+        model: model.as_deref(),
+        prompt: None,
+        estimated_tokens: 0,
+    };
+    let sticky_name = pool.config().sticky_cookie.as_deref();
+    let sticky_hit = sticky_name
+        .and_then(|name| headers::cookie(&parts.headers, name))
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+        .and_then(|token| snapshot.sticky_index(token));
 
     let timeouts = &pool.config().timeouts;
+    let first_byte = policy.per_try_timeout().map_or(timeouts.first_byte, |t| t.min(timeouts.first_byte));
     let latency = *snapshot.selector.options().latency();
-    let started = std::time::Instant::now();
+    let endpoints = snapshot.selector.endpoints();
 
     if let Some(client_upgrade) = upgrade {
-        return websocket(upstream, upstream_req, client_upgrade, guard, timeouts.first_byte, request_id).await;
+        let now = clock::now();
+        let idx = sticky_hit
+            .or_else(|| {
+                let panic = safety.is_panic(endpoints.len());
+                clock::with_rng(|rng| {
+                    snapshot.selector.pick_index(&facts, now, rng, |e| panic || e.signals().is_available(now))
+                })
+            })
+            .ok_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned()))?;
+        let guard = snapshot.selector.begin(&endpoints[idx], 0, now);
+        let req = Request::from_parts(parts, body);
+        let upstream = snapshot.upstreams[idx].clone();
+        return websocket(upstream, req, client_upgrade, guard, first_byte, request_id).await;
     }
 
-    let sent = tokio::time::timeout(timeouts.first_byte, upstream.send(upstream_req)).await;
-    let (mut resp, sender) = match sent {
-        Ok(Ok(ok)) => ok,
-        Ok(Err(e)) => {
-            upstream.record_failure();
-            endpoint.signals().observe(started.elapsed(), Outcome::Failure, clock::now(), &latency);
-            return Err(e);
-        }
-        Err(_) => {
-            upstream.record_failure();
-            endpoint.signals().observe(started.elapsed(), Outcome::Failure, clock::now(), &latency);
-            return Err(ProxyError::Timeout {
-                endpoint: upstream.name().to_owned(),
-                after_ms: timeouts.first_byte.as_millis(),
-            });
-        }
-    };
-    // Latency is time to the response head; load lasts until the body ends.
-    let outcome = if resp.status().is_server_error() { Outcome::Failure } else { Outcome::Success };
-    if outcome == Outcome::Failure {
-        upstream.record_failure();
-    }
-    endpoint.signals().observe(started.elapsed(), outcome, clock::now(), &latency);
+    safety.on_request(clock::now());
+    let mut tried: Vec<usize> = Vec::new();
+    let mut tries = 0u32;
+    let mut last_error: Option<ProxyError> = None;
+    let mut parts = Some(parts);
+    let mut body = Some(body);
+    loop {
+        let now = clock::now();
+        let panic = safety.is_panic(endpoints.len());
+        let sticky =
+            if tries == 0 { sticky_hit.filter(|&i| panic || endpoints[i].signals().is_available(now)) } else { None };
+        let picked = sticky.or_else(|| {
+            clock::with_rng(|rng| {
+                snapshot.selector.pick_index(&facts, now, rng, |e| {
+                    (panic || e.signals().is_available(now)) && !tried.iter().any(|&t| endpoints[t].id() == e.id())
+                })
+            })
+        });
+        let Some(idx) = picked else {
+            return Err(last_error.unwrap_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned())));
+        };
+        let endpoint = &endpoints[idx];
+        let upstream = &snapshot.upstreams[idx];
 
-    let h = resp.headers_mut();
-    headers::strip_hop_by_hop(h, false);
-    h.insert(&X_REQUEST_ID, request_id.clone());
-    if let Some(name) = sticky_name
-        && sticky_hit.is_none()
-        && let Ok(v) = HeaderValue::from_str(&format!(
-            "{name}={:016x}; Path=/; HttpOnly; SameSite=Lax",
-            sticky_token(endpoint.id().as_str())
-        ))
-    {
-        h.append(header::SET_COOKIE, v);
+        // The breaker and the concurrency limits have the last word; a refusal is not a try.
+        let permit = match &upstream.breaker {
+            Some(b) => match b.admit(endpoint, &safety, now) {
+                Some(p) => Some(p),
+                None => {
+                    tried.push(idx);
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let counts = Counts {
+            connections: u64::from(upstream.connections()),
+            pending: 0,
+            requests: endpoint.signals().in_flight(),
+        };
+        if safety.config.limits.admits(&counts).is_err() {
+            if let (Some(b), Some(p)) = (&upstream.breaker, permit) {
+                b.cancel(p);
+            }
+            tried.push(idx);
+            continue;
+        }
+
+        tries += 1;
+        let last_try = !may_retry || tries >= policy.max_attempts();
+        let (p, b) = if last_try {
+            (parts.take(), body.take())
+        } else {
+            (parts.as_ref().map(clone_parts), body.as_ref().map(clone_body))
+        };
+        let (Some(p), Some(b)) = (p, b) else {
+            return Err(last_error.unwrap_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned())));
+        };
+        let guard = snapshot.selector.begin(endpoint, 0, now);
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(first_byte, upstream.send(Request::from_parts(p, b))).await {
+            Ok(r) => r,
+            Err(_) => {
+                Err(ProxyError::Timeout { endpoint: upstream.name().to_owned(), after_ms: first_byte.as_millis() })
+            }
+        };
+        let now = clock::now();
+        let observed = match &result {
+            Ok((resp, _)) if resp.status().as_u16() >= 400 => Observed::Status(resp.status().as_u16()),
+            Ok(_) => Observed::Success,
+            Err(e) => e.observed().unwrap_or(Observed::Reset),
+        };
+        let outcome = Outcome::from(observed);
+        if outcome == Outcome::Failure {
+            upstream.record_failure();
+        }
+        // Latency is time to the response head; load lasts until the body ends.
+        endpoint.signals().observe(started.elapsed(), outcome, now, &latency);
+        if let (Some(b), Some(p)) = (&upstream.breaker, permit) {
+            b.record(endpoint, &safety, p, outcome, now);
+        }
+        safety.observe(endpoints, idx, observed, now);
+
+        if observed != Observed::Success && !last_try {
+            let attempt = Attempt {
+                number: tries,
+                idempotent,
+                route_allows_non_idempotent: inference,
+                observed,
+                response_started: false,
+            };
+            if let Decision::Retry { after } = safety.decide(&attempt, now) {
+                safety.event(
+                    endpoint.id().as_str(),
+                    "retry",
+                    format!("{observed} on try {tries}, next try in {after:?}"),
+                );
+                tried.push(idx);
+                if let Err(e) = result {
+                    last_error = Some(e);
+                }
+                drop(guard);
+                tokio::time::sleep(after).await;
+                continue;
+            }
+        }
+
+        let (mut resp, sender) = result?;
+        let h = resp.headers_mut();
+        headers::strip_hop_by_hop(h, false);
+        h.insert(&X_REQUEST_ID, request_id.clone());
+        if let Some(name) = sticky_name
+            && sticky_hit != Some(idx)
+            && let Ok(v) = HeaderValue::from_str(&format!(
+                "{name}={:016x}; Path=/; HttpOnly; SameSite=Lax",
+                sticky_token(endpoint.id().as_str())
+            ))
+        {
+            h.append(header::SET_COOKIE, v);
+        }
+        let deadline = timeouts.request.map(|d| tokio::time::Instant::from_std(started + d));
+        let upstream = upstream.clone();
+        return Ok(resp
+            .map(|incoming| Either::Left(TrackedBody::new(incoming, guard, (upstream, sender), deadline, admission))));
     }
-    let deadline = timeouts.request.map(|d| tokio::time::Instant::from_std(started + d));
-    Ok(resp.map(|incoming| Either::Left(TrackedBody::new(incoming, guard, (upstream, sender), deadline))))
+}
+
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = p.uri.clone();
+    *req.version_mut() = p.version;
+    *req.headers_mut() = p.headers.clone();
+    req.into_parts().0
+}
+
+fn clone_body(b: &ReqBody) -> ReqBody {
+    match b {
+        Either::Right(full) => Either::Right(full.clone()),
+        // Only buffered bodies are ever sent twice.
+        Either::Left(_) => Either::Right(Full::new(Bytes::new())),
+    }
 }
 
 /// Forwards a WebSocket (or any HTTP/1.1 upgrade) handshake on a fresh connection, then

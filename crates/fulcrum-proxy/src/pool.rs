@@ -9,6 +9,7 @@ use fulcrum_core::policy::Needs;
 use fulcrum_core::{BuildError, Selector};
 
 use crate::clock;
+use crate::safety::PoolSafety;
 use crate::upstream::Upstream;
 
 /// An immutable view of a pool: the selector and, index for index, its upstreams.
@@ -41,14 +42,16 @@ pub struct PoolRuntime {
     config: PoolConfig,
     needs: Needs,
     snapshot: ArcSwap<PoolSnapshot>,
+    safety: Arc<PoolSafety>,
 }
 
 impl PoolRuntime {
     pub(crate) fn new(config: PoolConfig) -> Result<Self, BuildError> {
         let selector =
             Selector::try_new(config.policy.clone(), config.options.clone(), config.endpoints.clone(), clock::now())?;
+        let safety = Arc::new(PoolSafety::new(config.resilience.clone(), selector.endpoints()));
         let snapshot = Self::snapshot_of(&config, selector, &HashMap::new());
-        Ok(PoolRuntime { needs: config.policy.needs(), config, snapshot: ArcSwap::from_pointee(snapshot) })
+        Ok(PoolRuntime { needs: config.policy.needs(), config, snapshot: ArcSwap::from_pointee(snapshot), safety })
     }
 
     fn snapshot_of(config: &PoolConfig, selector: Selector, old: &HashMap<&str, Arc<Upstream>>) -> PoolSnapshot {
@@ -63,6 +66,7 @@ impl PoolRuntime {
                     config.max_idle_per_endpoint,
                     config.timeouts.connect,
                     config.timeouts.idle,
+                    config.resilience.breaker.as_ref(),
                 )),
             })
             .collect();
@@ -78,6 +82,11 @@ impl PoolRuntime {
     /// The pool's configuration.
     pub fn config(&self) -> &PoolConfig {
         &self.config
+    }
+
+    /// Failure handling: health, ejections, breakers' timeline, retries, admission.
+    pub fn safety(&self) -> &Arc<PoolSafety> {
+        &self.safety
     }
 
     /// What the policy needs from each request.

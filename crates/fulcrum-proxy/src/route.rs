@@ -18,6 +18,7 @@ pub(crate) struct Route {
     path_prefix: Option<String>,
     headers: Vec<(HeaderName, HeaderValue)>,
     models: Vec<String>,
+    inference: bool,
     pub(crate) pool: Arc<PoolRuntime>,
 }
 
@@ -34,6 +35,7 @@ impl Route {
             path_prefix: config.matcher.path_prefix.clone(),
             headers,
             models: config.matcher.models.clone(),
+            inference: config.inference,
             pool,
         }
     }
@@ -64,8 +66,8 @@ impl Route {
 /// The outcome of matching.
 #[derive(Debug)]
 pub(crate) enum Matched<'a> {
-    /// Route to this pool.
-    Pool(&'a Arc<PoolRuntime>),
+    /// Route to this pool; `true` for an inference route (its POSTs may be retried).
+    Pool(&'a Arc<PoolRuntime>, bool),
     /// A route names models: read the body and match again.
     NeedBody,
     /// Nothing matches.
@@ -91,17 +93,17 @@ impl RouteTable {
                 continue;
             }
             if route.models.is_empty() {
-                return Matched::Pool(&route.pool);
+                return Matched::Pool(&route.pool, route.inference);
             }
             if !body_read {
                 return Matched::NeedBody;
             }
             if model.is_some_and(|m| route.models.iter().any(|want| want == m)) {
-                return Matched::Pool(&route.pool);
+                return Matched::Pool(&route.pool, route.inference);
             }
         }
         match &self.default_pool {
-            Some(p) => Matched::Pool(p),
+            Some(p) => Matched::Pool(p, false),
             None => Matched::None,
         }
     }

@@ -132,11 +132,17 @@ impl Proxy {
             tasks.spawn(accept_loop(bound, stop_rx.clone(), self.drain_timeout));
         }
         let refresher = tokio::spawn(refresh_loop(self.pools.clone()));
+        let mut background = JoinSet::new();
+        for pool in &self.pools {
+            background.spawn(crate::health::run(pool.clone()));
+            background.spawn(outlier_loop(pool.clone()));
+        }
         shutdown.await;
         tracing::info!(drain_timeout = ?self.drain_timeout, "shutting down: no new connections, draining");
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         refresher.abort();
+        background.abort_all();
         tracing::info!("stopped");
     }
 }
@@ -148,6 +154,20 @@ async fn refresh_loop(pools: Vec<Arc<PoolRuntime>>) {
     loop {
         tick.tick().await;
         pools.iter().for_each(|p| p.refresh());
+    }
+}
+
+/// Runs the pool's outlier detector's timers (ejections ending, success-rate evaluations).
+async fn outlier_loop(pool: Arc<PoolRuntime>) {
+    loop {
+        let snapshot = pool.snapshot();
+        let Some(next) = pool.safety().tick_outliers(snapshot.selector.endpoints(), crate::clock::now()) else {
+            return;
+        };
+        drop(snapshot);
+        // Wake at the detector's next deadline, and at least every second.
+        let wait = next.saturating_since(crate::clock::now()).min(Duration::from_secs(1));
+        tokio::time::sleep(wait.max(Duration::from_millis(5))).await;
     }
 }
 

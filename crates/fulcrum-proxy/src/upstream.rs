@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
+use crate::safety::EndpointBreaker;
 
 /// The body type sent upstream: streamed from the client, or read already (model routing).
 pub(crate) type ReqBody = Either<Incoming, Full<Bytes>>;
@@ -39,6 +40,9 @@ pub struct Upstream {
     idle_timeout: Duration,
     requests: AtomicU64,
     failures: AtomicU64,
+    /// Open connections to the endpoint (for `max_connections`).
+    connections: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    pub(crate) breaker: Option<EndpointBreaker>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -54,6 +58,7 @@ impl Upstream {
         max_idle: usize,
         connect_timeout: Duration,
         idle_timeout: Duration,
+        breaker: Option<&fulcrum_core::resilience::breaker::BreakerConfig>,
     ) -> Self {
         Upstream {
             address,
@@ -63,7 +68,14 @@ impl Upstream {
             idle_timeout,
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            connections: Default::default(),
+            breaker: breaker.map(EndpointBreaker::new),
         }
+    }
+
+    /// Open connections to this endpoint.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// The endpoint's id, for messages.
@@ -119,13 +131,17 @@ impl Upstream {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ProxyError::Upstream { endpoint: self.name.clone(), source: e })?;
+        let open = self.connections.clone();
+        open.fetch_add(1, Ordering::Relaxed);
         if upgrades {
             tokio::spawn(async move {
                 let _ = conn.with_upgrades().await;
+                open.fetch_sub(1, Ordering::Relaxed);
             });
         } else {
             tokio::spawn(async move {
                 let _ = conn.await;
+                open.fetch_sub(1, Ordering::Relaxed);
             });
         }
         sender.ready().await.map_err(|e| ProxyError::Upstream { endpoint: self.name.clone(), source: e })?;

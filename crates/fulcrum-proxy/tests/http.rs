@@ -14,23 +14,6 @@ use rand::SeedableRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn one_pool(policy: &str, backends: &[&Backend], extra: &str) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "public"
-address = "127.0.0.1:0"
-pool = "p"
-
-[pool.p]
-policy = {policy}
-endpoints = {}
-{extra}
-"#,
-        endpoints(backends)
-    )
-}
-
 fn backend_of(headers: &http::HeaderMap) -> String {
     headers.get("x-backend").and_then(|v| v.to_str().ok()).unwrap_or("?").to_owned()
 }

@@ -267,3 +267,22 @@ pub fn endpoints(backends: &[&Backend]) -> String {
         backends.iter().map(|b| format!("{{ address = \"{}\", id = \"{}\" }}", b.addr, b.name)).collect();
     format!("[{}]", items.join(", "))
 }
+
+/// A config with one listener named "public" whose default pool `p` has `policy`, the
+/// backends, and `extra` lines.
+pub fn one_pool(policy: &str, backends: &[&Backend], extra: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "public"
+address = "127.0.0.1:0"
+pool = "p"
+
+[pool.p]
+policy = {policy}
+endpoints = {}
+{extra}
+"#,
+        endpoints(backends)
+    )
+}

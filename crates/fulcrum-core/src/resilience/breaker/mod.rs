@@ -219,6 +219,8 @@ pub enum BreakerReason {
         /// How many.
         probes: u32,
     },
+    /// An active health check passed: it is better evidence than the open timer.
+    HealthCheckPassed,
 }
 
 impl fmt::Display for BreakerReason {
@@ -231,6 +233,7 @@ impl fmt::Display for BreakerReason {
             BreakerReason::OpenTimeElapsed => f.write_str("open time elapsed, probing"),
             BreakerReason::ProbeFailed => f.write_str("a probe failed"),
             BreakerReason::ProbesSucceeded { probes } => write!(f, "{probes} probes succeeded"),
+            BreakerReason::HealthCheckPassed => f.write_str("an active health check passed"),
         }
     }
 }
@@ -353,6 +356,23 @@ impl Breaker {
             State::Open { until } => Some(until),
             _ => None,
         }
+    }
+
+    /// Closes the breaker because an active health check passed (the endpoint came back):
+    /// its open time and backoff start over. Permits handed out before are stale. Returns
+    /// the transition, if the breaker was not closed.
+    pub fn reset(&mut self, now: Instant) -> Option<Transition> {
+        let from = self.state();
+        self.consecutive = 0;
+        self.trips = 0;
+        self.window = Window::new(self.config.s.window, self.config.s.buckets, now);
+        if from == BreakerState::Closed {
+            return None;
+        }
+        self.state = State::Closed;
+        self.since = now;
+        self.generation += 1;
+        Some(Transition { from, to: BreakerState::Closed, reason: BreakerReason::HealthCheckPassed, at: now })
     }
 
     /// Trips since the breaker last closed.

@@ -267,3 +267,19 @@ fn bad_settings_are_refused_by_name() {
         assert_eq!(run(&mut b, Outcome::Failure, ms(0)), None);
     }
 }
+
+#[test]
+fn a_passing_health_check_closes_an_open_breaker() {
+    let config = BreakerConfig::default();
+    let mut b = Breaker::new(&config, Instant::ZERO);
+    for i in 0..5 {
+        let p = b.admit(Instant::from_millis(i)).unwrap();
+        b.record(p, Outcome::Failure, Instant::from_millis(i));
+    }
+    assert_eq!(b.state(), BreakerState::Open);
+    let stale = Instant::from_millis(10);
+    let t = b.reset(stale).expect("transition");
+    assert_eq!((t.from, t.to, t.reason), (BreakerState::Open, BreakerState::Closed, BreakerReason::HealthCheckPassed));
+    assert!(b.would_admit(stale) && b.trips() == 0);
+    assert!(b.reset(stale).is_none(), "already closed");
+}

@@ -466,6 +466,21 @@ impl OutlierDetector {
         events
     }
 
+    /// Returns an ejected endpoint to rotation at once, as Envoy does when an active health
+    /// check succeeds (`successful_active_health_check_uneject_host`): the health check has
+    /// better evidence than the passive detector's timer. Returns whether it was ejected.
+    pub fn uneject(&mut self, index: usize) -> bool {
+        match self.hosts.get_mut(index) {
+            Some(h) if h.ejected_until.is_some() => {
+                h.ejected_until = None;
+                h.reset_counts();
+                self.ejected -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn evaluate(&mut self, now: Instant, events: &mut Vec<OutlierEvent>) {
         for h in &mut self.hosts {
             if h.ejected_until.is_none() && !h.ejected_lately {

@@ -270,3 +270,22 @@ fn bad_settings_are_refused_by_name() {
     assert_eq!(e.to_string(), "outlier_detection.max_ejection_percent must be between 0 and 100, got 101");
     assert!(OutlierConfig::try_new(OutlierSettings { success_rate: None, consecutive_5xx: None, ..d }).is_ok());
 }
+
+#[test]
+fn a_health_check_success_returns_an_ejected_endpoint_at_once() {
+    let ids: Vec<EndpointId> = (0..4).map(|i| EndpointId::from(format!("e{i}"))).collect();
+    let config =
+        OutlierConfig::try_new(OutlierSettings { max_ejection_percent: 50, ..OutlierSettings::default() }).unwrap();
+    let mut d = OutlierDetector::new(&config, &ids, Instant::ZERO);
+    let mut ejected = None;
+    for _ in 0..5 {
+        ejected = ejected.or(d.record(1, Observed::ConnectFailure, Instant::from_millis(1)));
+    }
+    assert!(ejected.is_some() && d.is_ejected(1));
+    assert!(d.uneject(1));
+    assert!(!d.is_ejected(1) && d.ejected_count() == 0);
+    assert!(!d.uneject(1), "not ejected any more");
+    assert!(!d.uneject(9), "no such endpoint");
+    // Its counters start over: one more failure does not eject it again.
+    assert!(d.record(1, Observed::ConnectFailure, Instant::from_millis(2)).is_none());
+}

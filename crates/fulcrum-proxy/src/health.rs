@@ -1,0 +1,79 @@
+//! Active health checks: one task per endpoint probes it on the pool's schedule and feeds
+//! the core's health state machine.
+//!
+//! An endpoint joins after its first successful check, leaves after `fall` failures in a
+//! row and returns after `rise` successes, in slow start when the pool has it. Every
+//! transition is logged and recorded in the pool's event timeline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fulcrum_config::resilience::{CheckKind, HealthCheck};
+use fulcrum_core::resilience::health::HealthState;
+use fulcrum_core::{Endpoint, Unavailable};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+use crate::clock;
+use crate::pool::PoolRuntime;
+
+/// Runs the pool's health checks until the task is dropped.
+pub(crate) async fn run(pool: Arc<PoolRuntime>) {
+    let Some(check) = pool.safety().config.health_check.clone() else { return };
+    let mut tasks = JoinSet::new();
+    for (idx, endpoint) in pool.snapshot().selector.endpoints().iter().enumerate() {
+        tasks.spawn(check_loop(pool.clone(), idx, endpoint.clone(), check.clone()));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn check_loop(pool: Arc<PoolRuntime>, idx: usize, endpoint: Endpoint, check: HealthCheck) {
+    let safety = pool.safety();
+    let mut state = HealthState::new(&check.config, clock::now());
+    loop {
+        let ok = probe(&check.kind, endpoint.address(), check.config.timeout()).await;
+        let now = clock::now();
+        if let Some(t) = state.record(ok, now) {
+            safety.set_unavailable(&endpoint, Unavailable::Unhealthy, !state.is_routable());
+            safety.set_unavailable(&endpoint, Unavailable::Unchecked, false);
+            safety.event(endpoint.id().as_str(), "health", t.to_string());
+            if t.is_recovery() {
+                endpoint.signals().start_slow_start(now);
+                safety.uneject(&endpoint, idx);
+                if let Some(b) = pool.snapshot().upstreams.get(idx).and_then(|u| u.breaker.as_ref()) {
+                    b.reset(&endpoint, safety, now);
+                }
+            }
+        }
+        let next = clock::with_rng(|rng| state.next_check(now, rng));
+        tokio::time::sleep(next.saturating_since(clock::now())).await;
+    }
+}
+
+/// One probe, bounded by `timeout`.
+async fn probe(kind: &CheckKind, address: SocketAddr, timeout: Duration) -> bool {
+    let attempt = async {
+        let stream = TcpStream::connect(address).await.ok()?;
+        let CheckKind::Http { path, expected_statuses } = kind else { return Some(true) };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::get(path.as_str())
+            .header(http::header::HOST, address.to_string())
+            .header(http::header::USER_AGENT, "fulcrum-health-check")
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let status = sender.send_request(req).await.ok()?.status().as_u16();
+        Some(if expected_statuses.is_empty() {
+            (200..300).contains(&status)
+        } else {
+            expected_statuses.contains(&status)
+        })
+    };
+    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+}
