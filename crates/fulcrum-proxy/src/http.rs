@@ -169,6 +169,7 @@ async fn proxy(
         .and_then(|token| snapshot.sticky_index(token));
 
     let timeouts = &pool.config().timeouts;
+    // A try waits for its response head at most first_byte_timeout (and per_try_timeout).
     let first_byte = policy.per_try_timeout().map_or(timeouts.first_byte, |t| t.min(timeouts.first_byte));
     let latency = *snapshot.selector.options().latency();
     let endpoints = snapshot.selector.endpoints();
@@ -309,7 +310,13 @@ async fn proxy(
         {
             h.append(header::SET_COOKIE, v);
         }
-        let deadline = timeouts.request.map(|d| tokio::time::Instant::from_std(started + d));
+        // The whole response is bounded by the pool's request_timeout and the retry
+        // policy's per_try_timeout, whichever is shorter.
+        let limit = match (timeouts.request, policy.per_try_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline = limit.map(|d| tokio::time::Instant::from_std(started + d));
         let upstream = upstream.clone();
         return Ok(resp
             .map(|incoming| Either::Left(TrackedBody::new(incoming, guard, (upstream, sender), deadline, admission))));
