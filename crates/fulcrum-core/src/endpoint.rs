@@ -20,6 +20,12 @@ use std::time::Duration;
 use crate::ewma::PeakEwma;
 use crate::time::Instant;
 
+mod engine;
+
+use engine::EngineSignals;
+pub(crate) use engine::adapter_key;
+pub use engine::{EngineLoad, MAX_ADAPTERS};
+
 /// The identity of an endpoint within a pool. Load signals follow the id across rebuilds.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EndpointId(Arc<str>);
@@ -66,6 +72,13 @@ pub struct Labels {
     pub zone: Option<String>,
     /// Any other labels.
     pub other: BTreeMap<String, String>,
+}
+
+impl Labels {
+    /// Whether the endpoint is labelled as serving `model`: an empty `models` list serves any.
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
 }
 
 /// The static description of an endpoint, as configuration or discovery provides it.
@@ -146,6 +159,21 @@ impl Endpoint {
     pub fn signals(&self) -> &Arc<LoadSignals> {
         &self.signals
     }
+
+    /// Whether this endpoint can serve `model`: its labels list it (or list no model at all),
+    /// or it has a LoRA adapter of that name loaded (see [`LoadSignals::set_adapters`]).
+    ///
+    /// The data plane uses it to narrow a pool to a model's servers, inside the veto it
+    /// passes to [`Selector::pick`](crate::Selector::pick):
+    /// `pool.pick(&facts, now, rng, |e| e.serves(model) && e.signals().is_available(now))`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.spec.labels.serves(model) || self.signals.has_adapter(model)
+    }
+}
+
+/// The endpoints of `endpoints` that can serve `model` (see [`Endpoint::serves`]).
+pub fn serving<'e>(endpoints: &'e [Endpoint], model: &'e str) -> impl Iterator<Item = &'e Endpoint> + 'e {
+    endpoints.iter().filter(move |e| e.serves(model))
 }
 
 /// The outcome of one request, as the data plane classifies it.
@@ -215,6 +243,8 @@ pub struct LoadSignals {
     unavailable: AtomicU8,
     /// Nanoseconds until which the endpoint's circuit is open (0: closed).
     circuit_open_until: AtomicU64,
+    /// What the engine last reported, and its loaded LoRA adapters.
+    engine: EngineSignals,
 }
 
 // === impl LoadSignals ===
@@ -232,6 +262,7 @@ impl LoadSignals {
             ramp_since: AtomicU64::new(NO_RAMP),
             unavailable: AtomicU8::new(0),
             circuit_open_until: AtomicU64::new(0),
+            engine: EngineSignals::new(),
         }
     }
 
@@ -321,6 +352,46 @@ impl LoadSignals {
             _ => UNKNOWN_UTILIZATION,
         };
         self.utilization_ppm.store(ppm, Ordering::Relaxed);
+    }
+
+    /// Records what the engine reported at `now`: requests waiting in its queue, requests
+    /// running, and KV-cache use (clamped to 0..=1; a non-finite value forgets the report).
+    /// Lock-free. Independent of [`report_utilization`](Self::report_utilization), which
+    /// feeds dynamic weights: a scraper may call both.
+    pub fn report_engine(&self, waiting: u32, running: u32, kv_usage: f64, now: Instant) {
+        self.engine.report(waiting, running, kv_usage, now);
+    }
+
+    /// The engine's last report, or `None` when there is none or it is older than `max_age`
+    /// at `now`: a stale endpoint is unknown, never idle.
+    pub fn engine(&self, now: Instant, max_age: Duration) -> Option<EngineLoad> {
+        self.engine.get(now, max_age)
+    }
+
+    /// Forgets the engine's report (the scrape failed or the endpoint stopped exporting).
+    pub fn forget_engine(&self) {
+        self.engine.forget();
+    }
+
+    /// Replaces the set of LoRA adapters the engine has loaded (from vLLM's
+    /// `vllm:lora_requests_info` `running_lora_adapters` and `waiting_lora_adapters`).
+    /// At most [`MAX_ADAPTERS`] distinct names are kept; the rest are ignored.
+    pub fn set_adapters<'s>(&self, names: impl IntoIterator<Item = &'s str>) {
+        self.engine.set_adapters(names);
+    }
+
+    /// Whether the adapter `name` is loaded.
+    pub fn has_adapter(&self, name: &str) -> bool {
+        self.engine.has_adapter(name)
+    }
+
+    /// How many adapters are recorded as loaded.
+    pub fn adapter_count(&self) -> usize {
+        self.engine.adapter_count()
+    }
+
+    pub(crate) fn has_adapter_key(&self, key: u64) -> bool {
+        self.engine.has_adapter_hash(key)
     }
 
     /// The effective weight computed by the last refresh.
@@ -468,5 +539,35 @@ mod tests {
         assert_eq!(s.utilization(), None);
         s.report_utilization(Some(0.25));
         assert_eq!(s.utilization(), Some(0.25));
+    }
+
+    #[test]
+    fn models_are_served_by_label_or_adapter() {
+        let mut spec = EndpointSpec::new(([10, 0, 0, 1], 80).into());
+        let any = Endpoint::new(spec.clone(), signals());
+        assert!(any.serves("llama"));
+        spec.labels.models = vec!["llama".into()];
+        let llama = Endpoint::new(spec.clone(), signals());
+        spec.labels.models = vec!["mistral".into()];
+        let mistral = Endpoint::new(spec, signals());
+        assert!(llama.serves("llama") && !mistral.serves("llama"));
+        mistral.signals().set_adapters(["sql-lora"]);
+        assert!(mistral.serves("sql-lora") && !llama.serves("sql-lora"));
+        let pool = [any, llama, mistral];
+        assert_eq!(serving(&pool, "llama").count(), 2);
+        assert_eq!(serving(&pool, "sql-lora").count(), 2);
+    }
+
+    #[test]
+    fn engine_reports_go_stale() {
+        let s = signals();
+        s.report_engine(2, 8, 0.5, Instant::from_millis(1_000));
+        let fresh = s.engine(Instant::from_millis(2_000), Duration::from_secs(2)).unwrap();
+        assert_eq!((fresh.waiting, fresh.running, fresh.kv_usage), (2, 8, 0.5));
+        assert!(s.engine(Instant::from_millis(3_001), Duration::from_secs(2)).is_none());
+        s.forget_engine();
+        assert!(s.engine(Instant::from_millis(1_000), Duration::from_secs(2)).is_none());
+        // Dynamic weights keep their own input.
+        assert_eq!(s.utilization(), None);
     }
 }

@@ -16,7 +16,11 @@ pub struct RequestFacts<'a> {
     pub model: Option<&'a str>,
     /// The prompt, or its prefix.
     pub prompt: Option<&'a str>,
-    /// Estimated token cost (prompt and output).
+    /// Chained hashes of the prompt's leading blocks (see [`openai`](crate::openai)): block
+    /// *i*'s hash covers every character up to the end of block *i*. Empty when unknown.
+    pub prefix: &'a [u64],
+    /// Estimated token cost (prompt and output): what
+    /// [`Selector::begin`](crate::Selector::begin) should count in flight.
     pub estimated_tokens: u64,
 }
 

@@ -1,8 +1,10 @@
 //! Fulcrum's core: every balancing decision, and no effect.
 //!
-//! This crate holds the balancing algorithms, the endpoint model and its live load signals,
-//! the health, outlier, breaker, retry and admission state machines (`resilience`), and (later)
-//! scaling policies.
+//! This crate holds the balancing algorithms, the endpoint model and its live load signals
+//! (with what engines report: queue, KV-cache use, LoRA adapters), the request facts of AI
+//! routes ([`openai`]: OpenAI bodies, token estimates, prefix block hashes) and the
+//! prefix-cache index the AI-aware policies learn in ([`prefix`]), the health, outlier,
+//! breaker, retry and admission state machines (`resilience`), and (later) scaling policies.
 //! Time comes in as an [`Instant`] argument, randomness as an injected [`rand::RngCore`], load
 //! as numbers, so the proxy and the simulator drive the very same code.
 //!
@@ -28,19 +30,23 @@
 
 pub mod balance;
 pub mod endpoint;
+pub mod engine_metrics;
 pub mod ewma;
 pub mod facts;
 pub mod hash;
+pub mod openai;
 pub mod policy;
+pub mod prefix;
 pub mod resilience;
 pub mod selector;
 pub mod time;
 pub mod weight;
 
 pub use endpoint::{
-    Endpoint, EndpointId, EndpointSpec, InFlight, Labels, LatencyConfig, LoadSignals, Outcome, PoolLoad, Unavailable,
+    Endpoint, EndpointId, EndpointSpec, EngineLoad, InFlight, Labels, LatencyConfig, LoadSignals, Outcome, PoolLoad,
+    Unavailable, serving,
 };
 pub use facts::RequestFacts;
-pub use policy::{Cost, HashKey, Policy, PolicyError, PolicyKind};
+pub use policy::{Capacity, Cost, HashKey, Policy, PolicyError, PolicyKind, ScoreWeights};
 pub use selector::{BuildError, Selector, SelectorOptions};
 pub use time::Instant;

@@ -11,6 +11,14 @@ use std::str::FromStr;
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod ai;
+
+pub use crate::prefix::DEFAULT_CACHE_BLOCKS;
+pub use ai::{
+    Capacity, DEFAULT_MAX_KV_USAGE, DEFAULT_MAX_WAITING, DEFAULT_MIN_MATCH_BLOCKS, DEFAULT_PREFIX_EPSILON,
+    DEFAULT_SLACK_TOKENS, MAX_CACHE_BLOCKS, ScoreWeights,
+};
+
 /// Default number of ring points per endpoint of average weight (ketama uses 160).
 pub const DEFAULT_VNODES: u32 = 160;
 /// Default Maglev lookup table size (a prime; Google's paper uses 65537 for small pools).
@@ -82,11 +90,17 @@ pub enum PolicyKind {
     Maglev,
     /// `rendezvous`
     Rendezvous,
+    /// `least_tokens`
+    LeastTokens,
+    /// `prefix_affinity`
+    PrefixAffinity,
+    /// `score`
+    Score,
 }
 
 impl PolicyKind {
     /// Every policy, in documentation order.
-    pub const ALL: [PolicyKind; 13] = [
+    pub const ALL: [PolicyKind; 16] = [
         PolicyKind::RoundRobin,
         PolicyKind::WeightedRoundRobin,
         PolicyKind::Random,
@@ -100,6 +114,9 @@ impl PolicyKind {
         PolicyKind::BoundedLoad,
         PolicyKind::Maglev,
         PolicyKind::Rendezvous,
+        PolicyKind::LeastTokens,
+        PolicyKind::PrefixAffinity,
+        PolicyKind::Score,
     ];
 
     /// The configuration name.
@@ -118,6 +135,9 @@ impl PolicyKind {
             PolicyKind::BoundedLoad => "bounded_load",
             PolicyKind::Maglev => "maglev",
             PolicyKind::Rendezvous => "rendezvous",
+            PolicyKind::LeastTokens => "least_tokens",
+            PolicyKind::PrefixAffinity => "prefix_affinity",
+            PolicyKind::Score => "score",
         }
     }
 
@@ -137,6 +157,15 @@ impl PolicyKind {
             PolicyKind::BoundedLoad => "consistent hashing that never overloads a hot key's backend",
             PolicyKind::Maglev => "consistent hashing with O(1) lookup and even spread",
             PolicyKind::Rendezvous => "consistent hashing with minimal movement, small pools",
+            PolicyKind::LeastTokens => {
+                "LLM requests of uneven size: fewest estimated tokens in flight per unit of capacity"
+            }
+            PolicyKind::PrefixAffinity => {
+                "LLM prompts that share prefixes: the endpoint holding the longest cached prefix, within a load bound"
+            }
+            PolicyKind::Score => {
+                "LLM fleets with engine metrics: weighted queue, KV-cache, prefix and load scores (llm-d style)"
+            }
         }
     }
 
@@ -243,6 +272,24 @@ fn default_epsilon() -> f64 {
 fn default_table_size() -> u32 {
     DEFAULT_MAGLEV_TABLE_SIZE
 }
+fn default_cache_blocks() -> u32 {
+    DEFAULT_CACHE_BLOCKS
+}
+fn default_min_match_blocks() -> u32 {
+    DEFAULT_MIN_MATCH_BLOCKS
+}
+fn default_prefix_epsilon() -> f64 {
+    DEFAULT_PREFIX_EPSILON
+}
+fn default_slack_tokens() -> u32 {
+    DEFAULT_SLACK_TOKENS
+}
+fn default_max_waiting() -> u32 {
+    DEFAULT_MAX_WAITING
+}
+fn default_max_kv_usage() -> f64 {
+    DEFAULT_MAX_KV_USAGE
+}
 
 /// A balancing policy with its options.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -305,6 +352,37 @@ pub enum Policy {
         /// Where the key comes from.
         key: HashKey,
     },
+    /// Fewest estimated tokens in flight per unit of capacity.
+    LeastTokens {
+        /// How capacity is found.
+        capacity: Capacity,
+    },
+    /// The endpoint holding the longest cached prefix, among those under a load bound.
+    PrefixAffinity {
+        /// Blocks remembered per endpoint unless the engine reports its own size.
+        cache_blocks: u32,
+        /// A shorter match goes to the least loaded endpoint.
+        min_match_blocks: u32,
+        /// Slack over the mean load (in-flight tokens per unit of capacity).
+        epsilon: f64,
+        /// Further slack, in tokens per unit of capacity.
+        slack_tokens: u32,
+        /// How capacity is found.
+        capacity: Capacity,
+    },
+    /// Weighted scorers over engine metrics, prefix matches and load.
+    Score {
+        /// The scorers' weights.
+        weights: ScoreWeights,
+        /// Endpoints with at least this many requests waiting are saturated.
+        max_waiting: u32,
+        /// Endpoints with at least this KV-cache use (0 to 1) are saturated.
+        max_kv_usage: f64,
+        /// Blocks remembered per endpoint unless the engine reports its own size.
+        cache_blocks: u32,
+        /// How capacity is found.
+        capacity: Capacity,
+    },
 }
 
 /// The table form of a policy as written in a file. Unit variants are written `{}` so that
@@ -355,6 +433,34 @@ enum RawPolicy {
         #[serde(default)]
         key: HashKey,
     },
+    LeastTokens {
+        #[serde(default)]
+        capacity: Capacity,
+    },
+    PrefixAffinity {
+        #[serde(default = "default_cache_blocks")]
+        cache_blocks: u32,
+        #[serde(default = "default_min_match_blocks")]
+        min_match_blocks: u32,
+        #[serde(default = "default_prefix_epsilon")]
+        epsilon: f64,
+        #[serde(default = "default_slack_tokens")]
+        slack_tokens: u32,
+        #[serde(default)]
+        capacity: Capacity,
+    },
+    Score {
+        #[serde(default)]
+        weights: ScoreWeights,
+        #[serde(default = "default_max_waiting")]
+        max_waiting: u32,
+        #[serde(default = "default_max_kv_usage")]
+        max_kv_usage: f64,
+        #[serde(default = "default_cache_blocks")]
+        cache_blocks: u32,
+        #[serde(default)]
+        capacity: Capacity,
+    },
 }
 
 impl From<RawPolicy> for Policy {
@@ -373,6 +479,13 @@ impl From<RawPolicy> for Policy {
             RawPolicy::BoundedLoad { key, vnodes, epsilon } => Policy::BoundedLoad { key, vnodes, epsilon },
             RawPolicy::Maglev { key, table_size } => Policy::Maglev { key, table_size },
             RawPolicy::Rendezvous { key } => Policy::Rendezvous { key },
+            RawPolicy::LeastTokens { capacity } => Policy::LeastTokens { capacity },
+            RawPolicy::PrefixAffinity { cache_blocks, min_match_blocks, epsilon, slack_tokens, capacity } => {
+                Policy::PrefixAffinity { cache_blocks, min_match_blocks, epsilon, slack_tokens, capacity }
+            }
+            RawPolicy::Score { weights, max_waiting, max_kv_usage, cache_blocks, capacity } => {
+                Policy::Score { weights, max_waiting, max_kv_usage, cache_blocks, capacity }
+            }
         }
     }
 }
@@ -384,6 +497,9 @@ pub struct Needs {
     pub client_ip: bool,
     /// A hash key from this source.
     pub key: Option<HashKey>,
+    /// The request body, parsed with [`openai::parse`](crate::openai::parse): model, token
+    /// estimate and prefix hashes ([`AiRequest::facts`](crate::openai::AiRequest::facts)).
+    pub body: bool,
 }
 
 fn is_prime(n: u32) -> bool {
@@ -422,6 +538,21 @@ impl Policy {
             }
             PolicyKind::Maglev => Policy::Maglev { key: HashKey::default(), table_size: DEFAULT_MAGLEV_TABLE_SIZE },
             PolicyKind::Rendezvous => Policy::Rendezvous { key: HashKey::default() },
+            PolicyKind::LeastTokens => Policy::LeastTokens { capacity: Capacity::default() },
+            PolicyKind::PrefixAffinity => Policy::PrefixAffinity {
+                cache_blocks: DEFAULT_CACHE_BLOCKS,
+                min_match_blocks: DEFAULT_MIN_MATCH_BLOCKS,
+                epsilon: DEFAULT_PREFIX_EPSILON,
+                slack_tokens: DEFAULT_SLACK_TOKENS,
+                capacity: Capacity::default(),
+            },
+            PolicyKind::Score => Policy::Score {
+                weights: ScoreWeights::default(),
+                max_waiting: DEFAULT_MAX_WAITING,
+                max_kv_usage: DEFAULT_MAX_KV_USAGE,
+                cache_blocks: DEFAULT_CACHE_BLOCKS,
+                capacity: Capacity::default(),
+            },
         })
     }
 
@@ -441,6 +572,9 @@ impl Policy {
             Policy::BoundedLoad { .. } => PolicyKind::BoundedLoad,
             Policy::Maglev { .. } => PolicyKind::Maglev,
             Policy::Rendezvous { .. } => PolicyKind::Rendezvous,
+            Policy::LeastTokens { .. } => PolicyKind::LeastTokens,
+            Policy::PrefixAffinity { .. } => PolicyKind::PrefixAffinity,
+            Policy::Score { .. } => PolicyKind::Score,
         }
     }
 
@@ -472,6 +606,31 @@ impl Policy {
                     format!("must be a prime up to {MAX_MAGLEV_TABLE_SIZE} (such as 65537), got {table_size}"),
                 )
             }
+            Policy::PrefixAffinity { cache_blocks, .. } | Policy::Score { cache_blocks, .. }
+                if !(1..=MAX_CACHE_BLOCKS).contains(cache_blocks) =>
+            {
+                invalid("cache_blocks", format!("must be between 1 and {MAX_CACHE_BLOCKS}, got {cache_blocks}"))
+            }
+            Policy::PrefixAffinity { min_match_blocks: 0, .. } => {
+                invalid("min_match_blocks", "must be at least 1, got 0".to_owned())
+            }
+            Policy::PrefixAffinity { epsilon, .. } if !(epsilon.is_finite() && *epsilon >= 0.0) => {
+                invalid("epsilon", format!("must be a number of at least 0 (such as 0.5), got {epsilon}"))
+            }
+            Policy::Score { max_waiting: 0, .. } => invalid("max_waiting", "must be at least 1, got 0".to_owned()),
+            Policy::Score { max_kv_usage, .. } if !(*max_kv_usage > 0.0 && *max_kv_usage <= 1.0) => {
+                invalid("max_kv_usage", format!("must be above 0 and at most 1 (such as 0.8), got {max_kv_usage}"))
+            }
+            Policy::Score { weights, .. } if weights.problem().is_some() => {
+                invalid("weights", weights.problem().unwrap_or_default())
+            }
+            Policy::LeastTokens { capacity }
+            | Policy::PrefixAffinity { capacity, .. }
+            | Policy::Score { capacity, .. }
+                if capacity.problem().is_some() =>
+            {
+                invalid("capacity", capacity.problem().unwrap_or_default())
+            }
             _ => Ok(()),
         }
     }
@@ -479,19 +638,30 @@ impl Policy {
     /// What the data plane must extract from a request for this policy.
     pub fn needs(&self) -> Needs {
         match self {
-            Policy::IpHash => Needs { client_ip: true, key: None },
+            Policy::IpHash => Needs { client_ip: true, ..Needs::default() },
             Policy::HeaderHash { header } => {
-                Needs { client_ip: false, key: Some(HashKey::Header(header.to_ascii_lowercase())) }
+                Needs { key: Some(HashKey::Header(header.to_ascii_lowercase())), ..Needs::default() }
             }
-            Policy::CookieHash { cookie } => Needs { client_ip: false, key: Some(HashKey::Cookie(cookie.clone())) },
+            Policy::CookieHash { cookie } => Needs { key: Some(HashKey::Cookie(cookie.clone())), ..Needs::default() },
             Policy::ConsistentHash { key, .. }
             | Policy::BoundedLoad { key, .. }
             | Policy::Maglev { key, .. }
             | Policy::Rendezvous { key } => match key {
-                HashKey::ClientIp => Needs { client_ip: true, key: None },
-                other => Needs { client_ip: false, key: Some(other.clone()) },
+                HashKey::ClientIp => Needs { client_ip: true, ..Needs::default() },
+                other => Needs { key: Some(other.clone()), ..Needs::default() },
             },
+            Policy::LeastTokens { .. } | Policy::PrefixAffinity { .. } | Policy::Score { .. } => {
+                Needs { body: true, ..Needs::default() }
+            }
             _ => Needs::default(),
+        }
+    }
+
+    /// The default per-endpoint capacity of the prefix index, for the policies that use one.
+    pub(crate) fn cache_blocks(&self) -> Option<u32> {
+        match self {
+            Policy::PrefixAffinity { cache_blocks, .. } | Policy::Score { cache_blocks, .. } => Some(*cache_blocks),
+            _ => None,
         }
     }
 
@@ -555,75 +725,4 @@ impl<'de> Deserialize<'de> for Policy {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, Deserialize)]
-    struct Pool {
-        policy: Policy,
-    }
-
-    fn parse(s: &str) -> Result<Policy, String> {
-        toml::from_str::<Pool>(s).map(|p| p.policy).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn every_name_parses_from_a_string() {
-        for kind in PolicyKind::ALL {
-            let policy = match kind {
-                PolicyKind::HeaderHash => parse(r#"policy = { name = "header_hash", header = "x-user" }"#),
-                PolicyKind::CookieHash => parse(r#"policy = { name = "cookie_hash", cookie = "sid" }"#),
-                _ => parse(&format!("policy = \"{kind}\"")),
-            };
-            assert_eq!(policy.unwrap().kind(), kind);
-        }
-    }
-
-    #[test]
-    fn options_parse_and_round_trip() {
-        let p = parse(r#"policy = { name = "maglev", table_size = 251, key = "header:X-User" }"#).unwrap();
-        assert_eq!(p, Policy::Maglev { key: HashKey::Header("x-user".into()), table_size: 251 });
-        let p = parse(r#"policy = { name = "power_of_two", choices = 3, cost = "peak_ewma" }"#).unwrap();
-        assert_eq!(p, Policy::PowerOfTwo { choices: 3, cost: Cost::PeakEwma });
-        #[derive(Serialize)]
-        struct Out<'a> {
-            policy: &'a Policy,
-        }
-        for policy in [p, Policy::RoundRobin, Policy::Rendezvous { key: HashKey::Cookie("sid".into()) }] {
-            let text = toml::to_string(&Out { policy: &policy }).unwrap();
-            assert_eq!(parse(&text).unwrap(), policy, "{text}");
-        }
-    }
-
-    #[test]
-    fn errors_name_what_is_wrong() {
-        let e = parse(r#"policy = "fastest""#).unwrap_err();
-        assert!(e.contains("unknown policy `fastest`") && e.contains("round_robin"), "{e}");
-        let e = parse(r#"policy = "header_hash""#).unwrap_err();
-        assert!(e.contains("needs the option `header`"), "{e}");
-        let e = parse(r#"policy = { name = "maglev", table_size = 65536 }"#).unwrap_err();
-        assert!(e.contains("table_size") && e.contains("prime"), "{e}");
-        let e = parse(r#"policy = { name = "bounded_load", epsilon = 0.0 }"#).unwrap_err();
-        assert!(e.contains("epsilon"), "{e}");
-        let e = parse(r#"policy = { name = "power_of_two", choices = 0 }"#).unwrap_err();
-        assert!(e.contains("choices"), "{e}");
-        let e = parse(r#"policy = { name = "round_robin", weight = 3 }"#).unwrap_err();
-        assert!(e.contains("weight"), "{e}");
-        let e = parse(r#"policy = { name = "rendezvous", key = "body" }"#).unwrap_err();
-        assert!(e.contains("unknown hash key `body`"), "{e}");
-    }
-
-    #[test]
-    fn needs_follow_the_key_source() {
-        assert!(Policy::IpHash.needs().client_ip);
-        assert_eq!(Policy::RoundRobin.needs(), Needs::default());
-        let p = Policy::Rendezvous { key: HashKey::Cookie("sid".into()) };
-        assert_eq!(p.needs().key, Some(HashKey::Cookie("sid".into())));
-    }
-
-    #[test]
-    fn primes() {
-        assert!(is_prime(65_537) && is_prime(2) && is_prime(251));
-        assert!(!is_prime(65_536) && !is_prime(1) && !is_prime(0));
-    }
-}
+mod tests;

@@ -3,29 +3,36 @@
 //!
 //! The data plane holds a `Selector` behind an atomic swap. Membership changes build a new one
 //! with [`Selector::rebuild`], which hands every endpoint that stays its old load signals (in
-//! flight, latency, failures, slow start): counters do not reset on reload. A periodic
+//! flight, latency, failures, slow start, engine reports) and keeps the pool's prefix index
+//! ([`PrefixIndex`]) for them: counters and learned caches do not reset on reload. A periodic
 //! [`Selector::refresh`] recomputes effective weights and, for table-driven policies, returns a
 //! rebuilt selector when the tables must change.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rand::RngCore;
 
+use crate::balance::ai::{Capacities, IndexView};
 use crate::balance::least::{LeastConnections, LeastResponseTime};
+use crate::balance::least_tokens::LeastTokens;
 use crate::balance::maglev::Maglev;
 use crate::balance::power_of_k::PowerOfK;
+use crate::balance::prefix_affinity::PrefixAffinity;
 use crate::balance::random::Random;
 use crate::balance::rendezvous::Rendezvous;
 use crate::balance::ring::{BoundedLoad, ConsistentHash, MAX_RING_POINTS, Ring, ring_points};
 use crate::balance::round_robin::RoundRobin;
+use crate::balance::score::Score;
 use crate::balance::sticky::Sticky;
 use crate::balance::weighted_round_robin::{WeightedRoundRobin, table_weights};
 use crate::balance::{Balance, PickCx, PoolView, from_client};
 use crate::endpoint::{Endpoint, EndpointId, EndpointSpec, InFlight, LatencyConfig, LoadSignals, PoolLoad};
 use crate::facts::RequestFacts;
 use crate::policy::{Policy, PolicyError};
+use crate::prefix::{DEFAULT_CACHE_BLOCKS, PrefixIndex, SlotKey};
 use crate::time::Instant;
 use crate::weight::{DynamicWeight, SlowStart, effective_weight};
 
@@ -71,18 +78,41 @@ pub enum BuildError {
 /// Most endpoints in one pool.
 pub const MAX_ENDPOINTS: usize = 1 << 20;
 
+/// Default age beyond which an engine's report counts as unknown: suits scrapes every
+/// 500 ms or so (the Gateway API Inference Extension uses 200 ms for scrapes every 50 ms).
+pub const DEFAULT_ENGINE_MAX_AGE: Duration = Duration::from_secs(2);
+
 /// Pool-wide settings that are not the policy's.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SelectorOptions {
     latency: LatencyConfig,
     slow_start: Option<SlowStart>,
     dynamic_weight: DynamicWeight,
+    engine_max_age: Duration,
+}
+
+impl Default for SelectorOptions {
+    fn default() -> Self {
+        SelectorOptions::new(LatencyConfig::default(), None, DynamicWeight::default())
+    }
 }
 
 impl SelectorOptions {
     /// Options from their parts.
     pub fn new(latency: LatencyConfig, slow_start: Option<SlowStart>, dynamic_weight: DynamicWeight) -> Self {
-        SelectorOptions { latency, slow_start, dynamic_weight }
+        SelectorOptions { latency, slow_start, dynamic_weight, engine_max_age: DEFAULT_ENGINE_MAX_AGE }
+    }
+
+    /// Sets how old an engine report may be before policies treat the endpoint's engine load
+    /// as unknown (default [`DEFAULT_ENGINE_MAX_AGE`]); about four scrape intervals.
+    pub fn with_engine_max_age(mut self, max_age: Duration) -> Self {
+        self.engine_max_age = max_age;
+        self
+    }
+
+    /// How old an engine report may be.
+    pub fn engine_max_age(&self) -> Duration {
+        self.engine_max_age
     }
 
     /// Latency estimation settings.
@@ -109,6 +139,8 @@ pub struct Selector {
     load: Arc<PoolLoad>,
     /// The integer weights the tables were built from (table-driven policies only).
     table_weights: Vec<u32>,
+    /// What the prefix-aware policies learned; carried over by rebuilds.
+    prefix: Arc<PrefixIndex>,
     balancer: Box<dyn Balance>,
 }
 
@@ -158,9 +190,17 @@ fn check(policy: &Policy, endpoints: &[Endpoint]) -> Result<(), BuildError> {
     }
 }
 
-/// Builds the algorithm; `check` has passed.
-fn build_balancer(policy: &Policy, endpoints: &[Endpoint], weights: &[u32]) -> Box<dyn Balance> {
+/// Builds the algorithm; `check` has passed. `slots` are the endpoints' places in `prefix`
+/// (for the policies that use it).
+fn build_balancer(
+    policy: &Policy,
+    endpoints: &[Endpoint],
+    weights: &[u32],
+    prefix: &Arc<PrefixIndex>,
+    slots: Vec<SlotKey>,
+) -> Box<dyn Balance> {
     let client = policy.hash_key().is_none_or(from_client);
+    let index = || IndexView::new(prefix.clone(), slots);
     match policy {
         Policy::RoundRobin => Box::new(RoundRobin::default()),
         Policy::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(weights)),
@@ -176,6 +216,34 @@ fn build_balancer(policy: &Policy, endpoints: &[Endpoint], weights: &[u32]) -> B
         }
         Policy::Maglev { table_size, .. } => Box::new(Maglev::new(endpoints, *table_size, client)),
         Policy::Rendezvous { .. } => Box::new(Rendezvous::new(endpoints, client)),
+        Policy::LeastTokens { capacity } => Box::new(LeastTokens::new(Capacities::new(capacity, endpoints))),
+        Policy::PrefixAffinity { min_match_blocks, epsilon, slack_tokens, capacity, .. } => {
+            Box::new(PrefixAffinity::new(
+                index(),
+                Capacities::new(capacity, endpoints),
+                *min_match_blocks,
+                *epsilon,
+                *slack_tokens,
+            ))
+        }
+        Policy::Score { weights, max_waiting, max_kv_usage, capacity, .. } => {
+            Box::new(Score::new(index(), Capacities::new(capacity, endpoints), *weights, *max_waiting, *max_kv_usage))
+        }
+    }
+}
+
+/// Points the prefix index at `endpoints` (endpoints that stay keep what they learned, the
+/// others are forgotten) and returns their slots; empties it for policies without prefixes.
+fn sync_prefix(policy: &Policy, prefix: &PrefixIndex, endpoints: &[Endpoint]) -> Vec<SlotKey> {
+    match policy.cache_blocks() {
+        Some(blocks) => {
+            prefix.set_default_capacity(blocks);
+            prefix.sync(endpoints.iter().map(Endpoint::id))
+        }
+        None => {
+            prefix.sync(std::iter::empty());
+            Vec::new()
+        }
     }
 }
 
@@ -196,7 +264,8 @@ impl Selector {
                 Endpoint::new(spec, signals)
             })
             .collect();
-        Self::assemble(policy, options, endpoints.into(), Arc::new(PoolLoad::default()), now)
+        let prefix = Arc::new(PrefixIndex::new(policy.cache_blocks().unwrap_or(DEFAULT_CACHE_BLOCKS)));
+        Self::assemble(policy, options, endpoints.into(), Arc::new(PoolLoad::default()), prefix, now)
     }
 
     fn assemble(
@@ -204,6 +273,7 @@ impl Selector {
         options: SelectorOptions,
         endpoints: Arc<[Endpoint]>,
         load: Arc<PoolLoad>,
+        prefix: Arc<PrefixIndex>,
         now: Instant,
     ) -> Result<Selector, BuildError> {
         check(&policy, &endpoints)?;
@@ -214,8 +284,9 @@ impl Selector {
         } else {
             Vec::new()
         };
-        let balancer = build_balancer(&policy, &endpoints, &table_weights);
-        Ok(Selector { policy, options, endpoints, load, table_weights, balancer })
+        let slots = sync_prefix(&policy, &prefix, &endpoints);
+        let balancer = build_balancer(&policy, &endpoints, &table_weights, &prefix, slots);
+        Ok(Selector { policy, options, endpoints, load, table_weights, prefix, balancer })
     }
 
     /// Recomputes and stores every endpoint's effective weight at `now`.
@@ -264,12 +335,14 @@ impl Selector {
                 Endpoint::new(spec, signals)
             })
             .collect();
-        Self::assemble(self.policy.clone(), self.options.clone(), endpoints.into(), self.load.clone(), now)
+        let (policy, options) = (self.policy.clone(), self.options.clone());
+        Self::assemble(policy, options, endpoints.into(), self.load.clone(), self.prefix.clone(), now)
     }
 
-    /// The same endpoints (and load signals) under another policy or options.
+    /// The same endpoints (and load signals, and prefix index) under another policy or
+    /// options.
     pub fn reconfigure(&self, policy: Policy, options: SelectorOptions, now: Instant) -> Result<Selector, BuildError> {
-        Self::assemble(policy, options, self.endpoints.clone(), self.load.clone(), now)
+        Self::assemble(policy, options, self.endpoints.clone(), self.load.clone(), self.prefix.clone(), now)
     }
 
     /// Recomputes effective weights at `now` (slow-start ramps, reported utilization). For
@@ -285,13 +358,15 @@ impl Selector {
         if weights == self.table_weights {
             return None;
         }
-        let balancer = build_balancer(&self.policy, &self.endpoints, &weights);
+        // Table-driven policies use no prefix index.
+        let balancer = build_balancer(&self.policy, &self.endpoints, &weights, &self.prefix, Vec::new());
         Some(Selector {
             policy: self.policy.clone(),
             options: self.options.clone(),
             endpoints: self.endpoints.clone(),
             load: self.load.clone(),
             table_weights: weights,
+            prefix: self.prefix.clone(),
             balancer,
         })
     }
@@ -319,7 +394,12 @@ impl Selector {
         if self.endpoints.is_empty() {
             return None;
         }
-        let pool = PoolView { endpoints: &self.endpoints, load: &self.load, latency: &self.options.latency };
+        let pool = PoolView {
+            endpoints: &self.endpoints,
+            load: &self.load,
+            latency: &self.options.latency,
+            engine_max_age: self.options.engine_max_age,
+        };
         let mut cx = PickCx { facts, now, rng, accept: &mut accept };
         self.balancer.pick(&pool, &mut cx)
     }
@@ -348,6 +428,21 @@ impl Selector {
     /// Requests in flight in the pool.
     pub fn in_flight(&self) -> u64 {
         self.load.in_flight()
+    }
+
+    /// Sets how many prefix blocks the index remembers for endpoint `id` (`None`: the
+    /// policy's `cache_blocks`), evicting beyond it; false if the pool's policy keeps no
+    /// prefix index or has no such endpoint. Call it when the engine's cache size is scraped:
+    /// `limits.cache_blocks_for_engine(num_gpu_blocks, block_size)` (see
+    /// [`openai::Limits`](crate::openai::Limits)). The setting lasts across rebuilds while
+    /// the endpoint stays.
+    pub fn set_prefix_capacity(&self, id: &EndpointId, blocks: Option<u32>) -> bool {
+        self.policy.cache_blocks().is_some() && self.prefix.set_capacity(id, blocks)
+    }
+
+    /// The pool's prefix index (empty unless the policy is `prefix_affinity` or `score`).
+    pub fn prefix_index(&self) -> &Arc<PrefixIndex> {
+        &self.prefix
     }
 }
 
@@ -452,5 +547,32 @@ mod tests {
             .count();
         // 0.25 / 1.25 = 20%.
         assert!((3_800..4_200).contains(&busy), "{busy}");
+    }
+
+    #[test]
+    fn prefix_capacities_are_set_per_endpoint_and_kept_by_rebuilds() {
+        let policy = Policy::from_kind(PolicyKind::PrefixAffinity).unwrap();
+        let pool = Selector::try_new(policy, SelectorOptions::default(), specs(&[1, 1]), Instant::ZERO).unwrap();
+        let id = pool.endpoints()[0].id().clone();
+        assert!(pool.set_prefix_capacity(&id, Some(7)));
+        assert!(!pool.set_prefix_capacity(&crate::EndpointId::from("nobody"), Some(7)));
+        assert_eq!(pool.prefix_index().capacity(&id), Some(7));
+        let rebuilt = pool.rebuild(specs(&[1, 1, 1]), Instant::ZERO).unwrap();
+        assert_eq!(rebuilt.prefix_index().capacity(&id), Some(7));
+        assert!(rebuilt.set_prefix_capacity(&id, None));
+        assert_eq!(rebuilt.prefix_index().capacity(&id), Some(crate::prefix::DEFAULT_CACHE_BLOCKS));
+        // A policy without prefixes lets the index go.
+        pool.prefix_index().record(&id, &[1, 2, 3]);
+        let plain = rebuilt.reconfigure(Policy::RoundRobin, SelectorOptions::default(), Instant::ZERO).unwrap();
+        assert!(plain.prefix_index().is_empty());
+        assert!(!plain.set_prefix_capacity(&id, Some(1)));
+    }
+
+    #[test]
+    fn engine_max_age_is_an_option() {
+        let options = SelectorOptions::default();
+        assert_eq!(options.engine_max_age(), DEFAULT_ENGINE_MAX_AGE);
+        let options = options.with_engine_max_age(Duration::from_millis(300));
+        assert_eq!(options.engine_max_age(), Duration::from_millis(300));
     }
 }

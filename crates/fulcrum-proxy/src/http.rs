@@ -159,6 +159,7 @@ async fn proxy(
         hash_key: key.as_deref(),
         model: model.as_deref(),
         prompt: None,
+        prefix: &[],
         estimated_tokens: 0,
     };
     let sticky_name = pool.config().sticky_cookie.as_deref();

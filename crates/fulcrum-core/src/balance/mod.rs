@@ -8,9 +8,15 @@
 //! Every `pick` honours the caller's veto (`accept`): algorithms first try their own
 //! candidates, then fall back to a scan, so a pool gives `None` only when every endpoint is
 //! vetoed (or, for `bounded_load`, when every endpoint left is at its cap).
+//!
+//! The AI-aware policies (`least_tokens`, `prefix_affinity`, `score`) read the parsed request
+//! ([`openai`](crate::openai)), compare load in estimated tokens per unit of capacity, and the
+//! last two learn where prompts were sent in the pool's [`PrefixIndex`](crate::prefix::PrefixIndex),
+//! the one piece of state they mutate at pick time (behind a lock).
 
 use std::fmt;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use rand::RngCore;
 
@@ -20,13 +26,17 @@ use crate::hash::hash_bytes;
 use crate::policy::HashKey;
 use crate::time::Instant;
 
+pub(crate) mod ai;
 pub mod least;
+pub mod least_tokens;
 pub mod maglev;
 pub mod power_of_k;
+pub mod prefix_affinity;
 pub mod random;
 pub mod rendezvous;
 pub mod ring;
 pub mod round_robin;
+pub mod score;
 pub mod sticky;
 pub mod weighted_round_robin;
 
@@ -36,6 +46,8 @@ pub(crate) struct PoolView<'a> {
     pub endpoints: &'a [Endpoint],
     pub load: &'a PoolLoad,
     pub latency: &'a LatencyConfig,
+    /// Engine reports older than this are unknown.
+    pub engine_max_age: Duration,
 }
 
 /// The inputs of one pick.
