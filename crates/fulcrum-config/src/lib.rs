@@ -173,6 +173,21 @@ pub struct PoolConfig {
     pub max_idle_per_endpoint: usize,
     /// Health checks, outlier detection, breakers, retries, admission control.
     pub resilience: resilience::PoolResilience,
+    /// Scraping the engines' own metrics (queue, KV-cache use, LoRA adapters).
+    pub engine_metrics: Option<EngineScrape>,
+}
+
+/// How the proxy polls each endpoint's engine metrics (vLLM, SGLang, TensorRT-LLM).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineScrape {
+    /// The metrics path.
+    pub path: String,
+    /// How often.
+    pub interval: Duration,
+    /// Values older than this count as unknown (never as idle).
+    pub stale_after: Duration,
+    /// Also poll the endpoint's served models here (OpenAI `/v1/models`), if set.
+    pub models_path: Option<String>,
 }
 
 /// A whole, validated configuration.

@@ -158,6 +158,16 @@ pub(crate) struct RawPool {
     pub admission: Option<crate::resilience::RawAdmission>,
     pub rate_limit: Option<crate::resilience::RawRateLimit>,
     pub panic_threshold: Option<f64>,
+    pub engine_metrics: Option<RawEngineScrape>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEngineScrape {
+    pub path: Option<String>,
+    pub interval: Option<DurationStr>,
+    pub stale_after: Option<DurationStr>,
+    pub models_path: Option<String>,
 }
 
 type FieldError = (String, String);
@@ -207,6 +217,26 @@ impl RawPool {
         {
             return Err((".sticky_cookie".into(), format!("`{cookie}` is not a cookie name")));
         }
+        let engine_metrics = match self.engine_metrics {
+            None => None,
+            Some(m) => {
+                let interval = nonzero(m.interval, "engine_metrics.interval", Duration::from_millis(200))?;
+                let stale_after = nonzero(m.stale_after, "engine_metrics.stale_after", interval * 5)?;
+                for (field, path) in [("path", &m.path), ("models_path", &m.models_path)] {
+                    if let Some(p) = path
+                        && !p.starts_with('/')
+                    {
+                        return Err((format!(".engine_metrics.{field}"), format!("must start with `/`, got {p:?}")));
+                    }
+                }
+                Some(crate::EngineScrape {
+                    path: m.path.unwrap_or_else(|| "/metrics".to_owned()),
+                    interval,
+                    stale_after,
+                    models_path: m.models_path,
+                })
+            }
+        };
         let resilience = crate::resilience::RawResilience {
             health_check: self.health_check,
             outlier_detection: self.outlier_detection,
@@ -242,15 +272,20 @@ impl RawPool {
             spec.labels = labels;
             endpoints.push(spec);
         }
+        let mut options = SelectorOptions::new(latency, slow_start, dynamic);
+        if let Some(m) = &engine_metrics {
+            options = options.with_engine_max_age(m.stale_after);
+        }
         Ok(PoolConfig {
             name: name.to_owned(),
             policy: self.policy,
-            options: SelectorOptions::new(latency, slow_start, dynamic),
+            options,
             endpoints,
             sticky_cookie: self.sticky_cookie,
             timeouts,
             max_idle_per_endpoint: self.max_idle_per_endpoint.unwrap_or(64),
             resilience,
+            engine_metrics,
         })
     }
 }

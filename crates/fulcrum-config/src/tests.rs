@@ -182,3 +182,20 @@ fn resilience_nonsense_is_refused_by_name() {
         assert!(e.contains(want), "{table}: {e}");
     }
 }
+
+#[test]
+fn engine_metrics_scraping_is_configured_per_pool() {
+    let c = Config::parse("[pool.x]\nengine_metrics = { interval = \"100ms\", models_path = \"/v1/models\" }\n", None)
+        .unwrap();
+    let m = c.pools["x"].engine_metrics.as_ref().unwrap();
+    assert_eq!(
+        (m.path.as_str(), m.interval, m.stale_after),
+        ("/metrics", Duration::from_millis(100), Duration::from_millis(500))
+    );
+    assert_eq!(m.models_path.as_deref(), Some("/v1/models"));
+    assert!(Config::parse("[pool.x]\n", None).unwrap().pools["x"].engine_metrics.is_none());
+    let e = err("[pool.x]\nengine_metrics = { path = \"metrics\" }\n");
+    assert!(e.contains("pool.x.engine_metrics.path: must start with `/`"), "{e}");
+    let e = err("[pool.x]\nengine_metrics = { interval = \"0ms\" }\n");
+    assert!(e.contains("engine_metrics.interval: must be longer than zero"), "{e}");
+}

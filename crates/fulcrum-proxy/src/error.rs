@@ -10,6 +10,9 @@ pub enum ProxyError {
     /// No route matched and the listener has no default pool.
     #[error("no route matches this request")]
     NoRoute,
+    /// No endpoint of the pool serves the requested model.
+    #[error("no endpoint serves model `{0}`")]
+    UnknownModel(String),
     /// The pool has no endpoint that can take the request.
     #[error("no healthy endpoint in pool `{0}`")]
     NoEndpoint(String),
@@ -66,7 +69,7 @@ impl ProxyError {
     /// The status this error answers with.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoRoute | ProxyError::UnknownModel(_) => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoint(_) | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -80,6 +83,7 @@ impl ProxyError {
     pub fn kind(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no_route",
+            ProxyError::UnknownModel(_) => "model_not_found",
             ProxyError::NoEndpoint(_) => "no_healthy_endpoint",
             ProxyError::Connect { .. } => "upstream_connect_failed",
             ProxyError::Timeout { .. } => "upstream_timeout",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fulcrum_core::openai;
 use fulcrum_core::policy::HashKey;
 use fulcrum_core::resilience::Observed;
 use fulcrum_core::resilience::breaker::Counts;
@@ -104,6 +105,31 @@ async fn proxy(
         }
     };
 
+    // AI policies read the body (bounded) for the model, token estimate and prefix hashes.
+    let (body, body_bytes): (ReqBody, Option<Bytes>) = match body {
+        Either::Right(full) => {
+            let bytes = full.clone().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            (Either::Right(full), Some(bytes))
+        }
+        Either::Left(incoming) if pool.needs().body => {
+            if content_length(&parts).is_some_and(|n| n > ctx.max_body_bytes as u64) {
+                return Err(ProxyError::BodyTooLarge { limit: ctx.max_body_bytes });
+            }
+            let bytes = read_body(incoming, ctx.max_body_bytes).await?;
+            (Either::Right(Full::new(bytes.clone())), Some(bytes))
+        }
+        left => (left, None),
+    };
+    let limits = openai::Limits { max_body_bytes: ctx.max_body_bytes, ..openai::Limits::default() };
+    // A body the parser refuses is still forwarded: the backend answers it.
+    let ai = match (&body_bytes, pool.needs().body) {
+        (Some(bytes), true) => openai::parse(bytes, &limits).ok(),
+        _ => None,
+    };
+    if model.is_none() {
+        model = ai.as_ref().and_then(|a| a.model.as_deref().map(str::to_owned));
+    }
+
     // Overload protection before any work on the pool.
     let safety = pool.safety().clone();
     safety.rate_limit(client.ip(), &parts.headers, clock::now())?;
@@ -158,10 +184,9 @@ async fn proxy(
         client: Some(client.ip()),
         hash_key: key.as_deref(),
         model: model.as_deref(),
-        prompt: None,
-        prefix: &[],
-        estimated_tokens: 0,
+        ..ai.as_ref().map(openai::AiRequest::facts).unwrap_or_default()
     };
+    let tokens = facts.estimated_tokens;
     let sticky_name = pool.config().sticky_cookie.as_deref();
     let sticky_hit = sticky_name
         .and_then(|name| headers::cookie(&parts.headers, name))
@@ -191,6 +216,18 @@ async fn proxy(
         return websocket(upstream, req, client_upgrade, guard, first_byte, request_id).await;
     }
 
+    // Model routing inside the pool: endpoints that list models (or have adapters loaded)
+    // take only those; a pool that lists none serves any model.
+    let model_filter = model
+        .as_deref()
+        .filter(|_| endpoints.iter().any(|e| !e.labels().models.is_empty() || e.signals().adapter_count() > 0));
+    if let Some(m) = model_filter
+        && !endpoints.iter().any(|e| e.serves(m))
+    {
+        return Err(ProxyError::UnknownModel(m.to_owned()));
+    }
+    let serves = |e: &fulcrum_core::Endpoint| model_filter.is_none_or(|m| e.serves(m));
+
     safety.on_request(clock::now());
     let mut tried: Vec<usize> = Vec::new();
     let mut tries = 0u32;
@@ -205,7 +242,9 @@ async fn proxy(
         let picked = sticky.or_else(|| {
             clock::with_rng(|rng| {
                 snapshot.selector.pick_index(&facts, now, rng, |e| {
-                    (panic || e.signals().is_available(now)) && !tried.iter().any(|&t| endpoints[t].id() == e.id())
+                    (panic || e.signals().is_available(now))
+                        && serves(e)
+                        && !tried.iter().any(|&t| endpoints[t].id() == e.id())
                 })
             })
         });
@@ -249,7 +288,7 @@ async fn proxy(
         let (Some(p), Some(b)) = (p, b) else {
             return Err(last_error.unwrap_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned())));
         };
-        let guard = snapshot.selector.begin(endpoint, 0, now);
+        let guard = snapshot.selector.begin(endpoint, tokens, now);
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(first_byte, upstream.send(Request::from_parts(p, b))).await {
             Ok(r) => r,

@@ -18,6 +18,7 @@ pub mod http;
 pub mod pool;
 mod route;
 pub mod safety;
+mod scrape;
 pub mod server;
 mod tcp;
 pub mod upstream;

@@ -136,6 +136,7 @@ impl Proxy {
         for pool in &self.pools {
             background.spawn(crate::health::run(pool.clone()));
             background.spawn(outlier_loop(pool.clone()));
+            background.spawn(crate::scrape::run(pool.clone()));
         }
         shutdown.await;
         tracing::info!(drain_timeout = ?self.drain_timeout, "shutting down: no new connections, draining");

@@ -1,0 +1,247 @@
+//! AI-aware routing end to end: the proxy in front of mock backends (and fake engines whose
+//! metrics the test controls), over real sockets (issue P1.5).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fulcrum_config::Config;
+use fulcrum_mock::engine::{EngineConfig, Gpu};
+use fulcrum_mock::{MockConfig, MockHandle, MockServer};
+use fulcrum_proxy::Proxy;
+use fulcrum_proxy::pool::PoolRuntime;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+async fn mock(models: &[&str], loras: &[&str], seed: u64) -> MockHandle {
+    let config = MockConfig {
+        models: models.iter().map(|m| (*m).to_owned()).collect(),
+        loras: loras.iter().map(|m| (*m).to_owned()).collect(),
+        engine: EngineConfig { speed: 4.0, ..EngineConfig::preset(Gpu::H100) },
+        seed,
+        ..MockConfig::default()
+    };
+    MockServer::bind(config, SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("mock")
+}
+
+struct Running {
+    addr: SocketAddr,
+    pool: Arc<PoolRuntime>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+async fn proxy(pool_toml: &str) -> Running {
+    let toml =
+        format!("[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\npool = \"p\"\n\n[pool.p]\n{pool_toml}\n");
+    let config = Config::parse(&toml, None).expect("config");
+    let proxy = Proxy::bind(&config).await.expect("proxy");
+    let addr = proxy.local_addr("public").expect("listener");
+    let pool = proxy.pools().remove(0);
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(proxy.run(async {
+        let _ = rx.await;
+    }));
+    Running { addr, pool, stop, done }
+}
+
+impl Running {
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.done).await;
+    }
+
+    /// Requests each endpoint received, by id.
+    fn counts(&self) -> Vec<(String, u64)> {
+        self.pool.snapshot().upstreams.iter().map(|u| (u.name().to_owned(), u.requests())).collect()
+    }
+}
+
+fn endpoints(addrs: &[(&str, SocketAddr, &str)]) -> String {
+    let items: Vec<String> =
+        addrs.iter().map(|(id, a, extra)| format!("{{ id = \"{id}\", address = \"{a}\"{extra} }}")).collect();
+    format!("endpoints = [{}]", items.join(", "))
+}
+
+async fn chat(addr: SocketAddr, model: &str, system: &str, user: &str, max_tokens: u32) -> (u16, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(conn);
+    let body = serde_json::json!({
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+    });
+    let req = http::Request::post("/v1/chat/completions")
+        .header("host", "fulcrum")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let resp = s.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn system_prompt(n: usize) -> String {
+    format!("You are assistant number {n}. ") + &"Always answer with care and cite your sources. ".repeat(60)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_prefixes_stay_on_one_endpoint_until_it_is_overloaded() {
+    let mocks = [mock(&["llama"], &[], 1).await, mock(&["llama"], &[], 2).await, mock(&["llama"], &[], 3).await];
+    let eps: Vec<(&str, SocketAddr, &str)> =
+        vec![("a", mocks[0].local_addr(), ""), ("b", mocks[1].local_addr(), ""), ("c", mocks[2].local_addr(), "")];
+    let running = proxy(&format!("policy = \"prefix_affinity\"\n{}", endpoints(&eps))).await;
+
+    // One conversation after another with the same long system prompt: one endpoint.
+    for i in 0..8 {
+        let (status, _) = chat(running.addr, "llama", &system_prompt(1), &format!("question {i}"), 4).await;
+        assert_eq!(status, 200);
+    }
+    let counts = running.counts();
+    let holder = counts.iter().max_by_key(|c| c.1).cloned().expect("an endpoint");
+    assert_eq!(holder.1, 8, "all on one endpoint: {counts:?}");
+
+    // A different prefix is free to go elsewhere, and does when the holder is busier.
+    // Many at once with the same prefix: the holder takes its share, then the rest spill.
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let addr = running.addr;
+            tokio::spawn(async move { chat(addr, "llama", &system_prompt(1), &format!("burst {i}"), 200).await.0 })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), 200);
+    }
+    let after = running.counts();
+    let grew: Vec<u64> = after.iter().zip(&counts).map(|(a, b)| a.1 - b.1).collect();
+    assert_eq!(grew.iter().sum::<u64>(), 24);
+    assert!(grew.iter().filter(|&&g| g > 0).count() >= 2, "an overloaded holder must shed: {grew:?}");
+    let holder_idx = counts.iter().position(|c| c.0 == holder.0).expect("holder");
+    assert_eq!(grew[holder_idx], *grew.iter().max().expect("max"), "the holder keeps the largest share: {grew:?}");
+    running.shutdown().await;
+    for m in mocks {
+        m.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_and_adapters_route_to_the_endpoints_that_serve_them() {
+    let llama = mock(&["llama"], &[], 1).await;
+    let qwen = mock(&["qwen"], &[], 2).await;
+    let lora = mock(&["llama"], &["sql-adapter"], 3).await;
+    let eps = vec![
+        ("llama", llama.local_addr(), ", models = [\"llama\"]"),
+        ("qwen", qwen.local_addr(), ", models = [\"qwen\"]"),
+        ("lora", lora.local_addr(), ", models = [\"llama\"]"),
+    ];
+    let running = proxy(&format!(
+        "policy = \"least_tokens\"\nengine_metrics = {{ interval = \"100ms\", models_path = \"/v1/models\" }}\n{}",
+        endpoints(&eps)
+    ))
+    .await;
+    // Let the scraper learn the adapters from /v1/models.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for i in 0..6 {
+        let (status, body) = chat(running.addr, "qwen", "hi", &format!("q{i}"), 2).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = chat(running.addr, "sql-adapter", "hi", &format!("s{i}"), 2).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let counts: std::collections::HashMap<String, u64> = running.counts().into_iter().collect();
+    assert_eq!(counts["qwen"], 6, "{counts:?}");
+    assert_eq!(counts["lora"], 6, "{counts:?}");
+    assert_eq!(counts["llama"], 0, "{counts:?}");
+    // A model nobody serves: 404 in OpenAI's shape.
+    let (status, body) = chat(running.addr, "gpt-9", "hi", "x", 2).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("model_not_found"), "{body}");
+    running.shutdown().await;
+    for m in [llama, qwen, lora] {
+        m.shutdown().await;
+    }
+}
+
+/// A fake engine: answers chat completions, and serves `/metrics` from text the test sets
+/// (or fails it, to go stale).
+#[derive(Clone)]
+struct FakeEngine {
+    metrics: Arc<Mutex<Option<String>>>,
+}
+
+async fn fake_engine() -> (SocketAddr, FakeEngine) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let engine = FakeEngine { metrics: Arc::new(Mutex::new(None)) };
+    let shared = engine.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let shared = shared.clone();
+                    async move {
+                        let resp = if req.uri().path() == "/metrics" {
+                            match shared.metrics.lock().expect("metrics").clone() {
+                                Some(text) => http::Response::new(Full::new(Bytes::from(text))),
+                                None => {
+                                    let mut r = http::Response::new(Full::new(Bytes::new()));
+                                    *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                                    r
+                                }
+                            }
+                        } else {
+                            let _ = req.into_body().collect().await;
+                            http::Response::new(Full::new(Bytes::from_static(br#"{"choices":[]}"#)))
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (addr, engine)
+}
+
+fn vllm_page(waiting: u32, kv: f64) -> String {
+    format!(
+        "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"llama\"}} 4\n\
+         vllm:num_requests_waiting{{model_name=\"llama\"}} {waiting}\nvllm:kv_cache_usage_perc{{model_name=\"llama\"}} {kv}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_engines_are_avoided_and_stale_metrics_ignored() {
+    let (a, engine_a) = fake_engine().await;
+    let (b, engine_b) = fake_engine().await;
+    *engine_a.metrics.lock().expect("a") = Some(vllm_page(50, 0.95));
+    *engine_b.metrics.lock().expect("b") = Some(vllm_page(3, 0.7));
+    let eps = vec![("a", a, ""), ("b", b, "")];
+    let running = proxy(&format!(
+        "policy = \"score\"\nengine_metrics = {{ interval = \"50ms\", stale_after = \"200ms\" }}\n{}",
+        endpoints(&eps)
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let send = |n: usize| async move {
+        for i in 0..n {
+            assert_eq!(chat(running.addr, "llama", "hello", &format!("x{i}"), 2).await.0, 200);
+        }
+    };
+    // Fresh: a is saturated (50 waiting, 95% KV), so everything goes to b.
+    send(10).await;
+    let before: Vec<u64> = running.counts().iter().map(|c| c.1).collect();
+    assert_eq!(before, [0, 10], "a saturated engine is filtered out");
+    // a's metrics stop: its last (saturated) report goes stale and is ignored. Unknown is not
+    // idle, but it is no longer "saturated" either, and b is busy: a gets traffic again.
+    *engine_a.metrics.lock().expect("a") = None;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    send(10).await;
+    let after: Vec<u64> = running.counts().iter().map(|c| c.1).collect();
+    assert!(after[0] > 0, "the stale saturated report must not keep a out: {after:?}");
+    running.shutdown().await;
+}
