@@ -94,7 +94,9 @@ async fn repeated_prefixes_stay_on_one_endpoint_until_it_is_overloaded() {
     let mocks = [mock(&["llama"], &[], 1).await, mock(&["llama"], &[], 2).await, mock(&["llama"], &[], 3).await];
     let eps: Vec<(&str, SocketAddr, &str)> =
         vec![("a", mocks[0].local_addr(), ""), ("b", mocks[1].local_addr(), ""), ("c", mocks[2].local_addr(), "")];
-    let running = proxy(&format!("policy = \"prefix_affinity\"\n{}", endpoints(&eps))).await;
+    // Tight bounds, so that a burst of 24 overloads the holder.
+    let policy = "policy = { name = \"prefix_affinity\", epsilon = 0.25, slack_tokens = 1024 }";
+    let running = proxy(&format!("{policy}\n{}", endpoints(&eps))).await;
 
     // One conversation after another with the same long system prompt: one endpoint.
     for i in 0..8 {

@@ -27,7 +27,7 @@
 //!    endpoints with the adapter that are within the bound come first.
 //! 3. Record the prompt's blocks against the chosen endpoint.
 //!
-//! Defaults: `epsilon` 0.5, `slack_tokens` 4,096, `min_match_blocks` 2 (512 characters),
+//! Defaults: `epsilon` 1.0, `slack_tokens` 8,192 (sticky: measured best on bench/ai-routing), `min_match_blocks` 2 (512 characters),
 //! `cache_blocks` 8,192, `capacity` the static weight.
 //!
 //! **Cost**: an O(n) pass for the mean (and for the fallback), plus the index lookup and

@@ -9,12 +9,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::endpoint::Labels;
 
-/// Default `prefix_affinity` slack over the mean load: 50%, more than `bounded_load`'s 25%
-/// because a cache hit saves a whole prefill.
-pub const DEFAULT_PREFIX_EPSILON: f64 = 0.5;
+/// Default `prefix_affinity` slack over the mean load: 100%, far more than `bounded_load`'s
+/// 25%, because a cache hit saves a whole prefill (measured best on bench/ai-routing).
+pub const DEFAULT_PREFIX_EPSILON: f64 = 1.0;
 /// Default `prefix_affinity` slack in tokens per unit of capacity, so that a lightly loaded
 /// pool keeps affinity.
-pub const DEFAULT_SLACK_TOKENS: u32 = 4_096;
+pub const DEFAULT_SLACK_TOKENS: u32 = 8_192;
 /// Default shortest match (in blocks) worth following.
 pub const DEFAULT_MIN_MATCH_BLOCKS: u32 = 2;
 /// Default `score` saturation threshold on waiting requests (the Gateway API Inference

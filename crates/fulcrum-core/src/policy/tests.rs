@@ -73,7 +73,7 @@ fn primes() {
 fn ai_policies_parse_with_defaults_and_options() {
     let p = parse(r#"policy = "prefix_affinity""#).unwrap();
     assert_eq!(p, Policy::from_kind(PolicyKind::PrefixAffinity).unwrap());
-    assert!(matches!(p, Policy::PrefixAffinity { cache_blocks: 8_192, min_match_blocks: 2, slack_tokens: 4_096, .. }));
+    assert!(matches!(p, Policy::PrefixAffinity { cache_blocks: 8_192, min_match_blocks: 2, slack_tokens: 8_192, .. }));
     let p = parse(
         r#"policy = { name = "prefix_affinity", cache_blocks = 100, epsilon = 1.0, min_match_blocks = 4, capacity = "accelerator" }"#,
     )
