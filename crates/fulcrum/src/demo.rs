@@ -44,7 +44,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=4096))]
     pub concurrency: u32,
     /// Balancing policy of the fleet's pool (see `fulcrum policies`).
-    #[arg(long, default_value = "power_of_two")]
+    #[arg(long, default_value = "prefix_affinity")]
     pub policy: PolicyKind,
     /// Output tokens each generated request asks for.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -74,7 +74,7 @@ fn fleet_config(listen: SocketAddr, policy: PolicyKind, backends: &[(String, Soc
         })
         .collect();
     format!(
-        "[[listener]]\nname = \"public\"\naddress = \"{listen}\"\npool = \"fleet\"\n\n[pool.fleet]\npolicy = {policy}\nendpoints = [\n{}\n]\n",
+        "[[listener]]\nname = \"public\"\naddress = \"{listen}\"\npool = \"fleet\"\n\n[pool.fleet]\npolicy = {policy}\nengine_metrics = {{ interval = \"200ms\" }}\nendpoints = [\n{}\n]\n",
         endpoints.join("\n")
     )
 }
