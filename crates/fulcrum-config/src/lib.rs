@@ -25,6 +25,9 @@ use fulcrum_core::{EndpointSpec, Instant, Policy, Selector, SelectorOptions};
 
 pub use duration::parse_duration;
 
+/// Default limit on client connections per listener (HAProxy's `maxconn` spirit).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
 /// Default limit on a request body the proxy reads (4 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 
@@ -74,6 +77,8 @@ pub struct ListenerConfig {
     pub name: String,
     /// Where it listens.
     pub address: SocketAddr,
+    /// Most client connections open at once; more are closed as they arrive.
+    pub max_connections: usize,
     /// HTTP or TCP, with their settings.
     pub kind: ListenerKind,
 }
@@ -98,6 +103,8 @@ pub struct HttpListener {
     /// Time allowed for a client to send a request's headers, counted from when the
     /// connection starts waiting for them: it also closes keep-alive connections left idle.
     pub header_read_timeout: Duration,
+    /// Time allowed for a client to send a body the proxy reads (then 408).
+    pub body_read_timeout: Duration,
     /// Where requests no route matches go; without it they get 404.
     pub default_pool: Option<String>,
 }
@@ -277,6 +284,7 @@ impl Config {
                 raw::Protocol::Http => ListenerKind::Http(HttpListener {
                     max_body_bytes: l.max_body_bytes.map_or(DEFAULT_MAX_BODY_BYTES, NonZeroUsize::get),
                     header_read_timeout: l.header_read_timeout.map_or(Duration::from_secs(30), |d| d.0),
+                    body_read_timeout: l.body_read_timeout.map_or(Duration::from_secs(60), |d| d.0),
                     default_pool: l.pool,
                 }),
                 raw::Protocol::Tcp => match l.pool {
@@ -284,7 +292,8 @@ impl Config {
                     None => return Err(at.error(span.start, &format!("{field}.pool"), "a tcp listener needs a pool")),
                 },
             };
-            listeners.push(ListenerConfig { name: l.name, address: l.address, kind });
+            let max_connections = l.max_connections.map_or(DEFAULT_MAX_CONNECTIONS, NonZeroUsize::get);
+            listeners.push(ListenerConfig { name: l.name, address: l.address, max_connections, kind });
         }
 
         let http: Vec<String> =

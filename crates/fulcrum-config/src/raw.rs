@@ -82,6 +82,8 @@ pub(crate) struct RawListener {
     pub pool: Option<String>,
     pub max_body_bytes: Option<NonZeroUsize>,
     pub header_read_timeout: Option<DurationStr>,
+    pub body_read_timeout: Option<DurationStr>,
+    pub max_connections: Option<NonZeroUsize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -48,6 +48,12 @@ pub enum ProxyError {
         /// The limit.
         limit: usize,
     },
+    /// The client sent its body too slowly.
+    #[error("the request body did not arrive within {after_ms} ms")]
+    BodyTimeout {
+        /// The limit.
+        after_ms: u128,
+    },
     /// Reading the request body failed.
     #[error("cannot read the request body: {0}")]
     BadBody(String),
@@ -76,6 +82,7 @@ impl ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -90,6 +97,7 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream_failed",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BadBody(_) => "bad_request_body",
+            ProxyError::BodyTimeout { .. } => "request_body_timeout",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::RateLimited { .. } => "rate_limited",
         }

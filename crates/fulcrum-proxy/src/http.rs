@@ -34,6 +34,7 @@ pub(crate) struct ListenerCtx {
     pub(crate) name: String,
     pub(crate) routes: RouteTable,
     pub(crate) max_body_bytes: usize,
+    pub(crate) body_read_timeout: std::time::Duration,
 }
 
 /// Serves one request; every failure becomes a JSON error response.
@@ -66,11 +67,12 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
-async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Err(e) => Err(ProxyError::BadBody(e.to_string())),
+async fn read_body(body: Incoming, limit: usize, timeout: std::time::Duration) -> Result<Bytes, ProxyError> {
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ProxyError::BodyTimeout { after_ms: timeout.as_millis() }),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Ok(Err(e)) => Err(ProxyError::BadBody(e.to_string())),
     }
 }
 
@@ -96,7 +98,7 @@ async fn proxy(
             if content_length(&parts).is_some_and(|n| n > ctx.max_body_bytes as u64) {
                 return Err(ProxyError::BodyTooLarge { limit: ctx.max_body_bytes });
             }
-            let bytes = read_body(incoming, ctx.max_body_bytes).await?;
+            let bytes = read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout).await?;
             model = model_of(&bytes);
             match ctx.routes.find(&parts, true, model.as_deref()) {
                 Matched::Pool(p, inference) => (p.clone(), inference, Either::Right(Full::new(bytes))),
@@ -115,7 +117,7 @@ async fn proxy(
             if content_length(&parts).is_some_and(|n| n > ctx.max_body_bytes as u64) {
                 return Err(ProxyError::BodyTooLarge { limit: ctx.max_body_bytes });
             }
-            let bytes = read_body(incoming, ctx.max_body_bytes).await?;
+            let bytes = read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout).await?;
             (Either::Right(Full::new(bytes.clone())), Some(bytes))
         }
         left => (left, None),
@@ -144,7 +146,7 @@ async fn proxy(
             if http_body::Body::is_end_stream(&incoming) {
                 Either::Right(Full::new(Bytes::new()))
             } else if content_length(&parts).is_some_and(|n| n <= ctx.max_body_bytes as u64) {
-                Either::Right(Full::new(read_body(incoming, ctx.max_body_bytes).await?))
+                Either::Right(Full::new(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout).await?))
             } else {
                 // Unknown or large length: stream it through, once.
                 may_retry = false;

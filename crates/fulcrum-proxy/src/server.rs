@@ -53,6 +53,7 @@ struct Bound {
     name: String,
     listener: TcpListener,
     kind: Kind,
+    max_connections: usize,
 }
 
 /// A proxy whose listeners are bound, ready to [`run`](Proxy::run).
@@ -102,11 +103,12 @@ impl Proxy {
                         name: lc.name.clone(),
                         routes: RouteTable::new(routes, default),
                         max_body_bytes: h.max_body_bytes,
+                        body_read_timeout: h.body_read_timeout,
                     };
                     Kind::Http(Arc::new(ctx), h.header_read_timeout)
                 }
             };
-            listeners.push(Bound { name: lc.name.clone(), listener, kind });
+            listeners.push(Bound { name: lc.name.clone(), listener, kind, max_connections: lc.max_connections });
         }
         let mut pools: Vec<Arc<PoolRuntime>> = pools.into_values().collect();
         pools.sort_by(|a, b| a.name().cmp(b.name()));
@@ -173,7 +175,9 @@ async fn outlier_loop(pool: Arc<PoolRuntime>) {
 }
 
 async fn accept_loop(bound: Bound, mut stop: watch::Receiver<bool>, drain: Duration) {
-    let Bound { name, listener, kind } = bound;
+    let Bound { name, listener, kind, max_connections } = bound;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut refused: u64 = 0;
     let graceful = GracefulShutdown::new();
     let mut tcp_conns = JoinSet::new();
     let builder = Arc::new({
@@ -198,6 +202,16 @@ async fn accept_loop(bound: Bound, mut stop: watch::Receiver<bool>, drain: Durat
                         continue;
                     }
                 };
+                // Over the connection limit: close at once rather than let clients exhaust
+                // descriptors (logged once per 1,000).
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    if refused.is_multiple_of(1000) {
+                        tracing::warn!(listener = %name, max_connections, "connection limit reached: closing new connections");
+                    }
+                    refused += 1;
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 match &kind {
                     Kind::Http(ctx, _) => {
@@ -206,13 +220,18 @@ async fn accept_loop(bound: Bound, mut stop: watch::Receiver<bool>, drain: Durat
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                         let conn = graceful.watch(conn);
                         tokio::spawn(async move {
+                            let _slot = slot;
                             if let Err(e) = conn.await {
                                 tracing::debug!(%peer, error = %e, "client connection ended with an error");
                             }
                         });
                     }
                     Kind::Tcp(pool) => {
-                        tcp_conns.spawn(crate::tcp::serve(stream, peer, pool.clone()));
+                        let pool = pool.clone();
+                        tcp_conns.spawn(async move {
+                            let _slot = slot;
+                            crate::tcp::serve(stream, peer, pool).await;
+                        });
                     }
                 }
             }

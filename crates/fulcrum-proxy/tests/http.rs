@@ -360,3 +360,48 @@ async fn graceful_shutdown_finishes_a_stream_in_flight() {
     assert!(TcpStream::connect(addr).await.is_err());
     let _ = Request::get("/").body(Full::new(Bytes::new()));
 }
+
+#[tokio::test]
+async fn client_limits_hold_connections_and_slow_bodies() {
+    let a = backend("a", Behavior::Echo).await;
+    let toml = format!(
+        r#"
+[[listener]]
+name = "public"
+address = "127.0.0.1:0"
+max_connections = 2
+body_read_timeout = "300ms"
+
+[[route]]
+match = {{ model = "m" }}
+pool = "p"
+
+[pool.p]
+endpoints = {}
+"#,
+        endpoints(&[&a])
+    );
+    let running = proxy(&toml).await;
+    // A slow body on a route that reads it: 408 once body_read_timeout has passed.
+    let mut slow = TcpStream::connect(running.proxy_addr).await.unwrap();
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":").await.unwrap();
+    let t0 = Instant::now();
+    let mut answer = vec![0u8; 1024];
+    let n = slow.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_body_timeout"), "{answer}");
+    assert!(t0.elapsed() >= Duration::from_millis(250));
+    drop(slow);
+    // Two connections held open; the third is closed at once.
+    let first = TcpStream::connect(running.proxy_addr).await.unwrap();
+    let second = TcpStream::connect(running.proxy_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut third = TcpStream::connect(running.proxy_addr).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf)).await.expect("closed, not hung");
+    assert!(matches!(read, Ok(0) | Err(_)), "the third connection must be closed: {read:?}");
+    drop((first, second));
+    running.shutdown().await;
+}
