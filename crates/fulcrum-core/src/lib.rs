@@ -38,6 +38,7 @@ pub mod openai;
 pub mod policy;
 pub mod prefix;
 pub mod resilience;
+pub mod scale;
 pub mod selector;
 pub mod time;
 pub mod weight;

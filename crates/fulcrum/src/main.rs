@@ -4,6 +4,7 @@
 //! owns it; this binary parses flags and calls them.
 
 mod demo;
+mod plan;
 mod serve;
 
 /// mimalloc: the proxy allocates small, short-lived buffers per request, where glibc's
@@ -38,8 +39,8 @@ enum Command {
     MockBackend(Box<fulcrum_mock::Args>),
     /// Planned: Run the control plane that drives many proxies through etcd.
     Control,
-    /// Planned: Size a fleet with the M/M/c queueing model.
-    Plan,
+    /// Size a fleet with the M/M/c queueing model: utilization, waits, and the servers an SLO needs.
+    Plan(plan::PlanArgs),
 }
 
 impl Command {
@@ -49,9 +50,9 @@ impl Command {
             | Command::Serve(_)
             | Command::Validate(_)
             | Command::MockBackend(_)
-            | Command::Demo(_) => None,
+            | Command::Demo(_)
+            | Command::Plan(_) => None,
             Command::Control => Some("control"),
-            Command::Plan => Some("plan"),
         }
     }
 }
@@ -93,6 +94,7 @@ fn main() -> ExitCode {
             serve::serve(args)
         }
         Command::Validate(args) => serve::validate(args),
+        Command::Plan(args) => plan::plan(args),
         Command::Demo(args) => {
             init_logging_quiet();
             demo::demo(args)

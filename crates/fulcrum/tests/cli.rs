@@ -52,8 +52,9 @@ fn a_bad_file_names_file_line_and_field() {
     assert!(err.contains("bad.toml:3: pool.a.endpoints:"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
     // A planned subcommand says so instead of pretending.
-    let out = fulcrum().arg("plan").output().unwrap();
+    let out = fulcrum().arg("control").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not available in this build yet"));
 }
 
 #[test]
