@@ -28,9 +28,18 @@ for est in sorted(root.glob("*/*/new/estimates.json")):
     median = json.loads(est.read_text())["median"]["point_estimate"]
     rows.setdefault(group, {})[param] = median
 
-sizes = sorted({p for r in rows.values() for p in r}, key=int)
+numeric = {g: r for g, r in rows.items() if all(p.isdigit() for p in r)}
+other = {g: r for g, r in rows.items() if g not in numeric}
+sizes = sorted({p for r in numeric.values() for p in r}, key=int)
 print("| benchmark | " + " | ".join(f"n = {s}" for s in sizes) + " |")
 print("| --- |" + " ---: |" * len(sizes))
-for group in sorted(rows, key=lambda g: (not g.startswith("pick"), g)):
-    cells = [fmt(rows[group][s]) if s in rows[group] else "" for s in sizes]
+for group in sorted(numeric, key=lambda g: (not g.startswith("pick"), g)):
+    cells = [fmt(numeric[group][s]) if s in numeric[group] else "" for s in sizes]
     print(f"| {group} | " + " | ".join(cells) + " |")
+if other:
+    print()
+    print("| benchmark | case | median |")
+    print("| --- | --- | ---: |")
+    for group in sorted(other):
+        for case, ns in sorted(other[group].items()):
+            print(f"| {group} | {case} | {fmt(ns)} |")
