@@ -16,22 +16,12 @@ use fulcrum_core::{Endpoint, Unavailable};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::task::JoinSet;
 
 use crate::clock;
 use crate::pool::PoolRuntime;
 
-/// Runs the pool's health checks until the task is dropped.
-pub(crate) async fn run(pool: Arc<PoolRuntime>) {
-    let Some(check) = pool.safety().config.health_check.clone() else { return };
-    let mut tasks = JoinSet::new();
-    for (idx, endpoint) in pool.snapshot().selector.endpoints().iter().enumerate() {
-        tasks.spawn(check_loop(pool.clone(), idx, endpoint.clone(), check.clone()));
-    }
-    while tasks.join_next().await.is_some() {}
-}
-
-async fn check_loop(pool: Arc<PoolRuntime>, idx: usize, endpoint: Endpoint, check: HealthCheck) {
+/// Probes one endpoint until the task is aborted (the endpoint left the pool, or shutdown).
+pub(crate) async fn check_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, check: HealthCheck) {
     let safety = pool.safety();
     let mut state = HealthState::new(&check.config, clock::now());
     loop {
@@ -43,9 +33,13 @@ async fn check_loop(pool: Arc<PoolRuntime>, idx: usize, endpoint: Endpoint, chec
             safety.event(endpoint.id().as_str(), "health", t.to_string());
             if t.is_recovery() {
                 endpoint.signals().start_slow_start(now);
-                safety.uneject(&endpoint, idx);
-                if let Some(b) = pool.snapshot().upstreams.get(idx).and_then(|u| u.breaker.as_ref()) {
-                    b.reset(&endpoint, safety, now);
+                // Indices change when the pool does: look the endpoint up by id.
+                let snapshot = pool.snapshot();
+                if let Some(idx) = snapshot.selector.endpoints().iter().position(|e| e.id() == endpoint.id()) {
+                    safety.uneject(&endpoint, idx);
+                    if let Some(b) = snapshot.upstreams[idx].breaker.as_ref() {
+                        b.reset(&endpoint, safety, now);
+                    }
                 }
             }
         }

@@ -207,9 +207,7 @@ async fn proxy(
         let idx = sticky_hit
             .or_else(|| {
                 let panic = safety.is_panic(endpoints.len());
-                clock::with_rng(|rng| {
-                    snapshot.selector.pick_index(&facts, now, rng, |e| panic || e.signals().is_available(now))
-                })
+                clock::with_rng(|rng| snapshot.selector.pick_index(&facts, now, rng, |e| usable(e, panic, now)))
             })
             .ok_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned()))?;
         let guard = snapshot.selector.begin(&endpoints[idx], 0, now);
@@ -244,9 +242,7 @@ async fn proxy(
         let picked = sticky.or_else(|| {
             clock::with_rng(|rng| {
                 snapshot.selector.pick_index(&facts, now, rng, |e| {
-                    (panic || e.signals().is_available(now))
-                        && serves(e)
-                        && !tried.iter().any(|&t| endpoints[t].id() == e.id())
+                    usable(e, panic, now) && serves(e) && !tried.iter().any(|&t| endpoints[t].id() == e.id())
                 })
             })
         });
@@ -363,6 +359,13 @@ async fn proxy(
         return Ok(resp
             .map(|incoming| Either::Left(TrackedBody::new(incoming, guard, (upstream, sender), deadline, admission))));
     }
+}
+
+/// Whether an endpoint may take a new request: available, or any endpoint but a draining one
+/// when the pool is in panic.
+fn usable(e: &fulcrum_core::Endpoint, panic: bool, now: fulcrum_core::Instant) -> bool {
+    let s = e.signals();
+    s.is_available(now) || (panic && !s.is_unavailable_for(fulcrum_core::Unavailable::Draining))
 }
 
 fn clone_parts(p: &http::request::Parts) -> http::request::Parts {

@@ -43,6 +43,36 @@ pub struct PoolRuntime {
     needs: Needs,
     snapshot: ArcSwap<PoolSnapshot>,
     safety: Arc<PoolSafety>,
+    /// Serializes the writers of `snapshot` (membership changes, weight refreshes); readers
+    /// never wait.
+    writer: std::sync::Mutex<()>,
+    /// Bumped at every membership change, for the per-endpoint background tasks.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+/// What a membership change did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MembershipChange {
+    /// Endpoints that joined.
+    pub added: Vec<String>,
+    /// Endpoints that left.
+    pub removed: Vec<String>,
+    /// Endpoints that stayed (their load signals and connections carried over).
+    pub kept: usize,
+}
+
+/// How a drain ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// No request was left in flight.
+    Idle,
+    /// The timeout passed with requests still in flight.
+    TimedOut {
+        /// Requests still in flight.
+        in_flight: u64,
+    },
+    /// No endpoint of that id.
+    Unknown,
 }
 
 impl PoolRuntime {
@@ -51,7 +81,14 @@ impl PoolRuntime {
             Selector::try_new(config.policy.clone(), config.options.clone(), config.endpoints.clone(), clock::now())?;
         let safety = Arc::new(PoolSafety::new(config.resilience.clone(), selector.endpoints()));
         let snapshot = Self::snapshot_of(&config, selector, &HashMap::new());
-        Ok(PoolRuntime { needs: config.policy.needs(), config, snapshot: ArcSwap::from_pointee(snapshot), safety })
+        Ok(PoolRuntime {
+            needs: config.policy.needs(),
+            config,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            safety,
+            writer: std::sync::Mutex::new(()),
+            generation: tokio::sync::watch::Sender::new(0),
+        })
     }
 
     fn snapshot_of(config: &PoolConfig, selector: Selector, old: &HashMap<&str, Arc<Upstream>>) -> PoolSnapshot {
@@ -99,8 +136,75 @@ impl PoolRuntime {
         self.snapshot.load_full()
     }
 
+    /// Replaces the pool's endpoints. Endpoints that stay (same id) keep their load signals,
+    /// connections, breakers and health; new ones start fresh (in slow start when the pool
+    /// has it, and, with health checks, unchecked until their first success). Requests in
+    /// flight finish on the snapshot they started with.
+    pub fn set_endpoints(&self, specs: Vec<fulcrum_core::EndpointSpec>) -> Result<MembershipChange, BuildError> {
+        let _writer = crate::safety::lock(&self.writer);
+        let current = self.snapshot.load_full();
+        let selector = current.selector.rebuild(specs, clock::now())?;
+        let old: HashMap<&str, Arc<Upstream>> = current
+            .selector
+            .endpoints()
+            .iter()
+            .map(|e| e.id().as_str())
+            .zip(current.upstreams.iter().cloned())
+            .collect();
+        let mut change = MembershipChange::default();
+        for e in selector.endpoints() {
+            if old.contains_key(e.id().as_str()) {
+                change.kept += 1;
+            } else {
+                change.added.push(e.id().to_string());
+            }
+        }
+        let ids: std::collections::HashSet<&str> = selector.endpoints().iter().map(|e| e.id().as_str()).collect();
+        change.removed = old.keys().filter(|id| !ids.contains(*id)).map(|id| (*id).to_owned()).collect();
+        let next = Self::snapshot_of(&self.config, selector, &old);
+        self.safety.on_membership(next.selector.endpoints(), &change.added);
+        self.snapshot.store(Arc::new(next));
+        self.generation.send_modify(|g| *g += 1);
+        for id in &change.added {
+            self.safety.event(id, "membership", "joined the pool".to_owned());
+        }
+        for id in &change.removed {
+            self.safety.event(id, "membership", "left the pool".to_owned());
+        }
+        Ok(change)
+    }
+
+    /// Stops sending new requests to an endpoint and waits, up to `timeout`, until the
+    /// requests it has in flight (streams included) have finished. The endpoint stays in the
+    /// pool, draining, until it is removed with [`set_endpoints`](Self::set_endpoints).
+    pub async fn drain(&self, id: &str, timeout: std::time::Duration) -> Drained {
+        let endpoint = self.snapshot().selector.endpoints().iter().find(|e| e.id().as_str() == id).cloned();
+        let Some(endpoint) = endpoint else { return Drained::Unknown };
+        self.safety.set_unavailable(&endpoint, fulcrum_core::Unavailable::Draining, true);
+        self.safety.event(id, "drain", "no new requests".to_owned());
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let in_flight = endpoint.signals().in_flight();
+            if in_flight == 0 {
+                self.safety.event(id, "drain", "drained: nothing in flight".to_owned());
+                return Drained::Idle;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.safety.event(id, "drain", format!("drain timeout with {in_flight} in flight"));
+                return Drained::TimedOut { in_flight };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Follows membership changes (for the per-endpoint background tasks).
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
     /// Recomputes effective weights; swaps in rebuilt tables when they changed.
     pub(crate) fn refresh(&self) {
+        let _writer = crate::safety::lock(&self.writer);
         let current = self.snapshot.load();
         if let Some(selector) = current.selector.refresh(clock::now()) {
             let old: HashMap<&str, Arc<Upstream>> = current

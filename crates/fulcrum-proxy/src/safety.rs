@@ -119,6 +119,24 @@ impl PoolSafety {
         lock(&self.events).iter().cloned().collect()
     }
 
+    /// Takes a new endpoint list: the outlier detector follows it (state kept by id), new
+    /// endpoints wait for their first health check, and the unavailable count is redone.
+    pub(crate) fn on_membership(&self, endpoints: &[Endpoint], added: &[String]) {
+        if let Some(outlier) = &self.outlier {
+            let ids: Vec<EndpointId> = endpoints.iter().map(|e| e.id().clone()).collect();
+            lock(outlier).set_endpoints(&ids);
+        }
+        if self.config.health_check.is_some() {
+            for e in endpoints.iter().filter(|e| added.iter().any(|a| a == e.id().as_str())) {
+                e.signals().set_unavailable(Unavailable::Unchecked, true);
+            }
+        }
+        let reasons = [Unavailable::Unchecked, Unavailable::Unhealthy, Unavailable::Ejected, Unavailable::Draining];
+        let unavailable =
+            endpoints.iter().filter(|e| reasons.iter().any(|&r| e.signals().is_unavailable_for(r))).count();
+        self.unavailable.store(unavailable, Ordering::Relaxed);
+    }
+
     /// Sets or clears a reason for an endpoint to be unavailable, keeping the count right.
     pub(crate) fn set_unavailable(&self, endpoint: &Endpoint, reason: Unavailable, on: bool) {
         if endpoint.signals().set_unavailable(reason, on) {
@@ -133,6 +151,7 @@ impl PoolSafety {
     /// Whether too few endpoints are available: then health is ignored and traffic spreads
     /// over every endpoint rather than crushing the few left (Envoy's panic mode).
     pub(crate) fn is_panic(&self, total: usize) -> bool {
+        // (Draining endpoints are excluded from panic spreading by the caller's veto.)
         let unavailable = self.unavailable.load(Ordering::Relaxed).min(total);
         self.config.panic_threshold.is_panic(total - unavailable, total)
     }

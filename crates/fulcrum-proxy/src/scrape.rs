@@ -18,7 +18,6 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::task::JoinSet;
 
 use crate::clock;
 use crate::pool::PoolRuntime;
@@ -26,17 +25,8 @@ use crate::pool::PoolRuntime;
 /// Largest metrics page read (vLLM pages with many histograms run to a few hundred KB).
 const MAX_PAGE: usize = 8 << 20;
 
-/// Runs the pool's scrapers until the task is dropped.
-pub(crate) async fn run(pool: Arc<PoolRuntime>) {
-    let Some(config) = pool.config().engine_metrics.clone() else { return };
-    let mut tasks = JoinSet::new();
-    for endpoint in pool.snapshot().selector.endpoints() {
-        tasks.spawn(scrape_loop(pool.clone(), endpoint.clone(), config.clone()));
-    }
-    while tasks.join_next().await.is_some() {}
-}
-
-async fn scrape_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, config: EngineScrape) {
+/// Scrapes one endpoint until the task is aborted (the endpoint left the pool, or shutdown).
+pub(crate) async fn scrape_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, config: EngineScrape) {
     let mut conn: Option<SendRequest<Empty<Bytes>>> = None;
     let mut served: Vec<String> = Vec::new();
     let mut models_due = clock::now();

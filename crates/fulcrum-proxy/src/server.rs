@@ -136,9 +136,8 @@ impl Proxy {
         let refresher = tokio::spawn(refresh_loop(self.pools.clone()));
         let mut background = JoinSet::new();
         for pool in &self.pools {
-            background.spawn(crate::health::run(pool.clone()));
             background.spawn(outlier_loop(pool.clone()));
-            background.spawn(crate::scrape::run(pool.clone()));
+            background.spawn(endpoint_tasks(pool.clone()));
         }
         shutdown.await;
         tracing::info!(drain_timeout = ?self.drain_timeout, "shutting down: no new connections, draining");
@@ -157,6 +156,54 @@ async fn refresh_loop(pools: Vec<Arc<PoolRuntime>>) {
     loop {
         tick.tick().await;
         pools.iter().for_each(|p| p.refresh());
+    }
+}
+
+/// Keeps one health checker and one engine-metrics scraper per endpoint (as configured),
+/// starting them for endpoints that join and stopping them for those that leave.
+async fn endpoint_tasks(pool: Arc<PoolRuntime>) {
+    let mut changes = pool.subscribe();
+    let mut tasks = JoinSet::new();
+    let mut running: HashMap<String, Vec<tokio::task::AbortHandle>> = HashMap::new();
+    let health = pool.safety().config.health_check.clone();
+    let scrape = pool.config().engine_metrics.clone();
+    loop {
+        let snapshot = pool.snapshot();
+        let present: std::collections::HashSet<&str> =
+            snapshot.selector.endpoints().iter().map(|e| e.id().as_str()).collect();
+        running.retain(|id, handles| {
+            let keep = present.contains(id.as_str());
+            if !keep {
+                handles.iter().for_each(tokio::task::AbortHandle::abort);
+            }
+            keep
+        });
+        for e in snapshot.selector.endpoints() {
+            if running.contains_key(e.id().as_str()) {
+                continue;
+            }
+            let mut handles = Vec::new();
+            if let Some(check) = &health {
+                handles.push(tasks.spawn(crate::health::check_loop(pool.clone(), e.clone(), check.clone())));
+            }
+            if let Some(config) = &scrape {
+                handles.push(tasks.spawn(crate::scrape::scrape_loop(pool.clone(), e.clone(), config.clone())));
+            }
+            running.insert(e.id().to_string(), handles);
+        }
+        drop(snapshot);
+        // Reap finished tasks while waiting for the next change.
+        loop {
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
     }
 }
 
