@@ -10,6 +10,7 @@
 //! It must never depend on the proxy, sockets or a runtime: the proxy, the control plane and
 //! the simulator all read this model.
 
+pub mod autoscale;
 mod duration;
 mod raw;
 pub mod resilience;
@@ -182,6 +183,8 @@ pub struct PoolConfig {
     pub resilience: resilience::PoolResilience,
     /// Scraping the engines' own metrics (queue, KV-cache use, LoRA adapters).
     pub engine_metrics: Option<EngineScrape>,
+    /// Autoscaling of the pool's replicas.
+    pub autoscale: Option<autoscale::AutoscaleConfig>,
 }
 
 /// How the proxy polls each endpoint's engine metrics (vLLM, SGLang, TensorRT-LLM).

@@ -161,6 +161,7 @@ pub(crate) struct RawPool {
     pub rate_limit: Option<crate::resilience::RawRateLimit>,
     pub panic_threshold: Option<f64>,
     pub engine_metrics: Option<RawEngineScrape>,
+    pub autoscale: Option<crate::autoscale::RawAutoscale>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -274,6 +275,10 @@ impl RawPool {
             spec.labels = labels;
             endpoints.push(spec);
         }
+        let autoscale = match self.autoscale {
+            Some(a) => Some(a.validate()?),
+            None => None,
+        };
         let mut options = SelectorOptions::new(latency, slow_start, dynamic);
         if let Some(m) = &engine_metrics {
             options = options.with_engine_max_age(m.stale_after);
@@ -288,6 +293,7 @@ impl RawPool {
             max_idle_per_endpoint: self.max_idle_per_endpoint.unwrap_or(64),
             resilience,
             engine_metrics,
+            autoscale,
         })
     }
 }

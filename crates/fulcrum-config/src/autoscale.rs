@@ -1,0 +1,326 @@
+//! `[pool.NAME.autoscale]`: how a pool's replica count follows its load, and what starts
+//! and stops replicas.
+//!
+//! ```toml
+//! [pool.fleet.autoscale]
+//! policy = "knative"            # or "target_tracking", "threshold", "slo"
+//! min_replicas = 1
+//! max_replicas = 8
+//! target = 8.0                  # in-flight requests per replica (knative, target_tracking, threshold)
+//! interval = "1s"
+//! actuator = { kind = "local", command = "fulcrum mock-backend --port {port} --seed {index}", ports = "9100-9199" }
+//! ```
+
+use std::time::Duration;
+
+use fulcrum_core::scale::{
+    BoundsSettings, KnativeConfig, KnativeMetric, KnativeSettings, LoadMetric, Metric, MetricTarget, Slo, SloConfig,
+    SloSettings, TargetTrackingConfig, TargetTrackingSettings, ThresholdConfig, ThresholdSettings,
+};
+use serde::Deserialize;
+
+use crate::raw::DurationStr;
+
+/// The policy deciding the replica count.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ScalePolicyConfig {
+    /// Kubernetes HPA style.
+    TargetTracking(TargetTrackingConfig),
+    /// C = ceil(P / T) + k with a cooldown.
+    Threshold(ThresholdConfig),
+    /// Knative's stable and panic windows.
+    Knative(KnativeConfig),
+    /// The M/M/c SLO.
+    Slo(SloConfig),
+}
+
+/// What starts and stops replicas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ActuatorConfig {
+    /// Local processes from a command template (`{port}`, `{index}`), supervised.
+    Local {
+        /// The command template.
+        command: String,
+        /// Ports handed to replicas, inclusive.
+        ports: (u16, u16),
+        /// Readiness: `GET` this path for a 2xx (else a TCP connect).
+        ready_path: Option<String>,
+        /// How long a replica may take to become ready.
+        startup_timeout: Duration,
+        /// First restart delay after a crash (doubles, up to `backoff_max`).
+        backoff_base: Duration,
+        /// Longest restart delay.
+        backoff_max: Duration,
+        /// Give up after this many restarts within `restart_window`.
+        max_restarts: u32,
+        /// The window of `max_restarts`.
+        restart_window: Duration,
+        /// SIGTERM, then SIGKILL after this long.
+        stop_grace: Duration,
+    },
+    /// A Kubernetes Deployment's `scale` subresource.
+    Kubernetes {
+        /// API server URL (plain HTTP, such as `kubectl proxy`).
+        api_server: String,
+        /// Namespace.
+        namespace: String,
+        /// Deployment name.
+        deployment: String,
+    },
+    /// An external command given the count (`{replicas}`).
+    Command {
+        /// The command template.
+        command: String,
+        /// How long it may run.
+        timeout: Duration,
+    },
+}
+
+/// A pool's autoscaling.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AutoscaleConfig {
+    /// The policy.
+    pub policy: ScalePolicyConfig,
+    /// How often it decides.
+    pub interval: Duration,
+    /// What acts on the decisions.
+    pub actuator: ActuatorConfig,
+    /// How long a replica being removed may take to finish its requests.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawActuator {
+    kind: String,
+    command: Option<String>,
+    ports: Option<String>,
+    ready_path: Option<String>,
+    startup_timeout: Option<DurationStr>,
+    backoff_base: Option<DurationStr>,
+    backoff_max: Option<DurationStr>,
+    max_restarts: Option<u32>,
+    restart_window: Option<DurationStr>,
+    stop_grace: Option<DurationStr>,
+    api_server: Option<String>,
+    namespace: Option<String>,
+    deployment: Option<String>,
+    timeout: Option<DurationStr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAutoscale {
+    policy: Option<String>,
+    min_replicas: Option<u32>,
+    max_replicas: Option<u32>,
+    scale_to_zero_after: Option<DurationStr>,
+    interval: Option<DurationStr>,
+    drain_timeout: Option<DurationStr>,
+    metric: Option<String>,
+    target: Option<f64>,
+    reserve: Option<u32>,
+    cooldown: Option<DurationStr>,
+    stable_window: Option<DurationStr>,
+    panic_window: Option<DurationStr>,
+    scale_down_window: Option<DurationStr>,
+    service_rate: Option<f64>,
+    max_wait: Option<DurationStr>,
+    wait_probability: Option<f64>,
+    mean_wait: Option<DurationStr>,
+    actuator: RawActuator,
+}
+
+type FieldError = (String, String);
+
+fn err(field: &str, problem: impl Into<String>) -> FieldError {
+    (format!(".autoscale.{field}"), problem.into())
+}
+
+fn core(e: fulcrum_core::scale::ConfigError) -> FieldError {
+    err(e.field, e.problem)
+}
+
+fn parse_ports(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = s.split_once('-')?;
+    let (a, b): (u16, u16) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a > 0 && a <= b).then_some((a, b))
+}
+
+impl RawAutoscale {
+    pub(crate) fn validate(self) -> Result<AutoscaleConfig, FieldError> {
+        let d = |v: Option<DurationStr>, default: Duration| v.map_or(default, |d| d.0);
+        let defaults = BoundsSettings::default();
+        let bounds = BoundsSettings {
+            min_replicas: self.min_replicas.unwrap_or(defaults.min_replicas),
+            max_replicas: self.max_replicas.unwrap_or(defaults.max_replicas),
+            scale_to_zero_after: d(self.scale_to_zero_after, defaults.scale_to_zero_after),
+        };
+        let target = || self.target.ok_or_else(|| err("target", "is required by this policy (load per replica)"));
+        let policy = match self.policy.as_deref().unwrap_or("knative") {
+            "knative" => {
+                let metric = match self.metric.as_deref().unwrap_or("in_flight") {
+                    "in_flight" => KnativeMetric::Concurrency,
+                    "request_rate" => KnativeMetric::Rps,
+                    m => return Err(err("metric", format!("must be \"in_flight\" or \"request_rate\", got {m:?}"))),
+                };
+                let mut s = KnativeSettings::new(metric, target()?);
+                s.bounds = bounds;
+                s.stable_window = d(self.stable_window, s.stable_window);
+                s.panic_window = d(self.panic_window, s.panic_window);
+                ScalePolicyConfig::Knative(KnativeConfig::try_new(s).map_err(core)?)
+            }
+            "threshold" => {
+                let metric = match self.metric.as_deref().unwrap_or("in_flight") {
+                    "in_flight" => LoadMetric::InFlight,
+                    "request_rate" => LoadMetric::RequestRate,
+                    m => return Err(err("metric", format!("must be \"in_flight\" or \"request_rate\", got {m:?}"))),
+                };
+                let mut s = ThresholdSettings::new(metric, target()?);
+                s.bounds = bounds;
+                s.reserve = self.reserve.unwrap_or(s.reserve);
+                s.cooldown = d(self.cooldown, s.cooldown);
+                ScalePolicyConfig::Threshold(ThresholdConfig::try_new(s).map_err(core)?)
+            }
+            "target_tracking" => {
+                let metric = match self.metric.as_deref().unwrap_or("in_flight") {
+                    "in_flight" => Metric::InFlight,
+                    "request_rate" => Metric::RequestRate,
+                    "queue_length" => Metric::QueueLength,
+                    "kv_cache_use" => Metric::KvCacheUse,
+                    m => {
+                        let msg = format!("must be in_flight, request_rate, queue_length or kv_cache_use, got {m:?}");
+                        return Err(err("metric", msg));
+                    }
+                };
+                let mut s = TargetTrackingSettings::new(vec![MetricTarget { metric, target: target()? }]);
+                s.bounds = bounds;
+                if let Some(w) = self.scale_down_window {
+                    s.scale_down.stabilization_window = w.0;
+                }
+                ScalePolicyConfig::TargetTracking(TargetTrackingConfig::try_new(s).map_err(core)?)
+            }
+            "slo" => {
+                let rate = self.service_rate.ok_or_else(|| err("service_rate", "is required by the slo policy"))?;
+                let slo = match (self.max_wait, self.wait_probability, self.mean_wait) {
+                    (Some(w), Some(p), None) => Slo::WaitProbability { max_wait: w.0, probability: p },
+                    (None, None, Some(m)) => Slo::MeanWait(m.0),
+                    _ => return Err(err("max_wait", "give max_wait with wait_probability, or mean_wait alone")),
+                };
+                let mut s = SloSettings::new(rate, slo);
+                s.bounds = bounds;
+                s.scale_down_window = d(self.scale_down_window, s.scale_down_window);
+                ScalePolicyConfig::Slo(SloConfig::try_new(s).map_err(core)?)
+            }
+            p => {
+                let msg = format!("must be \"knative\", \"target_tracking\", \"threshold\" or \"slo\", got {p:?}");
+                return Err(err("policy", msg));
+            }
+        };
+        let interval = d(self.interval, Duration::from_secs(1));
+        if interval.is_zero() {
+            return Err(err("interval", "must be longer than zero"));
+        }
+        let a = self.actuator;
+        let need = |v: Option<String>, field: &str| {
+            v.filter(|s| !s.trim().is_empty()).ok_or_else(|| err(&format!("actuator.{field}"), "is required"))
+        };
+        let actuator = match a.kind.as_str() {
+            "local" => {
+                let ports = a.ports.as_deref().unwrap_or("9100-9199");
+                let ports = parse_ports(ports).ok_or_else(|| {
+                    err("actuator.ports", format!("must be a range such as \"9100-9199\", got {ports:?}"))
+                })?;
+                let command = need(a.command, "command")?;
+                if !command.contains("{port}") {
+                    return Err(err("actuator.command", "must contain {port}: each replica needs its own port"));
+                }
+                ActuatorConfig::Local {
+                    command,
+                    ports,
+                    ready_path: a.ready_path,
+                    startup_timeout: d(a.startup_timeout, Duration::from_secs(30)),
+                    backoff_base: d(a.backoff_base, Duration::from_millis(500)),
+                    backoff_max: d(a.backoff_max, Duration::from_secs(30)),
+                    max_restarts: a.max_restarts.unwrap_or(5),
+                    restart_window: d(a.restart_window, Duration::from_secs(60)),
+                    stop_grace: d(a.stop_grace, Duration::from_secs(10)),
+                }
+            }
+            "kubernetes" => ActuatorConfig::Kubernetes {
+                api_server: need(a.api_server, "api_server")?,
+                namespace: a.namespace.unwrap_or_else(|| "default".to_owned()),
+                deployment: need(a.deployment, "deployment")?,
+            },
+            "command" => ActuatorConfig::Command {
+                command: need(a.command, "command")?,
+                timeout: d(a.timeout, Duration::from_secs(60)),
+            },
+            k => {
+                return Err(err(
+                    "actuator.kind",
+                    format!("must be \"local\", \"kubernetes\" or \"command\", got {k:?}"),
+                ));
+            }
+        };
+        Ok(AutoscaleConfig {
+            policy,
+            interval,
+            actuator,
+            drain_timeout: d(self.drain_timeout, Duration::from_secs(30)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Config;
+
+    fn err(autoscale: &str) -> String {
+        Config::parse(&format!("[pool.x]\nautoscale = {autoscale}\n"), None).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn autoscale_tables_parse() {
+        let text = r#"
+[pool.x.autoscale]
+policy = "knative"
+min_replicas = 1
+max_replicas = 4
+target = 4.0
+actuator = { kind = "local", command = "fulcrum mock-backend --port {port} --seed {index}", ports = "9100-9110", ready_path = "/health" }
+"#;
+        let c = Config::parse(text, None).unwrap();
+        let a = c.pools["x"].autoscale.as_ref().unwrap();
+        assert!(matches!(a.policy, super::ScalePolicyConfig::Knative(_)));
+        assert!(matches!(&a.actuator, super::ActuatorConfig::Local { ports: (9100, 9110), .. }));
+        for policy in [
+            r#"{ policy = "threshold", target = 10.0, reserve = 1, actuator = { kind = "command", command = "scale {replicas}" } }"#,
+            r#"{ policy = "target_tracking", metric = "kv_cache_use", target = 0.7, actuator = { kind = "kubernetes", api_server = "http://127.0.0.1:8001", deployment = "llm" } }"#,
+            r#"{ policy = "slo", service_rate = 0.5, max_wait = "500ms", wait_probability = 0.05, actuator = { kind = "command", command = "x" } }"#,
+        ] {
+            let c = Config::parse(&format!("[pool.x]\nautoscale = {policy}\n"), None).unwrap();
+            assert!(c.pools["x"].autoscale.is_some());
+        }
+    }
+
+    #[test]
+    fn autoscale_nonsense_is_refused_by_name() {
+        let e = err(
+            r#"{ target = 1.0, min_replicas = 5, max_replicas = 2, actuator = { kind = "command", command = "x" } }"#,
+        );
+        assert!(e.contains("pool.x.autoscale.min_replicas"), "{e}");
+        let e = err(r#"{ actuator = { kind = "command", command = "x" } }"#);
+        assert!(e.contains("pool.x.autoscale.target: is required"), "{e}");
+        let e = err(r#"{ target = 1.0, actuator = { kind = "local", command = "serve" } }"#);
+        assert!(e.contains("pool.x.autoscale.actuator.command: must contain {port}"), "{e}");
+        let e = err(r#"{ target = 1.0, actuator = { kind = "local", command = "s {port}", ports = "9-1" } }"#);
+        assert!(e.contains("pool.x.autoscale.actuator.ports"), "{e}");
+        let e = err(r#"{ target = 1.0, actuator = { kind = "docker" } }"#);
+        assert!(e.contains("pool.x.autoscale.actuator.kind"), "{e}");
+        let e = err(r#"{ policy = "slo", service_rate = 1.0, actuator = { kind = "command", command = "x" } }"#);
+        assert!(e.contains("pool.x.autoscale.max_wait"), "{e}");
+        let e = err(r#"{ policy = "magic", actuator = { kind = "command", command = "x" } }"#);
+        assert!(e.contains("pool.x.autoscale.policy"), "{e}");
+    }
+}
