@@ -1,0 +1,48 @@
+//! Fulcrum's autoscaler runtime: the actuators that carry a replica count out.
+//!
+//! A scaling policy in `fulcrum-core` ([`fulcrum_core::scale`]) decides how many replicas a
+//! pool should have; an [`Actuator`] makes it so:
+//!
+//! | actuator | what `scale_to(n)` does | replicas it reports |
+//! | --- | --- | --- |
+//! | [`LocalActuator`] | starts and supervises child processes from a command template (`{port}`, `{index}`), restarts crashed ones with backoff, gives up past a restart intensity, stops the highest indices on scale-in | each one: address, state, pid, restarts |
+//! | [`CommandActuator`] | runs an external command with `{replicas}`, bounded by a timeout | none |
+//! | [`KubernetesActuator`] | patches a Deployment's `scale` subresource (plain HTTP: `kubectl proxy`) | none (Kubernetes does) |
+//!
+//! The autoscaler loop (to come) drives one of them each tick: read the pool's signals, ask
+//! the policy, drain the replicas that scale-in will remove from the proxy, then
+//! [`Actuator::scale_to`]; and it turns the local actuator's [`Event`]s into proxy
+//! registrations ([`EventKind::Ready`]) and deregistrations ([`EventKind::Exited`],
+//! [`EventKind::Stopped`]).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use fulcrum_scale::{Actuator, CommandActuator, CommandConfig, CommandSettings};
+//!
+//! let mut actuator = CommandActuator::new(CommandConfig::try_new(CommandSettings::new("true {replicas}")).unwrap());
+//! actuator.scale_to(2).await.unwrap();
+//! assert_eq!(actuator.observe().await.unwrap().desired, Some(2));
+//! # }
+//! ```
+//!
+//! Decisions (backoff, restart intensity, port choice) are pure and take the time as an
+//! argument; this crate holds the effects (processes, signals, timers, HTTP). It must never
+//! depend on the proxy or the control plane: they drive it, through the [`Actuator`] trait and
+//! the event channel.
+
+pub mod actuator;
+pub mod command;
+pub mod kubernetes;
+pub mod local;
+pub mod ports;
+mod process;
+pub mod replica;
+pub mod restart;
+pub mod template;
+
+pub use actuator::{Actuator, ActuatorError, AnyActuator, Observed};
+pub use command::{CommandActuator, CommandConfig, CommandError, CommandSettings};
+pub use kubernetes::{KubernetesActuator, KubernetesError, KubernetesSettings};
+pub use local::{LocalActuator, LocalConfig, LocalError, LocalSettings, Output, Readiness};
+pub use replica::{Event, EventKind, EventSink, Exit, Replica, ReplicaState};
