@@ -101,7 +101,7 @@ impl PoolSafety {
     }
 
     /// Records an event and logs it.
-    pub(crate) fn event(&self, endpoint: &str, kind: &'static str, detail: String) {
+    pub fn event(&self, endpoint: &str, kind: &'static str, detail: String) {
         if kind == "retry" {
             tracing::debug!(endpoint, kind, %detail, "pool event");
         } else {

@@ -32,6 +32,7 @@
 //! the event channel.
 
 pub mod actuator;
+pub mod autoscaler;
 pub mod command;
 pub mod kubernetes;
 pub mod local;

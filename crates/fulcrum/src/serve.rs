@@ -91,7 +91,24 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             let addr = proxy.local_addr(&l.name).map_or_else(|| l.address.to_string(), |a| a.to_string());
             tracing::info!(listener = %l.name, %addr, protocol = kind, "listening");
         }
+        // Autoscalers start their replicas now and stop them after the proxy has drained.
+        let (stop_scaling, stopped) = tokio::sync::watch::channel(false);
+        let mut scalers = tokio::task::JoinSet::new();
+        for pool in proxy.pools() {
+            if let Some(autoscale) = pool.config().autoscale.clone() {
+                let mut stopped = stopped.clone();
+                scalers.spawn(fulcrum_scale::autoscaler::run(pool, autoscale, async move {
+                    let _ = stopped.changed().await;
+                }));
+            }
+        }
         proxy.run(shutdown_signal()).await;
+        let _ = stop_scaling.send(true);
+        while let Some(done) = scalers.join_next().await {
+            if let Ok(Err(e)) = done {
+                tracing::warn!(error = %e, "autoscaler stopped with an error");
+            }
+        }
         anyhow::Ok(())
     })
 }

@@ -1,0 +1,132 @@
+//! The autoscaler end to end: local `fulcrum mock-backend` replicas grow under a load step
+//! and shrink back after it, with no failed request during scale-in (issue P1.7).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fulcrum_config::Config;
+use fulcrum_proxy::Proxy;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+async fn client(proxy: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, failed: Arc<AtomicU64>) {
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(stream) = tokio::net::TcpStream::connect(proxy).await else {
+            failed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        tokio::spawn(conn);
+        let body = r#"{"model":"llama","max_tokens":60,"messages":[{"role":"user","content":"scale me"}]}"#;
+        let req = http::Request::post("/v1/chat/completions")
+            .header("host", "fulcrum")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("request");
+        let good = match s.send_request(req).await {
+            Ok(resp) => resp.status() == 200 && resp.into_body().collect().await.is_ok(),
+            Err(_) => false,
+        };
+        if good {
+            ok.fetch_add(1, Ordering::Relaxed)
+        } else {
+            failed.fetch_add(1, Ordering::Relaxed)
+        };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_follow_a_load_step_out_and_back_in() {
+    let bin = env!("CARGO_BIN_EXE_fulcrum");
+    let toml = format!(
+        r#"
+[[listener]]
+name = "public"
+address = "127.0.0.1:0"
+pool = "fleet"
+
+[pool.fleet]
+policy = "least_connections"
+retry = {{ max_attempts = 3 }}
+
+[pool.fleet.autoscale]
+policy = "threshold"
+metric = "in_flight"
+target = 2.0
+reserve = 0
+cooldown = "1s"
+min_replicas = 1
+max_replicas = 4
+interval = "200ms"
+drain_timeout = "10s"
+actuator = {{ kind = "local", command = "{bin} mock-backend --port {{port}} --seed {{index}} --model llama --gpu h100", ports = "19700-19720", ready_path = "/health", stop_grace = "5s" }}
+"#
+    );
+    let config = Config::parse(&toml, None).expect("config");
+    let proxy = Proxy::bind(&config).await.expect("proxy");
+    let addr = proxy.local_addr("public").expect("listener");
+    let pool = proxy.pools().remove(0);
+    let (stop_proxy, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(proxy.run(async {
+        let _ = stop_rx.await;
+    }));
+    let (stop_scaler, scaler_rx) = tokio::sync::oneshot::channel::<()>();
+    let autoscale = pool.config().autoscale.clone().expect("autoscale");
+    let scaler = tokio::spawn(fulcrum_scale::autoscaler::run(pool.clone(), autoscale, async {
+        let _ = scaler_rx.await;
+    }));
+    let replicas = || pool.snapshot().selector.endpoints().len();
+
+    // The first replica comes up.
+    let t0 = Instant::now();
+    while replicas() < 1 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no first replica");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // A load step: 8 concurrent clients.
+    let step = Arc::new(AtomicBool::new(false));
+    let heavy: Vec<_> = (0..8).map(|_| tokio::spawn(client(addr, step.clone(), ok.clone(), failed.clone()))).collect();
+    // A light load that goes on through the scale-in.
+    let light_stop = Arc::new(AtomicBool::new(false));
+    let light = tokio::spawn(client(addr, light_stop.clone(), ok.clone(), failed.clone()));
+
+    let mut peak = 0;
+    let t1 = Instant::now();
+    while t1.elapsed() < Duration::from_secs(20) && peak < 3 {
+        peak = peak.max(replicas());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(peak >= 3, "the fleet grew to {peak} replicas only");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    step.store(true, Ordering::Relaxed);
+    for h in heavy {
+        h.await.expect("client");
+    }
+    // The step is over: back to the minimum, while the light client keeps sending.
+    let t2 = Instant::now();
+    while replicas() > 1 {
+        assert!(t2.elapsed() < Duration::from_secs(30), "still {} replicas", replicas());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    light_stop.store(true, Ordering::Relaxed);
+    light.await.expect("light client");
+
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed requests ({} ok)", ok.load(Ordering::Relaxed));
+    assert!(ok.load(Ordering::Relaxed) > 10);
+    let events: Vec<String> =
+        pool.safety().events().into_iter().filter(|e| e.kind == "autoscale").map(|e| e.detail).collect();
+    println!("autoscale decisions: {events:#?}");
+    assert!(events.iter().any(|e| e.contains("-> 1 replicas")), "{events:?}");
+
+    let _ = stop_scaler.send(());
+    scaler.await.expect("autoscaler task").expect("autoscaler");
+    assert_eq!(replicas(), 0, "replicas stopped at shutdown");
+    let _ = stop_proxy.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
+}
