@@ -46,6 +46,11 @@ pub struct DemoArgs {
     /// Balancing policy of the fleet's pool (see `fulcrum policies`).
     #[arg(long, default_value = "prefix_affinity")]
     pub policy: PolicyKind,
+    /// Show elastic scaling: the fleet is local `mock-backend` replicas managed by the
+    /// autoscaler (1 to 6), and the traffic alternates between a low and a high level every
+    /// 15 s.
+    #[arg(long)]
+    pub autoscale: bool,
     /// Output tokens each generated request asks for.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_tokens: u32,
@@ -97,9 +102,20 @@ async fn start_fleet() -> anyhow::Result<Vec<(String, MockHandle, Gpu, u32)>> {
 }
 
 /// One client stream: chat completions in a loop on a keep-alive connection.
-async fn client(proxy: SocketAddr, worker: u32, max_tokens: u32, window: Arc<Mutex<Window>>, stop: Arc<AtomicBool>) {
+async fn client(
+    proxy: SocketAddr,
+    worker: u32,
+    max_tokens: u32,
+    window: Arc<Mutex<Window>>,
+    stop: Arc<AtomicBool>,
+    active: Arc<std::sync::atomic::AtomicU32>,
+) {
     let mut n: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
+        if worker >= active.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         let Ok(stream) = tokio::net::TcpStream::connect(proxy).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -108,7 +124,7 @@ async fn client(proxy: SocketAddr, worker: u32, max_tokens: u32, window: Arc<Mut
             continue;
         };
         tokio::spawn(conn);
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.load(Ordering::Relaxed) && worker < active.load(Ordering::Relaxed) {
             n += 1;
             let system = SYSTEM_PROMPTS[(worker as usize + n as usize) % SYSTEM_PROMPTS.len()];
             let body = serde_json::json!({
@@ -190,22 +206,68 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     rt.block_on(run(args))
 }
 
+/// The autoscaled demo pool: local mock-backend replicas of this very binary.
+fn autoscale_config(listen: SocketAddr, policy: PolicyKind) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("cannot find the fulcrum binary to start replicas")?;
+    let exe = exe.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+    let policy = match policy {
+        PolicyKind::HeaderHash => r#"{ name = "header_hash", header = "x-user" }"#.to_owned(),
+        PolicyKind::CookieHash => r#"{ name = "cookie_hash", cookie = "session" }"#.to_owned(),
+        k => format!("\"{k}\""),
+    };
+    Ok(format!(
+        r#"[[listener]]
+name = "public"
+address = "{listen}"
+pool = "fleet"
+
+[pool.fleet]
+policy = {policy}
+engine_metrics = {{ interval = "200ms" }}
+
+[pool.fleet.autoscale]
+policy = "threshold"
+metric = "in_flight"
+target = 4.0
+reserve = 0
+cooldown = "5s"
+min_replicas = 1
+max_replicas = 6
+interval = "500ms"
+drain_timeout = "20s"
+actuator = {{ kind = "local", command = "'{exe}' mock-backend --port {{port}} --seed {{index}} --model {MODEL} --gpu a100", ports = "19800-19899", ready_path = "/health", stop_grace = "5s" }}
+"#
+    ))
+}
+
 async fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    let fleet = start_fleet().await?;
+    let fleet = if args.autoscale { Vec::new() } else { start_fleet().await? };
     let backends: Vec<(String, SocketAddr, Gpu, u32)> =
         fleet.iter().map(|(n, h, g, w)| (n.clone(), h.local_addr(), *g, *w)).collect();
-    let toml = fleet_config(args.listen, args.policy, &backends);
+    let toml = if args.autoscale {
+        autoscale_config(args.listen, args.policy)?
+    } else {
+        fleet_config(args.listen, args.policy, &backends)
+    };
     let config = Config::parse(&toml, None).context("demo configuration")?;
     let proxy = Proxy::bind(&config)
         .await
         .with_context(|| format!("cannot start the proxy on {} (is the port in use? try --listen)", args.listen))?;
     let addr = proxy.local_addr("public").context("listener")?;
     let pools = proxy.pools();
-    println!(
-        "fulcrum demo: proxy on http://{addr} (policy {}), fleet of {} simulated GPU servers:",
-        args.policy,
-        fleet.len()
-    );
+    if args.autoscale {
+        println!(
+            "fulcrum demo: proxy on http://{addr} (policy {}), an autoscaled fleet of 1 to 6 simulated A100 servers",
+            args.policy
+        );
+        println!("(local mock-backend replicas; the load alternates every 15 s between low and high)");
+    } else {
+        println!(
+            "fulcrum demo: proxy on http://{addr} (policy {}), fleet of {} simulated GPU servers:",
+            args.policy,
+            fleet.len()
+        );
+    }
     for (name, handle, gpu, weight) in &fleet {
         println!("  {name:8} {:5} weight {weight}  {}", gpu.as_str(), handle.base_url());
     }
@@ -214,16 +276,34 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     );
     println!("Ctrl-C stops{}.\n", args.duration.map(|d| format!(", or after {d:?}")).unwrap_or_default());
 
+    let (stop_scaler_tx, stop_scaler_rx) = tokio::sync::oneshot::channel::<()>();
+    let scaler =
+        pools.first().and_then(|p| p.config().autoscale.clone().map(|a| (p.clone(), a))).map(|(pool, autoscale)| {
+            tokio::spawn(fulcrum_scale::autoscaler::run(pool, autoscale, async {
+                let _ = stop_scaler_rx.await;
+            }))
+        });
     let (stop_proxy_tx, stop_proxy_rx) = tokio::sync::oneshot::channel::<()>();
     let proxy_task = tokio::spawn(proxy.run(async {
         let _ = stop_proxy_rx.await;
     }));
 
+    if args.autoscale {
+        // The traffic starts once the first replica is ready (requests to an empty pool get 503).
+        let t0 = std::time::Instant::now();
+        while pools[0].snapshot().selector.endpoints().is_empty() {
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(60), "the first replica did not become ready in 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let window = Arc::new(Mutex::new(Window::default()));
     let stop = Arc::new(AtomicBool::new(false));
+    let low = (args.concurrency / 8).max(1);
+    let active = Arc::new(std::sync::atomic::AtomicU32::new(if args.autoscale { low } else { args.concurrency }));
     let clients: Vec<_> = (0..args.concurrency)
-        .map(|w| tokio::spawn(client(addr, w, args.max_tokens, window.clone(), stop.clone())))
+        .map(|w| tokio::spawn(client(addr, w, args.max_tokens, window.clone(), stop.clone(), active.clone())))
         .collect();
+    let mut decisions_seen = 0;
 
     let deadline = async {
         match args.duration {
@@ -256,16 +336,40 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
                 total_ok += w.ok;
                 total_failed += w.failed;
                 let now = counts(&pools);
-                let routed: u64 = now.iter().zip(&last).map(|(n, l)| n.1 - l.1).sum();
+                let delta = |name: &str, n: u64| n.saturating_sub(last.iter().find(|l| l.0 == name).map_or(0, |l| l.1));
+                let routed: u64 = now.iter().map(|(name, n)| delta(name, *n)).sum();
                 let share: Vec<String> = now
                     .iter()
-                    .zip(&last)
-                    .map(|(n, l)| format!("{} {:>3.0}%", n.0, if routed == 0 { 0.0 } else { 100.0 * (n.1 - l.1) as f64 / routed as f64 }))
+                    .map(|(name, n)| {
+                        let pct = if routed == 0 { 0.0 } else { 100.0 * delta(name, *n) as f64 / routed as f64 };
+                        format!("{name} {pct:>3.0}%")
+                    })
                     .collect();
                 last = now;
+                if args.autoscale {
+                    // A load step every 15 s: low, then high.
+                    let phase = (started.elapsed().as_secs() / 15) % 2;
+                    active.store(if phase == 0 { low } else { args.concurrency }, Ordering::Relaxed);
+                    let decisions: Vec<String> = pools[0]
+                        .safety()
+                        .events()
+                        .into_iter()
+                        .filter(|e| e.kind == "autoscale")
+                        .map(|e| e.detail)
+                        .collect();
+                    for d in decisions.iter().skip(decisions_seen) {
+                        println!("        autoscaler: {d}");
+                    }
+                    decisions_seen = decisions.len();
+                }
                 let (t, e) = (w.ttft.percentiles(), w.e2e.percentiles());
+                let replicas = if args.autoscale {
+                    format!("replicas {}  clients {:>3}  ", pools[0].snapshot().selector.endpoints().len(), active.load(Ordering::Relaxed))
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{:>4}s  {:>5} req/s  {:>6} tok/s  err {:<3} ttft p50 {:>6} p99 {:>6}  e2e p50 {:>6} p99 {:>6}  | {}",
+                    "{:>4}s  {replicas}{:>5} req/s  {:>6} tok/s  err {:<3} ttft p50 {:>6} p99 {:>6}  e2e p50 {:>6} p99 {:>6}  | {}",
                     started.elapsed().as_secs_f64().round() as u64,
                     routed,
                     w.tokens,
@@ -286,6 +390,10 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         c.abort();
     }
     let _ = proxy_task.await;
+    if let Some(scaler) = scaler {
+        let _ = stop_scaler_tx.send(());
+        let _ = scaler.await;
+    }
     for (_, handle, _, _) in fleet {
         handle.shutdown().await;
     }

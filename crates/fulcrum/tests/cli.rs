@@ -73,3 +73,28 @@ fn demo_runs_a_fleet_and_stops_by_itself() {
     let last = text.lines().last().unwrap_or("");
     assert!(last.contains(" 0 failed") && !last.starts_with("stopping: 0 requests"), "{text}");
 }
+
+#[test]
+fn demo_autoscale_grows_and_shrinks_the_fleet() {
+    let out = fulcrum()
+        .args([
+            "demo",
+            "--autoscale",
+            "--duration",
+            "38s",
+            "--listen",
+            "127.0.0.1:0",
+            "--concurrency",
+            "16",
+            "--max-tokens",
+            "24",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("autoscaler: 1 -> "), "no scale-out:\n{text}");
+    assert!(text.lines().any(|l| l.contains("autoscaler:") && l.contains("-> 1 replicas")), "no scale-in:\n{text}");
+    let last = text.lines().last().unwrap_or("");
+    assert!(last.contains(" 0 failed"), "{text}");
+}
