@@ -87,6 +87,8 @@ pub struct AutoscaleConfig {
     pub actuator: ActuatorConfig,
     /// How long a replica being removed may take to finish its requests.
     pub drain_timeout: Duration,
+    /// How long a request to a pool scaled to zero is held while a replica starts (then 503).
+    pub cold_start_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,6 +119,7 @@ pub(crate) struct RawAutoscale {
     scale_to_zero_after: Option<DurationStr>,
     interval: Option<DurationStr>,
     drain_timeout: Option<DurationStr>,
+    cold_start_timeout: Option<DurationStr>,
     metric: Option<String>,
     target: Option<f64>,
     reserve: Option<u32>,
@@ -268,6 +271,7 @@ impl RawAutoscale {
             interval,
             actuator,
             drain_timeout: d(self.drain_timeout, Duration::from_secs(30)),
+            cold_start_timeout: d(self.cold_start_timeout, Duration::from_secs(60)),
         })
     }
 }

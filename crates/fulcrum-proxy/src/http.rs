@@ -173,7 +173,11 @@ async fn proxy(
     parts.version = Version::HTTP_11;
 
     // What the policy looks at.
-    let snapshot = pool.snapshot();
+    // A pool the autoscaler has scaled to zero holds its requests while a replica starts.
+    let snapshot = match &pool.config().autoscale {
+        Some(a) => pool.wait_for_endpoints(a.cold_start_timeout).await,
+        None => pool.snapshot(),
+    };
     let needs = pool.needs();
     let key: Option<&[u8]> = match &needs.key {
         Some(HashKey::Header(name)) => parts.headers.get(name.as_str()).map(HeaderValue::as_bytes),

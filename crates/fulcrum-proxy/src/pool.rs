@@ -48,6 +48,8 @@ pub struct PoolRuntime {
     writer: std::sync::Mutex<()>,
     /// Bumped at every membership change, for the per-endpoint background tasks.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Requests held while the pool has no endpoint (scaled to zero), waiting for one.
+    held: std::sync::atomic::AtomicU64,
 }
 
 /// What a membership change did.
@@ -88,6 +90,7 @@ impl PoolRuntime {
             safety,
             writer: std::sync::Mutex::new(()),
             generation: tokio::sync::watch::Sender::new(0),
+            held: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -195,6 +198,33 @@ impl PoolRuntime {
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// Requests waiting for the pool's first endpoint (the autoscaler reads it as a queue).
+    pub fn held(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Holds a request while the pool has no endpoint, until one joins or `timeout` passes:
+    /// a pool scaled to zero wakes up without turning its first requests away. Returns the
+    /// snapshot to use (possibly still empty).
+    pub(crate) async fn wait_for_endpoints(&self, timeout: std::time::Duration) -> Arc<PoolSnapshot> {
+        let snapshot = self.snapshot();
+        if !snapshot.selector.endpoints().is_empty() {
+            return snapshot;
+        }
+        let mut changes = self.generation.subscribe();
+        self.held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = tokio::time::timeout(timeout, async {
+            while self.snapshot().selector.endpoints().is_empty() {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        self.held.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.snapshot()
     }
 
     /// Follows membership changes (for the per-endpoint background tasks).

@@ -117,6 +117,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = (clock::now(), safety.stats.requests.load(Ordering::Relaxed));
+    let mut cpu = CpuMeter::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -125,7 +126,9 @@ pub async fn run(
         }
         register(&pool, &statics, &actuator);
         let now = clock::now();
-        let signals = signals(&pool, desired, &mut last, now);
+        let mut signals = signals(&pool, desired, &mut last, now);
+        let pids: Vec<u32> = actuator.replicas().iter().filter_map(|r| r.pid).collect();
+        (signals.cpu_per_replica, signals.memory_per_replica) = cpu.sample(&pids, now);
         let decision = policy.decide(now, &signals);
         if decision.desired == desired {
             continue;
@@ -182,6 +185,55 @@ fn register(pool: &PoolRuntime, statics: &[EndpointSpec], actuator: &AnyActuator
     }
 }
 
+/// CPU (fraction of one core) and memory (fraction of the machine's) of local replicas, from
+/// `/proc` (Linux; elsewhere, unknown).
+#[derive(Debug, Default)]
+struct CpuMeter {
+    last: BTreeMap<u32, (u64, Instant)>,
+}
+
+impl CpuMeter {
+    fn sample(&mut self, pids: &[u32], now: Instant) -> (Option<f64>, Option<f64>) {
+        let ticks_per_sec = 100.0; // USER_HZ on Linux
+        let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        });
+        let (mut cpus, mut mems) = (Vec::new(), Vec::new());
+        let mut next = BTreeMap::new();
+        for &pid in pids {
+            let Some(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok() else { continue };
+            // Fields after the command name (which may hold spaces) start after the last ')'.
+            let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+            let ticks = fields
+                .get(11)
+                .and_then(|u| u.parse::<u64>().ok())
+                .zip(fields.get(12).and_then(|s| s.parse::<u64>().ok()));
+            if let Some((u, s)) = ticks {
+                if let Some((before, at)) = self.last.get(&pid) {
+                    let dt = now.saturating_since(*at).as_secs_f64();
+                    if dt > 0.0 {
+                        cpus.push((u + s).saturating_sub(*before) as f64 / ticks_per_sec / dt);
+                    }
+                }
+                next.insert(pid, (u + s, now));
+            }
+            let rss = std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|st| {
+                st.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            });
+            if let (Some(rss), Some(total)) = (rss, total_kib) {
+                mems.push(rss / total);
+            }
+        }
+        self.last = next;
+        let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        (mean(&cpus), mean(&mems))
+    }
+}
+
 /// The pool's load as the policies read it.
 fn signals(pool: &PoolRuntime, replicas: u32, last: &mut (Instant, u64), now: Instant) -> Signals {
     let snapshot = pool.snapshot();
@@ -198,6 +250,8 @@ fn signals(pool: &PoolRuntime, replicas: u32, last: &mut (Instant, u64), now: In
         in_flight_per_replica: Some(snapshot.selector.in_flight() as f64 / serving),
         request_rate: rate,
         kv_cache_use: (!kv.is_empty()).then(|| kv.iter().sum::<f64>() / kv.len() as f64),
+        // Requests held while the pool is at zero are the load that wakes it.
+        queue_length: Some(pool.held()),
         ..Signals::default()
     }
 }

@@ -130,3 +130,79 @@ actuator = {{ kind = "local", command = "{bin} mock-backend --port {{port}} --se
     let _ = stop_proxy.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_scaled_to_zero_holds_requests_while_a_replica_starts() {
+    let bin = env!("CARGO_BIN_EXE_fulcrum");
+    let toml = format!(
+        r#"
+[[listener]]
+name = "public"
+address = "127.0.0.1:0"
+pool = "fleet"
+
+[pool.fleet]
+policy = "round_robin"
+
+[pool.fleet.autoscale]
+policy = "threshold"
+target = 4.0
+reserve = 0
+cooldown = "500ms"
+min_replicas = 0
+max_replicas = 2
+scale_to_zero_after = "1s"
+interval = "100ms"
+cold_start_timeout = "20s"
+actuator = {{ kind = "local", command = "{bin} mock-backend --port {{port}} --model llama", ports = "19730-19740", ready_path = "/health", stop_grace = "5s" }}
+"#
+    );
+    let config = Config::parse(&toml, None).expect("config");
+    let proxy = Proxy::bind(&config).await.expect("proxy");
+    let addr = proxy.local_addr("public").expect("listener");
+    let pool = proxy.pools().remove(0);
+    let (stop_proxy, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(proxy.run(async {
+        let _ = stop_rx.await;
+    }));
+    let (stop_scaler, scaler_rx) = tokio::sync::oneshot::channel::<()>();
+    let autoscale = pool.config().autoscale.clone().expect("autoscale");
+    let scaler = tokio::spawn(fulcrum_scale::autoscaler::run(pool.clone(), autoscale, async {
+        let _ = scaler_rx.await;
+    }));
+    let replicas = || pool.snapshot().selector.endpoints().len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(replicas(), 0, "min_replicas 0 starts empty");
+
+    let (ok, failed, stop) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    for round in 0..2 {
+        // One request to the empty pool: held, the autoscaler wakes a replica, it is served.
+        let one = {
+            let (ok, failed) = (ok.clone(), failed.clone());
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                stop.store(false, Ordering::Relaxed);
+                let before = ok.load(Ordering::Relaxed);
+                let worker = tokio::spawn(client(addr, stop.clone(), ok.clone(), failed));
+                while ok.load(Ordering::Relaxed) == before {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                stop.store(true, Ordering::Relaxed);
+                worker.await.expect("client");
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(30), one).await.expect("served in time").expect("task");
+        assert_eq!(failed.load(Ordering::Relaxed), 0, "round {round}: a request failed while the pool woke up");
+        // Idle again: back to zero after scale_to_zero_after.
+        let t0 = Instant::now();
+        while replicas() > 0 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "round {round}: did not scale to zero");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let _ = stop_scaler.send(());
+    scaler.await.expect("autoscaler task").expect("autoscaler");
+    let _ = stop_proxy.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
+}
