@@ -310,6 +310,9 @@ async fn proxy(
         }
         // Latency is time to the response head; load lasts until the body ends.
         endpoint.signals().observe(started.elapsed(), outcome, now, &latency);
+        if result.is_ok() {
+            safety.record_latency(started.elapsed());
+        }
         if let (Some(b), Some(p)) = (&upstream.breaker, permit) {
             b.record(endpoint, &safety, p, outcome, now);
         }

@@ -70,7 +70,13 @@ pub struct PoolSafety {
     events: Mutex<VecDeque<PoolEvent>>,
     /// Counters.
     pub stats: SafetyStats,
+    /// The last `LATENCY_SAMPLES` response-head latencies (microseconds; 0 = empty slot),
+    /// written lock-free round the ring.
+    latencies: Box<[AtomicU64]>,
+    latency_next: AtomicUsize,
 }
+
+const LATENCY_SAMPLES: usize = 1024;
 
 impl PoolSafety {
     pub(crate) fn new(config: PoolResilience, endpoints: &[Endpoint]) -> Self {
@@ -96,8 +102,28 @@ impl PoolSafety {
             unavailable: AtomicUsize::new(unavailable),
             events: Mutex::new(VecDeque::new()),
             stats: SafetyStats::default(),
+            latencies: (0..LATENCY_SAMPLES).map(|_| AtomicU64::new(0)).collect(),
+            latency_next: AtomicUsize::new(0),
             config,
         }
+    }
+
+    /// Records the time to a response head.
+    pub(crate) fn record_latency(&self, latency: Duration) {
+        let slot = self.latency_next.fetch_add(1, Ordering::Relaxed) % LATENCY_SAMPLES;
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.latencies[slot].store(micros, Ordering::Relaxed);
+    }
+
+    /// The 95th percentile of the last 1,024 times to a response head, if any were recorded.
+    pub fn p95_latency(&self) -> Option<Duration> {
+        let mut v: Vec<u64> = self.latencies.iter().map(|l| l.load(Ordering::Relaxed)).filter(|&l| l > 0).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let idx = ((v.len() as f64) * 0.95).ceil() as usize;
+        Some(Duration::from_micros(v[idx.clamp(1, v.len()) - 1]))
     }
 
     /// Records an event and logs it.
@@ -449,5 +475,25 @@ impl EndpointBreaker {
     /// Gives a permit back unused.
     pub(crate) fn cancel(&self, permit: Permit) {
         lock(&self.breaker).cancel(permit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p95_of_recent_latencies() {
+        let safety = PoolSafety::new(PoolResilience::default(), &[]);
+        assert_eq!(safety.p95_latency(), None);
+        for ms in 1..=100 {
+            safety.record_latency(Duration::from_millis(ms));
+        }
+        assert_eq!(safety.p95_latency(), Some(Duration::from_millis(95)));
+        // The ring keeps only the most recent samples.
+        for _ in 0..LATENCY_SAMPLES {
+            safety.record_latency(Duration::from_millis(7));
+        }
+        assert_eq!(safety.p95_latency(), Some(Duration::from_millis(7)));
     }
 }

@@ -244,14 +244,18 @@ fn signals(pool: &PoolRuntime, replicas: u32, last: &mut (Instant, u64), now: In
     let rate = if dt > 0.0 { Some((requests.saturating_sub(last.1)) as f64 / dt) } else { None };
     *last = (now, requests);
     let max_age = snapshot.selector.options().engine_max_age();
-    let kv: Vec<f64> = endpoints.iter().filter_map(|e| e.signals().engine(now, max_age)).map(|l| l.kv_usage).collect();
+    let engines: Vec<_> = endpoints.iter().filter_map(|e| e.signals().engine(now, max_age)).collect();
+    let kv: Vec<f64> = engines.iter().map(|l| l.kv_usage).collect();
+    let engine_waiting: u64 = engines.iter().map(|l| u64::from(l.waiting)).sum();
     Signals {
         replicas,
         in_flight_per_replica: Some(snapshot.selector.in_flight() as f64 / serving),
         request_rate: rate,
         kv_cache_use: (!kv.is_empty()).then(|| kv.iter().sum::<f64>() / kv.len() as f64),
-        // Requests held while the pool is at zero are the load that wakes it.
-        queue_length: Some(pool.held()),
+        // Requests held while the pool is at zero (the load that wakes it), plus what the
+        // engines report waiting in their own queues.
+        queue_length: Some(pool.held() + engine_waiting),
+        p95_latency: pool.safety().p95_latency(),
         ..Signals::default()
     }
 }
