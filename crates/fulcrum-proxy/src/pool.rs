@@ -24,6 +24,11 @@ pub struct PoolSnapshot {
 }
 
 impl PoolSnapshot {
+    /// The upstreams by endpoint id, to carry over into the next snapshot.
+    fn upstreams_by_id(&self) -> HashMap<&str, Arc<Upstream>> {
+        self.selector.endpoints().iter().map(|e| e.id().as_str()).zip(self.upstreams.iter().cloned()).collect()
+    }
+
     /// The endpoint a sticky-cookie token names, if it is still in the pool.
     pub(crate) fn sticky_index(&self, token: u64) -> Option<usize> {
         self.sticky.get(&token).copied()
@@ -147,13 +152,7 @@ impl PoolRuntime {
         let _writer = crate::safety::lock(&self.writer);
         let current = self.snapshot.load_full();
         let selector = current.selector.rebuild(specs, clock::now())?;
-        let old: HashMap<&str, Arc<Upstream>> = current
-            .selector
-            .endpoints()
-            .iter()
-            .map(|e| e.id().as_str())
-            .zip(current.upstreams.iter().cloned())
-            .collect();
+        let old = current.upstreams_by_id();
         let mut change = MembershipChange::default();
         for e in selector.endpoints() {
             if old.contains_key(e.id().as_str()) {
@@ -237,13 +236,7 @@ impl PoolRuntime {
         let _writer = crate::safety::lock(&self.writer);
         let current = self.snapshot.load();
         if let Some(selector) = current.selector.refresh(clock::now()) {
-            let old: HashMap<&str, Arc<Upstream>> = current
-                .selector
-                .endpoints()
-                .iter()
-                .map(|e| e.id().as_str())
-                .zip(current.upstreams.iter().cloned())
-                .collect();
+            let old = current.upstreams_by_id();
             let next = Self::snapshot_of(&self.config, selector, &old);
             self.snapshot.store(Arc::new(next));
         }

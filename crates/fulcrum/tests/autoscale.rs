@@ -38,6 +38,48 @@ async fn client(proxy: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, fa
     }
 }
 
+/// The proxy and the pool's autoscaler, running from `toml`.
+struct Scaled {
+    addr: SocketAddr,
+    pool: Arc<fulcrum_proxy::pool::PoolRuntime>,
+    stop_proxy: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<()>,
+    stop_scaler: tokio::sync::oneshot::Sender<()>,
+    scaler: tokio::task::JoinHandle<Result<(), fulcrum_scale::autoscaler::AutoscaleError>>,
+}
+
+impl Scaled {
+    async fn start(toml: &str) -> Scaled {
+        let config = Config::parse(toml, None).expect("config");
+        let proxy = Proxy::bind(&config).await.expect("proxy");
+        let addr = proxy.local_addr("public").expect("listener");
+        let pool = proxy.pools().remove(0);
+        let (stop_proxy, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(proxy.run(async {
+            let _ = stop_rx.await;
+        }));
+        let (stop_scaler, scaler_rx) = tokio::sync::oneshot::channel::<()>();
+        let autoscale = pool.config().autoscale.clone().expect("autoscale");
+        let scaler = tokio::spawn(fulcrum_scale::autoscaler::run(pool.clone(), autoscale, async {
+            let _ = scaler_rx.await;
+        }));
+        Scaled { addr, pool, stop_proxy, served, stop_scaler, scaler }
+    }
+
+    fn replicas(&self) -> usize {
+        self.pool.snapshot().selector.endpoints().len()
+    }
+
+    async fn stop(self) {
+        let Scaled { pool, stop_proxy, served, stop_scaler, scaler, .. } = self;
+        let _ = stop_scaler.send(());
+        scaler.await.expect("autoscaler task").expect("autoscaler");
+        assert_eq!(pool.snapshot().selector.endpoints().len(), 0, "replicas stopped at shutdown");
+        let _ = stop_proxy.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_follow_a_load_step_out_and_back_in() {
     let bin = env!("CARGO_BIN_EXE_fulcrum");
@@ -65,20 +107,9 @@ drain_timeout = "10s"
 actuator = {{ kind = "local", command = "{bin} mock-backend --port {{port}} --seed {{index}} --model llama --gpu h100", ports = "19700-19720", ready_path = "/health", stop_grace = "5s" }}
 "#
     );
-    let config = Config::parse(&toml, None).expect("config");
-    let proxy = Proxy::bind(&config).await.expect("proxy");
-    let addr = proxy.local_addr("public").expect("listener");
-    let pool = proxy.pools().remove(0);
-    let (stop_proxy, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(proxy.run(async {
-        let _ = stop_rx.await;
-    }));
-    let (stop_scaler, scaler_rx) = tokio::sync::oneshot::channel::<()>();
-    let autoscale = pool.config().autoscale.clone().expect("autoscale");
-    let scaler = tokio::spawn(fulcrum_scale::autoscaler::run(pool.clone(), autoscale, async {
-        let _ = scaler_rx.await;
-    }));
-    let replicas = || pool.snapshot().selector.endpoints().len();
+    let scaled = Scaled::start(&toml).await;
+    let (addr, pool) = (scaled.addr, scaled.pool.clone());
+    let replicas = || scaled.replicas();
 
     // The first replica comes up.
     let t0 = Instant::now();
@@ -124,11 +155,7 @@ actuator = {{ kind = "local", command = "{bin} mock-backend --port {{port}} --se
     println!("autoscale decisions: {events:#?}");
     assert!(events.iter().any(|e| e.contains("-> 1 replicas")), "{events:?}");
 
-    let _ = stop_scaler.send(());
-    scaler.await.expect("autoscaler task").expect("autoscaler");
-    assert_eq!(replicas(), 0, "replicas stopped at shutdown");
-    let _ = stop_proxy.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
+    scaled.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,20 +184,9 @@ cold_start_timeout = "20s"
 actuator = {{ kind = "local", command = "{bin} mock-backend --port {{port}} --model llama", ports = "19730-19740", ready_path = "/health", stop_grace = "5s" }}
 "#
     );
-    let config = Config::parse(&toml, None).expect("config");
-    let proxy = Proxy::bind(&config).await.expect("proxy");
-    let addr = proxy.local_addr("public").expect("listener");
-    let pool = proxy.pools().remove(0);
-    let (stop_proxy, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(proxy.run(async {
-        let _ = stop_rx.await;
-    }));
-    let (stop_scaler, scaler_rx) = tokio::sync::oneshot::channel::<()>();
-    let autoscale = pool.config().autoscale.clone().expect("autoscale");
-    let scaler = tokio::spawn(fulcrum_scale::autoscaler::run(pool.clone(), autoscale, async {
-        let _ = scaler_rx.await;
-    }));
-    let replicas = || pool.snapshot().selector.endpoints().len();
+    let scaled = Scaled::start(&toml).await;
+    let addr = scaled.addr;
+    let replicas = || scaled.replicas();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(replicas(), 0, "min_replicas 0 starts empty");
 
@@ -201,8 +217,5 @@ actuator = {{ kind = "local", command = "{bin} mock-backend --port {{port}} --mo
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let _ = stop_scaler.send(());
-    scaler.await.expect("autoscaler task").expect("autoscaler");
-    let _ = stop_proxy.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
+    scaled.stop().await;
 }
