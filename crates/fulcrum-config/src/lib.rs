@@ -69,6 +69,8 @@ pub struct ProxySettings {
     pub workers: Option<NonZeroUsize>,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: Duration,
+    /// Where the admin API and `/metrics` listen, if anywhere.
+    pub admin: Option<SocketAddr>,
 }
 
 /// A listener.
@@ -243,6 +245,7 @@ impl Config {
         let proxy = ProxySettings {
             workers: raw.proxy.workers,
             drain_timeout: raw.proxy.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            admin: raw.proxy.admin,
         };
 
         let mut pools = BTreeMap::new();

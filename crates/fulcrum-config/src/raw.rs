@@ -62,6 +62,7 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawProxy {
     pub workers: Option<NonZeroUsize>,
     pub drain_timeout: Option<DurationStr>,
+    pub admin: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]

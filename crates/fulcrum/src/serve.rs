@@ -102,7 +102,27 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 }));
             }
         }
+        // The admin API and /metrics, on their own listener.
+        let admin = match config.proxy.admin {
+            Some(address) => {
+                let listener = tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("the admin API cannot listen on {address}"))?;
+                let address = listener.local_addr().unwrap_or(address);
+                tracing::info!(%address, "admin API listening");
+                let app = fulcrum_control::admin::app(fulcrum_control::admin::AdminState::new(proxy.pools()));
+                Some(tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::warn!(error = %e, "admin API stopped");
+                    }
+                }))
+            }
+            None => None,
+        };
         proxy.run(shutdown_signal()).await;
+        if let Some(admin) = admin {
+            admin.abort();
+        }
         let _ = stop_scaling.send(true);
         while let Some(done) = scalers.join_next().await {
             if let Ok(Err(e)) = done {

@@ -98,3 +98,56 @@ fn demo_autoscale_grows_and_shrinks_the_fleet() {
     let last = text.lines().last().unwrap_or("");
     assert!(last.contains(" 0 failed"), "{text}");
 }
+
+#[test]
+fn serve_exposes_the_admin_api_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = std::env::temp_dir().join(format!("fulcrum-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("serve.toml");
+    std::fs::write(
+        &file,
+        "[proxy]\nadmin = \"127.0.0.1:0\"\n[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\npool = \"p\"\n[pool.p]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n",
+    )
+    .unwrap();
+    let mut child = fulcrum()
+        .args(["serve", "-c"])
+        .arg(&file)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let admin = loop {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("serve logs its admin address");
+        if line.contains("admin API listening") {
+            let addr = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+            break addr.trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':').to_owned();
+        }
+    };
+    let mut s = std::net::TcpStream::connect(&admin).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("fulcrum_pool_endpoints{pool=\"p\"} 1"), "{text}");
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(std::time::Instant::now() < deadline, "serve did not stop on SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
