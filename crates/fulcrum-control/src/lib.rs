@@ -1,6 +1,6 @@
 //! Fulcrum's control plane: the admin API and the Prometheus metrics of a running proxy.
 //!
-//! The admin API is an axum [`Router`] built by [`admin::app`] from the proxy's pools, so
+//! The admin API is an axum `Router` built by [`admin::app`] from the proxy's pools, so
 //! tests call it without sockets (`oneshot`) and `fulcrum serve` binds it on its own listener.
 //! Everything it reads comes from the proxy's lock-free snapshots and counters; everything it
 //! changes goes through the pool's own methods (drain, membership), never around them.
