@@ -109,7 +109,7 @@ async fn proxy(
 
     // AI policies read the body (bounded) for the model, token estimate and prefix hashes.
     let (body, body_bytes): (ReqBody, Option<Bytes>) = match body {
-        Either::Right(full) => {
+        Either::Right(full) if pool.needs().body => {
             let bytes = full.clone().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             (Either::Right(full), Some(bytes))
         }
@@ -124,10 +124,7 @@ async fn proxy(
     };
     let limits = openai::Limits { max_body_bytes: ctx.max_body_bytes, ..openai::Limits::default() };
     // A body the parser refuses is still forwarded: the backend answers it.
-    let ai = match (&body_bytes, pool.needs().body) {
-        (Some(bytes), true) => openai::parse(bytes, &limits).ok(),
-        _ => None,
-    };
+    let ai = body_bytes.as_ref().and_then(|bytes| openai::parse(bytes, &limits).ok());
     if model.is_none() {
         model = ai.as_ref().and_then(|a| a.model.as_deref().map(str::to_owned));
     }

@@ -358,7 +358,6 @@ async fn graceful_shutdown_finishes_a_stream_in_flight() {
     tokio::time::timeout(Duration::from_secs(5), running.done).await.unwrap().unwrap();
     // Stopped: new connections are refused.
     assert!(TcpStream::connect(addr).await.is_err());
-    let _ = Request::get("/").body(Full::new(Bytes::new()));
 }
 
 #[tokio::test]

@@ -9,6 +9,15 @@ use fulcrum_core::EndpointSpec;
 use fulcrum_proxy::pool::{Drained, MembershipChange};
 use http_body_util::BodyExt;
 
+/// Waits (bounded) until `ready` holds: readiness is polled, never assumed after a sleep.
+async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn spec(b: &Backend) -> EndpointSpec {
     EndpointSpec::new(b.addr).with_id(b.name.as_str())
 }
@@ -64,7 +73,10 @@ async fn a_drained_endpoint_finishes_its_stream_and_takes_nothing_new() {
         let pool = pool.clone();
         tokio::spawn(async move { pool.drain("s", Duration::from_secs(5)).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let draining = |p: &fulcrum_proxy::pool::PoolRuntime| {
+        p.snapshot().selector.endpoints()[0].signals().is_unavailable_for(fulcrum_core::Unavailable::Draining)
+    };
+    until("s is draining", || draining(&pool)).await;
     // While it drains, every new request goes to b.
     for _ in 0..6 {
         assert_eq!(backend_of_next(running.proxy_addr).await, "b");
@@ -85,7 +97,10 @@ async fn a_new_endpoint_joins_after_its_first_health_check() {
     let running =
         proxy(&one_pool("\"round_robin\"", &[&a], "health_check = { path = \"/\", interval = \"100ms\" }")).await;
     let pool = running.pools[0].clone();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until("a passed its first check", || {
+        pool.snapshot().selector.endpoints()[0].signals().is_available(fulcrum_proxy::clock::now())
+    })
+    .await;
     pool.set_endpoints(vec![spec(&a), spec(&c)]).unwrap();
     // Right after joining, c is unchecked; once its check passes it takes its share.
     let deadline = Instant::now() + Duration::from_secs(3);

@@ -162,8 +162,12 @@ endpoints = [{}]
     let served = tokio::spawn(proxy.run(async {
         let _ = stop_rx.await;
     }));
-    // Let the first health checks admit everyone.
-    tokio::time::sleep(HEALTH_INTERVAL * 2).await;
+    // Wait until the first health checks have admitted everyone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pool.snapshot().selector.endpoints().iter().all(|e| e.signals().is_available(fulcrum_proxy::clock::now())) {
+        assert!(Instant::now() < deadline, "endpoints not admitted by their health checks");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     let tally = Arc::new(Tally::default());
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));

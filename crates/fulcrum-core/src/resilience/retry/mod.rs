@@ -208,21 +208,7 @@ pub enum Decision {
 impl Default for RetryPolicy {
     /// The defaults of [`RetrySettings`].
     fn default() -> Self {
-        let mut statuses = Statuses::default();
-        for s in [502, 503, 504] {
-            statuses.insert(s);
-        }
-        RetryPolicy {
-            max_attempts: 3,
-            statuses,
-            on_connect_failure: true,
-            on_reset: true,
-            on_timeout: true,
-            per_try_timeout: None,
-            first_byte_timeout: None,
-            backoff_base: Duration::from_millis(25),
-            backoff_max: Duration::from_millis(250),
-        }
+        RetryPolicy::try_new(RetrySettings::default()).expect("the default retry settings are valid")
     }
 }
 
