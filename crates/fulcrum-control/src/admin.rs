@@ -4,56 +4,122 @@
 //! | --- | --- |
 //! | `GET /pools` | every pool with its policy and endpoints' live state |
 //! | `GET /pools/{pool}` | one pool |
-//! | `GET /pools/{pool}/events` | the pool's timeline: health, ejections, breakers, retries, drains, scaling |
+//! | `GET /pools/{pool}/events` | the pool's timeline: health, ejections, breakers, retries, drains, scaling, reloads |
+//! | `POST /pools/{pool}/endpoints` | add an endpoint (`{"address", "id"?, "weight"?, "models"?, "labels"?}`) |
+//! | `DELETE /pools/{pool}/endpoints/{id}` | remove an endpoint (its requests in flight finish) |
+//! | `PUT /pools/{pool}/endpoints/{id}/weight` | set its static weight (`{"weight": 3}`) |
 //! | `POST /pools/{pool}/endpoints/{id}/drain?timeout_ms=N` | stop new requests to an endpoint and wait for its requests in flight (default 30 s) |
+//! | `PUT /pools/{pool}/policy` | change the pool's policy (`{"policy": "least_connections"}` or `{"policy": {"name", "options"}}`) |
+//! | `GET /config` | the running configuration: its TOML text, the same as JSON, its generation |
+//! | `PUT /config` | replace the running configuration with the TOML text of the body |
+//! | `POST /reload` | read the configuration file again and apply it |
 //! | `GET /metrics` | Prometheus text |
 //!
-//! Errors are JSON: `{"error": {"message", "field"}}` with 404 for an unknown pool or endpoint
-//! and 400 for a bad parameter.
+//! Changes are edits of the running configuration's text, applied like a reload (see
+//! [`crate::edit`] and `fulcrum_proxy::live`): validated, built, swapped atomically; an
+//! invalid result is refused and the old configuration keeps running.
+//!
+//! Errors are JSON: `{"error": {"message", "field"}}` with 404 for an unknown pool or
+//! endpoint, 400 for a bad request or an invalid configuration, 409 for a change that
+//! conflicts with the running state or needs a restart, 401 without the bearer token when
+//! one is set.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use fulcrum_proxy::pool::{Drained, PoolRuntime};
+use fulcrum_proxy::{Live, ReloadError, ReloadReport};
 use serde_json::{Value, json};
+
+use crate::edit::{self, EditError};
+
+/// The largest request body the admin API reads (a whole configuration: 1 MiB).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// What the admin API works on.
 #[derive(Clone, Debug)]
 pub struct AdminState {
-    pools: Arc<Vec<Arc<PoolRuntime>>>,
+    live: Live,
+    token: Option<Arc<str>>,
 }
 
 impl AdminState {
-    /// The proxy's pools.
-    pub fn new(pools: Vec<Arc<PoolRuntime>>) -> Self {
-        AdminState { pools: Arc::new(pools) }
+    /// The proxy's running configuration.
+    pub fn new(live: Live) -> Self {
+        AdminState { live, token: None }
     }
 
-    fn pool(&self, name: &str) -> Result<&Arc<PoolRuntime>, ApiError> {
-        self.pools
-            .iter()
-            .find(|p| p.name() == name)
-            .ok_or_else(|| ApiError::not_found("pool", format!("no pool is named `{name}`")))
+    /// Requires `Authorization: Bearer <token>` on every call.
+    pub fn with_token(mut self, token: impl Into<Arc<str>>) -> Self {
+        self.token = Some(token.into());
+        self
     }
+
+    fn pool(&self, name: &str) -> Result<Arc<PoolRuntime>, ApiError> {
+        self.live.pool(name).ok_or_else(|| ApiError::not_found("pool", format!("no pool is named `{name}`")))
+    }
+
+    /// Edits the running text with `change` and applies the result.
+    fn change(&self, change: impl FnOnce(&str) -> Result<String, EditError>) -> Result<Json<Value>, ApiError> {
+        let state = self.live.state();
+        let text = state.text().ok_or(EditError::NoText)?;
+        let next = change(text)?;
+        applied(self.live.reload_text(&next, None)?)
+    }
+}
+
+fn applied(report: ReloadReport) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"applied": true, "report": report})))
 }
 
 /// An error answered as JSON.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    field: &'static str,
+    field: String,
     message: String,
 }
 
 impl ApiError {
-    fn not_found(field: &'static str, message: String) -> Self {
-        ApiError { status: StatusCode::NOT_FOUND, field, message }
+    fn not_found(field: &str, message: String) -> Self {
+        ApiError { status: StatusCode::NOT_FOUND, field: field.to_owned(), message }
+    }
+
+    fn bad(field: &str, message: String) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, field: field.to_owned(), message }
+    }
+}
+
+impl From<EditError> for ApiError {
+    fn from(e: EditError) -> Self {
+        let status = match &e {
+            EditError::UnknownPool(_) | EditError::UnknownEndpoint { .. } => StatusCode::NOT_FOUND,
+            EditError::Bad { .. } => StatusCode::BAD_REQUEST,
+            EditError::Duplicate { .. } | EditError::Discovered(_) | EditError::NoText => StatusCode::CONFLICT,
+            EditError::Unparsable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError { status, field: e.field().to_owned(), message: e.to_string() }
+    }
+}
+
+impl From<ReloadError> for ApiError {
+    fn from(e: ReloadError) -> Self {
+        let status = match &e {
+            ReloadError::Invalid(_) | ReloadError::Pool { .. } => StatusCode::BAD_REQUEST,
+            ReloadError::NeedsRestart { .. } => StatusCode::CONFLICT,
+        };
+        let message = match &e {
+            ReloadError::Invalid(c) => format!("the new configuration is invalid, nothing changed: {c}"),
+            other => format!("refused, nothing changed: {other}"),
+        };
+        ApiError { status, field: e.field().to_owned(), message }
     }
 }
 
@@ -63,15 +129,66 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A JSON body, with its errors answered in the API's error shape.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(ApiError { status: e.status(), field: "body".into(), message: e.body_text() }),
+        }
+    }
+}
+
 /// The admin API over `state`.
 pub fn app(state: AdminState) -> Router {
     Router::new()
         .route("/pools", get(pools))
         .route("/pools/{pool}", get(pool))
         .route("/pools/{pool}/events", get(events))
+        .route("/pools/{pool}/endpoints", post(add_endpoint))
+        .route("/pools/{pool}/endpoints/{id}", axum::routing::delete(remove_endpoint))
+        .route("/pools/{pool}/endpoints/{id}/weight", put(set_weight))
         .route("/pools/{pool}/endpoints/{id}/drain", post(drain))
+        .route("/pools/{pool}/policy", put(set_policy))
+        .route("/config", get(show_config).put(replace_config))
+        .route("/reload", post(reload))
         .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::not_found("path", "no such admin call; see GET /pools, /config, /metrics".into())
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Checks the bearer token, when one is set, in constant time.
+async fn authorize(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let Some(token) = &state.token else { return next.run(req).await };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return next.run(req).await;
+    }
+    let mut resp = ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        field: "authorization".into(),
+        message: "this admin API needs `Authorization: Bearer <token>`".into(),
+    }
+    .into_response();
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    resp
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn describe(pool: &PoolRuntime) -> Value {
@@ -124,11 +241,74 @@ fn describe(pool: &PoolRuntime) -> Value {
 }
 
 async fn pools(State(state): State<AdminState>) -> Json<Value> {
-    Json(Value::Array(state.pools.iter().map(|p| describe(p)).collect()))
+    Json(Value::Array(state.live.pools().iter().map(|p| describe(p)).collect()))
 }
 
 async fn pool(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(describe(state.pool(&name)?)))
+    let pool = state.pool(&name)?;
+    Ok(Json(describe(&pool)))
+}
+
+async fn add_endpoint(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    Body(endpoint): Body<Value>,
+) -> Result<Json<Value>, ApiError> {
+    state.change(|text| edit::add_endpoint(text, &name, &endpoint))
+}
+
+async fn remove_endpoint(
+    State(state): State<AdminState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    state.change(|text| edit::remove_endpoint(text, &name, &id))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    weight: u32,
+}
+
+async fn set_weight(
+    State(state): State<AdminState>,
+    Path((name, id)): Path<(String, String)>,
+    Body(body): Body<WeightBody>,
+) -> Result<Json<Value>, ApiError> {
+    state.change(|text| edit::set_weight(text, &name, &id, body.weight))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyBody {
+    policy: Value,
+}
+
+async fn set_policy(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    Body(body): Body<PolicyBody>,
+) -> Result<Json<Value>, ApiError> {
+    state.change(|text| edit::set_policy(text, &name, &body.policy))
+}
+
+async fn show_config(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
+    let current = state.live.state();
+    let text = current.text().ok_or(EditError::NoText)?;
+    Ok(Json(json!({
+        "generation": current.generation(),
+        "path": state.live.path().map(|p| p.display().to_string()),
+        "text": &**text,
+        "config": edit::to_json(text)?,
+    })))
+}
+
+async fn replace_config(State(state): State<AdminState>, text: String) -> Result<Json<Value>, ApiError> {
+    applied(state.live.reload_text(&text, None)?)
+}
+
+async fn reload(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
+    applied(state.live.reload_file()?)
 }
 
 async fn events(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -150,10 +330,8 @@ async fn drain(
     let pool = state.pool(&name)?;
     let timeout_ms = match query.get("timeout_ms") {
         None => 30_000,
-        Some(v) => v.parse::<u64>().ok().filter(|&ms| ms <= 3_600_000).ok_or_else(|| ApiError {
-            status: StatusCode::BAD_REQUEST,
-            field: "timeout_ms",
-            message: format!("timeout_ms must be a number of milliseconds up to 3600000, got {v:?}"),
+        Some(v) => v.parse::<u64>().ok().filter(|&ms| ms <= 3_600_000).ok_or_else(|| {
+            ApiError::bad("timeout_ms", format!("timeout_ms must be a number of milliseconds up to 3600000, got {v:?}"))
         })?,
     };
     match pool.drain(&id, Duration::from_millis(timeout_ms)).await {
@@ -166,7 +344,7 @@ async fn drain(
 async fn metrics(State(state): State<AdminState>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        crate::metrics::render(&state.pools),
+        crate::metrics::render(&state.live.pools()),
     )
         .into_response()
 }

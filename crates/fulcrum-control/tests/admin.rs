@@ -7,8 +7,7 @@ use fulcrum_proxy::Proxy;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-async fn state() -> AdminState {
-    let toml = r#"
+const TOML: &str = r#"
 [[listener]]
 name = "public"
 address = "127.0.0.1:0"
@@ -18,13 +17,30 @@ pool = "llm"
 policy = "least_connections"
 endpoints = [{ id = "a", address = "127.0.0.1:9" }, { id = "b", address = "127.0.0.1:10", weight = 2 }]
 "#;
-    let config = Config::parse(toml, None).expect("config");
-    let proxy = Proxy::bind(&config).await.expect("proxy");
-    AdminState::new(proxy.pools())
+
+async fn state() -> AdminState {
+    let config = Config::parse(TOML, None).expect("config");
+    let proxy = Proxy::bind_with(config, Some(TOML.into()), None).await.expect("proxy");
+    AdminState::new(proxy.live().clone())
 }
 
 async fn call(state: &AdminState, method: &str, uri: &str) -> (u16, String) {
-    let req = axum::http::Request::builder().method(method).uri(uri).body(Body::empty()).expect("request");
+    send(state, method, uri, None, "").await
+}
+
+async fn call_with(state: &AdminState, method: &str, uri: &str, body: &str) -> (u16, String) {
+    send(state, method, uri, None, body).await
+}
+
+async fn send(state: &AdminState, method: &str, uri: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut req = axum::http::Request::builder().method(method).uri(uri);
+    if !body.is_empty() && body.starts_with('{') {
+        req = req.header("content-type", "application/json");
+    }
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let req = req.body(Body::from(body.to_owned())).expect("request");
     let resp = app(state.clone()).oneshot(req).await.expect("response");
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
@@ -87,4 +103,164 @@ async fn metrics_are_prometheus_text_with_conventional_names() {
         assert!(name.starts_with("fulcrum_"), "{line}");
         assert!(value.parse::<f64>().is_ok(), "{line}");
     }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// The ids and weights of pool `llm` as the API shows them.
+async fn members(state: &AdminState) -> Vec<(String, u64)> {
+    let (_, body) = call(state, "GET", "/pools/llm").await;
+    json(&body)["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .map(|e| (e["id"].as_str().expect("id").to_owned(), e["weight"].as_u64().expect("weight")))
+        .collect()
+}
+
+fn assert_error(status: u16, body: &str, want_status: u16, field: &str) {
+    assert_eq!(status, want_status, "{body}");
+    let v = json(body);
+    assert_eq!(v["error"]["field"], field, "{body}");
+    assert!(!v["error"]["message"].as_str().unwrap_or("").is_empty(), "{body}");
+}
+
+#[tokio::test]
+async fn endpoints_are_added_reweighted_and_removed() {
+    let state = state().await;
+    let (status, body) =
+        call_with(&state, "POST", "/pools/llm/endpoints", r#"{"address":"127.0.0.1:11","weight":3}"#).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["report"]["endpoints_changed"][0], "llm");
+    assert_eq!(members(&state).await, [("a".into(), 1), ("b".into(), 2), ("127.0.0.1:11".into(), 3)]);
+
+    let (status, body) = call_with(&state, "PUT", "/pools/llm/endpoints/a/weight", r#"{"weight":5}"#).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(members(&state).await[0], ("a".into(), 5));
+
+    let (status, body) = call(&state, "DELETE", "/pools/llm/endpoints/b").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(members(&state).await, [("a".into(), 5), ("127.0.0.1:11".into(), 3)]);
+
+    // The running text shows every change.
+    let (_, body) = call(&state, "GET", "/config").await;
+    let v = json(&body);
+    assert_eq!(v["generation"], 4);
+    assert_eq!(v["config"]["pool"]["llm"]["endpoints"][1]["address"], "127.0.0.1:11");
+    assert!(v["text"].as_str().expect("text").contains("127.0.0.1:11"));
+}
+
+#[tokio::test]
+async fn endpoint_mistakes_are_json_errors_naming_the_field() {
+    let state = state().await;
+    let (s, b) = call_with(&state, "POST", "/pools/llm/endpoints", r#"{"address":"127.0.0.1:10","id":"b"}"#).await;
+    assert_error(s, &b, 409, "id");
+    let (s, b) = call_with(&state, "POST", "/pools/llm/endpoints", r#"{"weight":2}"#).await;
+    assert_error(s, &b, 400, "address");
+    let (s, b) = call_with(&state, "POST", "/pools/llm/endpoints", r#"{"address":"nowhere"}"#).await;
+    assert_error(s, &b, 400, "pool.llm.endpoints.address");
+    let (s, b) = call_with(&state, "POST", "/pools/llm/endpoints", "{not json").await;
+    assert_error(s, &b, 400, "body");
+    let (s, b) = call_with(&state, "POST", "/pools/nope/endpoints", r#"{"address":"127.0.0.1:11"}"#).await;
+    assert_error(s, &b, 404, "pool");
+    let (s, b) = call(&state, "DELETE", "/pools/llm/endpoints/zz").await;
+    assert_error(s, &b, 404, "id");
+    let (s, b) = call_with(&state, "PUT", "/pools/llm/endpoints/a/weight", r#"{"weight":0}"#).await;
+    assert_error(s, &b, 400, "weight");
+    let (s, b) = call_with(&state, "PUT", "/pools/llm/endpoints/a/weight", r#"{"weight":"heavy"}"#).await;
+    assert_error(s, &b, 422, "body");
+    let (s, b) = call(&state, "GET", "/no/such/call").await;
+    assert_error(s, &b, 404, "path");
+    let huge = format!("{{\"address\":\"{}\"}}", "x".repeat(2 << 20));
+    let (s, _) = call_with(&state, "POST", "/pools/llm/endpoints", &huge).await;
+    assert_eq!(s, 413);
+    // Nothing of this changed the running configuration.
+    assert_eq!(members(&state).await, [("a".into(), 1), ("b".into(), 2)]);
+}
+
+#[tokio::test]
+async fn the_policy_changes_live_and_a_bad_one_is_refused() {
+    let state = state().await;
+    let (status, body) = call_with(&state, "PUT", "/pools/llm/policy", r#"{"policy":"power_of_two"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["report"]["rebuilt"][0], "llm");
+    let (_, body) = call(&state, "GET", "/pools/llm").await;
+    assert_eq!(json(&body)["policy"], "power_of_two");
+    let (status, body) =
+        call_with(&state, "PUT", "/pools/llm/policy", r#"{"policy":{"name":"maglev","key":"header:x-user"}}"#).await;
+    assert_eq!(status, 200, "{body}");
+
+    let (s, b) = call_with(&state, "PUT", "/pools/llm/policy", r#"{"policy":"fastest_please"}"#).await;
+    assert_error(s, &b, 400, "pool.llm.policy");
+    let (s, b) = call_with(&state, "PUT", "/pools/llm/policy", r#"{"policy":7}"#).await;
+    assert_error(s, &b, 400, "policy");
+    let (s, b) = call_with(&state, "PUT", "/pools/llm/policy", r#"{"polcy":"random"}"#).await;
+    assert_error(s, &b, 422, "body");
+    let (_, body) = call(&state, "GET", "/pools/llm").await;
+    assert_eq!(json(&body)["policy"], "maglev");
+}
+
+#[tokio::test]
+async fn the_whole_config_is_shown_replaced_and_reloaded() {
+    let state = state().await;
+    let (status, body) = call(&state, "GET", "/config").await;
+    assert_eq!(status, 200);
+    let v = json(&body);
+    assert_eq!((v["generation"].as_u64(), v["text"].as_str()), (Some(1), Some(TOML)));
+    assert_eq!(v["config"]["pool"]["llm"]["policy"], "least_connections");
+
+    let next = TOML.replace("least_connections", "random");
+    let (status, body) = call_with(&state, "PUT", "/config", &next).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = call(&state, "GET", "/pools/llm").await;
+    assert_eq!(json(&body)["policy"], "random");
+
+    let (s, b) = call_with(&state, "PUT", "/config", "[pool.x]\npolicy = 1").await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("invalid, nothing changed"), "{b}");
+    let (s, b) = call_with(&state, "PUT", "/config", &next.replace("127.0.0.1:0", "127.0.0.1:1")).await;
+    assert_error(s, &b, 409, "listener[0].address");
+    // Started without a file: nothing to read again.
+    let (s, b) = call(&state, "POST", "/reload").await;
+    assert_eq!(s, 409, "{b}");
+    let (_, body) = call(&state, "GET", "/config").await;
+    assert_eq!(json(&body)["generation"], 2);
+}
+
+#[tokio::test]
+async fn reload_reads_the_file_again() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("fulcrum.toml");
+    std::fs::write(&path, TOML).expect("write");
+    let proxy = Proxy::bind_file(&path).await.expect("proxy");
+    let state = AdminState::new(proxy.live().clone());
+    std::fs::write(&path, TOML.replace("least_connections", "round_robin")).expect("write");
+    let (status, body) = call(&state, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = call(&state, "GET", "/config").await;
+    let v = json(&body);
+    assert_eq!(v["config"]["pool"]["llm"]["policy"], "round_robin");
+    assert_eq!(v["path"], path.display().to_string());
+    std::fs::write(&path, "[[listener]]\nname = ").expect("write");
+    let (s, b) = call(&state, "POST", "/reload").await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("fulcrum.toml"), "the error names the file: {b}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_token_guards_every_call() {
+    let token = "0123456789abcdef-secret";
+    let state = state().await.with_token(token);
+    for (method, uri) in [("GET", "/pools"), ("GET", "/metrics"), ("DELETE", "/pools/llm/endpoints/a")] {
+        let (s, b) = send(&state, method, uri, None, "").await;
+        assert_error(s, &b, 401, "authorization");
+        let (s, _) = send(&state, method, uri, Some("0123456789abcdef-wrong!"), "").await;
+        assert_eq!(s, 401);
+    }
+    let (s, b) = send(&state, "GET", "/pools", Some(token), "").await;
+    assert_eq!(s, 200, "{b}");
 }

@@ -15,6 +15,7 @@ pub mod error;
 mod headers;
 mod health;
 pub mod http;
+pub mod live;
 pub mod pool;
 mod route;
 pub mod safety;
@@ -24,4 +25,5 @@ mod tcp;
 pub mod upstream;
 
 pub use error::ProxyError;
-pub use server::{Proxy, StartError};
+pub use live::{Live, ReloadError, ReloadReport};
+pub use server::{BindFileError, Proxy, StartError};

@@ -99,6 +99,49 @@ impl PoolRuntime {
         })
     }
 
+    /// The next generation of `old` under a new configuration (live reload): endpoints that
+    /// stay keep their load signals and prefix-cache entries; their connections and breakers
+    /// carry over when the connection settings did not change; failure-handling state
+    /// (ejections, budgets, the event timeline) carries over when its settings did not change,
+    /// else it starts again from the endpoints' current flags.
+    pub(crate) fn succeed(old: &PoolRuntime, config: PoolConfig) -> Result<Self, BuildError> {
+        let now = clock::now();
+        let current = old.snapshot();
+        let selector = current
+            .selector
+            .reconfigure(config.policy.clone(), config.options.clone(), now)?
+            .rebuild(config.endpoints.clone(), now)?;
+        let old_upstreams = current.upstreams_by_id();
+        let was = &old.config;
+        let same_connections = was.timeouts.connect == config.timeouts.connect
+            && was.timeouts.idle == config.timeouts.idle
+            && was.max_idle_per_endpoint == config.max_idle_per_endpoint
+            && was.resilience.breaker == config.resilience.breaker;
+        let added: Vec<String> = selector
+            .endpoints()
+            .iter()
+            .filter(|e| !old_upstreams.contains_key(e.id().as_str()))
+            .map(|e| e.id().to_string())
+            .collect();
+        let safety = if was.resilience == config.resilience {
+            old.safety.on_membership(selector.endpoints(), &added);
+            old.safety.clone()
+        } else {
+            Arc::new(PoolSafety::succeed(&old.safety, config.resilience.clone(), selector.endpoints(), &added))
+        };
+        let carried = if same_connections { old_upstreams } else { HashMap::new() };
+        let snapshot = Self::snapshot_of(&config, selector, &carried);
+        Ok(PoolRuntime {
+            needs: config.policy.needs(),
+            config,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            safety,
+            writer: std::sync::Mutex::new(()),
+            generation: tokio::sync::watch::Sender::new(0),
+            held: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
     fn snapshot_of(config: &PoolConfig, selector: Selector, old: &HashMap<&str, Arc<Upstream>>) -> PoolSnapshot {
         let upstreams: Vec<Arc<Upstream>> = selector
             .endpoints()

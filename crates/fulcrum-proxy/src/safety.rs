@@ -68,8 +68,8 @@ pub struct PoolSafety {
     /// Endpoints with some reason to be unavailable (for panic mode).
     unavailable: AtomicUsize,
     events: Mutex<VecDeque<PoolEvent>>,
-    /// Counters.
-    pub stats: SafetyStats,
+    /// Counters (shared with the pool's successors across reloads, so they never go back).
+    pub stats: Arc<SafetyStats>,
     /// The last `LATENCY_SAMPLES` response-head latencies (microseconds; 0 = empty slot),
     /// written lock-free round the ring.
     latencies: Box<[AtomicU64]>,
@@ -101,11 +101,38 @@ impl PoolSafety {
             rate: config.rate_limit.as_ref().map(|r| Mutex::new(RateLimiter::new(&r.config))),
             unavailable: AtomicUsize::new(unavailable),
             events: Mutex::new(VecDeque::new()),
-            stats: SafetyStats::default(),
+            stats: Arc::default(),
             latencies: (0..LATENCY_SAMPLES).map(|_| AtomicU64::new(0)).collect(),
             latency_next: AtomicUsize::new(0),
             config,
         }
+    }
+
+    /// The failure handling of a pool rebuilt with new settings (live reload). Counters and
+    /// the event timeline carry over. Endpoints keep their flags, except those the new
+    /// settings no longer produce: without health checks nobody stays unchecked or
+    /// unhealthy, without outlier detection nobody stays ejected. Health checks newly
+    /// enabled do not hold back endpoints already serving; `added` ones wait for their
+    /// first check as usual.
+    pub(crate) fn succeed(old: &PoolSafety, config: PoolResilience, endpoints: &[Endpoint], added: &[String]) -> Self {
+        let mut next = PoolSafety::new(config, &[]);
+        next.stats = old.stats.clone();
+        *lock(&next.events) = lock(&old.events).clone();
+        for (to, from) in next.latencies.iter().zip(old.latencies.iter()) {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        next.latency_next.store(old.latency_next.load(Ordering::Relaxed), Ordering::Relaxed);
+        for e in endpoints {
+            if next.config.health_check.is_none() {
+                e.signals().set_unavailable(Unavailable::Unchecked, false);
+                e.signals().set_unavailable(Unavailable::Unhealthy, false);
+            }
+            if next.config.outlier.is_none() {
+                e.signals().set_unavailable(Unavailable::Ejected, false);
+            }
+        }
+        next.on_membership(endpoints, added);
+        next
     }
 
     /// Records the time to a response head.

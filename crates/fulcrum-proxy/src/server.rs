@@ -15,9 +15,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::http::{ListenerCtx, handle};
+use crate::http::handle;
+use crate::live::Live;
 use crate::pool::PoolRuntime;
-use crate::route::{Route, RouteTable};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,12 +45,14 @@ pub enum StartError {
 }
 
 enum Kind {
-    Http(Arc<ListenerCtx>, Duration),
-    Tcp(Arc<PoolRuntime>),
+    Http(Duration),
+    Tcp,
 }
 
 struct Bound {
     name: String,
+    /// The listener's index in the configuration (and in each generation's state).
+    index: usize,
     listener: TcpListener,
     kind: Kind,
     max_connections: usize,
@@ -59,60 +61,62 @@ struct Bound {
 /// A proxy whose listeners are bound, ready to [`run`](Proxy::run).
 pub struct Proxy {
     listeners: Vec<Bound>,
-    pools: Vec<Arc<PoolRuntime>>,
-    drain_timeout: Duration,
+    live: Live,
 }
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
             .field("listeners", &self.listeners.iter().map(|l| &l.name).collect::<Vec<_>>())
-            .field("pools", &self.pools.len())
+            .field("live", &self.live)
             .finish()
     }
 }
 
 impl Proxy {
     /// Builds the pools and binds every listener (port 0 picks a free port; see
-    /// [`local_addr`](Self::local_addr)).
+    /// [`local_addr`](Self::local_addr)). A proxy started this way can be reloaded with a
+    /// whole new [`Config`] or text, but shows no source text until then.
     pub async fn bind(config: &Config) -> Result<Proxy, StartError> {
-        let mut pools = HashMap::new();
-        for (name, pc) in &config.pools {
-            let pool =
-                PoolRuntime::new(pc.clone()).map_err(|source| StartError::Pool { name: name.clone(), source })?;
-            pools.insert(name.clone(), Arc::new(pool));
-        }
+        Self::bind_with(config.clone(), None, None).await
+    }
+
+    /// Reads, validates and binds a configuration file; [`Live::reload_file`] reads it again.
+    pub async fn bind_file(path: &std::path::Path) -> Result<Proxy, BindFileError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            BindFileError::Config(fulcrum_config::ConfigError {
+                file: Some(path.to_owned()),
+                line: None,
+                field: String::new(),
+                message: format!("cannot read the file: {e}"),
+            })
+        })?;
+        let config = Config::parse(&text, Some(path)).map_err(BindFileError::Config)?;
+        Ok(Self::bind_with(config, Some(Arc::from(text)), Some(path.to_owned())).await?)
+    }
+
+    /// Binds `config`, remembering the text it came from (shown by the admin API, edited by
+    /// its calls) and the file to read again on reload.
+    pub async fn bind_with(
+        config: Config,
+        text: Option<Arc<str>>,
+        path: Option<std::path::PathBuf>,
+    ) -> Result<Proxy, StartError> {
         let mut listeners = Vec::new();
-        for lc in &config.listeners {
+        for (index, lc) in config.listeners.iter().enumerate() {
             let listener = TcpListener::bind(lc.address).await.map_err(|source| StartError::Bind {
                 name: lc.name.clone(),
                 address: lc.address,
                 source,
             })?;
             let kind = match &lc.kind {
-                ListenerKind::Tcp { pool } => Kind::Tcp(pools[pool].clone()),
-                ListenerKind::Http(h) => {
-                    let routes = config
-                        .routes
-                        .iter()
-                        .filter(|r| r.listeners.contains(&lc.name))
-                        .map(|r| Route::new(r, pools[&r.pool].clone()))
-                        .collect();
-                    let default = h.default_pool.as_ref().map(|p| pools[p].clone());
-                    let ctx = ListenerCtx {
-                        name: lc.name.clone(),
-                        routes: RouteTable::new(routes, default),
-                        max_body_bytes: h.max_body_bytes,
-                        body_read_timeout: h.body_read_timeout,
-                    };
-                    Kind::Http(Arc::new(ctx), h.header_read_timeout)
-                }
+                ListenerKind::Tcp { .. } => Kind::Tcp,
+                ListenerKind::Http(h) => Kind::Http(h.header_read_timeout),
             };
-            listeners.push(Bound { name: lc.name.clone(), listener, kind, max_connections: lc.max_connections });
+            listeners.push(Bound { name: lc.name.clone(), index, listener, kind, max_connections: lc.max_connections });
         }
-        let mut pools: Vec<Arc<PoolRuntime>> = pools.into_values().collect();
-        pools.sort_by(|a, b| a.name().cmp(b.name()));
-        Ok(Proxy { listeners, pools, drain_timeout: config.proxy.drain_timeout })
+        let live = Live::new(config, text, path)?;
+        Ok(Proxy { listeners, live })
     }
 
     /// The address a listener is bound to.
@@ -120,9 +124,14 @@ impl Proxy {
         self.listeners.iter().find(|l| l.name == listener).and_then(|l| l.listener.local_addr().ok())
     }
 
-    /// The pools, for status and statistics.
+    /// The pools of the running configuration, for status and statistics.
     pub fn pools(&self) -> Vec<Arc<PoolRuntime>> {
-        self.pools.clone()
+        self.live.pools()
+    }
+
+    /// The running configuration: read it, reload it.
+    pub fn live(&self) -> &Live {
+        &self.live
     }
 
     /// Serves until `shutdown` completes, then stops accepting and lets requests in flight
@@ -131,31 +140,64 @@ impl Proxy {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         for bound in self.listeners {
-            tasks.spawn(accept_loop(bound, stop_rx.clone(), self.drain_timeout));
+            tasks.spawn(accept_loop(bound, self.live.clone(), stop_rx.clone()));
         }
-        let refresher = tokio::spawn(refresh_loop(self.pools.clone()));
-        let mut background = JoinSet::new();
-        for pool in &self.pools {
-            background.spawn(outlier_loop(pool.clone()));
-            background.spawn(endpoint_tasks(pool.clone()));
-        }
+        let refresher = tokio::spawn(refresh_loop(self.live.clone()));
+        let supervisor = tokio::spawn(supervise_pools(self.live.clone()));
         shutdown.await;
-        tracing::info!(drain_timeout = ?self.drain_timeout, "shutting down: no new connections, draining");
+        let drain_timeout = self.live.drain_timeout();
+        tracing::info!(?drain_timeout, "shutting down: no new connections, draining");
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         refresher.abort();
-        background.abort_all();
+        supervisor.abort();
         tracing::info!("stopped");
     }
 }
 
+/// Why [`Proxy::bind_file`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BindFileError {
+    /// The file is not a valid configuration.
+    #[error("{0}")]
+    Config(fulcrum_config::ConfigError),
+    /// It is, but the proxy could not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+/// Runs each pool's background tasks (outlier timers, health checks, engine scrapes) and
+/// follows reloads: pools that were rebuilt, added or removed get their tasks restarted,
+/// started or stopped.
+async fn supervise_pools(live: Live) {
+    let mut reloads = live.subscribe();
+    let mut running: HashMap<String, (Arc<PoolRuntime>, JoinSet<()>)> = HashMap::new();
+    loop {
+        let state = live.state();
+        running.retain(|name, (pool, _)| state.pools().get(name).is_some_and(|p| Arc::ptr_eq(p, pool)));
+        for (name, pool) in state.pools() {
+            if running.contains_key(name) {
+                continue;
+            }
+            let mut tasks = JoinSet::new();
+            tasks.spawn(outlier_loop(pool.clone()));
+            tasks.spawn(endpoint_tasks(pool.clone()));
+            running.insert(name.clone(), (pool.clone(), tasks));
+        }
+        drop(state);
+        if reloads.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Keeps effective weights (slow start, reported utilization) current.
-async fn refresh_loop(pools: Vec<Arc<PoolRuntime>>) {
+async fn refresh_loop(live: Live) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tick.tick().await;
-        pools.iter().for_each(|p| p.refresh());
+        live.state().pools().values().for_each(|p| p.refresh());
     }
 }
 
@@ -221,15 +263,15 @@ async fn outlier_loop(pool: Arc<PoolRuntime>) {
     }
 }
 
-async fn accept_loop(bound: Bound, mut stop: watch::Receiver<bool>, drain: Duration) {
-    let Bound { name, listener, kind, max_connections } = bound;
+async fn accept_loop(bound: Bound, live: Live, mut stop: watch::Receiver<bool>) {
+    let Bound { name, index, listener, kind, max_connections } = bound;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut refused: u64 = 0;
     let graceful = GracefulShutdown::new();
     let mut tcp_conns = JoinSet::new();
     let builder = Arc::new({
         let mut b = auto::Builder::new(TokioExecutor::new());
-        if let Kind::Http(_, header_read_timeout) = &kind {
+        if let Kind::Http(header_read_timeout) = &kind {
             b.http1().timer(TokioTimer::new()).header_read_timeout(*header_read_timeout);
             b.http2().timer(TokioTimer::new());
         }
@@ -261,9 +303,14 @@ async fn accept_loop(bound: Bound, mut stop: watch::Receiver<bool>, drain: Durat
                 };
                 let _ = stream.set_nodelay(true);
                 match &kind {
-                    Kind::Http(ctx, _) => {
-                        let ctx = ctx.clone();
-                        let service = service_fn(move |req| handle(ctx.clone(), peer, req));
+                    Kind::Http(_) => {
+                        // Each request reads the route table of the generation running when
+                        // it arrives: a reload applies to keep-alive connections too.
+                        let live = live.clone();
+                        let service = service_fn(move |req| {
+                            let ctx = live.listener(index).expect("an http listener has an http state");
+                            handle(ctx, peer, req)
+                        });
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                         let conn = graceful.watch(conn);
                         tokio::spawn(async move {
@@ -273,8 +320,8 @@ async fn accept_loop(bound: Bound, mut stop: watch::Receiver<bool>, drain: Durat
                             }
                         });
                     }
-                    Kind::Tcp(pool) => {
-                        let pool = pool.clone();
+                    Kind::Tcp => {
+                        let pool = live.tcp_pool(index).expect("a tcp listener has a pool");
                         tcp_conns.spawn(async move {
                             let _slot = slot;
                             crate::tcp::serve(stream, peer, pool).await;
@@ -285,6 +332,7 @@ async fn accept_loop(bound: Bound, mut stop: watch::Receiver<bool>, drain: Durat
         }
     }
     drop(listener);
+    let drain = live.drain_timeout();
     let drained = async {
         graceful.shutdown().await;
         while tcp_conns.join_next().await.is_some() {}

@@ -15,6 +15,79 @@ pub struct ServeArgs {
     /// Worker threads, overriding `[proxy] workers` (default: one per core).
     #[arg(long)]
     pub workers: Option<std::num::NonZeroUsize>,
+    /// Do not reload when the configuration file changes (SIGHUP and the admin API still do).
+    #[arg(long)]
+    pub no_watch: bool,
+    /// A file holding the admin API's bearer token (else the FULCRUM_ADMIN_TOKEN environment
+    /// variable). Required when `[proxy] admin` is not a loopback address.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// The admin token, from `--admin-token-file` or `FULCRUM_ADMIN_TOKEN`; refused when the admin
+/// API listens beyond loopback without one.
+fn admin_token(args: &ServeArgs, admin: std::net::SocketAddr) -> anyhow::Result<Option<String>> {
+    let token = match &args.admin_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--admin-token-file {}: cannot read it", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var("FULCRUM_ADMIN_TOKEN").ok().map(|t| t.trim().to_owned()),
+    };
+    match token {
+        Some(t) if t.len() < 16 => {
+            anyhow::bail!("the admin token must be at least 16 characters long (got {})", t.len())
+        }
+        Some(t) => Ok(Some(t)),
+        None if admin.ip().is_loopback() => Ok(None),
+        None => anyhow::bail!(
+            "proxy.admin: the admin API listens on {admin}, beyond loopback, so it needs a bearer token: \
+             pass --admin-token-file FILE or set FULCRUM_ADMIN_TOKEN"
+        ),
+    }
+}
+
+/// Reloads the configuration on SIGHUP and, unless `watch` is off, when the file's content
+/// changes (checked every second). A refused reload is logged; the old configuration runs on.
+async fn reload_triggers(live: fulcrum_proxy::Live, watch: bool) {
+    let reload = |why: &str| match live.reload_file() {
+        Ok(report) => tracing::info!(trigger = why, generation = report.generation, "reload applied"),
+        Err(e) => tracing::error!(trigger = why, error = %e, "reload refused: the running configuration stays"),
+    };
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let read = |live: &fulcrum_proxy::Live| live.path().and_then(|p| std::fs::read_to_string(p).ok());
+    let mut seen = read(&live);
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        tokio::select! {
+            _ = hangup => {
+                seen = read(&live);
+                reload("SIGHUP");
+            }
+            _ = tick.tick(), if watch => {
+                let now = read(&live);
+                if now.is_some() && now != seen {
+                    seen = now;
+                    reload("file changed");
+                }
+            }
+        }
+    }
 }
 
 /// Flags of `fulcrum validate`.
@@ -80,9 +153,11 @@ pub async fn shutdown_signal() {
 /// Runs the proxy until Ctrl-C or SIGTERM, then drains.
 pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
+    let token = config.proxy.admin.map(|a| admin_token(args, a)).transpose()?.flatten();
     let rt = runtime(args.workers.or(config.proxy.workers))?;
     rt.block_on(async {
-        let proxy = Proxy::bind(&config).await?;
+        let proxy = Proxy::bind_file(&args.config).await?;
+        let reloader = tokio::spawn(reload_triggers(proxy.live().clone(), !args.no_watch));
         for l in &config.listeners {
             let kind = match &l.kind {
                 ListenerKind::Http(_) => "http",
@@ -110,7 +185,11 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("the admin API cannot listen on {address}"))?;
                 let address = listener.local_addr().unwrap_or(address);
                 tracing::info!(%address, "admin API listening");
-                let app = fulcrum_control::admin::app(fulcrum_control::admin::AdminState::new(proxy.pools()));
+                let mut state = fulcrum_control::admin::AdminState::new(proxy.live().clone());
+                if let Some(token) = token {
+                    state = state.with_token(token);
+                }
+                let app = fulcrum_control::admin::app(state);
                 Some(tokio::spawn(async move {
                     if let Err(e) = axum::serve(listener, app).await {
                         tracing::warn!(error = %e, "admin API stopped");
@@ -120,6 +199,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             None => None,
         };
         proxy.run(shutdown_signal()).await;
+        reloader.abort();
         if let Some(admin) = admin {
             admin.abort();
         }

@@ -99,55 +99,151 @@ fn demo_autoscale_grows_and_shrinks_the_fleet() {
     assert!(last.contains(" 0 failed"), "{text}");
 }
 
+/// A `fulcrum serve` child with its log lines and admin address.
+struct Served {
+    child: std::process::Child,
+    log: std::sync::mpsc::Receiver<String>,
+    admin: String,
+}
+
+impl Served {
+    fn start(file: &Path, extra: &[&str]) -> Served {
+        use std::io::BufRead;
+        let mut child = fulcrum()
+            .args(["serve", "-c"])
+            .arg(file)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let admin = loop {
+            let line = log.recv_timeout(std::time::Duration::from_secs(20)).expect("serve logs its admin address");
+            if line.contains("admin API listening") {
+                let addr = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+                break addr.trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':').to_owned();
+            }
+        };
+        Served { child, log, admin }
+    }
+
+    fn get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.admin).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    /// Polls `path` until its answer contains `want` (bounded).
+    fn until(&self, path: &str, want: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let text = self.get(path);
+            if text.contains(want) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{path} never showed {want}:\n{text}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for a log line containing `want` (bounded).
+    fn logged(&self, want: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(line) = self.log.recv_timeout(std::time::Duration::from_millis(200))
+                && line.contains(want)
+            {
+                return;
+            }
+        }
+        panic!("no log line with {want:?}");
+    }
+
+    fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill").args([name, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn stop(mut self) {
+        self.signal("-TERM");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let exit = loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(std::time::Instant::now() < deadline, "serve did not stop on SIGTERM");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(exit.success(), "{exit:?}");
+    }
+}
+
+fn serve_config(endpoints: &str) -> String {
+    format!(
+        "[proxy]\nadmin = \"127.0.0.1:0\"\n[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\npool = \"p\"\n[pool.p]\nendpoints = [{endpoints}]\n"
+    )
+}
+
 #[test]
-fn serve_exposes_the_admin_api_and_stops_on_sigterm() {
-    use std::io::{BufRead, BufReader, Read, Write};
+fn serve_exposes_the_admin_api_reloads_and_stops_on_sigterm() {
     let dir = std::env::temp_dir().join(format!("fulcrum-serve-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("serve.toml");
-    std::fs::write(
-        &file,
-        "[proxy]\nadmin = \"127.0.0.1:0\"\n[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\npool = \"p\"\n[pool.p]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n",
-    )
-    .unwrap();
-    let mut child = fulcrum()
-        .args(["serve", "-c"])
-        .arg(&file)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let admin = loop {
-        let line = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("serve logs its admin address");
-        if line.contains("admin API listening") {
-            let addr = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
-            break addr.trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':').to_owned();
-        }
-    };
-    let mut s = std::net::TcpStream::connect(&admin).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
+    std::fs::write(&file, serve_config("{ address = \"127.0.0.1:9\" }")).unwrap();
+    let served = Served::start(&file, &[]);
+    let text = served.get("/metrics");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("fulcrum_pool_endpoints{pool=\"p\"} 1"), "{text}");
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(std::time::Instant::now() < deadline, "serve did not stop on SIGTERM");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    assert!(exit.success(), "{exit:?}");
+
+    // Editing the file reloads it; an invalid edit is refused and the last config runs on.
+    std::fs::write(&file, serve_config("{ address = \"127.0.0.1:9\" }, { address = \"127.0.0.1:10\" }")).unwrap();
+    served.until("/metrics", "fulcrum_pool_endpoints{pool=\"p\"} 2");
+    std::fs::write(&file, serve_config("{ address = \"nowhere\" }")).unwrap();
+    served.logged("reload refused");
+    served.until("/metrics", "fulcrum_pool_endpoints{pool=\"p\"} 2");
+    served.stop();
+
+    // With --no-watch, only SIGHUP (or the API) reloads.
+    std::fs::write(&file, serve_config("{ address = \"127.0.0.1:9\" }")).unwrap();
+    let served = Served::start(&file, &["--no-watch"]);
+    std::fs::write(&file, serve_config("{ address = \"127.0.0.1:9\" }, { address = \"127.0.0.1:11\" }")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(served.get("/metrics").contains("fulcrum_pool_endpoints{pool=\"p\"} 1"));
+    served.signal("-HUP");
+    served.until("/metrics", "fulcrum_pool_endpoints{pool=\"p\"} 2");
+    served.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_admin_api_beyond_loopback_needs_a_token() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("open.toml");
+    std::fs::write(
+        &file,
+        serve_config("{ address = \"127.0.0.1:9\" }").replace("127.0.0.1:0\"\n[[", "0.0.0.0:0\"\n[["),
+    )
+    .unwrap();
+    let out = fulcrum().args(["serve", "-c"]).arg(&file).env_remove("FULCRUM_ADMIN_TOKEN").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("proxy.admin") && err.contains("--admin-token-file"), "{err}");
+    let short = dir.join("short-token");
+    std::fs::write(&short, "abc\n").unwrap();
+    let out = fulcrum().args(["serve", "-c"]).arg(&file).arg("--admin-token-file").arg(&short).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16 characters"));
     let _ = std::fs::remove_dir_all(&dir);
 }

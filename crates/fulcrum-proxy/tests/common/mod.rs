@@ -194,6 +194,8 @@ pub struct Running {
     pub stop: Option<oneshot::Sender<()>>,
     pub done: tokio::task::JoinHandle<()>,
     pub pools: Vec<Arc<fulcrum_proxy::pool::PoolRuntime>>,
+    /// The running configuration, to reload.
+    pub live: fulcrum_proxy::Live,
 }
 
 impl Running {
@@ -208,14 +210,15 @@ impl Running {
 /// Starts a proxy from TOML whose listener named "public" binds 127.0.0.1:0.
 pub async fn proxy(toml: &str) -> Running {
     let config = Config::parse(toml, None).expect("valid config");
-    let proxy = Proxy::bind(&config).await.expect("bind proxy");
+    let proxy = Proxy::bind_with(config, Some(Arc::from(toml)), None).await.expect("bind proxy");
     let proxy_addr = proxy.local_addr("public").expect("public listener");
     let pools = proxy.pools();
+    let live = proxy.live().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let done = tokio::spawn(proxy.run(async move {
         let _ = rx.await;
     }));
-    Running { proxy_addr, stop: Some(tx), done, pools }
+    Running { proxy_addr, stop: Some(tx), done, pools, live }
 }
 
 /// An HTTP/1.1 client connection.

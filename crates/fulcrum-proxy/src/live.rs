@@ -1,0 +1,400 @@
+//! The running configuration and live reload.
+//!
+//! Everything a request reads at its start (the listener's route table, the pools) sits in
+//! one immutable [`State`] behind an `ArcSwap`. A reload validates the new text, builds a
+//! whole new state beside the old one, and swaps it in one store: a request in flight keeps
+//! the state (and the pool snapshot) it started with and finishes on it; the next request
+//! sees the new one. Nothing is changed before every part of the new state has been built,
+//! so an invalid config is refused with the old one still running untouched.
+//!
+//! What carries over, per pool, by name:
+//! - unchanged pools are kept as they are (same object);
+//! - pools whose only change is their endpoint list keep their object and take the new list
+//!   as a membership change ([`PoolRuntime::set_endpoints`]);
+//! - pools with other changes (policy, timeouts, failure handling...) are rebuilt as a
+//!   successor of the old pool: endpoints that stay keep their load signals (in flight,
+//!   latency, effective weight, drain and health flags), connections and breakers (when the
+//!   connection settings did not change), and the prefix-cache index.
+//!
+//! What a reload cannot change (it is refused, naming the field, and a restart applies it):
+//! listeners' addresses, protocols, connection limits and header timeouts; `[proxy]`
+//! workers and admin address; pools with `autoscale` (their replicas are owned by a running
+//! autoscaler).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use fulcrum_config::{Config, ConfigError, ListenerKind};
+
+use crate::http::ListenerCtx;
+use crate::pool::PoolRuntime;
+use crate::route::{Route, RouteTable};
+
+/// Why a reload was refused. The old configuration keeps running.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new text is not a valid configuration.
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+    /// The change needs a restart.
+    #[error("{field}: {message}")]
+    NeedsRestart {
+        /// The field at fault.
+        field: String,
+        /// What changed and why it cannot be applied live.
+        message: String,
+    },
+    /// A pool could not be built.
+    #[error("pool.{name}: {source}")]
+    Pool {
+        /// The pool.
+        name: String,
+        /// Why.
+        #[source]
+        source: fulcrum_core::BuildError,
+    },
+}
+
+impl ReloadError {
+    /// The field at fault (`pool.llama.policy`, `listener[0].address`), if known.
+    pub fn field(&self) -> &str {
+        match self {
+            ReloadError::Invalid(e) => &e.field,
+            ReloadError::NeedsRestart { field, .. } => field,
+            ReloadError::Pool { .. } => "pool",
+        }
+    }
+}
+
+/// What a reload did, pool by pool.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadReport {
+    /// Pools that did not change.
+    pub unchanged: Vec<String>,
+    /// Pools whose endpoint lists changed (applied as membership changes).
+    pub endpoints_changed: Vec<String>,
+    /// Pools rebuilt with new settings (load signals of remaining endpoints carried over).
+    pub rebuilt: Vec<String>,
+    /// New pools.
+    pub added: Vec<String>,
+    /// Pools removed (their requests in flight finish).
+    pub removed: Vec<String>,
+    /// The generation now running (1 is the configuration the proxy started with).
+    pub generation: u64,
+}
+
+/// A listener's part of the state.
+#[derive(Debug)]
+pub(crate) enum ListenerState {
+    Http(Arc<ListenerCtx>),
+    Tcp(Arc<PoolRuntime>),
+}
+
+/// One immutable generation of the running configuration.
+#[derive(Debug)]
+pub struct State {
+    config: Arc<Config>,
+    text: Option<Arc<str>>,
+    pools: BTreeMap<String, Arc<PoolRuntime>>,
+    /// Index for index with `config.listeners`.
+    pub(crate) listeners: Vec<ListenerState>,
+    generation: u64,
+}
+
+impl State {
+    /// The validated configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// The TOML text it was read from (`None` when the proxy was started from a `Config`).
+    pub fn text(&self) -> Option<&Arc<str>> {
+        self.text.as_ref()
+    }
+
+    /// The pools, by name.
+    pub fn pools(&self) -> &BTreeMap<String, Arc<PoolRuntime>> {
+        &self.pools
+    }
+
+    /// 1 for the configuration the proxy started with, then one more per applied reload.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+struct Inner {
+    state: ArcSwap<State>,
+    /// Serializes reloads (they are rare; requests never take it).
+    reloading: std::sync::Mutex<()>,
+    changes: tokio::sync::watch::Sender<u64>,
+    path: Option<PathBuf>,
+}
+
+/// A handle on the running configuration: read it, reload it. Cheap to clone.
+#[derive(Clone)]
+pub struct Live {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live").field("generation", &self.state().generation).field("path", &self.inner.path).finish()
+    }
+}
+
+impl Live {
+    /// The first generation, built from `config`.
+    pub(crate) fn new(
+        config: Config,
+        text: Option<Arc<str>>,
+        path: Option<PathBuf>,
+    ) -> Result<Self, crate::StartError> {
+        let mut pools = BTreeMap::new();
+        for (name, pc) in &config.pools {
+            let pool = PoolRuntime::new(pc.clone())
+                .map_err(|source| crate::StartError::Pool { name: name.clone(), source })?;
+            pools.insert(name.clone(), Arc::new(pool));
+        }
+        let listeners = listener_states(&config, &pools);
+        let state = State { config: Arc::new(config), text, pools, listeners, generation: 1 };
+        Ok(Live {
+            inner: Arc::new(Inner {
+                state: ArcSwap::from_pointee(state),
+                reloading: std::sync::Mutex::new(()),
+                changes: tokio::sync::watch::Sender::new(1),
+                path,
+            }),
+        })
+    }
+
+    /// The current generation.
+    pub fn state(&self) -> Arc<State> {
+        self.inner.state.load_full()
+    }
+
+    /// The file the configuration was read from, if any (what [`reload_file`](Self::reload_file)
+    /// reads again).
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
+    }
+
+    /// The pools of the current generation, sorted by name.
+    pub fn pools(&self) -> Vec<Arc<PoolRuntime>> {
+        self.state().pools.values().cloned().collect()
+    }
+
+    /// The pool of that name in the current generation.
+    pub fn pool(&self, name: &str) -> Option<Arc<PoolRuntime>> {
+        self.state().pools.get(name).cloned()
+    }
+
+    /// Follows reloads: the value is the generation now running.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// The route table of HTTP listener `index` in the current generation.
+    pub(crate) fn listener(&self, index: usize) -> Option<Arc<ListenerCtx>> {
+        match self.inner.state.load().listeners.get(index) {
+            Some(ListenerState::Http(ctx)) => Some(ctx.clone()),
+            _ => None,
+        }
+    }
+
+    /// The pool of TCP listener `index` in the current generation.
+    pub(crate) fn tcp_pool(&self, index: usize) -> Option<Arc<PoolRuntime>> {
+        match self.inner.state.load().listeners.get(index) {
+            Some(ListenerState::Tcp(pool)) => Some(pool.clone()),
+            _ => None,
+        }
+    }
+
+    /// Reads the configuration file again and applies it.
+    pub fn reload_file(&self) -> Result<ReloadReport, ReloadError> {
+        let Some(path) = self.inner.path.clone() else {
+            return Err(ReloadError::NeedsRestart {
+                field: String::new(),
+                message: "the proxy was not started from a file: there is nothing to read again".into(),
+            });
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+            file: Some(path.clone()),
+            line: None,
+            field: String::new(),
+            message: format!("cannot read the file: {e}"),
+        })?;
+        self.reload_text(&text, Some(&path))
+    }
+
+    /// Validates `text` and applies it; on any error nothing changes. `file` names the
+    /// source in error messages.
+    pub fn reload_text(&self, text: &str, file: Option<&Path>) -> Result<ReloadReport, ReloadError> {
+        let config = Config::parse(text, file)?;
+        self.apply(config, Some(Arc::from(text)))
+    }
+
+    /// Applies a validated configuration; on any error nothing changes.
+    pub fn apply(&self, config: Config, text: Option<Arc<str>>) -> Result<ReloadReport, ReloadError> {
+        let _reloading = crate::safety::lock(&self.inner.reloading);
+        let old = self.state();
+        check_restart_only(&old.config, &config)?;
+
+        // Build everything first: nothing running changes until every pool is built.
+        enum Plan {
+            Keep(Arc<PoolRuntime>),
+            Members(Arc<PoolRuntime>, Vec<fulcrum_core::EndpointSpec>),
+            New(Arc<PoolRuntime>),
+        }
+        let mut report = ReloadReport::default();
+        let mut plans = BTreeMap::new();
+        for (name, pc) in &config.pools {
+            let failed = |source| ReloadError::Pool { name: name.clone(), source };
+            let plan = match (old.pools.get(name), old.config.pools.get(name)) {
+                (Some(pool), Some(was)) if was == pc => {
+                    report.unchanged.push(name.clone());
+                    Plan::Keep(pool.clone())
+                }
+                (Some(pool), Some(was)) if same_but_endpoints(was, pc) => {
+                    report.endpoints_changed.push(name.clone());
+                    Plan::Members(pool.clone(), pc.endpoints.clone())
+                }
+                (Some(pool), Some(_)) => {
+                    report.rebuilt.push(name.clone());
+                    Plan::New(Arc::new(PoolRuntime::succeed(pool, pc.clone()).map_err(failed)?))
+                }
+                _ => {
+                    report.added.push(name.clone());
+                    Plan::New(Arc::new(PoolRuntime::new(pc.clone()).map_err(failed)?))
+                }
+            };
+            plans.insert(name.clone(), plan);
+        }
+        report.removed = old.pools.keys().filter(|n| !config.pools.contains_key(*n)).cloned().collect();
+
+        // Commit: membership changes cannot fail here (the config was built once already
+        // while validating), then one store.
+        let mut pools = BTreeMap::new();
+        for (name, plan) in plans {
+            let pool = match plan {
+                Plan::Keep(pool) | Plan::New(pool) => pool,
+                Plan::Members(pool, specs) => {
+                    if let Err(source) = pool.set_endpoints(specs) {
+                        tracing::error!(pool = %name, error = %source, "endpoint change refused during a reload");
+                    }
+                    pool
+                }
+            };
+            pools.insert(name, pool);
+        }
+        for name in &report.rebuilt {
+            pools[name].safety().event("", "reload", "pool rebuilt with new settings".to_owned());
+        }
+        let listeners = listener_states(&config, &pools);
+        let generation = old.generation + 1;
+        report.generation = generation;
+        let text = text.or_else(|| if *old.config == config { old.text.clone() } else { None });
+        self.inner.state.store(Arc::new(State { config: Arc::new(config), text, pools, listeners, generation }));
+        self.inner.changes.send_replace(generation);
+        tracing::info!(
+            generation,
+            unchanged = report.unchanged.len(),
+            endpoints_changed = report.endpoints_changed.len(),
+            rebuilt = report.rebuilt.len(),
+            added = report.added.len(),
+            removed = report.removed.len(),
+            "configuration reloaded"
+        );
+        Ok(report)
+    }
+
+    /// How long shutdown waits for requests in flight, as currently configured.
+    pub(crate) fn drain_timeout(&self) -> Duration {
+        self.state().config.proxy.drain_timeout
+    }
+}
+
+fn listener_states(config: &Config, pools: &BTreeMap<String, Arc<PoolRuntime>>) -> Vec<ListenerState> {
+    config
+        .listeners
+        .iter()
+        .map(|lc| match &lc.kind {
+            ListenerKind::Tcp { pool } => ListenerState::Tcp(pools[pool].clone()),
+            ListenerKind::Http(h) => {
+                let routes = config
+                    .routes
+                    .iter()
+                    .filter(|r| r.listeners.contains(&lc.name))
+                    .map(|r| Route::new(r, pools[&r.pool].clone()))
+                    .collect();
+                let default = h.default_pool.as_ref().map(|p| pools[p].clone());
+                ListenerState::Http(Arc::new(ListenerCtx {
+                    name: lc.name.clone(),
+                    routes: RouteTable::new(routes, default),
+                    max_body_bytes: h.max_body_bytes,
+                    body_read_timeout: h.body_read_timeout,
+                }))
+            }
+        })
+        .collect()
+}
+
+/// Whether two pool configurations differ at most in their endpoint lists.
+fn same_but_endpoints(a: &fulcrum_config::PoolConfig, b: &fulcrum_config::PoolConfig) -> bool {
+    let mut b = b.clone();
+    b.endpoints.clone_from(&a.endpoints);
+    *a == b
+}
+
+/// Refuses what only a restart can apply.
+fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
+    let restart = |field: String, message: String| Err(ReloadError::NeedsRestart { field, message });
+    if old.proxy.workers != new.proxy.workers {
+        return restart("proxy.workers".into(), "the number of worker threads changes only at a restart".into());
+    }
+    if old.proxy.admin != new.proxy.admin {
+        return restart("proxy.admin".into(), "the admin API's address changes only at a restart".into());
+    }
+    if old.listeners.len() != new.listeners.len() {
+        return restart(
+            "listener".into(),
+            format!(
+                "listeners cannot be added or removed live ({} running, {} in the new config); restart to apply",
+                old.listeners.len(),
+                new.listeners.len()
+            ),
+        );
+    }
+    for (i, (a, b)) in old.listeners.iter().zip(&new.listeners).enumerate() {
+        let field = |f: &str| format!("listener[{i}].{f}");
+        if a.name != b.name {
+            return restart(field("name"), format!("listener `{}` cannot be renamed live", a.name));
+        }
+        if a.address != b.address {
+            return restart(field("address"), format!("listener `{}` cannot move to {} live", a.name, b.address));
+        }
+        if a.max_connections != b.max_connections {
+            return restart(field("max_connections"), "changes only at a restart".into());
+        }
+        match (&a.kind, &b.kind) {
+            (ListenerKind::Http(x), ListenerKind::Http(y)) if x.header_read_timeout != y.header_read_timeout => {
+                return restart(field("header_read_timeout"), "changes only at a restart".into());
+            }
+            (ListenerKind::Http(_), ListenerKind::Http(_)) | (ListenerKind::Tcp { .. }, ListenerKind::Tcp { .. }) => {}
+            _ => return restart(field("protocol"), format!("listener `{}` cannot change protocol live", a.name)),
+        }
+    }
+    let autoscaled = |c: &Config, name: &str| c.pools.get(name).is_some_and(|p| p.autoscale.is_some());
+    for name in old.pools.keys().chain(new.pools.keys()) {
+        if (autoscaled(old, name) || autoscaled(new, name)) && old.pools.get(name) != new.pools.get(name) {
+            return restart(
+                format!("pool.{name}"),
+                "a pool with `autoscale` changes only at a restart (its autoscaler owns the replicas)".into(),
+            );
+        }
+    }
+    Ok(())
+}
