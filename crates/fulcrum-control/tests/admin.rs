@@ -264,3 +264,24 @@ async fn a_token_guards_every_call() {
     let (s, b) = send(&state, "GET", "/pools", Some(token), "").await;
     assert_eq!(s, 200, "{b}");
 }
+
+#[tokio::test]
+async fn every_call_of_the_openapi_document_is_served() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/admin-api.openapi.json"))
+        .expect("docs/admin-api.openapi.json");
+    let doc = json(&doc);
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 11, "{} paths", paths.len());
+    for (path, ops) in paths {
+        for method in ops.as_object().expect("operations").keys() {
+            let state = state().await;
+            let uri = path.replace("{pool}", "llm").replace("{id}", "a");
+            let (status, body) = call(&state, &method.to_uppercase(), &uri).await;
+            assert!(status != 405, "{method} {path} is documented but not routed");
+            assert!(
+                !(status == 404 && body.contains(r#""field":"path""#)),
+                "{method} {path} is documented but not served: {body}"
+            );
+        }
+    }
+}
