@@ -11,7 +11,9 @@
 //! the simulator all read this model.
 
 pub mod autoscale;
+pub mod discovery;
 mod duration;
+pub mod observe;
 mod raw;
 pub mod resilience;
 
@@ -71,6 +73,8 @@ pub struct ProxySettings {
     pub drain_timeout: Duration,
     /// Where the admin API and `/metrics` listen, if anywhere.
     pub admin: Option<SocketAddr>,
+    /// One log line per request (target `fulcrum::access`).
+    pub access_log: bool,
 }
 
 /// A listener.
@@ -115,6 +119,8 @@ pub struct HttpListener {
 /// A route: which requests of which listeners go to which pool.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouteConfig {
+    /// Its name in metrics, logs and traces (default `route<index>`; unique).
+    pub name: String,
     /// Listeners the route applies to.
     pub listeners: Vec<String>,
     /// What a request must match.
@@ -187,6 +193,8 @@ pub struct PoolConfig {
     pub engine_metrics: Option<EngineScrape>,
     /// Autoscaling of the pool's replicas.
     pub autoscale: Option<autoscale::AutoscaleConfig>,
+    /// Where endpoints come from at run time; `endpoints` is then the initial set.
+    pub discovery: Option<discovery::DiscoveryConfig>,
 }
 
 /// How the proxy polls each endpoint's engine metrics (vLLM, SGLang, TensorRT-LLM).
@@ -213,7 +221,13 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Pools by name.
     pub pools: BTreeMap<String, PoolConfig>,
+    /// OpenTelemetry traces, when an OTLP endpoint is set.
+    pub tracing: Option<observe::TracingConfig>,
 }
+
+/// The route name metrics and logs give requests that no route matched (a listener's
+/// default pool); no route may take it.
+pub const DEFAULT_ROUTE_NAME: &str = "default";
 
 // === impl Config ===
 
@@ -229,7 +243,9 @@ impl Config {
         Config::parse(&text, Some(path))
     }
 
-    /// Parses and validates TOML text; `file` is only used in error messages.
+    /// Parses and validates TOML text; `file` names the source in error messages, and its
+    /// directory is where relative paths in the text (such as a discovery file) are resolved;
+    /// without it they stay relative to the working directory.
     pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
         let located = Locator { text, file };
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
@@ -246,6 +262,7 @@ impl Config {
             workers: raw.proxy.workers,
             drain_timeout: raw.proxy.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
             admin: raw.proxy.admin,
+            access_log: raw.proxy.access_log.unwrap_or(false),
         };
 
         let mut pools = BTreeMap::new();
@@ -256,8 +273,11 @@ impl Config {
             if !is_name(&name) {
                 return Err(at.error(span.start, &field, "pool names use letters, digits, `-` and `_`"));
             }
-            let pool =
+            let mut pool =
                 pool.validate(&name).map_err(|(sub, msg)| at.error(span.start, &format!("{field}{sub}"), &msg))?;
+            if let (Some(d), Some(dir)) = (&mut pool.discovery, at.file.and_then(Path::parent)) {
+                d.resolve_paths(dir);
+            }
             // Build once to catch what only the whole pool shows (duplicates, table sizes).
             Selector::try_new(pool.policy.clone(), pool.options.clone(), pool.endpoints.clone(), Instant::ZERO)
                 .map_err(|e| at.error(span.start, &field, &e.to_string()))?;
@@ -305,10 +325,22 @@ impl Config {
         let http: Vec<String> =
             listeners.iter().filter(|l| matches!(l.kind, ListenerKind::Http(_))).map(|l| l.name.clone()).collect();
         let mut routes = Vec::new();
+        let mut route_names = HashSet::new();
         for (i, spanned) in raw.route.into_iter().enumerate() {
             let span = spanned.span();
             let r = spanned.into_inner();
             let field = format!("route[{i}]");
+            let name = r.name.unwrap_or_else(|| format!("route{i}"));
+            if !is_name(&name) {
+                return Err(at.error(span.start, &format!("{field}.name"), "use letters, digits, `-` and `_`"));
+            }
+            if name == DEFAULT_ROUTE_NAME {
+                let msg = "`default` is reserved: metrics and logs use it for requests no route matched";
+                return Err(at.error(span.start, &format!("{field}.name"), msg));
+            }
+            if !route_names.insert(name.clone()) {
+                return Err(at.error(span.start, &format!("{field}.name"), &format!("`{name}` is used twice")));
+            }
             let listeners = match r.listener {
                 Some(name) if http.contains(&name) => vec![name],
                 Some(name) => {
@@ -341,10 +373,10 @@ impl Config {
                 models: m.model.map(|m| m.0).unwrap_or_default(),
             };
             let inference = r.inference.unwrap_or(!matcher.models.is_empty());
-            routes.push(RouteConfig { listeners, matcher, pool: r.pool, inference });
+            routes.push(RouteConfig { name, listeners, matcher, pool: r.pool, inference });
         }
 
-        Ok(Config { proxy, listeners, routes, pools })
+        Ok(Config { proxy, listeners, routes, pools, tracing: raw.tracing.and_then(observe::RawTracing::validate) })
     }
 }
 

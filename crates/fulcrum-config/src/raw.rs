@@ -3,12 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use fulcrum_core::endpoint::Labels;
 use fulcrum_core::weight::{DynamicWeight, SlowStart};
-use fulcrum_core::{EndpointSpec, LatencyConfig, Policy, SelectorOptions};
+use fulcrum_core::{LatencyConfig, Policy, SelectorOptions};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -55,6 +54,7 @@ pub(crate) struct RawConfig {
     pub route: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pub pool: BTreeMap<String, Spanned<RawPool>>,
+    pub tracing: Option<crate::observe::RawTracing>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +63,7 @@ pub(crate) struct RawProxy {
     pub workers: Option<NonZeroUsize>,
     pub drain_timeout: Option<DurationStr>,
     pub admin: Option<SocketAddr>,
+    pub access_log: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +91,7 @@ pub(crate) struct RawListener {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRoute {
+    pub name: Option<String>,
     pub listener: Option<String>,
     pub inference: Option<bool>,
     #[serde(rename = "match", default)]
@@ -126,23 +128,11 @@ fn ten() -> f64 {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawEndpoint {
-    pub address: SocketAddr,
-    pub weight: Option<NonZeroU32>,
-    pub id: Option<String>,
-    #[serde(default)]
-    pub models: Vec<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct RawPool {
     #[serde(default)]
     pub policy: Policy,
     #[serde(default)]
-    pub endpoints: Vec<RawEndpoint>,
+    pub endpoints: Vec<crate::discovery::EndpointEntry>,
     pub sticky_cookie: Option<String>,
     pub connect_timeout: Option<DurationStr>,
     pub first_byte_timeout: Option<DurationStr>,
@@ -163,6 +153,7 @@ pub(crate) struct RawPool {
     pub panic_threshold: Option<f64>,
     pub engine_metrics: Option<RawEngineScrape>,
     pub autoscale: Option<crate::autoscale::RawAutoscale>,
+    pub discovery: Option<crate::discovery::RawDiscovery>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -253,29 +244,12 @@ impl RawPool {
         .validate()?;
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
         for (i, e) in self.endpoints.into_iter().enumerate() {
-            let mut labels = Labels { models: e.models, ..Labels::default() };
-            for (k, v) in e.labels {
-                match k.as_str() {
-                    "gpu" | "accelerator" => labels.accelerator = Some(v),
-                    "zone" => labels.zone = Some(v),
-                    _ => {
-                        labels.other.insert(k, v);
-                    }
-                }
-            }
-            let mut spec = EndpointSpec::new(e.address);
-            if let Some(w) = e.weight {
-                spec = spec.with_weight(w);
-            }
-            if let Some(id) = e.id {
-                if id.is_empty() {
-                    return Err((format!(".endpoints[{i}].id"), "must not be empty".into()));
-                }
-                spec = spec.with_id(id);
-            }
-            spec.labels = labels;
-            endpoints.push(spec);
+            endpoints.push(e.into_spec().map_err(|e| (format!(".endpoints[{i}].{}", e.field), e.message))?);
         }
+        let discovery = match self.discovery {
+            Some(d) => Some(d.validate()?),
+            None => None,
+        };
         let autoscale = match self.autoscale {
             Some(a) => Some(a.validate()?),
             None => None,
@@ -295,6 +269,7 @@ impl RawPool {
             resilience,
             engine_metrics,
             autoscale,
+            discovery,
         })
     }
 }

@@ -199,3 +199,78 @@ fn engine_metrics_scraping_is_configured_per_pool() {
     let e = err("[pool.x]\nengine_metrics = { interval = \"0ms\" }\n");
     assert!(e.contains("engine_metrics.interval: must be longer than zero"), "{e}");
 }
+
+#[test]
+fn discovery_paths_resolve_against_the_config_file() {
+    let text = "[pool.x]\ndiscovery = { kind = \"file\", path = \"eps/llama.toml\" }\n";
+    let c = Config::parse(text, Some(Path::new("/etc/fulcrum/fulcrum.toml"))).unwrap();
+    let Some(discovery::DiscoveryConfig::File(f)) = &c.pools["x"].discovery else { panic!("file discovery") };
+    assert_eq!(f.path, Path::new("/etc/fulcrum/eps/llama.toml"));
+    // Without a file name the path stays relative (to the working directory).
+    let c = Config::parse(text, None).unwrap();
+    let Some(discovery::DiscoveryConfig::File(f)) = &c.pools["x"].discovery else { panic!("file discovery") };
+    assert_eq!(f.path, Path::new("eps/llama.toml"));
+    // With discovery, `endpoints` is the initial set and may be empty or not.
+    assert!(c.pools["x"].endpoints.is_empty());
+    let text = "[pool.x]\nendpoints = [{ address = \"127.0.0.1:1\" }]\ndiscovery = { kind = \"registration\", ttl = \"5s\" }\n";
+    let c = Config::parse(text, None).unwrap();
+    assert_eq!(c.pools["x"].endpoints.len(), 1);
+    assert_eq!(c.pools["x"].discovery.as_ref().map(discovery::DiscoveryConfig::kind), Some("registration"));
+    assert!(Config::parse(GOOD, None).unwrap().pools["llama"].discovery.is_none());
+}
+
+#[test]
+fn endpoint_entries_are_checked_by_field() {
+    let e = err("[pool.x]\nendpoints = [{ address = \"127.0.0.1:1\" }, { address = \"127.0.0.1:2\", id = \"\" }]\n");
+    assert!(e.contains("pool.x.endpoints[1].id: must not be empty"), "{e}");
+    let e = err("[pool.x]\nendpoints = [{ address = \"127.0.0.1:1\", labels = { \"\" = \"v\" } }]\n");
+    assert!(e.contains("pool.x.endpoints[0].labels: a label name must not be empty"), "{e}");
+}
+
+#[test]
+fn routes_have_unique_names_for_metrics_and_logs() {
+    let c = Config::parse(GOOD, None).unwrap();
+    assert_eq!(c.routes[0].name, "route0");
+    assert_eq!(c.routes[1].name, "route1");
+    let named = GOOD.replacen("[[route]]\nlistener", "[[route]]\nname = \"chat\"\nlistener", 1);
+    let c = Config::parse(&named, None).unwrap();
+    assert_eq!((c.routes[0].name.as_str(), c.routes[1].name.as_str()), ("chat", "route1"));
+    let twice = GOOD.replacen("[[route]]\nlistener", "[[route]]\nname = \"route1\"\nlistener", 1);
+    let e = err(&twice);
+    assert!(e.contains("route[1].name: `route1` is used twice"), "{e}");
+    for (name, says) in [("chat completions", "letters, digits"), ("default", "reserved")] {
+        let bad = GOOD.replacen("[[route]]\nlistener", &format!("[[route]]\nname = \"{name}\"\nlistener"), 1);
+        let e = err(&bad);
+        assert!(e.contains("route[0].name: ") && e.contains(says), "{e}");
+    }
+}
+
+#[test]
+fn access_log_and_tracing_are_off_by_default() {
+    let c = Config::parse(GOOD, None).unwrap();
+    assert!(!c.proxy.access_log);
+    assert_eq!(c.tracing, None);
+    let text = format!("{GOOD}\n[tracing]\notlp_endpoint = \"http://127.0.0.1:4318\"\n")
+        .replace("workers = 1", "workers = 1\naccess_log = true");
+    let c = Config::parse(&text, None).unwrap();
+    assert!(c.proxy.access_log);
+    let t = c.tracing.expect("tracing");
+    assert_eq!(t.otlp_endpoint.to_string(), "http://127.0.0.1:4318/v1/traces");
+    assert_eq!((t.service_name.as_str(), t.sample_ratio), ("fulcrum", 1.0));
+    let t = Config::parse(
+        "[tracing]\notlp_endpoint = \"http://otel/\"\nservice_name = \"edge\"\nsample_ratio = 0.25\n",
+        None,
+    )
+    .unwrap()
+    .tracing
+    .expect("tracing");
+    assert_eq!((t.otlp_endpoint.port, t.service_name.as_str(), t.sample_ratio), (80, "edge", 0.25));
+    // A table without an endpoint traces nothing.
+    assert_eq!(Config::parse("[tracing]\nservice_name = \"edge\"\n", None).unwrap().tracing, None);
+    let e = err("[tracing]\notlp_endpoint = \"http://otel:4318\"\nsample_ratio = 1.5\n");
+    assert!(e.starts_with("fulcrum.toml:3: tracing.sample_ratio: must be from 0.0 to 1.0"), "{e}");
+    let e = err("[tracing]\notlp_endpoint = \"https://otel:4318\"\n");
+    assert!(e.starts_with("fulcrum.toml:2: tracing.otlp_endpoint: ") && e.contains("https is not supported"), "{e}");
+    let e = err("[tracing]\nendpoint = \"http://otel:4318\"\n");
+    assert!(e.contains("unknown field `endpoint`"), "{e}");
+}

@@ -4,7 +4,8 @@
 //! (with what engines report: queue, KV-cache use, LoRA adapters), the request facts of AI
 //! routes ([`openai`]: OpenAI bodies, token estimates, prefix block hashes) and the
 //! prefix-cache index the AI-aware policies learn in ([`prefix`]), the health, outlier,
-//! breaker, retry and admission state machines (`resilience`), and (later) scaling policies.
+//! breaker, retry and admission state machines (`resilience`), the self-registration leases
+//! of discovery ([`membership`]), and (later) scaling policies.
 //! Time comes in as an [`Instant`] argument, randomness as an injected [`rand::RngCore`], load
 //! as numbers, so the proxy and the simulator drive the very same code.
 //!
@@ -34,6 +35,7 @@ pub mod engine_metrics;
 pub mod ewma;
 pub mod facts;
 pub mod hash;
+pub mod membership;
 pub mod openai;
 pub mod policy;
 pub mod prefix;

@@ -1,0 +1,113 @@
+//! A small HTTP/1.1 client for JSON APIs (etcd's gateway, the admin API), bounded in time and
+//! size. Plain `http://` only, as elsewhere in Fulcrum.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// The largest answer read whole (16 MiB).
+pub(crate) const MAX_BODY: usize = 16 << 20;
+
+/// Why an HTTP exchange failed before an answer could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Connecting or sending failed.
+    #[error("cannot reach {uri}: {source}")]
+    Connect {
+        /// The URL.
+        uri: String,
+        /// Why.
+        #[source]
+        source: Box<hyper_util::client::legacy::Error>,
+    },
+    /// No answer in time.
+    #[error("no answer from {uri} within {timeout:?}")]
+    Timeout {
+        /// The URL.
+        uri: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The answer broke off or was too large.
+    #[error("reading the answer from {uri}: {message}")]
+    Body {
+        /// The URL.
+        uri: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A pooled client whose every exchange is bounded by `timeout`.
+#[derive(Clone, Debug)]
+pub(crate) struct HttpClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl HttpClient {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        // Notices a peer that vanished while a watch stream was idle.
+        connector.set_keepalive(Some(Duration::from_secs(30)));
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        HttpClient { client, timeout }
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Sends a request and returns the answer's head with its body still streaming.
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        uri: Uri,
+        json: Option<Vec<u8>>,
+    ) -> Result<Response<Incoming>, TransportError> {
+        let mut builder = Request::builder().method(method).uri(uri.clone());
+        let body = match json {
+            Some(b) => {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
+                Full::new(Bytes::from(b))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let request =
+            builder.body(body).map_err(|e| TransportError::Body { uri: uri.to_string(), message: e.to_string() })?;
+        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(source)) => Err(TransportError::Connect { uri: uri.to_string(), source: Box::new(source) }),
+            Err(_) => Err(TransportError::Timeout { uri: uri.to_string(), timeout: self.timeout }),
+        }
+    }
+
+    /// One whole exchange: the status and the body (at most [`MAX_BODY`]), all within `timeout`.
+    pub(crate) async fn call(
+        &self,
+        method: Method,
+        uri: Uri,
+        json: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), TransportError> {
+        let exchange = async {
+            let response = self.send(method, uri.clone(), json).await?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| TransportError::Body { uri: uri.to_string(), message: e.to_string() })?;
+            Ok((status, body.to_bytes()))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(TransportError::Timeout { uri: uri.to_string(), timeout: self.timeout }))
+    }
+}
