@@ -1,14 +1,25 @@
-//! `/metrics` in Prometheus text: per pool and per endpoint, read from the proxy's counters
-//! at scrape time (a fresh registry each scrape; scrapes are rare next to requests).
+//! `/metrics` in Prometheus text (OpenMetrics): per pool and per endpoint, read from the
+//! proxy's counters at scrape time (a fresh registry each scrape; scrapes are rare next to
+//! requests, and the request path only ever touches pre-allocated atomics, see
+//! [`fulcrum_proxy::stats`]).
 //!
 //! Names follow Prometheus conventions: the `fulcrum_` prefix, `_total` for counters,
-//! `_seconds` for durations.
+//! `_seconds` for durations. Labels: `pool`, `endpoint` (the endpoint's id; empty for
+//! requests that reached no endpoint), `route` (the route's `name`; `default` for a
+//! listener's default pool; empty for requests no route matched), `status` (the code, or its
+//! class such as `5xx` beyond the first eight codes of a route and endpoint), `state`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use fulcrum_core::Unavailable;
+use fulcrum_core::resilience::breaker::BreakerState;
 use fulcrum_proxy::pool::PoolRuntime;
+use fulcrum_proxy::stats::{EndpointStats, Histogram, HistogramSnapshot, StatusCounts};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -27,6 +38,107 @@ fn gauge(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Floa
     let f = Family::<Labels, FloatGauge>::default();
     registry.register(name, help, f.clone());
     f
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+/// A histogram family read from the proxy's lock-free histograms at scrape time.
+#[derive(Debug)]
+struct Histograms {
+    name: &'static str,
+    help: &'static str,
+    series: Vec<(Labels, HistogramSnapshot)>,
+}
+
+impl Histograms {
+    fn new(name: &'static str, help: &'static str) -> Self {
+        Histograms { name, help, series: Vec::new() }
+    }
+
+    fn add(&mut self, labels: Labels, h: &Histogram) {
+        self.series.push((labels, h.snapshot()));
+    }
+}
+
+impl Collector for Histograms {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        if self.series.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(self.name, self.help, None, MetricType::Histogram)?;
+        for (labels, h) in &self.series {
+            family.encode_family(labels)?.encode_histogram::<Labels>(h.sum, h.count, &h.buckets, None)?;
+        }
+        Ok(())
+    }
+}
+
+/// Per-request families: requests by route and status, and the two latency histograms.
+struct RequestFamilies {
+    requests: Family<Labels, Counter>,
+    duration: Histograms,
+    first_byte: Histograms,
+}
+
+impl RequestFamilies {
+    fn new(r: &mut Registry) -> Self {
+        RequestFamilies {
+            requests: counter(
+                r,
+                "fulcrum_requests",
+                "Requests answered, by pool, endpoint (the last one tried; empty when none was), route and status",
+            ),
+            duration: Histograms::new(
+                "fulcrum_request_duration_seconds",
+                "Time from a request's arrival to the end of its response body.",
+            ),
+            first_byte: Histograms::new(
+                "fulcrum_time_to_first_byte_seconds",
+                "Time from a request's arrival to the first byte of its response body (for a stream of server-sent events, the first token).",
+            ),
+        }
+    }
+
+    fn add_counts(
+        &self,
+        pool: &str,
+        endpoint: &str,
+        routes: &[Arc<str>],
+        counts: &fulcrum_proxy::stats::RequestCounts,
+    ) {
+        counts.for_each(|slot, status, n| {
+            let route = routes.get(usize::from(slot.0)).map_or("other", |r| &**r);
+            let l =
+                labels(&[("pool", pool), ("endpoint", endpoint), ("route", route), ("status", &status.to_string())]);
+            self.requests.get_or_create(&l).inc_by(n);
+        });
+    }
+
+    /// One endpoint's series (`endpoint` empty: the pool's requests that reached none, shown
+    /// only once there are some).
+    fn add(&mut self, pool: &str, endpoint: &str, routes: &[Arc<str>], stats: &EndpointStats) {
+        self.add_counts(pool, endpoint, routes, &stats.requests);
+        let duration = stats.duration.snapshot();
+        if !endpoint.is_empty() || duration.count > 0 {
+            let l = labels(&[("pool", pool), ("endpoint", endpoint)]);
+            self.duration.series.push((l.clone(), duration));
+            self.first_byte.add(l, &stats.first_byte);
+        }
+    }
+
+    fn add_unrouted(&self, counts: &StatusCounts) {
+        counts.for_each(|status, n| {
+            let l = labels(&[("pool", ""), ("endpoint", ""), ("route", ""), ("status", &status.to_string())]);
+            self.requests.get_or_create(&l).inc_by(n);
+        });
+    }
+
+    fn register(self, r: &mut Registry) {
+        r.register_collector(Box::new(self.duration));
+        r.register_collector(Box::new(self.first_byte));
+    }
 }
 
 /// The metrics of `pools`, in Prometheus text format.
@@ -48,50 +160,123 @@ pub fn render(pools: &[Arc<PoolRuntime>]) -> String {
         "fulcrum_endpoint_available",
         "1 when the endpoint takes new requests (healthy, not ejected, circuit closed, not draining)",
     );
+    let healthy = gauge(
+        &mut r,
+        "fulcrum_endpoint_healthy",
+        "1 when the endpoint passes its active health checks (always 1 without health checks; 0 until the first check)",
+    );
+    let ejected = gauge(&mut r, "fulcrum_endpoint_ejected", "1 while outlier detection keeps the endpoint ejected");
+    let draining = gauge(&mut r, "fulcrum_endpoint_draining", "1 while the endpoint is being drained");
+    let circuit = gauge(
+        &mut r,
+        "fulcrum_endpoint_circuit_state",
+        "1 for the state the endpoint's circuit breaker is in (closed, open, half_open), 0 for the others",
+    );
     let weight = gauge(&mut r, "fulcrum_endpoint_effective_weight", "Static weight x slow start x dynamic factor");
+    let scrape_age = gauge(
+        &mut r,
+        "fulcrum_endpoint_engine_metrics_age_seconds",
+        "Time since the engine's own metrics were last scraped successfully",
+    );
+    let scrape_failures =
+        counter(&mut r, "fulcrum_endpoint_engine_scrape_failures", "Engine-metrics scrapes that failed");
     let pool_requests = counter(&mut r, "fulcrum_pool_requests", "Requests admitted to the pool");
     let retries = counter(&mut r, "fulcrum_pool_retries", "Retries sent");
     let budget = counter(&mut r, "fulcrum_pool_retry_budget_exhausted", "Retries the retry budget refused");
     let rejected = counter(&mut r, "fulcrum_pool_rejected", "Requests turned away by admission control (503)");
     let limited = counter(&mut r, "fulcrum_pool_rate_limited", "Requests turned away by the rate limit (429)");
+    let ejections = counter(&mut r, "fulcrum_pool_ejections", "Endpoints ejected by outlier detection");
     let pool_in_flight = gauge(&mut r, "fulcrum_pool_in_flight", "Requests in flight in the pool");
     let held = gauge(&mut r, "fulcrum_pool_held", "Requests held while the pool has no endpoint (scaled to zero)");
+    let admission_running = gauge(
+        &mut r,
+        "fulcrum_pool_admission_in_flight",
+        "Requests holding one of admission control's places (pools with `admission`)",
+    );
+    let admission_queued = gauge(
+        &mut r,
+        "fulcrum_pool_admission_queued",
+        "Requests waiting in the admission queue (pools with `admission`)",
+    );
     let p95 = gauge(
         &mut r,
         "fulcrum_pool_response_head_p95_seconds",
         "p95 time to the response head over the last 1,024 requests",
     );
     let endpoints = gauge(&mut r, "fulcrum_pool_endpoints", "Endpoints in the pool");
+    let mut per_request = RequestFamilies::new(&mut r);
+    let mut admission_wait = Histograms::new(
+        "fulcrum_pool_admission_wait_seconds",
+        "Time requests waited in the admission queue (admitted or turned away).",
+    );
 
     let now = fulcrum_proxy::clock::now();
     for pool in pools {
         let snapshot = pool.snapshot();
-        let p: Labels = vec![("pool".into(), pool.name().to_owned())];
+        let name = pool.name();
+        let p: Labels = labels(&[("pool", name)]);
         let stats = &pool.safety().stats;
         pool_requests.get_or_create(&p).inc_by(stats.requests.load(Ordering::Relaxed));
         retries.get_or_create(&p).inc_by(stats.retries.load(Ordering::Relaxed));
         budget.get_or_create(&p).inc_by(stats.budget_exhausted.load(Ordering::Relaxed));
         rejected.get_or_create(&p).inc_by(stats.rejected.load(Ordering::Relaxed));
         limited.get_or_create(&p).inc_by(stats.rate_limited.load(Ordering::Relaxed));
+        ejections.get_or_create(&p).inc_by(stats.ejections.load(Ordering::Relaxed));
         pool_in_flight.get_or_create(&p).set(snapshot.selector.in_flight() as f64);
         held.get_or_create(&p).set(pool.held() as f64);
         endpoints.get_or_create(&p).set(snapshot.selector.endpoints().len() as f64);
         if let Some(v) = pool.safety().p95_latency() {
             p95.get_or_create(&p).set(v.as_secs_f64());
         }
+        if let Some((running, queued)) = pool.safety().admission_load() {
+            admission_running.get_or_create(&p).set(f64::from(running));
+            admission_queued.get_or_create(&p).set(queued as f64);
+            admission_wait.add(p.clone(), &stats.traffic.admission_wait);
+        }
+        let routes = stats.traffic.route_names();
+        per_request.add(name, "", &routes, &stats.traffic.unsent);
+        let scraped = pool.config().engine_metrics.is_some();
+        let health_checked = pool.config().resilience.health_check.is_some();
         let latency_config = *snapshot.selector.options().latency();
         for (e, u) in snapshot.selector.endpoints().iter().zip(&snapshot.upstreams) {
-            let l: Labels = vec![("pool".into(), pool.name().to_owned()), ("endpoint".into(), e.id().to_string())];
+            let id = e.id().as_str();
+            let l: Labels = labels(&[("pool", name), ("endpoint", id)]);
             let s = e.signals();
+            let flag = |on: bool| if on { 1.0 } else { 0.0 };
             requests.get_or_create(&l).inc_by(u.requests());
             failures.get_or_create(&l).inc_by(u.failures());
             in_flight.get_or_create(&l).set(s.in_flight() as f64);
             tokens.get_or_create(&l).set(s.in_flight_tokens() as f64);
             latency.get_or_create(&l).set(s.latency(now, &latency_config));
-            available.get_or_create(&l).set(if s.is_available(now) { 1.0 } else { 0.0 });
+            available.get_or_create(&l).set(flag(s.is_available(now)));
+            let unhealthy = health_checked
+                && (s.is_unavailable_for(Unavailable::Unchecked) || s.is_unavailable_for(Unavailable::Unhealthy));
+            healthy.get_or_create(&l).set(flag(!unhealthy));
+            ejected.get_or_create(&l).set(flag(s.is_unavailable_for(Unavailable::Ejected)));
+            draining.get_or_create(&l).set(flag(s.is_unavailable_for(Unavailable::Draining)));
+            if let Some(state) = u.breaker_state() {
+                for (value, label) in [
+                    (BreakerState::Closed, "closed"),
+                    (BreakerState::Open, "open"),
+                    (BreakerState::HalfOpen, "half_open"),
+                ] {
+                    let sl = labels(&[("pool", name), ("endpoint", id), ("state", label)]);
+                    circuit.get_or_create(&sl).set(flag(state == value));
+                }
+            }
             weight.get_or_create(&l).set(s.effective_weight());
+            if scraped {
+                if let Some(age) = u.stats().engine_scrape_age(now) {
+                    scrape_age.get_or_create(&l).set(age.as_secs_f64());
+                }
+                scrape_failures.get_or_create(&l).inc_by(u.stats().engine_scrape_failures());
+            }
+            per_request.add(name, id, &routes, u.stats());
         }
     }
+    per_request.add_unrouted(&fulcrum_proxy::observe::UNROUTED);
+    per_request.register(&mut r);
+    r.register_collector(Box::new(admission_wait));
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);

@@ -1,4 +1,5 @@
-//! The response body streamed back to the client, counting load until it ends.
+//! The response body streamed back to the client, counting load until it ends and
+//! observing it (first byte, bytes sent, how it ended) for metrics, logs and traces.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,6 +13,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use tokio::time::Sleep;
 
+use crate::observe::Exchange;
 use crate::safety::AdmissionSlot;
 use crate::upstream::{ReqBody, Upstream};
 
@@ -22,13 +24,15 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// Holds the request's [`InFlight`] guard until the stream ends (or the client goes away),
 /// and the upstream connection, which goes back to its pool only when the body was read to
-/// the end. An optional deadline bounds the whole response (`request_timeout`).
+/// the end. An optional deadline bounds the whole response (`request_timeout`). The
+/// request's [`Exchange`] records it when the stream ends, fails, or is dropped.
 pub struct TrackedBody {
     inner: Incoming,
     guard: Option<InFlight>,
     connection: Option<(Arc<Upstream>, SendRequest<ReqBody>)>,
     deadline: Option<Pin<Box<Sleep>>>,
     admission: Option<AdmissionSlot>,
+    exchange: Option<Exchange>,
 }
 
 impl std::fmt::Debug for TrackedBody {
@@ -44,6 +48,7 @@ impl TrackedBody {
         connection: (Arc<Upstream>, SendRequest<ReqBody>),
         deadline: Option<tokio::time::Instant>,
         admission: Option<AdmissionSlot>,
+        exchange: Exchange,
     ) -> Self {
         let mut body = TrackedBody {
             inner,
@@ -51,6 +56,7 @@ impl TrackedBody {
             connection: Some(connection),
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             admission,
+            exchange: Some(exchange),
         };
         if body.inner.is_end_stream() {
             body.finish();
@@ -65,13 +71,19 @@ impl TrackedBody {
         if let Some((upstream, sender)) = self.connection.take() {
             upstream.checkin(sender);
         }
+        if let Some(mut exchange) = self.exchange.take() {
+            exchange.complete();
+        }
     }
 
     /// The stream failed: stop counting, and drop the connection.
-    fn abort(&mut self) {
+    fn abort(&mut self, why: std::borrow::Cow<'static, str>) {
         self.guard.take();
         self.admission.take();
         self.connection.take();
+        if let Some(mut exchange) = self.exchange.take() {
+            exchange.cut(why);
+        }
     }
 }
 
@@ -84,18 +96,22 @@ impl Body for TrackedBody {
         if let Some(deadline) = this.deadline.as_mut()
             && deadline.as_mut().poll(cx).is_ready()
         {
-            this.abort();
-            return Poll::Ready(Some(Err("the response ran over the pool's request_timeout".into())));
+            const LATE: &str = "the response ran over the pool's request_timeout";
+            this.abort(LATE.into());
+            return Poll::Ready(Some(Err(LATE.into())));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(exchange), Some(data)) = (&mut this.exchange, frame.data_ref()) {
+                    exchange.on_data(data.len());
+                }
                 if this.inner.is_end_stream() {
                     this.finish();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.abort();
+                this.abort(format!("the upstream's response failed: {e}").into());
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {

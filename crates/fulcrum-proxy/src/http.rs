@@ -1,4 +1,5 @@
-//! The HTTP request path: route, pick, forward, stream back.
+//! The HTTP request path: route, pick, forward, stream back; each request observed by an
+//! [`Exchange`] (metrics, access log, trace).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,8 +22,11 @@ use hyper_util::rt::TokioIo;
 use crate::body::TrackedBody;
 use crate::error::ProxyError;
 use crate::headers::{self, X_REQUEST_ID};
+use crate::observe::{Exchange, Observe};
 use crate::pool::{PoolRuntime, sticky_token};
 use crate::route::{Matched, RouteTable, model_of};
+use crate::safety::AdmissionSlot;
+use crate::upstream::Upstream;
 use crate::{clock, upstream::ReqBody};
 
 /// What the proxy sends back to clients.
@@ -35,6 +39,22 @@ pub(crate) struct ListenerCtx {
     pub(crate) routes: RouteTable,
     pub(crate) max_body_bytes: usize,
     pub(crate) body_read_timeout: std::time::Duration,
+    /// Access log and traces (metrics are always recorded).
+    pub(crate) observe: Observe,
+}
+
+/// What [`proxy`] answers: an upstream response to stream back, or a whole one.
+enum Answer {
+    Stream(Response<Incoming>, Streaming),
+    Whole(Response<RespBody>),
+}
+
+/// What a streamed response holds until its body ends.
+struct Streaming {
+    guard: fulcrum_core::InFlight,
+    connection: (Arc<Upstream>, hyper::client::conn::http1::SendRequest<ReqBody>),
+    deadline: Option<tokio::time::Instant>,
+    admission: Option<AdmissionSlot>,
 }
 
 /// Serves one request; every failure becomes a JSON error response.
@@ -43,16 +63,32 @@ pub(crate) async fn handle(
     client: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
+    let started = std::time::Instant::now();
     let request_id = headers::request_id(req.headers_mut());
-    match proxy(&ctx, client, req, &request_id).await {
-        Ok(resp) => Ok(resp),
+    let mut exchange =
+        Exchange::begin(&ctx.observe, started, client, req.method(), req.uri(), req.headers(), &request_id);
+    match proxy(&ctx, client, req, &request_id, &mut exchange).await {
+        Ok(Answer::Stream(resp, s)) => {
+            exchange.respond(resp.status());
+            Ok(resp.map(|incoming| {
+                Either::Left(TrackedBody::new(incoming, s.guard, s.connection, s.deadline, s.admission, exchange))
+            }))
+        }
+        Ok(Answer::Whole(resp)) => {
+            exchange.respond(resp.status());
+            exchange.on_data(http_body::Body::size_hint(resp.body()).exact().unwrap_or(0) as usize);
+            exchange.complete();
+            Ok(resp)
+        }
         Err(e) => {
             if e.is_upstream() || e.status() == StatusCode::SERVICE_UNAVAILABLE {
-                tracing::warn!(request_id = ?request_id, listener = %ctx.name, status = e.status().as_u16(), error = %e, "request failed");
+                tracing::warn!(request_id = request_id.to_str().unwrap_or("-"), listener = %ctx.name, status = e.status().as_u16(), error = %e, "request failed");
             } else {
-                tracing::debug!(request_id = ?request_id, listener = %ctx.name, status = e.status().as_u16(), error = %e, "request refused");
+                tracing::debug!(request_id = request_id.to_str().unwrap_or("-"), listener = %ctx.name, status = e.status().as_u16(), error = %e, "request refused");
             }
-            Ok(e.to_response(&request_id).map(Either::Right))
+            let resp = e.to_response(&request_id);
+            exchange.refused(&e, http_body::Body::size_hint(resp.body()).exact().unwrap_or(0) as usize);
+            Ok(resp.map(Either::Right))
         }
     }
 }
@@ -85,14 +121,18 @@ async fn proxy(
     client: SocketAddr,
     mut req: Request<Incoming>,
     request_id: &HeaderValue,
-) -> Result<Response<RespBody>, ProxyError> {
+    exchange: &mut Exchange,
+) -> Result<Answer, ProxyError> {
     let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, incoming) = req.into_parts();
 
     // Route; read the body only if a route needs the model from it.
     let mut model: Option<String> = None;
     let (pool, inference, body): (Arc<PoolRuntime>, bool, ReqBody) = match ctx.routes.find(&parts, false, None) {
-        Matched::Pool(p, inference) => (p.clone(), inference, Either::Left(incoming)),
+        Matched::Pool(p, inference, route) => {
+            exchange.routed(route, p);
+            (p.clone(), inference, Either::Left(incoming))
+        }
         Matched::None => return Err(ProxyError::NoRoute),
         Matched::NeedBody => {
             if content_length(&parts).is_some_and(|n| n > ctx.max_body_bytes as u64) {
@@ -101,7 +141,10 @@ async fn proxy(
             let bytes = read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout).await?;
             model = model_of(&bytes);
             match ctx.routes.find(&parts, true, model.as_deref()) {
-                Matched::Pool(p, inference) => (p.clone(), inference, Either::Right(Full::new(bytes))),
+                Matched::Pool(p, inference, route) => {
+                    exchange.routed(route, p);
+                    (p.clone(), inference, Either::Right(Full::new(bytes)))
+                }
                 _ => return Err(ProxyError::NoRoute),
             }
         }
@@ -212,9 +255,10 @@ async fn proxy(
             })
             .ok_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned()))?;
         let guard = snapshot.selector.begin(&endpoints[idx], 0, now);
-        let req = Request::from_parts(parts, body);
         let upstream = snapshot.upstreams[idx].clone();
-        return websocket(upstream, req, client_upgrade, guard, first_byte, request_id).await;
+        exchange.attempt(&upstream, &parts.method, &mut parts.headers);
+        let req = Request::from_parts(parts, body);
+        return websocket(upstream, req, client_upgrade, guard, first_byte, request_id).await.map(Answer::Whole);
     }
 
     // Model routing inside the pool: endpoints that list models (or have adapters loaded)
@@ -284,10 +328,11 @@ async fn proxy(
         } else {
             (parts.as_ref().map(clone_parts), body.as_ref().map(clone_body))
         };
-        let (Some(p), Some(b)) = (p, b) else {
+        let (Some(mut p), Some(b)) = (p, b) else {
             return Err(last_error.unwrap_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned())));
         };
         let guard = snapshot.selector.begin(endpoint, tokens, now);
+        exchange.attempt(upstream, &p.method, &mut p.headers);
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(first_byte, upstream.send(Request::from_parts(p, b))).await {
             Ok(r) => r,
@@ -330,6 +375,7 @@ async fn proxy(
                     format!("{observed} on try {tries}, next try in {after:?}"),
                 );
                 tried.push(idx);
+                exchange.attempt_failed(result.as_ref().ok().map(|(r, _)| r.status()), result.as_ref().err());
                 if let Err(e) = result {
                     last_error = Some(e);
                 }
@@ -359,9 +405,8 @@ async fn proxy(
             (a, b) => a.or(b),
         };
         let deadline = limit.map(|d| tokio::time::Instant::from_std(started + d));
-        let upstream = upstream.clone();
-        return Ok(resp
-            .map(|incoming| Either::Left(TrackedBody::new(incoming, guard, (upstream, sender), deadline, admission))));
+        let connection = (upstream.clone(), sender);
+        return Ok(Answer::Stream(resp, Streaming { guard, connection, deadline, admission }));
     }
 }
 

@@ -9,6 +9,8 @@
 //!
 //! What carries over, per pool, by name:
 //! - unchanged pools are kept as they are (same object);
+//! - pools fed by a discovery provider keep the endpoint set it found (their configured
+//!   endpoints are only the first set);
 //! - pools whose only change is their endpoint list keep their object and take the new list
 //!   as a membership change ([`PoolRuntime::set_endpoints`]);
 //! - pools with other changes (policy, timeouts, failure handling...) are rebuilt as a
@@ -132,6 +134,8 @@ struct Inner {
     reloading: std::sync::Mutex<()>,
     changes: tokio::sync::watch::Sender<u64>,
     path: Option<PathBuf>,
+    /// Traces, when `[tracing]` sets an endpoint (changes only at a restart).
+    tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 /// A handle on the running configuration: read it, reload it. Cheap to clone.
@@ -159,7 +163,8 @@ impl Live {
                 .map_err(|source| crate::StartError::Pool { name: name.clone(), source })?;
             pools.insert(name.clone(), Arc::new(pool));
         }
-        let listeners = listener_states(&config, &pools);
+        let tracer = config.tracing.as_ref().map(|t| crate::trace::Tracer::new(t, Arc::new(crate::trace::ProxyRng)));
+        let listeners = listener_states(&config, &pools, tracer.as_ref());
         let state = State { config: Arc::new(config), text, pools, listeners, generation: 1 };
         Ok(Live {
             inner: Arc::new(Inner {
@@ -167,6 +172,7 @@ impl Live {
                 reloading: std::sync::Mutex::new(()),
                 changes: tokio::sync::watch::Sender::new(1),
                 path,
+                tracer,
             }),
         })
     }
@@ -237,6 +243,12 @@ impl Live {
         self.apply(config, Some(Arc::from(text)))
     }
 
+    /// Checks, without applying, that `text` is valid and could be applied live.
+    pub fn check_text(&self, text: &str) -> Result<(), ReloadError> {
+        let config = Config::parse(text, None)?;
+        check_restart_only(&self.state().config, &config)
+    }
+
     /// Applies a validated configuration; on any error nothing changes.
     pub fn apply(&self, config: Config, text: Option<Arc<str>>) -> Result<ReloadReport, ReloadError> {
         let _reloading = crate::safety::lock(&self.inner.reloading);
@@ -258,13 +270,23 @@ impl Live {
                     report.unchanged.push(name.clone());
                     Plan::Keep(pool.clone())
                 }
+                // A pool fed by discovery keeps the set its provider found: the file's
+                // endpoints are only its first set.
+                (Some(pool), Some(was)) if same_but_endpoints(was, pc) && pc.discovery.is_some() => {
+                    report.unchanged.push(name.clone());
+                    Plan::Keep(pool.clone())
+                }
                 (Some(pool), Some(was)) if same_but_endpoints(was, pc) => {
                     report.endpoints_changed.push(name.clone());
                     Plan::Members(pool.clone(), pc.endpoints.clone())
                 }
                 (Some(pool), Some(_)) => {
                     report.rebuilt.push(name.clone());
-                    Plan::New(Arc::new(PoolRuntime::succeed(pool, pc.clone()).map_err(failed)?))
+                    let mut pc = pc.clone();
+                    if pc.discovery.is_some() {
+                        pc.endpoints = pool.snapshot().selector.endpoints().iter().map(|e| e.spec().clone()).collect();
+                    }
+                    Plan::New(Arc::new(PoolRuntime::succeed(pool, pc).map_err(failed)?))
                 }
                 _ => {
                     report.added.push(name.clone());
@@ -293,7 +315,7 @@ impl Live {
         for name in &report.rebuilt {
             pools[name].safety().event("", "reload", "pool rebuilt with new settings".to_owned());
         }
-        let listeners = listener_states(&config, &pools);
+        let listeners = listener_states(&config, &pools, self.inner.tracer.as_ref());
         let generation = old.generation + 1;
         report.generation = generation;
         let text = text.or_else(|| if *old.config == config { old.text.clone() } else { None });
@@ -311,13 +333,24 @@ impl Live {
         Ok(report)
     }
 
+    /// Sends the spans still queued (at shutdown, once requests have drained).
+    pub(crate) async fn shutdown_tracing(&self) {
+        if let Some(t) = &self.inner.tracer {
+            t.shutdown().await;
+        }
+    }
+
     /// How long shutdown waits for requests in flight, as currently configured.
     pub(crate) fn drain_timeout(&self) -> Duration {
         self.state().config.proxy.drain_timeout
     }
 }
 
-fn listener_states(config: &Config, pools: &BTreeMap<String, Arc<PoolRuntime>>) -> Vec<ListenerState> {
+fn listener_states(
+    config: &Config,
+    pools: &BTreeMap<String, Arc<PoolRuntime>>,
+    tracer: Option<&Arc<crate::trace::Tracer>>,
+) -> Vec<ListenerState> {
     config
         .listeners
         .iter()
@@ -336,6 +369,7 @@ fn listener_states(config: &Config, pools: &BTreeMap<String, Arc<PoolRuntime>>) 
                     routes: RouteTable::new(routes, default),
                     max_body_bytes: h.max_body_bytes,
                     body_read_timeout: h.body_read_timeout,
+                    observe: crate::observe::Observe::new(config.proxy.access_log, tracer.cloned()),
                 }))
             }
         })
@@ -354,6 +388,9 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
     let restart = |field: String, message: String| Err(ReloadError::NeedsRestart { field, message });
     if old.proxy.workers != new.proxy.workers {
         return restart("proxy.workers".into(), "the number of worker threads changes only at a restart".into());
+    }
+    if old.tracing != new.tracing {
+        return restart("tracing".into(), "trace export settings change only at a restart".into());
     }
     if old.proxy.admin != new.proxy.admin {
         return restart("proxy.admin".into(), "the admin API's address changes only at a restart".into());

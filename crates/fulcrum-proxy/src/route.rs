@@ -9,6 +9,7 @@ use std::sync::Arc;
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 
+use crate::observe::RouteTag;
 use crate::pool::PoolRuntime;
 
 /// A compiled route.
@@ -19,6 +20,8 @@ pub(crate) struct Route {
     headers: Vec<(HeaderName, HeaderValue)>,
     models: Vec<String>,
     inference: bool,
+    /// The route's name and its counters' slot in the pool.
+    tag: RouteTag,
     pub(crate) pool: Arc<PoolRuntime>,
 }
 
@@ -36,6 +39,7 @@ impl Route {
             headers,
             models: config.matcher.models.clone(),
             inference: config.inference,
+            tag: RouteTag::new(&config.name, &pool),
             pool,
         }
     }
@@ -66,8 +70,9 @@ impl Route {
 /// The outcome of matching.
 #[derive(Debug)]
 pub(crate) enum Matched<'a> {
-    /// Route to this pool; `true` for an inference route (its POSTs may be retried).
-    Pool(&'a Arc<PoolRuntime>, bool),
+    /// Route to this pool; `true` for an inference route (its POSTs may be retried); the
+    /// route as metrics and logs name it.
+    Pool(&'a Arc<PoolRuntime>, bool, &'a RouteTag),
     /// A route names models: read the body and match again.
     NeedBody,
     /// Nothing matches.
@@ -79,11 +84,12 @@ pub(crate) enum Matched<'a> {
 pub(crate) struct RouteTable {
     routes: Vec<Route>,
     default_pool: Option<Arc<PoolRuntime>>,
+    default_tag: RouteTag,
 }
 
 impl RouteTable {
     pub(crate) fn new(routes: Vec<Route>, default_pool: Option<Arc<PoolRuntime>>) -> Self {
-        RouteTable { routes, default_pool }
+        RouteTable { routes, default_pool, default_tag: RouteTag::default_route() }
     }
 
     /// Matches a request. `model` is `None` until the body has been read (`body_read`).
@@ -93,17 +99,17 @@ impl RouteTable {
                 continue;
             }
             if route.models.is_empty() {
-                return Matched::Pool(&route.pool, route.inference);
+                return Matched::Pool(&route.pool, route.inference, &route.tag);
             }
             if !body_read {
                 return Matched::NeedBody;
             }
             if model.is_some_and(|m| route.models.iter().any(|want| want == m)) {
-                return Matched::Pool(&route.pool, route.inference);
+                return Matched::Pool(&route.pool, route.inference, &route.tag);
             }
         }
         match &self.default_pool {
-            Some(p) => Matched::Pool(p, false),
+            Some(p) => Matched::Pool(p, false, &self.default_tag),
             None => Matched::None,
         }
     }

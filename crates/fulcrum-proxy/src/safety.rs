@@ -55,6 +55,10 @@ pub struct SafetyStats {
     pub rejected: AtomicU64,
     /// Requests turned away by the rate limit (429).
     pub rate_limited: AtomicU64,
+    /// Endpoints ejected by outlier detection.
+    pub ejections: AtomicU64,
+    /// Route names, requests that reached no endpoint, admission waits (for `/metrics`).
+    pub traffic: crate::stats::PoolTraffic,
 }
 
 /// A pool's failure-handling state.
@@ -153,6 +157,14 @@ impl PoolSafety {
         Some(Duration::from_micros(v[idx.clamp(1, v.len()) - 1]))
     }
 
+    /// Admission control's requests in flight and requests waiting in its queue, when the
+    /// pool has admission control (takes its lock briefly: for status and metrics).
+    pub fn admission_load(&self) -> Option<(u32, usize)> {
+        let rt = self.admission.as_ref()?;
+        let st = lock(&rt.state);
+        Some((st.queue.in_flight(), st.queue.queued()))
+    }
+
     /// Records an event and logs it.
     pub fn event(&self, endpoint: &str, kind: &'static str, detail: String) {
         if kind == "retry" {
@@ -246,6 +258,7 @@ impl PoolSafety {
             && let Some(e) = endpoints.get(ej.index)
         {
             self.set_unavailable(e, Unavailable::Ejected, true);
+            self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             let wait = ej.until.saturating_since(now);
             self.event(e.id().as_str(), "ejected", format!("{} (ejection {} for {wait:?})", ej.reason, ej.ejections));
         }
@@ -273,6 +286,7 @@ impl PoolSafety {
                 OutlierEvent::Ejected(ej) => {
                     if let Some(e) = endpoints.get(ej.index) {
                         self.set_unavailable(e, Unavailable::Ejected, true);
+                        self.stats.ejections.fetch_add(1, Ordering::Relaxed);
                         self.event(e.id().as_str(), "ejected", format!("{} (ejection {})", ej.reason, ej.ejections));
                     }
                 }
@@ -350,10 +364,12 @@ impl PoolSafety {
         };
         // Waiting: if this future is dropped (the client left), the ticket is cancelled.
         let mut waiting = Waiting { safety: self, rt, id, done: false };
+        let queued_at = std::time::Instant::now();
         let admitted = match tokio::time::timeout(deadline.saturating_since(now), &mut rx).await {
             Ok(Ok(())) => true,
             _ => rx.try_recv().is_ok(),
         };
+        self.stats.traffic.admission_wait.observe(queued_at.elapsed());
         waiting.done = true;
         if admitted {
             return Ok(Some(AdmissionSlot { safety: self.clone() }));
@@ -497,6 +513,11 @@ impl EndpointBreaker {
             endpoint.signals().set_circuit_open_until(None);
             safety.event(endpoint.id().as_str(), "breaker", describe(&t));
         }
+    }
+
+    /// The breaker's state.
+    pub(crate) fn state(&self) -> fulcrum_core::resilience::breaker::BreakerState {
+        lock(&self.breaker).state()
     }
 
     /// Gives a permit back unused.

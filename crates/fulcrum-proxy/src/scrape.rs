@@ -32,6 +32,17 @@ pub(crate) async fn scrape_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, conf
     let mut models_due = clock::now();
     let models_every = (config.interval * 25).max(Duration::from_secs(5));
     let utilization = pool.config().policy.kind() != PolicyKind::Score;
+    // Where scrape times are recorded for `/metrics` (the endpoint's upstream outlives
+    // snapshot swaps while the endpoint stays in the pool).
+    let upstream = {
+        let snapshot = pool.snapshot();
+        snapshot
+            .selector
+            .endpoints()
+            .iter()
+            .position(|e| e.id() == endpoint.id())
+            .map(|i| snapshot.upstreams[i].clone())
+    };
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -46,6 +57,9 @@ pub(crate) async fn scrape_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, conf
         let Ok(Some(page)) = page else {
             conn = None;
             signals.forget_engine();
+            if let Some(u) = &upstream {
+                u.stats().scrape_failed();
+            }
             continue;
         };
         if let Some(path) = &config.models_path
@@ -61,7 +75,13 @@ pub(crate) async fn scrape_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, conf
         let m = engine_metrics::parse_bytes(&page);
         if m.is_empty() {
             signals.forget_engine();
+            if let Some(u) = &upstream {
+                u.stats().scrape_failed();
+            }
             continue;
+        }
+        if let Some(u) = &upstream {
+            u.stats().scraped(now);
         }
         let count = |v: Option<f64>| v.map_or(0, |x| x.clamp(0.0, f64::from(u32::MAX)) as u32);
         let kv = m.kv_cache_usage.unwrap_or(0.0);

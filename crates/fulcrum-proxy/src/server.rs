@@ -151,6 +151,7 @@ impl Proxy {
         while tasks.join_next().await.is_some() {}
         refresher.abort();
         supervisor.abort();
+        self.live.shutdown_tracing().await;
         tracing::info!("stopped");
     }
 }

@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::safety::EndpointBreaker;
+use crate::stats::EndpointStats;
 
 /// The body type sent upstream: streamed from the client, or read already (model routing).
 pub(crate) type ReqBody = Either<Incoming, Full<Bytes>>;
@@ -43,6 +44,8 @@ pub struct Upstream {
     /// Open connections to the endpoint (for `max_connections`).
     connections: std::sync::Arc<std::sync::atomic::AtomicU32>,
     pub(crate) breaker: Option<EndpointBreaker>,
+    /// Requests, latencies and engine scrapes, for `/metrics`.
+    stats: EndpointStats,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -70,7 +73,23 @@ impl Upstream {
             failures: AtomicU64::new(0),
             connections: Default::default(),
             breaker: breaker.map(EndpointBreaker::new),
+            stats: EndpointStats::default(),
         }
+    }
+
+    /// The endpoint's address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The state of the endpoint's circuit breaker, when the pool has breakers.
+    pub fn breaker_state(&self) -> Option<fulcrum_core::resilience::breaker::BreakerState> {
+        self.breaker.as_ref().map(EndpointBreaker::state)
+    }
+
+    /// What the endpoint served: requests by route and status, latencies, engine scrapes.
+    pub fn stats(&self) -> &EndpointStats {
+        &self.stats
     }
 
     /// Open connections to this endpoint.

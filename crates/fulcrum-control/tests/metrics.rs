@@ -1,0 +1,338 @@
+//! `/metrics` after real traffic: a proxy on 127.0.0.1 in front of two `fulcrum mock-backend`
+//! servers (in process) and a dead endpoint; the page must parse as OpenMetrics text (checked
+//! here, and by Python's `prometheus_client` parser when it is installed) and carry the
+//! per-request families with the right labels.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use fulcrum_config::Config;
+use fulcrum_control::admin::{AdminState, app};
+use fulcrum_mock::engine::{EngineConfig, Gpu, OutputLen};
+use fulcrum_mock::{MockConfig, MockHandle, MockServer};
+use fulcrum_proxy::Proxy;
+use http_body_util::{BodyExt, Full};
+use tokio::net::TcpStream;
+use tower::ServiceExt;
+
+/// A model that streams 8 tokens, `itl_ms` apart.
+async fn mock(itl_ms: u64) -> MockHandle {
+    let config = MockConfig {
+        engine: EngineConfig {
+            max_num_seqs: 64,
+            prefill_tokens_per_sec: 1e6,
+            prefill_overhead: Duration::ZERO,
+            itl_base: Duration::from_millis(itl_ms),
+            itl_per_seq: Duration::ZERO,
+            output_len: OutputLen { median: 8.0, sigma: 0.0, max: 64 },
+            ..EngineConfig::preset(Gpu::H100)
+        },
+        ..MockConfig::default()
+    };
+    MockServer::bind(config, "127.0.0.1:0".parse().expect("address")).await.expect("mock starts")
+}
+
+async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Bytes) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "test.local")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    (status, resp.into_body().collect().await.expect("body").to_bytes())
+}
+
+async fn scrape(state: &AdminState) -> String {
+    let req = axum::http::Request::get("/metrics").body(Body::empty()).expect("request");
+    let resp = app(state.clone()).oneshot(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8(body.to_vec()).expect("utf-8")
+}
+
+type Series = BTreeMap<String, String>;
+
+/// Checks OpenMetrics text strictly enough to catch what a scraper rejects (HELP and TYPE
+/// before samples, one TYPE per family, valid names and labels, counters' samples in
+/// `_total`, cumulative buckets whose `+Inf` equals `_count`, `# EOF` last) and returns every
+/// sample as (name, labels, value).
+fn parse(text: &str) -> Vec<(String, Series, f64)> {
+    fn valid_name(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    fn labels(s: &str) -> Series {
+        let mut out = Series::new();
+        let mut rest = s;
+        while !rest.is_empty() {
+            let (name, after) = rest.split_once("=\"").unwrap_or_else(|| panic!("bad labels {s:?}"));
+            assert!(valid_name(name) && !name.contains(':'), "bad label name {name:?}");
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                let (i, c) = chars.next().unwrap_or_else(|| panic!("unterminated label {s:?}"));
+                match c {
+                    '\\' => value.push(chars.next().expect("escape").1),
+                    '"' => break i,
+                    c => value.push(c),
+                }
+            };
+            assert!(out.insert(name.to_owned(), value).is_none(), "label {name} twice in {s:?}");
+            rest = after[end + 1..].strip_prefix(',').unwrap_or(&after[end + 1..]);
+        }
+        out
+    }
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    let mut families: Vec<(String, String)> = Vec::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(valid_name(name), "bad family {name}");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "unexpected type {kind}");
+            assert!(families.iter().all(|(n, _)| n != name), "second TYPE for {name}");
+            families.push((name.to_owned(), kind.to_owned()));
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        assert!(!line.starts_with('#') && !line.is_empty(), "stray line {line:?}");
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, labels(l.strip_suffix('}').expect("closing brace"))),
+            None => (series, Series::new()),
+        };
+        assert!(valid_name(name) && name.starts_with("fulcrum_"), "bad metric name {name}");
+        let (family, kind) = families
+            .iter()
+            .rev()
+            .find(|(f, _)| {
+                name == f || ["_total", "_bucket", "_sum", "_count"].iter().any(|s| name == format!("{f}{s}"))
+            })
+            .unwrap_or_else(|| panic!("sample {name} before its TYPE"));
+        match kind.as_str() {
+            "counter" => assert_eq!(name, format!("{family}_total"), "counter samples end in _total"),
+            "gauge" => assert_eq!(name, family),
+            _ => {}
+        }
+        samples.push((name.to_owned(), labels, value));
+    }
+    // Histograms: per series, buckets cumulative and +Inf == _count.
+    for (family, _) in families.iter().filter(|(_, k)| k == "histogram") {
+        let counts: Vec<_> = samples.iter().filter(|(n, _, _)| *n == format!("{family}_count")).collect();
+        assert!(!counts.is_empty(), "{family} has no series");
+        for (_, labels, count) in counts {
+            let mut buckets: Vec<(f64, f64)> = samples
+                .iter()
+                .filter(|(n, l, _)| {
+                    *n == format!("{family}_bucket")
+                        && l.iter().filter(|(k, _)| *k != "le").all(|(k, v)| labels.get(k) == Some(v))
+                })
+                .map(|(_, l, v)| (if l["le"] == "+Inf" { f64::INFINITY } else { l["le"].parse().expect("le") }, *v))
+                .collect();
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            assert!(buckets.len() >= 2, "{family} {labels:?}: buckets");
+            assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "{family} {labels:?}: not cumulative");
+            let inf = buckets.last().expect("+Inf");
+            assert!(inf.0.is_infinite() && inf.1 == *count, "{family} {labels:?}: +Inf bucket != _count");
+        }
+    }
+    samples
+}
+
+/// The sum of the samples named `name` whose labels include `want`.
+fn sum(samples: &[(String, Series, f64)], name: &str, want: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| n == name && want.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+/// Python's `prometheus_client` OpenMetrics parser reads the page (skipped outside CI when
+/// Python or the package is missing).
+fn python_parses(text: &str) {
+    let script = "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as p\n\
+                  fams = list(p(sys.stdin.read()))\nprint(len(fams), 'families')\n";
+    let python = std::env::var("FULCRUM_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let child = Command::new(python)
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let outcome = child.and_then(|mut c| {
+        use std::io::Write;
+        c.stdin.take().expect("stdin").write_all(text.as_bytes())?;
+        c.wait_with_output()
+    });
+    let why = match outcome {
+        Ok(out) if out.status.success() => {
+            println!("prometheus_client: {}", String::from_utf8_lossy(&out.stdout).trim());
+            return;
+        }
+        Ok(out) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("ModuleNotFoundError"), "prometheus_client rejects /metrics:\n{err}\n{text}");
+            format!("prometheus_client is not installed: {}", err.trim())
+        }
+        Err(e) => format!("cannot run python3: {e}"),
+    };
+    assert!(std::env::var_os("CI").is_none(), "{why} (CI is set, so this is a failure)");
+    println!("SKIPPED the Python check: {why}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_after_traffic_have_the_request_families_and_labels() {
+    let (a, b) = (mock(15).await, mock(15).await);
+    let toml = format!(
+        r#"
+[[listener]]
+name = "public"
+address = "127.0.0.1:0"
+
+[[route]]
+name = "chat"
+match = {{ path_prefix = "/v1/chat/" }}
+pool = "llm"
+
+[[route]]
+name = "models"
+match = {{ path_prefix = "/v1/models" }}
+pool = "llm"
+
+[[route]]
+match = {{ path_prefix = "/dead" }}
+pool = "dead"
+
+[pool.llm]
+policy = "round_robin"
+endpoints = [{{ id = "a", address = "{}" }}, {{ id = "b", address = "{}" }}]
+engine_metrics = {{ interval = "50ms" }}
+health_check = {{ path = "/health", interval = "100ms" }}
+admission = {{ max_in_flight = 8, max_queue = 8, queue_timeout = "5s" }}
+
+[pool.dead]
+endpoints = [{{ id = "gone", address = "127.0.0.1:1" }}]
+"#,
+        a.local_addr(),
+        b.local_addr()
+    );
+    let config = Config::parse(&toml, None).expect("config");
+    let proxy = Proxy::bind(&config).await.expect("proxy");
+    let addr = proxy.local_addr("public").expect("listener");
+    let state = AdminState::new(proxy.live().clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(proxy.run(async move {
+        let _ = stopped.await;
+    }));
+
+    // Wait until health checks and engine scrapes have run (both endpoints healthy).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = parse(&scrape(&state).await);
+        let healthy = sum(&s, "fulcrum_endpoint_healthy", &[("pool", "llm")]);
+        let scraped = s.iter().filter(|(n, _, _)| n == "fulcrum_endpoint_engine_metrics_age_seconds").count();
+        if healthy == 2.0 && scraped == 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "endpoints never became healthy and scraped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let chat = r#"{"model":"mock-llm","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":8}"#;
+    for _ in 0..4 {
+        let (status, body) = request(addr, "POST", "/v1/chat/completions", chat).await;
+        assert_eq!(status, 200, "{body:?}");
+        assert!(body.ends_with(b"data: [DONE]\n\n"), "{body:?}");
+    }
+    assert_eq!(request(addr, "GET", "/v1/models", "").await.0, 200);
+    assert_eq!(request(addr, "GET", "/nowhere", "").await.0, 404);
+    let (dead, _) = request(addr, "GET", "/dead", "").await;
+    assert!(dead == 502 || dead == 503, "{dead}");
+
+    let text = scrape(&state).await;
+    let s = parse(&text);
+    python_parses(&text);
+
+    // Requests by pool, endpoint, route and status.
+    let requests = "fulcrum_requests_total";
+    assert_eq!(sum(&s, requests, &[("pool", "llm"), ("route", "chat"), ("status", "200")]), 4.0, "{text}");
+    for e in ["a", "b"] {
+        assert_eq!(sum(&s, requests, &[("pool", "llm"), ("endpoint", e), ("route", "chat")]), 2.0, "{e}: {text}");
+    }
+    assert_eq!(sum(&s, requests, &[("pool", "llm"), ("route", "models"), ("status", "200")]), 1.0);
+    assert_eq!(
+        sum(
+            &s,
+            requests,
+            &[("pool", "dead"), ("endpoint", "gone"), ("route", "route2"), ("status", &dead.to_string())]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert!(sum(&s, requests, &[("pool", ""), ("endpoint", ""), ("route", ""), ("status", "404")]) >= 1.0);
+    for (_, labels, _) in s.iter().filter(|(n, _, _)| n == requests) {
+        let keys: Vec<&str> = labels.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["endpoint", "pool", "route", "status"]);
+    }
+
+    // Latency histograms per pool and endpoint: every answered request is in both, and the
+    // first byte of a stream comes well before its end.
+    for family in ["fulcrum_request_duration_seconds", "fulcrum_time_to_first_byte_seconds"] {
+        assert_eq!(sum(&s, &format!("{family}_count"), &[("pool", "llm")]), 5.0, "{family}: {text}");
+    }
+    let duration = sum(&s, "fulcrum_request_duration_seconds_sum", &[("pool", "llm")]);
+    let first_byte = sum(&s, "fulcrum_time_to_first_byte_seconds_sum", &[("pool", "llm")]);
+    // Eight tokens 15 ms apart: each stream lasts at least ~100 ms after its first token.
+    assert!(duration > 0.4 && first_byte < duration - 0.3, "ttfb {first_byte} vs duration {duration}");
+
+    // The state of the endpoints and the pool's failure handling.
+    for (name, pool, want) in [
+        ("fulcrum_endpoint_healthy", "llm", 2.0),
+        ("fulcrum_endpoint_ejected", "llm", 0.0),
+        ("fulcrum_endpoint_draining", "llm", 0.0),
+        ("fulcrum_endpoint_in_flight", "llm", 0.0),
+        ("fulcrum_pool_admission_queued", "llm", 0.0),
+        ("fulcrum_pool_admission_in_flight", "llm", 0.0),
+        ("fulcrum_pool_ejections_total", "llm", 0.0),
+        ("fulcrum_pool_retries_total", "llm", 0.0),
+        ("fulcrum_pool_retry_budget_exhausted_total", "llm", 0.0),
+        ("fulcrum_endpoint_engine_scrape_failures_total", "llm", 0.0),
+    ] {
+        assert!(s.iter().any(|(n, l, _)| n == name && l["pool"] == pool), "{name} missing:\n{text}");
+        assert_eq!(sum(&s, name, &[("pool", pool)]), want, "{name}");
+    }
+    assert_eq!(sum(&s, "fulcrum_endpoint_circuit_state", &[("pool", "llm"), ("state", "closed")]), 2.0);
+    // One state at a time.
+    assert_eq!(sum(&s, "fulcrum_endpoint_circuit_state", &[("pool", "dead"), ("endpoint", "gone")]), 1.0);
+    let age = sum(&s, "fulcrum_endpoint_engine_metrics_age_seconds", &[("pool", "llm"), ("endpoint", "a")]);
+    assert!((0.0..5.0).contains(&age), "scrape age {age}");
+    assert!(sum(&s, "fulcrum_pool_admission_wait_seconds_count", &[("pool", "llm")]) >= 0.0);
+    assert!(text.contains("# TYPE fulcrum_pool_admission_wait_seconds histogram"), "{text}");
+
+    let _ = stop.send(());
+    running.await.expect("proxy stops");
+    a.shutdown().await;
+    b.shutdown().await;
+}
