@@ -13,11 +13,15 @@
 //! | `GET /config` | the running configuration: its TOML text, the same as JSON, its generation |
 //! | `PUT /config` | replace the running configuration with the TOML text of the body |
 //! | `POST /reload` | read the configuration file again and apply it |
+//! | `GET /discovery` | every discovery provider: kind, source, state, endpoints found, last success and error |
+//! | `POST /pools/{pool}/registrations`, `PUT`/`DELETE /pools/{pool}/registrations/{id}`, `GET /pools/{pool}/registrations` | backends' self-registration and heartbeats (pools with `discovery = { kind = "registration" }`) |
+//! | `GET /control` | standalone or mesh mode; in mesh mode the link to etcd: connected, revision, last error |
 //! | `GET /metrics` | Prometheus text |
 //!
 //! Changes are edits of the running configuration's text, applied like a reload (see
 //! [`crate::edit`] and `fulcrum_proxy::live`): validated, built, swapped atomically; an
-//! invalid result is refused and the old configuration keeps running.
+//! invalid result is refused and the old configuration keeps running. In mesh mode they are
+//! published to every proxy through etcd instead ([`crate::mesh`]).
 //!
 //! Errors are JSON: `{"error": {"message", "field"}}` with 404 for an unknown pool or
 //! endpoint, 400 for a bad request or an invalid configuration, 409 for a change that
@@ -39,6 +43,7 @@ use fulcrum_proxy::{Live, ReloadError, ReloadReport};
 use serde_json::{Value, json};
 
 use crate::edit::{self, EditError};
+use crate::mesh::{Mesh, MeshError};
 
 /// The largest request body the admin API reads (a whole configuration: 1 MiB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -48,12 +53,27 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub struct AdminState {
     live: Live,
     token: Option<Arc<str>>,
+    mesh: Option<Mesh>,
+    discovery: Option<fulcrum_discovery::Discovery>,
 }
 
 impl AdminState {
     /// The proxy's running configuration.
     pub fn new(live: Live) -> Self {
-        AdminState { live, token: None }
+        AdminState { live, token: None, mesh: None, discovery: None }
+    }
+
+    /// Shows the discovery providers' status and serves backends' self-registrations
+    /// (`/pools/{pool}/registrations`, see `fulcrum_discovery::registration_router`).
+    pub fn with_discovery(mut self, discovery: fulcrum_discovery::Discovery) -> Self {
+        self.discovery = Some(discovery);
+        self
+    }
+
+    /// Sends every change through the mesh's shared configuration (see [`crate::mesh`]).
+    pub fn with_mesh(mut self, mesh: Mesh) -> Self {
+        self.mesh = Some(mesh);
+        self
     }
 
     /// Requires `Authorization: Bearer <token>` on every call.
@@ -66,12 +86,21 @@ impl AdminState {
         self.live.pool(name).ok_or_else(|| ApiError::not_found("pool", format!("no pool is named `{name}`")))
     }
 
-    /// Edits the running text with `change` and applies the result.
-    fn change(&self, change: impl FnOnce(&str) -> Result<String, EditError>) -> Result<Json<Value>, ApiError> {
-        let state = self.live.state();
-        let text = state.text().ok_or(EditError::NoText)?;
-        let next = change(text)?;
-        applied(self.live.reload_text(&next, None)?)
+    /// Edits the running text with `change` and applies the result: here, or through the
+    /// mesh to every proxy.
+    async fn change(&self, change: impl FnOnce(&str) -> Result<String, EditError>) -> Result<Json<Value>, ApiError> {
+        let next = {
+            let state = self.live.state();
+            change(state.text().ok_or(EditError::NoText)?)?
+        };
+        self.apply(&next).await
+    }
+
+    async fn apply(&self, text: &str) -> Result<Json<Value>, ApiError> {
+        match &self.mesh {
+            Some(mesh) => applied(mesh.publish(text).await?),
+            None => applied(self.live.reload_text(text, None)?),
+        }
     }
 }
 
@@ -123,6 +152,21 @@ impl From<ReloadError> for ApiError {
     }
 }
 
+impl From<MeshError> for ApiError {
+    fn from(e: MeshError) -> Self {
+        match e {
+            MeshError::Refused(r) => r.into(),
+            MeshError::Unreachable(_) => {
+                ApiError { status: StatusCode::SERVICE_UNAVAILABLE, field: "control".into(), message: e.to_string() }
+            }
+            MeshError::Conflict { .. } => {
+                ApiError { status: StatusCode::CONFLICT, field: "config".into(), message: e.to_string() }
+            }
+            MeshError::Document(_) => ApiError::bad("config", e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(json!({"error": {"message": self.message, "field": self.field}}))).into_response()
@@ -145,6 +189,11 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
 
 /// The admin API over `state`.
 pub fn app(state: AdminState) -> Router {
+    let registrations = state
+        .discovery
+        .as_ref()
+        .map(|d| fulcrum_discovery::registration_router(d.registry().clone()))
+        .unwrap_or_default();
     Router::new()
         .route("/pools", get(pools))
         .route("/pools/{pool}", get(pool))
@@ -156,13 +205,16 @@ pub fn app(state: AdminState) -> Router {
         .route("/pools/{pool}/policy", put(set_policy))
         .route("/config", get(show_config).put(replace_config))
         .route("/reload", post(reload))
+        .route("/control", get(control))
+        .route("/discovery", get(discovery))
         .route("/metrics", get(metrics))
+        .with_state(state.clone())
+        .merge(registrations)
         .fallback(|| async {
             ApiError::not_found("path", "no such admin call; see GET /pools, /config, /metrics".into())
         })
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(state, authorize))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
 }
 
 /// Checks the bearer token, when one is set, in constant time.
@@ -254,14 +306,14 @@ async fn add_endpoint(
     Path(name): Path<String>,
     Body(endpoint): Body<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    state.change(|text| edit::add_endpoint(text, &name, &endpoint))
+    state.change(|text| edit::add_endpoint(text, &name, &endpoint)).await
 }
 
 async fn remove_endpoint(
     State(state): State<AdminState>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    state.change(|text| edit::remove_endpoint(text, &name, &id))
+    state.change(|text| edit::remove_endpoint(text, &name, &id)).await
 }
 
 #[derive(serde::Deserialize)]
@@ -275,7 +327,7 @@ async fn set_weight(
     Path((name, id)): Path<(String, String)>,
     Body(body): Body<WeightBody>,
 ) -> Result<Json<Value>, ApiError> {
-    state.change(|text| edit::set_weight(text, &name, &id, body.weight))
+    state.change(|text| edit::set_weight(text, &name, &id, body.weight)).await
 }
 
 #[derive(serde::Deserialize)]
@@ -289,7 +341,7 @@ async fn set_policy(
     Path(name): Path<String>,
     Body(body): Body<PolicyBody>,
 ) -> Result<Json<Value>, ApiError> {
-    state.change(|text| edit::set_policy(text, &name, &body.policy))
+    state.change(|text| edit::set_policy(text, &name, &body.policy)).await
 }
 
 async fn show_config(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
@@ -304,11 +356,26 @@ async fn show_config(State(state): State<AdminState>) -> Result<Json<Value>, Api
 }
 
 async fn replace_config(State(state): State<AdminState>, text: String) -> Result<Json<Value>, ApiError> {
-    applied(state.live.reload_text(&text, None)?)
+    state.apply(&text).await
 }
 
 async fn reload(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
-    applied(state.live.reload_file()?)
+    match &state.mesh {
+        Some(mesh) => applied(mesh.reload_own()?),
+        None => applied(state.live.reload_file()?),
+    }
+}
+
+async fn discovery(State(state): State<AdminState>) -> Json<Value> {
+    let providers = state.discovery.as_ref().map(|d| d.status().snapshot()).unwrap_or_default();
+    Json(json!({"providers": providers}))
+}
+
+async fn control(State(state): State<AdminState>) -> Json<Value> {
+    match &state.mesh {
+        Some(mesh) => Json(json!({"mode": "mesh", "mesh": mesh.status()})),
+        None => Json(json!({"mode": "standalone", "generation": state.live.state().generation()})),
+    }
 }
 
 async fn events(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {

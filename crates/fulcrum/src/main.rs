@@ -3,8 +3,10 @@
 //! Thin by design: every decision lives in `fulcrum-core`, every effect in the crate that
 //! owns it; this binary parses flags and calls them.
 
+mod control;
 mod demo;
 mod plan;
+mod register;
 mod serve;
 
 /// mimalloc: the proxy allocates small, short-lived buffers per request, where glibc's
@@ -21,8 +23,21 @@ use fulcrum_core::PolicyKind;
 #[derive(Debug, Parser)]
 #[command(name = "fulcrum", version, about, long_about = None, propagate_version = true)]
 struct Cli {
+    /// How `serve` and `demo` write their logs to stderr: `text` for people, `json` (one
+    /// object per line, fields at the top level) for log collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The format of log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// `2025-01-01T00:00:00Z  INFO fulcrum::access: request request_id=... status=200`
+    Text,
+    /// `{"timestamp":"...","level":"INFO","target":"fulcrum::access","status":200,...}`
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -37,24 +52,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a simulated OpenAI-compatible inference server (vLLM- or SGLang-like), for demos and tests.
     MockBackend(Box<fulcrum_mock::Args>),
-    /// Planned: Run the control plane that drives many proxies through etcd.
-    Control,
+    /// Show or publish the shared configuration that proxies in mesh mode (`serve --control`) follow.
+    Control(control::ControlArgs),
+    /// Keep a backend registered with the proxies (etcd lease or admin API) while it runs.
+    Register(register::RegisterArgs),
     /// Size a fleet with the M/M/c queueing model: utilization, waits, and the servers an SLO needs.
     Plan(plan::PlanArgs),
-}
-
-impl Command {
-    fn planned_name(&self) -> Option<&'static str> {
-        match self {
-            Command::Policies
-            | Command::Serve(_)
-            | Command::Validate(_)
-            | Command::MockBackend(_)
-            | Command::Demo(_)
-            | Command::Plan(_) => None,
-            Command::Control => Some("control"),
-        }
-    }
 }
 
 fn print_policies() {
@@ -64,39 +67,40 @@ fn print_policies() {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default: info).
-fn init_logging() {
+/// Logs to stderr in `format`; `RUST_LOG` filters (default: `level`, such as `info`).
+fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}
-
-/// Logs warnings only, so the demo's summary stays readable.
-fn init_logging_quiet() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => fmt.try_init(),
+        // Fields at the top level (not under "fields"), no span context: one flat object
+        // per line, as log collectors index it.
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
+    };
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(name) = cli.command.planned_name() {
-        eprintln!("fulcrum {name}: not available in this build yet (planned; see README.md, \"Status\")");
-        return ExitCode::from(2);
-    }
     if let Command::MockBackend(args) = cli.command {
         // Exits with status 70 when a crash fault fires, as a crashed server would.
         return fulcrum_mock::main(*args);
     }
     let result = match &cli.command {
         Command::Serve(args) => {
-            init_logging();
+            init_logging(cli.log_format, "info");
             serve::serve(args)
         }
         Command::Validate(args) => serve::validate(args),
         Command::Plan(args) => plan::plan(args),
+        Command::Control(args) => control::control(args),
+        Command::Register(args) => {
+            init_logging(cli.log_format, "info");
+            register::register(args)
+        }
         Command::Demo(args) => {
-            init_logging_quiet();
+            // Warnings only, so the demo's summary stays readable.
+            init_logging(cli.log_format, "warn");
             demo::demo(args)
         }
         _ => {
@@ -126,7 +130,7 @@ mod tests {
     #[test]
     fn help_lists_every_subcommand() {
         let help = Cli::command().render_long_help().to_string();
-        for sub in ["policies", "serve", "validate", "demo", "mock-backend", "control", "plan"] {
+        for sub in ["policies", "serve", "validate", "demo", "mock-backend", "control", "register", "plan"] {
             assert!(help.contains(sub), "{sub} missing from:\n{help}");
         }
     }

@@ -22,6 +22,11 @@ pub struct ServeArgs {
     /// variable). Required when `[proxy] admin` is not a loopback address.
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Mesh mode: follow the pools and routes kept in etcd, at
+    /// etcd://HOST:PORT[,HOST:PORT...][/KEY] (default key /fulcrum/config); this file then
+    /// gives the listeners and proxy settings. Changes through the admin API reach every proxy.
+    #[arg(long, value_name = "URL")]
+    pub control: Option<fulcrum_control::mesh::ControlUrl>,
 }
 
 /// The admin token, from `--admin-token-file` or `FULCRUM_ADMIN_TOKEN`; refused when the admin
@@ -51,10 +56,16 @@ fn admin_token(args: &ServeArgs, admin: std::net::SocketAddr) -> anyhow::Result<
 
 /// Reloads the configuration on SIGHUP and, unless `watch` is off, when the file's content
 /// changes (checked every second). A refused reload is logged; the old configuration runs on.
-async fn reload_triggers(live: fulcrum_proxy::Live, watch: bool) {
-    let reload = |why: &str| match live.reload_file() {
-        Ok(report) => tracing::info!(trigger = why, generation = report.generation, "reload applied"),
-        Err(e) => tracing::error!(trigger = why, error = %e, "reload refused: the running configuration stays"),
+async fn reload_triggers(live: fulcrum_proxy::Live, mesh: Option<fulcrum_control::mesh::Mesh>, watch: bool) {
+    let reload = |why: &str| {
+        let outcome = match &mesh {
+            Some(mesh) => mesh.reload_own().map_err(|e| e.to_string()),
+            None => live.reload_file().map_err(|e| e.to_string()),
+        };
+        match outcome {
+            Ok(report) => tracing::info!(trigger = why, generation = report.generation, "reload applied"),
+            Err(e) => tracing::error!(trigger = why, error = %e, "reload refused: the running configuration stays"),
+        }
     };
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -157,7 +168,21 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let rt = runtime(args.workers.or(config.proxy.workers))?;
     rt.block_on(async {
         let proxy = Proxy::bind_file(&args.config).await?;
-        let reloader = tokio::spawn(reload_triggers(proxy.live().clone(), !args.no_watch));
+        let live = proxy.live().clone();
+        // Mesh mode: the pools and routes come from etcd (the file's until the first read).
+        let mesh = match &args.control {
+            Some(url) => {
+                let own = live.state().text().map(|t| t.to_string()).unwrap_or_default();
+                let mesh = fulcrum_control::mesh::Mesh::new(url, &own, live.clone())?;
+                tracing::info!(etcd = ?url.endpoints, key = %url.key, "mesh mode: following the shared configuration");
+                Some(mesh)
+            }
+            None => None,
+        };
+        let mesh_task = mesh.clone().map(|m| tokio::spawn(m.run()));
+        let discovery = fulcrum_control::discover::for_live(&live);
+        let discovery_task = tokio::spawn(fulcrum_control::discover::supervise(live.clone(), discovery.clone()));
+        let reloader = tokio::spawn(reload_triggers(live.clone(), mesh.clone(), !args.no_watch));
         for l in &config.listeners {
             let kind = match &l.kind {
                 ListenerKind::Http(_) => "http",
@@ -185,9 +210,12 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("the admin API cannot listen on {address}"))?;
                 let address = listener.local_addr().unwrap_or(address);
                 tracing::info!(%address, "admin API listening");
-                let mut state = fulcrum_control::admin::AdminState::new(proxy.live().clone());
+                let mut state = fulcrum_control::admin::AdminState::new(live.clone()).with_discovery(discovery);
                 if let Some(token) = token {
                     state = state.with_token(token);
+                }
+                if let Some(mesh) = mesh {
+                    state = state.with_mesh(mesh);
                 }
                 let app = fulcrum_control::admin::app(state);
                 Some(tokio::spawn(async move {
@@ -200,6 +228,10 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         };
         proxy.run(shutdown_signal()).await;
         reloader.abort();
+        discovery_task.abort();
+        if let Some(task) = mesh_task {
+            task.abort();
+        }
         if let Some(admin) = admin {
             admin.abort();
         }

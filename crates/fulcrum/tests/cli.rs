@@ -16,7 +16,7 @@ fn help_lists_the_subcommands() {
     let out = fulcrum().arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    for sub in ["serve", "validate", "demo", "mock-backend", "policies", "control", "plan"] {
+    for sub in ["serve", "validate", "demo", "mock-backend", "policies", "control", "register", "plan"] {
         assert!(text.contains(sub), "{sub} missing:\n{text}");
     }
 }
@@ -51,10 +51,11 @@ fn a_bad_file_names_file_line_and_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:3: pool.a.endpoints:"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
-    // A planned subcommand says so instead of pretending.
-    let out = fulcrum().arg("control").output().unwrap();
+    // A control plane URL that is not etcd:// is refused, naming the flag.
+    let out = fulcrum().args(["control", "--control", "http://127.0.0.1:2379", "show"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not available in this build yet"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--control") && err.contains("etcd://"), "{err}");
 }
 
 #[test]
@@ -117,8 +118,8 @@ impl Served {
             .env("NO_COLOR", "1")
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
+            .expect("serve test harness");
+        let stderr = child.stderr.take().expect("serve test harness");
         let (tx, log) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -128,7 +129,14 @@ impl Served {
         let admin = loop {
             let line = log.recv_timeout(std::time::Duration::from_secs(20)).expect("serve logs its admin address");
             if line.contains("admin API listening") {
-                let addr = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+                let addr = line
+                    .split("address=")
+                    .nth(1)
+                    .expect("serve test harness")
+                    .split_whitespace()
+                    .next()
+                    .expect("serve test harness")
+                    .to_owned();
                 break addr.trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':').to_owned();
             }
         };
@@ -137,10 +145,10 @@ impl Served {
 
     fn get(&self, path: &str) -> String {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.admin).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
+        let mut s = std::net::TcpStream::connect(&self.admin).expect("serve test harness");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").expect("serve test harness");
         let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
+        s.read_to_string(&mut text).expect("serve test harness");
         text
     }
 
@@ -171,7 +179,10 @@ impl Served {
     }
 
     fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill").args([name, &self.child.id().to_string()]).status().unwrap();
+        let status = std::process::Command::new("kill")
+            .args([name, &self.child.id().to_string()])
+            .status()
+            .expect("serve test harness");
         assert!(status.success());
     }
 
@@ -179,7 +190,7 @@ impl Served {
         self.signal("-TERM");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let exit = loop {
-            if let Some(exit) = self.child.try_wait().unwrap() {
+            if let Some(exit) = self.child.try_wait().expect("serve test harness") {
                 break exit;
             }
             assert!(std::time::Instant::now() < deadline, "serve did not stop on SIGTERM");

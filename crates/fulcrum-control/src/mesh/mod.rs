@@ -1,0 +1,308 @@
+//! Mesh mode: many proxies, one desired configuration, kept in etcd.
+//!
+//! Every proxy started with `--control etcd://HOST:PORT[/KEY]` combines its own file (where
+//! it listens) with the shared document at `KEY` (default `/fulcrum/config`: the pools and
+//! routes, see [`document`]) and runs the result. It watches the key and applies each new
+//! version as a live reload. A change made through any proxy's admin API is written to the
+//! key with a compare-and-swap on the revision that proxy last saw, so two concurrent changes
+//! cannot silently overwrite each other (the second gets 409 and retries on the new version);
+//! every proxy, the writer included, then applies it from the watch (or the writer at once).
+//!
+//! When etcd cannot be reached, each proxy keeps serving its last configuration, shows the
+//! failure in `GET /control` and `fulcrum_control_plane_connected`, refuses API changes with
+//! 503 (rather than letting proxies drift apart), and reads and watches again with backoff.
+//! The first proxy to start with an empty key publishes its own file's pools and routes.
+
+pub mod document;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fulcrum_discovery::etcd::{CasOutcome, EtcdClient, EtcdError, EventKind};
+use fulcrum_proxy::{Live, ReloadError, ReloadReport};
+
+pub use document::{DocumentError, combine, shared_part};
+
+/// The key the shared document lives at unless the URL names another.
+pub const DEFAULT_KEY: &str = "/fulcrum/config";
+
+/// Where the shared document lives: parsed from `etcd://host:port[,host:port...][/key]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlUrl {
+    /// etcd client endpoints (`http://host:port`).
+    pub endpoints: Vec<String>,
+    /// The key.
+    pub key: String,
+}
+
+impl std::str::FromStr for ControlUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("etcd://")
+            .ok_or_else(|| format!("{s:?}: a control plane URL starts with etcd:// (etcd://127.0.0.1:2379)"))?;
+        let (hosts, key) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, DEFAULT_KEY),
+        };
+        let key = if key == "/" { DEFAULT_KEY } else { key };
+        let endpoints: Vec<String> =
+            hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("http://{h}")).collect();
+        if endpoints.is_empty() {
+            return Err(format!("{s:?}: name at least one etcd host:port"));
+        }
+        Ok(ControlUrl { endpoints, key: key.to_owned() })
+    }
+}
+
+/// Why a change through the mesh was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// etcd could not be reached: nothing changed anywhere.
+    #[error("the control plane (etcd) cannot be reached, nothing changed: {0}")]
+    Unreachable(#[source] EtcdError),
+    /// Another change was written first.
+    #[error("the shared configuration changed meanwhile (now at revision {revision}); read it again and retry")]
+    Conflict {
+        /// The revision the key is at now.
+        revision: i64,
+    },
+    /// The change would not run here.
+    #[error(transparent)]
+    Refused(#[from] ReloadError),
+    /// The texts do not combine.
+    #[error(transparent)]
+    Document(#[from] DocumentError),
+}
+
+/// What `GET /control` shows.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MeshStatus {
+    /// etcd endpoints.
+    pub endpoints: Vec<String>,
+    /// The key of the shared document.
+    pub key: String,
+    /// Whether the last call to etcd succeeded and the watch is open.
+    pub connected: bool,
+    /// The shared document's revision last applied (0: none yet).
+    pub revision: i64,
+    /// The last error talking to etcd or applying a version, if any since the last success.
+    pub last_error: Option<String>,
+    /// Seconds since the Unix epoch of the last version applied.
+    pub applied_at_unix: Option<u64>,
+}
+
+/// A proxy's link to the shared configuration. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: EtcdClient,
+    key: String,
+    live: Live,
+    /// The proxy's own file's text.
+    own: Mutex<Arc<str>>,
+    /// The shared document last applied, and its revision.
+    shared: Mutex<(Option<Arc<str>>, i64)>,
+    status: Mutex<MeshStatus>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Mesh {
+    /// A link for `live`, whose own file's text is `own`. Nothing is sent until
+    /// [`run`](Self::run).
+    pub fn new(url: &ControlUrl, own: &str, live: Live) -> Result<Mesh, EtcdError> {
+        let client = EtcdClient::new(&url.endpoints, Duration::from_secs(2))?;
+        let status = MeshStatus { endpoints: url.endpoints.clone(), key: url.key.clone(), ..MeshStatus::default() };
+        Ok(Mesh {
+            inner: Arc::new(Inner {
+                client,
+                key: url.key.clone(),
+                live,
+                own: Mutex::new(Arc::from(own)),
+                shared: Mutex::new((None, 0)),
+                status: Mutex::new(status),
+            }),
+        })
+    }
+
+    /// The link's state.
+    pub fn status(&self) -> MeshStatus {
+        lock(&self.inner.status).clone()
+    }
+
+    fn failed(&self, error: &dyn std::fmt::Display) {
+        let mut s = lock(&self.inner.status);
+        s.connected = false;
+        s.last_error = Some(error.to_string());
+    }
+
+    /// Combines the own file with `shared` (at `revision`) and applies it, unless it is
+    /// what runs already.
+    fn apply(&self, shared: Arc<str>, revision: i64) -> Result<Option<ReloadReport>, MeshError> {
+        let own = lock(&self.inner.own).clone();
+        let text = combine(&own, &shared)?;
+        let current = self.inner.live.state();
+        let report = if current.text().is_some_and(|t| **t == *text) {
+            None
+        } else {
+            Some(self.inner.live.reload_text(&text, None)?)
+        };
+        *lock(&self.inner.shared) = (Some(shared), revision);
+        let mut s = lock(&self.inner.status);
+        s.revision = revision;
+        s.last_error = None;
+        s.applied_at_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs());
+        Ok(report)
+    }
+
+    /// Follows the shared document until the task is dropped: reads it (publishing the own
+    /// file's pools and routes if the key is empty), applies it, watches it, and starts
+    /// again with backoff (100 ms doubling to 2 s) whenever etcd fails.
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.follow().await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, key = %self.inner.key, "control plane unreachable: serving the last configuration");
+                    self.failed(&e);
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn follow(&self) -> Result<(), EtcdError> {
+        let client = &self.inner.client;
+        let key = &self.inner.key;
+        let (shared, revision) = match client.get(key).await? {
+            Some(kv) => (Arc::<str>::from(kv.value_str()), kv.mod_revision),
+            None => {
+                let own = lock(&self.inner.own).clone();
+                let mine = shared_part(&own).unwrap_or_default();
+                match client.compare_and_swap(key, 0, &mine).await? {
+                    CasOutcome::Swapped { revision } => {
+                        tracing::info!(%key, revision, "published this proxy's pools and routes as the shared configuration");
+                        (Arc::from(mine), revision)
+                    }
+                    CasOutcome::Conflict { current: Some(kv) } => (Arc::from(kv.value_str()), kv.mod_revision),
+                    CasOutcome::Conflict { current: None } => return Ok(()),
+                }
+            }
+        };
+        let mut watch = client.watch_key(key, revision + 1).await?;
+        lock(&self.inner.status).connected = true;
+        self.apply_logged(shared, revision);
+        loop {
+            let batch = watch.next().await?;
+            for event in batch.events {
+                match event.kind {
+                    EventKind::Put => {
+                        let rev = event.kv.mod_revision;
+                        self.apply_logged(Arc::from(event.kv.value_str()), rev);
+                    }
+                    EventKind::Delete => {
+                        tracing::warn!(%key, "the shared configuration was deleted: keeping the running one");
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_logged(&self, shared: Arc<str>, revision: i64) {
+        match self.apply(shared, revision) {
+            Ok(Some(report)) => {
+                tracing::info!(revision, generation = report.generation, "applied the shared configuration")
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(revision, error = %e, "refused a version of the shared configuration; the running one stays");
+                lock(&self.inner.status).last_error = Some(format!("revision {revision} refused: {e}"));
+            }
+        }
+    }
+
+    /// Publishes the pools and routes of `whole` (a whole configuration, as the admin API
+    /// edits it) to every proxy: checked here first, written with a compare-and-swap on the
+    /// revision this proxy last applied, then applied here at once.
+    pub async fn publish(&self, whole: &str) -> Result<ReloadReport, MeshError> {
+        let shared: Arc<str> = Arc::from(shared_part(whole)?);
+        let own = lock(&self.inner.own).clone();
+        let text = combine(&own, &shared)?;
+        self.inner.live.check_text(&text)?;
+        let expected = lock(&self.inner.shared).1;
+        match self.inner.client.compare_and_swap(&self.inner.key, expected, &*shared).await {
+            Err(e) => {
+                self.failed(&e);
+                Err(MeshError::Unreachable(e))
+            }
+            Ok(CasOutcome::Conflict { current }) => {
+                Err(MeshError::Conflict { revision: current.map_or(0, |kv| kv.mod_revision) })
+            }
+            Ok(CasOutcome::Swapped { revision }) => {
+                // The watch brings the same version back and finds it running already.
+                let report = self.apply(shared, revision)?;
+                Ok(report.unwrap_or_else(|| ReloadReport {
+                    generation: self.inner.live.state().generation(),
+                    ..ReloadReport::default()
+                }))
+            }
+        }
+    }
+
+    /// Reads the own file again (SIGHUP, file change, `POST /reload`) and applies it with
+    /// the shared document last seen; its own pools and routes do not count in mesh mode.
+    pub fn reload_own(&self) -> Result<ReloadReport, MeshError> {
+        let Some(path) = self.inner.live.path() else {
+            return Err(MeshError::Refused(ReloadError::NeedsRestart {
+                field: String::new(),
+                message: "the proxy was not started from a file: there is nothing to read again".into(),
+            }));
+        };
+        let own = std::fs::read_to_string(path).map_err(|e| {
+            ReloadError::Invalid(fulcrum_config::ConfigError {
+                file: Some(path.to_owned()),
+                line: None,
+                field: String::new(),
+                message: format!("cannot read the file: {e}"),
+            })
+        })?;
+        // The own file must be valid on its own before it is combined.
+        fulcrum_config::Config::parse(&own, Some(path)).map_err(ReloadError::Invalid)?;
+        let (shared, revision) = lock(&self.inner.shared).clone();
+        let previous = std::mem::replace(&mut *lock(&self.inner.own), Arc::from(own.as_str()));
+        let outcome = match shared {
+            Some(shared) => self.apply(shared, revision).map(|r| r.unwrap_or_default()),
+            None => self.inner.live.reload_text(&own, Some(path)).map_err(MeshError::from),
+        };
+        if outcome.is_err() {
+            *lock(&self.inner.own) = previous;
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_urls_name_hosts_and_a_key() {
+        let u: ControlUrl = "etcd://127.0.0.1:2379".parse().unwrap();
+        assert_eq!(u, ControlUrl { endpoints: vec!["http://127.0.0.1:2379".into()], key: DEFAULT_KEY.into() });
+        let u: ControlUrl = "etcd://10.0.0.1:2379,10.0.0.2:2379/prod/fulcrum".parse().unwrap();
+        assert_eq!(u.endpoints.len(), 2);
+        assert_eq!(u.key, "/prod/fulcrum");
+        assert!("http://127.0.0.1:2379".parse::<ControlUrl>().unwrap_err().contains("etcd://"));
+        assert!("etcd:///key".parse::<ControlUrl>().is_err());
+    }
+}

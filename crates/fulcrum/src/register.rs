@@ -1,0 +1,75 @@
+//! `fulcrum register`: keeps a backend registered with the proxies while it runs.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use fulcrum_discovery::{RegisterArgs as Registration, RegisterTarget, run_register};
+
+/// Flags of `fulcrum register`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["etcd", "admin"])))]
+pub struct RegisterArgs {
+    /// The backend's address, as the proxies should reach it.
+    #[arg(long)]
+    pub address: SocketAddr,
+    /// Register in etcd (host:port[,host:port...]) under --prefix, for pools whose discovery
+    /// is `kind = "etcd"` on that prefix.
+    #[arg(long, value_name = "HOSTS", requires = "prefix")]
+    pub etcd: Option<String>,
+    /// The etcd key prefix the proxies watch (the key is the prefix and the id).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Register with a proxy's admin API (http://host:port), in --pool, whose discovery is
+    /// `kind = "registration"`.
+    #[arg(long, value_name = "URL", requires = "pool")]
+    pub admin: Option<String>,
+    /// The pool (with --admin).
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// The endpoint's id (default: its address).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Its weight.
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// A model it serves (repeatable).
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// A label, key=value (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// How long after its last heartbeat the backend leaves the pools (heartbeats go every
+    /// third of it).
+    #[arg(long, default_value = "10s", value_parser = fulcrum_config::parse_duration)]
+    pub ttl: std::time::Duration,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: a label is key=value"))
+}
+
+/// Registers, sends heartbeats until Ctrl-C or SIGTERM, then deregisters.
+pub fn register(args: &RegisterArgs) -> anyhow::Result<()> {
+    let target = match (&args.etcd, &args.prefix, &args.admin, &args.pool) {
+        (Some(hosts), Some(prefix), None, _) => {
+            RegisterTarget::Etcd { endpoints: hosts.split(',').map(str::to_owned).collect(), prefix: prefix.clone() }
+        }
+        (None, _, Some(url), Some(pool)) => RegisterTarget::Admin { url: url.clone(), pool: pool.clone() },
+        _ => anyhow::bail!("give either --etcd HOSTS --prefix P or --admin URL --pool NAME"),
+    };
+    let registration = Registration {
+        target,
+        address: args.address,
+        id: args.id.clone(),
+        weight: args.weight,
+        models: args.models.clone(),
+        labels: args.labels.clone(),
+        ttl: args.ttl,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a runtime")?;
+    rt.block_on(run_register(registration, crate::serve::shutdown_signal()))?;
+    Ok(())
+}
