@@ -82,6 +82,11 @@ impl AdminState {
         self
     }
 
+    /// The running configuration.
+    pub fn live(&self) -> &Live {
+        &self.live
+    }
+
     fn pool(&self, name: &str) -> Result<Arc<PoolRuntime>, ApiError> {
         self.live.pool(name).ok_or_else(|| ApiError::not_found("pool", format!("no pool is named `{name}`")))
     }
@@ -411,7 +416,11 @@ async fn drain(
 async fn metrics(State(state): State<AdminState>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        crate::metrics::render(&state.live.pools()),
+        crate::metrics::render_with(
+            &state.live.pools(),
+            &state.discovery.as_ref().map(|d| d.status().snapshot()).unwrap_or_default(),
+            state.mesh.as_ref().map(Mesh::status).as_ref(),
+        ),
     )
         .into_response()
 }

@@ -143,7 +143,60 @@ impl RequestFamilies {
 
 /// The metrics of `pools`, in Prometheus text format.
 pub fn render(pools: &[Arc<PoolRuntime>]) -> String {
+    render_with(pools, &[], None)
+}
+
+/// The control plane's own state beside the pools': discovery providers and the mesh link.
+fn control_plane(
+    r: &mut Registry,
+    providers: &[fulcrum_discovery::ProviderStatus],
+    mesh: Option<&crate::mesh::MeshStatus>,
+) {
+    let up = gauge(r, "fulcrum_discovery_up", "1 when the pool's discovery provider's last attempt succeeded");
+    let found =
+        gauge(r, "fulcrum_discovery_endpoints", "Endpoints in the provider's last set (the pool keeps it on failure)");
+    let updates = counter(r, "fulcrum_discovery_updates", "Endpoint sets the provider applied to the pool");
+    let failures =
+        counter(r, "fulcrum_discovery_failures", "Failed attempts of the provider (the last set stays in use)");
+    let age =
+        gauge(r, "fulcrum_discovery_last_success_age_seconds", "Time since the provider's last successful attempt");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    for p in providers {
+        let l = labels(&[("pool", &p.pool), ("kind", p.kind)]);
+        up.get_or_create(&l).set(if p.consecutive_failures == 0 && p.last_success_unix_ms.is_some() {
+            1.0
+        } else {
+            0.0
+        });
+        found.get_or_create(&l).set(p.endpoints.unwrap_or(0) as f64);
+        updates.get_or_create(&l).inc_by(p.updates);
+        failures.get_or_create(&l).inc_by(p.failures);
+        if let Some(ms) = p.last_success_unix_ms {
+            age.get_or_create(&l).set(now_ms.saturating_sub(ms) as f64 / 1e3);
+        }
+    }
+    if let Some(m) = mesh {
+        let connected =
+            gauge(r, "fulcrum_control_plane_connected", "1 while the proxy follows the shared configuration in etcd");
+        let revision =
+            gauge(r, "fulcrum_control_plane_revision", "The etcd revision of the shared configuration applied");
+        let l = labels(&[("key", &m.key)]);
+        connected.get_or_create(&l).set(if m.connected { 1.0 } else { 0.0 });
+        revision.get_or_create(&l).set(m.revision as f64);
+    }
+}
+
+/// The metrics of `pools`, the discovery `providers` and the `mesh` link, in Prometheus
+/// text format.
+pub fn render_with(
+    pools: &[Arc<PoolRuntime>],
+    providers: &[fulcrum_discovery::ProviderStatus],
+    mesh: Option<&crate::mesh::MeshStatus>,
+) -> String {
     let mut r = Registry::default();
+    control_plane(&mut r, providers, mesh);
     let requests =
         counter(&mut r, "fulcrum_endpoint_requests", "Requests sent to the endpoint (tries, retries included)");
     let failures = counter(

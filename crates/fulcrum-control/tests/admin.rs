@@ -266,6 +266,20 @@ async fn a_token_guards_every_call() {
 }
 
 #[tokio::test]
+async fn control_and_discovery_show_a_standalone_proxy() {
+    let state = state().await;
+    let (status, body) = call(&state, "GET", "/control").await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["mode"], "standalone");
+    let (status, body) = call(&state, "GET", "/discovery").await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["providers"], serde_json::json!([]));
+    // Without discovery there are no registrations to take.
+    let (s, b) = call_with(&state, "POST", "/pools/llm/registrations", r#"{"address":"127.0.0.1:12"}"#).await;
+    assert_error(s, &b, 404, "path");
+}
+
+#[tokio::test]
 async fn every_call_of_the_openapi_document_is_served() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/admin-api.openapi.json"))
         .expect("docs/admin-api.openapi.json");
@@ -275,6 +289,8 @@ async fn every_call_of_the_openapi_document_is_served() {
     for (path, ops) in paths {
         for method in ops.as_object().expect("operations").keys() {
             let state = state().await;
+            // With discovery, so the registration calls are served too.
+            let state = state.clone().with_discovery(fulcrum_control::discover::for_live(state.live()));
             let uri = path.replace("{pool}", "llm").replace("{id}", "a");
             let (status, body) = call(&state, &method.to_uppercase(), &uri).await;
             assert!(status != 405, "{method} {path} is documented but not routed");

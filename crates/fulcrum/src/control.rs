@@ -10,8 +10,8 @@ use fulcrum_discovery::EtcdClient;
 /// Flags of `fulcrum control`.
 #[derive(Debug, clap::Args)]
 pub struct ControlArgs {
-    /// Where the shared configuration lives: etcd://HOST:PORT[,HOST:PORT...][/KEY]
-    /// (default key /fulcrum/config).
+    /// Where the shared configuration lives: etcd://HOST:PORT, several hosts separated by
+    /// commas, optionally followed by /KEY (default key /fulcrum/config).
     #[arg(long, value_name = "URL", global = true, default_value = "etcd://127.0.0.1:2379")]
     pub control: ControlUrl,
     #[command(subcommand)]

@@ -22,9 +22,9 @@ pub struct ServeArgs {
     /// variable). Required when `[proxy] admin` is not a loopback address.
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// Mesh mode: follow the pools and routes kept in etcd, at
-    /// etcd://HOST:PORT[,HOST:PORT...][/KEY] (default key /fulcrum/config); this file then
-    /// gives the listeners and proxy settings. Changes through the admin API reach every proxy.
+    /// Mesh mode: follow the pools and routes kept in etcd, at etcd://HOST:PORT (several hosts
+    /// separated by commas, optionally followed by /KEY; default key /fulcrum/config); this
+    /// file then gives the listeners and proxy settings. Admin API changes reach every proxy.
     #[arg(long, value_name = "URL")]
     pub control: Option<fulcrum_control::mesh::ControlUrl>,
 }
