@@ -283,6 +283,7 @@ fn describe(pool: &PoolRuntime) -> Value {
                 "requests": u.requests(),
                 "failures": u.failures(),
                 "connections": u.connections(),
+                "circuit": u.breaker_state().map(|b| b.to_string()),
                 "engine": s.engine(now, snapshot.selector.options().engine_max_age()).map(|l| json!({
                     "waiting": l.waiting, "running": l.running, "kv_cache_usage": l.kv_usage,
                 })),
