@@ -91,14 +91,14 @@ impl AdminState {
         self.live.pool(name).ok_or_else(|| ApiError::not_found("pool", format!("no pool is named `{name}`")))
     }
 
-    /// Edits the running text with `change` and applies the result: here, or through the
-    /// mesh to every proxy.
+    /// Edits the running text with `change` and applies the result: here (with no other
+    /// reload in between), or through the mesh to every proxy (against the version edited).
     async fn change(&self, change: impl FnOnce(&str) -> Result<String, EditError>) -> Result<Json<Value>, ApiError> {
-        let next = {
-            let state = self.live.state();
-            change(state.text().ok_or(EditError::NoText)?)?
+        let outcome = match &self.mesh {
+            Some(mesh) => mesh.edit(change).await?,
+            None => self.live.edit(change)?,
         };
-        self.apply(&next).await
+        applied(outcome?)
     }
 
     async fn apply(&self, text: &str) -> Result<Json<Value>, ApiError> {

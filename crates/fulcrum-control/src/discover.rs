@@ -21,8 +21,7 @@ pub struct LiveSink {
 
 impl EndpointSink for LiveSink {
     fn set(&self, pool: &str, endpoints: Vec<EndpointSpec>) -> Result<(), SinkError> {
-        let runtime = self.live.pool(pool).ok_or_else(|| format!("no pool is named `{pool}` any more"))?;
-        let change = runtime.set_endpoints(endpoints)?;
+        let change = self.live.set_discovered(pool, endpoints)?;
         tracing::info!(pool, added = ?change.added, removed = ?change.removed, kept = change.kept, "discovery changed the pool");
         Ok(())
     }

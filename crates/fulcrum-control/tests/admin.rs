@@ -301,3 +301,24 @@ async fn every_call_of_the_openapi_document_is_served() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_all_land() {
+    let state = state().await;
+    let calls: Vec<_> = (0..10)
+        .map(|i| {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let body = format!(r#"{{"address":"127.0.0.1:{}"}}"#, 2000 + i);
+                call_with(&state, "POST", "/pools/llm/endpoints", &body).await
+            })
+        })
+        .collect();
+    for c in calls {
+        let (status, body) = c.await.expect("call");
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(members(&state).await.len(), 12, "every added endpoint is in the pool");
+    let (_, body) = call(&state, "GET", "/config").await;
+    assert_eq!(json(&body)["generation"], 11);
+}

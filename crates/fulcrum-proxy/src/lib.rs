@@ -30,5 +30,5 @@ pub mod trace;
 pub mod upstream;
 
 pub use error::ProxyError;
-pub use live::{Live, ReloadError, ReloadReport};
+pub use live::{DiscoveredError, Live, ReloadError, ReloadReport};
 pub use server::{BindFileError, Proxy, StartError};

@@ -71,6 +71,20 @@ impl ReloadError {
     }
 }
 
+/// Why a discovered set was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveredError {
+    /// No pool of that name runs.
+    #[error("no pool is named `{0}` any more")]
+    NoPool(String),
+    /// The pool's endpoints no longer come from discovery.
+    #[error("pool `{0}` no longer takes its endpoints from discovery")]
+    NotDiscovered(String),
+    /// The set does not build.
+    #[error(transparent)]
+    Build(#[from] fulcrum_core::BuildError),
+}
+
 /// What a reload did, pool by pool.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ReloadReport {
@@ -252,6 +266,49 @@ impl Live {
     /// Applies a validated configuration; on any error nothing changes.
     pub fn apply(&self, config: Config, text: Option<Arc<str>>) -> Result<ReloadReport, ReloadError> {
         let _reloading = crate::safety::lock(&self.inner.reloading);
+        self.apply_locked(config, text)
+    }
+
+    /// Edits the running text with `change` and applies the result, with no other reload
+    /// in between: two concurrent edits both land, one after the other. `Ok(Err(_))` is an
+    /// edit refused by `change`.
+    pub fn edit<E>(
+        &self,
+        change: impl FnOnce(&str) -> Result<String, E>,
+    ) -> Result<Result<ReloadReport, E>, ReloadError> {
+        let _reloading = crate::safety::lock(&self.inner.reloading);
+        let Some(text) = self.state().text.clone() else {
+            return Err(ReloadError::NeedsRestart {
+                field: "config".into(),
+                message: "the running configuration was not read from text, so it cannot be edited".into(),
+            });
+        };
+        let next = match change(&text) {
+            Ok(next) => next,
+            Err(e) => return Ok(Err(e)),
+        };
+        let config = Config::parse(&next, None)?;
+        self.apply_locked(config, Some(Arc::from(next))).map(Ok)
+    }
+
+    /// Replaces the endpoints of `pool`, a pool fed by discovery, unless a reload is under way
+    /// (it waits) or the pool no longer has discovery (refused: a provider stopped by a reload
+    /// must not overwrite the static endpoints that replaced it).
+    pub fn set_discovered(
+        &self,
+        pool: &str,
+        endpoints: Vec<fulcrum_core::EndpointSpec>,
+    ) -> Result<crate::pool::MembershipChange, DiscoveredError> {
+        let _reloading = crate::safety::lock(&self.inner.reloading);
+        let state = self.state();
+        let runtime = state.pools.get(pool).ok_or_else(|| DiscoveredError::NoPool(pool.to_owned()))?;
+        if runtime.config().discovery.is_none() {
+            return Err(DiscoveredError::NotDiscovered(pool.to_owned()));
+        }
+        Ok(runtime.set_endpoints(endpoints)?)
+    }
+
+    fn apply_locked(&self, config: Config, text: Option<Arc<str>>) -> Result<ReloadReport, ReloadError> {
         let old = self.state();
         check_restart_only(&old.config, &config)?;
 

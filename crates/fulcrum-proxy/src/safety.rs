@@ -115,7 +115,7 @@ impl PoolSafety {
     /// The failure handling of a pool rebuilt with new settings (live reload). Counters and
     /// the event timeline carry over. Endpoints keep their flags, except those the new
     /// settings no longer produce: without health checks nobody stays unchecked or
-    /// unhealthy, without outlier detection nobody stays ejected. Health checks newly
+    /// unhealthy; the outlier detector starts afresh, so nobody stays ejected. Health checks newly
     /// enabled do not hold back endpoints already serving; `added` ones wait for their
     /// first check as usual.
     pub(crate) fn succeed(old: &PoolSafety, config: PoolResilience, endpoints: &[Endpoint], added: &[String]) -> Self {
@@ -131,9 +131,9 @@ impl PoolSafety {
                 e.signals().set_unavailable(Unavailable::Unchecked, false);
                 e.signals().set_unavailable(Unavailable::Unhealthy, false);
             }
-            if next.config.outlier.is_none() {
-                e.signals().set_unavailable(Unavailable::Ejected, false);
-            }
+            // The new outlier detector knows of no ejection, so nothing would ever end one
+            // carried over: every endpoint starts un-ejected under it.
+            e.signals().set_unavailable(Unavailable::Ejected, false);
         }
         next.on_membership(endpoints, added);
         next

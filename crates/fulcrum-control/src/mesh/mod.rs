@@ -5,7 +5,7 @@
 //! routes, see [`document`]) and runs the result. It watches the key and applies each new
 //! version as a live reload. A change made through any proxy's admin API is written to the
 //! key with a compare-and-swap on the revision that proxy last saw, so two concurrent changes
-//! cannot silently overwrite each other (the second gets 409 and retries on the new version);
+//! cannot silently overwrite each other (the second gets 409, to send again);
 //! every proxy, the writer included, then applies it from the watch (or the writer at once).
 //!
 //! When etcd cannot be reached, each proxy keeps serving its last configuration, shows the
@@ -144,9 +144,17 @@ impl Mesh {
         s.last_error = Some(error.to_string());
     }
 
-    /// Combines the own file with `shared` (at `revision`) and applies it, unless it is
-    /// what runs already.
-    fn apply(&self, shared: Arc<str>, revision: i64) -> Result<Option<ReloadReport>, MeshError> {
+    /// Takes version `revision` of the shared document: unless `force`, only when it is
+    /// newer than the last version seen (watch events, a publish and a reconnect may bring
+    /// the same version twice, or an older one late). It is recorded as seen even when this
+    /// proxy refuses to run it, so that edits build on the latest version. The lock on the
+    /// shared document is held through the reload: versions apply one at a time, in order.
+    fn apply(&self, shared: Arc<str>, revision: i64, force: bool) -> Result<Option<ReloadReport>, MeshError> {
+        let mut seen = lock(&self.inner.shared);
+        if !force && seen.0.is_some() && revision <= seen.1 {
+            return Ok(None);
+        }
+        *seen = (Some(shared.clone()), revision);
         let own = lock(&self.inner.own).clone();
         let text = combine(&own, &shared)?;
         let current = self.inner.live.state();
@@ -155,7 +163,7 @@ impl Mesh {
         } else {
             Some(self.inner.live.reload_text(&text, None)?)
         };
-        *lock(&self.inner.shared) = (Some(shared), revision);
+        drop(seen);
         let mut s = lock(&self.inner.status);
         s.revision = revision;
         s.last_error = None;
@@ -219,7 +227,7 @@ impl Mesh {
     }
 
     fn apply_logged(&self, shared: Arc<str>, revision: i64) {
-        match self.apply(shared, revision) {
+        match self.apply(shared, revision, false) {
             Ok(Some(report)) => {
                 tracing::info!(revision, generation = report.generation, "applied the shared configuration")
             }
@@ -231,15 +239,40 @@ impl Mesh {
         }
     }
 
-    /// Publishes the pools and routes of `whole` (a whole configuration, as the admin API
-    /// edits it) to every proxy: checked here first, written with a compare-and-swap on the
-    /// revision this proxy last applied, then applied here at once.
+    /// Edits the latest shared version seen (combined with the own file, as the admin API
+    /// shows it) with `change`, and publishes the result against that version's revision:
+    /// a version published meanwhile by another proxy makes it a conflict, never a silent
+    /// overwrite. `Ok(Err(_))` is an edit refused by `change`.
+    pub async fn edit<E>(
+        &self,
+        change: impl FnOnce(&str) -> Result<String, E>,
+    ) -> Result<Result<ReloadReport, E>, MeshError> {
+        let (shared, revision) = lock(&self.inner.shared).clone();
+        let whole = match shared {
+            Some(shared) => combine(&lock(&self.inner.own).clone(), &shared)?,
+            None => self.inner.live.state().text().map(|t| t.to_string()).unwrap_or_default(),
+        };
+        match change(&whole) {
+            Ok(next) => self.publish_at(&next, revision).await.map(Ok),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// Publishes the pools and routes of `whole` (a whole configuration) against the latest
+    /// version seen.
     pub async fn publish(&self, whole: &str) -> Result<ReloadReport, MeshError> {
+        let revision = lock(&self.inner.shared).1;
+        self.publish_at(whole, revision).await
+    }
+
+    /// Checks `whole` here, writes its pools and routes with a compare-and-swap on
+    /// `expected` (the revision the change was based on), then applies it here at once;
+    /// the other proxies apply it from their watches.
+    async fn publish_at(&self, whole: &str, expected: i64) -> Result<ReloadReport, MeshError> {
         let shared: Arc<str> = Arc::from(shared_part(whole)?);
         let own = lock(&self.inner.own).clone();
         let text = combine(&own, &shared)?;
         self.inner.live.check_text(&text)?;
-        let expected = lock(&self.inner.shared).1;
         match self.inner.client.compare_and_swap(&self.inner.key, expected, &*shared).await {
             Err(e) => {
                 self.failed(&e);
@@ -249,8 +282,11 @@ impl Mesh {
                 Err(MeshError::Conflict { revision: current.map_or(0, |kv| kv.mod_revision) })
             }
             Ok(CasOutcome::Swapped { revision }) => {
-                // The watch brings the same version back and finds it running already.
-                let report = self.apply(shared, revision)?;
+                // Checked above; should this proxy still refuse it, the others got it.
+                let report = self.apply(shared, revision, false).map_err(|e| {
+                    tracing::error!(revision, error = %e, "published a version this proxy then refused");
+                    e
+                })?;
                 Ok(report.unwrap_or_else(|| ReloadReport {
                     generation: self.inner.live.state().generation(),
                     ..ReloadReport::default()
@@ -281,7 +317,7 @@ impl Mesh {
         let (shared, revision) = lock(&self.inner.shared).clone();
         let previous = std::mem::replace(&mut *lock(&self.inner.own), Arc::from(own.as_str()));
         let outcome = match shared {
-            Some(shared) => self.apply(shared, revision).map(|r| r.unwrap_or_default()),
+            Some(shared) => self.apply(shared, revision, true).map(|r| r.unwrap_or_default()),
             None => self.inner.live.reload_text(&own, Some(path)).map_err(MeshError::from),
         };
         if outcome.is_err() {
