@@ -6,20 +6,14 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use bytes::Bytes;
+mod common;
+
+use common::{call, mock, status_of};
 use fulcrum_config::Config;
-use fulcrum_control::admin::{AdminState, app};
+use fulcrum_control::admin::AdminState;
 use fulcrum_control::discover;
 use fulcrum_discovery::testing::{TempDir, write_atomically};
-use fulcrum_mock::{MockConfig, MockHandle, MockServer};
 use fulcrum_proxy::{Live, Proxy};
-use http_body_util::{BodyExt, Full};
-use tower::ServiceExt;
-
-async fn mock() -> MockHandle {
-    MockServer::bind(MockConfig::default(), "127.0.0.1:0".parse().expect("address")).await.expect("mock starts")
-}
 
 fn config(file: &std::path::Path, policy: &str) -> String {
     format!(
@@ -44,28 +38,6 @@ discovery = {{ kind = "registration", ttl = "1s" }}
 "#,
         file.display()
     )
-}
-
-async fn call(state: &AdminState, method: &str, uri: &str, body: &str) -> (u16, String) {
-    let req = axum::http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_owned()))
-        .expect("request");
-    let resp = app(state.clone()).oneshot(req).await.expect("response");
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
-}
-
-async fn status_of(addr: SocketAddr, path: &str) -> u16 {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
-    tokio::spawn(conn);
-    let req = http::Request::get(path).header("host", "discovery.test").body(Full::new(Bytes::new())).expect("req");
-    sender.send_request(req).await.expect("response").status().as_u16()
 }
 
 fn addresses(live: &Live, pool: &str) -> Vec<SocketAddr> {

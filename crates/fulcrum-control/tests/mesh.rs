@@ -6,20 +6,14 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use bytes::Bytes;
+mod common;
+
+use common::{mock, status_of};
 use fulcrum_config::Config;
-use fulcrum_control::admin::{AdminState, app};
+use fulcrum_control::admin::AdminState;
 use fulcrum_control::mesh::{ControlUrl, Mesh};
 use fulcrum_discovery::testing::Etcd;
-use fulcrum_mock::{MockConfig, MockHandle, MockServer};
 use fulcrum_proxy::{Live, Proxy};
-use http_body_util::{BodyExt, Full};
-use tower::ServiceExt;
-
-async fn mock() -> MockHandle {
-    MockServer::bind(MockConfig::default(), "127.0.0.1:0".parse().expect("address")).await.expect("mock starts")
-}
 
 fn own_file(endpoint: SocketAddr) -> String {
     format!(
@@ -56,16 +50,8 @@ async fn member(url: &ControlUrl, own: &str) -> Member {
 }
 
 async fn call(state: &AdminState, method: &str, uri: &str, body: &str) -> (u16, serde_json::Value) {
-    let req = axum::http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_owned()))
-        .expect("request");
-    let resp = app(state.clone()).oneshot(req).await.expect("response");
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    let (status, text) = common::call(state, method, uri, body).await;
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
 }
 
 fn endpoint_ids(live: &Live) -> Vec<String> {
@@ -81,15 +67,6 @@ async fn all_agree(members: &[Member], done: impl Fn(&Member) -> bool) -> Durati
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     start.elapsed()
-}
-
-async fn get_status(addr: SocketAddr) -> u16 {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
-    tokio::spawn(conn);
-    let req = http::Request::get("/v1/models").header("host", "mesh.test").body(Full::new(Bytes::new())).expect("req");
-    sender.send_request(req).await.expect("response").status().as_u16()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +111,7 @@ async fn three_proxies_agree_within_a_second_and_keep_serving_without_etcd() {
     let revision = members[2].mesh.status().revision;
     all_agree(&members, |m| m.mesh.status().revision == revision).await;
     for m in &members {
-        assert_eq!(get_status(m.addr).await, 200);
+        assert_eq!(status_of(m.addr, "/v1/models").await, 200);
     }
 
     // An invalid change is refused before it reaches etcd.
@@ -152,7 +129,7 @@ async fn three_proxies_agree_within_a_second_and_keep_serving_without_etcd() {
     for m in &members {
         assert_eq!(endpoint_ids(&m.live), ["first", "second"]);
         for _ in 0..4 {
-            assert_eq!(get_status(m.addr).await, 200, "a proxy stopped serving without etcd");
+            assert_eq!(status_of(m.addr, "/v1/models").await, 200, "a proxy stopped serving without etcd");
         }
     }
     let (status, answer) = call(&members[0].admin, "GET", "/control", "").await;
