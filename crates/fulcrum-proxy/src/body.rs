@@ -2,31 +2,28 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use fulcrum_core::InFlight;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use tokio::time::Sleep;
 
+use crate::h1::UpstreamBody;
 use crate::safety::AdmissionSlot;
-use crate::upstream::{ReqBody, Upstream};
 
 /// Boxed error, as hyper's server accepts.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An upstream response body passed through frame by frame, unbuffered.
 ///
-/// Holds the request's [`InFlight`] guard until the stream ends (or the client goes away),
-/// and the upstream connection, which goes back to its pool only when the body was read to
-/// the end. An optional deadline bounds the whole response (`request_timeout`).
+/// Holds the request's [`InFlight`] guard until the stream ends (or the client goes away).
+/// The upstream connection goes back to its pool only when the body was read to the end
+/// (see [`UpstreamBody`]). An optional deadline bounds the whole response
+/// (`request_timeout`).
 pub struct TrackedBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     guard: Option<InFlight>,
-    connection: Option<(Arc<Upstream>, SendRequest<ReqBody>)>,
     deadline: Option<Pin<Box<Sleep>>>,
     admission: Option<AdmissionSlot>,
 }
@@ -39,16 +36,14 @@ impl std::fmt::Debug for TrackedBody {
 
 impl TrackedBody {
     pub(crate) fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         guard: InFlight,
-        connection: (Arc<Upstream>, SendRequest<ReqBody>),
         deadline: Option<tokio::time::Instant>,
         admission: Option<AdmissionSlot>,
     ) -> Self {
         let mut body = TrackedBody {
             inner,
             guard: Some(guard),
-            connection: Some(connection),
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             admission,
         };
@@ -58,20 +53,10 @@ impl TrackedBody {
         body
     }
 
-    /// The stream ended cleanly: stop counting, and reuse the connection.
+    /// The stream ended (or failed): stop counting.
     fn finish(&mut self) {
         self.guard.take();
         self.admission.take();
-        if let Some((upstream, sender)) = self.connection.take() {
-            upstream.checkin(sender);
-        }
-    }
-
-    /// The stream failed: stop counting, and drop the connection.
-    fn abort(&mut self) {
-        self.guard.take();
-        self.admission.take();
-        self.connection.take();
     }
 }
 
@@ -84,7 +69,9 @@ impl Body for TrackedBody {
         if let Some(deadline) = this.deadline.as_mut()
             && deadline.as_mut().poll(cx).is_ready()
         {
-            this.abort();
+            this.finish();
+            // Dropping the upstream body mid-stream closes its connection.
+            this.inner = UpstreamBody::ended();
             return Poll::Ready(Some(Err("the response ran over the pool's request_timeout".into())));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
@@ -95,7 +82,7 @@ impl Body for TrackedBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.abort();
+                this.finish();
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {

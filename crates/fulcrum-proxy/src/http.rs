@@ -92,16 +92,16 @@ async fn proxy(
     // Route; read the body only if a route needs the model from it.
     let mut model: Option<String> = None;
     let (pool, inference, body): (Arc<PoolRuntime>, bool, ReqBody) = match ctx.routes.find(&parts, false, None) {
-        Matched::Pool(p, inference) => (p.clone(), inference, Either::Left(incoming)),
+        Matched::Pool(p, inference) => (p.clone(), inference, ReqBody::Streamed(incoming)),
         Matched::None => return Err(ProxyError::NoRoute),
         Matched::NeedBody => {
             if content_length(&parts).is_some_and(|n| n > ctx.max_body_bytes as u64) {
                 return Err(ProxyError::BodyTooLarge { limit: ctx.max_body_bytes });
             }
-            let bytes = read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout).await?;
+            let bytes = Box::pin(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             model = model_of(&bytes);
             match ctx.routes.find(&parts, true, model.as_deref()) {
-                Matched::Pool(p, inference) => (p.clone(), inference, Either::Right(Full::new(bytes))),
+                Matched::Pool(p, inference) => (p.clone(), inference, ReqBody::Bytes(bytes)),
                 _ => return Err(ProxyError::NoRoute),
             }
         }
@@ -109,16 +109,13 @@ async fn proxy(
 
     // AI policies read the body (bounded) for the model, token estimate and prefix hashes.
     let (body, body_bytes): (ReqBody, Option<Bytes>) = match body {
-        Either::Right(full) if pool.needs().body => {
-            let bytes = full.clone().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            (Either::Right(full), Some(bytes))
-        }
-        Either::Left(incoming) if pool.needs().body => {
+        ReqBody::Bytes(bytes) if pool.needs().body => (ReqBody::Bytes(bytes.clone()), Some(bytes)),
+        ReqBody::Streamed(incoming) if pool.needs().body => {
             if content_length(&parts).is_some_and(|n| n > ctx.max_body_bytes as u64) {
                 return Err(ProxyError::BodyTooLarge { limit: ctx.max_body_bytes });
             }
-            let bytes = read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout).await?;
-            (Either::Right(Full::new(bytes.clone())), Some(bytes))
+            let bytes = Box::pin(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
+            (ReqBody::Bytes(bytes.clone()), Some(bytes))
         }
         left => (left, None),
     };
@@ -139,15 +136,15 @@ async fn proxy(
     let idempotent = is_idempotent_method(parts.method.as_str());
     let mut may_retry = upgrade.is_none() && policy.max_attempts() > 1 && (idempotent || inference);
     let body: ReqBody = match body {
-        Either::Left(incoming) if may_retry => {
+        ReqBody::Streamed(incoming) if may_retry => {
             if http_body::Body::is_end_stream(&incoming) {
-                Either::Right(Full::new(Bytes::new()))
+                ReqBody::Bytes(Bytes::new())
             } else if content_length(&parts).is_some_and(|n| n <= ctx.max_body_bytes as u64) {
-                Either::Right(Full::new(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout).await?))
+                ReqBody::Bytes(Box::pin(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout)).await?)
             } else {
                 // Unknown or large length: stream it through, once.
                 may_retry = false;
-                Either::Left(incoming)
+                ReqBody::Streamed(incoming)
             }
         }
         other => other,
@@ -172,7 +169,7 @@ async fn proxy(
     // What the policy looks at.
     // A pool the autoscaler has scaled to zero holds its requests while a replica starts.
     let snapshot = match &pool.config().autoscale {
-        Some(a) => pool.wait_for_endpoints(a.cold_start_timeout).await,
+        Some(a) => Box::pin(pool.wait_for_endpoints(a.cold_start_timeout)).await,
         None => pool.snapshot(),
     };
     let needs = pool.needs();
@@ -212,9 +209,9 @@ async fn proxy(
             })
             .ok_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned()))?;
         let guard = snapshot.selector.begin(&endpoints[idx], 0, now);
-        let req = Request::from_parts(parts, body);
+        let req = Request::from_parts(parts, body.into_hyper());
         let upstream = snapshot.upstreams[idx].clone();
-        return websocket(upstream, req, client_upgrade, guard, first_byte, request_id).await;
+        return Box::pin(websocket(upstream, req, client_upgrade, guard, first_byte, request_id)).await;
     }
 
     // Model routing inside the pool: endpoints that list models (or have adapters loaded)
@@ -233,7 +230,6 @@ async fn proxy(
     let mut tried: Vec<usize> = Vec::new();
     let mut tries = 0u32;
     let mut last_error: Option<ProxyError> = None;
-    let mut parts = Some(parts);
     let mut body = Some(body);
     loop {
         let now = clock::now();
@@ -279,25 +275,17 @@ async fn proxy(
 
         tries += 1;
         let last_try = !may_retry || tries >= policy.max_attempts();
-        let (p, b) = if last_try {
-            (parts.take(), body.take())
-        } else {
-            (parts.as_ref().map(clone_parts), body.as_ref().map(clone_body))
-        };
-        let (Some(p), Some(b)) = (p, b) else {
+        // Only buffered bodies are ever sent twice.
+        let b = if last_try { body.take() } else { body.as_ref().and_then(ReqBody::try_clone) };
+        let Some(b) = b else {
             return Err(last_error.unwrap_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned())));
         };
         let guard = snapshot.selector.begin(endpoint, tokens, now);
-        let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(first_byte, upstream.send(Request::from_parts(p, b))).await {
-            Ok(r) => r,
-            Err(_) => {
-                Err(ProxyError::Timeout { endpoint: upstream.name().to_owned(), after_ms: first_byte.as_millis() })
-            }
-        };
+        let started = tokio::time::Instant::now();
+        let result = upstream.send(&parts, b, started, first_byte).await;
         let now = clock::now();
         let observed = match &result {
-            Ok((resp, _)) if resp.status().as_u16() >= 400 => Observed::Status(resp.status().as_u16()),
+            Ok(resp) if resp.status().as_u16() >= 400 => Observed::Status(resp.status().as_u16()),
             Ok(_) => Observed::Success,
             Err(e) => e.observed().unwrap_or(Observed::Reset),
         };
@@ -334,12 +322,12 @@ async fn proxy(
                     last_error = Some(e);
                 }
                 drop(guard);
-                tokio::time::sleep(after).await;
+                Box::pin(tokio::time::sleep(after)).await;
                 continue;
             }
         }
 
-        let (mut resp, sender) = result?;
+        let mut resp = result?;
         let h = resp.headers_mut();
         headers::strip_hop_by_hop(h, false);
         h.insert(&X_REQUEST_ID, request_id.clone());
@@ -358,10 +346,8 @@ async fn proxy(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let deadline = limit.map(|d| tokio::time::Instant::from_std(started + d));
-        let upstream = upstream.clone();
-        return Ok(resp
-            .map(|incoming| Either::Left(TrackedBody::new(incoming, guard, (upstream, sender), deadline, admission))));
+        let deadline = limit.map(|d| started + d);
+        return Ok(resp.map(|body| Either::Left(TrackedBody::new(body, guard, deadline, admission))));
     }
 }
 
@@ -372,37 +358,20 @@ fn usable(e: &fulcrum_core::Endpoint, panic: bool, now: fulcrum_core::Instant) -
     s.is_available(now) || (panic && !s.is_unavailable_for(fulcrum_core::Unavailable::Draining))
 }
 
-fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
-    let mut req = Request::new(());
-    *req.method_mut() = p.method.clone();
-    *req.uri_mut() = p.uri.clone();
-    *req.version_mut() = p.version;
-    *req.headers_mut() = p.headers.clone();
-    req.into_parts().0
-}
-
-fn clone_body(b: &ReqBody) -> ReqBody {
-    match b {
-        Either::Right(full) => Either::Right(full.clone()),
-        // Only buffered bodies are ever sent twice.
-        Either::Left(_) => Either::Right(Full::new(Bytes::new())),
-    }
-}
-
 /// Forwards a WebSocket (or any HTTP/1.1 upgrade) handshake on a fresh connection, then
 /// splices the two upgraded streams until either side closes.
 async fn websocket(
     upstream: Arc<crate::upstream::Upstream>,
-    req: Request<ReqBody>,
+    req: Request<crate::upstream::HyperBody>,
     client_upgrade: hyper::upgrade::OnUpgrade,
     guard: fulcrum_core::InFlight,
     first_byte: Duration,
     request_id: &HeaderValue,
 ) -> Result<Response<RespBody>, ProxyError> {
-    let mut sender = upstream.connect(true).await?;
+    let mut sender = upstream.connect_upgradable().await?;
     let mut resp = match tokio::time::timeout(first_byte, sender.send_request(req)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(ProxyError::Upstream { endpoint: upstream.name().to_owned(), source: e }),
+        Ok(Err(e)) => return Err(ProxyError::Upstream { endpoint: upstream.name().to_owned(), source: e.into() }),
         Err(_) => {
             return Err(ProxyError::Timeout { endpoint: upstream.name().to_owned(), after_ms: first_byte.as_millis() });
         }
