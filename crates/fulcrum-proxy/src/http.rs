@@ -38,13 +38,19 @@ pub(crate) struct ListenerCtx {
 }
 
 /// Serves one request; every failure becomes a JSON error response.
+///
+/// `forwarded_for` is the client's address as `X-Forwarded-For` carries it
+/// ([`headers::forwarded_for`]), made once per client connection.
 pub(crate) async fn handle(
     ctx: Arc<ListenerCtx>,
     client: SocketAddr,
+    forwarded_for: HeaderValue,
     mut req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
+    // Room for what the proxy adds (request id, X-Forwarded-*, Host): one growth at most.
+    req.headers_mut().reserve(5);
     let request_id = headers::request_id(req.headers_mut());
-    match proxy(&ctx, client, req, &request_id).await {
+    match proxy(&ctx, client, &forwarded_for, req, &request_id).await {
         Ok(resp) => Ok(resp),
         Err(e) => {
             if e.is_upstream() || e.status() == StatusCode::SERVICE_UNAVAILABLE {
@@ -83,6 +89,7 @@ fn content_length(req: &http::request::Parts) -> Option<u64> {
 async fn proxy(
     ctx: &ListenerCtx,
     client: SocketAddr,
+    forwarded_for: &HeaderValue,
     mut req: Request<Incoming>,
     request_id: &HeaderValue,
 ) -> Result<Response<RespBody>, ProxyError> {
@@ -153,7 +160,7 @@ async fn proxy(
     // Rewrite the request for the upstream.
     let host = parts.headers.get(header::HOST).cloned();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
-    headers::add_forwarded(&mut parts.headers, client.ip(), host.as_ref());
+    headers::add_forwarded(&mut parts.headers, forwarded_for, host.as_ref());
     if let Some(authority) = parts.uri.authority() {
         // HTTP/2 or absolute-form: the upstream gets origin-form and a Host header.
         if host.is_none()

@@ -263,7 +263,8 @@ async fn accept_loop(bound: Bound, mut stop: watch::Receiver<bool>, drain: Durat
                 match &kind {
                     Kind::Http(ctx, _) => {
                         let ctx = ctx.clone();
-                        let service = service_fn(move |req| handle(ctx.clone(), peer, req));
+                        let forwarded_for = crate::headers::forwarded_for(peer.ip());
+                        let service = service_fn(move |req| handle(ctx.clone(), peer, forwarded_for.clone(), req));
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                         let conn = graceful.watch(conn);
                         tokio::spawn(async move {
