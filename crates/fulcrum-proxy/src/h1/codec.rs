@@ -183,6 +183,35 @@ pub(crate) fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, Upstream
     let mut chunked = false;
     for h in res.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| UpstreamError::Framing("bad header name"))?;
+        // The framing and connection headers of this hop are used here and not passed on
+        // (http.rs strips any other hop-by-hop header): the map is not made to hold them.
+        if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
+            // Only the last coding counts: `chunked` must be the final one.
+            chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .find(|t| !t.is_empty())
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+            continue;
+        }
+        if name == header::CONNECTION {
+            let mut names_others = false;
+            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                } else if !token.is_empty() {
+                    names_others = true;
+                }
+            }
+            // One that names other headers stays, for http.rs to strip them too.
+            if !names_others {
+                continue;
+            }
+        }
         let start = h.value.as_ptr() as usize - base;
         let value = HeaderValue::from_maybe_shared(bytes.slice(start..start + h.value.len()))
             .map_err(|_| UpstreamError::Framing("bad header value"))?;
@@ -191,23 +220,6 @@ pub(crate) fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, Upstream
                 match parse_decimal(part.trim_ascii()) {
                     Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
                     _ => bad_length = true,
-                }
-            }
-        } else if name == header::TRANSFER_ENCODING {
-            transfer_encoding = true;
-            // Only the last coding counts: `chunked` must be the final one.
-            chunked = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-                .find(|t| !t.is_empty())
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive = true;
                 }
             }
         }

@@ -256,6 +256,18 @@ fn keep_alive_follows_version_and_connection() {
 }
 
 #[test]
+fn this_hops_framing_and_connection_headers_are_not_passed_on() {
+    let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\nX-Kept: 1\r\n\r\n";
+    let (head, _) = final_head(raw, &get());
+    assert_eq!(head.headers.len(), 1, "{:?}", head.headers);
+    // A Connection header that names others stays, for the hygiene to strip them.
+    let raw = b"HTTP/1.1 200 OK\r\nConnection: close, x-hop\r\nx-hop: 1\r\nContent-Length: 0\r\n\r\n";
+    let (head, _) = final_head(raw, &get());
+    assert_eq!(head.headers["connection"], "close, x-hop");
+    assert!(!head.keep_alive);
+}
+
+#[test]
 fn unusual_reason_phrases_are_kept() {
     let (head, _) = final_head(b"HTTP/1.1 200 Fine Thanks\r\nContent-Length: 0\r\n\r\n", &get());
     assert_eq!(head.reason.as_deref(), Some(&b"Fine Thanks"[..]));
