@@ -233,13 +233,19 @@ async fn proxy(
     }
     let serves = |e: &fulcrum_core::Endpoint| model_filter.is_none_or(|m| e.serves(m));
 
-    safety.on_request(clock::now());
+    // One clock reading per try: the time to a response head is measured from it, and the
+    // core's instants are derived from it.
+    let mut started = std::time::Instant::now();
+    safety.on_request(clock::at(started));
     let mut tried: Vec<usize> = Vec::new();
     let mut tries = 0u32;
     let mut last_error: Option<ProxyError> = None;
     let mut body = Some(body);
     loop {
-        let now = clock::now();
+        if tries > 0 {
+            started = std::time::Instant::now();
+        }
+        let now = clock::at(started);
         let panic = safety.is_panic(endpoints.len());
         let sticky =
             if tries == 0 { sticky_hit.filter(|&i| panic || endpoints[i].signals().is_available(now)) } else { None };
@@ -288,9 +294,9 @@ async fn proxy(
             return Err(last_error.unwrap_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned())));
         };
         let guard = snapshot.selector.begin(endpoint, tokens, now);
-        let started = tokio::time::Instant::now();
         let result = upstream.send(&parts, b, started, first_byte).await;
-        let now = clock::now();
+        let elapsed = started.elapsed();
+        let now = now + elapsed;
         let observed = match &result {
             Ok(resp) if resp.status().as_u16() >= 400 => Observed::Status(resp.status().as_u16()),
             Ok(_) => Observed::Success,
@@ -301,9 +307,9 @@ async fn proxy(
             upstream.record_failure();
         }
         // Latency is time to the response head; load lasts until the body ends.
-        endpoint.signals().observe(started.elapsed(), outcome, now, &latency);
+        endpoint.signals().observe(elapsed, outcome, now, &latency);
         if result.is_ok() {
-            safety.record_latency(started.elapsed());
+            safety.record_latency(elapsed);
         }
         if let (Some(b), Some(p)) = (&upstream.breaker, permit) {
             b.record(endpoint, &safety, p, outcome, now);
@@ -353,7 +359,7 @@ async fn proxy(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let deadline = limit.map(|d| started + d);
+        let deadline = limit.map(|d| tokio::time::Instant::from_std(started + d));
         return Ok(resp.map(|body| Either::Left(TrackedBody::new(body, guard, deadline, admission))));
     }
 }

@@ -133,9 +133,11 @@ impl Upstream {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn checkout(&self) -> Option<Box<Conn>> {
+    /// A pooled connection that has not idled past the idle timeout at `now`, and that the
+    /// endpoint has not closed.
+    fn checkout(&self, now: std::time::Instant) -> Option<Box<Conn>> {
         while let Some(idle) = self.idle.pop() {
-            if idle.since.elapsed() < self.idle_timeout && idle.conn.is_reusable() {
+            if now.saturating_duration_since(idle.since) < self.idle_timeout && idle.conn.is_reusable() {
                 return Some(idle.conn);
             }
         }
@@ -188,16 +190,16 @@ impl Upstream {
         self: &Arc<Self>,
         parts: &http::request::Parts,
         mut body: ReqBody,
-        started: tokio::time::Instant,
+        started: std::time::Instant,
         first_byte: Duration,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         self.record_request();
-        let deadline = started + first_byte;
+        let deadline = tokio::time::Instant::from_std(started) + first_byte;
         let timed_out = || ProxyError::Timeout { endpoint: self.name.clone(), after_ms: first_byte.as_millis() };
         let mut stale = false;
         loop {
             // After a stale pooled connection, a fresh one: the others may be stale too.
-            let (conn, reused) = match (!stale).then(|| self.checkout()).flatten() {
+            let (conn, reused) = match (!stale).then(|| self.checkout(started)).flatten() {
                 Some(c) => (c, true),
                 // Boxed: connecting is rare, and its future would weigh on every request's.
                 None => match tokio::time::timeout_at(deadline, Box::pin(self.connect())).await {
