@@ -50,7 +50,8 @@ pub(crate) async fn handle(
     // Room for what the proxy adds (request id, X-Forwarded-*, Host): one growth at most.
     req.headers_mut().reserve(5);
     let request_id = headers::request_id(req.headers_mut());
-    match proxy(&ctx, client, &forwarded_for, req, &request_id).await {
+    // Boxed: hyper moves the service future around (twice a request); a small one moves cheaply.
+    match Box::pin(proxy(&ctx, client, &forwarded_for, req, &request_id)).await {
         Ok(resp) => Ok(resp),
         Err(e) => {
             if e.is_upstream() || e.status() == StatusCode::SERVICE_UNAVAILABLE {
