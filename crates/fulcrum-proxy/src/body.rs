@@ -3,33 +3,30 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use fulcrum_core::InFlight;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use tokio::time::Sleep;
 
+use crate::h1::UpstreamBody;
 use crate::observe::Exchange;
 use crate::safety::AdmissionSlot;
-use crate::upstream::{ReqBody, Upstream};
 
 /// Boxed error, as hyper's server accepts.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An upstream response body passed through frame by frame, unbuffered.
 ///
-/// Holds the request's [`InFlight`] guard until the stream ends (or the client goes away),
-/// and the upstream connection, which goes back to its pool only when the body was read to
-/// the end. An optional deadline bounds the whole response (`request_timeout`). The
-/// request's [`Exchange`] records it when the stream ends, fails, or is dropped.
+/// Holds the request's [`InFlight`] guard until the stream ends (or the client goes away).
+/// The upstream connection goes back to its pool only when the body was read to the end
+/// (see [`UpstreamBody`]). An optional deadline bounds the whole response
+/// (`request_timeout`). The request's [`Exchange`] records it when the stream ends, fails,
+/// or is dropped.
 pub struct TrackedBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     guard: Option<InFlight>,
-    connection: Option<(Arc<Upstream>, SendRequest<ReqBody>)>,
     deadline: Option<Pin<Box<Sleep>>>,
     admission: Option<AdmissionSlot>,
     exchange: Option<Exchange>,
@@ -43,9 +40,8 @@ impl std::fmt::Debug for TrackedBody {
 
 impl TrackedBody {
     pub(crate) fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         guard: InFlight,
-        connection: (Arc<Upstream>, SendRequest<ReqBody>),
         deadline: Option<tokio::time::Instant>,
         admission: Option<AdmissionSlot>,
         exchange: Exchange,
@@ -53,7 +49,6 @@ impl TrackedBody {
         let mut body = TrackedBody {
             inner,
             guard: Some(guard),
-            connection: Some(connection),
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             admission,
             exchange: Some(exchange),
@@ -64,23 +59,20 @@ impl TrackedBody {
         body
     }
 
-    /// The stream ended cleanly: stop counting, and reuse the connection.
+    /// The stream ended (or failed): stop counting.
     fn finish(&mut self) {
         self.guard.take();
         self.admission.take();
-        if let Some((upstream, sender)) = self.connection.take() {
-            upstream.checkin(sender);
-        }
         if let Some(mut exchange) = self.exchange.take() {
             exchange.complete();
         }
     }
 
-    /// The stream failed: stop counting, and drop the connection.
+    /// The stream failed: stop counting, and drop the upstream body (closing its connection).
     fn abort(&mut self, why: std::borrow::Cow<'static, str>) {
         self.guard.take();
         self.admission.take();
-        self.connection.take();
+        self.inner = UpstreamBody::ended();
         if let Some(mut exchange) = self.exchange.take() {
             exchange.cut(why);
         }

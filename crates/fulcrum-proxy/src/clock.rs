@@ -13,8 +13,14 @@ static ORIGIN: OnceLock<std::time::Instant> = OnceLock::new();
 
 /// Now, as the core counts time: nanoseconds since the proxy's first reading.
 pub fn now() -> Instant {
-    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
-    Instant::from_nanos(u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    at(std::time::Instant::now())
+}
+
+/// A moment already read from the clock, as the core counts time (see [`now`]): the request
+/// path reads the clock once and derives both kinds of instant from that reading.
+pub fn at(instant: std::time::Instant) -> Instant {
+    let origin = *ORIGIN.get_or_init(|| instant);
+    Instant::from_nanos(u64::try_from(instant.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// A seed from the process's random hasher keys (no extra entropy dependency).

@@ -40,7 +40,7 @@ pub enum ProxyError {
         endpoint: String,
         /// Why.
         #[source]
-        source: hyper::Error,
+        source: crate::h1::UpstreamError,
     },
     /// The request body is over the listener's limit.
     #[error("request body is larger than the limit of {limit} bytes")]

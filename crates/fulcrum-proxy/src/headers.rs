@@ -16,19 +16,31 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Removes hop-by-hop headers (RFC 9110 section 7.6.1), and those the `Connection` header
 /// names. With `keep_upgrade`, `Connection: upgrade` and `Upgrade` stay (WebSocket).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if let Some(conn) = headers.get(header::CONNECTION) {
+    // One pass over the names says which are there (usually none, or a `Connection`), so
+    // that only those are looked up again.
+    let present = headers.keys().fold(0u8, |acc, name| acc | hop_by_hop(name));
+    if present == 0 {
+        return;
+    }
+    if present & CONNECTION != 0
+        && let Some(conn) = headers.get(header::CONNECTION)
+    {
         // Names listed in Connection are hop-by-hop too; the common case lists none.
-        let listed: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-            .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
+        let plain =
+            conn.as_bytes().eq_ignore_ascii_case(b"keep-alive") || conn.as_bytes().eq_ignore_ascii_case(b"close");
+        if !plain {
+            let listed: Vec<HeaderName> = conn
+                .to_str()
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+                .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+                .collect();
+            for name in listed {
+                headers.remove(name);
+            }
         }
         if keep_upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -36,24 +48,77 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(header::CONNECTION);
         }
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TE);
-    headers.remove(header::TRAILER);
-    headers.remove(header::TRANSFER_ENCODING);
-    if !keep_upgrade {
+    if present & KEEP_ALIVE_BIT != 0 {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if present & PROXY_CONNECTION_BIT != 0 {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if present & TE != 0 {
+        headers.remove(header::TE);
+    }
+    if present & TRAILER != 0 {
+        headers.remove(header::TRAILER);
+    }
+    if present & TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present & UPGRADE != 0 && !keep_upgrade {
         headers.remove(header::UPGRADE);
     }
 }
 
-/// Adds `X-Forwarded-For` (appended to any existing chain), `-Proto` and `-Host`.
-pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>) {
-    let mut buf = itoa_ip(client);
-    if let Some(prev) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        buf = format!("{prev}, {buf}");
+const CONNECTION: u8 = 1;
+const KEEP_ALIVE_BIT: u8 = 2;
+const PROXY_CONNECTION_BIT: u8 = 4;
+const TE: u8 = 8;
+const TRAILER: u8 = 16;
+const TRANSFER_ENCODING: u8 = 32;
+const UPGRADE: u8 = 64;
+
+/// The bit of a hop-by-hop header name, or 0.
+fn hop_by_hop(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        CONNECTION
+    } else if name == header::TRANSFER_ENCODING {
+        TRANSFER_ENCODING
+    } else if name == header::UPGRADE {
+        UPGRADE
+    } else if name == header::TE {
+        TE
+    } else if name == header::TRAILER {
+        TRAILER
+    } else if name == KEEP_ALIVE {
+        KEEP_ALIVE_BIT
+    } else if name == PROXY_CONNECTION {
+        PROXY_CONNECTION_BIT
+    } else {
+        0
     }
-    if let Ok(v) = HeaderValue::from_str(&buf) {
-        headers.insert(&X_FORWARDED_FOR, v);
+}
+
+/// The value `add_forwarded` appends for a client: its address (IPv4-mapped addresses as
+/// IPv4). Computed once per client connection.
+pub(crate) fn forwarded_for(client: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&itoa_ip(client)).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Adds `X-Forwarded-For` (`client`, from [`forwarded_for`], appended to any existing chain),
+/// `-Proto` and `-Host`.
+pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<&HeaderValue>) {
+    match headers.entry(&X_FORWARDED_FOR) {
+        header::Entry::Vacant(e) => {
+            e.insert(client.clone());
+        }
+        header::Entry::Occupied(mut e) => {
+            let chain = match e.get().to_str() {
+                Ok(prev) => HeaderValue::from_bytes(format!("{prev}, {}", client.to_str().unwrap_or("")).as_bytes()),
+                Err(_) => Ok(client.clone()),
+            };
+            if let Ok(v) = chain {
+                e.insert(v);
+            }
+        }
     }
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = host {
@@ -129,6 +194,26 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_headers_go_without_a_connection_header_too() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        // A plain `Connection: keep-alive` names nothing else.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        // Nothing to strip: nothing changes.
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.contains_key("x-kept") && !h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
     fn upgrade_is_kept_for_websocket() {
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -143,7 +228,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         let host = HeaderValue::from_static("api.example.com");
-        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), Some(&host));
+        add_forwarded(&mut h, &forwarded_for("127.0.0.1".parse().unwrap()), Some(&host));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");

@@ -21,12 +21,12 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::TrackedBody;
 use crate::error::ProxyError;
+use crate::h1::UpstreamBody;
 use crate::headers::{self, X_REQUEST_ID};
 use crate::observe::{Exchange, Observe};
 use crate::pool::{PoolRuntime, sticky_token};
 use crate::route::{Matched, RouteTable, model_of};
 use crate::safety::AdmissionSlot;
-use crate::upstream::Upstream;
 use crate::{clock, upstream::ReqBody};
 
 /// What the proxy sends back to clients.
@@ -45,34 +45,38 @@ pub(crate) struct ListenerCtx {
 
 /// What [`proxy`] answers: an upstream response to stream back, or a whole one.
 enum Answer {
-    Stream(Response<Incoming>, Streaming),
+    Stream(Response<UpstreamBody>, Streaming),
     Whole(Response<RespBody>),
 }
 
 /// What a streamed response holds until its body ends.
 struct Streaming {
     guard: fulcrum_core::InFlight,
-    connection: (Arc<Upstream>, hyper::client::conn::http1::SendRequest<ReqBody>),
     deadline: Option<tokio::time::Instant>,
     admission: Option<AdmissionSlot>,
 }
 
 /// Serves one request; every failure becomes a JSON error response.
+///
+/// `forwarded_for` is the client's address as `X-Forwarded-For` carries it
+/// ([`headers::forwarded_for`]), made once per client connection.
 pub(crate) async fn handle(
     ctx: Arc<ListenerCtx>,
     client: SocketAddr,
+    forwarded_for: HeaderValue,
     mut req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
     let started = std::time::Instant::now();
+    // Room for what the proxy adds (request id, X-Forwarded-*, Host, traceparent): one growth at most.
+    req.headers_mut().reserve(6);
     let request_id = headers::request_id(req.headers_mut());
     let mut exchange =
         Exchange::begin(&ctx.observe, started, client, req.method(), req.uri(), req.headers(), &request_id);
-    match proxy(&ctx, client, req, &request_id, &mut exchange).await {
+    // Boxed: hyper moves the service future around (twice a request); a small one moves cheaply.
+    match Box::pin(proxy(&ctx, client, &forwarded_for, req, &request_id, &mut exchange)).await {
         Ok(Answer::Stream(resp, s)) => {
             exchange.respond(resp.status());
-            Ok(resp.map(|incoming| {
-                Either::Left(TrackedBody::new(incoming, s.guard, s.connection, s.deadline, s.admission, exchange))
-            }))
+            Ok(resp.map(|body| Either::Left(TrackedBody::new(body, s.guard, s.deadline, s.admission, exchange))))
         }
         Ok(Answer::Whole(resp)) => {
             exchange.respond(resp.status());
@@ -119,6 +123,7 @@ fn content_length(req: &http::request::Parts) -> Option<u64> {
 async fn proxy(
     ctx: &ListenerCtx,
     client: SocketAddr,
+    forwarded_for: &HeaderValue,
     mut req: Request<Incoming>,
     request_id: &HeaderValue,
     exchange: &mut Exchange,
@@ -131,19 +136,19 @@ async fn proxy(
     let (pool, inference, body): (Arc<PoolRuntime>, bool, ReqBody) = match ctx.routes.find(&parts, false, None) {
         Matched::Pool(p, inference, route) => {
             exchange.routed(route, p);
-            (p.clone(), inference, Either::Left(incoming))
+            (p.clone(), inference, ReqBody::Streamed(incoming))
         }
         Matched::None => return Err(ProxyError::NoRoute),
         Matched::NeedBody => {
             if content_length(&parts).is_some_and(|n| n > ctx.max_body_bytes as u64) {
                 return Err(ProxyError::BodyTooLarge { limit: ctx.max_body_bytes });
             }
-            let bytes = read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout).await?;
+            let bytes = Box::pin(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             model = model_of(&bytes);
             match ctx.routes.find(&parts, true, model.as_deref()) {
                 Matched::Pool(p, inference, route) => {
                     exchange.routed(route, p);
-                    (p.clone(), inference, Either::Right(Full::new(bytes)))
+                    (p.clone(), inference, ReqBody::Bytes(bytes))
                 }
                 _ => return Err(ProxyError::NoRoute),
             }
@@ -152,16 +157,13 @@ async fn proxy(
 
     // AI policies read the body (bounded) for the model, token estimate and prefix hashes.
     let (body, body_bytes): (ReqBody, Option<Bytes>) = match body {
-        Either::Right(full) if pool.needs().body => {
-            let bytes = full.clone().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            (Either::Right(full), Some(bytes))
-        }
-        Either::Left(incoming) if pool.needs().body => {
+        ReqBody::Bytes(bytes) if pool.needs().body => (ReqBody::Bytes(bytes.clone()), Some(bytes)),
+        ReqBody::Streamed(incoming) if pool.needs().body => {
             if content_length(&parts).is_some_and(|n| n > ctx.max_body_bytes as u64) {
                 return Err(ProxyError::BodyTooLarge { limit: ctx.max_body_bytes });
             }
-            let bytes = read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout).await?;
-            (Either::Right(Full::new(bytes.clone())), Some(bytes))
+            let bytes = Box::pin(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
+            (ReqBody::Bytes(bytes.clone()), Some(bytes))
         }
         left => (left, None),
     };
@@ -182,15 +184,15 @@ async fn proxy(
     let idempotent = is_idempotent_method(parts.method.as_str());
     let mut may_retry = upgrade.is_none() && policy.max_attempts() > 1 && (idempotent || inference);
     let body: ReqBody = match body {
-        Either::Left(incoming) if may_retry => {
+        ReqBody::Streamed(incoming) if may_retry => {
             if http_body::Body::is_end_stream(&incoming) {
-                Either::Right(Full::new(Bytes::new()))
+                ReqBody::Bytes(Bytes::new())
             } else if content_length(&parts).is_some_and(|n| n <= ctx.max_body_bytes as u64) {
-                Either::Right(Full::new(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout).await?))
+                ReqBody::Bytes(Box::pin(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout)).await?)
             } else {
                 // Unknown or large length: stream it through, once.
                 may_retry = false;
-                Either::Left(incoming)
+                ReqBody::Streamed(incoming)
             }
         }
         other => other,
@@ -199,7 +201,7 @@ async fn proxy(
     // Rewrite the request for the upstream.
     let host = parts.headers.get(header::HOST).cloned();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
-    headers::add_forwarded(&mut parts.headers, client.ip(), host.as_ref());
+    headers::add_forwarded(&mut parts.headers, forwarded_for, host.as_ref());
     if let Some(authority) = parts.uri.authority() {
         // HTTP/2 or absolute-form: the upstream gets origin-form and a Host header.
         if host.is_none()
@@ -215,7 +217,7 @@ async fn proxy(
     // What the policy looks at.
     // A pool the autoscaler has scaled to zero holds its requests while a replica starts.
     let snapshot = match &pool.config().autoscale {
-        Some(a) => pool.wait_for_endpoints(a.cold_start_timeout).await,
+        Some(a) => Box::pin(pool.wait_for_endpoints(a.cold_start_timeout)).await,
         None => pool.snapshot(),
     };
     let needs = pool.needs();
@@ -257,8 +259,10 @@ async fn proxy(
         let guard = snapshot.selector.begin(&endpoints[idx], 0, now);
         let upstream = snapshot.upstreams[idx].clone();
         exchange.attempt(&upstream, &parts.method, &mut parts.headers);
-        let req = Request::from_parts(parts, body);
-        return websocket(upstream, req, client_upgrade, guard, first_byte, request_id).await.map(Answer::Whole);
+        let req = Request::from_parts(parts, body.into_hyper());
+        return Box::pin(websocket(upstream, req, client_upgrade, guard, first_byte, request_id))
+            .await
+            .map(Answer::Whole);
     }
 
     // Model routing inside the pool: endpoints that list models (or have adapters loaded)
@@ -273,14 +277,19 @@ async fn proxy(
     }
     let serves = |e: &fulcrum_core::Endpoint| model_filter.is_none_or(|m| e.serves(m));
 
-    safety.on_request(clock::now());
+    // One clock reading per try: the time to a response head is measured from it, and the
+    // core's instants are derived from it.
+    let mut started = std::time::Instant::now();
+    safety.on_request(clock::at(started));
     let mut tried: Vec<usize> = Vec::new();
     let mut tries = 0u32;
     let mut last_error: Option<ProxyError> = None;
-    let mut parts = Some(parts);
     let mut body = Some(body);
     loop {
-        let now = clock::now();
+        if tries > 0 {
+            started = std::time::Instant::now();
+        }
+        let now = clock::at(started);
         let panic = safety.is_panic(endpoints.len());
         let sticky =
             if tries == 0 { sticky_hit.filter(|&i| panic || endpoints[i].signals().is_available(now)) } else { None };
@@ -323,26 +332,18 @@ async fn proxy(
 
         tries += 1;
         let last_try = !may_retry || tries >= policy.max_attempts();
-        let (p, b) = if last_try {
-            (parts.take(), body.take())
-        } else {
-            (parts.as_ref().map(clone_parts), body.as_ref().map(clone_body))
-        };
-        let (Some(mut p), Some(b)) = (p, b) else {
+        // Only buffered bodies are ever sent twice.
+        let b = if last_try { body.take() } else { body.as_ref().and_then(ReqBody::try_clone) };
+        let Some(b) = b else {
             return Err(last_error.unwrap_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned())));
         };
         let guard = snapshot.selector.begin(endpoint, tokens, now);
-        exchange.attempt(upstream, &p.method, &mut p.headers);
-        let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(first_byte, upstream.send(Request::from_parts(p, b))).await {
-            Ok(r) => r,
-            Err(_) => {
-                Err(ProxyError::Timeout { endpoint: upstream.name().to_owned(), after_ms: first_byte.as_millis() })
-            }
-        };
-        let now = clock::now();
+        exchange.attempt(upstream, &parts.method, &mut parts.headers);
+        let result = upstream.send(&parts, b, started, first_byte).await;
+        let elapsed = started.elapsed();
+        let now = now + elapsed;
         let observed = match &result {
-            Ok((resp, _)) if resp.status().as_u16() >= 400 => Observed::Status(resp.status().as_u16()),
+            Ok(resp) if resp.status().as_u16() >= 400 => Observed::Status(resp.status().as_u16()),
             Ok(_) => Observed::Success,
             Err(e) => e.observed().unwrap_or(Observed::Reset),
         };
@@ -351,9 +352,9 @@ async fn proxy(
             upstream.record_failure();
         }
         // Latency is time to the response head; load lasts until the body ends.
-        endpoint.signals().observe(started.elapsed(), outcome, now, &latency);
+        endpoint.signals().observe(elapsed, outcome, now, &latency);
         if result.is_ok() {
-            safety.record_latency(started.elapsed());
+            safety.record_latency(elapsed);
         }
         if let (Some(b), Some(p)) = (&upstream.breaker, permit) {
             b.record(endpoint, &safety, p, outcome, now);
@@ -375,17 +376,17 @@ async fn proxy(
                     format!("{observed} on try {tries}, next try in {after:?}"),
                 );
                 tried.push(idx);
-                exchange.attempt_failed(result.as_ref().ok().map(|(r, _)| r.status()), result.as_ref().err());
+                exchange.attempt_failed(result.as_ref().ok().map(|r| r.status()), result.as_ref().err());
                 if let Err(e) = result {
                     last_error = Some(e);
                 }
                 drop(guard);
-                tokio::time::sleep(after).await;
+                Box::pin(tokio::time::sleep(after)).await;
                 continue;
             }
         }
 
-        let (mut resp, sender) = result?;
+        let mut resp = result?;
         let h = resp.headers_mut();
         headers::strip_hop_by_hop(h, false);
         h.insert(&X_REQUEST_ID, request_id.clone());
@@ -405,8 +406,7 @@ async fn proxy(
             (a, b) => a.or(b),
         };
         let deadline = limit.map(|d| tokio::time::Instant::from_std(started + d));
-        let connection = (upstream.clone(), sender);
-        return Ok(Answer::Stream(resp, Streaming { guard, connection, deadline, admission }));
+        return Ok(Answer::Stream(resp, Streaming { guard, deadline, admission }));
     }
 }
 
@@ -417,37 +417,20 @@ fn usable(e: &fulcrum_core::Endpoint, panic: bool, now: fulcrum_core::Instant) -
     s.is_available(now) || (panic && !s.is_unavailable_for(fulcrum_core::Unavailable::Draining))
 }
 
-fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
-    let mut req = Request::new(());
-    *req.method_mut() = p.method.clone();
-    *req.uri_mut() = p.uri.clone();
-    *req.version_mut() = p.version;
-    *req.headers_mut() = p.headers.clone();
-    req.into_parts().0
-}
-
-fn clone_body(b: &ReqBody) -> ReqBody {
-    match b {
-        Either::Right(full) => Either::Right(full.clone()),
-        // Only buffered bodies are ever sent twice.
-        Either::Left(_) => Either::Right(Full::new(Bytes::new())),
-    }
-}
-
 /// Forwards a WebSocket (or any HTTP/1.1 upgrade) handshake on a fresh connection, then
 /// splices the two upgraded streams until either side closes.
 async fn websocket(
     upstream: Arc<crate::upstream::Upstream>,
-    req: Request<ReqBody>,
+    req: Request<crate::upstream::HyperBody>,
     client_upgrade: hyper::upgrade::OnUpgrade,
     guard: fulcrum_core::InFlight,
     first_byte: Duration,
     request_id: &HeaderValue,
 ) -> Result<Response<RespBody>, ProxyError> {
-    let mut sender = upstream.connect(true).await?;
+    let mut sender = upstream.connect_upgradable().await?;
     let mut resp = match tokio::time::timeout(first_byte, sender.send_request(req)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(ProxyError::Upstream { endpoint: upstream.name().to_owned(), source: e }),
+        Ok(Err(e)) => return Err(ProxyError::Upstream { endpoint: upstream.name().to_owned(), source: e.into() }),
         Err(_) => {
             return Err(ProxyError::Timeout { endpoint: upstream.name().to_owned(), after_ms: first_byte.as_millis() });
         }

@@ -2,11 +2,12 @@
 //!
 //! A request goes: listener -> route (host, path, headers, then the `model` of a JSON body
 //! only if a route needs it) -> pool -> the core's selector picks an endpoint -> a pooled
-//! HTTP/1.1 connection -> the response streams back frame by frame, counted in flight until
-//! its body ends. Pools are immutable snapshots behind `ArcSwap`; counters are atomics; no
-//! lock is taken on the request path. Each request is observed until its body ends
-//! ([`observe`]): counters and latency histograms per endpoint ([`stats`], read by
-//! `/metrics`), and when configured an access-log line and OpenTelemetry spans ([`trace`]).
+//! HTTP/1.1 connection, driven in the request's own task -> the response streams back frame
+//! by frame, counted in flight until its body ends. Pools are immutable snapshots behind
+//! `ArcSwap`; counters are atomics; no lock is taken on the request path. Each request is
+//! observed until its body ends ([`observe`]): counters and latency histograms per endpoint
+//! ([`stats`], read by `/metrics`), and when configured an access-log line and OpenTelemetry
+//! spans ([`trace`]).
 //!
 //! This crate owns effects (sockets, timers, tasks) and no decisions: those live in
 //! `fulcrum-core`. It must not depend on the control plane.
@@ -14,6 +15,7 @@
 pub mod body;
 pub mod clock;
 pub mod error;
+pub mod h1;
 mod headers;
 mod health;
 pub mod http;

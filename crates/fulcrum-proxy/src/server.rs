@@ -308,9 +308,10 @@ async fn accept_loop(bound: Bound, live: Live, mut stop: watch::Receiver<bool>) 
                         // Each request reads the route table of the generation running when
                         // it arrives: a reload applies to keep-alive connections too.
                         let live = live.clone();
+                        let forwarded_for = crate::headers::forwarded_for(peer.ip());
                         let service = service_fn(move |req| {
                             let ctx = live.listener(index).expect("an http listener has an http state");
-                            handle(ctx, peer, req)
+                            handle(ctx, peer, forwarded_for.clone(), req)
                         });
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                         let conn = graceful.watch(conn);

@@ -1,19 +1,21 @@
 //! Per-endpoint upstream connections: a lock-free queue of idle HTTP/1.1 connections.
 //!
-//! A request takes a ready idle connection or opens a new one; when its response body has
-//! been read to the end, the connection goes back to the queue (see
-//! [`TrackedBody`](crate::body::TrackedBody)). A pooled connection the endpoint closed while
-//! it sat idle is detected when hyper hands the unsent request back, and the request goes out
-//! on a fresh connection instead: nothing was sent, so nothing is repeated.
-
+//! A request takes a ready idle connection or opens a new one, and uses it in its own task
+//! (see [`h1`](crate::h1)); when its response body has been read to the end, the connection
+//! goes back to the queue. A pooled connection the endpoint closed while it sat idle is
+//! usually seen before use (the socket turned readable); when the close crosses the request
+//! on the wire instead (the write fails, or the connection ends before any response byte to
+//! an idempotent request), the request goes out once more on a fresh connection: the
+//! endpoint cannot have processed it, so nothing is repeated.
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
-use http::{Request, Response};
+use http::Response;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
@@ -21,14 +23,44 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
+use crate::h1::conn::{Conn, Failure, exchange};
+use crate::h1::{UpstreamBody, UpstreamError};
 use crate::safety::EndpointBreaker;
 use crate::stats::EndpointStats;
 
-/// The body type sent upstream: streamed from the client, or read already (model routing).
-pub(crate) type ReqBody = Either<Incoming, Full<Bytes>>;
+/// A request body on its way upstream: streamed from the client, or read already (model
+/// routing, retries).
+#[derive(Debug)]
+pub(crate) enum ReqBody {
+    /// The client's body, read as it is sent on.
+    Streamed(Incoming),
+    /// The whole body.
+    Bytes(Bytes),
+}
+
+impl ReqBody {
+    /// A copy to send again, when the body is buffered.
+    pub(crate) fn try_clone(&self) -> Option<ReqBody> {
+        match self {
+            ReqBody::Bytes(b) => Some(ReqBody::Bytes(b.clone())),
+            ReqBody::Streamed(_) => None,
+        }
+    }
+
+    /// As a body hyper's client sends (upgrades).
+    pub(crate) fn into_hyper(self) -> HyperBody {
+        match self {
+            ReqBody::Streamed(s) => Either::Left(s),
+            ReqBody::Bytes(b) => Either::Right(Full::new(b)),
+        }
+    }
+}
+
+/// The body type of requests sent through hyper's client (upgrades only).
+pub(crate) type HyperBody = Either<Incoming, Full<Bytes>>;
 
 struct Idle {
-    sender: SendRequest<ReqBody>,
+    conn: Box<Conn>,
     since: std::time::Instant,
 }
 
@@ -42,7 +74,7 @@ pub struct Upstream {
     requests: AtomicU64,
     failures: AtomicU64,
     /// Open connections to the endpoint (for `max_connections`).
-    connections: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    connections: Arc<AtomicU32>,
     pub(crate) breaker: Option<EndpointBreaker>,
     /// Requests, latencies and engine scrapes, for `/metrics`.
     stats: EndpointStats,
@@ -120,25 +152,24 @@ impl Upstream {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn checkout(&self) -> Option<SendRequest<ReqBody>> {
+    /// A pooled connection that has not idled past the idle timeout at `now`, and that the
+    /// endpoint has not closed.
+    fn checkout(&self, now: std::time::Instant) -> Option<Box<Conn>> {
         while let Some(idle) = self.idle.pop() {
-            if idle.sender.is_ready() && idle.since.elapsed() < self.idle_timeout {
-                return Some(idle.sender);
+            if now.saturating_duration_since(idle.since) < self.idle_timeout && idle.conn.is_reusable() {
+                return Some(idle.conn);
             }
         }
         None
     }
 
     /// Returns a connection whose response was read to the end.
-    pub(crate) fn checkin(&self, sender: SendRequest<ReqBody>) {
-        if !sender.is_closed() {
-            // A full queue drops the connection, which closes it.
-            let _ = self.idle.push(Idle { sender, since: std::time::Instant::now() });
-        }
+    pub(crate) fn checkin(&self, conn: Box<Conn>) {
+        // A full queue drops the connection, which closes it.
+        let _ = self.idle.push(Idle { conn, since: std::time::Instant::now() });
     }
 
-    /// Opens a new connection; `upgrades` keeps it usable for a protocol switch (WebSocket).
-    pub(crate) async fn connect(&self, upgrades: bool) -> Result<SendRequest<ReqBody>, ProxyError> {
+    async fn open(&self) -> Result<TcpStream, ProxyError> {
         let err = |source| ProxyError::Connect { endpoint: self.name.clone(), source };
         let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await {
             Ok(Ok(s)) => s,
@@ -146,46 +177,63 @@ impl Upstream {
             Err(_) => return Err(err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))),
         };
         let _ = stream.set_nodelay(true);
-        let (mut sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ProxyError::Upstream { endpoint: self.name.clone(), source: e })?;
+        Ok(stream)
+    }
+
+    /// Opens a new connection for [`send`](Self::send).
+    async fn connect(&self) -> Result<Box<Conn>, ProxyError> {
+        Ok(Conn::new(self.open().await?, self.connections.clone()))
+    }
+
+    /// Opens a new connection through hyper's client, kept usable for a protocol switch
+    /// (WebSocket).
+    pub(crate) async fn connect_upgradable(&self) -> Result<SendRequest<HyperBody>, ProxyError> {
+        let stream = self.open().await?;
+        let upstream_err = |e: hyper::Error| ProxyError::Upstream { endpoint: self.name.clone(), source: e.into() };
+        let (mut sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(upstream_err)?;
         let open = self.connections.clone();
         open.fetch_add(1, Ordering::Relaxed);
-        if upgrades {
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-                open.fetch_sub(1, Ordering::Relaxed);
-            });
-        } else {
-            tokio::spawn(async move {
-                let _ = conn.await;
-                open.fetch_sub(1, Ordering::Relaxed);
-            });
-        }
-        sender.ready().await.map_err(|e| ProxyError::Upstream { endpoint: self.name.clone(), source: e })?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+        sender.ready().await.map_err(upstream_err)?;
         Ok(sender)
     }
 
-    /// Sends a request on a pooled or new connection, returning the response head and the
-    /// connection (to check in once the body is read).
+    /// Sends a request on a pooled or new connection, in the caller's task, and returns the
+    /// response head; its body streams from the connection as it is polled, and puts the
+    /// connection back in the pool when it ends. The head must arrive within `first_byte` of
+    /// `started` (connecting included).
     pub(crate) async fn send(
-        &self,
-        mut req: Request<ReqBody>,
-    ) -> Result<(Response<Incoming>, SendRequest<ReqBody>), ProxyError> {
+        self: &Arc<Self>,
+        parts: &http::request::Parts,
+        mut body: ReqBody,
+        started: std::time::Instant,
+        first_byte: Duration,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         self.record_request();
+        let deadline = tokio::time::Instant::from_std(started) + first_byte;
+        let timed_out = || ProxyError::Timeout { endpoint: self.name.clone(), after_ms: first_byte.as_millis() };
+        let mut stale = false;
         loop {
-            let (mut sender, pooled) = match self.checkout() {
-                Some(s) => (s, true),
-                None => (self.connect(false).await?, false),
-            };
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, sender)),
-                Err(mut e) => match e.take_message() {
-                    // The pooled connection was closed under us before anything was sent.
-                    Some(unsent) if pooled => req = unsent,
-                    _ => return Err(ProxyError::Upstream { endpoint: self.name.clone(), source: e.into_error() }),
+            // After a stale pooled connection, a fresh one: the others may be stale too.
+            let (conn, reused) = match (!stale).then(|| self.checkout(started)).flatten() {
+                Some(c) => (c, true),
+                // Boxed: connecting is rare, and its future would weigh on every request's.
+                None => match tokio::time::timeout_at(deadline, Box::pin(self.connect())).await {
+                    Ok(conn) => (conn?, false),
+                    Err(_) => return Err(timed_out()),
                 },
+            };
+            match exchange(conn, parts, body, self, deadline).await {
+                Ok(resp) => return Ok(resp),
+                Err(Failure { unprocessed: true, replay: Some(again), .. }) if reused => {
+                    body = again;
+                    stale = true;
+                }
+                Err(Failure { error: UpstreamError::TimedOut, .. }) => return Err(timed_out()),
+                Err(f) => return Err(ProxyError::Upstream { endpoint: self.name.clone(), source: f.error }),
             }
         }
     }

@@ -274,6 +274,12 @@ pub fn endpoints(backends: &[&Backend]) -> String {
 /// A config with one listener named "public" whose default pool `p` has `policy`, the
 /// backends, and `extra` lines.
 pub fn one_pool(policy: &str, backends: &[&Backend], extra: &str) -> String {
+    one_pool_with(&format!("policy = {policy}\nendpoints = {}", endpoints(backends)), extra)
+}
+
+/// A config with one listener named "public" whose default pool `p` has the TOML `pool`
+/// lines, then `extra` lines.
+pub fn one_pool_with(pool: &str, extra: &str) -> String {
     format!(
         r#"
 [[listener]]
@@ -282,10 +288,8 @@ address = "127.0.0.1:0"
 pool = "p"
 
 [pool.p]
-policy = {policy}
-endpoints = {}
+{pool}
 {extra}
-"#,
-        endpoints(backends)
+"#
     )
 }
