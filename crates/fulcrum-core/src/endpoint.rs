@@ -237,6 +237,8 @@ pub struct LoadSignals {
     utilization_ppm: AtomicU32,
     /// Effective weight (`f64` bits), kept current by [`Selector::refresh`](crate::Selector::refresh).
     effective_weight: AtomicU64,
+    /// Slow-start factor of the last refresh (`f64` bits), 1 outside a ramp.
+    ramp_factor: AtomicU64,
     /// Start of the current slow-start ramp (nanoseconds), or `NO_RAMP`.
     ramp_since: AtomicU64,
     /// [`Unavailable`] bits.
@@ -259,6 +261,7 @@ impl LoadSignals {
             consecutive_failures: AtomicU32::new(0),
             utilization_ppm: AtomicU32::new(UNKNOWN_UTILIZATION),
             effective_weight: AtomicU64::new(f64::from(weight.get()).to_bits()),
+            ramp_factor: AtomicU64::new(1f64.to_bits()),
             ramp_since: AtomicU64::new(NO_RAMP),
             unavailable: AtomicU8::new(0),
             circuit_open_until: AtomicU64::new(0),
@@ -401,6 +404,15 @@ impl LoadSignals {
 
     pub(crate) fn set_effective_weight(&self, w: f64) {
         self.effective_weight.store(w.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The slow-start factor computed by the last refresh: 1 outside a ramp.
+    pub fn ramp_factor(&self) -> f64 {
+        f64::from_bits(self.ramp_factor.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_ramp_factor(&self, f: f64) {
+        self.ramp_factor.store(f.to_bits(), Ordering::Relaxed);
     }
 
     /// Starts a slow-start ramp at `now` (the endpoint was added or came back healthy).

@@ -296,6 +296,20 @@ impl PrefixIndex {
         self.lock().lookup(blocks, out);
     }
 
+    /// The share of its capacity each slot of `keys` holds (0 for a slot gone), under one
+    /// lock.
+    pub(crate) fn occupancy(&self, keys: &[SlotKey]) -> Vec<f64> {
+        let inner = self.lock();
+        keys.iter()
+            .map(|k| match inner.slot(k.index) {
+                Some(s) if s.generation == k.generation => {
+                    f64::from(s.len) / f64::from(s.capacity.unwrap_or(inner.default_capacity).max(1))
+                }
+                _ => 0.0,
+            })
+            .collect()
+    }
+
     pub(crate) fn record_slot(&self, key: SlotKey, blocks: &[u64]) {
         let mut inner = self.lock();
         if inner.slot(key.index).is_some_and(|s| s.generation == key.generation) {

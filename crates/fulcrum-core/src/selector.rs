@@ -34,7 +34,7 @@ use crate::facts::RequestFacts;
 use crate::policy::{Policy, PolicyError};
 use crate::prefix::{DEFAULT_CACHE_BLOCKS, PrefixIndex, SlotKey};
 use crate::time::Instant;
-use crate::weight::{DynamicWeight, SlowStart, effective_weight};
+use crate::weight::{DynamicWeight, SlowStart, effective_weight, ramp_factor};
 
 /// Why a selector could not be built.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -309,6 +309,7 @@ impl Selector {
                     &options.dynamic_weight,
                 );
                 s.set_effective_weight(w);
+                s.set_ramp_factor(ramp_factor(ramp, options.slow_start.as_ref()));
                 w
             })
             .collect()

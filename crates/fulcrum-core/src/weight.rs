@@ -112,9 +112,17 @@ impl DynamicWeight {
     }
 }
 
-/// Static weight x slow-start ramp x dynamic factor.
+/// The slow-start factor (0 < factor <= 1): 1 unless a ramp is running.
 ///
 /// `in_slow_start` is the time since the ramp began, if one is running.
+pub fn ramp_factor(in_slow_start: Option<Duration>, slow_start: Option<&SlowStart>) -> f64 {
+    match (in_slow_start, slow_start) {
+        (Some(elapsed), Some(ss)) => ss.factor(elapsed),
+        _ => 1.0,
+    }
+}
+
+/// Static weight x slow-start ramp ([`ramp_factor`]) x dynamic factor.
 pub fn effective_weight(
     static_weight: u32,
     in_slow_start: Option<Duration>,
@@ -122,11 +130,7 @@ pub fn effective_weight(
     utilization: Option<f64>,
     dynamic: &DynamicWeight,
 ) -> f64 {
-    let ramp = match (in_slow_start, slow_start) {
-        (Some(elapsed), Some(ss)) => ss.factor(elapsed),
-        _ => 1.0,
-    };
-    f64::from(static_weight) * ramp * dynamic.factor(utilization)
+    f64::from(static_weight) * ramp_factor(in_slow_start, slow_start) * dynamic.factor(utilization)
 }
 
 #[cfg(test)]

@@ -178,17 +178,18 @@ async fn models_and_adapters_route_to_the_endpoints_that_serve_them() {
     }
 }
 
-/// A fake engine: answers chat completions, and serves `/metrics` from text the test sets
-/// (or fails it, to go stale).
+/// A fake engine: answers chat completions (after `delay_ms`), and serves `/metrics` from
+/// text the test sets (or fails it, to go stale).
 #[derive(Clone)]
 struct FakeEngine {
     metrics: Arc<Mutex<Option<String>>>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 async fn fake_engine() -> (SocketAddr, FakeEngine) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let engine = FakeEngine { metrics: Arc::new(Mutex::new(None)) };
+    let engine = FakeEngine { metrics: Arc::new(Mutex::new(None)), delay_ms: Default::default() };
     let shared = engine.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -208,6 +209,8 @@ async fn fake_engine() -> (SocketAddr, FakeEngine) {
                             }
                         } else {
                             let _ = req.into_body().collect().await;
+                            let delay = shared.delay_ms.load(std::sync::atomic::Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
                             http::Response::new(Full::new(Bytes::from_static(br#"{"choices":[]}"#)))
                         };
                         Ok::<_, Infallible>(resp)
@@ -261,5 +264,46 @@ async fn saturated_engines_are_avoided_and_stale_metrics_ignored() {
     send(10).await;
     let after: Vec<u64> = running.counts().iter().map(|c| c.1).collect();
     assert!(after[0] > 0, "the stale saturated report must not keep a out: {after:?}");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_holder_with_a_full_kv_cache_keeps_its_conversations() {
+    // A prefix-caching engine reports its KV cache nearly full while it serves the prefixes
+    // it holds. That load is already counted in its in-flight tokens: it must not also shrink
+    // its capacity and push the prefix's requests onto a cold endpoint.
+    let (a, engine_a) = fake_engine().await;
+    let (b, engine_b) = fake_engine().await;
+    for e in [&engine_a, &engine_b] {
+        *e.metrics.lock().expect("metrics") = Some(vllm_page(0, 0.1));
+        e.delay_ms.store(300, std::sync::atomic::Ordering::Relaxed);
+    }
+    let eps = vec![("a", a, ""), ("b", b, "")];
+    let running = proxy(&format!(
+        "policy = {{ name = \"prefix_affinity\", epsilon = 1.0, slack_tokens = 0 }}\n\
+         engine_metrics = {{ interval = \"50ms\" }}\n{}",
+        endpoints(&eps)
+    ))
+    .await;
+    assert_eq!(chat(running.addr, "llama", &system_prompt(7), "first", 8).await.0, 200);
+    let holder = running.counts().iter().position(|c| c.1 == 1).expect("one endpoint took it");
+    let engines = [&engine_a, &engine_b];
+    *engines[holder].metrics.lock().expect("metrics") = Some(vllm_page(0, 0.97));
+    let weight = |i: usize| running.pool.snapshot().selector.endpoints()[i].signals().effective_weight();
+    until("the holder's KV-cache use is scraped", || weight(holder) < 0.1).await;
+
+    // Four at once behind the same system prompt: the holder's token load stays within the
+    // bound (twice the mean with two endpoints), so all four stay with their prefix.
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let addr = running.addr;
+            tokio::spawn(async move { chat(addr, "llama", &system_prompt(7), &format!("turn {i}"), 8).await.0 })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), 200);
+    }
+    let counts: Vec<u64> = running.counts().iter().map(|c| c.1).collect();
+    assert_eq!(counts[holder], 5, "the holder keeps its prefix: {counts:?}");
     running.shutdown().await;
 }

@@ -25,11 +25,15 @@ impl Capacities {
         Capacities { base: endpoints.iter().map(|e| capacity.base(e.labels(), e.weight())).collect() }
     }
 
-    /// The live capacity: base x effective weight / static weight.
+    /// The live capacity: base x slow-start ramp.
+    ///
+    /// Not the dynamic-weight factor: it comes from the engine's KV-cache use, which the
+    /// in-flight tokens these policies compare already count, and which a prefix-caching
+    /// engine keeps high while it serves its cached prefixes. Scaling capacity by it as well
+    /// drove a busy prefix holder below the bound and its conversations to cold endpoints.
     #[inline]
     pub(crate) fn of(&self, idx: usize, e: &Endpoint) -> f64 {
-        let ramp = e.signals().effective_weight() / f64::from(e.weight().get());
-        (self.base.get(idx).copied().unwrap_or(1.0) * ramp).max(MIN_CAPACITY)
+        (self.base.get(idx).copied().unwrap_or(1.0) * e.signals().ramp_factor()).max(MIN_CAPACITY)
     }
 
     /// In-flight tokens per unit of capacity once `tokens` more are added.
@@ -52,20 +56,21 @@ pub(crate) fn wanted_adapter(pool: &PoolView<'_>, facts: &RequestFacts<'_>) -> O
     pool.endpoints.iter().any(|e| e.signals().has_adapter_key(key)).then_some(key)
 }
 
-/// The acceptable endpoint with the smallest `key` (compared as (tier, cost)), scanning from
-/// `start` so that ties rotate; `accept` is asked only of endpoints that would improve.
-pub(crate) fn least(
+/// The acceptable endpoint with the smallest `key` (a tuple such as (tier, cost), compared
+/// in order), scanning from `start` so that ties rotate; `accept` is asked only of endpoints
+/// that would improve.
+pub(crate) fn least<K: PartialOrd + Copy>(
     pool: &PoolView<'_>,
     start: usize,
     cx: &mut PickCx<'_>,
-    mut key: impl FnMut(usize) -> (u8, f64),
+    mut key: impl FnMut(usize) -> K,
 ) -> Option<usize> {
     let n = pool.endpoints.len();
-    let mut best: Option<(usize, (u8, f64))> = None;
+    let mut best: Option<(usize, K)> = None;
     for i in 0..n {
         let idx = (start + i) % n;
         let k = key(idx);
-        let better = best.is_none_or(|(_, b)| k.0 < b.0 || (k.0 == b.0 && k.1 < b.1));
+        let better = best.is_none_or(|(_, b)| k < b);
         if better && cx.accepts(pool, idx) {
             best = Some((idx, k));
         }
@@ -106,6 +111,11 @@ impl IndexView {
                 f(idx, blocks);
             }
         }
+    }
+
+    /// Each endpoint's share of its index capacity in use, by endpoint index.
+    pub(crate) fn occupancy(&self) -> Vec<f64> {
+        self.index.occupancy(&self.keys)
     }
 
     /// Records that endpoint `idx` now holds `prefix`.

@@ -8,7 +8,7 @@
 //! [`Selector::begin`](crate::Selector::begin)). Cost of endpoint *i* =
 //! (in-flight tokens + this request's tokens) / capacity, where capacity is the static weight
 //! or the accelerator's entry in a table (`capacity`, see [`Capacity`](crate::policy::Capacity))
-//! times effective / static weight. Adding the request's own tokens makes a large idle
+//! times the slow-start ramp. Adding the request's own tokens makes a large idle
 //! endpoint cheaper than a small idle one, as `least_connections`' `+ 1` does. It is NGINX's
 //! `least_conn` (see [`least`](super::least)) with each request weighed by its tokens, and
 //! with the endpoints' relative speed made explicit for mixed fleets. Ties rotate.

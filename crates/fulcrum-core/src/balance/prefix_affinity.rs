@@ -22,7 +22,9 @@
 //!    prompt's leading blocks ([`RequestFacts::prefix`](crate::RequestFacts::prefix)); ties go
 //!    to the lower *L_i*. If that run is at least `min_match_blocks` long, pick it.
 //! 2. Otherwise (short or no match, or every holder over the bound or vetoed) pick the
-//!    acceptable endpoint of lowest *L_i*, ties rotating. If the request's `model` names a LoRA
+//!    acceptable endpoint of lowest *L_i*; among equal *L_i* the one whose index is least
+//!    full (a new prefix goes where it evicts least, as SGLang's router sends an unmatched
+//!    request to its smallest tree), then rotating. If the request's `model` names a LoRA
 //!    adapter that some endpoint has loaded ([`LoadSignals::set_adapters`](crate::LoadSignals::set_adapters)),
 //!    endpoints with the adapter that are within the bound come first.
 //! 3. Record the prompt's blocks against the chosen endpoint.
@@ -124,10 +126,11 @@ impl Balance for PrefixAffinity {
             None => {
                 let start = self.start.fetch_add(1, Ordering::Relaxed) % n;
                 let adapter = wanted_adapter(pool, cx.facts);
+                let occupancy = self.index.occupancy();
                 least(pool, start, cx, |idx| {
                     let preferred =
                         adapter.is_none_or(|k| pool.endpoints[idx].signals().has_adapter_key(k) && within(idx));
-                    (u8::from(!preferred), load(idx))
+                    (u8::from(!preferred), load(idx), occupancy.get(idx).copied().unwrap_or(0.0))
                 })
             }
         };
@@ -185,10 +188,26 @@ mod tests {
             assert_eq!(idx, first, "request {i}");
             drop(g);
         }
-        // Different prompts spread over the pool (least loaded, ties rotating).
+        // New prompts at equal load go where the index is least full: first to the three
+        // endpoints holding nothing, never to the holder of the long shared prefix.
         let others: std::collections::HashSet<usize> =
-            (0..4).map(|i| send(&pool, &prompt(&format!("{i}{}", "o".repeat(600)), ""), 1, &mut rng).0).collect();
-        assert_eq!(others.len(), 4);
+            (0..3).map(|i| send(&pool, &prompt(&format!("{i}{}", "o".repeat(600)), ""), 1, &mut rng).0).collect();
+        assert_eq!(others.len(), 3);
+        assert!(!others.contains(&first));
+    }
+
+    #[test]
+    fn load_comes_before_cache_room() {
+        let pool = pool(policy(1.0, 0), 2);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let (full, _busy) = send(&pool, &prompt(&"x".repeat(3_000), ""), 1_000, &mut rng);
+        // The endpoint with the emptier index but more load loses to the idle one.
+        let (idx, _g) = send(&pool, &prompt(&"y".repeat(600), ""), 10, &mut rng);
+        assert_ne!(idx, full);
+        drop(_busy);
+        let _other = pool.begin(&pool.endpoints()[idx].clone(), 5_000, Instant::ZERO);
+        let (next, _h) = send(&pool, &prompt(&"z".repeat(600), ""), 10, &mut rng);
+        assert_eq!(next, full, "the fuller index wins when it is less loaded");
     }
 
     #[test]
@@ -274,6 +293,41 @@ mod tests {
         let (idx, _g) = send(&rebuilt, &prompt(&shared, "2"), 10, &mut rng);
         assert_eq!(rebuilt.endpoints()[idx].id(), &id);
         assert!(std::sync::Arc::ptr_eq(rebuilt.prefix_index(), pool.prefix_index()));
+    }
+
+    #[test]
+    fn a_full_kv_cache_does_not_shrink_the_holder() {
+        // A prefix-caching engine reports its KV cache nearly full while it serves the
+        // prefixes it holds; that must not push its conversations onto cold endpoints.
+        let pool = pool(policy(1.0, 0), 4);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let shared = "f".repeat(3_000);
+        let (holder, _first) = send(&pool, &prompt(&shared, "a"), 1_000, &mut rng);
+        // Load elsewhere, so that the holder is within the bound on tokens alone.
+        let mut rest = Vec::new();
+        for (i, e) in pool.endpoints().iter().enumerate().filter(|&(i, _)| i != holder) {
+            rest.push(pool.begin(&e.clone(), 1_000 + i as u64, Instant::ZERO));
+        }
+        pool.endpoints()[holder].signals().report_utilization(Some(0.95));
+        assert!(pool.refresh(Instant::ZERO).is_none());
+        assert!(pool.endpoints()[holder].signals().effective_weight() < 0.1);
+        let (idx, _second) = send(&pool, &prompt(&shared, "b"), 1_000, &mut rng);
+        assert_eq!(idx, holder);
+    }
+
+    #[test]
+    fn slow_start_still_scales_capacity() {
+        let ramp = crate::weight::SlowStart::try_new(std::time::Duration::from_secs(60), 1.0, 10.0).unwrap();
+        let options = SelectorOptions::new(Default::default(), Some(ramp), Default::default());
+        let pool = Selector::try_new(policy(1.0, 0), options, specs(&[1, 1]), Instant::ZERO).unwrap();
+        pool.endpoints()[1].signals().start_slow_start(Instant::ZERO);
+        assert!(pool.refresh(Instant::ZERO).is_none());
+        // At 10% of its capacity the new endpoint looks ten times as loaded: a cold prompt
+        // of 100 tokens costs it 1,000, and the other one 600 with 500 in flight.
+        let mut rng = SmallRng::seed_from_u64(1);
+        let _a = pool.begin(&pool.endpoints()[0].clone(), 500, Instant::ZERO);
+        let (idx, _g) = send(&pool, &prompt(&"n".repeat(600), ""), 100, &mut rng);
+        assert_eq!(idx, 0);
     }
 
     fn next_other(pool: &Selector, not: &crate::EndpointId) -> crate::EndpointId {

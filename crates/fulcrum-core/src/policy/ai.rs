@@ -31,9 +31,9 @@ pub const MAX_CACHE_BLOCKS: u32 = 1 << 24;
 /// Written `capacity = "weight"` (the default), `capacity = "accelerator"` (the default
 /// table: h100 4, a100 2, l4 1, cpu 0.25) or a table of your own
 /// (`capacity = { h100 = 4, a10g = 1.5 }`). With a table, an endpoint whose accelerator label
-/// is missing or not in the table uses its static weight. Either way the capacity follows the
-/// endpoint's effective weight: it is multiplied by effective / static weight, so slow start
-/// and dynamic weighting apply as they do to `least_connections`.
+/// is missing or not in the table uses its static weight. Either way the capacity is
+/// multiplied by the endpoint's slow-start ramp. Dynamic weighting (the engine's KV-cache use)
+/// does not apply: the in-flight tokens these policies compare already count that load.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum Capacity {
     /// The static weight.
