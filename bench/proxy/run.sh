@@ -5,14 +5,17 @@
 # Each proxy runs pinned to CPU 0; wrk and the backend (one NGINX worker serving both
 # upstream ports) share CPU 1. Reported: requests/s, p50/p99 latency (wrk), the proxy's CPU
 # time per request (utime+stime over the run / requests), and its idle RSS.
-# The table replaces the "proxy" section of bench/RESULTS.md.
+# The proxies take turns, round after round (ROUNDS, default 3), so that a noisy stretch of a
+# shared machine hits each of them; the table gives each figure's median over the rounds and
+# the ratios of Fulcrum's to HAProxy's. It replaces the "proxy" section of bench/RESULTS.md.
 #
-# Usage: bench/proxy/run.sh [seconds per run, default 10] [connection counts, default "32 256"]
+# Usage: [ROUNDS=3] bench/proxy/run.sh [seconds per run, default 10] [connection counts, default "32 256"]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 DURATION=${1:-10}
 CONNS=${2:-"32 256"}
+ROUNDS=${ROUNDS:-3}
 WORK=$(mktemp -d /tmp/fulcrum-bench.XXXXXX)
 PIDS=()
 cleanup() {
@@ -115,7 +118,8 @@ rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 taskset -c 1 nginx -c "$WORK/backend.conf" & PIDS+=($!)
 wait_port $B1; wait_port $B2
 
-ROWS=()
+SAMPLES=$WORK/samples.tsv
+: > "$SAMPLES"
 run_wrk() { # name pid port conns
   local name=$1 pid=$2 port=$3 c=$4
   # Warm up connections, then measure.
@@ -134,7 +138,7 @@ run_wrk() { # name pid port conns
     local hz; hz=$(getconf CLK_TCK)
     cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" -v r="$reqs" 'BEGIN { printf "%.1f", d / hz * 1e6 / r }')
   fi
-  ROWS+=("| $name | $c | $rps | $p50 | $p99 | $cpu | ${errs:-none} |")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$c" "$rps" "$p50" "$p99" "$cpu" "${errs:-none}" >> "$SAMPLES"
   echo "  $name c=$c: $rps req/s, p50 $p50, p99 $p99, cpu/req ${cpu} us ${errs}"
 }
 
@@ -149,33 +153,68 @@ start_lb() { # name
   wait_port $LB
 }
 
-echo "== backend directly"
-for c in $CONNS; do run_wrk "backend (nginx, direct)" - $B1 "$c"; done
-
 declare -A IDLE
-for lb in fulcrum haproxy nginx; do
-  echo "== $lb"
-  start_lb $lb
-  sleep 0.5
-  # NGINX forks a worker: measure the worker (the child of the master).
-  pid=$LB_PID
-  if [ $lb = nginx ]; then pid=$(pgrep -P "$LB_PID" | head -1); fi
-  IDLE[$lb]=$(rss_kb "$pid")
-  for c in $CONNS; do run_wrk "$lb" "$pid" $LB "$c"; done
-  kill "$LB_PID"; wait "$LB_PID" 2>/dev/null || true
-  sleep 0.3
+for round in $(seq 1 "$ROUNDS"); do
+  echo "== round $round of $ROUNDS: backend directly"
+  for c in $CONNS; do run_wrk "backend (nginx, direct)" - $B1 "$c"; done
+  for lb in fulcrum haproxy nginx; do
+    echo "== round $round of $ROUNDS: $lb"
+    start_lb $lb
+    sleep 0.5
+    # NGINX forks a worker: measure the worker (the child of the master).
+    pid=$LB_PID
+    if [ $lb = nginx ]; then pid=$(pgrep -P "$LB_PID" | head -1); fi
+    [ "$round" = 1 ] && IDLE[$lb]=$(rss_kb "$pid")
+    for c in $CONNS; do run_wrk "$lb" "$pid" $LB "$c"; done
+    kill "$LB_PID"; wait "$LB_PID" 2>/dev/null || true
+    sleep 0.3
+  done
 done
+
+# Medians per target and connection count, in the order first seen; then Fulcrum / HAProxy.
+TABLE=$(python3 - "$SAMPLES" <<'PY'
+import re, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, c, rps, p50, p99, cpu, errs = line.rstrip("\n").split("\t")
+    rows.setdefault((name, c), []).append((rps, p50, p99, cpu, errs))
+def secs(t):
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s)", t)
+    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)] if m else float("nan")
+def fmt(s):
+    return f"{s * 1e6:.0f}us" if s < 1e-3 else f"{s * 1e3:.2f}ms"
+med = {}
+for (name, c), runs in rows.items():
+    rps = statistics.median(float(r[0]) for r in runs)
+    p50 = statistics.median(secs(r[1]) for r in runs)
+    p99 = statistics.median(secs(r[2]) for r in runs)
+    cpus = [float(r[3]) for r in runs if r[3] != "-"]
+    cpu = statistics.median(cpus) if cpus else None
+    errs = "; ".join(sorted({r[4] for r in runs if r[4] != "none"})) or "none"
+    med[(name, c)] = (rps, p99, cpu)
+    spread = f"{min(float(r[0]) for r in runs):.0f}-{max(float(r[0]) for r in runs):.0f}"
+    print(f"| {name} | {c} | {rps:.0f} ({spread}) | {fmt(p50)} | {fmt(p99)} | {'-' if cpu is None else f'{cpu:.1f}'} | {errs} |")
+print()
+print("| Fulcrum / HAProxy | connections | requests/s | p99 | CPU per request |")
+print("| --- | ---: | ---: | ---: | ---: |")
+for (name, c), (rps, p99, cpu) in med.items():
+    if name == "fulcrum" and ("haproxy", c) in med:
+        h = med[("haproxy", c)]
+        print(f"| | {c} | {rps / h[0]:.2f}x | {p99 / h[1]:.2f}x | {cpu / h[2]:.2f}x |")
+PY
+)
 
 CPU=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 {
   echo "<!-- proxy-bench:start -->"
   echo "Date: $(date -u +%Y-%m-%d), machine: $CPU, $(nproc) cores, $(uname -r)."
-  echo "Command: \`bench/proxy/run.sh $DURATION \"$CONNS\"\` (wrk -t1, ${DURATION} s a run after a 2 s warm-up;"
-  echo "proxy pinned to CPU 0, wrk and the backend to CPU 1; body: 14 bytes)."
+  echo "Command: \`ROUNDS=$ROUNDS bench/proxy/run.sh $DURATION \"$CONNS\"\` (wrk -t1, ${DURATION} s a run after a 2 s warm-up;"
+  echo "proxy pinned to CPU 0, wrk and the backend to CPU 1; body: 14 bytes). Medians of $ROUNDS rounds, the"
+  echo "proxies taking turns in each; requests/s shows the range over the rounds."
   echo
   echo "| target | connections | requests/s | p50 | p99 | proxy CPU per request (µs) | errors |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: | --- |"
-  printf '%s\n' "${ROWS[@]}"
+  echo "$TABLE"
   echo
   echo "Idle RSS after start: fulcrum $((IDLE[fulcrum] / 1024)) MiB ($((IDLE[fulcrum])) KiB), haproxy $((IDLE[haproxy] / 1024)) MiB, nginx worker $((IDLE[nginx] / 1024)) MiB."
   echo "<!-- proxy-bench:end -->"
