@@ -44,11 +44,31 @@ pub enum TransportError {
     },
 }
 
+/// A bearer token for a proxy's admin API: printed redacted, sent only in the
+/// `Authorization` header.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(String);
+
+impl BearerToken {
+    /// Wraps `token` (surrounding whitespace, such as a file's final newline, removed).
+    pub fn new(token: &str) -> Self {
+        BearerToken(token.trim().to_owned())
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
+}
+
 /// A pooled client whose every exchange is bounded by `timeout`.
 #[derive(Clone, Debug)]
 pub(crate) struct HttpClient {
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    /// `Authorization: Bearer ...` sent with every request, when set.
+    authorization: Option<http::HeaderValue>,
 }
 
 impl HttpClient {
@@ -59,7 +79,16 @@ impl HttpClient {
         // Notices a peer that vanished while a watch stream was idle.
         connector.set_keepalive(Some(Duration::from_secs(30)));
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        HttpClient { client, timeout }
+        HttpClient { client, timeout, authorization: None }
+    }
+
+    /// Sends `token` as a bearer token with every request.
+    pub(crate) fn with_bearer(mut self, token: &BearerToken) -> Self {
+        self.authorization = http::HeaderValue::from_str(&format!("Bearer {}", token.0)).ok().map(|mut v| {
+            v.set_sensitive(true);
+            v
+        });
+        self
     }
 
     pub(crate) fn timeout(&self) -> Duration {
@@ -74,6 +103,9 @@ impl HttpClient {
         json: Option<Vec<u8>>,
     ) -> Result<Response<Incoming>, TransportError> {
         let mut builder = Request::builder().method(method).uri(uri.clone());
+        if let Some(auth) = &self.authorization {
+            builder = builder.header(header::AUTHORIZATION, auth.clone());
+        }
         let body = match json {
             Some(b) => {
                 builder = builder.header(header::CONTENT_TYPE, "application/json");

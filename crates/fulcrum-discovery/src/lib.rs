@@ -49,7 +49,7 @@ use fulcrum_config::discovery::{DiscoveryConfig, DnsRecord, SliceSelector};
 use tokio::task::JoinHandle;
 
 pub use etcd::{EtcdClient, EtcdError, EtcdRegistration, register_etcd};
-pub use http::TransportError;
+pub use http::{BearerToken, TransportError};
 pub use publish::{EndpointSink, SinkError};
 pub use register::{Heartbeat, RegisterArgs, RegisterError, RegisterTarget, run_register};
 pub use registration::{HttpRegistration, Registry, register_http, registration_router};

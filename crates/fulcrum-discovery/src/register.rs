@@ -10,6 +10,7 @@ use fulcrum_config::discovery::EndpointEntry;
 use fulcrum_core::EndpointSpec;
 
 use crate::etcd::{EtcdClient, EtcdError, register_etcd};
+use crate::http::BearerToken;
 use crate::registration::{RegistrationClientError, register_http};
 
 /// How a registration's heartbeats go.
@@ -38,6 +39,8 @@ pub enum RegisterTarget {
         url: String,
         /// The pool.
         pool: String,
+        /// The admin API's bearer token, when it has one.
+        token: Option<BearerToken>,
     },
 }
 
@@ -125,8 +128,8 @@ pub async fn run_register(args: RegisterArgs, until: impl Future<Output = ()>) -
             log_until(registration.heartbeat(), until).await;
             registration.deregister().await?;
         }
-        RegisterTarget::Admin { url, pool } => {
-            let registration = register_http(url, pool, &spec, args.ttl).await?;
+        RegisterTarget::Admin { url, pool, token } => {
+            let registration = register_http(url, pool, &spec, args.ttl, token.as_ref()).await?;
             tracing::info!(%url, pool, id = %spec.id, "registered with the proxy");
             log_until(registration.heartbeat(), until).await;
             registration.deregister().await?;
@@ -161,7 +164,7 @@ mod tests {
 
     fn args() -> RegisterArgs {
         RegisterArgs {
-            target: RegisterTarget::Admin { url: "http://127.0.0.1:1".into(), pool: "p".into() },
+            target: RegisterTarget::Admin { url: "http://127.0.0.1:1".into(), pool: "p".into(), token: None },
             address: "127.0.0.1:9000".parse().unwrap(),
             id: None,
             weight: Some(2),
@@ -181,6 +184,15 @@ mod tests {
         assert_eq!(e.to_string(), "--id: must not be empty");
         assert_eq!(parse_label("zone = a"), Ok(("zone".into(), "a".into())));
         assert!(parse_label("=a").is_err() && parse_label("a").is_err());
+    }
+
+    #[test]
+    fn the_token_never_prints() {
+        let token = Some(BearerToken::new(" a-long-enough-admin-token\n"));
+        let args =
+            RegisterArgs { target: RegisterTarget::Admin { url: "u".into(), pool: "p".into(), token }, ..args() };
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("a-long-enough") && shown.contains("redacted"), "{shown}");
     }
 
     #[tokio::test]

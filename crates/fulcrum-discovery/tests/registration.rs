@@ -41,8 +41,8 @@ fn spec(port: u16, id: &str) -> EndpointSpec {
 async fn heartbeats_keep_a_registration_and_silence_removes_it_after_its_ttl() {
     let (sink, status, discovery) = setup();
     let url = serve(&discovery).await;
-    let steady = register_http(&url, "llama", &spec(9001, "steady"), TTL).await.expect("register");
-    let silent = register_http(&url, "llama", &spec(9002, "silent"), TTL).await.expect("register");
+    let steady = register_http(&url, "llama", &spec(9001, "steady"), TTL, None).await.expect("register");
+    let silent = register_http(&url, "llama", &spec(9002, "silent"), TTL, None).await.expect("register");
     sink.wait_for("llama", WAIT, "both registered", |s| s.len() == 2).await;
 
     // Heartbeats (every TTL/3) keep both through several TTLs.
@@ -71,7 +71,7 @@ async fn heartbeats_keep_a_registration_and_silence_removes_it_after_its_ttl() {
 async fn a_forgotten_registration_registers_again_on_its_next_heartbeat() {
     let (sink, _status, discovery) = setup();
     let url = serve(&discovery).await;
-    let _r = register_http(&url, "llama", &spec(9001, "a"), TTL).await.expect("register");
+    let _r = register_http(&url, "llama", &spec(9001, "a"), TTL, None).await.expect("register");
     sink.wait_for("llama", WAIT, "registered", |s| s.len() == 1).await;
     // The proxy forgets it (as after a restart).
     discovery.registry().remove("llama", "a").expect("remove");
@@ -84,11 +84,12 @@ async fn a_forgotten_registration_registers_again_on_its_next_heartbeat() {
 async fn refusals_are_errors_with_the_proxys_message() {
     let (_sink, _status, discovery) = setup();
     let url = serve(&discovery).await;
-    let e = register_http(&url, "nope", &spec(9001, "a"), TTL).await.unwrap_err().to_string();
+    let e = register_http(&url, "nope", &spec(9001, "a"), TTL, None).await.unwrap_err().to_string();
     assert!(e.contains("HTTP 404") && e.contains("no pool named `nope` accepts registrations"), "{e}");
-    let e = register_http(&url, "llama", &spec(9001, "a"), Duration::from_millis(10)).await.unwrap_err().to_string();
+    let e =
+        register_http(&url, "llama", &spec(9001, "a"), Duration::from_millis(10), None).await.unwrap_err().to_string();
     assert!(e.contains("HTTP 400") && e.contains("ttl"), "{e}");
     let refused = format!("http://{}", refused_address());
-    let e = register_http(&refused, "llama", &spec(9001, "a"), TTL).await.unwrap_err().to_string();
+    let e = register_http(&refused, "llama", &spec(9001, "a"), TTL, None).await.unwrap_err().to_string();
     assert!(e.contains("cannot reach"), "{e}");
 }

@@ -26,6 +26,10 @@ pub struct RegisterArgs {
     /// The pool (with --admin).
     #[arg(long)]
     pub pool: Option<String>,
+    /// A file holding the admin API's bearer token, with --admin (else the
+    /// FULCRUM_ADMIN_TOKEN environment variable, if set).
+    #[arg(long, value_name = "FILE", requires = "admin")]
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// The endpoint's id (default: its address).
     #[arg(long)]
     pub id: Option<String>,
@@ -57,7 +61,12 @@ pub fn register(args: &RegisterArgs) -> anyhow::Result<()> {
         (Some(hosts), Some(prefix), None, _) => {
             RegisterTarget::Etcd { endpoints: hosts.split(',').map(str::to_owned).collect(), prefix: prefix.clone() }
         }
-        (None, _, Some(url), Some(pool)) => RegisterTarget::Admin { url: url.clone(), pool: pool.clone() },
+        (None, _, Some(url), Some(pool)) => RegisterTarget::Admin {
+            url: url.clone(),
+            pool: pool.clone(),
+            token: crate::serve::read_admin_token(args.admin_token_file.as_deref())?
+                .map(|t| fulcrum_discovery::BearerToken::new(&t)),
+        },
         _ => anyhow::bail!("give either --etcd HOSTS --prefix P or --admin URL --pool NAME"),
     };
     let registration = Registration {

@@ -29,10 +29,10 @@ pub struct ServeArgs {
     pub control: Option<fulcrum_control::mesh::ControlUrl>,
 }
 
-/// The admin token, from `--admin-token-file` or `FULCRUM_ADMIN_TOKEN`; refused when the admin
-/// API listens beyond loopback without one.
-fn admin_token(args: &ServeArgs, admin: std::net::SocketAddr) -> anyhow::Result<Option<String>> {
-    let token = match &args.admin_token_file {
+/// The admin API's bearer token, from `file` (`--admin-token-file`) or else the
+/// `FULCRUM_ADMIN_TOKEN` environment variable; at least 16 characters when given.
+pub(crate) fn read_admin_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let token = match file {
         Some(path) => Some(
             std::fs::read_to_string(path)
                 .with_context(|| format!("--admin-token-file {}: cannot read it", path.display()))?
@@ -45,6 +45,14 @@ fn admin_token(args: &ServeArgs, admin: std::net::SocketAddr) -> anyhow::Result<
         Some(t) if t.len() < 16 => {
             anyhow::bail!("the admin token must be at least 16 characters long (got {})", t.len())
         }
+        t => Ok(t),
+    }
+}
+
+/// The admin token ([`read_admin_token`]); refused when the admin API listens beyond loopback
+/// without one.
+fn admin_token(args: &ServeArgs, admin: std::net::SocketAddr) -> anyhow::Result<Option<String>> {
+    match read_admin_token(args.admin_token_file.as_deref())? {
         Some(t) => Ok(Some(t)),
         None if admin.ip().is_loopback() => Ok(None),
         None => anyhow::bail!(

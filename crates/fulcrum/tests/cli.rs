@@ -144,9 +144,15 @@ impl Served {
     }
 
     fn get(&self, path: &str) -> String {
+        self.get_as(path, None)
+    }
+
+    /// GET `path` from the admin API, with `token` as the bearer token when given.
+    fn get_as(&self, path: &str, token: Option<&str>) -> String {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&self.admin).expect("serve test harness");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").expect("serve test harness");
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n").expect("serve test harness");
         let mut text = String::new();
         s.read_to_string(&mut text).expect("serve test harness");
         text
@@ -256,5 +262,54 @@ fn an_admin_api_beyond_loopback_needs_a_token() {
     let out = fulcrum().args(["serve", "-c"]).arg(&file).arg("--admin-token-file").arg(&short).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16 characters"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn register_reaches_an_admin_api_that_has_a_token() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-register-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("registry.toml");
+    let config = serve_config("").replace("endpoints = []", "endpoints = []\ndiscovery = { kind = \"registration\" }");
+    std::fs::write(&file, config).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "a-long-enough-admin-token\n").unwrap();
+    let served = Served::start(&file, &["--admin-token-file", token.to_str().unwrap()]);
+    let url = format!("http://{}", served.admin);
+    let register = |extra: &[&str]| {
+        let mut cmd = fulcrum();
+        cmd.args(["register", "--admin", &url, "--pool", "p", "--address", "127.0.0.1:9301", "--id", "gpu-1"])
+            .args(["--ttl", "2s"])
+            .args(extra)
+            .env_remove("FULCRUM_ADMIN_TOKEN")
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    // Without the token the proxy refuses, and the command says so.
+    let out = register(&[]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401"), "{err}");
+
+    // With it, the backend joins the pool, and leaves it when the command stops.
+    let mut child = register(&["--admin-token-file", token.to_str().unwrap()]).spawn().unwrap();
+    let seen = |want: bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let text = served.get_as("/pools/p", Some("a-long-enough-admin-token"));
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            if text.contains("127.0.0.1:9301") == want {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "gpu-1 present should be {want}:\n{text}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    seen(true);
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success());
+    seen(false);
+    served.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,7 +8,7 @@ use http::{Method, StatusCode, Uri};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::http::{HttpClient, TransportError};
+use crate::http::{BearerToken, HttpClient, TransportError};
 use crate::register::Heartbeat;
 
 /// Why registering with a proxy failed.
@@ -61,12 +61,14 @@ fn escape(id: &str) -> String {
 /// Registers `spec` with the proxy whose admin API is at `admin` (`http://host:port`) in
 /// `pool`, for `ttl`, and sends a heartbeat every TTL/3 in a task until the returned handle is
 /// dropped. If the proxy forgot the registration (it restarted, or heartbeats were lost for
-/// longer than the TTL), the task registers again.
+/// longer than the TTL), the task registers again. `token` is the admin API's bearer token,
+/// when it has one.
 pub async fn register_http(
     admin: &str,
     pool: &str,
     spec: &EndpointSpec,
     ttl: Duration,
+    token: Option<&BearerToken>,
 ) -> Result<HttpRegistration, RegistrationClientError> {
     let bad = |problem: &str| RegistrationClientError::BadUrl { url: admin.to_owned(), problem: problem.to_owned() };
     let base = admin.trim_end_matches('/');
@@ -81,7 +83,10 @@ pub async fn register_http(
     body["id"] = serde_json::json!(spec.id.as_str());
     body["ttl_ms"] = serde_json::json!(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
     let body = body.to_string().into_bytes();
-    let http = HttpClient::new(Duration::from_secs(5).min(ttl.max(Duration::from_millis(500))));
+    let mut http = HttpClient::new(Duration::from_secs(5).min(ttl.max(Duration::from_millis(500))));
+    if let Some(token) = token {
+        http = http.with_bearer(token);
+    }
     post(&http, &collection, &body).await?;
     let (tx, heartbeat) = watch::channel(Heartbeat::Alive);
     let task = tokio::spawn(beat(http.clone(), collection, url.clone(), body, ttl, tx));
