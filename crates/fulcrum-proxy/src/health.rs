@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fulcrum_config::resilience::{CheckKind, HealthCheck};
-use fulcrum_core::resilience::health::HealthState;
+use fulcrum_core::resilience::health::{Health, HealthState};
 use fulcrum_core::{Endpoint, Unavailable};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
@@ -23,7 +23,17 @@ use crate::pool::PoolRuntime;
 /// Probes one endpoint until the task is aborted (the endpoint left the pool, or shutdown).
 pub(crate) async fn check_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, check: HealthCheck) {
     let safety = pool.safety();
-    let mut state = HealthState::new(&check.config, clock::now());
+    // Restarted (the pool was rebuilt by a reload): go on from what the endpoint's flags say,
+    // so that a serving endpoint neither "recovers" again (events, slow start) nor stops.
+    let signals = endpoint.signals();
+    let known = if signals.is_unavailable_for(Unavailable::Unchecked) {
+        Health::Unknown
+    } else if signals.is_unavailable_for(Unavailable::Unhealthy) {
+        Health::Unhealthy
+    } else {
+        Health::Healthy
+    };
+    let mut state = HealthState::resume(&check.config, known, clock::now());
     loop {
         let ok = probe(&check.kind, endpoint.address(), check.config.timeout()).await;
         let now = clock::now();

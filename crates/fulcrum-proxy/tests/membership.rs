@@ -9,15 +9,6 @@ use fulcrum_core::EndpointSpec;
 use fulcrum_proxy::pool::{Drained, MembershipChange};
 use http_body_util::BodyExt;
 
-/// Waits (bounded) until `ready` holds: readiness is polled, never assumed after a sleep.
-async fn until(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !ready() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn spec(b: &Backend) -> EndpointSpec {
     EndpointSpec::new(b.addr).with_id(b.name.as_str())
 }

@@ -195,3 +195,39 @@ async fn restart_only_changes_name_their_field() {
     }
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_keeps_health_state_and_restarts_no_slow_start() {
+    let (a, b) = (backend("a", Behavior::Echo).await, backend("b", Behavior::Echo).await);
+    let checks = "health_check = { path = \"/\", interval = \"50ms\" }\nslow_start = { window = \"60s\" }";
+    let running = proxy(&one_pool("\"round_robin\"", &[&a, &b], checks)).await;
+    let pool = || running.live.pool("p").expect("pool p");
+    let now = fulcrum_proxy::clock::now;
+    until("both passed their first check", || {
+        pool().snapshot().selector.endpoints().iter().all(|e| e.signals().is_available(now()))
+    })
+    .await;
+    let health_events = || pool().safety().events().iter().filter(|e| e.kind == "health").count();
+    let before = health_events();
+    assert_eq!(before, 2, "{:?}", pool().safety().events());
+    // Both joined in slow start (their first success); their ramps must not restart.
+    let ramps = || -> Vec<_> {
+        pool().snapshot().selector.endpoints().iter().map(|e| e.signals().slow_start_since()).collect()
+    };
+    let ramps_before = ramps();
+    assert!(ramps_before.iter().all(Option::is_some));
+
+    // A policy change rebuilds the pool and restarts its health checks.
+    running.live.reload_text(&one_pool("\"least_connections\"", &[&a, &b], checks), None).expect("valid reload");
+    assert_eq!(pool().config().policy.kind().as_str(), "least_connections");
+    // Several check intervals later: the checks went on from "healthy", so no endpoint
+    // "recovered" again (no event, no new slow-start ramp) and none stopped serving.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(health_events(), before, "{:?}", pool().safety().events());
+    for e in pool().snapshot().selector.endpoints() {
+        assert!(e.signals().is_available(now()), "{} stopped serving", e.id());
+    }
+    assert_eq!(ramps(), ramps_before, "a ramp restarted");
+    assert_eq!(send(running.proxy_addr, get("/")).await.0, http::StatusCode::OK);
+    running.shutdown().await;
+}

@@ -247,6 +247,12 @@ impl HealthState {
         HealthState { config: *config, health: Health::Unknown, since: now, successes: 0, failures: 0 }
     }
 
+    /// An endpoint already known to be `health` (its checks restart after a reload): no
+    /// transition is reported until the checks change its state. Counters start at zero.
+    pub fn resume(config: &HealthConfig, health: Health, now: Instant) -> Self {
+        HealthState { health, ..HealthState::new(config, now) }
+    }
+
     /// Applies new settings; the state and its counters stay.
     pub fn reconfigure(&mut self, config: &HealthConfig) {
         self.config = *config;
@@ -345,6 +351,26 @@ mod tests {
         assert!(s.is_routable());
         assert_eq!(s.since(), ms(10));
         assert_eq!(s.record(true, ms(20)), None);
+    }
+
+    #[test]
+    fn a_resumed_state_reports_only_real_changes() {
+        let config = HealthConfig::default();
+        let mut s = HealthState::resume(&config, Health::Healthy, Instant::ZERO);
+        assert!(s.is_routable());
+        // Checks that keep succeeding change nothing: no recovery, no slow start.
+        assert_eq!(s.record(true, Instant::ZERO), None);
+        let mut down = HealthState::resume(&config, Health::Unhealthy, Instant::ZERO);
+        assert!(!down.is_routable());
+        let mut changed = None;
+        for _ in 0..config.rise() {
+            changed = changed.or(down.record(true, Instant::ZERO));
+        }
+        assert!(changed.is_some_and(|t| t.is_recovery()));
+        for _ in 0..config.fall() {
+            changed = s.record(false, Instant::ZERO);
+        }
+        assert_eq!(changed.map(|t| t.to), Some(Health::Unhealthy));
     }
 
     #[test]

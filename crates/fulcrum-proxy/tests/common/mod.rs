@@ -293,3 +293,12 @@ pool = "p"
 "#
     )
 }
+
+/// Waits (bounded) until `ready` holds: readiness is polled, never assumed after a sleep.
+pub async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
