@@ -45,14 +45,21 @@ pub enum TransportError {
 }
 
 /// A bearer token for a proxy's admin API: printed redacted, sent only in the
-/// `Authorization` header.
+/// `Authorization` header (marked sensitive).
 #[derive(Clone, PartialEq, Eq)]
-pub struct BearerToken(String);
+pub struct BearerToken(http::HeaderValue);
 
 impl BearerToken {
-    /// Wraps `token` (surrounding whitespace, such as a file's final newline, removed).
-    pub fn new(token: &str) -> Self {
-        BearerToken(token.trim().to_owned())
+    /// Checks `token` (surrounding whitespace, such as a file's final newline, removed): it
+    /// must be non-empty visible ASCII, as an `Authorization` header carries it.
+    pub fn new(token: &str) -> Result<Self, String> {
+        let token = token.trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("a bearer token must be non-empty and printable ASCII without spaces".to_owned());
+        }
+        let mut value = http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?;
+        value.set_sensitive(true);
+        Ok(BearerToken(value))
     }
 }
 
@@ -84,10 +91,7 @@ impl HttpClient {
 
     /// Sends `token` as a bearer token with every request.
     pub(crate) fn with_bearer(mut self, token: &BearerToken) -> Self {
-        self.authorization = http::HeaderValue::from_str(&format!("Bearer {}", token.0)).ok().map(|mut v| {
-            v.set_sensitive(true);
-            v
-        });
+        self.authorization = Some(token.0.clone());
         self
     }
 

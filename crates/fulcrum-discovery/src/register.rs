@@ -188,7 +188,8 @@ mod tests {
 
     #[test]
     fn the_token_never_prints() {
-        let token = Some(BearerToken::new(" a-long-enough-admin-token\n"));
+        let token = Some(BearerToken::new(" a-long-enough-admin-token\n").unwrap());
+        assert!(BearerToken::new("two words").is_err() && BearerToken::new("").is_err());
         let args =
             RegisterArgs { target: RegisterTarget::Admin { url: "u".into(), pool: "p".into(), token }, ..args() };
         let shown = format!("{args:?}");

@@ -37,9 +37,14 @@ pub(crate) async fn check_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, check
     loop {
         let ok = probe(&check.kind, endpoint.address(), check.config.timeout()).await;
         let now = clock::now();
-        if let Some(t) = state.record(ok, now) {
+        let transition = state.record(ok, now);
+        // The flags follow the state after every probe, not only on a change: a check task of
+        // the pool's previous build may still have written them after this one started.
+        if state.health() != Health::Unknown {
             safety.set_unavailable(&endpoint, Unavailable::Unhealthy, !state.is_routable());
             safety.set_unavailable(&endpoint, Unavailable::Unchecked, false);
+        }
+        if let Some(t) = transition {
             safety.event(endpoint.id().as_str(), "health", t.to_string());
             if t.is_recovery() {
                 endpoint.signals().start_slow_start(now);

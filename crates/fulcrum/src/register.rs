@@ -65,7 +65,9 @@ pub fn register(args: &RegisterArgs) -> anyhow::Result<()> {
             url: url.clone(),
             pool: pool.clone(),
             token: crate::serve::read_admin_token(args.admin_token_file.as_deref())?
-                .map(|t| fulcrum_discovery::BearerToken::new(&t)),
+                .map(|t| fulcrum_discovery::BearerToken::new(&t))
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
         },
         _ => anyhow::bail!("give either --etcd HOSTS --prefix P or --admin URL --pool NAME"),
     };

@@ -32,18 +32,26 @@ pub struct ServeArgs {
 /// The admin API's bearer token, from `file` (`--admin-token-file`) or else the
 /// `FULCRUM_ADMIN_TOKEN` environment variable; at least 16 characters when given.
 pub(crate) fn read_admin_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-    let token = match file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("--admin-token-file {}: cannot read it", path.display()))?
-                .trim()
-                .to_owned(),
+    let (token, from) = match file {
+        Some(path) => (
+            Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("--admin-token-file {}: cannot read it", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            format!("--admin-token-file {}", path.display()),
         ),
-        None => std::env::var("FULCRUM_ADMIN_TOKEN").ok().map(|t| t.trim().to_owned()),
+        None => {
+            (std::env::var("FULCRUM_ADMIN_TOKEN").ok().map(|t| t.trim().to_owned()), "FULCRUM_ADMIN_TOKEN".to_owned())
+        }
     };
     match token {
         Some(t) if t.len() < 16 => {
-            anyhow::bail!("the admin token must be at least 16 characters long (got {})", t.len())
+            anyhow::bail!("{from}: the admin token must be at least 16 characters long (got {})", t.len())
+        }
+        Some(t) if !t.bytes().all(|b| b.is_ascii_graphic()) => {
+            anyhow::bail!("{from}: the admin token must be printable ASCII without spaces (it travels in a header)")
         }
         t => Ok(t),
     }

@@ -291,6 +291,14 @@ fn register_reaches_an_admin_api_that_has_a_token() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("401"), "{err}");
 
+    assert!(err.contains("--admin-token-file"), "the refusal says how to give the token: {err}");
+    // A token that cannot travel in a header is refused before anything is sent.
+    let spaced = dir.join("spaced");
+    std::fs::write(&spaced, "a token with spaces in it\n").unwrap();
+    let out = register(&["--admin-token-file", spaced.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("printable ASCII"), "{err}");
+
     // With it, the backend joins the pool, and leaves it when the command stops.
     let mut child = register(&["--admin-token-file", token.to_str().unwrap()]).spawn().unwrap();
     let seen = |want: bool| {

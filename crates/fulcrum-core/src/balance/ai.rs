@@ -9,12 +9,11 @@ use crate::facts::RequestFacts;
 use crate::policy::Capacity;
 use crate::prefix::{Matches, PrefixIndex, SlotKey};
 
-/// No endpoint's capacity is taken as less than this (a zero effective weight would divide
-/// by zero).
+/// No endpoint's capacity is taken as less than this (a zero capacity would divide by zero).
 const MIN_CAPACITY: f64 = 1e-9;
 const NO_ENDPOINT: usize = usize::MAX;
 
-/// Each endpoint's capacity before the effective-weight factor.
+/// Each endpoint's capacity before the slow-start ramp.
 #[derive(Debug)]
 pub(crate) struct Capacities {
     base: Box<[f64]>,

@@ -34,7 +34,8 @@
 //!
 //! **Cost**: an O(n) pass for the mean (and for the fallback), plus the index lookup and
 //! record, O(blocks x 8) under the index's lock, independent of n. Interior mutability: the
-//! index is behind a `Mutex`, locked twice a pick (lookup, then record), for microseconds.
+//! index is behind a `Mutex`, locked twice a pick (lookup, then record), for microseconds,
+//! and once more when a prompt matches nowhere (the fallback's occupancy tie-break).
 //!
 //! ```
 //! use fulcrum_core::openai::text_prefix;
@@ -126,7 +127,8 @@ impl Balance for PrefixAffinity {
             None => {
                 let start = self.start.fetch_add(1, Ordering::Relaxed) % n;
                 let adapter = wanted_adapter(pool, cx.facts);
-                let occupancy = self.index.occupancy();
+                // Cache room matters only for a prompt that will be recorded.
+                let occupancy = if prefix.is_empty() { Vec::new() } else { self.index.occupancy() };
                 least(pool, start, cx, |idx| {
                     let preferred =
                         adapter.is_none_or(|k| pool.endpoints[idx].signals().has_adapter_key(k) && within(idx));

@@ -55,7 +55,7 @@ impl Capacity {
     }
 
     /// The capacity of an endpoint with these labels and static weight, before the
-    /// effective-weight factor.
+    /// slow-start ramp.
     pub fn base(&self, labels: &Labels, weight: NonZeroU32) -> f64 {
         let table = match self {
             Capacity::Weight => None,

@@ -100,9 +100,12 @@ async fn post(http: &HttpClient, collection: &Uri, body: &[u8]) -> Result<(), Re
 
 fn refused(status: StatusCode, answer: &[u8]) -> RegistrationClientError {
     let value: serde_json::Value = serde_json::from_slice(answer).unwrap_or_default();
-    let message = value["error"]["message"]
+    let mut message = value["error"]["message"]
         .as_str()
         .map_or_else(|| String::from_utf8_lossy(&answer[..answer.len().min(512)]).into_owned(), str::to_owned);
+    if status == StatusCode::UNAUTHORIZED {
+        message.push_str(" (the admin API's token: --admin-token-file FILE or FULCRUM_ADMIN_TOKEN)");
+    }
     RegistrationClientError::Refused { status: status.as_u16(), message }
 }
 
