@@ -42,6 +42,7 @@ pub mod prefix;
 pub mod resilience;
 pub mod scale;
 pub mod selector;
+pub mod settings;
 pub mod time;
 pub mod weight;
 

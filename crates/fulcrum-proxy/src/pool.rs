@@ -88,15 +88,7 @@ impl PoolRuntime {
             Selector::try_new(config.policy.clone(), config.options.clone(), config.endpoints.clone(), clock::now())?;
         let safety = Arc::new(PoolSafety::new(config.resilience.clone(), selector.endpoints()));
         let snapshot = Self::snapshot_of(&config, selector, &HashMap::new());
-        Ok(PoolRuntime {
-            needs: config.policy.needs(),
-            config,
-            snapshot: ArcSwap::from_pointee(snapshot),
-            safety,
-            writer: std::sync::Mutex::new(()),
-            generation: tokio::sync::watch::Sender::new(0),
-            held: std::sync::atomic::AtomicU64::new(0),
-        })
+        Ok(Self::assemble(config, snapshot, safety))
     }
 
     /// The next generation of `old` under a new configuration (live reload): endpoints that
@@ -131,7 +123,11 @@ impl PoolRuntime {
         };
         let carried = if same_connections { old_upstreams } else { HashMap::new() };
         let snapshot = Self::snapshot_of(&config, selector, &carried);
-        Ok(PoolRuntime {
+        Ok(Self::assemble(config, snapshot, safety))
+    }
+
+    fn assemble(config: PoolConfig, snapshot: PoolSnapshot, safety: Arc<PoolSafety>) -> PoolRuntime {
+        PoolRuntime {
             needs: config.policy.needs(),
             config,
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -139,7 +135,7 @@ impl PoolRuntime {
             writer: std::sync::Mutex::new(()),
             generation: tokio::sync::watch::Sender::new(0),
             held: std::sync::atomic::AtomicU64::new(0),
-        })
+        }
     }
 
     fn snapshot_of(config: &PoolConfig, selector: Selector, old: &HashMap<&str, Arc<Upstream>>) -> PoolSnapshot {

@@ -218,11 +218,17 @@ async fn a_rebuild_keeps_health_state_and_restarts_no_slow_start() {
     assert!(ramps_before.iter().all(Option::is_some));
 
     // A policy change rebuilds the pool and restarts its health checks.
+    let probes = || [&a, &b].map(|x| x.requests.load(Ordering::Relaxed));
+    let probed = probes();
     running.live.reload_text(&one_pool("\"least_connections\"", &[&a, &b], checks), None).expect("valid reload");
     assert_eq!(pool().config().policy.kind().as_str(), "least_connections");
-    // Several check intervals later: the checks went on from "healthy", so no endpoint
-    // "recovered" again (no event, no new slow-start ramp) and none stopped serving.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the restarted checks have probed each endpoint a few times: they went on from
+    // "healthy", so no endpoint "recovered" again (no event, no new slow-start ramp) and
+    // none stopped serving.
+    until("the restarted checks probed both endpoints", || {
+        probes().iter().zip(probed).all(|(now, then)| *now >= then + 3)
+    })
+    .await;
     assert_eq!(health_events(), before, "{:?}", pool().safety().events());
     for e in pool().snapshot().selector.endpoints() {
         assert!(e.signals().is_available(now()), "{} stopped serving", e.id());

@@ -43,55 +43,8 @@ pub mod outlier;
 pub mod retry;
 mod window;
 
-/// A setting was refused: which one, and why.
-///
-/// `section` and `field` are the names a configuration file uses, so the configuration
-/// loader can point at the line (`pool.llama.health_check.rise`).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{section}.{field} {problem}")]
-pub struct ConfigError {
-    /// The group of settings: `health_check`, `outlier_detection`, `circuit_breaker`,
-    /// `limits`, `retry`, `retry_budget`, `admission`, `rate_limit`, or `pool` (for
-    /// `panic_threshold`).
-    pub section: &'static str,
-    /// The setting at fault, as configuration spells it (`rise`, `max_ejection_percent`).
-    pub field: &'static str,
-    /// What is wrong and what is allowed.
-    pub problem: String,
-}
-
-impl ConfigError {
-    pub(crate) fn new(section: &'static str, field: &'static str, problem: impl Into<String>) -> Self {
-        ConfigError { section, field, problem: problem.into() }
-    }
-}
-
-/// Checks shared by the settings of every module.
-pub(crate) struct Check {
-    pub section: &'static str,
-}
-
-impl Check {
-    pub(crate) fn err(&self, field: &'static str, problem: impl Into<String>) -> ConfigError {
-        ConfigError::new(self.section, field, problem)
-    }
-
-    pub(crate) fn positive(&self, field: &'static str, value: u32) -> Result<u32, ConfigError> {
-        if value == 0 { Err(self.err(field, "must be at least 1, got 0")) } else { Ok(value) }
-    }
-
-    pub(crate) fn nonzero_duration(
-        &self,
-        field: &'static str,
-        value: std::time::Duration,
-    ) -> Result<std::time::Duration, ConfigError> {
-        if value.is_zero() { Err(self.err(field, "must be longer than zero")) } else { Ok(value) }
-    }
-
-    pub(crate) fn percent(&self, field: &'static str, value: u32) -> Result<u32, ConfigError> {
-        if value > 100 { Err(self.err(field, format!("must be between 0 and 100, got {value}"))) } else { Ok(value) }
-    }
-}
+pub(crate) use crate::settings::Check;
+pub use crate::settings::ConfigError;
 
 /// What became of one request (or one try of it), as the data plane classifies it.
 ///

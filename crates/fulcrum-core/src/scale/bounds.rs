@@ -151,9 +151,7 @@ impl Floor {
 mod tests {
     use super::*;
 
-    fn secs(n: u64) -> Instant {
-        Instant::from_millis(n * 1_000)
-    }
+    use crate::scale::secs;
 
     fn floor(min: u32, max: u32, after: u64) -> Floor {
         let settings =

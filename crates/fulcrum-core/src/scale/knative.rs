@@ -272,9 +272,7 @@ impl ScalePolicy for Knative {
 mod tests {
     use super::*;
 
-    fn secs(n: u64) -> Instant {
-        Instant::from_millis(n * 1_000)
-    }
+    use crate::scale::secs;
 
     fn kpa(target: f64, min: u32, max: u32) -> Knative {
         let mut s = KnativeSettings::new(KnativeMetric::Concurrency, target);

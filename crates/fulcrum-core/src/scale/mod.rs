@@ -171,44 +171,8 @@ pub trait ScalePolicy: fmt::Debug + Send {
     fn bounds(&self) -> &Bounds;
 }
 
-/// A scaling setting was refused: which one, and why.
-///
-/// `section` and `field` are the names a configuration file uses (`autoscale.max_replicas`).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{section}.{field} {problem}")]
-pub struct ConfigError {
-    /// The group of settings: `autoscale` (bounds), `target_tracking`, `threshold`,
-    /// `knative` or `slo`.
-    pub section: &'static str,
-    /// The setting at fault, as configuration spells it.
-    pub field: &'static str,
-    /// What is wrong and what is allowed.
-    pub problem: String,
-}
-
-/// Checks shared by the settings of every policy.
-#[derive(Clone, Copy)]
-pub(crate) struct Check {
-    pub section: &'static str,
-}
-
-impl Check {
-    pub(crate) fn err(&self, field: &'static str, problem: impl Into<String>) -> ConfigError {
-        ConfigError { section: self.section, field, problem: problem.into() }
-    }
-
-    pub(crate) fn positive_f64(&self, field: &'static str, value: f64) -> Result<f64, ConfigError> {
-        if value.is_finite() && value > 0.0 {
-            Ok(value)
-        } else {
-            Err(self.err(field, format!("must be a positive finite number, got {value}")))
-        }
-    }
-
-    pub(crate) fn nonzero_duration(&self, field: &'static str, value: Duration) -> Result<Duration, ConfigError> {
-        if value.is_zero() { Err(self.err(field, "must be longer than zero")) } else { Ok(value) }
-    }
-}
+pub(crate) use crate::settings::Check;
+pub use crate::settings::ConfigError;
 
 /// `ceil(x)` as a replica count, saturating; `x` must not be NaN (0 if it is).
 pub(crate) fn ceil_count(x: f64) -> u32 {
@@ -219,6 +183,12 @@ pub(crate) fn ceil_count(x: f64) -> u32 {
     } else {
         x.ceil() as u32
     }
+}
+
+/// Test support: `n` seconds after the clock's zero.
+#[cfg(test)]
+pub(crate) fn secs(n: u64) -> Instant {
+    Instant::from_millis(n * 1_000)
 }
 
 #[cfg(test)]

@@ -180,9 +180,7 @@ impl ScalePolicy for SloPolicy {
 mod tests {
     use super::*;
 
-    fn secs(n: u64) -> Instant {
-        Instant::from_millis(n * 1_000)
-    }
+    use crate::scale::secs;
 
     fn textbook() -> SloSettings {
         let slo = Slo::WaitProbability { max_wait: Duration::from_millis(500), probability: 0.05 };

@@ -196,9 +196,7 @@ impl ScalePolicy for Threshold {
 mod tests {
     use super::*;
 
-    fn secs(n: u64) -> Instant {
-        Instant::from_millis(n * 1_000)
-    }
+    use crate::scale::secs;
 
     fn policy(reserve: u32, cooldown: u64, min: u32, max: u32) -> Threshold {
         let mut s = ThresholdSettings::new(LoadMetric::RequestRate, 10.0);

@@ -119,9 +119,7 @@ impl BucketAverage {
 mod tests {
     use super::*;
 
-    fn secs(n: u64) -> Instant {
-        Instant::from_millis(n * 1_000)
-    }
+    use crate::scale::secs;
 
     const MIN5: Duration = Duration::from_secs(300);
 

@@ -1,8 +1,6 @@
 use super::*;
 
-fn secs(n: u64) -> Instant {
-    Instant::from_millis(n * 1_000)
-}
+use crate::scale::secs;
 
 fn settings(targets: &[(Metric, f64)]) -> TargetTrackingSettings {
     let targets = targets.iter().map(|&(metric, target)| MetricTarget { metric, target }).collect();
