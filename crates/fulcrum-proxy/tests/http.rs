@@ -392,10 +392,25 @@ endpoints = {}
     assert!(answer.contains("request_body_timeout"), "{answer}");
     assert!(t0.elapsed() >= Duration::from_millis(250));
     drop(slow);
-    // Two connections held open; the third is closed at once.
-    let first = TcpStream::connect(running.proxy_addr).await.unwrap();
-    let second = TcpStream::connect(running.proxy_addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Two connections held open (each has had an answer, so the proxy counts it, and the
+    // closed slow one no longer); the third is closed at once.
+    async fn served(addr: std::net::SocketAddr) -> TcpStream {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            let mut buf = [0u8; 16];
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await
+                && buf[..n].starts_with(b"HTTP/1.1 ")
+            {
+                return s;
+            }
+            assert!(std::time::Instant::now() < deadline, "no connection was served");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let first = served(running.proxy_addr).await;
+    let second = served(running.proxy_addr).await;
     let mut third = TcpStream::connect(running.proxy_addr).await.unwrap();
     let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let mut buf = [0u8; 64];
