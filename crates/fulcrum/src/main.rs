@@ -11,7 +11,7 @@ mod serve;
 
 /// mimalloc: the proxy allocates small, short-lived buffers per request, where glibc's
 /// allocator cost about 7% of the CPU in profiles (bench/RESULTS.md). Its v2 line: v3 took
-/// a slower path for over-aligned blocks and ran 7% more I-cache misses a request.
+/// a slower path for over-aligned blocks and ran 8% more I-cache misses a request.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
