@@ -56,7 +56,8 @@ struct Streaming {
     admission: Option<AdmissionSlot>,
 }
 
-/// Serves one request; every failure becomes a JSON error response.
+/// Serves one request that hyper read (HTTP/2, upgrades, streamed bodies; see
+/// [`h1::server`](crate::h1::server) for the others).
 ///
 /// `forwarded_for` is the client's address as `X-Forwarded-For` carries it
 /// ([`headers::forwarded_for`]), made once per client connection.
@@ -66,23 +67,46 @@ pub(crate) async fn handle(
     forwarded_for: HeaderValue,
     mut req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
+    let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+    let (parts, incoming) = req.into_parts();
+    let req = ClientRequest { parts, body: Ok(ReqBody::Streamed(incoming)), upgrade };
+    Ok(respond(&ctx, client, &forwarded_for, req).await)
+}
+
+/// A request as read from a client.
+pub(crate) struct ClientRequest {
+    pub(crate) parts: http::request::Parts,
+    /// The body, or why it could not be read (answered as an error).
+    pub(crate) body: Result<ReqBody, ProxyError>,
+    /// The client's side of an HTTP/1.1 upgrade it asked for.
+    pub(crate) upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// Serves one request; every failure (including the body's) becomes a JSON error response.
+pub(crate) async fn respond(
+    ctx: &ListenerCtx,
+    client: SocketAddr,
+    forwarded_for: &HeaderValue,
+    mut req: ClientRequest,
+) -> Response<RespBody> {
+    let parts = &mut req.parts;
     let started = std::time::Instant::now();
     // Room for what the proxy adds (request id, X-Forwarded-*, Host, traceparent): one growth at most.
-    req.headers_mut().reserve(6);
-    let request_id = headers::request_id(req.headers_mut());
+    parts.headers.reserve(6);
+    let request_id = headers::request_id(&mut parts.headers);
     let mut exchange =
-        Exchange::begin(&ctx.observe, started, client, req.method(), req.uri(), req.headers(), &request_id);
-    // Boxed: hyper moves the service future around (twice a request); a small one moves cheaply.
-    match Box::pin(proxy(&ctx, client, &forwarded_for, req, &request_id, &mut exchange)).await {
+        Exchange::begin(&ctx.observe, started, client, &parts.method, &parts.uri, &parts.headers, &request_id);
+    // Boxed: the future is large, and a small one moves cheaply.
+    match Box::pin(proxy(ctx, client, forwarded_for, req, &request_id, &mut exchange)).await {
         Ok(Answer::Stream(resp, s)) => {
             exchange.respond(resp.status());
-            Ok(resp.map(|body| Either::Left(TrackedBody::new(body, s.guard, s.deadline, s.admission, exchange))))
+            resp.map(|body| Either::Left(TrackedBody::new(body, s.guard, s.deadline, s.admission, exchange)))
         }
         Ok(Answer::Whole(resp)) => {
             exchange.respond(resp.status());
             exchange.on_data(http_body::Body::size_hint(resp.body()).exact().unwrap_or(0) as usize);
             exchange.complete();
-            Ok(resp)
+            resp
         }
         Err(e) => {
             if e.is_upstream() || e.status() == StatusCode::SERVICE_UNAVAILABLE {
@@ -92,7 +116,7 @@ pub(crate) async fn handle(
             }
             let resp = e.to_response(&request_id);
             exchange.refused(&e, http_body::Body::size_hint(resp.body()).exact().unwrap_or(0) as usize);
-            Ok(resp.map(Either::Right))
+            resp.map(Either::Right)
         }
     }
 }
@@ -107,7 +131,21 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
-async fn read_body(body: Incoming, limit: usize, timeout: std::time::Duration) -> Result<Bytes, ProxyError> {
+/// The whole body, read (bounded by `limit` and `timeout`) if it was not yet.
+async fn read_body(
+    body: ReqBody,
+    parts: &http::request::Parts,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ProxyError> {
+    let body = match body {
+        ReqBody::Bytes(b) if b.len() > limit => return Err(ProxyError::BodyTooLarge { limit }),
+        ReqBody::Bytes(b) => return Ok(b),
+        ReqBody::Streamed(incoming) => incoming,
+    };
+    if content_length(parts).is_some_and(|n| n > limit as u64) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
     match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
         Err(_) => Err(ProxyError::BodyTimeout { after_ms: timeout.as_millis() }),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
@@ -124,26 +162,23 @@ async fn proxy(
     ctx: &ListenerCtx,
     client: SocketAddr,
     forwarded_for: &HeaderValue,
-    mut req: Request<Incoming>,
+    req: ClientRequest,
     request_id: &HeaderValue,
     exchange: &mut Exchange,
 ) -> Result<Answer, ProxyError> {
-    let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, incoming) = req.into_parts();
+    let ClientRequest { mut parts, body, upgrade } = req;
+    let body = body?;
 
     // Route; read the body only if a route needs the model from it.
     let mut model: Option<String> = None;
     let (pool, inference, body): (Arc<PoolRuntime>, bool, ReqBody) = match ctx.routes.find(&parts, false, None) {
         Matched::Pool(p, inference, route) => {
             exchange.routed(route, p);
-            (p.clone(), inference, ReqBody::Streamed(incoming))
+            (p.clone(), inference, body)
         }
         Matched::None => return Err(ProxyError::NoRoute),
         Matched::NeedBody => {
-            if content_length(&parts).is_some_and(|n| n > ctx.max_body_bytes as u64) {
-                return Err(ProxyError::BodyTooLarge { limit: ctx.max_body_bytes });
-            }
-            let bytes = Box::pin(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
+            let bytes = Box::pin(read_body(body, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             model = model_of(&bytes);
             match ctx.routes.find(&parts, true, model.as_deref()) {
                 Matched::Pool(p, inference, route) => {
@@ -157,12 +192,8 @@ async fn proxy(
 
     // AI policies read the body (bounded) for the model, token estimate and prefix hashes.
     let (body, body_bytes): (ReqBody, Option<Bytes>) = match body {
-        ReqBody::Bytes(bytes) if pool.needs().body => (ReqBody::Bytes(bytes.clone()), Some(bytes)),
-        ReqBody::Streamed(incoming) if pool.needs().body => {
-            if content_length(&parts).is_some_and(|n| n > ctx.max_body_bytes as u64) {
-                return Err(ProxyError::BodyTooLarge { limit: ctx.max_body_bytes });
-            }
-            let bytes = Box::pin(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
+        body if pool.needs().body => {
+            let bytes = Box::pin(read_body(body, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             (ReqBody::Bytes(bytes.clone()), Some(bytes))
         }
         left => (left, None),
@@ -188,7 +219,8 @@ async fn proxy(
             if http_body::Body::is_end_stream(&incoming) {
                 ReqBody::Bytes(Bytes::new())
             } else if content_length(&parts).is_some_and(|n| n <= ctx.max_body_bytes as u64) {
-                ReqBody::Bytes(Box::pin(read_body(incoming, ctx.max_body_bytes, ctx.body_read_timeout)).await?)
+                let incoming = ReqBody::Streamed(incoming);
+                ReqBody::Bytes(Box::pin(read_body(incoming, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?)
             } else {
                 // Unknown or large length: stream it through, once.
                 may_retry = false;

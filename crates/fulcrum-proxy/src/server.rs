@@ -7,15 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fulcrum_config::{Config, ListenerKind};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::http::handle;
 use crate::live::Live;
 use crate::pool::PoolRuntime;
 
@@ -268,8 +265,9 @@ async fn accept_loop(bound: Bound, live: Live, mut stop: watch::Receiver<bool>) 
     let Bound { name, index, listener, kind, max_connections } = bound;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut refused: u64 = 0;
-    let graceful = GracefulShutdown::new();
-    let mut tcp_conns = JoinSet::new();
+    // Every connection's task, and the signal that tells them to finish.
+    let mut conns = JoinSet::new();
+    let (stop_conns, _) = watch::channel(());
     let builder = Arc::new({
         let mut b = auto::Builder::new(TokioExecutor::new());
         if let Kind::Http(header_read_timeout) = &kind {
@@ -285,6 +283,7 @@ async fn accept_loop(bound: Bound, live: Live, mut stop: watch::Receiver<bool>) 
         tokio::select! {
             biased;
             _ = stop.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
@@ -306,28 +305,26 @@ async fn accept_loop(bound: Bound, live: Live, mut stop: watch::Receiver<bool>) 
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                let stop = stop_conns.subscribe();
                 match &kind {
-                    Kind::Http(_) => {
+                    Kind::Http(header_read_timeout) => {
                         // Each request reads the route table of the generation running when
                         // it arrives: a reload applies to keep-alive connections too.
-                        let live = live.clone();
-                        let forwarded_for = crate::headers::forwarded_for(peer.ip());
-                        let service = service_fn(move |req| {
-                            let ctx = live.listener(index).expect("an http listener has an http state");
-                            handle(ctx, peer, forwarded_for.clone(), req)
-                        });
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                        let conn = graceful.watch(conn);
-                        tokio::spawn(async move {
+                        let client = crate::h1::server::Client {
+                            live: live.clone(),
+                            index,
+                            peer,
+                            header_read_timeout: *header_read_timeout,
+                            hyper: builder.clone(),
+                        };
+                        conns.spawn(async move {
                             let _slot = slot;
-                            if let Err(e) = conn.await {
-                                tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                            }
+                            crate::h1::server::serve(stream, client, stop).await;
                         });
                     }
                     Kind::Tcp => {
                         let pool = live.tcp_pool(index).expect("a tcp listener has a pool");
-                        tcp_conns.spawn(async move {
+                        conns.spawn(async move {
                             let _slot = slot;
                             crate::tcp::serve(stream, peer, pool).await;
                         });
@@ -337,12 +334,12 @@ async fn accept_loop(bound: Bound, live: Live, mut stop: watch::Receiver<bool>) 
         }
     }
     drop(listener);
+    // Idle HTTP connections close now, busy ones after their response; TCP ones run on.
+    stop_conns.send_replace(());
     let drain = live.drain_timeout();
-    let drained = async {
-        graceful.shutdown().await;
-        while tcp_conns.join_next().await.is_some() {}
-    };
+    let drained = async { while conns.join_next().await.is_some() {} };
     if tokio::time::timeout(drain, drained).await.is_err() {
-        tracing::warn!(listener = %name, "drain timeout: closing connections still open");
+        tracing::warn!(listener = %name, open = conns.len(), "drain timeout: closing connections still open");
     }
+    // Dropping the set aborts what is left.
 }

@@ -92,7 +92,7 @@ pub(crate) fn encode_chunk_size(buf: &mut Vec<u8>, n: usize) {
     buf.extend_from_slice(b"\r\n");
 }
 
-fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -197,18 +197,11 @@ pub(crate) fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, Upstream
             continue;
         }
         if name == header::CONNECTION {
-            let mut names_others = false;
-            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive = true;
-                } else if !token.is_empty() {
-                    names_others = true;
-                }
-            }
+            let tokens = ConnectionTokens::of(h.value);
+            close |= tokens.close;
+            keep_alive |= tokens.keep_alive;
             // One that names other headers stays, for http.rs to strip them too.
-            if !names_others {
+            if !tokens.names_others {
                 continue;
             }
         }
@@ -265,7 +258,32 @@ pub(crate) fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, Upstream
     Ok(Parsed::Final(Box::new(Head { status, headers, reason, framing, keep_alive }), len))
 }
 
-fn parse_decimal(s: &[u8]) -> Option<u64> {
+/// What a `Connection` header says.
+#[derive(Debug, Default)]
+pub(crate) struct ConnectionTokens {
+    pub(crate) close: bool,
+    pub(crate) keep_alive: bool,
+    /// It names other (hop-by-hop) headers.
+    pub(crate) names_others: bool,
+}
+
+impl ConnectionTokens {
+    pub(crate) fn of(value: &[u8]) -> ConnectionTokens {
+        let mut t = ConnectionTokens::default();
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if token.eq_ignore_ascii_case(b"close") {
+                t.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                t.keep_alive = true;
+            } else if !token.is_empty() {
+                t.names_others = true;
+            }
+        }
+        t
+    }
+}
+
+pub(crate) fn parse_decimal(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 {
         return None;
     }

@@ -12,11 +12,12 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::UpstreamError;
+use super::buf::InBuf;
 use super::codec::{self, Decoder, Parsed, ReqFraming};
 use crate::upstream::{ReqBody, Upstream};
 
@@ -59,7 +60,13 @@ impl Conn {
     /// (pool, request, response body) several times a request.
     pub(crate) fn new(stream: TcpStream, open: Arc<AtomicU32>) -> Box<Conn> {
         open.fetch_add(1, Ordering::Relaxed);
-        Box::new(Conn { stream, rbuf: InBuf::new(), wbuf: Vec::with_capacity(1024), timer: None, open })
+        Box::new(Conn {
+            stream,
+            rbuf: InBuf::new(READ_BUF_BYTES, codec::MAX_HEAD_BYTES),
+            wbuf: Vec::with_capacity(1024),
+            timer: None,
+            open,
+        })
     }
 
     /// Whether an idle connection can carry a request: the upstream neither closed it nor
@@ -83,59 +90,6 @@ impl Conn {
         if self.wbuf.capacity() > KEEP_WRITE_BUF_BYTES {
             self.wbuf = Vec::with_capacity(1024);
         }
-    }
-}
-
-/// A read buffer: initialized bytes, `start..end` holding data not consumed yet.
-struct InBuf {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl InBuf {
-    fn new() -> InBuf {
-        InBuf { buf: vec![0; READ_BUF_BYTES], start: 0, end: 0 }
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-        debug_assert!(self.start <= self.end);
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Reads once from `stream` into the free space (making some if needed); `Ok(0)` is the
-    /// end of the stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<io::Result<usize>> {
-        if self.end == self.buf.len() {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            } else if self.buf.len() < codec::MAX_HEAD_BYTES {
-                let len = (self.buf.len() * 2).min(codec::MAX_HEAD_BYTES);
-                self.buf.resize(len, 0);
-            } else {
-                // The head parser refuses a head this long before it gets here.
-                return Poll::Ready(Err(io::Error::other("read buffer full")));
-            }
-        }
-        let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
-        ready!(Pin::new(stream).poll_read(cx, &mut rb))?;
-        let n = rb.filled().len();
-        self.end += n;
-        Poll::Ready(Ok(n))
     }
 }
 

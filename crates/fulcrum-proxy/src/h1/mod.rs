@@ -1,23 +1,30 @@
-//! The upstream HTTP/1.1 client, run inside the request's own task.
+//! HTTP/1.1 on both sides of the proxy, run inside the client connection's own task.
 //!
-//! A pooled connection is a `TcpStream` with its read and write buffers, owned by whoever
-//! uses it: the request task writes the request head (and body) itself, parses the response
-//! head with `httparse`, and hands back a [`Response`](http::Response) whose body
+//! **Upstream.** A pooled connection is a `TcpStream` with its read and write buffers, owned
+//! by whoever uses it: the request task writes the request head (and body) itself, parses the
+//! response head with `httparse`, and hands back a [`Response`](http::Response) whose body
 //! ([`UpstreamBody`]) reads the rest from the socket as the client polls it. When the body
 //! ends cleanly on a connection both sides keep alive, the connection goes back to its
 //! endpoint's idle queue; otherwise it is dropped (closed).
 //!
 //! hyper's client runs each connection in a task of its own and talks to it through a
 //! channel: every request then costs two task hops and their wake-ups. Here a request is
-//! read, forwarded and answered in the one task hyper's server gives its connection, with the
-//! same system calls (one write and one read upstream for a small request). Upgrades
-//! (WebSocket) still go through hyper's client (see `http::websocket`).
+//! read, forwarded and answered in the one task of its client connection, with the same
+//! system calls (one write and one read upstream for a small request). Upgrades (WebSocket)
+//! still go through hyper's client (see `http::websocket`).
 //!
-//! `codec` holds the sans-IO part (head encoding, head parsing, body framing), `conn`
-//! the socket part.
+//! **Client side.** `server` reads requests and writes responses itself for plain HTTP/1.1,
+//! and hands the connection to hyper's server for everything else (see its docs).
+//!
+//! `codec` (upstream) and `request` (client side) hold the sans-IO parts (head encoding,
+//! head parsing, body framing), `conn` and `server` the socket parts, `buf` the read buffer
+//! both use.
 
+mod buf;
 pub(crate) mod codec;
 pub(crate) mod conn;
+mod request;
+pub(crate) mod server;
 
 pub use conn::UpstreamBody;
 
