@@ -361,6 +361,37 @@ async fn graceful_shutdown_finishes_a_stream_in_flight() {
 }
 
 #[tokio::test]
+async fn the_drain_timeout_cuts_what_is_still_running() {
+    let s = backend("s", Behavior::Stream { chunks: 100, gap: Duration::from_millis(100) }).await;
+    let mut running = proxy(&one_pool_with(
+        &format!("policy = \"round_robin\"\nendpoints = {}", endpoints(&[&s])),
+        "[proxy]\ndrain_timeout = \"300ms\"",
+    ))
+    .await;
+    let mut client = h1(running.proxy_addr).await;
+    let resp = client.send_request(get("/stream")).await.unwrap();
+    let mut body = resp.into_body();
+    let _first = body.frame().await.unwrap().unwrap();
+    let t0 = Instant::now();
+    let _ = running.stop.take().unwrap().send(());
+    tokio::time::timeout(Duration::from_secs(5), running.done).await.expect("stops after the drain timeout").unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(250), "stopped after {:?}", t0.elapsed());
+    // The stream (10 s long) was cut: it ends early, with an error.
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return true,
+                None => return false,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends once the proxy stopped");
+    assert!(ended, "a cut stream must not look complete");
+}
+
+#[tokio::test]
 async fn client_limits_hold_connections_and_slow_bodies() {
     let a = backend("a", Behavior::Echo).await;
     let toml = format!(
