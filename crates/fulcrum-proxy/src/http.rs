@@ -82,6 +82,14 @@ pub(crate) struct ClientRequest {
     pub(crate) upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
+/// Records a request whose client left before its body was whole: no answer, 499 in the
+/// metrics and the access log.
+pub(crate) fn client_left(ctx: &ListenerCtx, client: SocketAddr, mut parts: http::request::Parts) {
+    let request_id = headers::request_id(&mut parts.headers);
+    let started = std::time::Instant::now();
+    drop(Exchange::begin(&ctx.observe, started, client, &parts.method, &parts.uri, &parts.headers, &request_id));
+}
+
 /// Serves one request; every failure (including the body's) becomes a JSON error response.
 pub(crate) async fn respond(
     ctx: &ListenerCtx,

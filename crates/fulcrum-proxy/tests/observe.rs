@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 // === access log ===
@@ -391,6 +392,19 @@ endpoints = {}
     assert_eq!(line["status"], 200);
     assert_eq!(line["error"], "the client went away before the response ended");
     assert!(line["bytes"].as_u64().is_some_and(|b| b > 0 && b < 50 * 16), "{line}");
+
+    // Gone before the body was whole: 499, no endpoint tried.
+    let mut raw = tokio::net::TcpStream::connect(running.proxy_addr).await.unwrap();
+    raw.write_all(
+        b"POST /slow HTTP/1.1\r\nHost: x\r\nx-request-id: left-in-body\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    drop(raw);
+    let line = captured.line_of("left-in-body").await;
+    assert_eq!(line["status"], 499);
+    assert_eq!(line["error"], "the client went away before the response");
+    assert!(line["endpoint"].is_null(), "{line}");
     running.shutdown().await;
 }
 

@@ -174,7 +174,10 @@ async fn serve_h1(
             Err(BodyError::TimedOut) => {
                 (Err(ProxyError::BodyTimeout { after_ms: ctx.body_read_timeout.as_millis() }), false)
             }
-            Err(BodyError::Gone) => return End::Closed,
+            Err(BodyError::Gone) => {
+                crate::http::client_left(&ctx, client.peer, parts);
+                return End::Closed;
+            }
         };
 
         let answer = respond(&ctx, client.peer, forwarded_for, ClientRequest { parts, body, upgrade: None });
