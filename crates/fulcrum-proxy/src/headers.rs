@@ -22,17 +22,17 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if present == 0 {
         return;
     }
-    if present & CONNECTION != 0
-        && let Some(conn) = headers.get(header::CONNECTION)
-    {
-        // Names listed in Connection are hop-by-hop too; the common case lists none.
-        let plain =
-            conn.as_bytes().eq_ignore_ascii_case(b"keep-alive") || conn.as_bytes().eq_ignore_ascii_case(b"close");
-        if !plain {
-            let listed: Vec<HeaderName> = conn
-                .to_str()
-                .unwrap_or("")
-                .split(',')
+    if present & CONNECTION != 0 {
+        // Names listed in Connection (every line of it) are hop-by-hop too; the common case
+        // lists none.
+        let plain = |v: &HeaderValue| {
+            v.as_bytes().eq_ignore_ascii_case(b"keep-alive") || v.as_bytes().eq_ignore_ascii_case(b"close")
+        };
+        if !headers.get_all(header::CONNECTION).iter().all(plain) {
+            let listed: Vec<HeaderName> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.to_str().unwrap_or("").split(','))
                 .map(str::trim)
                 .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
                 .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
@@ -188,6 +188,19 @@ mod tests {
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn every_connection_line_names_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("x-a"));
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive, x-b"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-b", HeaderValue::from_static("2"));
+        h.insert("x-kept", HeaderValue::from_static("3"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));

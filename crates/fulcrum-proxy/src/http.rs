@@ -69,7 +69,8 @@ pub(crate) async fn handle(
 ) -> Result<Response<RespBody>, Infallible> {
     let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (parts, incoming) = req.into_parts();
-    let req = ClientRequest { parts, body: Ok(ReqBody::Streamed(incoming)), upgrade };
+    let started = std::time::Instant::now();
+    let req = ClientRequest { parts, body: Ok(ReqBody::Streamed(incoming)), upgrade, started };
     Ok(respond(&ctx, client, &forwarded_for, req).await)
 }
 
@@ -80,13 +81,19 @@ pub(crate) struct ClientRequest {
     pub(crate) body: Result<ReqBody, ProxyError>,
     /// The client's side of an HTTP/1.1 upgrade it asked for.
     pub(crate) upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// When its head was read (the request's duration counts from it).
+    pub(crate) started: std::time::Instant,
 }
 
 /// Records a request whose client left before its body was whole: no answer, 499 in the
 /// metrics and the access log.
-pub(crate) fn client_left(ctx: &ListenerCtx, client: SocketAddr, mut parts: http::request::Parts) {
+pub(crate) fn client_left(
+    ctx: &ListenerCtx,
+    client: SocketAddr,
+    mut parts: http::request::Parts,
+    started: std::time::Instant,
+) {
     let request_id = headers::request_id(&mut parts.headers);
-    let started = std::time::Instant::now();
     drop(Exchange::begin(&ctx.observe, started, client, &parts.method, &parts.uri, &parts.headers, &request_id));
 }
 
@@ -97,8 +104,8 @@ pub(crate) async fn respond(
     forwarded_for: &HeaderValue,
     mut req: ClientRequest,
 ) -> Response<RespBody> {
+    let started = req.started;
     let parts = &mut req.parts;
-    let started = std::time::Instant::now();
     // Room for what the proxy adds (request id, X-Forwarded-*, Host, traceparent): one growth at most.
     parts.headers.reserve(6);
     let request_id = headers::request_id(&mut parts.headers);
@@ -174,7 +181,7 @@ async fn proxy(
     request_id: &HeaderValue,
     exchange: &mut Exchange,
 ) -> Result<Answer, ProxyError> {
-    let ClientRequest { mut parts, body, upgrade } = req;
+    let ClientRequest { mut parts, body, upgrade, .. } = req;
     let body = body?;
 
     // Route; read the body only if a route needs the model from it.

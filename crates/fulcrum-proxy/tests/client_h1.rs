@@ -298,3 +298,36 @@ async fn idle_connections_close_after_header_read_timeout() {
     assert!(closes(&mut s, Duration::from_secs(5)).await);
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_request_begun_before_shutdown_is_answered_whoever_serves_it() {
+    let a = backend("a", Behavior::Echo).await;
+    let mut running = proxy(&one_pool("\"round_robin\"", &[&a], "")).await;
+    let addr = running.proxy_addr;
+    let mut buf = Vec::new();
+    // Two connections with half a request each when the proxy is told to stop: the rest is
+    // a plain body on one, a chunked one (which hyper serves) on the other.
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    let mut chunked = TcpStream::connect(addr).await.unwrap();
+    // (Sent with a first request in one write: once that is answered, the proxy holds the half.)
+    for s in [&mut plain, &mut chunked] {
+        s.write_all(b"GET /warm HTTP/1.1\r\nHost: x\r\n\r\nPOST /late HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        assert_eq!(read_response(s, &mut buf, false).await.status, 200);
+    }
+    let _ = running.stop.take().unwrap().send(());
+    // Stopped accepting: the listener is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the listener is still open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    plain.write_all(b"Content-Length: 5\r\n\r\nhello").await.unwrap();
+    chunked.write_all(b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").await.unwrap();
+    for s in [&mut plain, &mut chunked] {
+        let r = read_response(s, &mut buf, false).await;
+        assert_eq!((r.status, r.header("connection")), (200, Some("close")), "{r:?}");
+        assert_eq!(r.json()["body"], "hello");
+        assert!(closes(s, Duration::from_secs(5)).await);
+    }
+    tokio::time::timeout(Duration::from_secs(5), running.done).await.expect("stops").expect("no panic");
+}

@@ -127,7 +127,7 @@ pub(crate) fn parse_request(buf: &[u8], max_body: u64) -> Parsed {
 /// How a response body goes on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RespFraming {
-    /// None: a HEAD request, or a 1xx, 204 or 304 status. The headers go as they are.
+    /// None: a HEAD request, or a 1xx, 204 or 304 status.
     Empty,
     /// `Content-Length`.
     Length(u64),
@@ -172,12 +172,16 @@ pub(crate) fn encode_response_head(
         None => buf.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes()),
     }
     buf.extend_from_slice(b"\r\n");
-    let replace_length = matches!(framing, RespFraming::Length(_) | RespFraming::Chunked | RespFraming::UntilClose);
+    // A length is replaced by the framing's own, and never sent with a 1xx or 204 (RFC 9110
+    // section 8.6); HEAD and 304 answers keep the one the upstream sent.
+    let drop_length = !matches!(framing, RespFraming::Empty)
+        || parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT;
     let mut has_date = false;
     for (name, value) in &parts.headers {
         if name == header::TRANSFER_ENCODING
             || name == header::CONNECTION
-            || (replace_length && name == header::CONTENT_LENGTH)
+            || (drop_length && name == header::CONTENT_LENGTH)
         {
             continue;
         }
@@ -354,6 +358,12 @@ mod tests {
         assert_eq!(
             encoded(resp, RespFraming::Empty, true, Version::HTTP_11),
             "HTTP/1.1 304 Not Modified\r\ncontent-length: 7\r\ndate: D\r\n\r\n"
+        );
+        // No length on a 204.
+        let resp = http::Response::builder().status(204).header("content-length", "0").body(()).expect("response");
+        assert_eq!(
+            encoded(resp, RespFraming::Empty, true, Version::HTTP_11),
+            "HTTP/1.1 204 No Content\r\ndate: D\r\n\r\n"
         );
         // A reason phrase the upstream chose.
         let mut resp = http::Response::builder().status(200).body(()).expect("response");

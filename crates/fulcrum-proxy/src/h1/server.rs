@@ -2,8 +2,8 @@
 //! the rest.
 //!
 //! A connection starts here. Each request head is parsed with `httparse` straight into the
-//! proxy's request type, its body (when it has a `Content-Length` within the listener's
-//! `max_body_bytes`) is read whole, and the response is written from the proxy's
+//! proxy's request type, its body (when it has a `Content-Length` of at most 64 KiB, and
+//! within the listener's `max_body_bytes`) is read whole, and the response is written from the proxy's
 //! [`Response`](http::Response) with one `send(2)` when it is small. hyper's server would do
 //! the same work through its dispatcher, a header map round trip on the way out, a timer per
 //! request and a body channel; here the connection owns its two buffers and one timer.
@@ -46,8 +46,9 @@ use crate::upstream::ReqBody;
 /// Initial size of a client connection's read buffer (hyper's is 8 KiB); it grows for a
 /// long head up to [`request::MAX_HEAD_BYTES`].
 const READ_BUF_BYTES: usize = 4 * 1024;
-/// Room made for a request body at a time, as it arrives.
-const BODY_READ_BYTES: usize = 64 * 1024;
+/// The largest request body read whole here (within `max_body_bytes`); larger ones go to
+/// hyper, which streams them to the upstream as they arrive.
+const WHOLE_BODY_BYTES: usize = 64 * 1024;
 /// A write buffer grown past this (a long response) is not kept for the next one.
 const KEEP_WRITE_BUF_BYTES: usize = 16 * 1024;
 /// Response bytes gathered before a write: ready body frames join the head up to this.
@@ -104,18 +105,22 @@ pub(crate) async fn serve(stream: TcpStream, client: Client, stop: watch::Receiv
     let io = TokioIo::new(Rewind { read, stream: conn.stream });
     let served = hyper.serve_connection_with_upgrades(io, service);
     let mut served = pin!(served);
-    let result = if stop.has_changed().unwrap_or(true) {
-        served.as_mut().graceful_shutdown();
-        served.await
-    } else {
-        tokio::select! {
-            r = served.as_mut() => r,
-            _ = stop.changed() => {
-                served.as_mut().graceful_shutdown();
-                served.await
-            }
+    // hyper-util's connection first reads the protocol version from the bytes handed over;
+    // shut down before that, it drops them unanswered. Polled first (`biased`), it has read
+    // them (unless they are the start of an HTTP/2 preface) by the time a stop is seen: a
+    // graceful shutdown then answers the request they hold, and closes.
+    let result = tokio::select! {
+        biased;
+        r = served.as_mut() => r,
+        _ = stop.changed() => {
+            served.as_mut().graceful_shutdown();
+            served.await
         }
     };
+    log_end(peer, result);
+}
+
+fn log_end(peer: SocketAddr, result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
@@ -156,11 +161,12 @@ async fn serve_h1(
                 return End::Closed;
             }
         };
+        let started = std::time::Instant::now();
         let Some(ctx) = client.ctx() else {
             return End::Closed;
         };
-        if head.body_len > ctx.max_body_bytes as u64 {
-            // Streamed through hyper, as a body nothing needs to read whole.
+        if head.body_len > WHOLE_BODY_BYTES.min(ctx.max_body_bytes) as u64 {
+            // Streamed through hyper, and read whole only if a route or policy needs it.
             return End::Hyper(conn.rbuf.take_all());
         }
         conn.rbuf.consume(head_len);
@@ -175,12 +181,12 @@ async fn serve_h1(
                 (Err(ProxyError::BodyTimeout { after_ms: ctx.body_read_timeout.as_millis() }), false)
             }
             Err(BodyError::Gone) => {
-                crate::http::client_left(&ctx, client.peer, parts);
+                crate::http::client_left(&ctx, client.peer, parts, started);
                 return End::Closed;
             }
         };
 
-        let answer = respond(&ctx, client.peer, forwarded_for, ClientRequest { parts, body, upgrade: None });
+        let answer = respond(&ctx, client.peer, forwarded_for, ClientRequest { parts, body, upgrade: None, started });
         let Some(resp) = conn.unless_gone(answer).await else {
             return End::Closed;
         };
@@ -234,14 +240,12 @@ impl Conn {
             self.rbuf.consume(len);
             return Ok(body);
         }
-        // Memory follows the bytes that arrive, not the length the client announced.
-        let mut body = BytesMut::with_capacity(len.min(BODY_READ_BYTES));
+        let mut body = BytesMut::with_capacity(len);
         body.extend_from_slice(self.rbuf.data());
         self.rbuf.consume(self.rbuf.len());
         let read = async {
             while body.len() < len {
                 let rest = len - body.len();
-                body.reserve(rest.min(BODY_READ_BYTES));
                 match self.stream.read_buf(&mut (&mut body).limit(rest)).await {
                     Ok(0) | Err(_) => return Err(BodyError::Gone),
                     Ok(_) => {}
