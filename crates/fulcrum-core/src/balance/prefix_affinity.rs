@@ -97,14 +97,29 @@ impl Balance for PrefixAffinity {
             return None;
         }
         let r = request_tokens(cx.facts);
+        // Each endpoint's tokens in flight and capacity, read once: the mean and every load
+        // then come from the same reading. (Read again per use, a request another thread
+        // started in between counted in an endpoint's load but not in the mean, and pushed a
+        // holder over a bound it was within.) On the stack for pools of up to 32 endpoints.
+        let mut on_stack = [(0u64, 0.0f64); 32];
+        let mut on_heap = Vec::new();
+        let seen: &mut [(u64, f64)] = if n <= on_stack.len() {
+            &mut on_stack[..n]
+        } else {
+            on_heap.resize(n, (0, 0.0));
+            &mut on_heap
+        };
         let (mut tokens, mut capacity) = (r as f64, 0.0);
         for (idx, e) in pool.endpoints.iter().enumerate() {
-            tokens += e.signals().in_flight_tokens() as f64;
-            capacity += self.capacities.of(idx, e);
+            let (t, c) = (e.signals().in_flight_tokens(), self.capacities.of(idx, e));
+            seen[idx] = (t, c);
+            tokens += t as f64;
+            capacity += c;
         }
+        let seen = &*seen;
         let bound = (1.0 + self.epsilon) * tokens / capacity + self.slack;
-        let load = |idx: usize| self.capacities.load_after(idx, &pool.endpoints[idx], r);
-        let within = |idx: usize| pool.endpoints[idx].signals().in_flight_tokens() == 0 || load(idx) <= bound;
+        let load = |idx: usize| seen[idx].0.saturating_add(r) as f64 / seen[idx].1;
+        let within = |idx: usize| seen[idx].0 == 0 || load(idx) <= bound;
         let prefix = cx.facts.prefix;
 
         // 1. The longest match within the bound.
