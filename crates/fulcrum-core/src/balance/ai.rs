@@ -38,8 +38,14 @@ impl Capacities {
     /// In-flight tokens per unit of capacity once `tokens` more are added.
     #[inline]
     pub(crate) fn load_after(&self, idx: usize, e: &Endpoint, tokens: u64) -> f64 {
-        e.signals().in_flight_tokens().saturating_add(tokens) as f64 / self.of(idx, e)
+        load(e.signals().in_flight_tokens(), tokens, self.of(idx, e))
     }
+}
+
+/// In-flight tokens per unit of `capacity` once `tokens` more are added to `in_flight`.
+#[inline]
+pub(crate) fn load(in_flight: u64, tokens: u64, capacity: f64) -> f64 {
+    in_flight.saturating_add(tokens) as f64 / capacity
 }
 
 /// A request's token estimate, at least 1 so that capacity always matters.

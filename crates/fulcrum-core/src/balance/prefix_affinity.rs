@@ -55,7 +55,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::ai::{Capacities, IndexView, least, request_tokens, wanted_adapter};
+use super::ai::{Capacities, IndexView, least, load, request_tokens, wanted_adapter};
 use super::{Balance, PickCx, PoolView};
 #[cfg(doc)]
 use crate::prefix::PrefixIndex;
@@ -118,7 +118,7 @@ impl Balance for PrefixAffinity {
         }
         let seen = &*seen;
         let bound = (1.0 + self.epsilon) * tokens / capacity + self.slack;
-        let load = |idx: usize| seen[idx].0.saturating_add(r) as f64 / seen[idx].1;
+        let load = |idx: usize| load(seen[idx].0, r, seen[idx].1);
         let within = |idx: usize| seen[idx].0 == 0 || load(idx) <= bound;
         let prefix = cx.facts.prefix;
 

@@ -2,10 +2,11 @@
 //! response heads written.
 //!
 //! Only the plain cases are taken here: a request whose body is absent or has a
-//! `Content-Length`, no upgrade, no `Expect`, no `CONNECT`. Anything else (chunked or
-//! too-large bodies, WebSocket, HTTP/2's preface, a head this parser refuses) is
-//! [`Parsed::Other`]: the connection goes to hyper, which serves the rest of it (and answers
-//! malformed requests with its own 400 or 431).
+//! `Content-Length`, no upgrade, no `Expect`, no `CONNECT`. Anything else (chunked bodies,
+//! WebSocket, HTTP/2's preface, a head this parser refuses) is [`Parsed::Other`]: the
+//! connection goes to hyper, which serves the rest of it (and answers malformed requests
+//! with its own 400 or 431). Whether a body is small enough to read whole is the server's
+//! call (`server.rs`).
 
 use std::mem::MaybeUninit;
 
@@ -41,9 +42,8 @@ pub(crate) enum Parsed {
     Head(Box<RequestHead>, usize),
 }
 
-/// Parses the request head at the start of `buf`; a body over `max_body` bytes is left to
-/// hyper, which streams it.
-pub(crate) fn parse_request(buf: &[u8], max_body: u64) -> Parsed {
+/// Parses the request head at the start of `buf`.
+pub(crate) fn parse_request(buf: &[u8]) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut slots) {
@@ -112,9 +112,6 @@ pub(crate) fn parse_request(buf: &[u8], max_body: u64) -> Parsed {
         headers.append(name, value);
     }
     let body_len = body_len.unwrap_or(0);
-    if body_len > max_body {
-        return Parsed::Other;
-    }
 
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
@@ -237,14 +234,14 @@ mod tests {
     use super::*;
 
     fn head(raw: &[u8]) -> (RequestHead, usize) {
-        match parse_request(raw, 1 << 20) {
+        match parse_request(raw) {
             Parsed::Head(h, n) => (*h, n),
             other => panic!("not a head: {other:?}"),
         }
     }
 
     fn is_other(raw: &[u8]) -> bool {
-        matches!(parse_request(raw, 1 << 20), Parsed::Other)
+        matches!(parse_request(raw), Parsed::Other)
     }
 
     #[test]
@@ -265,7 +262,7 @@ mod tests {
     fn heads_arrive_in_pieces() {
         let raw = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n";
         for cut in 0..raw.len() {
-            assert!(matches!(parse_request(&raw[..cut], 1 << 20), Parsed::Partial), "cut at {cut}");
+            assert!(matches!(parse_request(&raw[..cut]), Parsed::Partial), "cut at {cut}");
         }
         let (h, _) = head(raw);
         assert_eq!(h.body_len, 5);
@@ -301,8 +298,6 @@ mod tests {
         assert!(is_other(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"));
         assert!(is_other(b"GET  / HTTP/1.1\r\n\r\n"));
         assert!(is_other(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"));
-        // A body over the limit streams through hyper.
-        assert!(matches!(parse_request(b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n", 10), Parsed::Other));
         // A head over the limit, complete or not.
         let mut long = b"GET / HTTP/1.1\r\nx: ".to_vec();
         long.resize(MAX_HEAD_BYTES + 10, b'a');

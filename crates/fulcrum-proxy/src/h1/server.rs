@@ -39,7 +39,7 @@ use tokio::time::Sleep;
 use super::buf::InBuf;
 use super::request::{self, Parsed, RespFraming};
 use crate::error::ProxyError;
-use crate::http::{ClientRequest, ListenerCtx, RespBody, handle, respond};
+use crate::http::{ClientRequest, RespBody, handle, respond};
 use crate::live::Live;
 use crate::upstream::ReqBody;
 
@@ -65,12 +65,6 @@ pub(crate) struct Client {
     pub(crate) hyper: Arc<auto::Builder<TokioExecutor>>,
 }
 
-impl Client {
-    fn ctx(&self) -> Option<Arc<ListenerCtx>> {
-        self.live.listener(self.index)
-    }
-}
-
 /// How the HTTP/1.1 part of a connection ended.
 enum End {
     /// Closed (by either side, a timeout, or shutdown).
@@ -87,7 +81,7 @@ pub(crate) async fn serve(stream: TcpStream, client: Client, stop: watch::Receiv
         stream,
         rbuf: InBuf::new(READ_BUF_BYTES, request::MAX_HEAD_BYTES),
         wbuf: Vec::with_capacity(1024),
-        timer: None,
+        timer: Box::pin(tokio::time::sleep(client.header_read_timeout)),
     };
     let mut stop = stop;
     let end = serve_h1(&mut conn, &client, &forwarded_for, &mut stop).await;
@@ -117,10 +111,6 @@ pub(crate) async fn serve(stream: TcpStream, client: Client, stop: watch::Receiv
             served.await
         }
     };
-    log_end(peer, result);
-}
-
-fn log_end(peer: SocketAddr, result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
@@ -132,7 +122,7 @@ struct Conn {
     rbuf: InBuf,
     wbuf: Vec<u8>,
     /// The header-read deadline, moved forward at each request (one timer a connection).
-    timer: Option<Pin<Box<Sleep>>>,
+    timer: Pin<Box<Sleep>>,
 }
 
 /// Serves requests until the connection closes or a request is for hyper.
@@ -145,13 +135,10 @@ async fn serve_h1(
     loop {
         // A request head, within header_read_timeout (idle keep-alive time included).
         let deadline = tokio::time::Instant::now() + client.header_read_timeout;
-        match &mut conn.timer {
-            Some(t) => t.as_mut().reset(deadline),
-            None => conn.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-        }
+        conn.timer.as_mut().reset(deadline);
         let (head, head_len) = loop {
             if !conn.rbuf.is_empty() {
-                match request::parse_request(conn.rbuf.data(), u64::MAX) {
+                match request::parse_request(conn.rbuf.data()) {
                     Parsed::Head(head, n) => break (head, n),
                     Parsed::Other => return End::Hyper(conn.rbuf.take_all()),
                     Parsed::Partial => {}
@@ -162,7 +149,7 @@ async fn serve_h1(
             }
         };
         let started = std::time::Instant::now();
-        let Some(ctx) = client.ctx() else {
+        let Some(ctx) = client.live.listener(client.index) else {
             return End::Closed;
         };
         if head.body_len > WHOLE_BODY_BYTES.min(ctx.max_body_bytes) as u64 {
@@ -221,10 +208,7 @@ impl Conn {
             if idle && stopped.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(false);
             }
-            match self.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
-                Some(Poll::Pending) => Poll::Pending,
-                _ => Poll::Ready(false),
-            }
+            self.timer.as_mut().poll(cx).map(|()| false)
         })
         .await
     }
