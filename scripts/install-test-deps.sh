@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond Rust, when it is missing:
-#   etcd (Debian package etcd-server, /usr/bin/etcd) for crates/fulcrum-discovery/tests/etcd.rs.
+#   etcd (Debian package etcd-server, /usr/bin/etcd) for crates/fulcrum-discovery/tests/integration/etcd.rs.
 # Idempotent and quiet; needs root (apt-get). Called from .ci/run.
 set -euo pipefail
 

@@ -1,0 +1,10 @@
+//! Integration tests of `fulcrum`, linked into one test binary: one link and one
+//! executable instead of one per file. One file's tests:
+//! `cargo test -p fulcrum --test integration ai_routing::`.
+
+mod ai_routing;
+mod autoscale;
+mod chaos;
+mod cli;
+mod logging;
+mod plan;
