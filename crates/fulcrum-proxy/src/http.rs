@@ -246,19 +246,19 @@ async fn proxy(
     };
 
     // Rewrite the request for the upstream.
-    let host = parts.headers.get(header::HOST).cloned();
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
-    headers::add_forwarded(&mut parts.headers, forwarded_for, host.as_ref());
     if let Some(authority) = parts.uri.authority() {
-        // HTTP/2 or absolute-form: the upstream gets origin-form and a Host header.
-        if host.is_none()
-            && let Ok(v) = HeaderValue::from_str(authority.as_str())
-        {
+        // HTTP/2 or absolute-form: the upstream gets origin-form and a Host header. The
+        // target's authority wins over a Host line the client also sent (RFC 9112, 3.2.2),
+        // as it did for routing.
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
             parts.headers.insert(header::HOST, v);
         }
         let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
     }
+    let host = parts.headers.get(header::HOST).cloned();
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    headers::add_forwarded(&mut parts.headers, forwarded_for, host.as_ref());
     parts.version = Version::HTTP_11;
 
     // What the policy looks at.

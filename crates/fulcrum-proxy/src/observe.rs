@@ -263,8 +263,9 @@ impl Drop for Exchange {
         if let Some(why) = gone {
             facts.response_error.get_or_insert(Cow::Borrowed(why));
         }
+        // The target's authority first, as for routing (RFC 9112, 3.2.2).
         let host =
-            facts.host.as_ref().and_then(|h| h.to_str().ok()).or_else(|| facts.uri.authority().map(|a| a.as_str()));
+            facts.uri.authority().map(|a| a.as_str()).or_else(|| facts.host.as_ref().and_then(|h| h.to_str().ok()));
         let summary = Summary {
             method: facts.method.as_str(),
             path: facts.uri.path(),

@@ -184,6 +184,41 @@ async fn head_answers_carry_no_body_and_the_connection_goes_on() {
 }
 
 #[tokio::test]
+async fn an_absolute_form_target_names_the_host_and_routes_by_it() {
+    let a = backend("a", Behavior::Echo).await;
+    let b = backend("b", Behavior::Echo).await;
+    let toml = format!(
+        "[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\n\n\
+         [[route]]\nlistener = \"public\"\nmatch = {{ host = \"api.example\" }}\npool = \"b\"\n\n\
+         [[route]]\nlistener = \"public\"\npool = \"a\"\n\n\
+         [pool.a]\nendpoints = {}\n\n[pool.b]\nendpoints = {}\n",
+        endpoints(&[&a]),
+        endpoints(&[&b])
+    );
+    let running = proxy(&toml).await;
+    let mut s = TcpStream::connect(running.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    // The target's authority wins over the Host line (RFC 9112, 3.2.2), for routing and upstream.
+    s.write_all(b"GET http://api.example:8000/p?q=1 HTTP/1.1\r\nHost: other.example\r\n\r\n").await.unwrap();
+    let r = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(r.status, 200);
+    let echo = r.json();
+    assert_eq!(echo["backend"], "b", "{echo}");
+    assert_eq!(echo["uri"], "/p?q=1", "origin-form upstream");
+    assert_eq!(echo["headers"]["host"], "api.example:8000");
+    assert_eq!(echo["headers"]["x-forwarded-host"], "api.example:8000");
+    s.write_all(b"GET /p HTTP/1.1\r\nHost: api.example\r\n\r\n").await.unwrap();
+    assert_eq!(
+        read_response(&mut s, &mut buf, false).await.json()["backend"],
+        "b",
+        "by Host without a target authority"
+    );
+    s.write_all(b"GET http://other.example/p HTTP/1.1\r\nHost: api.example\r\n\r\n").await.unwrap();
+    assert_eq!(read_response(&mut s, &mut buf, false).await.json()["backend"], "a");
+    running.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_body_arriving_in_pieces_is_forwarded_whole() {
     let a = backend("a", Behavior::Echo).await;
     let running = proxy(&one_pool("\"round_robin\"", &[&a], "")).await;
