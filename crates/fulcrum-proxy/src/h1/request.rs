@@ -232,6 +232,8 @@ pub(crate) fn end_of_body(framing: RespFraming) -> &'static [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{RngSeed, TestCaseError};
 
     fn head(raw: &[u8]) -> (RequestHead, usize) {
         match parse_request(raw) {
@@ -379,5 +381,82 @@ mod tests {
         encode_data(&mut buf, RespFraming::Chunked, b"");
         buf.extend_from_slice(end_of_body(RespFraming::Chunked));
         assert_eq!(buf, b"11\r\nhello world, 17 b\r\n0\r\n\r\n");
+    }
+
+    /// A request head from parts: method, path, headers (the content-length among them when
+    /// `body` is some).
+    fn request_head() -> impl Strategy<Value = (String, String, Vec<(String, String)>, Option<u64>)> {
+        let method = prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]);
+        let path = "/[a-zA-Z0-9._~/-]{0,40}(\\?[a-z0-9=&]{0,20})?";
+        let headers = prop::collection::vec(("x-[a-z0-9-]{1,12}", "[ -~]{0,30}"), 0..8);
+        (method, path, headers, prop::option::of(0u64..100_000)).prop_map(|(m, p, h, b)| {
+            (m.to_owned(), p, h.into_iter().map(|(n, v)| (n, v.trim().to_owned())).collect(), b)
+        })
+    }
+
+    fn encode_request(method: &str, path: &str, headers: &[(String, String)], body: Option<u64>) -> Vec<u8> {
+        let mut raw = format!("{method} {path} HTTP/1.1\r\nhost: a\r\n");
+        for (n, v) in headers {
+            raw.push_str(&format!("{n}: {v}\r\n"));
+        }
+        if let Some(len) = body {
+            raw.push_str(&format!("content-length: {len}\r\n"));
+        }
+        raw.push_str("\r\n");
+        raw.into_bytes()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, rng_seed: RngSeed::Fixed(0xF01C_0411), ..ProptestConfig::default() })]
+
+        /// Whatever the bytes: no panic, and a head is never longer than what was read or
+        /// than the limit.
+        #[test]
+        fn any_bytes_are_a_partial_head_another_request_or_a_head(raw in prop::collection::vec(any::<u8>(), 0..600)) {
+            if let Parsed::Head(_, n) = parse_request(&raw) {
+                prop_assert!(n <= raw.len() && n <= MAX_HEAD_BYTES);
+            }
+        }
+
+        /// A valid request with a few bytes changed or added: still no panic, and a head
+        /// taken here has `Content-Length` lines that agree and give its body length.
+        #[test]
+        fn damaged_requests_never_panic(
+            (m, p, h, b) in request_head(),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), any::<bool>()), 1..6),
+        ) {
+            let mut raw = encode_request(&m, &p, &h, b);
+            for (at, byte, insert) in edits {
+                let i = at.index(raw.len() + 1);
+                if insert || i == raw.len() { raw.insert(i, byte) } else { raw[i] = byte }
+            }
+            if let Parsed::Head(head, n) = parse_request(&raw) {
+                prop_assert!(n <= raw.len());
+                let lengths: Vec<_> = head.parts.headers.get_all(header::CONTENT_LENGTH).iter().collect();
+                prop_assert!(lengths.windows(2).all(|w| w[0] == w[1]), "{lengths:?}");
+                let given = lengths.first().map_or(Some(0), |v| v.to_str().ok()?.trim().parse::<u64>().ok());
+                prop_assert_eq!(Some(head.body_len), given);
+            }
+        }
+
+        /// A valid head is Partial at every cut and whole once complete, whatever follows it.
+        #[test]
+        fn valid_heads_parse_at_any_split((m, p, h, b) in request_head(), cut in any::<prop::sample::Index>(), tail in prop::collection::vec(any::<u8>(), 0..40)) {
+            let raw = encode_request(&m, &p, &h, b);
+            prop_assert!(matches!(parse_request(&raw[..cut.index(raw.len())]), Parsed::Partial));
+            let mut full = raw.clone();
+            full.extend_from_slice(&tail);
+            let Parsed::Head(head, n) = parse_request(&full) else {
+                return Err(TestCaseError::fail(format!("not a head: {:?}", String::from_utf8_lossy(&raw))));
+            };
+            prop_assert_eq!(n, raw.len());
+            prop_assert_eq!(head.parts.method.as_str(), m.as_str());
+            prop_assert_eq!(head.parts.uri.to_string(), p);
+            prop_assert_eq!(head.body_len, b.unwrap_or(0));
+            prop_assert!(head.keep_alive);
+            for (name, value) in &h {
+                prop_assert!(head.parts.headers.get_all(name.as_str()).iter().any(|v| v == value.as_str()));
+            }
+        }
     }
 }
