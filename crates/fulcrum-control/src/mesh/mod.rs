@@ -163,11 +163,14 @@ impl Mesh {
         } else {
             Some(self.inner.live.reload_text(&text, None)?)
         };
-        drop(seen);
+        // Still under the shared document's lock: a newer version applied by another task
+        // right after this one must not have its revision overwritten by this older one.
         let mut s = lock(&self.inner.status);
         s.revision = revision;
         s.last_error = None;
         s.applied_at_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs());
+        drop(s);
+        drop(seen);
         Ok(report)
     }
 
@@ -208,8 +211,9 @@ impl Mesh {
             }
         };
         let mut watch = client.watch_key(key, revision + 1).await?;
-        lock(&self.inner.status).connected = true;
         self.apply_logged(shared, revision);
+        // Connected once the current version has been taken (or refused), not before.
+        lock(&self.inner.status).connected = true;
         loop {
             let batch = watch.next().await?;
             for event in batch.events {
