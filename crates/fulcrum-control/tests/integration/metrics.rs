@@ -3,7 +3,6 @@
 //! here, and by Python's `prometheus_client` parser when it is installed) and carry the
 //! per-request families with the right labels.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -15,6 +14,7 @@ use fulcrum_control::admin::{AdminState, app};
 use fulcrum_mock::engine::{EngineConfig, Gpu, OutputLen};
 use fulcrum_mock::{MockConfig, MockHandle, MockServer};
 use fulcrum_proxy::Proxy;
+use fulcrum_testkit::exposition::{self, Exposition, Format};
 use http_body_util::{BodyExt, Full};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
@@ -61,112 +61,19 @@ async fn scrape(state: &AdminState) -> String {
     String::from_utf8(body.to_vec()).expect("utf-8")
 }
 
-type Series = BTreeMap<String, String>;
-
-/// Checks OpenMetrics text strictly enough to catch what a scraper rejects (HELP and TYPE
-/// before samples, one TYPE per family, valid names and labels, counters' samples in
-/// `_total`, cumulative buckets whose `+Inf` equals `_count`, `# EOF` last) and returns every
-/// sample as (name, labels, value).
-fn parse(text: &str) -> Vec<(String, Series, f64)> {
-    fn valid_name(s: &str) -> bool {
-        let mut chars = s.chars();
-        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-    }
-    fn labels(s: &str) -> Series {
-        let mut out = Series::new();
-        let mut rest = s;
-        while !rest.is_empty() {
-            let (name, after) = rest.split_once("=\"").unwrap_or_else(|| panic!("bad labels {s:?}"));
-            assert!(valid_name(name) && !name.contains(':'), "bad label name {name:?}");
-            let mut value = String::new();
-            let mut chars = after.char_indices();
-            let end = loop {
-                let (i, c) = chars.next().unwrap_or_else(|| panic!("unterminated label {s:?}"));
-                match c {
-                    '\\' => value.push(chars.next().expect("escape").1),
-                    '"' => break i,
-                    c => value.push(c),
-                }
-            };
-            assert!(out.insert(name.to_owned(), value).is_none(), "label {name} twice in {s:?}");
-            rest = after[end + 1..].strip_prefix(',').unwrap_or(&after[end + 1..]);
-        }
-        out
-    }
-    assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
-    let mut families: Vec<(String, String)> = Vec::new();
-    let mut samples = Vec::new();
-    for line in text.lines() {
-        if line == "# EOF" {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
-            assert!(valid_name(name), "bad family {name}");
-            assert!(["counter", "gauge", "histogram"].contains(&kind), "unexpected type {kind}");
-            assert!(families.iter().all(|(n, _)| n != name), "second TYPE for {name}");
-            families.push((name.to_owned(), kind.to_owned()));
-            continue;
-        }
-        if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
-            continue;
-        }
-        assert!(!line.starts_with('#') && !line.is_empty(), "stray line {line:?}");
-        let (series, value) = line.rsplit_once(' ').expect("sample value");
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
-        };
-        let (name, labels) = match series.split_once('{') {
-            Some((n, l)) => (n, labels(l.strip_suffix('}').expect("closing brace"))),
-            None => (series, Series::new()),
-        };
-        assert!(valid_name(name) && name.starts_with("fulcrum_"), "bad metric name {name}");
-        let (family, kind) = families
-            .iter()
-            .rev()
-            .find(|(f, _)| {
-                name == f || ["_total", "_bucket", "_sum", "_count"].iter().any(|s| name == format!("{f}{s}"))
-            })
-            .unwrap_or_else(|| panic!("sample {name} before its TYPE"));
-        match kind.as_str() {
-            "counter" => assert_eq!(name, format!("{family}_total"), "counter samples end in _total"),
-            "gauge" => assert_eq!(name, family),
-            _ => {}
-        }
-        samples.push((name.to_owned(), labels, value));
-    }
-    // Histograms: per series, buckets cumulative and +Inf == _count.
-    for (family, _) in families.iter().filter(|(_, k)| k == "histogram") {
-        let counts: Vec<_> = samples.iter().filter(|(n, _, _)| *n == format!("{family}_count")).collect();
-        assert!(!counts.is_empty(), "{family} has no series");
-        for (_, labels, count) in counts {
-            let mut buckets: Vec<(f64, f64)> = samples
-                .iter()
-                .filter(|(n, l, _)| {
-                    *n == format!("{family}_bucket")
-                        && l.iter().filter(|(k, _)| *k != "le").all(|(k, v)| labels.get(k) == Some(v))
-                })
-                .map(|(_, l, v)| (if l["le"] == "+Inf" { f64::INFINITY } else { l["le"].parse().expect("le") }, *v))
-                .collect();
-            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-            assert!(buckets.len() >= 2, "{family} {labels:?}: buckets");
-            assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "{family} {labels:?}: not cumulative");
-            let inf = buckets.last().expect("+Inf");
-            assert!(inf.0.is_infinite() && inf.1 == *count, "{family} {labels:?}: +Inf bucket != _count");
+/// Checks the page as OpenMetrics text (see `fulcrum_testkit::exposition`), with Fulcrum's
+/// own rules on top: every family is `fulcrum_*`, a counter, gauge or histogram, and every
+/// histogram has a series.
+fn parse(text: &str) -> Exposition {
+    let page = exposition::check(text, Format::OpenMetrics);
+    for (family, kind) in &page.families {
+        assert!(family.starts_with("fulcrum_"), "family {family} outside fulcrum_");
+        assert!(["counter", "gauge", "histogram"].contains(&kind.as_str()), "unexpected type {kind} of {family}");
+        if kind == "histogram" {
+            assert!(page.matching(&format!("{family}_count"), &[]).next().is_some(), "{family} has no series");
         }
     }
-    samples
-}
-
-/// The sum of the samples named `name` whose labels include `want`.
-fn sum(samples: &[(String, Series, f64)], name: &str, want: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|(n, l, _)| n == name && want.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
-        .map(|(_, _, v)| v)
-        .sum()
+    page
 }
 
 /// Python's `prometheus_client` OpenMetrics parser reads the page (skipped outside CI when
@@ -251,8 +158,8 @@ endpoints = [{{ id = "gone", address = "127.0.0.1:1" }}]
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let s = parse(&scrape(&state).await);
-        let healthy = sum(&s, "fulcrum_endpoint_healthy", &[("pool", "llm")]);
-        let scraped = s.iter().filter(|(n, _, _)| n == "fulcrum_endpoint_engine_metrics_age_seconds").count();
+        let healthy = s.sum("fulcrum_endpoint_healthy", &[("pool", "llm")]);
+        let scraped = s.matching("fulcrum_endpoint_engine_metrics_age_seconds", &[]).count();
         if healthy == 2.0 && scraped == 2 {
             break;
         }
@@ -277,33 +184,29 @@ endpoints = [{{ id = "gone", address = "127.0.0.1:1" }}]
 
     // Requests by pool, endpoint, route and status.
     let requests = "fulcrum_requests_total";
-    assert_eq!(sum(&s, requests, &[("pool", "llm"), ("route", "chat"), ("status", "200")]), 4.0, "{text}");
+    assert_eq!(s.sum(requests, &[("pool", "llm"), ("route", "chat"), ("status", "200")]), 4.0, "{text}");
     for e in ["a", "b"] {
-        assert_eq!(sum(&s, requests, &[("pool", "llm"), ("endpoint", e), ("route", "chat")]), 2.0, "{e}: {text}");
+        assert_eq!(s.sum(requests, &[("pool", "llm"), ("endpoint", e), ("route", "chat")]), 2.0, "{e}: {text}");
     }
-    assert_eq!(sum(&s, requests, &[("pool", "llm"), ("route", "models"), ("status", "200")]), 1.0);
+    assert_eq!(s.sum(requests, &[("pool", "llm"), ("route", "models"), ("status", "200")]), 1.0);
     assert_eq!(
-        sum(
-            &s,
-            requests,
-            &[("pool", "dead"), ("endpoint", "gone"), ("route", "route2"), ("status", &dead.to_string())]
-        ),
+        s.sum(requests, &[("pool", "dead"), ("endpoint", "gone"), ("route", "route2"), ("status", &dead.to_string())]),
         1.0,
         "{text}"
     );
-    assert!(sum(&s, requests, &[("pool", ""), ("endpoint", ""), ("route", ""), ("status", "404")]) >= 1.0);
-    for (_, labels, _) in s.iter().filter(|(n, _, _)| n == requests) {
-        let keys: Vec<&str> = labels.keys().map(String::as_str).collect();
+    assert!(s.sum(requests, &[("pool", ""), ("endpoint", ""), ("route", ""), ("status", "404")]) >= 1.0);
+    for sample in s.matching(requests, &[]) {
+        let keys: Vec<&str> = sample.labels.keys().map(String::as_str).collect();
         assert_eq!(keys, ["endpoint", "pool", "route", "status"]);
     }
 
     // Latency histograms per pool and endpoint: every answered request is in both, and the
     // first byte of a stream comes well before its end.
     for family in ["fulcrum_request_duration_seconds", "fulcrum_time_to_first_byte_seconds"] {
-        assert_eq!(sum(&s, &format!("{family}_count"), &[("pool", "llm")]), 5.0, "{family}: {text}");
+        assert_eq!(s.sum(&format!("{family}_count"), &[("pool", "llm")]), 5.0, "{family}: {text}");
     }
-    let duration = sum(&s, "fulcrum_request_duration_seconds_sum", &[("pool", "llm")]);
-    let first_byte = sum(&s, "fulcrum_time_to_first_byte_seconds_sum", &[("pool", "llm")]);
+    let duration = s.sum("fulcrum_request_duration_seconds_sum", &[("pool", "llm")]);
+    let first_byte = s.sum("fulcrum_time_to_first_byte_seconds_sum", &[("pool", "llm")]);
     // Eight tokens 15 ms apart: each stream lasts at least ~100 ms after its first token.
     assert!(duration > 0.4 && first_byte < duration - 0.3, "ttfb {first_byte} vs duration {duration}");
 
@@ -320,15 +223,15 @@ endpoints = [{{ id = "gone", address = "127.0.0.1:1" }}]
         ("fulcrum_pool_retry_budget_exhausted_total", "llm", 0.0),
         ("fulcrum_endpoint_engine_scrape_failures_total", "llm", 0.0),
     ] {
-        assert!(s.iter().any(|(n, l, _)| n == name && l["pool"] == pool), "{name} missing:\n{text}");
-        assert_eq!(sum(&s, name, &[("pool", pool)]), want, "{name}");
+        assert!(s.matching(name, &[("pool", pool)]).next().is_some(), "{name} missing:\n{text}");
+        assert_eq!(s.sum(name, &[("pool", pool)]), want, "{name}");
     }
-    assert_eq!(sum(&s, "fulcrum_endpoint_circuit_state", &[("pool", "llm"), ("state", "closed")]), 2.0);
+    assert_eq!(s.sum("fulcrum_endpoint_circuit_state", &[("pool", "llm"), ("state", "closed")]), 2.0);
     // One state at a time.
-    assert_eq!(sum(&s, "fulcrum_endpoint_circuit_state", &[("pool", "dead"), ("endpoint", "gone")]), 1.0);
-    let age = sum(&s, "fulcrum_endpoint_engine_metrics_age_seconds", &[("pool", "llm"), ("endpoint", "a")]);
+    assert_eq!(s.sum("fulcrum_endpoint_circuit_state", &[("pool", "dead"), ("endpoint", "gone")]), 1.0);
+    let age = s.sum("fulcrum_endpoint_engine_metrics_age_seconds", &[("pool", "llm"), ("endpoint", "a")]);
     assert!((0.0..5.0).contains(&age), "scrape age {age}");
-    assert!(sum(&s, "fulcrum_pool_admission_wait_seconds_count", &[("pool", "llm")]) >= 0.0);
+    assert!(s.sum("fulcrum_pool_admission_wait_seconds_count", &[("pool", "llm")]) >= 0.0);
     assert!(text.contains("# TYPE fulcrum_pool_admission_wait_seconds histogram"), "{text}");
 
     let _ = stop.send(());

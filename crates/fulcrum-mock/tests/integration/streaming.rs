@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::*;
 use fulcrum_mock::engine::EngineConfig;
 use fulcrum_mock::{MetricsFlavor, MockConfig};
+use fulcrum_testkit::exposition::{self, Format};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -151,7 +152,7 @@ async fn metrics_parse_as_prometheus_text_in_both_flavors() {
         assert_eq!(page.status, 200);
         assert!(page.headers["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
         let text = page.text();
-        let families = check_prometheus(&text);
+        let families = exposition::check(&text, Format::Prometheus).families;
         let names: Vec<&str> = families.iter().map(|(n, _)| n.as_str()).collect();
         let expected: &[&str] = match flavor {
             MetricsFlavor::Vllm => &[
