@@ -1,5 +1,5 @@
-//! Helpers for the end-to-end tests: start a mock on port 0, talk HTTP/1.1 to it, check
-//! Prometheus text.
+//! Helpers for the end-to-end tests: start a mock on port 0, talk HTTP/1.1 to it, read its
+//! metrics (pages are checked by `fulcrum_testkit::exposition`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
