@@ -34,6 +34,7 @@ pub mod endpoint;
 pub mod engine_metrics;
 pub mod ewma;
 pub mod facts;
+pub mod flow;
 pub mod hash;
 pub mod membership;
 pub mod openai;

@@ -1,0 +1,276 @@
+//! The per-request attempt machine: which endpoint each try goes to, and what its outcome
+//! means (see the [module](super) doc for the rules).
+
+use std::time::Duration;
+
+use rand::RngCore;
+
+use crate::resilience::Observed;
+use crate::resilience::breaker::{Counts, Permit};
+use crate::resilience::retry::{Attempt, Decision, GiveUp};
+use crate::{InFlight, Instant, Outcome, RequestFacts};
+
+use super::pool::PoolState;
+use super::{PoolRules, Roster};
+
+/// What the driver tells the machine about a request.
+#[derive(Clone, Debug, Default)]
+pub struct RequestPlan<'r> {
+    /// What the policy may look at (client, hash key, model, prefix hashes, tokens).
+    pub facts: RequestFacts<'r>,
+    /// The method is idempotent.
+    pub idempotent: bool,
+    /// The route allows retrying any method (inference routes do).
+    pub route_allows_any_method: bool,
+    /// The request can be sent again: its body is buffered, it is no upgrade. Without it the
+    /// first try is the last.
+    pub replayable: bool,
+    /// The endpoint a sticky cookie names, taken first when it is usable.
+    pub sticky: Option<usize>,
+}
+
+/// The request names a model no endpoint of the pool serves.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no endpoint serves model {0:?}")]
+pub struct UnknownModel(pub String);
+
+/// Where the driver hands a finished try back to [`Attempts::record`].
+#[derive(Debug)]
+#[must_use = "a try's outcome must be recorded"]
+pub struct Ticket {
+    index: usize,
+    permit: Option<Permit>,
+}
+
+impl Ticket {
+    /// The endpoint tried.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+/// A try to send.
+#[derive(Debug)]
+pub struct Try {
+    /// The endpoint, as an index into the roster's selector.
+    pub index: usize,
+    /// No other try will follow this one: the driver may hand over the request's only body.
+    pub last: bool,
+    /// The longest to wait for the response head.
+    pub first_byte: Duration,
+    /// Counts the request in flight on the endpoint: hold it until the response ends.
+    pub guard: InFlight,
+    /// Give it back to [`Attempts::record`] with the outcome.
+    pub ticket: Ticket,
+}
+
+/// Why a request reached no endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fail {
+    /// No endpoint was usable (none left untried, or every one was refused by its breaker or
+    /// limits). The driver answers with the last try's error, if there was one.
+    NoEndpoint,
+}
+
+/// What the driver does next.
+#[derive(Debug)]
+pub enum Next {
+    /// Send a try.
+    Send(Try),
+    /// Ask again at this instant (the backoff before a retry).
+    Wait(Instant),
+    /// Give up.
+    Fail(Fail),
+}
+
+/// What a try's outcome means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Give the client what this try got (a success, or a failure not tried again).
+    Answer(Option<GiveUp>),
+    /// Drop what this try got and call [`Attempts::next`] again at `at`.
+    Retry {
+        /// When the backoff ends.
+        at: Instant,
+    },
+}
+
+/// One request's tries: see the [module](super) doc.
+#[derive(Debug)]
+pub struct Attempts<'r> {
+    plan: RequestPlan<'r>,
+    /// Only endpoints that serve this model (when the pool routes by model).
+    model: Option<&'r str>,
+    /// Endpoints tried or refused, by index.
+    tried: Vec<usize>,
+    tries: u32,
+    max_tries: u32,
+    retry_at: Option<Instant>,
+}
+
+impl<'r> Attempts<'r> {
+    /// Starts a request's tries: counts it into the pool (and its retry budget), and checks
+    /// that some endpoint serves its model. Endpoints that list models (or have adapters
+    /// loaded) take only those; a pool that lists none serves any model.
+    pub fn start(
+        state: &PoolState,
+        roster: &dyn Roster,
+        plan: RequestPlan<'r>,
+        now: Instant,
+    ) -> Result<Self, UnknownModel> {
+        let endpoints = roster.selector().endpoints();
+        let model = plan
+            .facts
+            .model
+            .filter(|_| endpoints.iter().any(|e| !e.labels().models.is_empty() || e.signals().adapter_count() > 0));
+        if let Some(m) = model
+            && !endpoints.iter().any(|e| e.serves(m))
+        {
+            return Err(UnknownModel(m.to_owned()));
+        }
+        let rules = state.rules();
+        let max_tries = if plan.replayable && rules.may_retry(plan.idempotent, plan.route_allows_any_method) {
+            rules.retry.max_attempts()
+        } else {
+            1
+        };
+        state.on_request(now);
+        Ok(Attempts { plan, model, tried: Vec::new(), tries: 0, max_tries, retry_at: None })
+    }
+
+    /// Tries sent so far.
+    pub fn tries(&self) -> u32 {
+        self.tries
+    }
+
+    /// The next step: see [`Next`].
+    pub fn next(&mut self, state: &PoolState, roster: &dyn Roster, now: Instant, rng: &mut dyn RngCore) -> Next {
+        if let Some(at) = self.retry_at {
+            if now < at {
+                return Next::Wait(at);
+            }
+            self.retry_at = None;
+        }
+        if self.tries >= self.max_tries {
+            return Next::Fail(Fail::NoEndpoint);
+        }
+        let selector = roster.selector();
+        let endpoints = selector.endpoints();
+        let rules: &PoolRules = state.rules();
+        loop {
+            let panic = state.is_panic(endpoints.len());
+            let sticky = self
+                .plan
+                .sticky
+                .filter(|&i| self.tries == 0 && self.tried.is_empty() && i < endpoints.len())
+                .filter(|&i| PoolState::usable(&endpoints[i], panic, now) && self.serves(&endpoints[i]));
+            let picked = sticky.or_else(|| {
+                let tried = &self.tried;
+                selector.pick_index(&self.plan.facts, now, rng, |e| {
+                    PoolState::usable(e, panic, now)
+                        && self.serves(e)
+                        && !tried.iter().any(|&t| endpoints[t].id() == e.id())
+                })
+            });
+            let Some(index) = picked else { return Next::Fail(Fail::NoEndpoint) };
+            let endpoint = &endpoints[index];
+
+            // The breaker and the concurrency limits have the last word; a refusal is not a try.
+            let breaker = roster.breaker(index);
+            let permit = match breaker {
+                Some(b) => match b.admit(endpoint, state, now) {
+                    Some(p) => Some(p),
+                    None => {
+                        self.tried.push(index);
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let counts =
+                Counts { connections: roster.connections(index), pending: 0, requests: endpoint.signals().in_flight() };
+            if rules.limits.admits(&counts).is_err() {
+                if let (Some(b), Some(p)) = (breaker, permit) {
+                    b.cancel(p);
+                }
+                self.tried.push(index);
+                continue;
+            }
+            self.tries += 1;
+            let guard = selector.begin(endpoint, self.plan.facts.estimated_tokens, now);
+            return Next::Send(Try {
+                index,
+                last: self.tries >= self.max_tries,
+                first_byte: rules.first_byte,
+                guard,
+                ticket: Ticket { index, permit },
+            });
+        }
+    }
+
+    fn serves(&self, e: &crate::Endpoint) -> bool {
+        self.model.is_none_or(|m| e.serves(m))
+    }
+
+    /// Takes a try's outcome (`elapsed`: from sending it to its response head, or to the
+    /// failure) and applies it: the endpoint's latency model, the pool's latency ring, the
+    /// breaker, the outlier detector; then decides whether to try again (policy, then
+    /// budget, then backoff).
+    #[allow(clippy::too_many_arguments)] // each is one input of the step; a struct would only rename them
+    pub fn record(
+        &mut self,
+        state: &PoolState,
+        roster: &dyn Roster,
+        ticket: Ticket,
+        observed: Observed,
+        elapsed: Duration,
+        now: Instant,
+        rng: &mut dyn RngCore,
+    ) -> Verdict {
+        let selector = roster.selector();
+        let endpoints = selector.endpoints();
+        let Ticket { index, permit } = ticket;
+        let Some(endpoint) = endpoints.get(index) else { return Verdict::Answer(None) };
+        let outcome = Outcome::from(observed);
+        endpoint.signals().observe(elapsed, outcome, now, selector.options().latency());
+        if matches!(observed, Observed::Success | Observed::Status(_)) {
+            state.record_latency(elapsed);
+        }
+        if let (Some(b), Some(p)) = (roster.breaker(index), permit) {
+            b.record(endpoint, state, p, outcome, now);
+        }
+        state.observe(endpoints, index, observed, now);
+        self.tried.push(index);
+        if observed == Observed::Success {
+            return Verdict::Answer(None);
+        }
+        if self.tries >= self.max_tries {
+            return Verdict::Answer(Some(GiveUp::AttemptsExhausted { attempts: self.tries }));
+        }
+        let attempt = Attempt {
+            number: self.tries,
+            idempotent: self.plan.idempotent,
+            route_allows_non_idempotent: self.plan.route_allows_any_method,
+            observed,
+            response_started: false,
+        };
+        match state.rules().retry.decide(&attempt, rng) {
+            Decision::Retry { after } => {
+                if !state.withdraw_retry(now) {
+                    return Verdict::Answer(Some(GiveUp::BudgetExhausted));
+                }
+                let tries = self.tries;
+                state.event(
+                    now,
+                    endpoint.id().as_str(),
+                    "retry",
+                    format!("{observed} on try {tries}, next try in {after:?}"),
+                );
+                let at = now + after;
+                self.retry_at = Some(at);
+                Verdict::Retry { at }
+            }
+            Decision::GiveUp(why) => Verdict::Answer(Some(why)),
+        }
+    }
+}

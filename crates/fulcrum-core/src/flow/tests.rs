@@ -1,0 +1,332 @@
+//! Each transition of the composed pool and attempt logic, in virtual time.
+
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use super::*;
+use crate::resilience::Observed;
+use crate::resilience::breaker::{BreakerSettings, LimitSettings};
+use crate::resilience::health::{Health, HealthState};
+use crate::resilience::retry::{BudgetSettings, GiveUp};
+use crate::{EndpointSpec, Instant, Labels, Policy, PolicyKind, Unavailable};
+
+fn ms(n: u64) -> Instant {
+    Instant::from_millis(n)
+}
+
+fn specs(n: usize) -> Vec<EndpointSpec> {
+    (0..n).map(|i| EndpointSpec::new(format!("10.0.0.{}:8000", i + 1).parse().unwrap())).collect()
+}
+
+struct Pool {
+    members: Members,
+    state: PoolState,
+    rng: SmallRng,
+}
+
+impl Pool {
+    fn new(n: usize, rules: PoolRules) -> Pool {
+        Self::with_specs(specs(n), rules)
+    }
+
+    fn with_specs(specs: Vec<EndpointSpec>, rules: PoolRules) -> Pool {
+        let policy = Policy::from_kind(PolicyKind::RoundRobin).unwrap();
+        let selector = Selector::try_new(policy, crate::SelectorOptions::default(), specs, Instant::ZERO).unwrap();
+        let members = Members::new(selector, rules.breaker.as_ref(), Instant::ZERO);
+        let state = PoolState::new(rules, members.selector().endpoints(), Instant::ZERO);
+        Pool { members, state, rng: SmallRng::seed_from_u64(7) }
+    }
+
+    fn endpoint(&self, i: usize) -> &crate::Endpoint {
+        &self.members.selector().endpoints()[i]
+    }
+
+    fn start<'r>(&self, plan: RequestPlan<'r>, now: Instant) -> Attempts<'r> {
+        Attempts::start(&self.state, &self.members, plan, now).unwrap()
+    }
+
+    fn next(&mut self, a: &mut Attempts<'_>, now: Instant) -> Next {
+        a.next(&self.state, &self.members, now, &mut self.rng)
+    }
+
+    fn send(&mut self, a: &mut Attempts<'_>, now: Instant) -> Try {
+        match self.next(a, now) {
+            Next::Send(t) => t,
+            other => panic!("expected a try, got {other:?}"),
+        }
+    }
+
+    fn record(&mut self, a: &mut Attempts<'_>, t: Try, observed: Observed, now: Instant) -> Verdict {
+        a.record(&self.state, &self.members, t.ticket, observed, Duration::from_millis(1), now, &mut self.rng)
+    }
+
+    /// One request with one try, answered `observed`.
+    fn one(&mut self, observed: Observed, now: Instant) -> usize {
+        let mut a = self.start(RequestPlan::default(), now);
+        let t = self.send(&mut a, now);
+        let index = t.index;
+        self.record(&mut a, t, observed, now);
+        index
+    }
+
+    fn kinds(&self) -> Vec<&'static str> {
+        self.state.events().iter().map(|e| e.kind).collect()
+    }
+}
+
+fn get() -> RequestPlan<'static> {
+    RequestPlan { idempotent: true, replayable: true, ..RequestPlan::default() }
+}
+
+#[test]
+fn a_success_is_answered_and_counted() {
+    let mut p = Pool::new(2, PoolRules::default());
+    let mut a = p.start(get(), ms(0));
+    let t = p.send(&mut a, ms(0));
+    assert!(!t.last, "a replayable GET may be tried again");
+    assert_eq!(p.endpoint(t.index).signals().in_flight(), 1, "the try counts in flight");
+    assert_eq!(p.record(&mut a, t, Observed::Success, ms(5)), Verdict::Answer(None));
+    assert_eq!(p.state.counters().requests.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(p.state.p95_latency(), Some(Duration::from_millis(1)));
+    assert_eq!(a.tries(), 1);
+}
+
+#[test]
+fn a_failed_try_is_retried_elsewhere_after_its_backoff() {
+    let mut p = Pool::new(3, PoolRules::default());
+    let mut a = p.start(get(), ms(0));
+    let first = p.send(&mut a, ms(0));
+    let tried = first.index;
+    let Verdict::Retry { at } = p.record(&mut a, first, Observed::Status(503), ms(10)) else { panic!() };
+    assert!(at >= ms(10) && at <= ms(35), "full jitter within the first ceiling (25 ms): {at:?}");
+    if at > ms(10) {
+        assert!(matches!(p.next(&mut a, ms(10)), Next::Wait(w) if w == at), "waits out the backoff");
+    }
+    let second = p.send(&mut a, at);
+    assert_ne!(second.index, tried, "never the endpoint that just failed");
+    assert_eq!(p.kinds(), ["retry"]);
+    assert_eq!(p.state.counters().retries.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[test]
+fn the_last_try_says_so_and_its_failure_is_answered() {
+    let mut p = Pool::new(3, PoolRules::default());
+    let mut a = p.start(get(), ms(0));
+    let mut now = ms(0);
+    for n in 1..=3 {
+        let t = p.send(&mut a, now);
+        assert_eq!(t.last, n == 3);
+        match p.record(&mut a, t, Observed::ConnectFailure, now) {
+            Verdict::Retry { at } => now = at,
+            Verdict::Answer(why) => {
+                assert_eq!(n, 3);
+                assert_eq!(why, Some(GiveUp::AttemptsExhausted { attempts: 3 }));
+            }
+        }
+    }
+    assert!(matches!(p.next(&mut a, now), Next::Fail(Fail::NoEndpoint)));
+}
+
+#[test]
+fn what_cannot_be_replayed_is_tried_once() {
+    let mut p = Pool::new(2, PoolRules::default());
+    // A POST on a plain route, and a GET whose body streams through.
+    for plan in [
+        RequestPlan { replayable: true, ..RequestPlan::default() },
+        RequestPlan { idempotent: true, ..RequestPlan::default() },
+    ] {
+        let mut a = p.start(plan, ms(0));
+        let t = p.send(&mut a, ms(0));
+        assert!(t.last);
+        assert!(matches!(p.record(&mut a, t, Observed::Status(502), ms(1)), Verdict::Answer(Some(_))));
+    }
+    // An inference route retries a POST.
+    let plan = RequestPlan { replayable: true, route_allows_any_method: true, ..RequestPlan::default() };
+    let mut a = p.start(plan, ms(10));
+    let t = p.send(&mut a, ms(10));
+    assert!(matches!(p.record(&mut a, t, Observed::Status(502), ms(11)), Verdict::Retry { .. }));
+}
+
+#[test]
+fn answers_the_policy_does_not_retry_are_answered() {
+    let mut p = Pool::new(2, PoolRules::default());
+    let mut a = p.start(get(), ms(0));
+    let t = p.send(&mut a, ms(0));
+    let v = p.record(&mut a, t, Observed::Status(500), ms(1));
+    assert_eq!(v, Verdict::Answer(Some(GiveUp::NotRetryable(Observed::Status(500)))));
+}
+
+#[test]
+fn the_budget_bounds_retries() {
+    let budget =
+        BudgetConfig::try_new(BudgetSettings { min_retries_per_sec: 0, percent: 0.0, ..BudgetSettings::default() });
+    let rules = PoolRules { budget: budget.unwrap(), ..PoolRules::default() };
+    let mut p = Pool::new(2, rules);
+    let mut a = p.start(get(), ms(0));
+    let t = p.send(&mut a, ms(0));
+    assert_eq!(p.record(&mut a, t, Observed::Reset, ms(1)), Verdict::Answer(Some(GiveUp::BudgetExhausted)));
+    assert_eq!(p.state.counters().budget_exhausted.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_usable_sticky_endpoint_is_taken_first_and_a_drained_one_is_not() {
+    let mut p = Pool::new(3, PoolRules::default());
+    for _ in 0..3 {
+        let mut a = p.start(RequestPlan { sticky: Some(2), ..get() }, ms(0));
+        assert_eq!(p.send(&mut a, ms(0)).index, 2);
+    }
+    p.state.drain(p.endpoint(2), ms(1));
+    for _ in 0..6 {
+        let mut a = p.start(RequestPlan { sticky: Some(2), ..get() }, ms(2));
+        assert_ne!(p.send(&mut a, ms(2)).index, 2, "draining: no new requests");
+    }
+    assert_eq!(p.kinds(), ["drain"]);
+}
+
+#[test]
+fn an_open_breaker_refuses_without_costing_a_try() {
+    let breaker = BreakerSettings { consecutive_failures: Some(1), ..BreakerSettings::default() };
+    let rules =
+        PoolRules { breaker: Some(BreakerConfig::try_new(breaker).unwrap()), outlier: None, ..PoolRules::default() };
+    let mut p = Pool::new(2, rules);
+    let failed = p.one(Observed::Status(503), ms(0));
+    assert!(p.kinds().contains(&"breaker"), "{:?}", p.kinds());
+    // The veto skips the open circuit; and even a sticky request naming it goes elsewhere.
+    for _ in 0..4 {
+        let mut a = p.start(RequestPlan { sticky: Some(failed), ..get() }, ms(1));
+        let t = p.send(&mut a, ms(1));
+        assert_ne!(t.index, failed);
+        assert_eq!(a.tries(), 1);
+    }
+}
+
+#[test]
+fn a_full_endpoint_is_set_aside() {
+    let limits = crate::resilience::breaker::Limits::try_new(LimitSettings {
+        max_requests: Some(1),
+        ..LimitSettings::default()
+    });
+    let mut p = Pool::new(2, PoolRules { limits: limits.unwrap(), ..PoolRules::default() });
+    let mut a = p.start(get(), ms(0));
+    let first = p.send(&mut a, ms(0));
+    let mut b = p.start(get(), ms(0));
+    let second = p.send(&mut b, ms(0));
+    assert_ne!(first.index, second.index);
+    let mut c = p.start(get(), ms(0));
+    assert!(matches!(p.next(&mut c, ms(0)), Next::Fail(Fail::NoEndpoint)), "both are full");
+    drop(first.guard);
+    let mut d = p.start(get(), ms(0));
+    assert_eq!(p.send(&mut d, ms(0)).index, first.index);
+}
+
+#[test]
+fn consecutive_failures_eject_and_the_timer_returns() {
+    let rules = PoolRules { breaker: None, ..PoolRules::default() };
+    let mut p = Pool::new(4, rules);
+    // Round robin: every fourth request lands on each endpoint; endpoint 0 always fails.
+    let mut now = ms(0);
+    for _ in 0..40 {
+        let mut a = p.start(RequestPlan::default(), now);
+        let t = p.send(&mut a, now);
+        let observed = if t.index == 0 { Observed::Status(500) } else { Observed::Success };
+        p.record(&mut a, t, observed, now);
+        now = now + Duration::from_millis(1);
+    }
+    assert!(p.endpoint(0).signals().is_unavailable_for(Unavailable::Ejected));
+    assert_eq!(p.kinds().iter().filter(|k| **k == "ejected").count(), 1);
+    for _ in 0..8 {
+        assert_ne!(p.one(Observed::Success, now), 0);
+    }
+    // 30 s later the tick returns it.
+    let later = now + Duration::from_secs(31);
+    let next = p.state.tick(p.members.selector().endpoints(), later);
+    assert!(next.is_some());
+    assert!(!p.endpoint(0).signals().is_unavailable_for(Unavailable::Ejected));
+    assert!(p.kinds().contains(&"returned"));
+}
+
+#[test]
+fn panic_mode_spreads_over_unhealthy_but_never_draining_endpoints() {
+    let rules = PoolRules { health: Some(crate::resilience::health::HealthConfig::default()), ..PoolRules::default() };
+    let mut p = Pool::new(4, rules);
+    // Nobody is checked yet: every endpoint is unavailable, the pool is in panic.
+    assert!(p.state.is_panic(4));
+    p.state.drain(p.endpoint(3), ms(0));
+    let mut seen = [0; 4];
+    for _ in 0..12 {
+        seen[p.one(Observed::Success, ms(1))] += 1;
+    }
+    assert_eq!(seen[3], 0, "{seen:?}");
+    assert!(seen[..3].iter().all(|&n| n >= 3), "{seen:?}");
+    // Three healthy of four: out of panic, only they take traffic.
+    for i in 0..3 {
+        let mut h = HealthState::new(&crate::resilience::health::HealthConfig::default(), ms(0));
+        p.state.on_probe(&p.members, p.endpoint(i), &mut h, true, ms(2));
+    }
+    assert!(!p.state.is_panic(4));
+}
+
+#[test]
+fn a_recovery_returns_closes_and_ramps() {
+    let breaker = BreakerSettings { consecutive_failures: Some(1), ..BreakerSettings::default() };
+    let health = crate::resilience::health::HealthConfig::default();
+    let rules = PoolRules {
+        breaker: Some(BreakerConfig::try_new(breaker).unwrap()),
+        health: Some(health),
+        ..PoolRules::default()
+    };
+    let mut p = Pool::new(1, rules);
+    let mut h = HealthState::new(&health, ms(0));
+    p.state.on_probe(&p.members, p.endpoint(0), &mut h, true, ms(0));
+    assert_eq!(h.health(), Health::Healthy);
+    assert!(p.endpoint(0).signals().is_available(ms(0)));
+    // Failures open the breaker, then the checks fail it and pass again.
+    p.one(Observed::Status(503), ms(1));
+    assert!(!p.endpoint(0).signals().is_available(ms(2)));
+    for t in 0..3 {
+        p.state.on_probe(&p.members, p.endpoint(0), &mut h, false, ms(10 + t));
+    }
+    assert_eq!(h.health(), Health::Unhealthy);
+    for t in 0..2 {
+        p.state.on_probe(&p.members, p.endpoint(0), &mut h, true, ms(20 + t));
+    }
+    assert_eq!(h.health(), Health::Healthy);
+    assert!(p.endpoint(0).signals().is_available(ms(22)), "the breaker closed with the recovery");
+    assert!(p.endpoint(0).signals().slow_start_since().is_some());
+    let kinds = p.kinds();
+    assert_eq!(kinds.iter().filter(|k| **k == "health").count(), 3, "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"breaker"));
+}
+
+#[test]
+fn model_routing_takes_only_endpoints_that_serve_the_model() {
+    let mut specs = specs(3);
+    for (i, s) in specs.iter_mut().enumerate() {
+        let model = if i == 0 { "llama" } else { "qwen" };
+        s.labels = Labels { models: vec![model.to_owned()], ..Labels::default() };
+    }
+    let mut p = Pool::with_specs(specs, PoolRules::default());
+    let facts = crate::RequestFacts { model: Some("qwen"), ..Default::default() };
+    for _ in 0..6 {
+        let mut a = p.start(RequestPlan { facts: facts.clone(), sticky: Some(0), ..get() }, ms(0));
+        assert_ne!(p.send(&mut a, ms(0)).index, 0, "model routing wins over the sticky cookie");
+    }
+    let facts = crate::RequestFacts { model: Some("mistral"), ..Default::default() };
+    let err = Attempts::start(&p.state, &p.members, RequestPlan { facts, ..get() }, ms(0)).unwrap_err();
+    assert_eq!(err, UnknownModel("mistral".to_owned()));
+}
+
+#[test]
+fn a_rebuilt_state_keeps_counters_and_events_and_forgets_ejections() {
+    let mut p = Pool::new(2, PoolRules::default());
+    p.one(Observed::Success, ms(0));
+    p.state.set_unavailable(p.endpoint(0), Unavailable::Ejected, true);
+    p.state.event(ms(1), "x", "reload", String::new());
+    let next = PoolState::succeed(&p.state, PoolRules::default(), p.members.selector().endpoints(), &[], ms(2));
+    assert_eq!(next.counters().requests.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(next.events().len(), 1);
+    assert!(!p.endpoint(0).signals().is_unavailable_for(Unavailable::Ejected));
+    assert!(!next.is_panic(2));
+}
