@@ -75,7 +75,7 @@ use std::time::Duration;
 
 pub use attempt::{Attempts, Fail, Next, RequestPlan, Ticket, Try, UnknownModel, Verdict};
 pub use breaker::SharedBreaker;
-pub use pool::{PoolCounters, PoolEvent, PoolState};
+pub use pool::{EventSink, PoolCounters, PoolEvent, PoolState};
 
 use crate::Selector;
 use crate::resilience::admission::{AdmissionConfig, RateLimitConfig};

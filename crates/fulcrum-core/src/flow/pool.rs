@@ -53,12 +53,13 @@ pub struct PoolCounters {
     pub ejections: AtomicU64,
 }
 
-type Sink = Box<dyn Fn(&PoolEvent) + Send + Sync>;
+/// A function that sees every event as it is recorded.
+pub type EventSink = Box<dyn Fn(&PoolEvent) + Send + Sync>;
 
 /// The event timeline, shared by a pool's successive builds.
 struct Timeline {
     events: Mutex<VecDeque<PoolEvent>>,
-    sink: Option<Sink>,
+    sink: Option<EventSink>,
 }
 
 impl std::fmt::Debug for Timeline {
@@ -104,12 +105,7 @@ impl PoolState {
 
     /// Like [`new`](Self::new), with a function that sees every event as it is recorded (the
     /// proxy logs them).
-    pub fn with_sink(
-        rules: PoolRules,
-        endpoints: &[Endpoint],
-        now: Instant,
-        sink: Option<Box<dyn Fn(&PoolEvent) + Send + Sync>>,
-    ) -> Self {
+    pub fn with_sink(rules: PoolRules, endpoints: &[Endpoint], now: Instant, sink: Option<EventSink>) -> Self {
         let ids: Vec<EndpointId> = endpoints.iter().map(|e| e.id().clone()).collect();
         if rules.health.is_some() {
             for e in endpoints {

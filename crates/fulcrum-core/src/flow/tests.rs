@@ -310,7 +310,7 @@ fn model_routing_takes_only_endpoints_that_serve_the_model() {
     let mut p = Pool::with_specs(specs, PoolRules::default());
     let facts = crate::RequestFacts { model: Some("qwen"), ..Default::default() };
     for _ in 0..6 {
-        let mut a = p.start(RequestPlan { facts: facts.clone(), sticky: Some(0), ..get() }, ms(0));
+        let mut a = p.start(RequestPlan { facts, sticky: Some(0), ..get() }, ms(0));
         assert_ne!(p.send(&mut a, ms(0)).index, 0, "model routing wins over the sticky cookie");
     }
     let facts = crate::RequestFacts { model: Some("mistral"), ..Default::default() };
