@@ -197,6 +197,30 @@ pub struct PoolConfig {
     pub discovery: Option<discovery::DiscoveryConfig>,
 }
 
+impl PoolConfig {
+    /// The core's half of the pool's settings: what the request's attempt machine and the
+    /// pool's failure handling decide with ([`fulcrum_core::flow`]). A try waits for its
+    /// response head at most `timeouts.first_byte`, and at most the retry policy's per-try
+    /// timeout.
+    pub fn rules(&self) -> fulcrum_core::flow::PoolRules {
+        let r = &self.resilience;
+        let first_byte =
+            r.retry.per_try_timeout().map_or(self.timeouts.first_byte, |t| t.min(self.timeouts.first_byte));
+        fulcrum_core::flow::PoolRules {
+            health: r.health_check.as_ref().map(|h| h.config),
+            outlier: r.outlier,
+            panic_threshold: r.panic_threshold,
+            breaker: r.breaker,
+            limits: r.limits,
+            retry: r.retry,
+            budget: r.budget,
+            admission: r.admission.as_ref().map(|a| a.config),
+            rate_limit: r.rate_limit.as_ref().map(|l| l.config),
+            first_byte,
+        }
+    }
+}
+
 /// How the proxy polls each endpoint's engine metrics (vLLM, SGLang, TensorRT-LLM).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineScrape {

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fulcrum_config::resilience::{CheckKind, HealthCheck};
-use fulcrum_core::resilience::health::{Health, HealthState};
-use fulcrum_core::{Endpoint, Unavailable};
+use fulcrum_core::Endpoint;
+use fulcrum_core::flow::PoolState;
+use fulcrum_core::resilience::health::HealthState;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -22,44 +23,17 @@ use crate::pool::PoolRuntime;
 
 /// Probes one endpoint until the task is aborted (the endpoint left the pool, or shutdown).
 pub(crate) async fn check_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, check: HealthCheck) {
-    let safety = pool.safety();
-    // Restarted (the pool was rebuilt by a reload): go on from what the endpoint's flags say,
-    // so that a serving endpoint neither "recovers" again (events, slow start) nor stops.
-    let signals = endpoint.signals();
-    let known = if signals.is_unavailable_for(Unavailable::Unchecked) {
-        Health::Unknown
-    } else if signals.is_unavailable_for(Unavailable::Unhealthy) {
-        Health::Unhealthy
-    } else {
-        Health::Healthy
-    };
-    let mut state = HealthState::resume(&check.config, known, clock::now());
+    let state = pool.safety().state();
+    // Restarted (the pool was rebuilt by a reload): go on from what the endpoint's flags say.
+    let known = PoolState::known_health(&endpoint);
+    let mut health = HealthState::resume(&check.config, known, clock::now());
     loop {
         let ok = probe(&check.kind, endpoint.address(), check.config.timeout()).await;
         let now = clock::now();
-        let transition = state.record(ok, now);
-        // The flags follow the state after every probe, not only on a change: a check task of
-        // the pool's previous build may still have written them after this one started.
-        if state.health() != Health::Unknown {
-            safety.set_unavailable(&endpoint, Unavailable::Unhealthy, !state.is_routable());
-            safety.set_unavailable(&endpoint, Unavailable::Unchecked, false);
-        }
-        if let Some(t) = transition {
-            safety.event(endpoint.id().as_str(), "health", t.to_string());
-            if t.is_recovery() {
-                endpoint.signals().start_slow_start(now);
-                // Indices change when the pool does: look the endpoint up by id.
-                let snapshot = pool.snapshot();
-                if let Some(idx) = snapshot.selector.endpoints().iter().position(|e| e.id() == endpoint.id()) {
-                    safety.uneject(&endpoint, idx);
-                    if let Some(b) = snapshot.upstreams[idx].breaker.as_ref() {
-                        b.reset(&endpoint, safety, now);
-                    }
-                }
-            }
-        }
-        let next = clock::with_rng(|rng| state.next_check(now, rng));
-        tokio::time::sleep(next.saturating_since(clock::now())).await;
+        // What a result means (flags, events, recovery effects) is the core's to say.
+        state.on_probe(&*pool.snapshot(), &endpoint, &mut health, ok, now);
+        let next = clock::with_rng(|rng| health.next_check(now, rng));
+        tokio::time::sleep(next.saturating_since(now)).await;
     }
 }
 

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fulcrum_core::flow::{Attempts, Next, RequestPlan, Try, UnknownModel, Verdict};
 use fulcrum_core::openai;
 use fulcrum_core::policy::HashKey;
 use fulcrum_core::resilience::Observed;
-use fulcrum_core::resilience::breaker::Counts;
-use fulcrum_core::resilience::retry::{Attempt, Decision, is_idempotent_method};
+use fulcrum_core::resilience::retry::is_idempotent_method;
 use fulcrum_core::{Outcome, RequestFacts};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -226,9 +226,8 @@ async fn proxy(
     let admission = safety.admit(&parts.headers).await?;
 
     // A request that may be retried must be sendable again: its body is kept (bounded).
-    let policy = &safety.config.retry;
     let idempotent = is_idempotent_method(parts.method.as_str());
-    let mut may_retry = upgrade.is_none() && policy.max_attempts() > 1 && (idempotent || inference);
+    let mut may_retry = upgrade.is_none() && safety.state().rules().may_retry(idempotent, inference);
     let body: ReqBody = match body {
         ReqBody::Streamed(incoming) if may_retry => {
             if http_body::Body::is_end_stream(&incoming) {
@@ -267,188 +266,102 @@ async fn proxy(
         Some(a) => Box::pin(pool.wait_for_endpoints(a.cold_start_timeout)).await,
         None => pool.snapshot(),
     };
-    let needs = pool.needs();
-    let key: Option<&[u8]> = match &needs.key {
+    let key: Option<&[u8]> = match &pool.needs().key {
         Some(HashKey::Header(name)) => parts.headers.get(name.as_str()).map(HeaderValue::as_bytes),
         Some(HashKey::Cookie(name)) => headers::cookie(&parts.headers, name),
         Some(HashKey::Path) => Some(parts.uri.path().as_bytes()),
         Some(HashKey::ClientIp) | None => None,
     };
     let key = key.map(<[u8]>::to_vec);
-    let facts = RequestFacts {
-        client: Some(client.ip()),
-        hash_key: key.as_deref(),
-        model: model.as_deref(),
-        ..ai.as_ref().map(openai::AiRequest::facts).unwrap_or_default()
-    };
-    let tokens = facts.estimated_tokens;
     let sticky_name = pool.config().sticky_cookie.as_deref();
-    let sticky_hit = sticky_name
+    let sticky = sticky_name
         .and_then(|name| headers::cookie(&parts.headers, name))
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| u64::from_str_radix(v, 16).ok())
         .and_then(|token| snapshot.sticky_index(token));
-
-    let timeouts = &pool.config().timeouts;
-    // A try waits for its response head at most first_byte_timeout (and per_try_timeout).
-    let first_byte = policy.per_try_timeout().map_or(timeouts.first_byte, |t| t.min(timeouts.first_byte));
-    let latency = *snapshot.selector.options().latency();
-    let endpoints = snapshot.selector.endpoints();
+    let plan = RequestPlan {
+        facts: RequestFacts {
+            client: Some(client.ip()),
+            hash_key: key.as_deref(),
+            model: model.as_deref(),
+            ..ai.as_ref().map(openai::AiRequest::facts).unwrap_or_default()
+        },
+        idempotent,
+        route_allows_any_method: inference,
+        replayable: may_retry && matches!(body, ReqBody::Bytes(_)),
+        sticky,
+    };
+    let state = safety.state();
+    let mut attempts = Attempts::start(state, &*snapshot, plan, clock::now())
+        .map_err(|UnknownModel(m)| ProxyError::UnknownModel(m))?;
+    let no_endpoint = || ProxyError::NoEndpoint(pool.name().to_owned());
 
     if let Some(client_upgrade) = upgrade {
         let now = clock::now();
-        let idx = sticky_hit
-            .or_else(|| {
-                let panic = safety.is_panic(endpoints.len());
-                clock::with_rng(|rng| snapshot.selector.pick_index(&facts, now, rng, |e| usable(e, panic, now)))
-            })
-            .ok_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned()))?;
-        let guard = snapshot.selector.begin(&endpoints[idx], 0, now);
-        let upstream = snapshot.upstreams[idx].clone();
+        let Next::Send(t) = clock::with_rng(|rng| attempts.next(state, &*snapshot, now, rng)) else {
+            return Err(no_endpoint());
+        };
+        let upstream = snapshot.upstreams[t.index].clone();
         exchange.attempt(&upstream, &parts.method, &mut parts.headers);
         let req = Request::from_parts(parts, body.into_hyper());
-        return Box::pin(websocket(upstream, req, client_upgrade, guard, first_byte, request_id))
-            .await
-            .map(Answer::Whole);
+        let started = std::time::Instant::now();
+        let result = Box::pin(websocket(upstream, req, client_upgrade, t.guard, t.first_byte, request_id)).await;
+        let (observed, elapsed) = (classify(&result), started.elapsed());
+        // Upgrades are tried once: the verdict can only be to answer.
+        clock::with_rng(|rng| attempts.record(state, &*snapshot, t.ticket, observed, elapsed, now + elapsed, rng));
+        return result.map(Answer::Whole);
     }
 
-    // Model routing inside the pool: endpoints that list models (or have adapters loaded)
-    // take only those; a pool that lists none serves any model.
-    let model_filter = model
-        .as_deref()
-        .filter(|_| endpoints.iter().any(|e| !e.labels().models.is_empty() || e.signals().adapter_count() > 0));
-    if let Some(m) = model_filter
-        && !endpoints.iter().any(|e| e.serves(m))
-    {
-        return Err(ProxyError::UnknownModel(m.to_owned()));
-    }
-    let serves = |e: &fulcrum_core::Endpoint| model_filter.is_none_or(|m| e.serves(m));
-
-    // One clock reading per try: the time to a response head is measured from it, and the
-    // core's instants are derived from it.
-    let mut started = std::time::Instant::now();
-    safety.on_request(clock::at(started));
-    let mut tried: Vec<usize> = Vec::new();
-    let mut tries = 0u32;
+    // The core decides each try; this loop only moves bytes and reads the clock.
     let mut last_error: Option<ProxyError> = None;
     let mut body = Some(body);
     loop {
-        if tries > 0 {
-            started = std::time::Instant::now();
-        }
+        let started = std::time::Instant::now();
         let now = clock::at(started);
-        let panic = safety.is_panic(endpoints.len());
-        let sticky =
-            if tries == 0 { sticky_hit.filter(|&i| panic || endpoints[i].signals().is_available(now)) } else { None };
-        let picked = sticky.or_else(|| {
-            clock::with_rng(|rng| {
-                snapshot.selector.pick_index(&facts, now, rng, |e| {
-                    usable(e, panic, now) && serves(e) && !tried.iter().any(|&t| endpoints[t].id() == e.id())
-                })
-            })
-        });
-        let Some(idx) = picked else {
-            return Err(last_error.unwrap_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned())));
-        };
-        let endpoint = &endpoints[idx];
-        let upstream = &snapshot.upstreams[idx];
-
-        // The breaker and the concurrency limits have the last word; a refusal is not a try.
-        let permit = match &upstream.breaker {
-            Some(b) => match b.admit(endpoint, &safety, now) {
-                Some(p) => Some(p),
-                None => {
-                    tried.push(idx);
+        let Try { index, last, first_byte, guard, ticket } =
+            match clock::with_rng(|rng| attempts.next(state, &*snapshot, now, rng)) {
+                Next::Send(t) => t,
+                Next::Wait(until) => {
+                    Box::pin(tokio::time::sleep(until.saturating_since(now))).await;
                     continue;
                 }
-            },
-            None => None,
-        };
-        let counts = Counts {
-            connections: u64::from(upstream.connections()),
-            pending: 0,
-            requests: endpoint.signals().in_flight(),
-        };
-        if safety.config.limits.admits(&counts).is_err() {
-            if let (Some(b), Some(p)) = (&upstream.breaker, permit) {
-                b.cancel(p);
-            }
-            tried.push(idx);
-            continue;
-        }
-
-        tries += 1;
-        let last_try = !may_retry || tries >= policy.max_attempts();
+                Next::Fail(_) => return Err(last_error.unwrap_or_else(no_endpoint)),
+            };
+        let upstream = &snapshot.upstreams[index];
         // Only buffered bodies are ever sent twice.
-        let b = if last_try { body.take() } else { body.as_ref().and_then(ReqBody::try_clone) };
-        let Some(b) = b else {
-            return Err(last_error.unwrap_or_else(|| ProxyError::NoEndpoint(pool.name().to_owned())));
+        let Some(b) = (if last { body.take() } else { body.as_ref().and_then(ReqBody::try_clone) }) else {
+            return Err(last_error.unwrap_or_else(no_endpoint));
         };
-        let guard = snapshot.selector.begin(endpoint, tokens, now);
         exchange.attempt(upstream, &parts.method, &mut parts.headers);
         let result = upstream.send(&parts, b, started, first_byte).await;
-        let elapsed = started.elapsed();
-        let now = now + elapsed;
-        let observed = match &result {
-            Ok(resp) if resp.status().as_u16() >= 400 => Observed::Status(resp.status().as_u16()),
-            Ok(_) => Observed::Success,
-            Err(e) => e.observed().unwrap_or(Observed::Reset),
-        };
-        let outcome = Outcome::from(observed);
-        if outcome == Outcome::Failure {
+        let (observed, elapsed) = (classify(&result), started.elapsed());
+        if Outcome::from(observed) == Outcome::Failure {
             upstream.record_failure();
         }
-        // Latency is time to the response head; load lasts until the body ends.
-        endpoint.signals().observe(elapsed, outcome, now, &latency);
-        if result.is_ok() {
-            safety.record_latency(elapsed);
+        let verdict =
+            clock::with_rng(|rng| attempts.record(state, &*snapshot, ticket, observed, elapsed, now + elapsed, rng));
+        if let Verdict::Retry { .. } = verdict {
+            exchange.attempt_failed(result.as_ref().ok().map(|r| r.status()), result.as_ref().err());
+            last_error = result.err().or(last_error);
+            continue;
         }
-        if let (Some(b), Some(p)) = (&upstream.breaker, permit) {
-            b.record(endpoint, &safety, p, outcome, now);
-        }
-        safety.observe(endpoints, idx, observed, now);
-
-        if observed != Observed::Success && !last_try {
-            let attempt = Attempt {
-                number: tries,
-                idempotent,
-                route_allows_non_idempotent: inference,
-                observed,
-                response_started: false,
-            };
-            if let Decision::Retry { after } = safety.decide(&attempt, now) {
-                safety.event(
-                    endpoint.id().as_str(),
-                    "retry",
-                    format!("{observed} on try {tries}, next try in {after:?}"),
-                );
-                tried.push(idx);
-                exchange.attempt_failed(result.as_ref().ok().map(|r| r.status()), result.as_ref().err());
-                if let Err(e) = result {
-                    last_error = Some(e);
-                }
-                drop(guard);
-                Box::pin(tokio::time::sleep(after)).await;
-                continue;
-            }
-        }
-
         let mut resp = result?;
         let h = resp.headers_mut();
         headers::strip_hop_by_hop(h, false);
         h.insert(&X_REQUEST_ID, request_id.clone());
         if let Some(name) = sticky_name
-            && sticky_hit != Some(idx)
+            && sticky != Some(index)
             && let Ok(v) = HeaderValue::from_str(&format!(
                 "{name}={:016x}; Path=/; HttpOnly; SameSite=Lax",
-                sticky_token(endpoint.id().as_str())
+                sticky_token(snapshot.selector.endpoints()[index].id().as_str())
             ))
         {
             h.append(header::SET_COOKIE, v);
         }
         // The whole response is bounded by the pool's request_timeout and the retry
         // policy's per_try_timeout, whichever is shorter.
-        let limit = match (timeouts.request, policy.per_try_timeout()) {
+        let timeouts = &pool.config().timeouts;
+        let limit = match (timeouts.request, safety.config.retry.per_try_timeout()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -457,11 +370,13 @@ async fn proxy(
     }
 }
 
-/// Whether an endpoint may take a new request: available, or any endpoint but a draining one
-/// when the pool is in panic.
-fn usable(e: &fulcrum_core::Endpoint, panic: bool, now: fulcrum_core::Instant) -> bool {
-    let s = e.signals();
-    s.is_available(now) || (panic && !s.is_unavailable_for(fulcrum_core::Unavailable::Draining))
+/// How a try went, as the core classifies outcomes.
+fn classify<B>(result: &Result<Response<B>, ProxyError>) -> Observed {
+    match result {
+        Ok(resp) if resp.status().as_u16() >= 400 => Observed::Status(resp.status().as_u16()),
+        Ok(_) => Observed::Success,
+        Err(e) => e.observed().unwrap_or(Observed::Reset),
+    }
 }
 
 /// Forwards a WebSocket (or any HTTP/1.1 upgrade) handshake on a fresh connection, then

@@ -35,6 +35,20 @@ impl PoolSnapshot {
     }
 }
 
+impl fulcrum_core::flow::Roster for PoolSnapshot {
+    fn selector(&self) -> &Selector {
+        &self.selector
+    }
+
+    fn breaker(&self, index: usize) -> Option<&fulcrum_core::flow::SharedBreaker> {
+        self.upstreams.get(index)?.breaker.as_ref()
+    }
+
+    fn connections(&self, index: usize) -> u64 {
+        self.upstreams.get(index).map_or(0, |u| u64::from(u.connections()))
+    }
+}
+
 /// The token a sticky cookie carries for an endpoint: a hash of its id, so that the cookie
 /// reveals no address and survives reloads while the endpoint stays.
 pub(crate) fn sticky_token(id: &str) -> u64 {
@@ -84,10 +98,10 @@ pub enum Drained {
 
 impl PoolRuntime {
     pub(crate) fn new(config: PoolConfig) -> Result<Self, BuildError> {
-        let selector =
-            Selector::try_new(config.policy.clone(), config.options.clone(), config.endpoints.clone(), clock::now())?;
-        let safety = Arc::new(PoolSafety::new(config.resilience.clone(), selector.endpoints()));
-        let snapshot = Self::snapshot_of(&config, selector, &HashMap::new());
+        let now = clock::now();
+        let selector = Selector::try_new(config.policy.clone(), config.options.clone(), config.endpoints.clone(), now)?;
+        let safety = Arc::new(PoolSafety::new(config.resilience.clone(), config.rules(), selector.endpoints(), now));
+        let snapshot = Self::snapshot_of(&config, selector, &HashMap::new(), now);
         Ok(Self::assemble(config, snapshot, safety))
     }
 
@@ -115,14 +129,16 @@ impl PoolRuntime {
             .filter(|e| !old_upstreams.contains_key(e.id().as_str()))
             .map(|e| e.id().to_string())
             .collect();
-        let safety = if was.resilience == config.resilience {
-            old.safety.on_membership(selector.endpoints(), &added);
+        let rules = config.rules();
+        let safety = if was.resilience == config.resilience && old.safety.state().rules() == &rules {
+            old.safety.state().on_membership(selector.endpoints(), &added);
             old.safety.clone()
         } else {
-            Arc::new(PoolSafety::succeed(&old.safety, config.resilience.clone(), selector.endpoints(), &added))
+            let endpoints = selector.endpoints();
+            Arc::new(PoolSafety::succeed(&old.safety, config.resilience.clone(), rules, endpoints, &added, now))
         };
         let carried = if same_connections { old_upstreams } else { HashMap::new() };
-        let snapshot = Self::snapshot_of(&config, selector, &carried);
+        let snapshot = Self::snapshot_of(&config, selector, &carried, now);
         Ok(Self::assemble(config, snapshot, safety))
     }
 
@@ -138,7 +154,12 @@ impl PoolRuntime {
         }
     }
 
-    fn snapshot_of(config: &PoolConfig, selector: Selector, old: &HashMap<&str, Arc<Upstream>>) -> PoolSnapshot {
+    fn snapshot_of(
+        config: &PoolConfig,
+        selector: Selector,
+        old: &HashMap<&str, Arc<Upstream>>,
+        now: fulcrum_core::Instant,
+    ) -> PoolSnapshot {
         let upstreams: Vec<Arc<Upstream>> = selector
             .endpoints()
             .iter()
@@ -151,6 +172,7 @@ impl PoolRuntime {
                     config.timeouts.connect,
                     config.timeouts.idle,
                     config.resilience.breaker.as_ref(),
+                    now,
                 )),
             })
             .collect();
@@ -190,7 +212,8 @@ impl PoolRuntime {
     pub fn set_endpoints(&self, specs: Vec<fulcrum_core::EndpointSpec>) -> Result<MembershipChange, BuildError> {
         let _writer = crate::safety::lock(&self.writer);
         let current = self.snapshot.load_full();
-        let selector = current.selector.rebuild(specs, clock::now())?;
+        let now = clock::now();
+        let selector = current.selector.rebuild(specs, now)?;
         let old = current.upstreams_by_id();
         let mut change = MembershipChange::default();
         for e in selector.endpoints() {
@@ -202,8 +225,8 @@ impl PoolRuntime {
         }
         let ids: std::collections::HashSet<&str> = selector.endpoints().iter().map(|e| e.id().as_str()).collect();
         change.removed = old.keys().filter(|id| !ids.contains(*id)).map(|id| (*id).to_owned()).collect();
-        let next = Self::snapshot_of(&self.config, selector, &old);
-        self.safety.on_membership(next.selector.endpoints(), &change.added);
+        let next = Self::snapshot_of(&self.config, selector, &old, now);
+        self.safety.state().on_membership(next.selector.endpoints(), &change.added);
         self.snapshot.store(Arc::new(next));
         self.generation.send_modify(|g| *g += 1);
         for id in &change.added {
@@ -221,8 +244,7 @@ impl PoolRuntime {
     pub async fn drain(&self, id: &str, timeout: std::time::Duration) -> Drained {
         let endpoint = self.snapshot().selector.endpoints().iter().find(|e| e.id().as_str() == id).cloned();
         let Some(endpoint) = endpoint else { return Drained::Unknown };
-        self.safety.set_unavailable(&endpoint, fulcrum_core::Unavailable::Draining, true);
-        self.safety.event(id, "drain", "no new requests".to_owned());
+        self.safety.state().drain(&endpoint, clock::now());
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let in_flight = endpoint.signals().in_flight();
@@ -274,9 +296,10 @@ impl PoolRuntime {
     pub(crate) fn refresh(&self) {
         let _writer = crate::safety::lock(&self.writer);
         let current = self.snapshot.load();
-        if let Some(selector) = current.selector.refresh(clock::now()) {
+        let now = clock::now();
+        if let Some(selector) = current.selector.refresh(now) {
             let old = current.upstreams_by_id();
-            let next = Self::snapshot_of(&self.config, selector, &old);
+            let next = Self::snapshot_of(&self.config, selector, &old, now);
             self.snapshot.store(Arc::new(next));
         }
     }

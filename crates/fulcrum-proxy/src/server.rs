@@ -251,12 +251,13 @@ async fn endpoint_tasks(pool: Arc<PoolRuntime>) {
 async fn outlier_loop(pool: Arc<PoolRuntime>) {
     loop {
         let snapshot = pool.snapshot();
-        let Some(next) = pool.safety().tick_outliers(snapshot.selector.endpoints(), crate::clock::now()) else {
+        let now = crate::clock::now();
+        let Some(next) = pool.safety().state().tick(snapshot.selector.endpoints(), now) else {
             return;
         };
         drop(snapshot);
         // Wake at the detector's next deadline, and at least every second.
-        let wait = next.saturating_since(crate::clock::now()).min(Duration::from_secs(1));
+        let wait = next.saturating_since(now).min(Duration::from_secs(1));
         tokio::time::sleep(wait.max(Duration::from_millis(5))).await;
     }
 }

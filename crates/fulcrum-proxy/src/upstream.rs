@@ -25,8 +25,8 @@ use tokio::net::TcpStream;
 use crate::error::ProxyError;
 use crate::h1::conn::{Conn, Failure, exchange};
 use crate::h1::{UpstreamBody, UpstreamError};
-use crate::safety::EndpointBreaker;
 use crate::stats::EndpointStats;
+use fulcrum_core::flow::SharedBreaker;
 
 /// A request body on its way upstream: streamed from the client, or read already (model
 /// routing, retries).
@@ -75,7 +75,7 @@ pub struct Upstream {
     failures: AtomicU64,
     /// Open connections to the endpoint (for `max_connections`).
     connections: Arc<AtomicU32>,
-    pub(crate) breaker: Option<EndpointBreaker>,
+    pub(crate) breaker: Option<SharedBreaker>,
     /// Requests, latencies and engine scrapes, for `/metrics`.
     stats: EndpointStats,
 }
@@ -94,6 +94,7 @@ impl Upstream {
         connect_timeout: Duration,
         idle_timeout: Duration,
         breaker: Option<&fulcrum_core::resilience::breaker::BreakerConfig>,
+        now: fulcrum_core::Instant,
     ) -> Self {
         Upstream {
             address,
@@ -104,7 +105,7 @@ impl Upstream {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             connections: Default::default(),
-            breaker: breaker.map(EndpointBreaker::new),
+            breaker: breaker.map(|c| SharedBreaker::new(c, now)),
             stats: EndpointStats::default(),
         }
     }
@@ -116,7 +117,7 @@ impl Upstream {
 
     /// The state of the endpoint's circuit breaker, when the pool has breakers.
     pub fn breaker_state(&self) -> Option<fulcrum_core::resilience::breaker::BreakerState> {
-        self.breaker.as_ref().map(EndpointBreaker::state)
+        self.breaker.as_ref().map(SharedBreaker::state)
     }
 
     /// What the endpoint served: requests by route and status, latencies, engine scrapes.

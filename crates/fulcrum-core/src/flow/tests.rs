@@ -330,3 +330,18 @@ fn a_rebuilt_state_keeps_counters_and_events_and_forgets_ejections() {
     assert!(!p.endpoint(0).signals().is_unavailable_for(Unavailable::Ejected));
     assert!(!next.is_panic(2));
 }
+
+#[test]
+fn p95_of_recent_latencies() {
+    let state = PoolState::new(PoolRules::default(), &[], Instant::ZERO);
+    assert_eq!(state.p95_latency(), None);
+    for n in 1..=100 {
+        state.record_latency(Duration::from_millis(n));
+    }
+    assert_eq!(state.p95_latency(), Some(Duration::from_millis(95)));
+    // The ring keeps only the most recent samples.
+    for _ in 0..1024 {
+        state.record_latency(Duration::from_millis(7));
+    }
+    assert_eq!(state.p95_latency(), Some(Duration::from_millis(7)));
+}
