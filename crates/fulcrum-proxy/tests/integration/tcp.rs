@@ -26,8 +26,8 @@ endpoints = [{{ address = "{dead}" }}, {{ address = "{live}" }}]
 
 /// An address that refuses connections (a listener bound, then closed).
 async fn refusing() -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    l.local_addr().expect("local address")
 }
 
 async fn echo_once(proxy: std::net::SocketAddr, i: usize) -> bool {
