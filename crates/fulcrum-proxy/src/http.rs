@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fulcrum_core::flow::{Attempts, Next, RequestPlan, Try, UnknownModel, Verdict};
+use fulcrum_core::flow::{Attempts, Next, RequestPlan, UnknownModel, Verdict};
 use fulcrum_core::openai;
 use fulcrum_core::policy::HashKey;
 use fulcrum_core::resilience::Observed;
@@ -24,7 +24,7 @@ use crate::error::ProxyError;
 use crate::h1::UpstreamBody;
 use crate::headers::{self, X_REQUEST_ID};
 use crate::observe::{Exchange, Observe};
-use crate::pool::{PoolRuntime, sticky_token};
+use crate::pool::{PoolRuntime, PoolSnapshot, sticky_token};
 use crate::route::{Matched, RouteTable, model_of};
 use crate::safety::AdmissionSlot;
 use crate::{clock, upstream::ReqBody};
@@ -244,21 +244,7 @@ async fn proxy(
         other => other,
     };
 
-    // Rewrite the request for the upstream.
-    if let Some(authority) = parts.uri.authority() {
-        // HTTP/2 or absolute-form: the upstream gets origin-form and a Host header. The
-        // target's authority wins over a Host line the client also sent (RFC 9112, 3.2.2),
-        // as it did for routing.
-        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-            parts.headers.insert(header::HOST, v);
-        }
-        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
-    }
-    let host = parts.headers.get(header::HOST).cloned();
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
-    headers::add_forwarded(&mut parts.headers, forwarded_for, host.as_ref());
-    parts.version = Version::HTTP_11;
+    rewrite_for_upstream(&mut parts, forwarded_for, upgrade.is_some());
 
     // What the policy looks at.
     // A pool the autoscaler has scaled to zero holds its requests while a replica starts.
@@ -266,15 +252,17 @@ async fn proxy(
         Some(a) => Box::pin(pool.wait_for_endpoints(a.cold_start_timeout)).await,
         None => pool.snapshot(),
     };
-    let key: Option<&[u8]> = match &pool.needs().key {
+    let key = match &pool.needs().key {
         Some(HashKey::Header(name)) => parts.headers.get(name.as_str()).map(HeaderValue::as_bytes),
         Some(HashKey::Cookie(name)) => headers::cookie(&parts.headers, name),
         Some(HashKey::Path) => Some(parts.uri.path().as_bytes()),
         Some(HashKey::ClientIp) | None => None,
-    };
-    let key = key.map(<[u8]>::to_vec);
-    let sticky_name = pool.config().sticky_cookie.as_deref();
-    let sticky = sticky_name
+    }
+    .map(<[u8]>::to_vec);
+    let sticky = pool
+        .config()
+        .sticky_cookie
+        .as_deref()
         .and_then(|name| headers::cookie(&parts.headers, name))
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| u64::from_str_radix(v, 16).ok())
@@ -291,82 +279,150 @@ async fn proxy(
         replayable: may_retry && matches!(body, ReqBody::Bytes(_)),
         sticky,
     };
-    let state = safety.state();
-    let mut attempts = Attempts::start(state, &*snapshot, plan, clock::now())
+    let mut attempts = Attempts::start(safety.state(), &*snapshot, plan, clock::now())
         .map_err(|UnknownModel(m)| ProxyError::UnknownModel(m))?;
-    let no_endpoint = || ProxyError::NoEndpoint(pool.name().to_owned());
+    let cx = Forward { pool: &pool, snapshot: &snapshot, request_id, sticky };
+    match upgrade {
+        Some(client_upgrade) => cx.upgrade(&mut attempts, parts, body, client_upgrade, exchange).await,
+        None => Box::pin(cx.forward(&mut attempts, parts, body, admission, exchange)).await,
+    }
+}
 
-    if let Some(client_upgrade) = upgrade {
-        let now = clock::now();
-        let Next::Send(t) = clock::with_rng(|rng| attempts.next(state, &*snapshot, now, rng)) else {
-            return Err(no_endpoint());
+/// The request head as the upstream gets it: origin-form, the Host the client meant,
+/// hop-by-hop headers stripped, `X-Forwarded-*` added.
+fn rewrite_for_upstream(parts: &mut http::request::Parts, forwarded_for: &HeaderValue, upgrade: bool) {
+    if let Some(authority) = parts.uri.authority() {
+        // HTTP/2 or absolute-form: the upstream gets origin-form and a Host header. The
+        // target's authority wins over a Host line the client also sent (RFC 9112, 3.2.2),
+        // as it did for routing.
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(header::HOST, v);
+        }
+        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+    }
+    let host = parts.headers.get(header::HOST).cloned();
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    headers::add_forwarded(&mut parts.headers, forwarded_for, host.as_ref());
+    parts.version = Version::HTTP_11;
+}
+
+/// What the tries of one request share.
+struct Forward<'a> {
+    pool: &'a PoolRuntime,
+    snapshot: &'a PoolSnapshot,
+    request_id: &'a HeaderValue,
+    /// The endpoint the client's sticky cookie named, if any.
+    sticky: Option<usize>,
+}
+
+impl Forward<'_> {
+    /// Sends the request as the core's attempt machine says, try after try; this loop only
+    /// moves bytes and reads the clock.
+    async fn forward(
+        &self,
+        attempts: &mut Attempts<'_>,
+        parts: http::request::Parts,
+        body: ReqBody,
+        admission: Option<AdmissionSlot>,
+        exchange: &mut Exchange,
+    ) -> Result<Answer, ProxyError> {
+        let (state, snapshot) = (self.pool.safety().state(), self.snapshot);
+        let mut last_error: Option<ProxyError> = None;
+        let mut body = Some(body);
+        let mut parts = parts;
+        loop {
+            let started = std::time::Instant::now();
+            let now = clock::at(started);
+            let t = match clock::with_rng(|rng| attempts.next(state, snapshot, now, rng)) {
+                Next::Send(t) => t,
+                Next::Wait(until) => {
+                    tokio::time::sleep(until.saturating_since(now)).await;
+                    continue;
+                }
+                Next::Fail(_) => return Err(last_error.unwrap_or_else(|| self.no_endpoint())),
+            };
+            let upstream = &snapshot.upstreams[t.index];
+            // Only buffered bodies are ever sent twice.
+            let Some(b) = (if t.last { body.take() } else { body.as_ref().and_then(ReqBody::try_clone) }) else {
+                return Err(last_error.unwrap_or_else(|| self.no_endpoint()));
+            };
+            exchange.attempt(upstream, &parts.method, &mut parts.headers);
+            let result = upstream.send(&parts, b, started, t.first_byte).await;
+            let (observed, elapsed) = (classify(&result), started.elapsed());
+            if Outcome::from(observed) == Outcome::Failure {
+                upstream.record_failure();
+            }
+            let verdict = clock::with_rng(|rng| {
+                attempts.record(state, snapshot, t.ticket, observed, elapsed, now + elapsed, rng)
+            });
+            if let Verdict::Retry { .. } = verdict {
+                exchange.attempt_failed(result.as_ref().ok().map(|r| r.status()), result.as_ref().err());
+                last_error = result.err().or(last_error);
+                continue;
+            }
+            let resp = self.finish(result?, t.index);
+            let deadline = self.response_deadline().map(|d| tokio::time::Instant::from_std(started + d));
+            return Ok(Answer::Stream(resp, Streaming { guard: t.guard, deadline, admission }));
+        }
+    }
+
+    /// Forwards an HTTP/1.1 upgrade: one try, no retry (the client's connection is handed
+    /// over as it is).
+    async fn upgrade(
+        &self,
+        attempts: &mut Attempts<'_>,
+        mut parts: http::request::Parts,
+        body: ReqBody,
+        client_upgrade: hyper::upgrade::OnUpgrade,
+        exchange: &mut Exchange,
+    ) -> Result<Answer, ProxyError> {
+        let (state, snapshot) = (self.pool.safety().state(), self.snapshot);
+        let started = std::time::Instant::now();
+        let now = clock::at(started);
+        let Next::Send(t) = clock::with_rng(|rng| attempts.next(state, snapshot, now, rng)) else {
+            return Err(self.no_endpoint());
         };
         let upstream = snapshot.upstreams[t.index].clone();
         exchange.attempt(&upstream, &parts.method, &mut parts.headers);
         let req = Request::from_parts(parts, body.into_hyper());
-        let started = std::time::Instant::now();
-        let result = Box::pin(websocket(upstream, req, client_upgrade, t.guard, t.first_byte, request_id)).await;
+        let result = Box::pin(websocket(upstream, req, client_upgrade, t.guard, t.first_byte, self.request_id)).await;
         let (observed, elapsed) = (classify(&result), started.elapsed());
         // Upgrades are tried once: the verdict can only be to answer.
-        clock::with_rng(|rng| attempts.record(state, &*snapshot, t.ticket, observed, elapsed, now + elapsed, rng));
-        return result.map(Answer::Whole);
+        clock::with_rng(|rng| attempts.record(state, snapshot, t.ticket, observed, elapsed, now + elapsed, rng));
+        result.map(Answer::Whole)
     }
 
-    // The core decides each try; this loop only moves bytes and reads the clock.
-    let mut last_error: Option<ProxyError> = None;
-    let mut body = Some(body);
-    loop {
-        let started = std::time::Instant::now();
-        let now = clock::at(started);
-        let Try { index, last, first_byte, guard, ticket } =
-            match clock::with_rng(|rng| attempts.next(state, &*snapshot, now, rng)) {
-                Next::Send(t) => t,
-                Next::Wait(until) => {
-                    Box::pin(tokio::time::sleep(until.saturating_since(now))).await;
-                    continue;
-                }
-                Next::Fail(_) => return Err(last_error.unwrap_or_else(no_endpoint)),
-            };
-        let upstream = &snapshot.upstreams[index];
-        // Only buffered bodies are ever sent twice.
-        let Some(b) = (if last { body.take() } else { body.as_ref().and_then(ReqBody::try_clone) }) else {
-            return Err(last_error.unwrap_or_else(no_endpoint));
-        };
-        exchange.attempt(upstream, &parts.method, &mut parts.headers);
-        let result = upstream.send(&parts, b, started, first_byte).await;
-        let (observed, elapsed) = (classify(&result), started.elapsed());
-        if Outcome::from(observed) == Outcome::Failure {
-            upstream.record_failure();
-        }
-        let verdict =
-            clock::with_rng(|rng| attempts.record(state, &*snapshot, ticket, observed, elapsed, now + elapsed, rng));
-        if let Verdict::Retry { .. } = verdict {
-            exchange.attempt_failed(result.as_ref().ok().map(|r| r.status()), result.as_ref().err());
-            last_error = result.err().or(last_error);
-            continue;
-        }
-        let mut resp = result?;
+    fn no_endpoint(&self) -> ProxyError {
+        ProxyError::NoEndpoint(self.pool.name().to_owned())
+    }
+
+    /// The response head as the client gets it: hop-by-hop headers stripped, the request id,
+    /// and a sticky cookie naming the endpoint when the client had none for it.
+    fn finish(&self, mut resp: Response<UpstreamBody>, index: usize) -> Response<UpstreamBody> {
         let h = resp.headers_mut();
         headers::strip_hop_by_hop(h, false);
-        h.insert(&X_REQUEST_ID, request_id.clone());
-        if let Some(name) = sticky_name
-            && sticky != Some(index)
+        h.insert(&X_REQUEST_ID, self.request_id.clone());
+        if let Some(name) = self.pool.config().sticky_cookie.as_deref()
+            && self.sticky != Some(index)
             && let Ok(v) = HeaderValue::from_str(&format!(
                 "{name}={:016x}; Path=/; HttpOnly; SameSite=Lax",
-                sticky_token(snapshot.selector.endpoints()[index].id().as_str())
+                sticky_token(self.snapshot.selector.endpoints()[index].id().as_str())
             ))
         {
             h.append(header::SET_COOKIE, v);
         }
-        // The whole response is bounded by the pool's request_timeout and the retry
-        // policy's per_try_timeout, whichever is shorter.
-        let timeouts = &pool.config().timeouts;
-        let limit = match (timeouts.request, safety.config.retry.per_try_timeout()) {
+        resp
+    }
+
+    /// How long the whole response may take: the pool's request_timeout and the retry
+    /// policy's per_try_timeout, whichever is shorter.
+    fn response_deadline(&self) -> Option<Duration> {
+        let request = self.pool.config().timeouts.request;
+        match (request, self.pool.safety().config.retry.per_try_timeout()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        };
-        let deadline = limit.map(|d| tokio::time::Instant::from_std(started + d));
-        return Ok(Answer::Stream(resp, Streaming { guard, deadline, admission }));
+        }
     }
 }
 
