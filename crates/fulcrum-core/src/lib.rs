@@ -29,6 +29,7 @@
 //! assert_eq!(pool.in_flight(), 0);
 //! ```
 
+pub mod backoff;
 pub mod balance;
 pub mod endpoint;
 pub mod engine_metrics;
