@@ -39,8 +39,10 @@ pub mod local;
 pub mod ports;
 mod process;
 pub mod replica;
-pub mod restart;
 pub mod template;
+
+/// The restart decision, from the core (where the simulator uses it too).
+pub use fulcrum_core::scale::restart;
 
 pub use actuator::{Actuator, ActuatorError, AnyActuator, Observed};
 pub use command::{CommandActuator, CommandConfig, CommandError, CommandSettings};

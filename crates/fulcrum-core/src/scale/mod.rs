@@ -52,6 +52,8 @@ use crate::time::Instant;
 pub mod bounds;
 pub mod knative;
 pub mod queueing;
+pub mod restart;
+pub mod signals;
 pub mod slo;
 pub mod target;
 pub mod threshold;
@@ -60,6 +62,7 @@ mod window;
 pub use bounds::{Bounds, BoundsSettings};
 pub use knative::{Knative, KnativeConfig, KnativeMetric, KnativeSettings};
 pub use queueing::{MMc, QueueError, Slo};
+pub use signals::{LoadReading, SignalMeter};
 pub use slo::{SloConfig, SloPolicy, SloSettings};
 pub use target::{
     Metric, MetricTarget, RateLimit, ScalingRules, Select, TargetTracking, TargetTrackingConfig, TargetTrackingSettings,
