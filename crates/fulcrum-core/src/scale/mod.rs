@@ -1,10 +1,12 @@
 //! Elastic scaling: how many replicas a pool should have, decided in virtual time.
 //!
 //! Each policy is a small state machine. The autoscaler runtime (not in this crate) reads the
-//! pool's load every tick into a [`Signals`] value, calls [`ScalePolicy::decide`] with the time
-//! as an [`Instant`], and hands the [`Decision`] (a replica count and a reason to log) to an
-//! actuator. Nothing here reads a clock or a metric endpoint: the simulator drives the same
-//! policies with the same signals in virtual time.
+//! pool's load every tick as a [`LoadReading`], which a [`SignalMeter`] turns into a
+//! [`Signals`] value ([`signals`]), calls [`ScalePolicy::decide`] with the time as an
+//! [`Instant`], and hands the [`Decision`] (a replica count and a reason to log) to an
+//! actuator; a local actuator restarts crashed replicas as [`restart`] decides. Nothing here
+//! reads a clock or a metric endpoint: the simulator drives the same signals and policies in
+//! virtual time.
 //!
 //! | policy | what it does | from | reads |
 //! | --- | --- | --- | --- |
