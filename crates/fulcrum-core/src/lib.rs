@@ -10,7 +10,9 @@
 //! as numbers, so the proxy and the simulator drive the very same code.
 //!
 //! It must never depend on an async runtime, sockets, files or a clock: no tokio, no
-//! `std::time::Instant::now()`, no unseeded random numbers.
+//! `std::time::Instant::now()`, no unseeded random numbers. The crate's own `clippy.toml`
+//! enforces it (`disallowed-methods` and `disallowed-types`: clocks, threads, sleeps, ambient
+//! randomness, files, the environment).
 //!
 //! ```
 //! use fulcrum_core::{EndpointSpec, Instant, Policy, RequestFacts, Selector, SelectorOptions};
@@ -29,6 +31,7 @@
 //! assert_eq!(pool.in_flight(), 0);
 //! ```
 
+pub mod backoff;
 pub mod balance;
 pub mod endpoint;
 pub mod engine_metrics;

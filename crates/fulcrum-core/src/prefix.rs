@@ -179,6 +179,10 @@ struct Inner {
 impl PrefixIndex {
     /// An empty index whose endpoints hold at most `default_capacity` blocks each.
     pub fn new(default_capacity: u32) -> Self {
+        // The one process-random value in the core, allowed on purpose: it keys the table's
+        // hashing against crafted prompts and decides nothing (lookups give the same answers
+        // under any key).
+        #[expect(clippy::disallowed_methods, reason = "a hash-flooding key; no decision depends on it")]
         let key = RandomState::new().hash_one(0x5052_4546_4958u64);
         PrefixIndex {
             inner: Mutex::new(Inner {

@@ -32,7 +32,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ListParams, WatchEvent, WatchParams};
 use kube::{Api, Client, Config};
 
-use crate::publish::{Backoff, Publisher};
+use crate::publish::{Publisher, Reconnect};
 
 /// How long the server holds a watch open before ending it.
 const WATCH_SECONDS: u32 = 290;
@@ -94,7 +94,7 @@ fn client(config: &KubernetesDiscovery, token: Option<String>) -> Result<Api<End
 pub(crate) async fn run(config: KubernetesDiscovery, mut out: Publisher) {
     let selector = config.selector.label_selector();
     let what = format!("endpointslices in namespace {} with labels {selector}", config.namespace);
-    let mut backoff = Backoff::new(Duration::from_secs(5));
+    let mut backoff = Reconnect::new(Duration::from_secs(5));
     'list: loop {
         // Built again for every list, so a rotated token is picked up after a 401.
         let api = match read_token(&config).await.and_then(|token| client(&config, token)) {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fulcrum_core::EndpointSpec;
+use fulcrum_core::backoff::Backoff;
 
 use crate::StatusBoard;
 
@@ -88,28 +89,36 @@ impl Publisher {
     }
 }
 
-/// Exponential backoff between reconnection attempts: 100 ms doubling to `max`.
+/// The wait between reconnection attempts: a [`Backoff`] of 100 ms doubling to `max`, with the
+/// failures in a row counted here and forgotten after a success.
 #[derive(Debug)]
-pub(crate) struct Backoff {
-    next: Duration,
-    max: Duration,
+pub(crate) struct Reconnect {
+    backoff: Backoff,
+    /// Failed attempts in a row.
+    failures: u32,
 }
 
-impl Backoff {
+impl Reconnect {
     pub(crate) const START: Duration = Duration::from_millis(100);
 
     pub(crate) fn new(max: Duration) -> Self {
-        Backoff { next: Self::START, max }
+        Reconnect { backoff: Backoff::new(Self::START, max), failures: 0 }
     }
 
+    /// A success: the next failure waits [`START`](Self::START) again.
     pub(crate) fn reset(&mut self) {
-        self.next = Self::START;
+        self.failures = 0;
     }
 
-    /// Sleeps for the current delay, then doubles it.
+    /// A failure: sleeps for the backoff of this many failures in a row.
     pub(crate) async fn wait(&mut self) {
-        tokio::time::sleep(self.next).await;
-        self.next = (self.next * 2).min(self.max);
+        tokio::time::sleep(self.next_delay()).await;
+    }
+
+    /// Counts a failure and says how long to wait after it.
+    fn next_delay(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        self.backoff.ceiling(self.failures)
     }
 }
 
@@ -133,6 +142,15 @@ mod tests {
             self.sets.lock().unwrap().push(endpoints.len());
             Ok(())
         }
+    }
+
+    #[test]
+    fn reconnects_wait_100ms_doubling_to_the_cap_and_start_over_after_a_success() {
+        let mut r = Reconnect::new(Duration::from_millis(500));
+        let waits: Vec<u128> = (0..5).map(|_| r.next_delay().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 500, 500]);
+        r.reset();
+        assert_eq!(r.next_delay(), Reconnect::START);
     }
 
     fn spec(port: u16) -> EndpointSpec {

@@ -1,5 +1,6 @@
 //! The autoscaler: a pool's scaling policy (from `fulcrum_core::scale`) driving an actuator,
-//! with the replicas registered in the proxy's pool.
+//! with the replicas registered in the pool ([`ScaledPool`], which the proxy's owner
+//! implements).
 //!
 //! Every `interval` it reads the pool's load (requests in flight per replica, the request
 //! rate, KV-cache use reported by the engines), asks the policy for a replica count and hands
@@ -8,21 +9,23 @@
 //! requests; their requests in flight, streams included, finish within `drain_timeout`),
 //! then stops them, then removes them from the pool: no request is lost to a scale-in.
 //! Every decision that changes the count is logged and recorded in the pool's timeline.
+//!
+//! Time is read once per tick, at this edge, from the runtime's (tokio's) clock, and handed to
+//! the core as a [`fulcrum_core::Instant`] counted from the autoscaler's start: the same
+//! signals ([`SignalMeter`]) and policies run in the simulator's virtual time. Cost: a tick
+//! reads the pool's load (O(endpoints)) and, for local replicas, two `/proc` files each.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use fulcrum_config::autoscale::{ActuatorConfig, AutoscaleConfig, ScalePolicyConfig};
-use fulcrum_core::scale::{Knative, ScalePolicy, Signals, SloPolicy, TargetTracking, Threshold};
+use fulcrum_core::scale::{Knative, ScalePolicy, SignalMeter, SloPolicy, TargetTracking, Threshold};
 use fulcrum_core::{EndpointSpec, Instant};
-use fulcrum_proxy::clock;
-use fulcrum_proxy::pool::PoolRuntime;
 
 use crate::actuator::{Actuator, ActuatorError, AnyActuator};
 use crate::command::{CommandActuator, CommandConfig, CommandSettings};
 use crate::kubernetes::{KubernetesActuator, KubernetesSettings};
 use crate::local::{LocalActuator, LocalConfig, LocalSettings, Readiness};
+use crate::pool::ScaledPool;
 use crate::ports::PortRange;
 use crate::replica::{EventSink, ReplicaState};
 use crate::restart::RestartSettings;
@@ -99,24 +102,38 @@ pub fn replica_id(index: u32) -> String {
     format!("replica-{index}")
 }
 
+/// The autoscaler's clock: the runtime's time since the autoscaler started, as the core counts
+/// time. Paused and advanced with tokio's clock in tests.
+#[derive(Clone, Copy, Debug)]
+struct Clock(tokio::time::Instant);
+
+impl Clock {
+    fn start() -> Self {
+        Clock(tokio::time::Instant::now())
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_nanos(u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
 /// Runs a pool's autoscaler until `shutdown` resolves, then stops its replicas.
-pub async fn run(
-    pool: Arc<PoolRuntime>,
+pub async fn run<P: ScaledPool>(
+    pool: P,
     config: AutoscaleConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AutoscaleError> {
     let mut actuator = actuator_of(&config.actuator).await?;
     let mut policy = policy_of(&config.policy);
-    let statics: Vec<EndpointSpec> = pool.config().endpoints.clone();
-    let safety = pool.safety().clone();
     let mut desired = policy.bounds().min();
     if let Err(e) = actuator.scale_to(desired).await {
         tracing::warn!(pool = pool.name(), error = %e, "autoscaler: first scale failed");
     }
-    safety.event(pool.name(), "autoscale", format!("starting with {desired} replicas ({})", actuator.kind()));
+    pool.event(format!("starting with {desired} replicas ({})", actuator.kind()));
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = (clock::now(), safety.stats.requests.load(Ordering::Relaxed));
+    let clock = Clock::start();
+    let mut meter = SignalMeter::starting_at(clock.now(), pool.load().requests);
     let mut cpu = CpuMeter::default();
     tokio::pin!(shutdown);
     loop {
@@ -124,30 +141,21 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = tick.tick() => {}
         }
-        register(&pool, &statics, &actuator);
-        let now = clock::now();
-        let mut signals = signals(&pool, desired, &mut last, now);
+        register(&pool, &actuator);
+        let now = clock.now();
+        let mut load = pool.load();
         let pids: Vec<u32> = actuator.replicas().iter().filter_map(|r| r.pid).collect();
-        (signals.cpu_per_replica, signals.memory_per_replica) = cpu.sample(&pids, now);
+        (load.cpu_per_replica, load.memory_per_replica) = cpu.sample(&pids, now);
+        let signals = meter.read(now, desired, &load);
         let decision = policy.decide(now, &signals);
         if decision.desired == desired {
             continue;
         }
-        safety.event(
-            pool.name(),
-            "autoscale",
-            format!("{desired} -> {} replicas: {}", decision.desired, decision.reason),
-        );
+        pool.event(format!("{desired} -> {} replicas: {}", decision.desired, decision.reason));
         if decision.desired < desired && matches!(actuator, AnyActuator::Local(_)) {
             // Drain the replicas that will stop, all at once, before stopping them.
             let leaving: Vec<String> = (decision.desired..desired).map(replica_id).collect();
-            let drains: Vec<_> = leaving
-                .iter()
-                .map(|id| {
-                    let (pool, id, timeout) = (pool.clone(), id.clone(), config.drain_timeout);
-                    tokio::spawn(async move { pool.drain(&id, timeout).await })
-                })
-                .collect();
+            let drains: Vec<_> = leaving.iter().map(|id| tokio::spawn(pool.drain(id, config.drain_timeout))).collect();
             for (id, drain) in leaving.iter().zip(drains) {
                 let result = drain.await;
                 tracing::info!(pool = pool.name(), replica = %id, ?result, "autoscaler: drained");
@@ -157,30 +165,24 @@ pub async fn run(
             Ok(()) => desired = decision.desired,
             Err(e) => tracing::warn!(pool = pool.name(), error = %e, "autoscaler: scaling failed; next tick retries"),
         }
-        register(&pool, &statics, &actuator);
+        register(&pool, &actuator);
     }
-    safety.event(pool.name(), "autoscale", "stopping replicas".to_owned());
+    pool.event("stopping replicas".to_owned());
     let _ = actuator.scale_to(0).await;
-    register(&pool, &statics, &actuator);
+    register(&pool, &actuator);
     Ok(())
 }
 
-/// Makes the pool's endpoints the configured ones plus the ready local replicas.
-fn register(pool: &PoolRuntime, statics: &[EndpointSpec], actuator: &AnyActuator) {
+/// Makes the pool's autoscaled endpoints the ready local replicas, by index.
+fn register(pool: &impl ScaledPool, actuator: &AnyActuator) {
     let ready: BTreeMap<u32, std::net::SocketAddr> = actuator
         .replicas()
         .into_iter()
         .filter(|r| r.state == ReplicaState::Running)
         .filter_map(|r| r.address.map(|a| (r.index, a)))
         .collect();
-    let mut specs = statics.to_vec();
-    specs.extend(ready.iter().map(|(i, a)| EndpointSpec::new(*a).with_id(replica_id(*i))));
-    let current: Vec<(String, std::net::SocketAddr)> =
-        pool.snapshot().selector.endpoints().iter().map(|e| (e.id().to_string(), e.address())).collect();
-    let wanted: Vec<(String, std::net::SocketAddr)> = specs.iter().map(|s| (s.id.to_string(), s.address)).collect();
-    if current != wanted
-        && let Err(e) = pool.set_endpoints(specs)
-    {
+    let replicas = ready.iter().map(|(i, a)| EndpointSpec::new(*a).with_id(replica_id(*i))).collect();
+    if let Err(e) = pool.set_replicas(replicas) {
         tracing::warn!(pool = pool.name(), error = %e, "autoscaler: cannot register replicas");
     }
 }
@@ -234,28 +236,78 @@ impl CpuMeter {
     }
 }
 
-/// The pool's load as the policies read it.
-fn signals(pool: &PoolRuntime, replicas: u32, last: &mut (Instant, u64), now: Instant) -> Signals {
-    let snapshot = pool.snapshot();
-    let endpoints = snapshot.selector.endpoints();
-    let serving = endpoints.len().max(1) as f64;
-    let requests = pool.safety().stats.requests.load(Ordering::Relaxed);
-    let dt = now.saturating_since(last.0).as_secs_f64();
-    let rate = if dt > 0.0 { Some((requests.saturating_sub(last.1)) as f64 / dt) } else { None };
-    *last = (now, requests);
-    let max_age = snapshot.selector.options().engine_max_age();
-    let engines: Vec<_> = endpoints.iter().filter_map(|e| e.signals().engine(now, max_age)).collect();
-    let kv: Vec<f64> = engines.iter().map(|l| l.kv_usage).collect();
-    let engine_waiting: u64 = engines.iter().map(|l| u64::from(l.waiting)).sum();
-    Signals {
-        replicas,
-        in_flight_per_replica: Some(snapshot.selector.in_flight() as f64 / serving),
-        request_rate: rate,
-        kv_cache_use: (!kv.is_empty()).then(|| kv.iter().sum::<f64>() / kv.len() as f64),
-        // Requests held while the pool is at zero (the load that wakes it), plus what the
-        // engines report waiting in their own queues.
-        queue_length: Some(pool.held() + engine_waiting),
-        p95_latency: pool.safety().p95_latency(),
-        ..Signals::default()
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use fulcrum_config::autoscale::{ActuatorConfig, AutoscaleConfig, ScalePolicyConfig};
+    use fulcrum_core::EndpointSpec;
+    use fulcrum_core::scale::{BoundsSettings, LoadMetric, LoadReading, ThresholdConfig, ThresholdSettings};
+    use tokio::sync::mpsc;
+
+    use crate::pool::{PoolError, ScaledPool};
+
+    /// A pool that reports a fixed load and records what the autoscaler does to it.
+    struct Fake {
+        load: LoadReading,
+        events: mpsc::UnboundedSender<String>,
+        sets: Mutex<usize>,
+    }
+
+    impl ScaledPool for Arc<Fake> {
+        type Drained = ();
+
+        fn name(&self) -> &str {
+            "fake"
+        }
+
+        fn load(&self) -> LoadReading {
+            self.load.clone()
+        }
+
+        fn set_replicas(&self, replicas: Vec<EndpointSpec>) -> Result<(), PoolError> {
+            // The command actuator reports no replica of its own.
+            assert!(replicas.is_empty());
+            *self.sets.lock().unwrap() += 1;
+            Ok(())
+        }
+
+        fn drain(&self, _id: &str, _timeout: Duration) -> impl Future<Output = ()> + Send + 'static {
+            std::future::ready(())
+        }
+
+        fn event(&self, message: String) {
+            let _ = self.events.send(message);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_loaded_pool_grows_and_its_replicas_stop_at_shutdown() {
+        let mut settings = ThresholdSettings::new(LoadMetric::InFlight, 2.0);
+        settings.reserve = 0;
+        settings.bounds = BoundsSettings { min_replicas: 1, max_replicas: 3, ..BoundsSettings::default() };
+        let config = AutoscaleConfig {
+            policy: ScalePolicyConfig::Threshold(ThresholdConfig::try_new(settings).unwrap()),
+            interval: Duration::from_millis(10),
+            actuator: ActuatorConfig::Command { command: "true {replicas}".into(), timeout: Duration::from_secs(10) },
+            drain_timeout: Duration::from_secs(1),
+            cold_start_timeout: Duration::from_secs(1),
+        };
+        // 5 requests in flight on the one endpoint: ceil(5 / 2) = 3 replicas.
+        let (events, mut seen) = mpsc::unbounded_channel();
+        let load = LoadReading { endpoints: 1, in_flight: 5, ..LoadReading::default() };
+        let pool = Arc::new(Fake { load, events, sets: Mutex::new(0) });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let scaler = tokio::spawn(super::run(pool.clone(), config, async {
+            let _ = stopped.await;
+        }));
+        assert_eq!(seen.recv().await.unwrap(), "starting with 1 replicas (command)");
+        let grew = seen.recv().await.unwrap();
+        assert!(grew.starts_with("1 -> 3 replicas: "), "{grew}");
+        stop.send(()).unwrap();
+        scaler.await.unwrap().unwrap();
+        assert_eq!(seen.recv().await.unwrap(), "stopping replicas");
+        assert!(*pool.sets.lock().unwrap() >= 3);
     }
 }

@@ -9,11 +9,11 @@
 //! | [`CommandActuator`] | runs an external command with `{replicas}`, bounded by a timeout | none |
 //! | [`KubernetesActuator`] | patches a Deployment's `scale` subresource (plain HTTP: `kubectl proxy`) | none (Kubernetes does) |
 //!
-//! The autoscaler loop (to come) drives one of them each tick: read the pool's signals, ask
-//! the policy, drain the replicas that scale-in will remove from the proxy, then
-//! [`Actuator::scale_to`]; and it turns the local actuator's [`Event`]s into proxy
-//! registrations ([`EventKind::Ready`]) and deregistrations ([`EventKind::Exited`],
-//! [`EventKind::Stopped`]).
+//! The [`autoscaler`] drives one of them each tick: read the pool's load and meter it into
+//! signals, ask the policy, drain the replicas that scale-in will remove from the pool, then
+//! [`Actuator::scale_to`]; and it registers the ready local replicas in the pool. The pool is
+//! a [`ScaledPool`], a small trait that the crate owning the pool (the `fulcrum` binary, over
+//! the proxy's pools) implements.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -26,24 +26,28 @@
 //! # }
 //! ```
 //!
-//! Decisions (backoff, restart intensity, port choice) are pure and take the time as an
-//! argument; this crate holds the effects (processes, signals, timers, HTTP). It must never
-//! depend on the proxy or the control plane: they drive it, through the [`Actuator`] trait and
-//! the event channel.
+//! Decisions (signals, policies, backoff and restart intensity in `fulcrum_core::scale`; port
+//! choice here) are pure and take the time as an argument; this crate holds the effects
+//! (processes, signals, timers, HTTP). It must never depend on the proxy or the control plane:
+//! they drive it, through the [`ScaledPool`] and [`Actuator`] traits and the event channel.
 
 pub mod actuator;
 pub mod autoscaler;
 pub mod command;
 pub mod kubernetes;
 pub mod local;
+pub mod pool;
 pub mod ports;
 mod process;
 pub mod replica;
-pub mod restart;
 pub mod template;
+
+/// The restart decision, from the core (where the simulator uses it too).
+pub use fulcrum_core::scale::restart;
 
 pub use actuator::{Actuator, ActuatorError, AnyActuator, Observed};
 pub use command::{CommandActuator, CommandConfig, CommandError, CommandSettings};
 pub use kubernetes::{KubernetesActuator, KubernetesError, KubernetesSettings};
 pub use local::{LocalActuator, LocalConfig, LocalError, LocalSettings, Output, Readiness};
+pub use pool::{PoolError, ScaledPool};
 pub use replica::{Event, EventKind, EventSink, Exit, Replica, ReplicaState};

@@ -279,7 +279,7 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let (stop_scaler_tx, stop_scaler_rx) = tokio::sync::oneshot::channel::<()>();
     let scaler =
         pools.first().and_then(|p| p.config().autoscale.clone().map(|a| (p.clone(), a))).map(|(pool, autoscale)| {
-            tokio::spawn(fulcrum_scale::autoscaler::run(pool, autoscale, async {
+            tokio::spawn(fulcrum_scale::autoscaler::run(crate::scaled::ProxyPool(pool), autoscale, async {
                 let _ = stop_scaler_rx.await;
             }))
         });

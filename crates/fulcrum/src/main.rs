@@ -7,6 +7,7 @@ mod control;
 mod demo;
 mod plan;
 mod register;
+mod scaled;
 mod serve;
 
 /// mimalloc: the proxy allocates small, short-lived buffers per request, where glibc's

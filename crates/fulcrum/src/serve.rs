@@ -213,7 +213,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         for pool in proxy.pools() {
             if let Some(autoscale) = pool.config().autoscale.clone() {
                 let mut stopped = stopped.clone();
-                scalers.spawn(fulcrum_scale::autoscaler::run(pool, autoscale, async move {
+                scalers.spawn(fulcrum_scale::autoscaler::run(crate::scaled::ProxyPool(pool), autoscale, async move {
                     let _ = stopped.changed().await;
                 }));
             }

@@ -1,10 +1,12 @@
 //! Elastic scaling: how many replicas a pool should have, decided in virtual time.
 //!
 //! Each policy is a small state machine. The autoscaler runtime (not in this crate) reads the
-//! pool's load every tick into a [`Signals`] value, calls [`ScalePolicy::decide`] with the time
-//! as an [`Instant`], and hands the [`Decision`] (a replica count and a reason to log) to an
-//! actuator. Nothing here reads a clock or a metric endpoint: the simulator drives the same
-//! policies with the same signals in virtual time.
+//! pool's load every tick as a [`LoadReading`], which a [`SignalMeter`] turns into a
+//! [`Signals`] value ([`signals`]), calls [`ScalePolicy::decide`] with the time as an
+//! [`Instant`], and hands the [`Decision`] (a replica count and a reason to log) to an
+//! actuator; a local actuator restarts crashed replicas as [`restart`] decides. Nothing here
+//! reads a clock or a metric endpoint: the simulator drives the same signals and policies in
+//! virtual time.
 //!
 //! | policy | what it does | from | reads |
 //! | --- | --- | --- | --- |
@@ -52,6 +54,8 @@ use crate::time::Instant;
 pub mod bounds;
 pub mod knative;
 pub mod queueing;
+pub mod restart;
+pub mod signals;
 pub mod slo;
 pub mod target;
 pub mod threshold;
@@ -60,6 +64,7 @@ mod window;
 pub use bounds::{Bounds, BoundsSettings};
 pub use knative::{Knative, KnativeConfig, KnativeMetric, KnativeSettings};
 pub use queueing::{MMc, QueueError, Slo};
+pub use signals::{LoadReading, SignalMeter};
 pub use slo::{SloConfig, SloPolicy, SloSettings};
 pub use target::{
     Metric, MetricTarget, RateLimit, ScalingRules, Select, TargetTracking, TargetTrackingConfig, TargetTrackingSettings,

@@ -7,7 +7,7 @@ use fulcrum_config::discovery::{EndpointEntry, EtcdDiscovery};
 use fulcrum_core::EndpointSpec;
 
 use super::{EtcdClient, EventKind, KeyValue};
-use crate::publish::{Backoff, Publisher};
+use crate::publish::{Publisher, Reconnect};
 
 /// Runs until aborted.
 pub(crate) async fn run(config: EtcdDiscovery, mut out: Publisher) {
@@ -16,7 +16,7 @@ pub(crate) async fn run(config: EtcdDiscovery, mut out: Publisher) {
         Err(e) => return out.fail(&e),
     };
     let prefix = config.prefix.as_str();
-    let mut backoff = Backoff::new(Duration::from_secs(5));
+    let mut backoff = Reconnect::new(Duration::from_secs(5));
     loop {
         let range = match client.get_prefix(prefix).await {
             Ok(r) => r,

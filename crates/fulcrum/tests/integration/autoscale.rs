@@ -12,6 +12,11 @@ use fulcrum_proxy::Proxy;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
+/// The binary's adapter of the proxy's pool to the autoscaler, compiled into this test too
+/// (the binary crate has no library).
+#[path = "../../src/scaled.rs"]
+mod scaled;
+
 async fn client(proxy: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, failed: Arc<AtomicU64>) {
     while !stop.load(Ordering::Relaxed) {
         let Ok(stream) = tokio::net::TcpStream::connect(proxy).await else {
@@ -60,7 +65,7 @@ impl Scaled {
         }));
         let (stop_scaler, scaler_rx) = tokio::sync::oneshot::channel::<()>();
         let autoscale = pool.config().autoscale.clone().expect("autoscale");
-        let scaler = tokio::spawn(fulcrum_scale::autoscaler::run(pool.clone(), autoscale, async {
+        let scaler = tokio::spawn(fulcrum_scale::autoscaler::run(scaled::ProxyPool(pool.clone()), autoscale, async {
             let _ = scaler_rx.await;
         }));
         Scaled { addr, pool, stop_proxy, served, stop_scaler, scaler }

@@ -45,7 +45,8 @@ use std::time::Duration;
 
 use rand::RngCore;
 
-use super::{Check, ConfigError, Observed, nanos, uniform_up_to};
+use super::{Check, ConfigError, Observed};
+use crate::backoff::Backoff;
 
 mod budget;
 
@@ -317,9 +318,7 @@ impl RetryPolicy {
     /// The backoff before retry number `retry` (1 for the first): full jitter, uniform in
     /// `[0, min(backoff_max, backoff_base x 2^(retry-1))]`, to the nanosecond.
     pub fn backoff(&self, retry: u32, rng: &mut dyn RngCore) -> Duration {
-        let doublings = retry.saturating_sub(1).min(63);
-        let ceiling = nanos(self.backoff_base).saturating_mul(1 << doublings).min(nanos(self.backoff_max));
-        Duration::from_nanos(uniform_up_to(rng, ceiling))
+        Backoff::new(self.backoff_base, self.backoff_max).with_full_jitter().delay(retry, rng)
     }
 
     /// What to do after a try: [`check`](Self::check), then the [`backoff`](Self::backoff).

@@ -11,14 +11,15 @@
 //!   `max_restarts` restarts within `within` means restarting does not help; the replica is
 //!   given up (failed) and reported, instead of crash-looping forever.
 //!
-//! This is a decision, not an effect: [`RestartTracker`] takes the time as a
-//! [`fulcrum_core::Instant`] and never reads a clock, so it is tested (and could be simulated)
-//! without processes. Cost: O(max_restarts) per exit.
+//! This is a decision, not an effect: [`RestartTracker`] takes the time as an [`Instant`] and
+//! never reads a clock, so it is tested (and simulated) without processes; the local actuator
+//! of `fulcrum-scale` carries its decisions out. The waits are a [`Backoff`] without jitter.
+//! Cost: O(max_restarts) per exit.
 //!
 //! ```
 //! use std::time::Duration;
 //! use fulcrum_core::Instant;
-//! use fulcrum_scale::restart::{RestartDecision, RestartPolicy, RestartSettings, RestartTracker};
+//! use fulcrum_core::scale::restart::{RestartDecision, RestartPolicy, RestartSettings, RestartTracker};
 //!
 //! let policy = RestartPolicy::try_new(RestartSettings::default()).unwrap();
 //! let mut tracker = RestartTracker::new(policy);
@@ -32,7 +33,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use fulcrum_core::Instant;
+use crate::backoff::Backoff;
+use crate::time::Instant;
 
 /// Restart settings as written, with their defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -120,14 +122,13 @@ impl RestartPolicy {
     /// The wait before restart number `attempt` in a row (from 1):
     /// `min(cap, base x factor^(attempt-1))`.
     pub fn delay(&self, attempt: u32) -> Duration {
+        self.backoff().ceiling(attempt)
+    }
+
+    /// The backoff the settings describe.
+    pub fn backoff(&self) -> Backoff {
         let s = &self.settings;
-        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
-        let secs = s.backoff_base.as_secs_f64() * s.backoff_factor.powi(exponent);
-        if secs.is_finite() && secs < s.backoff_max.as_secs_f64() {
-            Duration::from_secs_f64(secs)
-        } else {
-            s.backoff_max
-        }
+        Backoff::new(s.backoff_base, s.backoff_max).with_factor(s.backoff_factor)
     }
 }
 
