@@ -240,7 +240,22 @@ impl<'r> Attempts<'r> {
             b.record(endpoint, state, p, outcome, now);
         }
         state.observe(endpoints, index, observed, now);
-        self.tried.push(index);
+        let verdict = self.decide(state, (index, endpoint), observed, now, rng);
+        if let Verdict::Answer(_) = verdict {
+            // The request is answered: no further try.
+            self.max_tries = self.tries;
+        }
+        verdict
+    }
+
+    fn decide(
+        &mut self,
+        state: &PoolState,
+        (index, endpoint): (usize, &crate::Endpoint),
+        observed: Observed,
+        now: Instant,
+        rng: &mut dyn RngCore,
+    ) -> Verdict {
         if observed == Observed::Success {
             return Verdict::Answer(None);
         }
@@ -268,6 +283,8 @@ impl<'r> Attempts<'r> {
                 );
                 let at = now + after;
                 self.retry_at = Some(at);
+                // Never the same endpoint twice (the list is only ever made for a retry).
+                self.tried.push(index);
                 Verdict::Retry { at }
             }
             Decision::GiveUp(why) => Verdict::Answer(Some(why)),

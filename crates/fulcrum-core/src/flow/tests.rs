@@ -156,6 +156,7 @@ fn answers_the_policy_does_not_retry_are_answered() {
     let t = p.send(&mut a, ms(0));
     let v = p.record(&mut a, t, Observed::Status(500), ms(1));
     assert_eq!(v, Verdict::Answer(Some(GiveUp::NotRetryable(Observed::Status(500)))));
+    assert!(matches!(p.next(&mut a, ms(2)), Next::Fail(Fail::NoEndpoint)), "an answered request takes no further try");
 }
 
 #[test]
