@@ -267,21 +267,21 @@ async fn proxy(
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| u64::from_str_radix(v, 16).ok())
         .and_then(|token| snapshot.sticky_index(token));
+    let facts = RequestFacts {
+        client: Some(client.ip()),
+        hash_key: key.as_deref(),
+        model: model.as_deref(),
+        ..ai.as_ref().map(openai::AiRequest::facts).unwrap_or_default()
+    };
     let plan = RequestPlan {
-        facts: RequestFacts {
-            client: Some(client.ip()),
-            hash_key: key.as_deref(),
-            model: model.as_deref(),
-            ..ai.as_ref().map(openai::AiRequest::facts).unwrap_or_default()
-        },
         idempotent,
         route_allows_any_method: inference,
         replayable: may_retry && matches!(body, ReqBody::Bytes(_)),
         sticky,
     };
-    let mut attempts = Attempts::start(safety.state(), &*snapshot, plan, clock::now())
+    let mut attempts = Attempts::start(safety.state(), &*snapshot, &facts, plan, clock::now())
         .map_err(|UnknownModel(m)| ProxyError::UnknownModel(m))?;
-    let cx = Forward { pool: &pool, snapshot: &snapshot, request_id, sticky };
+    let cx = Forward { pool: &pool, snapshot: &snapshot, facts: &facts, request_id, sticky };
     match upgrade {
         Some(client_upgrade) => cx.upgrade(&mut attempts, parts, body, client_upgrade, exchange).await,
         None => Box::pin(cx.forward(&mut attempts, parts, body, admission, exchange)).await,
@@ -311,6 +311,7 @@ fn rewrite_for_upstream(parts: &mut http::request::Parts, forwarded_for: &Header
 struct Forward<'a> {
     pool: &'a PoolRuntime,
     snapshot: &'a PoolSnapshot,
+    facts: &'a RequestFacts<'a>,
     request_id: &'a HeaderValue,
     /// The endpoint the client's sticky cookie named, if any.
     sticky: Option<usize>,
@@ -321,7 +322,7 @@ impl Forward<'_> {
     /// moves bytes and reads the clock.
     async fn forward(
         &self,
-        attempts: &mut Attempts<'_>,
+        attempts: &mut Attempts,
         parts: http::request::Parts,
         body: ReqBody,
         admission: Option<AdmissionSlot>,
@@ -334,7 +335,7 @@ impl Forward<'_> {
         loop {
             let started = std::time::Instant::now();
             let now = clock::at(started);
-            let t = match clock::with_rng(|rng| attempts.next(state, snapshot, now, rng)) {
+            let t = match clock::with_rng(|rng| attempts.next(state, snapshot, self.facts, now, rng)) {
                 Next::Send(t) => t,
                 Next::Wait(until) => {
                     tokio::time::sleep(until.saturating_since(now)).await;
@@ -371,7 +372,7 @@ impl Forward<'_> {
     /// over as it is).
     async fn upgrade(
         &self,
-        attempts: &mut Attempts<'_>,
+        attempts: &mut Attempts,
         mut parts: http::request::Parts,
         body: ReqBody,
         client_upgrade: hyper::upgrade::OnUpgrade,
@@ -380,7 +381,7 @@ impl Forward<'_> {
         let (state, snapshot) = (self.pool.safety().state(), self.snapshot);
         let started = std::time::Instant::now();
         let now = clock::at(started);
-        let Next::Send(t) = clock::with_rng(|rng| attempts.next(state, snapshot, now, rng)) else {
+        let Next::Send(t) = clock::with_rng(|rng| attempts.next(state, snapshot, self.facts, now, rng)) else {
             return Err(self.no_endpoint());
         };
         let upstream = snapshot.upstreams[t.index].clone();

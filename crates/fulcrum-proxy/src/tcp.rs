@@ -19,17 +19,13 @@ pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, pool: Arc<Poo
     let snapshot = pool.snapshot();
     let state = pool.safety().state();
     // Nothing was sent before a connection exists, so a failed connect may always be retried.
-    let plan = RequestPlan {
-        facts: RequestFacts { client: Some(peer.ip()), ..RequestFacts::default() },
-        idempotent: true,
-        replayable: true,
-        ..RequestPlan::default()
-    };
-    let Ok(mut attempts) = Attempts::start(state, &*snapshot, plan, clock::now()) else { return };
+    let facts = RequestFacts { client: Some(peer.ip()), ..RequestFacts::default() };
+    let plan = RequestPlan { idempotent: true, replayable: true, ..RequestPlan::default() };
+    let Ok(mut attempts) = Attempts::start(state, &*snapshot, &facts, plan, clock::now()) else { return };
     loop {
         let started = std::time::Instant::now();
         let now = clock::at(started);
-        let t = match clock::with_rng(|rng| attempts.next(state, &*snapshot, now, rng)) {
+        let t = match clock::with_rng(|rng| attempts.next(state, &*snapshot, &facts, now, rng)) {
             Next::Send(t) => t,
             Next::Wait(until) => {
                 tokio::time::sleep(until.saturating_since(now)).await;

@@ -13,11 +13,9 @@ use crate::{InFlight, Instant, Outcome, RequestFacts};
 use super::pool::PoolState;
 use super::{PoolRules, Roster};
 
-/// What the driver tells the machine about a request.
-#[derive(Clone, Debug, Default)]
-pub struct RequestPlan<'r> {
-    /// What the policy may look at (client, hash key, model, prefix hashes, tokens).
-    pub facts: RequestFacts<'r>,
+/// What the driver tells the machine about a request, beside its [`RequestFacts`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestPlan {
     /// The method is idempotent.
     pub idempotent: bool,
     /// The route allows retrying any method (inference routes do).
@@ -96,11 +94,15 @@ pub enum Verdict {
 }
 
 /// One request's tries: see the [module](super) doc.
+///
+/// It holds no borrow: the driver keeps the request's [`RequestFacts`] and passes the same
+/// ones to [`start`](Self::start) and every [`next`](Self::next) (a simulator keeps thousands
+/// of machines between events).
 #[derive(Debug)]
-pub struct Attempts<'r> {
-    plan: RequestPlan<'r>,
-    /// Only endpoints that serve this model (when the pool routes by model).
-    model: Option<&'r str>,
+pub struct Attempts {
+    plan: RequestPlan,
+    /// Only endpoints that serve the request's model (the pool routes by model).
+    by_model: bool,
     /// Endpoints tried or refused, by index.
     tried: Vec<usize>,
     tries: u32,
@@ -108,19 +110,19 @@ pub struct Attempts<'r> {
     retry_at: Option<Instant>,
 }
 
-impl<'r> Attempts<'r> {
+impl Attempts {
     /// Starts a request's tries: counts it into the pool (and its retry budget), and checks
     /// that some endpoint serves its model. Endpoints that list models (or have adapters
     /// loaded) take only those; a pool that lists none serves any model.
     pub fn start(
         state: &PoolState,
         roster: &dyn Roster,
-        plan: RequestPlan<'r>,
+        facts: &RequestFacts<'_>,
+        plan: RequestPlan,
         now: Instant,
     ) -> Result<Self, UnknownModel> {
         let endpoints = roster.selector().endpoints();
-        let model = plan
-            .facts
+        let model = facts
             .model
             .filter(|_| endpoints.iter().any(|e| !e.labels().models.is_empty() || e.signals().adapter_count() > 0));
         if let Some(m) = model
@@ -135,7 +137,7 @@ impl<'r> Attempts<'r> {
             1
         };
         state.on_request(now);
-        Ok(Attempts { plan, model, tried: Vec::new(), tries: 0, max_tries, retry_at: None })
+        Ok(Attempts { plan, by_model: model.is_some(), tried: Vec::new(), tries: 0, max_tries, retry_at: None })
     }
 
     /// Tries sent so far.
@@ -144,7 +146,14 @@ impl<'r> Attempts<'r> {
     }
 
     /// The next step: see [`Next`].
-    pub fn next(&mut self, state: &PoolState, roster: &dyn Roster, now: Instant, rng: &mut dyn RngCore) -> Next {
+    pub fn next(
+        &mut self,
+        state: &PoolState,
+        roster: &dyn Roster,
+        facts: &RequestFacts<'_>,
+        now: Instant,
+        rng: &mut dyn RngCore,
+    ) -> Next {
         if let Some(at) = self.retry_at {
             if now < at {
                 return Next::Wait(at);
@@ -163,12 +172,12 @@ impl<'r> Attempts<'r> {
                 .plan
                 .sticky
                 .filter(|&i| self.tries == 0 && self.tried.is_empty() && i < endpoints.len())
-                .filter(|&i| PoolState::usable(&endpoints[i], panic, now) && self.serves(&endpoints[i]));
+                .filter(|&i| PoolState::usable(&endpoints[i], panic, now) && self.serves(&endpoints[i], facts));
             let picked = sticky.or_else(|| {
                 let tried = &self.tried;
-                selector.pick_index(&self.plan.facts, now, rng, |e| {
+                selector.pick_index(facts, now, rng, |e| {
                     PoolState::usable(e, panic, now)
-                        && self.serves(e)
+                        && self.serves(e, facts)
                         && !tried.iter().any(|&t| endpoints[t].id() == e.id())
                 })
             });
@@ -197,7 +206,7 @@ impl<'r> Attempts<'r> {
                 continue;
             }
             self.tries += 1;
-            let guard = selector.begin(endpoint, self.plan.facts.estimated_tokens, now);
+            let guard = selector.begin(endpoint, facts.estimated_tokens, now);
             return Next::Send(Try {
                 index,
                 last: self.tries >= self.max_tries,
@@ -208,8 +217,8 @@ impl<'r> Attempts<'r> {
         }
     }
 
-    fn serves(&self, e: &crate::Endpoint) -> bool {
-        self.model.is_none_or(|m| e.serves(m))
+    fn serves(&self, e: &crate::Endpoint, facts: &RequestFacts<'_>) -> bool {
+        !self.by_model || facts.model.is_none_or(|m| e.serves(m))
     }
 
     /// Takes a try's outcome (`elapsed`: from sending it to its response head, or to the

@@ -39,7 +39,7 @@
 //! ```
 //! use fulcrum_core::flow::{Attempts, Members, Next, PoolRules, PoolState, RequestPlan, Verdict};
 //! use fulcrum_core::resilience::Observed;
-//! use fulcrum_core::{EndpointSpec, Instant, Policy, Selector, SelectorOptions};
+//! use fulcrum_core::{EndpointSpec, Instant, Policy, RequestFacts, Selector, SelectorOptions};
 //! use rand::{SeedableRng, rngs::SmallRng};
 //! use std::time::Duration;
 //!
@@ -55,12 +55,13 @@
 //! let mut rng = SmallRng::seed_from_u64(1);
 //!
 //! // A GET whose first try is refused at the connection is retried on the other endpoint.
+//! let facts = RequestFacts::default();
 //! let plan = RequestPlan { idempotent: true, replayable: true, ..RequestPlan::default() };
-//! let mut attempts = Attempts::start(&state, &members, plan, now).unwrap();
-//! let Next::Send(first) = attempts.next(&state, &members, now, &mut rng) else { panic!() };
+//! let mut attempts = Attempts::start(&state, &members, &facts, plan, now).unwrap();
+//! let Next::Send(first) = attempts.next(&state, &members, &facts, now, &mut rng) else { panic!() };
 //! let verdict = attempts.record(&state, &members, first.ticket, Observed::ConnectFailure, Duration::ZERO, now, &mut rng);
 //! let Verdict::Retry { at } = verdict else { panic!("{verdict:?}") };
-//! let Next::Send(second) = attempts.next(&state, &members, at, &mut rng) else { panic!() };
+//! let Next::Send(second) = attempts.next(&state, &members, &facts, at, &mut rng) else { panic!() };
 //! assert_ne!(first.index, second.index);
 //! ```
 

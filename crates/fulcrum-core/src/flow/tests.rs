@@ -10,7 +10,7 @@ use crate::resilience::Observed;
 use crate::resilience::breaker::{BreakerSettings, LimitSettings};
 use crate::resilience::health::{Health, HealthState};
 use crate::resilience::retry::{BudgetSettings, GiveUp};
-use crate::{EndpointSpec, Instant, Labels, Policy, PolicyKind, Unavailable};
+use crate::{EndpointSpec, Instant, Labels, Policy, PolicyKind, RequestFacts, Unavailable};
 
 fn ms(n: u64) -> Instant {
     Instant::from_millis(n)
@@ -43,22 +43,30 @@ impl Pool {
         &self.members.selector().endpoints()[i]
     }
 
-    fn start<'r>(&self, plan: RequestPlan<'r>, now: Instant) -> Attempts<'r> {
-        Attempts::start(&self.state, &self.members, plan, now).unwrap()
+    fn start(&self, plan: RequestPlan, now: Instant) -> Attempts {
+        self.start_for(&RequestFacts::default(), plan, now)
     }
 
-    fn next(&mut self, a: &mut Attempts<'_>, now: Instant) -> Next {
-        a.next(&self.state, &self.members, now, &mut self.rng)
+    fn start_for(&self, facts: &RequestFacts<'_>, plan: RequestPlan, now: Instant) -> Attempts {
+        Attempts::start(&self.state, &self.members, facts, plan, now).unwrap()
     }
 
-    fn send(&mut self, a: &mut Attempts<'_>, now: Instant) -> Try {
+    fn next(&mut self, a: &mut Attempts, now: Instant) -> Next {
+        self.next_for(a, &RequestFacts::default(), now)
+    }
+
+    fn next_for(&mut self, a: &mut Attempts, facts: &RequestFacts<'_>, now: Instant) -> Next {
+        a.next(&self.state, &self.members, facts, now, &mut self.rng)
+    }
+
+    fn send(&mut self, a: &mut Attempts, now: Instant) -> Try {
         match self.next(a, now) {
             Next::Send(t) => t,
             other => panic!("expected a try, got {other:?}"),
         }
     }
 
-    fn record(&mut self, a: &mut Attempts<'_>, t: Try, observed: Observed, now: Instant) -> Verdict {
+    fn record(&mut self, a: &mut Attempts, t: Try, observed: Observed, now: Instant) -> Verdict {
         a.record(&self.state, &self.members, t.ticket, observed, Duration::from_millis(1), now, &mut self.rng)
     }
 
@@ -76,7 +84,7 @@ impl Pool {
     }
 }
 
-fn get() -> RequestPlan<'static> {
+fn get() -> RequestPlan {
     RequestPlan { idempotent: true, replayable: true, ..RequestPlan::default() }
 }
 
@@ -309,13 +317,14 @@ fn model_routing_takes_only_endpoints_that_serve_the_model() {
         s.labels = Labels { models: vec![model.to_owned()], ..Labels::default() };
     }
     let mut p = Pool::with_specs(specs, PoolRules::default());
-    let facts = crate::RequestFacts { model: Some("qwen"), ..Default::default() };
+    let facts = RequestFacts { model: Some("qwen"), ..Default::default() };
     for _ in 0..6 {
-        let mut a = p.start(RequestPlan { facts, sticky: Some(0), ..get() }, ms(0));
-        assert_ne!(p.send(&mut a, ms(0)).index, 0, "model routing wins over the sticky cookie");
+        let mut a = p.start_for(&facts, RequestPlan { sticky: Some(0), ..get() }, ms(0));
+        let Next::Send(t) = p.next_for(&mut a, &facts, ms(0)) else { panic!() };
+        assert_ne!(t.index, 0, "model routing wins over the sticky cookie");
     }
-    let facts = crate::RequestFacts { model: Some("mistral"), ..Default::default() };
-    let err = Attempts::start(&p.state, &p.members, RequestPlan { facts, ..get() }, ms(0)).unwrap_err();
+    let facts = RequestFacts { model: Some("mistral"), ..Default::default() };
+    let err = Attempts::start(&p.state, &p.members, &facts, get(), ms(0)).unwrap_err();
     assert_eq!(err, UnknownModel("mistral".to_owned()));
 }
 
