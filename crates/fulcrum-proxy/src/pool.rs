@@ -84,8 +84,7 @@ pub enum Drained {
 
 impl PoolRuntime {
     pub(crate) fn new(config: PoolConfig) -> Result<Self, BuildError> {
-        let selector =
-            Selector::try_new(config.policy.clone(), config.options.clone(), config.endpoints.clone(), clock::now())?;
+        let selector = config.selector(clock::now())?;
         let safety = Arc::new(PoolSafety::new(config.resilience.clone(), selector.endpoints()));
         let snapshot = Self::snapshot_of(&config, selector, &HashMap::new());
         Ok(Self::assemble(config, snapshot, safety))
