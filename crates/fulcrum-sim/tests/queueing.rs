@@ -16,6 +16,8 @@
 //! rho up to 0.95, 5%) is `#[ignore]`d: `cargo test --release -p fulcrum-sim --test queueing
 //! -- --ignored`.
 
+#![allow(clippy::unwrap_used)] // a test: a broken setup should stop it loudly
+
 use fulcrum_core::scale::queueing::MMc;
 use fulcrum_sim::Scenario;
 use fulcrum_sim::fleet::Fleet;

@@ -65,7 +65,7 @@ struct Bar {
 
 impl Progress for Bar {
     fn update(&mut self, done: u64, total: u64) {
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         let _ = write!(std::io::stderr(), "\r{:<48} {pct:>3}% ({done}/{total})", self.label);
         self.shown = true;
     }
