@@ -24,7 +24,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fulcrum_core::{EndpointSpec, Instant, Policy, Selector, SelectorOptions};
+use fulcrum_core::{BuildError, EndpointSpec, Instant, Policy, Selector, SelectorOptions};
 
 pub use duration::parse_duration;
 
@@ -197,7 +197,21 @@ pub struct PoolConfig {
     pub discovery: Option<discovery::DiscoveryConfig>,
 }
 
+// === impl PoolConfig ===
+
 impl PoolConfig {
+    /// The pool's selector at `now`: its policy and options over `endpoints`. The one place
+    /// a pool's configuration becomes a [`Selector`]: the proxy builds its pools with it and
+    /// the simulator (which brings its own endpoints, the modelled fleet) its pool.
+    pub fn selector_for(&self, endpoints: Vec<EndpointSpec>, now: Instant) -> Result<Selector, BuildError> {
+        Selector::try_new(self.policy.clone(), self.options.clone(), endpoints, now)
+    }
+
+    /// [`selector_for`](Self::selector_for) the configured endpoints.
+    pub fn selector(&self, now: Instant) -> Result<Selector, BuildError> {
+        self.selector_for(self.endpoints.clone(), now)
+    }
+
     /// The core's half of the pool's settings: what the request's attempt machine and the
     /// pool's failure handling decide with ([`fulcrum_core::flow`]). A try waits for its
     /// response head at most `timeouts.first_byte`, and at most the retry policy's per-try
@@ -303,8 +317,7 @@ impl Config {
                 d.resolve_paths(dir);
             }
             // Build once to catch what only the whole pool shows (duplicates, table sizes).
-            Selector::try_new(pool.policy.clone(), pool.options.clone(), pool.endpoints.clone(), Instant::ZERO)
-                .map_err(|e| at.error(span.start, &field, &e.to_string()))?;
+            pool.selector(Instant::ZERO).map_err(|e| at.error(span.start, &field, &e.to_string()))?;
             pools.insert(name, pool);
         }
 

@@ -12,6 +12,10 @@
 //!   token and latency percentiles (the benchmark and the demo use it);
 //! - [`cli`] is what `fulcrum mock-backend` runs.
 //!
+//! Everything but [`engine`] and [`tokens`] sits behind the `server` feature (on by default);
+//! without it the crate is the engine model alone, with no tokio and no hyper, which is how the
+//! simulator (`fulcrum-sim`) uses it.
+//!
 //! In-process use (tests, `fulcrum demo`): bind port 0, start, read the address back.
 //!
 //! ```no_run
@@ -28,22 +32,34 @@
 //! This crate must never depend on the proxy or the control plane: it is what they are tested
 //! against. It depends on `fulcrum-core` only for time values and hashing.
 
+#[cfg(feature = "server")]
 pub mod api;
+#[cfg(feature = "server")]
 pub mod cli;
+#[cfg(feature = "server")]
 pub mod config;
 pub mod engine;
+#[cfg(feature = "server")]
 pub mod faults;
+#[cfg(feature = "server")]
 pub mod loadgen;
+#[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod tokens;
 
+#[cfg(feature = "server")]
 pub use cli::{Args, CRASH_EXIT_CODE, main, run};
+#[cfg(feature = "server")]
 pub use config::{ConfigError, MetricsFlavor, MockConfig};
+#[cfg(feature = "server")]
 pub use faults::{Faults, FaultsPatch};
+#[cfg(feature = "server")]
 pub use server::{CrashReason, Exit, MockHandle, MockServer};
 
 /// What can stop a mock server from starting.
+#[cfg(feature = "server")]
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The configuration is invalid.
@@ -67,6 +83,7 @@ pub enum Error {
 }
 
 /// Locks a mutex, ignoring poisoning: every critical section leaves its data consistent.
+#[cfg(feature = "server")]
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

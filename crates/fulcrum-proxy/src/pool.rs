@@ -99,7 +99,7 @@ pub enum Drained {
 impl PoolRuntime {
     pub(crate) fn new(config: PoolConfig) -> Result<Self, BuildError> {
         let now = clock::now();
-        let selector = Selector::try_new(config.policy.clone(), config.options.clone(), config.endpoints.clone(), now)?;
+        let selector = config.selector(now)?;
         let safety = Arc::new(PoolSafety::new(config.resilience.clone(), config.rules(), selector.endpoints(), now));
         let snapshot = Self::snapshot_of(&config, selector, &HashMap::new(), now);
         Ok(Self::assemble(config, snapshot, safety))

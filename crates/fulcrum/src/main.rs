@@ -9,6 +9,7 @@ mod plan;
 mod register;
 mod scaled;
 mod serve;
+mod simulate;
 
 /// mimalloc: the proxy allocates small, short-lived buffers per request, where glibc's
 /// allocator cost about 7% of the CPU in profiles (bench/RESULTS.md). Its v2 line: v3 took
@@ -60,6 +61,9 @@ enum Command {
     Register(register::RegisterArgs),
     /// Size a fleet with the M/M/c queueing model: utilization, waits, and the servers an SLO needs.
     Plan(plan::PlanArgs),
+    /// Predict latency and load: run a fleet and a workload through the balancer's own code
+    /// in virtual time, comparing policies.
+    Simulate(Box<simulate::SimulateArgs>),
 }
 
 fn print_policies() {
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         }
         Command::Validate(args) => serve::validate(args),
         Command::Plan(args) => plan::plan(args),
+        Command::Simulate(args) => simulate::simulate(args),
         Command::Control(args) => control::control(args),
         Command::Register(args) => {
             init_logging(cli.log_format, "info");
@@ -132,7 +137,8 @@ mod tests {
     #[test]
     fn help_lists_every_subcommand() {
         let help = Cli::command().render_long_help().to_string();
-        for sub in ["policies", "serve", "validate", "demo", "mock-backend", "control", "register", "plan"] {
+        for sub in ["policies", "serve", "validate", "demo", "mock-backend", "control", "register", "plan", "simulate"]
+        {
             assert!(help.contains(sub), "{sub} missing from:\n{help}");
         }
     }

@@ -250,6 +250,8 @@ pub struct Engine {
     promised: u64,
     outbox: VecDeque<Event>,
     counters: Counters,
+    /// Whether every token yields an event, or only the first (see [`Engine::set_every_token`]).
+    every_token: bool,
 }
 
 // === impl Engine ===
@@ -271,12 +273,32 @@ impl Engine {
             promised: 0,
             outbox: VecDeque::new(),
             counters: Counters::default(),
+            every_token: true,
         })
     }
 
     /// The model's parameters.
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// Whether every output token yields a [`EventKind::Token`] event (the default), or only
+    /// the first one of each sequence (its `Finished` event still marks the end). A simulator
+    /// that only measures time to first token and latency turns it off: the model and its
+    /// timeline are the same, only the events nobody reads are not queued.
+    pub fn set_every_token(&mut self, on: bool) {
+        self.every_token = on;
+    }
+
+    /// Changes the speed from `now` on (a slow-down fault, a throttled GPU): prefills and
+    /// tokens scheduled after this use the new speed; those already scheduled keep their
+    /// time. The error names the field when `speed` is out of range.
+    pub fn set_speed(&mut self, now: Instant, speed: f64) -> Result<(), EngineConfigError> {
+        let config = EngineConfig { speed, ..self.config.clone() };
+        config.validate()?;
+        self.advance(now);
+        self.config = config;
+        Ok(())
     }
 
     /// The latest time the engine was driven to.
@@ -438,7 +460,9 @@ impl Engine {
                 }
             }
             let last = seq.emitted == seq.output_len;
-            self.outbox.push_back(Event { seq: id, at, kind: EventKind::Token { index, last } });
+            if self.every_token || index == 0 {
+                self.outbox.push_back(Event { seq: id, at, kind: EventKind::Token { index, last } });
+            }
         }
         if seq.emitted < seq.output_len {
             let next = at + self.itl();

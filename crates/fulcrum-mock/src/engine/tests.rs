@@ -71,6 +71,20 @@ fn a_lone_sequence_follows_the_model() {
 }
 
 #[test]
+fn first_token_only_keeps_the_timeline_and_a_slow_down_applies_from_then_on() {
+    let mut engine = Engine::try_new(config()).unwrap();
+    engine.set_every_token(false);
+    let id = engine.submit(at(0), spec(100, 1, 5)).unwrap();
+    engine.advance(at(111)); // prefill ends at 100, token 1 at 111
+    assert!(engine.set_speed(at(111), 0.0).is_err());
+    engine.set_speed(at(111), 0.5).unwrap();
+    let events = run(&mut engine);
+    assert_eq!(tokens_of(&events, id), [at(100)]);
+    // Token 2 was already due at 122; tokens 3 and 4 take 22 ms each at half speed.
+    assert_eq!(finish_of(&events, id), Some((at(166), FinishReason::Length, 5)));
+}
+
+#[test]
 fn one_slot_serves_requests_one_after_the_other() {
     let mut engine = Engine::try_new(EngineConfig { max_num_seqs: 1, ..config() }).unwrap();
     let a = engine.submit(at(0), spec(10, 1, 3)).unwrap();

@@ -8,3 +8,4 @@ mod chaos;
 mod cli;
 mod logging;
 mod plan;
+mod simulate;

@@ -1,0 +1,574 @@
+//! The event loop: arrivals, network, backends, faults and the balancer, in virtual time.
+//!
+//! One priority queue of timed events (arrival, delivery to a backend, first token back at
+//! the balancer, end of stream, failure, scrape, fault, sample), ordered by time and then by
+//! the order they were scheduled, so ties resolve the same way every run. The backends' own
+//! timelines are not copied into it: before each event every backend is advanced to the
+//! event's time (a cached "next event" per backend makes that O(backends) comparisons), and
+//! what it produced is turned into events, at their exact model times plus the network
+//! delay. Between two events no routing decision is taken, so processing a backend's outputs
+//! late changes nothing; when requests wait in the central admission queue, the loop steps to
+//! each backend event exactly instead, since a slot freeing up is then a decision point.
+//!
+//! Request life: arrive -> (admission queue) -> pick ([`Drive::pick`], vetoing backends this
+//! request already tried) -> guard ([`Drive::begin`]) -> delivered after the network delay ->
+//! queue, prefill, decode in the backend -> first token and end of stream back after the delay
+//! -> [`Drive::record`] and the guard dropped. A failure before the first token is retried on
+//! another backend while [`Drive::may_retry`] allows; after it, the request fails.
+//!
+//! Cost: O(log n) per event plus O(backends) per event; memory O(requests in flight) plus
+//! 24 bytes per finished request for the percentiles.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::time::Duration;
+
+use fulcrum_config::{Config, PoolConfig};
+use fulcrum_core::hash::mix;
+use fulcrum_core::{Instant, Outcome, Policy};
+use fulcrum_mock::engine::{EventKind, SeqId};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use crate::SimError;
+use crate::backend::{Backend, State};
+use crate::drive::{Attempt, Drive, Facts, endpoint_spec, policy_named};
+use crate::fleet::{FaultKind, Fleet};
+use crate::report::{Collector, Failure, Report};
+use crate::workload::{Generator, SimRequest, Workload};
+
+/// Told how far a run is, now and then.
+pub trait Progress {
+    /// `done` of `total` arrivals so far.
+    fn update(&mut self, done: u64, total: u64);
+}
+
+impl Progress for () {
+    fn update(&mut self, _: u64, _: u64) {}
+}
+
+/// Blocks of the balancer's prefix hashes (the proxy's default: 256 characters, 64 tokens).
+const CORE_BLOCK_TOKENS: u32 = 64;
+/// Most prefix blocks the balancer hashes (the proxy's default).
+const CORE_MAX_BLOCKS: usize = 2048;
+
+/// A fleet, a workload and a pool configuration to run under one or more policies.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Its name in reports.
+    pub name: String,
+    /// The backends and faults.
+    pub fleet: Fleet,
+    /// The traffic.
+    pub workload: Workload,
+    /// The pool's configuration (policy, options, retries, timeouts), as `fulcrum serve`
+    /// reads it; its endpoints are replaced by the fleet.
+    pub pool: PoolConfig,
+    /// The first this many arrivals warm the system up and are left out of the figures.
+    pub warmup: u64,
+}
+
+/// The pool configuration used without a `--config`: round robin, the proxy's defaults.
+pub fn default_pool() -> PoolConfig {
+    let text = "[pool.sim]\npolicy = \"round_robin\"\nendpoints = []\n";
+    match Config::parse(text, None).map(|c| c.pools.into_values().next()) {
+        Ok(Some(pool)) => pool,
+        _ => unreachable!("the built-in pool configuration is valid"),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    Arrival,
+    Deliver { live: u32, attempt: u32 },
+    Head { live: u32, attempt: u32 },
+    Done { live: u32, attempt: u32 },
+    Fail { live: u32, attempt: u32, why: Failure },
+    Fault(u32),
+    Scrape,
+    Sample,
+}
+
+struct Live {
+    req: SimRequest,
+    prefix: Vec<u64>,
+    index: u64,
+    attempts: u32,
+    tried: Vec<u32>,
+    backend: usize,
+    started: Instant,
+    seq: Option<SeqId>,
+    guard: Option<Attempt>,
+    first_token: Option<Instant>,
+    admitted: Option<Instant>,
+    cached: u32,
+}
+
+struct Sim<'a> {
+    scenario: &'a Scenario,
+    drive: Drive,
+    rng: SmallRng,
+    backends: Vec<Backend>,
+    next_at: Vec<Option<Instant>>,
+    in_flight: Vec<u32>,
+    seqs: Vec<HashMap<SeqId, u32>>,
+    lives: Vec<Option<Live>>,
+    free: Vec<u32>,
+    live_count: u64,
+    heap: BinaryHeap<Reverse<(Instant, u64, Ev)>>,
+    order: u64,
+    now: Instant,
+    queue: VecDeque<u32>,
+    generator: Generator,
+    pending: Option<SimRequest>,
+    arrivals: u64,
+    total: u64,
+    timeout: Duration,
+    slots: Vec<u32>,
+    sample_every: Duration,
+    stats: Collector,
+}
+
+// === impl Scenario ===
+
+impl Scenario {
+    /// A scenario under the default pool configuration.
+    pub fn new(name: impl Into<String>, fleet: Fleet, workload: Workload) -> Self {
+        Scenario { name: name.into(), fleet, workload, pool: default_pool(), warmup: 0 }
+    }
+
+    /// The mean arrival rate this scenario offers, in requests a second (`None`: a trace at
+    /// its own times), and the fleet's capacity for its request shape.
+    pub fn rates(&self) -> (Option<f64>, f64) {
+        let capacity = self.fleet.capacity(self.workload.shape());
+        (self.workload.rate_per_sec(capacity), capacity)
+    }
+
+    /// Runs under the policy named `policy` (see [`policy_named`]).
+    pub fn run_policy(&self, policy: &str, seed: u64) -> Result<Report, SimError> {
+        let policy = policy_named(policy, &self.pool.policy).map_err(|e| SimError::field("policy", e.to_string()))?;
+        self.run(policy, seed, &mut ())
+    }
+
+    /// Runs under `policy` with `seed`.
+    pub fn run(&self, policy: Policy, seed: u64, progress: &mut dyn Progress) -> Result<Report, SimError> {
+        let specs = self
+            .fleet
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| endpoint_spec(i, &b.name, b.told.then_some((b.weight, b.accelerator.as_deref()))))
+            .collect();
+        let drive = Drive::try_new(&self.pool, policy, specs).map_err(|e| SimError::field("policy", e.to_string()))?;
+        let (rate, capacity) = self.rates();
+        let generator = self.workload.generate(rate, seed);
+        let total = generator.remaining();
+        let span = match rate {
+            Some(r) => total as f64 / r,
+            None => match &self.workload.prompts {
+                crate::workload::Prompts::Trace(t) => {
+                    t.records.last().map_or(1.0, |r| r.request().at.as_nanos() as f64 / 1e9)
+                }
+                _ => 1.0,
+            },
+        };
+        let n = self.fleet.backends.len();
+        let mut sim = Sim {
+            scenario: self,
+            drive,
+            rng: SmallRng::seed_from_u64(seed),
+            backends: self
+                .fleet
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| Backend::new(b.clone(), mix(seed, i as u64)))
+                .collect(),
+            next_at: vec![None; n],
+            in_flight: vec![0; n],
+            seqs: vec![HashMap::new(); n],
+            lives: Vec::new(),
+            free: Vec::new(),
+            live_count: 0,
+            heap: BinaryHeap::new(),
+            order: 0,
+            now: Instant::ZERO,
+            queue: VecDeque::new(),
+            generator,
+            pending: None,
+            arrivals: 0,
+            total,
+            timeout: self.pool.timeouts.first_byte,
+            slots: self.fleet.backends.iter().map(crate::fleet::BackendSpec::slots).collect(),
+            sample_every: Duration::from_secs_f64((span / 200.0).max(0.01)),
+            stats: Collector::new(n, self.warmup),
+        };
+        sim.start();
+        sim.run(progress);
+        let policy_name = sim.drive.policy().kind().as_str().to_owned();
+        Ok(sim.stats.report(&self.name, &policy_name, seed, rate, capacity, &self.fleet, sim.sample_every))
+    }
+}
+
+// === impl Sim ===
+
+impl Sim<'_> {
+    fn at(&mut self, at: Instant, ev: Ev) {
+        self.order += 1;
+        self.heap.push(Reverse((at, self.order, ev)));
+    }
+
+    fn start(&mut self) {
+        self.schedule_arrival();
+        for (i, f) in self.scenario.fleet.faults.iter().enumerate() {
+            self.at(Instant::ZERO + f.at, Ev::Fault(i as u32));
+        }
+        self.at(Instant::ZERO, Ev::Scrape);
+        self.at(Instant::ZERO, Ev::Sample);
+    }
+
+    fn schedule_arrival(&mut self) {
+        if let Some(req) = self.generator.next() {
+            let at = req.at.max(self.now);
+            self.pending = Some(req);
+            self.at(at, Ev::Arrival);
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.live_count > 0 || self.pending.is_some()
+    }
+
+    fn run(&mut self, progress: &mut dyn Progress) {
+        let step = (self.total / 100).max(1);
+        loop {
+            let heap_t = self.heap.peek().map(|r| r.0.0);
+            let exact = !self.queue.is_empty() || heap_t.is_none();
+            let backend_t = if exact { self.next_at.iter().flatten().min().copied() } else { None };
+            let t = match (heap_t, backend_t) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => match a.or(b) {
+                    Some(t) => t,
+                    None => break,
+                },
+            };
+            self.now = self.now.max(t);
+            self.advance_backends();
+            while let Some(&Reverse((at, _, ev))) = self.heap.peek() {
+                if at > self.now {
+                    break;
+                }
+                self.heap.pop();
+                self.handle(ev);
+                if matches!(ev, Ev::Arrival) && self.arrivals.is_multiple_of(step) {
+                    progress.update(self.arrivals, self.total);
+                }
+                // A handled event may free a slot or submit: catch the backends up again.
+                self.advance_backends();
+            }
+        }
+        progress.update(self.arrivals, self.total);
+    }
+
+    /// Advances every backend to `now` and turns its outputs into events.
+    fn advance_backends(&mut self) {
+        for b in 0..self.backends.len() {
+            if self.next_at[b].is_some_and(|t| t <= self.now) {
+                self.backends[b].advance(self.now);
+                self.drain(b);
+            }
+        }
+    }
+
+    fn drain(&mut self, b: usize) {
+        let delay = self.backends[b].spec.network_delay;
+        while let Some(e) = self.backends[b].poll_event() {
+            let Some(&live) = self.seqs[b].get(&e.seq) else { continue };
+            let Some(l) = self.lives.get_mut(live as usize).and_then(Option::as_mut) else { continue };
+            let attempt = l.attempts;
+            match e.kind {
+                EventKind::Admitted { cached_tokens } => {
+                    l.admitted = Some(e.at);
+                    l.cached = cached_tokens;
+                }
+                EventKind::Token { index: 0, .. } => self.at(e.at + delay, Ev::Head { live, attempt }),
+                EventKind::Token { .. } => {}
+                EventKind::Finished { .. } => {
+                    self.seqs[b].remove(&e.seq);
+                    if let Some(l) = self.lives.get_mut(live as usize).and_then(Option::as_mut) {
+                        l.seq = None;
+                    }
+                    self.at(e.at + delay, Ev::Done { live, attempt });
+                }
+            }
+        }
+        self.next_at[b] = self.backends[b].next_event_at();
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Arrival => self.arrive(),
+            Ev::Deliver { live, attempt } => self.deliver(live, attempt),
+            Ev::Head { live, attempt } => self.head(live, attempt),
+            Ev::Done { live, attempt } => self.done(live, attempt),
+            Ev::Fail { live, attempt, why } => self.fail(live, attempt, why),
+            Ev::Fault(i) => self.fault(i as usize),
+            Ev::Scrape => {
+                for b in 0..self.backends.len() {
+                    self.drive.scrape(b, self.backends[b].report(), self.now);
+                }
+                self.drive.refresh(self.now);
+                if self.busy() {
+                    let next = self.now + self.scenario.fleet.scrape_interval;
+                    self.at(next, Ev::Scrape);
+                }
+            }
+            Ev::Sample => {
+                let loads: Vec<(u32, u32)> = self.backends.iter().map(Backend::load).collect();
+                self.stats.sample(&loads, &self.in_flight, &self.slots);
+                if self.busy() {
+                    let next = self.now + self.sample_every;
+                    self.at(next, Ev::Sample);
+                }
+            }
+        }
+    }
+
+    fn arrive(&mut self) {
+        let Some(req) = self.pending.take() else { return };
+        let index = self.arrivals;
+        self.arrivals += 1;
+        let prefix = req.content.blocks(&req.model, CORE_BLOCK_TOKENS, CORE_MAX_BLOCKS);
+        let live = Live {
+            req,
+            prefix,
+            index,
+            attempts: 0,
+            tried: Vec::new(),
+            backend: 0,
+            started: self.now,
+            seq: None,
+            guard: None,
+            first_token: None,
+            admitted: None,
+            cached: 0,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.lives[id as usize] = Some(live);
+                id
+            }
+            None => {
+                self.lives.push(Some(live));
+                (self.lives.len() - 1) as u32
+            }
+        };
+        self.live_count += 1;
+        self.stats.arrived(index);
+        self.admit(id);
+        self.schedule_arrival();
+    }
+
+    /// Picks a backend for `id` and sends it, or queues it at the balancer, or fails it.
+    fn admit(&mut self, id: u32) {
+        let slots = self.scenario.fleet.admission_slots;
+        let Some(l) = self.lives.get(id as usize).and_then(Option::as_ref) else { return };
+        let facts = Facts {
+            model: &l.req.model,
+            prefix: &l.prefix,
+            prompt_tokens: u64::from(l.req.prompt_tokens),
+            output_tokens: u64::from(l.req.output_tokens),
+            session: l.req.session,
+        };
+        let in_flight = &self.in_flight;
+        let tried = &l.tried;
+        let accept = |i: usize| !tried.contains(&(i as u32)) && slots.is_none_or(|s| in_flight[i] < s);
+        match self.drive.pick(&facts, self.now, &mut self.rng, accept) {
+            Some(b) => {
+                let guard = self.drive.begin(b, &facts, self.now);
+                self.send(id, b, guard);
+            }
+            None if slots.is_some() && self.in_flight.iter().any(|&n| slots.is_some_and(|s| n >= s)) => {
+                self.queue.push_back(id);
+            }
+            None => self.finish(id, Err(Failure::NoBackend)),
+        }
+    }
+
+    fn send(&mut self, id: u32, b: usize, guard: Attempt) {
+        let now = self.now;
+        let Some(l) = self.lives.get_mut(id as usize).and_then(Option::as_mut) else { return };
+        l.attempts += 1;
+        l.tried.push(b as u32);
+        l.backend = b;
+        l.started = now;
+        l.guard = Some(guard);
+        let attempt = l.attempts;
+        self.in_flight[b] += 1;
+        let delay = self.backends[b].spec.network_delay;
+        self.at(now + delay, Ev::Deliver { live: id, attempt });
+    }
+
+    fn current(&mut self, id: u32, attempt: u32) -> Option<&mut Live> {
+        self.lives.get_mut(id as usize).and_then(Option::as_mut).filter(|l| l.attempts == attempt && l.guard.is_some())
+    }
+
+    fn deliver(&mut self, id: u32, attempt: u32) {
+        let now = self.now;
+        let timeout = self.timeout;
+        let Some(l) = self.lives.get(id as usize).and_then(Option::as_ref) else { return };
+        if l.attempts != attempt {
+            return;
+        }
+        let b = l.backend;
+        let delay = self.backends[b].spec.network_delay;
+        let backend = &mut self.backends[b];
+        let state = backend.state;
+        let fail = match state {
+            State::Up if backend.draw_error() => Some((now + delay, Failure::Error)),
+            State::Down => Some((now + delay, Failure::Refused)),
+            State::Hung => Some((l.started + timeout, Failure::Timeout)),
+            State::Up => {
+                let hashes = l.req.content.blocks(&l.req.model, backend.block_size(), usize::MAX);
+                let seed = mix(l.index, u64::from(attempt));
+                match backend.submit(now, l.req.prompt_tokens, hashes, l.req.output_tokens, seed) {
+                    Ok(seq) => {
+                        self.seqs[b].insert(seq, id);
+                        if let Some(l) = self.lives.get_mut(id as usize).and_then(Option::as_mut) {
+                            l.seq = Some(seq);
+                        }
+                        self.drain(b);
+                        None
+                    }
+                    Err(_) => Some((now + delay, Failure::Rejected)),
+                }
+            }
+        };
+        if let Some((at, why)) = fail {
+            self.at(at, Ev::Fail { live: id, attempt, why });
+        }
+    }
+
+    fn head(&mut self, id: u32, attempt: u32) {
+        let now = self.now;
+        let Some(l) = self.current(id, attempt) else { return };
+        if l.first_token.is_none() {
+            l.first_token = Some(now);
+            let (b, ttft) = (l.backend, now.saturating_since(l.started));
+            self.drive.record(b, Outcome::Success, ttft, now);
+        }
+    }
+
+    fn done(&mut self, id: u32, attempt: u32) {
+        if self.current(id, attempt).is_some() {
+            self.finish(id, Ok(()));
+        }
+    }
+
+    fn fail(&mut self, id: u32, attempt: u32, why: Failure) {
+        let now = self.now;
+        let Some(l) = self.current(id, attempt) else { return };
+        let b = l.backend;
+        let elapsed = now.saturating_since(l.started);
+        let streaming = l.first_token.is_some();
+        let seq = l.seq.take();
+        l.guard = None;
+        let attempts = l.attempts;
+        self.in_flight[b] -= 1;
+        if let Some(seq) = seq {
+            self.seqs[b].remove(&seq);
+        }
+        if !streaming {
+            self.drive.record(b, Outcome::Failure, elapsed, now);
+        }
+        self.stats.attempt_failed(why);
+        if !streaming && why.is_retryable() && self.drive.may_retry(attempts) {
+            self.stats.retried();
+            self.admit(id);
+        } else {
+            self.finish(id, Err(why));
+        }
+        self.dispatch_queue();
+    }
+
+    /// Ends a request: its figures, its guard, its slot at the balancer.
+    fn finish(&mut self, id: u32, result: Result<(), Failure>) {
+        let now = self.now;
+        let Some(l) = self.lives.get_mut(id as usize).and_then(Option::take) else { return };
+        self.free.push(id);
+        self.live_count -= 1;
+        if l.guard.is_some() {
+            self.in_flight[l.backend] -= 1;
+        }
+        let delay = self.backends[l.backend].spec.network_delay;
+        match result {
+            Ok(()) => {
+                let wait = l.admitted.map(|a| a.saturating_since(l.req.at).saturating_sub(delay));
+                self.stats.completed(
+                    l.index,
+                    l.backend,
+                    l.first_token.map_or(Duration::ZERO, |t| t.saturating_since(l.req.at)),
+                    now.saturating_since(l.req.at),
+                    wait.unwrap_or_default(),
+                    l.req.prompt_tokens,
+                    l.cached,
+                    l.req.output_tokens,
+                    l.req.at.as_nanos(),
+                );
+            }
+            Err(why) => self.stats.failed(l.index, why, l.req.at.as_nanos()),
+        }
+        drop(l);
+        self.dispatch_queue();
+    }
+
+    /// Sends requests waiting at the balancer while backends have free slots.
+    fn dispatch_queue(&mut self) {
+        while let Some(&id) = self.queue.front() {
+            let Some(slots) = self.scenario.fleet.admission_slots else { return };
+            if self.in_flight.iter().all(|&n| n >= slots) {
+                return;
+            }
+            self.queue.pop_front();
+            self.admit(id);
+        }
+    }
+
+    fn fault(&mut self, i: usize) {
+        let Some(f) = self.scenario.fleet.faults.get(i) else { return };
+        let (b, kind, now) = (f.backend, f.kind, self.now);
+        let delay = self.backends[b].spec.network_delay;
+        match kind {
+            FaultKind::Crash | FaultKind::Hang => {
+                let (state, at, why) = match kind {
+                    FaultKind::Crash => (State::Down, now + delay, Failure::Reset),
+                    _ => (State::Hung, now + self.timeout, Failure::Timeout),
+                };
+                self.backends[b].state = state;
+                let mut victims: Vec<(u32, u32)> = self.seqs[b].values().map(|&id| (id, 0)).collect();
+                victims.sort_unstable();
+                for (id, _) in victims {
+                    if let Some(l) = self.lives.get(id as usize).and_then(Option::as_ref) {
+                        let attempt = l.attempts;
+                        self.at(at, Ev::Fail { live: id, attempt, why });
+                    }
+                }
+                self.seqs[b].clear();
+                self.backends[b].reset(now);
+                self.next_at[b] = None;
+            }
+            FaultKind::Restart | FaultKind::Recover => {
+                if self.backends[b].state != State::Up {
+                    self.backends[b].reset(now);
+                    self.backends[b].state = State::Up;
+                }
+                if kind == FaultKind::Recover {
+                    self.backends[b].error_rate = 0.0;
+                    self.backends[b].set_slowdown(now, 1.0);
+                }
+            }
+            FaultKind::Errors(rate) => self.backends[b].error_rate = rate,
+            FaultKind::Slow(fraction) => self.backends[b].set_slowdown(now, fraction),
+        }
+    }
+}

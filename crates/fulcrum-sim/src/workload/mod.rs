@@ -1,0 +1,480 @@
+//! The workload: when requests arrive and what they ask.
+//!
+//! Arrivals ([`Arrival`]) follow a Poisson process, an on/off bursty process (Poisson at a
+//! higher rate during `on` periods, silent during `off`, with the given mean rate), or a
+//! diurnal one (a Poisson process whose rate follows `mean x (1 + amplitude x sin(2 pi t /
+//! period))`, drawn by thinning, Lewis and Shedler 1979). The mean rate is given in requests a
+//! second (`rate`) or as a fraction of the fleet's capacity (`load`, see
+//! [`Fleet::capacity`](crate::fleet::Fleet::capacity)).
+//!
+//! Requests come from a generator ([`chat`]: shared system prompts and multi-turn
+//! conversations, or random prompts with an optional shared prefix) or from a JSONL trace
+//! ([`trace`]). A prompt is a list of segments (an id and a length in tokens); its block
+//! hashes are chained over the segments that fill each block ([`Content::blocks`]), so two
+//! prompts share their leading blocks exactly when they share their leading segments, for any
+//! block size: the engines' 16-token blocks and the balancer's 64-token ones alike.
+//!
+//! Cost: O(1) per arrival plus O(prompt blocks) per request to hash; the generator holds only
+//! the active conversations, never the whole run.
+
+pub mod chat;
+pub mod trace;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fulcrum_core::Instant;
+use fulcrum_core::hash::mix;
+use fulcrum_mock::engine::{OutputLen, SplitMix64};
+use serde::Deserialize;
+
+use crate::SimError;
+use crate::fleet::{Shape, duration, opt_duration};
+
+/// How the mean arrival rate is given.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Rate {
+    /// Requests a second.
+    PerSecond(f64),
+    /// A fraction of the fleet's capacity (0.8 = 80%).
+    Load(f64),
+}
+
+/// The arrival process.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arrival {
+    /// Exponential gaps.
+    Poisson,
+    /// Poisson during `on`, nothing during `off`; the mean over a cycle is the rate.
+    Bursty {
+        /// Length of a burst.
+        on: Duration,
+        /// Silence between bursts.
+        off: Duration,
+    },
+    /// Sinusoidal rate.
+    Diurnal {
+        /// One cycle.
+        period: Duration,
+        /// Relative swing, 0 to 1.
+        amplitude: f64,
+    },
+}
+
+/// What requests ask.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompts {
+    /// Prompts of a fixed length whose first `shared_prefix_tokens` are the same for all
+    /// (the load generator's traffic).
+    Random {
+        /// Prompt length.
+        prompt_tokens: u32,
+        /// Leading tokens every prompt shares.
+        shared_prefix_tokens: u32,
+        /// Output length.
+        output: OutputLen,
+    },
+    /// Shared-prefix multi-turn chat.
+    Chat(chat::ChatConfig),
+    /// Replayed from a trace.
+    Trace(Arc<trace::Trace>),
+}
+
+/// A validated workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    /// Arrivals to generate (a trace: at most this many of its records).
+    pub requests: u64,
+    /// Model name of generated requests.
+    pub model: Arc<str>,
+    /// The mean rate; `None` only for a trace replayed at its own times.
+    pub rate: Option<Rate>,
+    /// The arrival process (ignored by a trace replayed at its own times).
+    pub arrival: Arrival,
+    /// The requests.
+    pub prompts: Prompts,
+}
+
+/// A prompt's content: segments of token ids, or text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// `(segment id, tokens)`: equal ids are equal token runs of equal length.
+    Segments(Vec<(u64, u32)>),
+    /// Text, as a trace gives it (4 characters a token).
+    Text(Arc<str>),
+}
+
+/// One request of the workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimRequest {
+    /// Arrival time.
+    pub at: Instant,
+    /// The model asked for.
+    pub model: Arc<str>,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Output tokens (sent as `max_tokens`).
+    pub output_tokens: u32,
+    /// What the prompt is made of.
+    pub content: Content,
+    /// The session or conversation (the hash key of sticky policies).
+    pub session: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    requests: Option<u64>,
+    model: Option<String>,
+    arrival: Option<RawArrival>,
+    prompts: Option<chat::RawPrompts>,
+    trace: Option<trace::RawTrace>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawArrival {
+    process: Option<String>,
+    rate: Option<f64>,
+    load: Option<f64>,
+    on: Option<String>,
+    off: Option<String>,
+    period: Option<String>,
+    amplitude: Option<f64>,
+}
+
+/// Most requests one run generates.
+pub const MAX_REQUESTS: u64 = 100_000_000;
+
+// === impl Workload ===
+
+impl Workload {
+    /// Reads and validates a workload file; a trace path is relative to the file.
+    pub fn load(path: &Path) -> Result<Workload, SimError> {
+        let text = crate::read(path)?;
+        Self::parse_in(&text, path.parent()).map_err(|e| if e.file.is_none() { e.in_file(path) } else { e })
+    }
+
+    /// Parses workload TOML (trace paths relative to the working directory).
+    pub fn parse(text: &str) -> Result<Workload, SimError> {
+        Self::parse_in(text, None)
+    }
+
+    fn parse_in(text: &str, dir: Option<&Path>) -> Result<Workload, SimError> {
+        let raw: RawWorkload = crate::toml_from(text)?;
+        let model: Arc<str> = Arc::from(raw.model.as_deref().unwrap_or("model"));
+        if model.is_empty() || model.len() > 256 {
+            return Err(SimError::field("model", "must be 1 to 256 characters"));
+        }
+        let a = raw.arrival.unwrap_or_default();
+        let rate = match (a.rate, a.load) {
+            (Some(_), Some(_)) => return Err(SimError::field("arrival.rate", "give `rate` or `load`, not both")),
+            (Some(r), None) if r.is_finite() && r > 0.0 && r <= 1e7 => Some(Rate::PerSecond(r)),
+            (Some(r), None) => return Err(SimError::field("arrival.rate", format!("{r} is not in (0, 1e7]"))),
+            (None, Some(l)) if l.is_finite() && l > 0.0 && l <= 10.0 => Some(Rate::Load(l)),
+            (None, Some(l)) => return Err(SimError::field("arrival.load", format!("{l} is not in (0, 10]"))),
+            (None, None) => None,
+        };
+        let arrival = match a.process.as_deref().unwrap_or("poisson") {
+            "poisson" => Arrival::Poisson,
+            "bursty" => {
+                let on = opt_duration(a.on.as_deref(), "arrival.on")?.unwrap_or(Duration::from_secs(5));
+                let off = opt_duration(a.off.as_deref(), "arrival.off")?.unwrap_or(Duration::from_secs(15));
+                if on.is_zero() {
+                    return Err(SimError::field("arrival.on", "must be positive"));
+                }
+                Arrival::Bursty { on, off }
+            }
+            "diurnal" => {
+                let period = match &a.period {
+                    Some(p) => duration(p, "arrival.period")?,
+                    None => Duration::from_secs(60),
+                };
+                let amplitude = a.amplitude.unwrap_or(0.5);
+                if period.is_zero() {
+                    return Err(SimError::field("arrival.period", "must be positive"));
+                }
+                if !(0.0..=1.0).contains(&amplitude) {
+                    return Err(SimError::field("arrival.amplitude", format!("{amplitude} is not in 0..=1")));
+                }
+                Arrival::Diurnal { period, amplitude }
+            }
+            other => {
+                let msg = format!("unknown process `{other}`; expected poisson, bursty or diurnal");
+                return Err(SimError::field("arrival.process", msg));
+            }
+        };
+        let prompts = match (raw.trace, raw.prompts) {
+            (Some(_), Some(_)) => return Err(SimError::field("trace", "give [prompts] or [trace], not both")),
+            (Some(t), None) => {
+                let path = match dir {
+                    Some(d) => d.join(&t.path),
+                    None => PathBuf::from(&t.path),
+                };
+                Prompts::Trace(Arc::new(trace::Trace::load(&path, &t, &model)?))
+            }
+            (None, p) => p.unwrap_or_default().validate()?,
+        };
+        let requests = match (&prompts, raw.requests) {
+            (Prompts::Trace(t), n) => n.unwrap_or(u64::MAX).min(t.records.len() as u64),
+            (_, Some(n)) if (1..=MAX_REQUESTS).contains(&n) => n,
+            (_, Some(n)) => return Err(SimError::field("requests", format!("{n} is not in 1..={MAX_REQUESTS}"))),
+            (_, None) => return Err(SimError::field("requests", "how many requests to generate")),
+        };
+        if rate.is_none() && !matches!(prompts, Prompts::Trace(_)) {
+            return Err(SimError::field("arrival", "give `rate` (requests a second) or `load` (fraction of capacity)"));
+        }
+        Ok(Workload { requests, model, rate, arrival, prompts })
+    }
+
+    /// Mean prompt and output tokens, for capacity.
+    pub fn shape(&self) -> Shape {
+        match &self.prompts {
+            Prompts::Random { prompt_tokens, output, .. } => {
+                Shape { prompt_tokens: f64::from(*prompt_tokens), output_tokens: mean_output(output) }
+            }
+            Prompts::Chat(c) => c.shape(),
+            Prompts::Trace(t) => t.shape(),
+        }
+    }
+
+    /// The mean arrival rate in requests a second, for a fleet of `capacity` requests a
+    /// second; `None` for a trace at its own times.
+    pub fn rate_per_sec(&self, capacity: f64) -> Option<f64> {
+        match self.rate? {
+            Rate::PerSecond(r) => Some(r),
+            Rate::Load(l) => Some((l * capacity).max(1e-9)),
+        }
+    }
+
+    /// The requests, in arrival order, for a mean rate of `rate` (see
+    /// [`rate_per_sec`](Self::rate_per_sec)) and `seed`.
+    pub fn generate(&self, rate: Option<f64>, seed: u64) -> Generator {
+        let source = match &self.prompts {
+            Prompts::Random { prompt_tokens, shared_prefix_tokens, output } => {
+                Source::Random { prompt_tokens: *prompt_tokens, shared: *shared_prefix_tokens, output: *output }
+            }
+            Prompts::Chat(c) => Source::Chat(chat::Conversations::new(c.clone(), seed)),
+            Prompts::Trace(t) => Source::Trace { trace: t.clone(), next: 0 },
+        };
+        let clock = match (rate, &self.prompts) {
+            (Some(r), _) => Clock::Process { rate: r, arrival: self.arrival, t: 0.0 },
+            (None, _) => Clock::Trace,
+        };
+        Generator {
+            model: self.model.clone(),
+            remaining: self.requests,
+            clock,
+            source,
+            rng: SplitMix64::new(mix(seed, 0x4152_5249_5645)),
+            n: 0,
+            seed,
+        }
+    }
+}
+
+/// Mean of a clamped log-normal output length (the clamp ignored).
+pub(crate) fn mean_output(o: &OutputLen) -> f64 {
+    (o.median * (o.sigma * o.sigma / 2.0).exp()).min(f64::from(o.max))
+}
+
+enum Clock {
+    Process { rate: f64, arrival: Arrival, t: f64 },
+    Trace,
+}
+
+enum Source {
+    Random { prompt_tokens: u32, shared: u32, output: OutputLen },
+    Chat(chat::Conversations),
+    Trace { trace: Arc<trace::Trace>, next: usize },
+}
+
+/// The requests of one run, generated as they are needed.
+pub struct Generator {
+    model: Arc<str>,
+    remaining: u64,
+    clock: Clock,
+    source: Source,
+    rng: SplitMix64,
+    n: u64,
+    seed: u64,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator").field("remaining", &self.remaining).finish_non_exhaustive()
+    }
+}
+
+impl Generator {
+    /// Requests still to come.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+}
+
+impl Iterator for Generator {
+    type Item = SimRequest;
+
+    fn next(&mut self) -> Option<SimRequest> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        let n = self.n;
+        self.n += 1;
+        let at = match &mut self.clock {
+            Clock::Process { rate, arrival, t } => {
+                *t = next_arrival(*t, *rate, *arrival, &mut self.rng);
+                Some(Instant::from_nanos((*t * 1e9) as u64))
+            }
+            Clock::Trace => None,
+        };
+        let request_seed = mix(self.seed, n);
+        let mut req = match &mut self.source {
+            Source::Random { prompt_tokens, shared, output } => {
+                let shared = (*shared).min(*prompt_tokens);
+                let mut segments = Vec::with_capacity(2);
+                if shared > 0 {
+                    segments.push((mix(self.seed, 0x5348_4152_4544), shared));
+                }
+                if *prompt_tokens > shared {
+                    segments.push((mix(request_seed, 0x554E_4951_5545), *prompt_tokens - shared));
+                }
+                SimRequest {
+                    at: Instant::ZERO,
+                    model: self.model.clone(),
+                    prompt_tokens: *prompt_tokens,
+                    output_tokens: output.sample(request_seed),
+                    content: Content::Segments(segments),
+                    session: n,
+                }
+            }
+            Source::Chat(c) => c.next(&self.model, request_seed),
+            Source::Trace { trace, next } => {
+                let r = trace.records.get(*next)?;
+                *next += 1;
+                r.request()
+            }
+        };
+        if let Some(at) = at {
+            req.at = at;
+        }
+        Some(req)
+    }
+}
+
+/// The next arrival after `t` seconds.
+fn next_arrival(t: f64, rate: f64, arrival: Arrival, rng: &mut SplitMix64) -> f64 {
+    let exp = |rng: &mut SplitMix64, rate: f64| -rng.next_f64().ln() / rate;
+    match arrival {
+        Arrival::Poisson => t + exp(rng, rate),
+        Arrival::Bursty { on, off } => {
+            // Draw in "on time" (bursts laid end to end), then map back to real time.
+            let (on, off) = (on.as_secs_f64(), off.as_secs_f64());
+            let cycle = on + off;
+            let on_rate = rate * cycle / on;
+            let on_time = (t / cycle).floor() * on + (t % cycle).min(on);
+            let next = on_time + exp(rng, on_rate);
+            (next / on).floor() * cycle + next % on
+        }
+        Arrival::Diurnal { period, amplitude } => {
+            let peak = rate * (1.0 + amplitude);
+            let mut t = t;
+            loop {
+                t += exp(rng, peak);
+                let now = rate * (1.0 + amplitude * (std::f64::consts::TAU * t / period.as_secs_f64()).sin());
+                if rng.next_f64() * peak <= now {
+                    return t;
+                }
+            }
+        }
+    }
+}
+
+// === impl Content ===
+
+impl Content {
+    /// Chained hashes of the prompt's full blocks of `block_tokens` tokens (at most
+    /// `max_blocks`), seeded by `model`: equal leading content, equal leading hashes.
+    pub fn blocks(&self, model: &str, block_tokens: u32, max_blocks: usize) -> Vec<u64> {
+        let seed = fulcrum_core::openai::model_seed(model);
+        match self {
+            Content::Text(text) => fulcrum_core::openai::text_prefix(
+                model,
+                text,
+                (block_tokens * fulcrum_core::openai::CHARS_PER_TOKEN) as usize,
+                max_blocks,
+            ),
+            Content::Segments(segments) => {
+                let mut out = Vec::new();
+                let (mut chain, mut acc, mut filled) = (seed, 0u64, 0u32);
+                for &(id, len) in segments {
+                    let mut off = 0;
+                    while off < len {
+                        let take = (len - off).min(block_tokens - filled);
+                        acc = mix(acc, mix(id, (u64::from(off) << 32) | u64::from(take)));
+                        filled += take;
+                        off += take;
+                        if filled == block_tokens {
+                            chain = mix(chain, acc);
+                            out.push(chain);
+                            if out.len() >= max_blocks {
+                                return out;
+                            }
+                            (acc, filled) = (0, 0);
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_leading_segments_share_leading_blocks_at_any_block_size() {
+        let a = Content::Segments(vec![(1, 100), (2, 40)]);
+        let b = Content::Segments(vec![(1, 100), (3, 40)]);
+        for bs in [16, 64] {
+            let (ha, hb) = (a.blocks("m", bs, 100), b.blocks("m", bs, 100));
+            assert_eq!(ha.len(), 140 / bs as usize);
+            let same = ha.iter().zip(&hb).take_while(|(x, y)| x == y).count();
+            assert_eq!(same, 100 / bs as usize, "block size {bs}");
+        }
+        assert_ne!(a.blocks("m", 16, 9), a.blocks("other", 16, 9));
+    }
+
+    #[test]
+    fn processes_keep_their_mean_rate() {
+        for arrival in [
+            Arrival::Poisson,
+            Arrival::Bursty { on: Duration::from_secs(1), off: Duration::from_secs(3) },
+            Arrival::Diurnal { period: Duration::from_secs(10), amplitude: 0.8 },
+        ] {
+            let mut rng = SplitMix64::new(3);
+            let mut t = 0.0;
+            for _ in 0..100_000 {
+                t = next_arrival(t, 50.0, arrival, &mut rng);
+            }
+            let rate = 100_000.0 / t;
+            assert!((rate - 50.0).abs() < 1.5, "{arrival:?}: {rate}");
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let err = |t: &str| Workload::parse(t).unwrap_err().to_string();
+        assert!(err("requests = 10\n[arrival]\nrate = -3.0\n").contains("arrival.rate"));
+        assert!(err("requests = 10\n[arrival]\nload = 0.5\nprocess = \"wavy\"\n").contains("arrival.process"));
+        assert!(err("[arrival]\nload = 0.5\n").contains("requests"));
+        assert!(err("requests = 10\n").contains("arrival"));
+        let w = Workload::parse("requests = 10\n[arrival]\nload = 0.5\n").unwrap();
+        assert_eq!(w.generate(Some(1.0), 1).count(), 10);
+    }
+}
