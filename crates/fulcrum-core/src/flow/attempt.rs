@@ -103,7 +103,7 @@ pub struct Attempts {
     plan: RequestPlan,
     /// Only endpoints that serve the request's model (the pool routes by model).
     by_model: bool,
-    /// Endpoints tried or refused, by index.
+    /// Endpoints tried and failed, by index: never tried again by this request.
     tried: Vec<usize>,
     tries: u32,
     max_tries: u32,
@@ -166,19 +166,23 @@ impl Attempts {
         let selector = roster.selector();
         let endpoints = selector.endpoints();
         let rules: &PoolRules = state.rules();
+        // Endpoints whose breaker or limits refused during this call: a refusal is not a try,
+        // and a later call (after a backoff, or when the driver queued the request) asks them
+        // again.
+        let mut refused: Vec<usize> = Vec::new();
         loop {
             let panic = state.is_panic(endpoints.len());
             let sticky = self
                 .plan
                 .sticky
-                .filter(|&i| self.tries == 0 && self.tried.is_empty() && i < endpoints.len())
+                .filter(|&i| self.tries == 0 && refused.is_empty() && i < endpoints.len())
                 .filter(|&i| PoolState::usable(&endpoints[i], panic, now) && self.serves(&endpoints[i], facts));
             let picked = sticky.or_else(|| {
-                let tried = &self.tried;
+                let (tried, refused) = (&self.tried, &refused);
                 selector.pick_index(facts, now, rng, |e| {
                     PoolState::usable(e, panic, now)
                         && self.serves(e, facts)
-                        && !tried.iter().any(|&t| endpoints[t].id() == e.id())
+                        && !tried.iter().chain(refused).any(|&t| endpoints[t].id() == e.id())
                 })
             });
             let Some(index) = picked else { return Next::Fail(Fail::NoEndpoint) };
@@ -190,7 +194,7 @@ impl Attempts {
                 Some(b) => match b.admit(endpoint, state, now) {
                     Some(p) => Some(p),
                     None => {
-                        self.tried.push(index);
+                        refused.push(index);
                         continue;
                     }
                 },
@@ -202,7 +206,7 @@ impl Attempts {
                 if let (Some(b), Some(p)) = (breaker, permit) {
                     b.cancel(p);
                 }
-                self.tried.push(index);
+                refused.push(index);
                 continue;
             }
             self.tries += 1;
