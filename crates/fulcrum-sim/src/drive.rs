@@ -1,32 +1,30 @@
-//! Every call the simulator makes into the core's routing, behind one narrow interface.
+//! Every call the simulator makes into the core, behind one narrow interface.
 //!
-//! The proxy's forwarding path does, per request: build the request facts (model, prefix
-//! block hashes, estimated tokens, hash key), pick with a veto, hold an in-flight guard until
-//! the response stream ends, and record the time to the response head and the outcome; beside
-//! it, a scraper feeds each engine's running and waiting requests and KV use into the
-//! endpoint's load signals (`fulcrum-proxy/src/scrape.rs`). This module does the same on
-//! [`fulcrum_core::Selector`], built from the pool's configuration by the same function the
-//! proxy uses ([`PoolConfig::selector_for`]).
+//! The proxy's forwarding path, per request: build the request facts (model, prefix block
+//! hashes, estimated tokens, hash key), then drive the core's attempt machine
+//! ([`fulcrum_core::flow::Attempts`]): `next` says which endpoint to send a try to (with the
+//! pick's veto, panic mode, breakers and limits applied), or to wait out a retry's backoff, or
+//! to give up; `record` takes the try's classified outcome and time to the response head and
+//! says whether to answer or retry. Beside it, per pool: a scraper feeds each engine's running
+//! and waiting requests and KV use into the endpoint's load signals
+//! (`fulcrum-proxy/src/scrape.rs`), active health checks feed
+//! [`PoolState::on_probe`], and the outlier detector's timers run. This module does the very
+//! same on the very same types, built from the pool's configuration by the same functions the
+//! proxy uses ([`PoolConfig::selector_for`], [`PoolConfig::rules`]); only the clock is virtual.
 //!
-//! The core is gaining a per-pool and per-request attempt state machine (veto, panic,
-//! breakers, limits, retry and backoff, outcome classification); when it lands, this module is
-//! the only one to move onto it: [`Drive::pick`], [`Drive::begin`], [`Drive::record`],
-//! [`Drive::may_retry`], [`Drive::scrape`] and [`Drive::refresh`] keep their shape. Until
-//! then health checks, outlier ejection and breakers are not simulated.
+//! Endpoint `i` of the pool is backend `i` of the fleet (a selector keeps its endpoints in the
+//! order given).
 //!
-//! Endpoint `i` of the pool is backend `i` of the fleet; its address encodes `i`
-//! (`10.x.y.z:8000`), so that a veto can tell which backend a candidate is without a map.
-//!
-//! Cost: one [`Selector::pick_index`] per attempt, as in the proxy.
+//! Cost: as in the proxy, one [`fulcrum_core::Selector::pick_index`] per try plus short state updates.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use fulcrum_config::PoolConfig;
-use fulcrum_core::{
-    BuildError, Endpoint, EndpointSpec, Instant, Labels, LatencyConfig, Outcome, Policy, PolicyKind, RequestFacts,
-    Selector, openai,
-};
+use fulcrum_core::flow::{Attempts, Members, Next, PoolState, RequestPlan, Ticket, UnknownModel, Verdict};
+use fulcrum_core::resilience::Observed;
+use fulcrum_core::resilience::health::{HealthConfig, HealthState};
+use fulcrum_core::{BuildError, EndpointSpec, InFlight, Instant, Labels, Policy, PolicyKind, RequestFacts, openai};
 use rand::RngCore;
 
 /// What the balancer knows of one request: what the proxy extracts from its body and headers.
@@ -44,6 +42,20 @@ pub struct Facts<'a> {
     pub session: u64,
 }
 
+impl Facts<'_> {
+    /// As the core's request facts, with `key` (the session's bytes) as the hash key.
+    fn core<'k>(&'k self, key: &'k [u8; 8]) -> RequestFacts<'k> {
+        RequestFacts {
+            client: Some(std::net::IpAddr::V4(Ipv4Addr::from(0xC0A8_0000 | (self.session as u32 & 0xFFFF)))),
+            hash_key: Some(key),
+            model: Some(self.model),
+            prompt: None,
+            prefix: self.prefix,
+            estimated_tokens: self.prompt_tokens.saturating_add(self.output_tokens),
+        }
+    }
+}
+
 /// What an engine's metrics page says, as the scraper reads it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EngineReport {
@@ -58,19 +70,39 @@ pub struct EngineReport {
     pub cache: Option<(u64, u32)>,
 }
 
-/// The in-flight guard of one attempt: the request counts as load on its endpoint until this
-/// is dropped, when the simulated response stream ends.
+/// One try on its way: the request counts as load on its backend until `guard` is dropped
+/// (when the simulated response stream ends); `ticket` goes back to [`Drive::record`].
 #[derive(Debug)]
 pub struct Attempt {
-    _guard: fulcrum_core::InFlight,
+    /// The backend.
+    pub backend: usize,
+    /// The longest to wait for the response head.
+    pub first_byte: Duration,
+    /// Counts the request in flight.
+    pub guard: InFlight,
+    /// Hands the outcome back.
+    pub ticket: Ticket,
 }
 
-/// The routing of one pool.
+/// What to do for a request next.
+#[derive(Debug)]
+pub enum Step {
+    /// Send this try.
+    Send(Attempt),
+    /// Ask again at this instant (a retry's backoff).
+    Wait(Instant),
+    /// No backend can take it now.
+    Fail,
+}
+
+/// The routing and failure handling of one pool.
 #[derive(Debug)]
 pub struct Drive {
-    selector: Selector,
-    latency: LatencyConfig,
-    max_attempts: u32,
+    members: Members,
+    state: PoolState,
+    breaker: Option<fulcrum_core::resilience::breaker::BreakerConfig>,
+    /// One active health checker per backend, when the pool has health checks.
+    health: Vec<HealthState>,
     utilization: bool,
     limits: openai::Limits,
 }
@@ -78,13 +110,6 @@ pub struct Drive {
 /// The address standing for backend `index`.
 pub fn address_of(index: usize) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(0x0A00_0000 | (index as u32 & 0x00FF_FFFF)), 8000))
-}
-
-fn index_of(endpoint: &Endpoint) -> usize {
-    match endpoint.address() {
-        SocketAddr::V4(a) => (u32::from(*a.ip()) & 0x00FF_FFFF) as usize,
-        SocketAddr::V6(_) => usize::MAX,
-    }
 }
 
 /// The endpoint of backend `index`: its name, and its weight and accelerator label only when
@@ -112,73 +137,127 @@ pub fn policy_named(name: &str, pool: &Policy) -> Result<Policy, fulcrum_core::P
     }
 }
 
+/// How the proxy classifies a try that ended this way.
+pub fn observed(failure: crate::report::Failure) -> Observed {
+    use crate::report::Failure;
+    match failure {
+        Failure::Refused => Observed::ConnectFailure,
+        Failure::Reset => Observed::Reset,
+        Failure::Timeout => Observed::Timeout,
+        // The mock backend answers an injected fault with 500, a prompt it cannot hold with 400.
+        Failure::Error => Observed::Status(500),
+        Failure::Rejected => Observed::Status(400),
+        Failure::NoBackend => Observed::Status(503),
+    }
+}
+
 // === impl Drive ===
 
 impl Drive {
     /// The pool's routing under `policy`, over `endpoints` (the fleet), at time zero.
-    pub fn try_new(pool: &PoolConfig, policy: Policy, endpoints: Vec<EndpointSpec>) -> Result<Drive, BuildError> {
+    /// `slots`: a cap on each backend's requests in flight at the balancer (the core's
+    /// `max_requests` limit), for the queueing checks.
+    pub fn try_new(
+        pool: &PoolConfig,
+        policy: Policy,
+        endpoints: Vec<EndpointSpec>,
+        slots: Option<u32>,
+    ) -> Result<Drive, BuildError> {
         let config = PoolConfig { policy, ..pool.clone() };
         let selector = config.selector_for(endpoints, Instant::ZERO)?;
+        let mut rules = config.rules();
+        if let Some(n) = slots {
+            let settings = fulcrum_core::resilience::breaker::LimitSettings {
+                max_requests: Some(n.max(1)),
+                ..fulcrum_core::resilience::breaker::LimitSettings::default()
+            };
+            rules.limits = fulcrum_core::resilience::breaker::Limits::try_new(settings)
+                .unwrap_or(fulcrum_core::resilience::breaker::Limits::UNLIMITED);
+        }
+        let breaker = rules.breaker;
+        let health = rules.health.map_or_else(Vec::new, |h| {
+            selector.endpoints().iter().map(|_| HealthState::new(&h, Instant::ZERO)).collect()
+        });
+        let members = Members::new(selector, breaker.as_ref(), Instant::ZERO);
+        let state = PoolState::new(rules, members.selector().endpoints(), Instant::ZERO);
         Ok(Drive {
-            latency: *selector.options().latency(),
-            max_attempts: pool.resilience.retry.max_attempts().max(1),
-            utilization: selector.policy().kind() != PolicyKind::Score,
+            utilization: members.selector().policy().kind() != PolicyKind::Score,
             limits: openai::Limits::default(),
-            selector,
+            members,
+            state,
+            breaker,
+            health,
         })
     }
 
     /// The policy in use.
     pub fn policy(&self) -> &Policy {
-        self.selector.policy()
+        self.members.selector().policy()
     }
 
-    /// Chooses a backend for `facts` at `now`, or `None` when every one is vetoed by `accept`
-    /// (given backend indices).
-    pub fn pick(
-        &self,
-        facts: &Facts<'_>,
-        now: Instant,
-        rng: &mut dyn RngCore,
-        mut accept: impl FnMut(usize) -> bool,
-    ) -> Option<usize> {
+    /// The pool's failure-handling state (counters, events).
+    pub fn state(&self) -> &PoolState {
+        &self.state
+    }
+
+    /// Starts a request's tries. It is sent on an inference route: POSTs are retried before
+    /// the first byte as the pool's retry policy says.
+    pub fn start(&self, facts: &Facts<'_>, now: Instant) -> Result<Attempts, UnknownModel> {
         let key = facts.session.to_le_bytes();
-        let facts = RequestFacts {
-            client: Some(std::net::IpAddr::V4(Ipv4Addr::from(0xC0A8_0000 | (facts.session as u32 & 0xFFFF)))),
-            hash_key: Some(&key),
-            model: Some(facts.model),
-            prompt: None,
-            prefix: facts.prefix,
-            estimated_tokens: facts.prompt_tokens.saturating_add(facts.output_tokens),
-        };
-        let i = self.selector.pick_index(&facts, now, rng, |e| accept(index_of(e)))?;
-        Some(index_of(&self.selector.endpoints()[i]))
+        let plan = RequestPlan { route_allows_any_method: true, replayable: true, ..RequestPlan::default() };
+        Attempts::start(&self.state, &self.members, &facts.core(&key), plan, now)
     }
 
-    /// Counts an attempt on `endpoint` as in flight from `now` until the guard is dropped.
-    pub fn begin(&self, endpoint: usize, facts: &Facts<'_>, now: Instant) -> Attempt {
-        let tokens = facts.prompt_tokens.saturating_add(facts.output_tokens);
-        Attempt { _guard: self.selector.begin(&self.selector.endpoints()[endpoint], tokens, now) }
-    }
-
-    /// Records an attempt's outcome and its time to the response head (the first token, or
-    /// the failure), as the proxy does when the head arrives.
-    pub fn record(&self, endpoint: usize, outcome: Outcome, ttft: Duration, now: Instant) {
-        if let Some(e) = self.selector.endpoints().get(endpoint) {
-            e.signals().observe(ttft, outcome, now, &self.latency);
+    /// The request's next step.
+    pub fn next(&self, attempts: &mut Attempts, facts: &Facts<'_>, now: Instant, rng: &mut dyn RngCore) -> Step {
+        let key = facts.session.to_le_bytes();
+        match attempts.next(&self.state, &self.members, &facts.core(&key), now, rng) {
+            Next::Send(t) => {
+                Step::Send(Attempt { backend: t.index, first_byte: t.first_byte, guard: t.guard, ticket: t.ticket })
+            }
+            Next::Wait(at) => Step::Wait(at),
+            Next::Fail(_) => Step::Fail,
         }
     }
 
-    /// Whether a request that failed before its first byte on `attempts` tries may try again
-    /// (the pool's `retry.max_attempts`).
-    pub fn may_retry(&self, attempts: u32) -> bool {
-        attempts < self.max_attempts
+    /// Records a try's outcome and its time to the response head (the first token, or the
+    /// failure), as the proxy does when the head arrives; says whether to answer or retry.
+    #[allow(clippy::too_many_arguments)] // the core's record, plus the machine it belongs to
+    pub fn record(
+        &self,
+        attempts: &mut Attempts,
+        ticket: Ticket,
+        observed: Observed,
+        elapsed: Duration,
+        now: Instant,
+        rng: &mut dyn RngCore,
+    ) -> Verdict {
+        attempts.record(&self.state, &self.members, ticket, observed, elapsed, now, rng)
+    }
+
+    /// The pool's active health checks, if it has them.
+    pub fn health_check(&self) -> Option<HealthConfig> {
+        self.state.rules().health
+    }
+
+    /// Takes the result of a health check of `backend` and says when to check it next.
+    pub fn probe(&mut self, backend: usize, ok: bool, now: Instant, rng: &mut dyn RngCore) -> Option<Instant> {
+        let endpoint = self.members.selector().endpoints().get(backend)?.clone();
+        let health = self.health.get_mut(backend)?;
+        self.state.on_probe(&self.members, &endpoint, health, ok, now);
+        Some(health.next_check(now, rng))
+    }
+
+    /// Runs the outlier detector's timers; when to call again.
+    pub fn tick(&self, now: Instant) -> Option<Instant> {
+        self.state.tick(self.members.selector().endpoints(), now)
     }
 
     /// Feeds one scrape of `endpoint`'s engine (`None`: the scrape failed, so its load is
     /// unknown, never idle), as the proxy's scraper does.
     pub fn scrape(&self, endpoint: usize, report: Option<EngineReport>, now: Instant) {
-        let Some(e) = self.selector.endpoints().get(endpoint) else { return };
+        let selector = self.members.selector();
+        let Some(e) = selector.endpoints().get(endpoint) else { return };
         let signals = e.signals();
         let Some(r) = report else {
             signals.forget_engine();
@@ -190,15 +269,15 @@ impl Drive {
         }
         if let Some((blocks, block_size)) = r.cache {
             let cap = self.limits.cache_blocks_for_engine(blocks, block_size);
-            self.selector.set_prefix_capacity(e.id(), Some(cap.max(1)));
+            selector.set_prefix_capacity(e.id(), Some(cap.max(1)));
         }
     }
 
     /// Recomputes effective weights (slow start, reported utilization), swapping in a rebuilt
     /// selector when a table-driven policy's tables change; the proxy does it periodically.
     pub fn refresh(&mut self, now: Instant) {
-        if let Some(next) = self.selector.refresh(now) {
-            self.selector = next;
+        if let Some(next) = self.members.selector().refresh(now) {
+            self.members = self.members.rebuild(next, self.breaker.as_ref(), now);
         }
     }
 }
@@ -209,20 +288,22 @@ mod tests {
     use rand::{SeedableRng, rngs::SmallRng};
 
     #[test]
-    fn picks_name_backends_and_guards_count_load() {
+    fn tries_name_backends_guards_count_load_and_failures_retry_elsewhere() {
         let pool = crate::run::default_pool();
         let specs = (0..3).map(|i| endpoint_spec(i, &format!("b-{i}"), None)).collect();
-        let drive = Drive::try_new(&pool, Policy::LeastConnections, specs).unwrap();
+        let drive = Drive::try_new(&pool, Policy::LeastConnections, specs, None).unwrap();
         let facts = Facts { model: "m", prefix: &[], prompt_tokens: 10, output_tokens: 5, session: 1 };
         let mut rng = SmallRng::seed_from_u64(1);
-        let first = drive.pick(&facts, Instant::ZERO, &mut rng, |_| true).unwrap();
-        let guard = drive.begin(first, &facts, Instant::ZERO);
-        let second = drive.pick(&facts, Instant::ZERO, &mut rng, |i| i != 2).unwrap();
-        assert_ne!(first, second);
-        assert_ne!(second, 2);
-        drop(guard);
-        assert_eq!(drive.pick(&facts, Instant::ZERO, &mut rng, |i| i == 2), Some(2));
-        assert!(drive.pick(&facts, Instant::ZERO, &mut rng, |_| false).is_none());
+        let mut a = drive.start(&facts, Instant::ZERO).unwrap();
+        let Step::Send(first) = drive.next(&mut a, &facts, Instant::ZERO, &mut rng) else { panic!() };
+        let load = |b: usize| drive.members.selector().endpoints()[b].signals().in_flight();
+        assert_eq!(load(first.backend), 1);
+        let v = drive.record(&mut a, first.ticket, Observed::ConnectFailure, Duration::ZERO, Instant::ZERO, &mut rng);
+        let Verdict::Retry { at } = v else { panic!("{v:?}") };
+        let Step::Send(second) = drive.next(&mut a, &facts, at, &mut rng) else { panic!() };
+        assert_ne!(first.backend, second.backend);
+        drop(first.guard);
+        assert_eq!(load(first.backend), 0);
         assert!(policy_named("nope", drive.policy()).is_err());
         assert!(policy_named("header_hash", drive.policy()).is_ok());
     }

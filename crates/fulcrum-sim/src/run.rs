@@ -10,11 +10,14 @@
 //! late changes nothing; when requests wait in the central admission queue, the loop steps to
 //! each backend event exactly instead, since a slot freeing up is then a decision point.
 //!
-//! Request life: arrive -> (admission queue) -> pick ([`Drive::pick`], vetoing backends this
-//! request already tried) -> guard ([`Drive::begin`]) -> delivered after the network delay ->
-//! queue, prefill, decode in the backend -> first token and end of stream back after the delay
-//! -> [`Drive::record`] and the guard dropped. A failure before the first token is retried on
-//! another backend while [`Drive::may_retry`] allows; after it, the request fails.
+//! Request life: arrive -> the core's attempt machine ([`Drive::start`], [`Drive::next`]:
+//! pick with the veto, panic mode, breakers and limits) -> (the balancer's queue, when every
+//! backend is at its slot limit) -> delivered after the network delay -> queue, prefill,
+//! decode in the backend -> first token and end of stream back after the delay ->
+//! [`Drive::record`] and the guard dropped. A failure before the first token is recorded the
+//! same way; the machine says whether and when to retry (the pool's retry policy, budget and
+//! backoff). Active health checks and the outlier detector's timers run as the proxy runs
+//! them, so crashed or hung backends are found and routed around as they would be.
 //!
 //! Cost: O(log n) per event plus O(backends) per event; memory O(requests in flight) plus
 //! 24 bytes per finished request for the percentiles.
@@ -24,15 +27,17 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
 use fulcrum_config::{Config, PoolConfig};
+use fulcrum_core::flow::{Attempts, Ticket, Verdict};
 use fulcrum_core::hash::mix;
-use fulcrum_core::{Instant, Outcome, Policy};
+use fulcrum_core::resilience::Observed;
+use fulcrum_core::{InFlight, Instant, Policy};
 use fulcrum_mock::engine::{EventKind, SeqId};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use crate::SimError;
 use crate::backend::{Backend, State};
-use crate::drive::{Attempt, Drive, Facts, endpoint_spec, policy_named};
+use crate::drive::{Attempt, Drive, Facts, Step, endpoint_spec, observed, policy_named};
 use crate::fleet::{FaultKind, Fleet};
 use crate::report::{Collector, Failure, Report};
 use crate::workload::{Generator, SimRequest, Workload};
@@ -84,6 +89,10 @@ enum Ev {
     Head { live: u32, attempt: u32 },
     Done { live: u32, attempt: u32 },
     Fail { live: u32, attempt: u32, why: Failure },
+    Retry { live: u32 },
+    Probe(u32),
+    Probed { backend: u32, ok: bool },
+    Tick,
     Fault(u32),
     Scrape,
     Sample,
@@ -93,12 +102,16 @@ struct Live {
     req: SimRequest,
     prefix: Vec<u64>,
     index: u64,
-    attempts: u32,
-    tried: Vec<u32>,
+    /// The core's attempt machine.
+    machine: Attempts,
+    /// Tries sent (events of an earlier try are stale).
+    attempt: u32,
     backend: usize,
     started: Instant,
+    first_byte: Duration,
     seq: Option<SeqId>,
-    guard: Option<Attempt>,
+    guard: Option<InFlight>,
+    ticket: Option<Ticket>,
     first_token: Option<Instant>,
     admitted: Option<Instant>,
     cached: u32,
@@ -123,7 +136,6 @@ struct Sim<'a> {
     pending: Option<SimRequest>,
     arrivals: u64,
     total: u64,
-    timeout: Duration,
     slots: Vec<u32>,
     sample_every: Duration,
     stats: Collector,
@@ -159,7 +171,8 @@ impl Scenario {
             .enumerate()
             .map(|(i, b)| endpoint_spec(i, &b.name, b.told.then_some((b.weight, b.accelerator.as_deref()))))
             .collect();
-        let drive = Drive::try_new(&self.pool, policy, specs).map_err(|e| SimError::field("policy", e.to_string()))?;
+        let drive = Drive::try_new(&self.pool, policy, specs, self.fleet.admission_slots)
+            .map_err(|e| SimError::field("policy", e.to_string()))?;
         let (rate, capacity) = self.rates();
         let generator = self.workload.generate(rate, seed);
         let total = generator.remaining();
@@ -198,7 +211,6 @@ impl Scenario {
             pending: None,
             arrivals: 0,
             total,
-            timeout: self.pool.timeouts.first_byte,
             slots: self.fleet.backends.iter().map(crate::fleet::BackendSpec::slots).collect(),
             sample_every: Duration::from_secs_f64((span / 200.0).max(0.01)),
             stats: Collector::new(n, self.warmup),
@@ -225,6 +237,12 @@ impl Sim<'_> {
         }
         self.at(Instant::ZERO, Ev::Scrape);
         self.at(Instant::ZERO, Ev::Sample);
+        self.at(Instant::ZERO, Ev::Tick);
+        if self.drive.health_check().is_some() {
+            for b in 0..self.backends.len() {
+                self.at(Instant::ZERO, Ev::Probe(b as u32));
+            }
+        }
     }
 
     fn schedule_arrival(&mut self) {
@@ -285,7 +303,7 @@ impl Sim<'_> {
         while let Some(e) = self.backends[b].poll_event() {
             let Some(&live) = self.seqs[b].get(&e.seq) else { continue };
             let Some(l) = self.lives.get_mut(live as usize).and_then(Option::as_mut) else { continue };
-            let attempt = l.attempts;
+            let attempt = l.attempt;
             match e.kind {
                 EventKind::Admitted { cached_tokens } => {
                     l.admitted = Some(e.at);
@@ -312,6 +330,21 @@ impl Sim<'_> {
             Ev::Head { live, attempt } => self.head(live, attempt),
             Ev::Done { live, attempt } => self.done(live, attempt),
             Ev::Fail { live, attempt, why } => self.fail(live, attempt, why),
+            Ev::Retry { live } => self.admit(live),
+            Ev::Probe(b) => self.probe(b as usize),
+            Ev::Probed { backend, ok } => {
+                let next = self.drive.probe(backend as usize, ok, self.now, &mut self.rng);
+                if let Some(next) = next.filter(|_| self.busy()) {
+                    self.at(next, Ev::Probe(backend));
+                }
+            }
+            Ev::Tick => {
+                // As the proxy's outlier task: at the detector's deadline, at least every second.
+                if let Some(next) = self.drive.tick(self.now).filter(|_| self.busy()) {
+                    let (soon, late) = (self.now + Duration::from_millis(5), self.now + Duration::from_secs(1));
+                    self.at(next.max(soon).min(late), Ev::Tick);
+                }
+            }
             Ev::Fault(i) => self.fault(i as usize),
             Ev::Scrape => {
                 for b in 0..self.backends.len() {
@@ -338,17 +371,26 @@ impl Sim<'_> {
         let Some(req) = self.pending.take() else { return };
         let index = self.arrivals;
         self.arrivals += 1;
+        self.stats.arrived(index);
         let prefix = req.content.blocks(&req.model, CORE_BLOCK_TOKENS, CORE_MAX_BLOCKS);
+        let Ok(machine) = self.drive.start(&facts_of(&req, &prefix), self.now) else {
+            // No backend serves its model: the proxy answers 404 at once.
+            self.stats.failed(index, Failure::NoBackend, req.at.as_nanos());
+            self.schedule_arrival();
+            return;
+        };
         let live = Live {
             req,
             prefix,
             index,
-            attempts: 0,
-            tried: Vec::new(),
+            machine,
+            attempt: 0,
             backend: 0,
             started: self.now,
+            first_byte: Duration::ZERO,
             seq: None,
             guard: None,
+            ticket: None,
             first_token: None,
             admitted: None,
             cached: 0,
@@ -364,62 +406,65 @@ impl Sim<'_> {
             }
         };
         self.live_count += 1;
-        self.stats.arrived(index);
         self.admit(id);
         self.schedule_arrival();
     }
 
-    /// Picks a backend for `id` and sends it, or queues it at the balancer, or fails it.
+    /// Asks the core where `id` goes next: sends it, waits out a backoff, queues it at the
+    /// balancer (every backend at its slot limit), or fails it.
     fn admit(&mut self, id: u32) {
-        let slots = self.scenario.fleet.admission_slots;
-        let Some(l) = self.lives.get(id as usize).and_then(Option::as_ref) else { return };
-        let facts = Facts {
-            model: &l.req.model,
-            prefix: &l.prefix,
-            prompt_tokens: u64::from(l.req.prompt_tokens),
-            output_tokens: u64::from(l.req.output_tokens),
-            session: l.req.session,
-        };
-        let in_flight = &self.in_flight;
-        let tried = &l.tried;
-        let accept = |i: usize| !tried.contains(&(i as u32)) && slots.is_none_or(|s| in_flight[i] < s);
-        match self.drive.pick(&facts, self.now, &mut self.rng, accept) {
-            Some(b) => {
-                let guard = self.drive.begin(b, &facts, self.now);
-                self.send(id, b, guard);
-            }
-            None if slots.is_some() && self.in_flight.iter().any(|&n| slots.is_some_and(|s| n >= s)) => {
-                self.queue.push_back(id);
-            }
-            None => self.finish(id, Err(Failure::NoBackend)),
+        let Some(l) = self.lives.get_mut(id as usize).and_then(Option::as_mut) else { return };
+        let facts = facts_of(&l.req, &l.prefix);
+        match self.drive.next(&mut l.machine, &facts, self.now, &mut self.rng) {
+            Step::Send(attempt) => self.send(id, attempt),
+            Step::Wait(at) => self.at(at, Ev::Retry { live: id }),
+            Step::Fail => match self.scenario.fleet.admission_slots {
+                Some(s) if self.in_flight.iter().any(|&n| n >= s) => self.queue.push_back(id),
+                _ => self.finish(id, Err(Failure::NoBackend)),
+            },
         }
     }
 
-    fn send(&mut self, id: u32, b: usize, guard: Attempt) {
+    fn send(&mut self, id: u32, attempt: Attempt) {
         let now = self.now;
         let Some(l) = self.lives.get_mut(id as usize).and_then(Option::as_mut) else { return };
-        l.attempts += 1;
-        l.tried.push(b as u32);
+        let b = attempt.backend;
+        l.attempt += 1;
         l.backend = b;
         l.started = now;
-        l.guard = Some(guard);
-        let attempt = l.attempts;
+        l.first_byte = attempt.first_byte;
+        l.guard = Some(attempt.guard);
+        l.ticket = Some(attempt.ticket);
+        let n = l.attempt;
         self.in_flight[b] += 1;
         let delay = self.backends[b].spec.network_delay;
-        self.at(now + delay, Ev::Deliver { live: id, attempt });
+        self.at(now + delay, Ev::Deliver { live: id, attempt: n });
+    }
+
+    /// Checks a backend as an active health check would: an answer after a round trip, or
+    /// none within the check's timeout from a hung one.
+    fn probe(&mut self, b: usize) {
+        let Some(check) = self.drive.health_check() else { return };
+        let backend = &self.backends[b];
+        let (ok, after) = match backend.state {
+            State::Up => (true, backend.spec.network_delay * 2),
+            State::Down => (false, backend.spec.network_delay * 2),
+            State::Hung => (false, check.timeout()),
+        };
+        self.at(self.now + after, Ev::Probed { backend: b as u32, ok });
     }
 
     fn current(&mut self, id: u32, attempt: u32) -> Option<&mut Live> {
-        self.lives.get_mut(id as usize).and_then(Option::as_mut).filter(|l| l.attempts == attempt && l.guard.is_some())
+        self.lives.get_mut(id as usize).and_then(Option::as_mut).filter(|l| l.attempt == attempt && l.guard.is_some())
     }
 
     fn deliver(&mut self, id: u32, attempt: u32) {
         let now = self.now;
-        let timeout = self.timeout;
         let Some(l) = self.lives.get(id as usize).and_then(Option::as_ref) else { return };
-        if l.attempts != attempt {
+        if l.attempt != attempt {
             return;
         }
+        let timeout = l.first_byte;
         let b = l.backend;
         let delay = self.backends[b].spec.network_delay;
         let backend = &mut self.backends[b];
@@ -451,11 +496,15 @@ impl Sim<'_> {
 
     fn head(&mut self, id: u32, attempt: u32) {
         let now = self.now;
-        let Some(l) = self.current(id, attempt) else { return };
-        if l.first_token.is_none() {
-            l.first_token = Some(now);
-            let (b, ttft) = (l.backend, now.saturating_since(l.started));
-            self.drive.record(b, Outcome::Success, ttft, now);
+        let Some(l) = self.lives.get_mut(id as usize).and_then(Option::as_mut) else { return };
+        if l.attempt != attempt || l.guard.is_none() || l.first_token.is_some() {
+            return;
+        }
+        l.first_token = Some(now);
+        if let Some(ticket) = l.ticket.take() {
+            let ttft = now.saturating_since(l.started);
+            // A response head: the answer (the stream goes on until Done).
+            self.drive.record(&mut l.machine, ticket, Observed::Success, ttft, now, &mut self.rng);
         }
     }
 
@@ -467,26 +516,31 @@ impl Sim<'_> {
 
     fn fail(&mut self, id: u32, attempt: u32, why: Failure) {
         let now = self.now;
-        let Some(l) = self.current(id, attempt) else { return };
+        let Some(l) = self.lives.get_mut(id as usize).and_then(Option::as_mut) else { return };
+        if l.attempt != attempt || l.guard.is_none() {
+            return;
+        }
         let b = l.backend;
         let elapsed = now.saturating_since(l.started);
-        let streaming = l.first_token.is_some();
         let seq = l.seq.take();
         l.guard = None;
-        let attempts = l.attempts;
         self.in_flight[b] -= 1;
         if let Some(seq) = seq {
             self.seqs[b].remove(&seq);
         }
-        if !streaming {
-            self.drive.record(b, Outcome::Failure, elapsed, now);
-        }
         self.stats.attempt_failed(why);
-        if !streaming && why.is_retryable() && self.drive.may_retry(attempts) {
-            self.stats.retried();
-            self.admit(id);
-        } else {
-            self.finish(id, Err(why));
+        // Before the first byte the core decides; after it, the stream is cut and the request
+        // fails (nothing is retried once a byte reached the client).
+        let verdict = match l.ticket.take() {
+            Some(ticket) => self.drive.record(&mut l.machine, ticket, observed(why), elapsed, now, &mut self.rng),
+            None => Verdict::Answer(None),
+        };
+        match verdict {
+            Verdict::Retry { at } => {
+                self.stats.retried();
+                self.at(at, Ev::Retry { live: id });
+            }
+            Verdict::Answer(_) => self.finish(id, Err(why)),
         }
         self.dispatch_queue();
     }
@@ -542,14 +596,14 @@ impl Sim<'_> {
             FaultKind::Crash | FaultKind::Hang => {
                 let (state, at, why) = match kind {
                     FaultKind::Crash => (State::Down, now + delay, Failure::Reset),
-                    _ => (State::Hung, now + self.timeout, Failure::Timeout),
+                    _ => (State::Hung, now + self.scenario.pool.rules().first_byte, Failure::Timeout),
                 };
                 self.backends[b].state = state;
                 let mut victims: Vec<(u32, u32)> = self.seqs[b].values().map(|&id| (id, 0)).collect();
                 victims.sort_unstable();
                 for (id, _) in victims {
                     if let Some(l) = self.lives.get(id as usize).and_then(Option::as_ref) {
-                        let attempt = l.attempts;
+                        let attempt = l.attempt;
                         self.at(at, Ev::Fail { live: id, attempt, why });
                     }
                 }
@@ -570,5 +624,16 @@ impl Sim<'_> {
             FaultKind::Errors(rate) => self.backends[b].error_rate = rate,
             FaultKind::Slow(fraction) => self.backends[b].set_slowdown(now, fraction),
         }
+    }
+}
+
+/// What the balancer sees of a request.
+fn facts_of<'a>(req: &'a SimRequest, prefix: &'a [u64]) -> Facts<'a> {
+    Facts {
+        model: &req.model,
+        prefix,
+        prompt_tokens: u64::from(req.prompt_tokens),
+        output_tokens: u64::from(req.output_tokens),
+        session: req.session,
     }
 }
