@@ -35,6 +35,19 @@ pub enum ScalePolicyConfig {
 }
 
 /// What starts and stops replicas.
+impl ScalePolicyConfig {
+    /// The policy, fresh: the autoscaler and the simulator both start from here.
+    pub fn build(&self) -> Box<dyn fulcrum_core::scale::ScalePolicy> {
+        use fulcrum_core::scale::{Knative, SloPolicy, TargetTracking, Threshold};
+        match self {
+            ScalePolicyConfig::TargetTracking(c) => Box::new(TargetTracking::new(c.clone())),
+            ScalePolicyConfig::Threshold(c) => Box::new(Threshold::new(*c)),
+            ScalePolicyConfig::Knative(c) => Box::new(Knative::new(*c)),
+            ScalePolicyConfig::Slo(c) => Box::new(SloPolicy::new(*c)),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ActuatorConfig {
     /// Local processes from a command template (`{port}`, `{index}`), supervised.

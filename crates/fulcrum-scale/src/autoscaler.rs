@@ -17,8 +17,8 @@
 
 use std::collections::BTreeMap;
 
-use fulcrum_config::autoscale::{ActuatorConfig, AutoscaleConfig, ScalePolicyConfig};
-use fulcrum_core::scale::{Knative, ScalePolicy, SignalMeter, SloPolicy, TargetTracking, Threshold};
+use fulcrum_config::autoscale::{ActuatorConfig, AutoscaleConfig};
+use fulcrum_core::scale::SignalMeter;
 use fulcrum_core::{EndpointSpec, Instant};
 
 use crate::actuator::{Actuator, ActuatorError, AnyActuator};
@@ -39,15 +39,6 @@ pub enum AutoscaleError {
     /// The actuator failed.
     #[error(transparent)]
     Actuator(#[from] ActuatorError),
-}
-
-fn policy_of(config: &ScalePolicyConfig) -> Box<dyn ScalePolicy> {
-    match config {
-        ScalePolicyConfig::TargetTracking(c) => Box::new(TargetTracking::new(c.clone())),
-        ScalePolicyConfig::Threshold(c) => Box::new(Threshold::new(*c)),
-        ScalePolicyConfig::Knative(c) => Box::new(Knative::new(*c)),
-        ScalePolicyConfig::Slo(c) => Box::new(SloPolicy::new(*c)),
-    }
 }
 
 /// Builds the configured actuator.
@@ -124,7 +115,7 @@ pub async fn run<P: ScaledPool>(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AutoscaleError> {
     let mut actuator = actuator_of(&config.actuator).await?;
-    let mut policy = policy_of(&config.policy);
+    let mut policy = config.policy.build();
     let mut desired = policy.bounds().min();
     if let Err(e) = actuator.scale_to(desired).await {
         tracing::warn!(pool = pool.name(), error = %e, "autoscaler: first scale failed");
@@ -241,7 +232,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use fulcrum_config::autoscale::{ActuatorConfig, AutoscaleConfig, ScalePolicyConfig};
+    use fulcrum_config::autoscale::{ActuatorConfig, AutoscaleConfig};
     use fulcrum_core::EndpointSpec;
     use fulcrum_core::scale::{BoundsSettings, LoadMetric, LoadReading, ThresholdConfig, ThresholdSettings};
     use tokio::sync::mpsc;
