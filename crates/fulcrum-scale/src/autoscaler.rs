@@ -232,7 +232,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use fulcrum_config::autoscale::{ActuatorConfig, AutoscaleConfig};
+    use fulcrum_config::autoscale::{ActuatorConfig, AutoscaleConfig, ScalePolicyConfig};
     use fulcrum_core::EndpointSpec;
     use fulcrum_core::scale::{BoundsSettings, LoadMetric, LoadReading, ThresholdConfig, ThresholdSettings};
     use tokio::sync::mpsc;
