@@ -12,12 +12,14 @@
 //! same on the very same types, built from the pool's configuration by the same functions the
 //! proxy uses ([`PoolConfig::selector_for`], [`PoolConfig::rules`]); only the clock is virtual.
 //!
-//! Endpoint `i` of the pool is backend `i` of the fleet (a selector keeps its endpoints in the
-//! order given).
+//! A backend's endpoint address encodes its index in the fleet ([`address_of`]), so that the
+//! pool's members can change (autoscaling) while each request keeps the members it started
+//! with, as a request in the proxy keeps its pool snapshot.
 //!
 //! Cost: as in the proxy, one [`fulcrum_core::Selector::pick_index`] per try plus short state updates.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::rc::Rc;
 use std::time::Duration;
 
 use fulcrum_config::PoolConfig;
@@ -95,10 +97,21 @@ pub enum Step {
     Fail,
 }
 
+/// One request's tries, on the pool's members as they were when it arrived.
+#[derive(Debug)]
+pub struct Request {
+    machine: Attempts,
+    members: Rc<Members>,
+}
+
 /// The routing and failure handling of one pool.
 #[derive(Debug)]
 pub struct Drive {
-    members: Members,
+    members: Rc<Members>,
+    /// Every backend's endpoint, members or not.
+    specs: Vec<EndpointSpec>,
+    /// Backend index to its index among the members, when it is one.
+    endpoint_of: Vec<Option<usize>>,
     state: PoolState,
     breaker: Option<fulcrum_core::resilience::breaker::BreakerConfig>,
     /// One active health checker per backend, when the pool has health checks.
@@ -110,6 +123,14 @@ pub struct Drive {
 /// The address standing for backend `index`.
 pub fn address_of(index: usize) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(0x0A00_0000 | (index as u32 & 0x00FF_FFFF)), 8000))
+}
+
+/// The backend an endpoint stands for.
+fn backend_of(endpoint: &fulcrum_core::Endpoint) -> usize {
+    match endpoint.address() {
+        SocketAddr::V4(a) => (u32::from(*a.ip()) & 0x00FF_FFFF) as usize,
+        SocketAddr::V6(_) => usize::MAX,
+    }
 }
 
 /// The endpoint of backend `index`: its name, and its weight and accelerator label only when
@@ -154,17 +175,20 @@ pub fn observed(failure: crate::report::Failure) -> Observed {
 // === impl Drive ===
 
 impl Drive {
-    /// The pool's routing under `policy`, over `endpoints` (the fleet), at time zero.
-    /// `slots`: a cap on each backend's requests in flight at the balancer (the core's
-    /// `max_requests` limit), for the queueing checks.
+    /// The pool's routing under `policy`, over `endpoints` (one per backend of the fleet; the
+    /// first `members` of them in the pool at first), at time zero. `slots`: a cap on each
+    /// backend's requests in flight at the balancer (the core's `max_requests` limit), for the
+    /// queueing checks.
     pub fn try_new(
         pool: &PoolConfig,
         policy: Policy,
         endpoints: Vec<EndpointSpec>,
+        members: usize,
         slots: Option<u32>,
     ) -> Result<Drive, BuildError> {
         let config = PoolConfig { policy, ..pool.clone() };
-        let selector = config.selector_for(endpoints, Instant::ZERO)?;
+        let all = endpoints.len();
+        let selector = config.selector_for(endpoints[..members.min(all)].to_vec(), Instant::ZERO)?;
         let mut rules = config.rules();
         if let Some(n) = slots {
             let settings = fulcrum_core::resilience::breaker::LimitSettings {
@@ -175,15 +199,20 @@ impl Drive {
                 .unwrap_or(fulcrum_core::resilience::breaker::Limits::UNLIMITED);
         }
         let breaker = rules.breaker;
-        let health = rules.health.map_or_else(Vec::new, |h| {
-            selector.endpoints().iter().map(|_| HealthState::new(&h, Instant::ZERO)).collect()
-        });
+        let health =
+            rules.health.map_or_else(Vec::new, |h| (0..all).map(|_| HealthState::new(&h, Instant::ZERO)).collect());
         let members = Members::new(selector, breaker.as_ref(), Instant::ZERO);
         let state = PoolState::new(rules, members.selector().endpoints(), Instant::ZERO);
+        let mut endpoint_of = vec![None; all];
+        for (i, e) in members.selector().endpoints().iter().enumerate() {
+            endpoint_of[backend_of(e)] = Some(i);
+        }
         Ok(Drive {
             utilization: members.selector().policy().kind() != PolicyKind::Score,
             limits: openai::Limits::default(),
-            members,
+            members: Rc::new(members),
+            specs: endpoints,
+            endpoint_of,
             state,
             breaker,
             health,
@@ -202,18 +231,20 @@ impl Drive {
 
     /// Starts a request's tries. It is sent on an inference route: POSTs are retried before
     /// the first byte as the pool's retry policy says.
-    pub fn start(&self, facts: &Facts<'_>, now: Instant) -> Result<Attempts, UnknownModel> {
+    pub fn start(&self, facts: &Facts<'_>, now: Instant) -> Result<Request, UnknownModel> {
         let key = facts.session.to_le_bytes();
         let plan = RequestPlan { route_allows_any_method: true, replayable: true, ..RequestPlan::default() };
-        Attempts::start(&self.state, &self.members, &facts.core(&key), plan, now)
+        let machine = Attempts::start(&self.state, &*self.members, &facts.core(&key), plan, now)?;
+        Ok(Request { machine, members: self.members.clone() })
     }
 
     /// The request's next step.
-    pub fn next(&self, attempts: &mut Attempts, facts: &Facts<'_>, now: Instant, rng: &mut dyn RngCore) -> Step {
+    pub fn next(&self, req: &mut Request, facts: &Facts<'_>, now: Instant, rng: &mut dyn RngCore) -> Step {
         let key = facts.session.to_le_bytes();
-        match attempts.next(&self.state, &self.members, &facts.core(&key), now, rng) {
+        match req.machine.next(&self.state, &*req.members, &facts.core(&key), now, rng) {
             Next::Send(t) => {
-                Step::Send(Attempt { backend: t.index, first_byte: t.first_byte, guard: t.guard, ticket: t.ticket })
+                let backend = backend_of(&req.members.selector().endpoints()[t.index]);
+                Step::Send(Attempt { backend, first_byte: t.first_byte, guard: t.guard, ticket: t.ticket })
             }
             Next::Wait(at) => Step::Wait(at),
             Next::Fail(_) => Step::Fail,
@@ -225,14 +256,65 @@ impl Drive {
     #[allow(clippy::too_many_arguments)] // the core's record, plus the machine it belongs to
     pub fn record(
         &self,
-        attempts: &mut Attempts,
+        req: &mut Request,
         ticket: Ticket,
         observed: Observed,
         elapsed: Duration,
         now: Instant,
         rng: &mut dyn RngCore,
     ) -> Verdict {
-        attempts.record(&self.state, &self.members, ticket, observed, elapsed, now, rng)
+        req.machine.record(&self.state, &*req.members, ticket, observed, elapsed, now, rng)
+    }
+
+    /// Makes `backends` the pool's members from `now` (autoscaling): the ones that stay keep
+    /// their load signals, breakers and health; the new ones wait for their first health
+    /// check when the pool has checks. Requests in flight go on with the members they had.
+    pub fn set_members(&mut self, backends: &[usize], now: Instant) -> Result<(), BuildError> {
+        let specs: Vec<EndpointSpec> = backends.iter().filter_map(|&b| self.specs.get(b).cloned()).collect();
+        let joining: Vec<usize> = backends.iter().copied().filter(|&b| !self.is_member(b)).collect();
+        let added: Vec<String> = joining.iter().filter_map(|&b| self.specs.get(b)).map(|s| s.id.to_string()).collect();
+        let selector = self.members.selector().rebuild(specs, now)?;
+        let members = self.members.rebuild(selector, self.breaker.as_ref(), now);
+        self.state.on_membership(members.selector().endpoints(), &added);
+        self.endpoint_of.iter_mut().for_each(|e| *e = None);
+        for (i, e) in members.selector().endpoints().iter().enumerate() {
+            self.endpoint_of[backend_of(e)] = Some(i);
+        }
+        if let Some(h) = self.state.rules().health {
+            for b in joining {
+                if let Some(slot) = self.health.get_mut(b) {
+                    *slot = HealthState::new(&h, now);
+                }
+            }
+        }
+        self.members = Rc::new(members);
+        Ok(())
+    }
+
+    /// Whether a backend is one of the pool's members.
+    pub fn is_member(&self, backend: usize) -> bool {
+        self.endpoint_of.get(backend).is_some_and(Option::is_some)
+    }
+
+    /// Stops new requests to a backend (scale-in drains before it stops).
+    pub fn drain(&self, backend: usize, now: Instant) {
+        if let Some(e) = self.endpoint(backend) {
+            self.state.drain(e, now);
+        }
+    }
+
+    /// What the autoscaler reads of the pool at `now`.
+    pub fn reading(&self, now: Instant) -> fulcrum_core::scale::LoadReading {
+        fulcrum_core::scale::LoadReading {
+            requests: self.state.counters().requests.load(std::sync::atomic::Ordering::Relaxed),
+            p95_latency: self.state.p95_latency(),
+            ..fulcrum_core::scale::LoadReading::of_selector(self.members.selector(), now)
+        }
+    }
+
+    fn endpoint(&self, backend: usize) -> Option<&fulcrum_core::Endpoint> {
+        let i = (*self.endpoint_of.get(backend)?)?;
+        self.members.selector().endpoints().get(i)
     }
 
     /// The pool's active health checks, if it has them.
@@ -242,9 +324,9 @@ impl Drive {
 
     /// Takes the result of a health check of `backend` and says when to check it next.
     pub fn probe(&mut self, backend: usize, ok: bool, now: Instant, rng: &mut dyn RngCore) -> Option<Instant> {
-        let endpoint = self.members.selector().endpoints().get(backend)?.clone();
+        let endpoint = self.endpoint(backend)?.clone();
         let health = self.health.get_mut(backend)?;
-        self.state.on_probe(&self.members, &endpoint, health, ok, now);
+        self.state.on_probe(&*self.members, &endpoint, health, ok, now);
         Some(health.next_check(now, rng))
     }
 
@@ -255,9 +337,9 @@ impl Drive {
 
     /// Feeds one scrape of `endpoint`'s engine (`None`: the scrape failed, so its load is
     /// unknown, never idle), as the proxy's scraper does.
-    pub fn scrape(&self, endpoint: usize, report: Option<EngineReport>, now: Instant) {
+    pub fn scrape(&self, backend: usize, report: Option<EngineReport>, now: Instant) {
         let selector = self.members.selector();
-        let Some(e) = selector.endpoints().get(endpoint) else { return };
+        let Some(e) = self.endpoint(backend) else { return };
         let signals = e.signals();
         let Some(r) = report else {
             signals.forget_engine();
@@ -277,7 +359,7 @@ impl Drive {
     /// selector when a table-driven policy's tables change; the proxy does it periodically.
     pub fn refresh(&mut self, now: Instant) {
         if let Some(next) = self.members.selector().refresh(now) {
-            self.members = self.members.rebuild(next, self.breaker.as_ref(), now);
+            self.members = Rc::new(self.members.rebuild(next, self.breaker.as_ref(), now));
         }
     }
 }
@@ -291,12 +373,12 @@ mod tests {
     fn tries_name_backends_guards_count_load_and_failures_retry_elsewhere() {
         let pool = crate::run::default_pool();
         let specs = (0..3).map(|i| endpoint_spec(i, &format!("b-{i}"), None)).collect();
-        let drive = Drive::try_new(&pool, Policy::LeastConnections, specs, None).unwrap();
+        let drive = Drive::try_new(&pool, Policy::LeastConnections, specs, 3, None).unwrap();
         let facts = Facts { model: "m", prefix: &[], prompt_tokens: 10, output_tokens: 5, session: 1 };
         let mut rng = SmallRng::seed_from_u64(1);
         let mut a = drive.start(&facts, Instant::ZERO).unwrap();
         let Step::Send(first) = drive.next(&mut a, &facts, Instant::ZERO, &mut rng) else { panic!() };
-        let load = |b: usize| drive.members.selector().endpoints()[b].signals().in_flight();
+        let load = |b: usize| drive.endpoint(b).unwrap().signals().in_flight();
         assert_eq!(load(first.backend), 1);
         let v = drive.record(&mut a, first.ticket, Observed::ConnectFailure, Duration::ZERO, Instant::ZERO, &mut rng);
         let Verdict::Retry { at } = v else { panic!("{v:?}") };

@@ -99,6 +99,19 @@ pub struct Fleet {
     /// A central FIFO admission queue: at most this many requests in flight per backend, the
     /// rest wait at the balancer (the shared queue of M/M/c). `None`: no limit.
     pub admission_slots: Option<u32>,
+    /// Autoscaled replicas: the backends are the replicas the autoscaler may run (the pool
+    /// configuration's `autoscale` section decides how many, as `fulcrum serve` would).
+    pub autoscale: Option<Replicas>,
+}
+
+/// How the fleet's backends start as autoscaled replicas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replicas {
+    /// Replicas running at the start (the first backends of the file).
+    pub initial: u32,
+    /// From the decision to start a replica to its joining the pool (process start, model
+    /// load, readiness probe).
+    pub cold_start: Duration,
 }
 
 /// Mean request shape, for capacity.
@@ -119,6 +132,14 @@ struct RawFleet {
     #[serde(default)]
     fault: Vec<RawFault>,
     admission: Option<RawAdmission>,
+    autoscale: Option<RawReplicas>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplicas {
+    initial: u32,
+    cold_start: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -232,7 +253,19 @@ impl Fleet {
             faults.push(Fault { at, backend, kind });
         }
         faults.sort_by_key(|f| f.at);
-        Ok(Fleet { backends, faults, scrape_interval, admission_slots })
+        let autoscale = match raw.autoscale {
+            None => None,
+            Some(a) if a.initial as usize > backends.len() => {
+                let msg = format!("{} is more than the fleet's {} backends", a.initial, backends.len());
+                return Err(SimError::field("autoscale.initial", msg));
+            }
+            Some(a) => Some(Replicas {
+                initial: a.initial,
+                cold_start: opt_duration(a.cold_start.as_deref(), "autoscale.cold_start")?
+                    .unwrap_or(Duration::from_secs(30)),
+            }),
+        };
+        Ok(Fleet { backends, faults, scrape_interval, admission_slots, autoscale })
     }
 
     /// Requests a second the whole fleet completes at saturation for requests of `shape`.

@@ -28,6 +28,7 @@
 //! assert_eq!(report.requests, 200);
 //! ```
 
+pub mod autoscale;
 pub mod backend;
 pub mod drive;
 pub mod fleet;

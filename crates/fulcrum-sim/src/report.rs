@@ -125,6 +125,12 @@ pub struct Report {
     pub prefix_hit_rate: f64,
     /// Per backend.
     pub backends: Vec<BackendReport>,
+    /// Autoscaled fleets: replicas serving over time, `(seconds, count)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<(f64, u32)>,
+    /// Autoscaled fleets: each decision that changed the count, `(seconds, words)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scaling: Vec<(f64, String)>,
     /// What the plots draw.
     #[serde(skip)]
     pub plot: PlotData,
@@ -313,6 +319,8 @@ impl Collector {
             wait_probability: ratio(waited as u64, completed),
             prefix_hit_rate: ratio(self.cached_tokens, self.prompt_tokens),
             backends,
+            replicas: Vec::new(),
+            scaling: Vec::new(),
             plot: PlotData { ttft_sorted, sample_every: sample_every.as_secs_f64(), load: self.load },
         }
     }
@@ -389,6 +397,17 @@ pub fn table(reports: &[Report]) -> String {
     for r in reports.iter().filter(|r| r.failed > 0) {
         let reasons: Vec<String> = r.failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "{} failures: {}", r.policy, reasons.join(", "));
+    }
+    for r in reports.iter().filter(|r| !r.replicas.is_empty()) {
+        let counts = r.replicas.iter().map(|&(_, n)| n);
+        let (lo, hi) = (counts.clone().min().unwrap_or(0), counts.max().unwrap_or(0));
+        let _ = writeln!(
+            out,
+            "{} replicas: {lo} to {hi}, last {}; {} scaling decisions",
+            r.policy,
+            r.replicas.last().map_or(0, |&(_, n)| n),
+            r.scaling.len()
+        );
     }
     out
 }

@@ -27,7 +27,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
 use fulcrum_config::{Config, PoolConfig};
-use fulcrum_core::flow::{Attempts, Ticket, Verdict};
+use fulcrum_core::flow::{Ticket, Verdict};
 use fulcrum_core::hash::mix;
 use fulcrum_core::resilience::Observed;
 use fulcrum_core::{InFlight, Instant, Policy};
@@ -36,8 +36,9 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use crate::SimError;
+use crate::autoscale::{Action, Scaler};
 use crate::backend::{Backend, State};
-use crate::drive::{Attempt, Drive, Facts, Step, endpoint_spec, observed, policy_named};
+use crate::drive::{Attempt, Drive, Facts, Request, Step, endpoint_spec, observed, policy_named};
 use crate::fleet::{FaultKind, Fleet};
 use crate::report::{Collector, Failure, Report};
 use crate::workload::{Generator, SimRequest, Workload};
@@ -93,6 +94,8 @@ enum Ev {
     Probe(u32),
     Probed { backend: u32, ok: bool },
     Tick,
+    Scale,
+    Ready(u32),
     Fault(u32),
     Scrape,
     Sample,
@@ -102,8 +105,8 @@ struct Live {
     req: SimRequest,
     prefix: Vec<u64>,
     index: u64,
-    /// The core's attempt machine.
-    machine: Attempts,
+    /// The core's attempt machine, on the pool's members as the request found them.
+    machine: Request,
     /// Tries sent (events of an earlier try are stale).
     attempt: u32,
     backend: usize,
@@ -120,6 +123,7 @@ struct Live {
 struct Sim<'a> {
     scenario: &'a Scenario,
     drive: Drive,
+    scaler: Option<Scaler>,
     rng: SmallRng,
     backends: Vec<Backend>,
     next_at: Vec<Option<Instant>>,
@@ -171,7 +175,17 @@ impl Scenario {
             .enumerate()
             .map(|(i, b)| endpoint_spec(i, &b.name, b.told.then_some((b.weight, b.accelerator.as_deref()))))
             .collect();
-        let drive = Drive::try_new(&self.pool, policy, specs, self.fleet.admission_slots)
+        let n = self.fleet.backends.len();
+        let scaler = match (&self.fleet.autoscale, &self.pool.autoscale) {
+            (Some(replicas), Some(config)) => Some(Scaler::new(config, *replicas, n)),
+            (None, _) => None,
+            (Some(_), None) => {
+                let msg = "the fleet is autoscaled: the pool configuration needs an [pool.NAME.autoscale] section";
+                return Err(SimError::field("autoscale", msg));
+            }
+        };
+        let members = scaler.as_ref().map_or(n, |s| s.members().len());
+        let drive = Drive::try_new(&self.pool, policy, specs, members, self.fleet.admission_slots)
             .map_err(|e| SimError::field("policy", e.to_string()))?;
         let (rate, capacity) = self.rates();
         let generator = self.workload.generate(rate, seed);
@@ -185,10 +199,10 @@ impl Scenario {
                 _ => 1.0,
             },
         };
-        let n = self.fleet.backends.len();
         let mut sim = Sim {
             scenario: self,
             drive,
+            scaler,
             rng: SmallRng::seed_from_u64(seed),
             backends: self
                 .fleet
@@ -218,7 +232,13 @@ impl Scenario {
         sim.start();
         sim.run(progress);
         let policy_name = sim.drive.policy().kind().as_str().to_owned();
-        Ok(sim.stats.report(&self.name, &policy_name, seed, rate, capacity, &self.fleet, sim.sample_every))
+        let mut report =
+            sim.stats.report(&self.name, &policy_name, seed, rate, capacity, &self.fleet, sim.sample_every);
+        if let Some(scaler) = sim.scaler {
+            report.replicas = scaler.series;
+            report.scaling = scaler.decisions;
+        }
+        Ok(report)
     }
 }
 
@@ -240,7 +260,16 @@ impl Sim<'_> {
         self.at(Instant::ZERO, Ev::Tick);
         if self.drive.health_check().is_some() {
             for b in 0..self.backends.len() {
-                self.at(Instant::ZERO, Ev::Probe(b as u32));
+                if self.drive.is_member(b) {
+                    self.at(Instant::ZERO, Ev::Probe(b as u32));
+                }
+            }
+        }
+        if let Some(s) = &self.scaler {
+            let first = Instant::ZERO + s.interval();
+            self.at(first, Ev::Scale);
+            for b in (0..self.backends.len()).filter(|&b| !self.drive.is_member(b)) {
+                self.backends[b].state = State::Down;
             }
         }
     }
@@ -332,6 +361,19 @@ impl Sim<'_> {
             Ev::Fail { live, attempt, why } => self.fail(live, attempt, why),
             Ev::Retry { live } => self.admit(live),
             Ev::Probe(b) => self.probe(b as usize),
+            Ev::Scale => self.scale(),
+            Ev::Ready(b) => {
+                let b = b as usize;
+                if self.scaler.as_mut().is_some_and(|s| s.ready(b, self.now)) {
+                    self.backends[b].reset(self.now);
+                    self.backends[b].state = State::Up;
+                    self.next_at[b] = self.backends[b].next_event_at();
+                    self.set_members();
+                    if self.drive.health_check().is_some() {
+                        self.at(self.now, Ev::Probe(b as u32));
+                    }
+                }
+            }
             Ev::Probed { backend, ok } => {
                 let next = self.drive.probe(backend as usize, ok, self.now, &mut self.rng);
                 if let Some(next) = next.filter(|_| self.busy()) {
@@ -445,6 +487,10 @@ impl Sim<'_> {
     /// none within the check's timeout from a hung one.
     fn probe(&mut self, b: usize) {
         let Some(check) = self.drive.health_check() else { return };
+        if !self.drive.is_member(b) {
+            // Out of the pool (scaled in): its checker stops; it starts again when it rejoins.
+            return;
+        }
         let backend = &self.backends[b];
         let (ok, after) = match backend.state {
             State::Up => (true, backend.spec.network_delay * 2),
@@ -588,9 +634,46 @@ impl Sim<'_> {
         }
     }
 
+    /// One autoscaler tick: its decision carried out.
+    fn scale(&mut self) {
+        let Some(scaler) = self.scaler.as_mut() else { return };
+        let actions = scaler.tick(self.now, &self.drive, &self.in_flight);
+        let next = self.now + scaler.interval();
+        let mut changed = false;
+        for action in actions {
+            match action {
+                Action::Start { backend, ready } => self.at(ready, Ev::Ready(backend as u32)),
+                Action::Drain(b) => self.drive.drain(b, self.now),
+                Action::Stop(b) => {
+                    // A drain that timed out cuts what is left, as stopping the process does.
+                    self.apply_fault(b, FaultKind::Crash);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.set_members();
+        }
+        if self.busy() {
+            self.at(next, Ev::Scale);
+        }
+    }
+
+    fn set_members(&mut self) {
+        let Some(scaler) = &self.scaler else { return };
+        let members = scaler.members();
+        // The endpoints come from the fleet, which was valid at the start: this cannot fail.
+        let _ = self.drive.set_members(&members, self.now);
+    }
+
     fn fault(&mut self, i: usize) {
         let Some(f) = self.scenario.fleet.faults.get(i) else { return };
-        let (b, kind, now) = (f.backend, f.kind, self.now);
+        let (b, kind) = (f.backend, f.kind);
+        self.apply_fault(b, kind);
+    }
+
+    fn apply_fault(&mut self, b: usize, kind: FaultKind) {
+        let now = self.now;
         let delay = self.backends[b].spec.network_delay;
         match kind {
             FaultKind::Crash | FaultKind::Hang => {

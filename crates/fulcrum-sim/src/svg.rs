@@ -115,3 +115,32 @@ pub fn load_over_time(report: &Report) -> String {
     out.push_str("</svg>\n");
     out
 }
+
+/// Replicas serving over time, one line per policy (autoscaled fleets).
+pub fn replicas_over_time(reports: &[Report]) -> String {
+    let mut out = String::new();
+    let scenario = reports.first().map_or("", |r| r.scenario.as_str());
+    header(&mut out, &format!("{scenario}: replicas serving over time"));
+    let end = reports.iter().flat_map(|r| r.replicas.last()).map(|&(t, _)| t).fold(1e-9, f64::max);
+    let max = reports.iter().flat_map(|r| r.replicas.iter()).map(|&(_, n)| n).max().unwrap_or(1).max(1);
+    let sx = |t: f64| LEFT + t / end * (W - LEFT - RIGHT);
+    let sy = |v: u32| H - BOTTOM - f64::from(v) / f64::from(max) * (H - TOP - BOTTOM);
+    let _ = writeln!(out, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{max}</text>", LEFT - 5.0, TOP + 4.0);
+    let _ = writeln!(out, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">0</text>", LEFT - 5.0, H - BOTTOM + 4.0);
+    let _ = writeln!(out, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{end:.1}s</text>", W - RIGHT, H - BOTTOM + 16.0);
+    for (k, r) in reports.iter().take(COLORS.len()).enumerate() {
+        // A step line: the count holds until the next change.
+        let mut points = Vec::new();
+        for w in r.replicas.windows(2) {
+            points.push((sx(w[0].0), sy(w[0].1)));
+            points.push((sx(w[1].0), sy(w[0].1)));
+        }
+        if let Some(&(t, n)) = r.replicas.last() {
+            points.push((sx(t), sy(n)));
+        }
+        polyline(&mut out, &points, COLORS[k]);
+    }
+    legend(&mut out, &reports.iter().map(|r| r.policy.clone()).collect::<Vec<_>>());
+    out.push_str("</svg>\n");
+    out
+}

@@ -178,5 +178,8 @@ fn write_plots(dir: &std::path::Path, reports: &[Report]) -> anyhow::Result<()> 
     for r in reports {
         write(format!("{}-{}-load.svg", r.scenario, r.policy), svg::load_over_time(r))?;
     }
+    if reports.iter().any(|r| !r.replicas.is_empty()) {
+        write(format!("{}-replicas.svg", first.scenario), svg::replicas_over_time(reports))?;
+    }
     Ok(())
 }

@@ -66,6 +66,43 @@ fn json_is_identical_for_the_same_seed_and_prefix_affinity_hits_more() {
 }
 
 #[test]
+fn autoscaled_replicas_follow_the_load_and_are_plotted() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-sim-scale-{}", std::process::id()));
+    let svg = dir.to_string_lossy().into_owned();
+    let args = [
+        "--config",
+        "examples/autoscale.toml",
+        "--pool",
+        "fleet",
+        "--fleet",
+        "examples/sim/autoscale-fleet.toml",
+        "--workload",
+        "examples/sim/autoscale-workload.toml",
+        "--policy",
+        "least_connections",
+        "--json",
+        "--svg",
+        &svg,
+    ];
+    let v: Value = serde_json::from_str(&ok(&simulate(&args))).expect("JSON");
+    let r = &v["scenarios"][0]["reports"][0];
+    let counts: Vec<u64> = r["replicas"].as_array().expect("replicas").iter().map(|p| p[1].as_u64().unwrap()).collect();
+    // One replica at first; the rising load starts all four (examples/autoscale.toml's
+    // max_replicas) after their cold start, and the falling load drains some again.
+    assert_eq!(counts.first(), Some(&1));
+    let peak = counts.iter().position(|&n| n == 4).expect("reaches max_replicas");
+    assert!(counts[peak..].iter().any(|&n| n < 4), "scales in after the peak: {counts:?}");
+    assert!(!r["scaling"].as_array().unwrap().is_empty());
+    assert_eq!(r["failed"], 0, "{r}");
+    let plot = std::fs::read_to_string(dir.join("autoscale-workload-replicas.svg")).expect("plot written");
+    assert!(plot.contains("replicas serving over time") && plot.contains("polyline"));
+    // A fleet of replicas needs a pool that autoscales.
+    let err = failure(&["--fleet", "examples/sim/autoscale-fleet.toml", "--workload", "examples/sim/workload.toml"]);
+    assert!(err.contains("autoscale"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn bad_input_names_the_field_or_line() {
     let dir = std::env::temp_dir().join(format!("fulcrum-sim-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
