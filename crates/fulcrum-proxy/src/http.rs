@@ -211,6 +211,12 @@ async fn proxy(
             let bytes = Box::pin(read_body(body, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             (ReqBody::Bytes(bytes.clone()), Some(bytes))
         }
+        // Other policies read only the model, when endpoints take only some models.
+        body if model.is_none() && pool.routes_by_model() => {
+            let bytes = Box::pin(read_body(body, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
+            model = model_of(&bytes);
+            (ReqBody::Bytes(bytes), None)
+        }
         left => (left, None),
     };
     let limits = openai::Limits { max_body_bytes: ctx.max_body_bytes, ..openai::Limits::default() };

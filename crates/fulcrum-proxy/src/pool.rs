@@ -21,6 +21,9 @@ pub struct PoolSnapshot {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Sticky-cookie token to endpoint index.
     sticky: HashMap<u64, usize>,
+    /// Some endpoint lists the models it serves, or adapters may be reported: requests need
+    /// their `model` read from the body.
+    by_model: bool,
 }
 
 impl PoolSnapshot {
@@ -177,7 +180,9 @@ impl PoolRuntime {
             })
             .collect();
         let sticky = selector.endpoints().iter().enumerate().map(|(i, e)| (sticky_token(e.id().as_str()), i)).collect();
-        PoolSnapshot { selector, upstreams, sticky }
+        let by_model = config.engine_metrics.as_ref().is_some_and(|e| e.models_path.is_some())
+            || selector.endpoints().iter().any(|e| !e.labels().models.is_empty());
+        PoolSnapshot { selector, upstreams, sticky, by_model }
     }
 
     /// The pool's name.
@@ -198,6 +203,12 @@ impl PoolRuntime {
     /// What the policy needs from each request.
     pub(crate) fn needs(&self) -> &Needs {
         &self.needs
+    }
+
+    /// Whether requests need their `model` read to pick an endpoint that serves it (some
+    /// endpoint lists models, or the pool polls the engines' served models and adapters).
+    pub(crate) fn routes_by_model(&self) -> bool {
+        self.snapshot.load().by_model
     }
 
     /// The current snapshot.

@@ -211,6 +211,48 @@ async fn sticky_cookie_keeps_a_client_on_its_endpoint() {
 }
 
 #[tokio::test]
+async fn model_routing_wins_over_a_sticky_cookie_and_a_drained_endpoint_is_left() {
+    let (llama, qwen, qwen2) = (
+        backend("llama", Behavior::Echo).await,
+        backend("qwen", Behavior::Echo).await,
+        backend("qwen2", Behavior::Echo).await,
+    );
+    let endpoints = format!(
+        r#"[{{ address = "{}", id = "llama", models = ["llama"] }}, {{ address = "{}", id = "qwen", models = ["qwen"] }}, {{ address = "{}", id = "qwen2", models = ["qwen"] }}]"#,
+        llama.addr, qwen.addr, qwen2.addr
+    );
+    let pool = format!("policy = \"round_robin\"\nendpoints = {endpoints}\nsticky_cookie = \"lb\"");
+    let running = proxy(&one_pool_with(&pool, "")).await;
+    let ask = |model: &str, cookie: Option<&str>| {
+        let mut req = Request::post("/v1/completions").header("host", "x").header("content-type", "application/json");
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        req.body(Full::new(Bytes::from(format!(r#"{{"model":"{model}","prompt":"hi"}}"#)))).unwrap()
+    };
+    // A client stuck to the llama endpoint asks for qwen: the qwen endpoints answer.
+    let (_, headers, _) = send(running.proxy_addr, ask("llama", None)).await;
+    assert_eq!(backend_of(&headers), "llama");
+    let cookie = headers["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    for _ in 0..4 {
+        let (status, headers, _) = send(running.proxy_addr, ask("qwen", Some(&cookie))).await;
+        assert_eq!(status, 200);
+        assert!(backend_of(&headers).starts_with("qwen"), "{:?}", backend_of(&headers));
+    }
+    // Stuck to qwen, then qwen drains: the client goes to qwen2.
+    let (_, headers, _) = send(running.proxy_addr, ask("qwen", None)).await;
+    let (first, cookie) =
+        (backend_of(&headers), headers["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned());
+    running.pools[0].drain(&first, std::time::Duration::from_millis(10)).await;
+    for _ in 0..3 {
+        let (status, headers, _) = send(running.proxy_addr, ask("qwen", Some(&cookie))).await;
+        assert_eq!(status, 200);
+        assert_ne!(backend_of(&headers), first);
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
 async fn header_hygiene() {
     let a = backend("a", Behavior::Echo).await;
     let running = proxy(&one_pool("\"round_robin\"", &[&a], "")).await;
