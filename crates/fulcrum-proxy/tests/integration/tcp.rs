@@ -6,8 +6,9 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A TCP pool of one live echo server and one address where nothing listens.
-fn live_and_dead(live: std::net::SocketAddr, dead: std::net::SocketAddr, extra: &str) -> String {
+/// A TCP listener whose round-robin pool has these endpoints, then `extra` lines.
+fn tcp_pool(endpoints: &[std::net::SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = endpoints.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
     format!(
         r#"
 [[listener]]
@@ -18,9 +19,10 @@ pool = "echo"
 
 [pool.echo]
 policy = "round_robin"
-endpoints = [{{ address = "{dead}" }}, {{ address = "{live}" }}]
+endpoints = [{}]
 {extra}
-"#
+"#,
+        list.join(", ")
     )
 }
 
@@ -43,7 +45,7 @@ async fn echo_once(proxy: std::net::SocketAddr, i: usize) -> bool {
 #[tokio::test]
 async fn a_failed_connect_is_retried_on_another_endpoint() {
     let (live, dead) = (tcp_echo().await, refusing().await);
-    let running = proxy(&live_and_dead(live, dead, "")).await;
+    let running = proxy(&tcp_pool(&[dead, live], "")).await;
     for i in 0..8 {
         assert!(echo_once(running.proxy_addr, i).await, "connection {i} failed");
     }
@@ -54,7 +56,7 @@ async fn a_failed_connect_is_retried_on_another_endpoint() {
 async fn tcp_pools_honour_health_checks_and_drain() {
     let (live, dead) = (tcp_echo().await, refusing().await);
     let checks = r#"health_check = { kind = "tcp", interval = "50ms" }"#;
-    let running = proxy(&live_and_dead(live, dead, checks)).await;
+    let running = proxy(&tcp_pool(&[dead, live], checks)).await;
     let pool = running.pools[0].clone();
     until("the dead endpoint is found unhealthy and the live one healthy", || {
         let e = pool.snapshot().selector.endpoints().to_vec();
@@ -78,19 +80,7 @@ async fn tcp_pools_honour_health_checks_and_drain() {
 #[tokio::test]
 async fn tcp_listener_splices_to_a_pool() {
     let (e1, e2) = (tcp_echo().await, tcp_echo().await);
-    let toml = format!(
-        r#"
-[[listener]]
-name = "public"
-address = "127.0.0.1:0"
-protocol = "tcp"
-pool = "echo"
-
-[pool.echo]
-policy = "round_robin"
-endpoints = [{{ address = "{e1}" }}, {{ address = "{e2}" }}]
-"#
-    );
+    let toml = tcp_pool(&[e1, e2], "");
     let running = proxy(&toml).await;
     for i in 0..4 {
         let mut s = TcpStream::connect(running.proxy_addr).await.unwrap();
