@@ -290,7 +290,8 @@ async fn proxy(
     let cx = Forward { pool: &pool, snapshot: &snapshot, facts: &facts, request_id, sticky };
     match upgrade {
         Some(client_upgrade) => cx.upgrade(&mut attempts, parts, body, client_upgrade, exchange).await,
-        None => Box::pin(cx.forward(&mut attempts, parts, body, admission, exchange)).await,
+        // Not boxed: the whole request future is boxed once, in `respond`.
+        None => cx.forward(&mut attempts, parts, body, admission, exchange).await,
     }
 }
 
