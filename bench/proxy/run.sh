@@ -8,9 +8,20 @@
 # The proxies take turns, round after round (ROUNDS, default 3), so that a noisy stretch of a
 # shared machine hits each of them; the table gives each figure's median over the rounds and
 # the ratios of Fulcrum's to HAProxy's. It replaces the "proxy" section of bench/RESULTS.md.
+# BASELINE=path/to/another/fulcrum adds that binary as one more contestant, "fulcrum (baseline)",
+# taking its turn in every round right after Fulcrum, so that a change to Fulcrum can be judged
+# against the build before it in the same run (the machine's noise moves both alike); the
+# ratios then include the baseline's to HAProxy's and Fulcrum's to the baseline's. Such a run
+# only prints its section: the "proxy" section of bench/RESULTS.md stays the plain comparison.
 #
-# Usage: [ROUNDS=3] bench/proxy/run.sh [seconds per run, default 10] [connection counts, default "32 256"]
+# Usage: [ROUNDS=3] [BASELINE=path] bench/proxy/run.sh [seconds per run, default 10] [connection counts, default "32 256"]
 set -euo pipefail
+# Resolve the baseline before leaving the caller's directory, and fail before any building.
+BASELINE=${BASELINE:-}
+if [ -n "$BASELINE" ]; then
+  BASELINE=$(realpath "$BASELINE")
+  [ -x "$BASELINE" ] || { echo "BASELINE=$BASELINE is not an executable file" >&2; exit 1; }
+fi
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 DURATION=${1:-10}
@@ -145,6 +156,8 @@ run_wrk() { # name pid port conns
 start_lb() { # name
   case $1 in
     fulcrum) taskset -c 0 "$FULCRUM" serve -c "$WORK/fulcrum.toml" 2>"$WORK/fulcrum.log" & ;;
+    # The same configuration: the baseline differs from Fulcrum only in its code.
+    baseline) taskset -c 0 "$BASELINE" serve -c "$WORK/fulcrum.toml" 2>"$WORK/baseline.log" & ;;
     haproxy) taskset -c 0 haproxy -f "$WORK/haproxy.cfg" -db 2>"$WORK/haproxy.log" & ;;
     nginx) taskset -c 0 nginx -c "$WORK/nginx.conf" 2>"$WORK/nginx.log" & ;;
   esac
@@ -153,27 +166,34 @@ start_lb() { # name
   wait_port $LB
 }
 
+# The contestants in turn order, and the name each has in the table.
+LBS="fulcrum haproxy nginx"
+if [ -n "$BASELINE" ]; then LBS="fulcrum baseline haproxy nginx"; fi
+label() { if [ "$1" = baseline ]; then echo "fulcrum (baseline)"; else echo "$1"; fi; }
+
 declare -A IDLE
 for round in $(seq 1 "$ROUNDS"); do
   echo "== round $round of $ROUNDS: backend directly"
   for c in $CONNS; do run_wrk "backend (nginx, direct)" - $B1 "$c"; done
-  for lb in fulcrum haproxy nginx; do
-    echo "== round $round of $ROUNDS: $lb"
+  for lb in $LBS; do
+    echo "== round $round of $ROUNDS: $(label $lb)"
     start_lb $lb
     sleep 0.5
     # NGINX forks a worker: measure the worker (the child of the master).
     pid=$LB_PID
     if [ $lb = nginx ]; then pid=$(pgrep -P "$LB_PID" | head -1); fi
     [ "$round" = 1 ] && IDLE[$lb]=$(rss_kb "$pid")
-    for c in $CONNS; do run_wrk "$lb" "$pid" $LB "$c"; done
+    for c in $CONNS; do run_wrk "$(label $lb)" "$pid" $LB "$c"; done
     kill "$LB_PID"; wait "$LB_PID" 2>/dev/null || true
     sleep 0.3
   done
 done
 
-# Medians per target and connection count, in the order first seen; then Fulcrum / HAProxy.
-TABLE=$(python3 - "$SAMPLES" <<'PY'
+# Medians per target and connection count, in the order first seen; then Fulcrum / HAProxy
+# (and, with a baseline, the baseline / HAProxy and Fulcrum / baseline).
+TABLE=$(python3 - "$SAMPLES" "$BASELINE" <<'PY'
 import re, statistics, sys
+baseline = sys.argv[2] != ""
 rows = {}
 for line in open(sys.argv[1]):
     name, c, rps, p50, p99, cpu, errs = line.rstrip("\n").split("\t")
@@ -191,24 +211,40 @@ for (name, c), runs in rows.items():
     cpus = [float(r[3]) for r in runs if r[3] != "-"]
     cpu = statistics.median(cpus) if cpus else None
     errs = "; ".join(sorted({r[4] for r in runs if r[4] != "none"})) or "none"
-    med[(name, c)] = (rps, p99, cpu)
+    med[(name, c)] = (rps, p99, cpu, cpus)
     spread = f"{min(float(r[0]) for r in runs):.0f}-{max(float(r[0]) for r in runs):.0f}"
     print(f"| {name} | {c} | {rps:.0f} ({spread}) | {fmt(p50)} | {fmt(p99)} | {'-' if cpu is None else f'{cpu:.1f}'} | {errs} |")
+# (numerator, denominator, title). Alone, the title heads the table as it always has; with
+# a baseline, each row names its ratio.
+pairs = [("fulcrum", "haproxy", "Fulcrum / HAProxy")]
+if baseline:
+    pairs += [("fulcrum (baseline)", "haproxy", "Fulcrum (baseline) / HAProxy"),
+              ("fulcrum", "fulcrum (baseline)", "Fulcrum / baseline")]
 print()
-print("| Fulcrum / HAProxy | connections | requests/s | p99 | CPU per request |")
+print(f"| {pairs[0][2] if len(pairs) == 1 else 'ratio'} | connections | requests/s | p99 | CPU per request |")
 print("| --- | ---: | ---: | ---: | ---: |")
-for (name, c), (rps, p99, cpu) in med.items():
-    if name == "fulcrum" and ("haproxy", c) in med:
-        h = med[("haproxy", c)]
-        print(f"| | {c} | {rps / h[0]:.2f}x | {p99 / h[1]:.2f}x | {cpu / h[2]:.2f}x |")
+for num, den, title in pairs:
+    for (name, c), (rps, p99, cpu, cpus) in med.items():
+        if name == num and (den, c) in med:
+            h = med[(den, c)]
+            ratio = f"{cpu / h[2]:.2f}x"
+            # Two builds of the same proxy: also the range of the ratios taken round by round
+            # (both ran within a minute of each other), a direct reading of the noise.
+            if den == "fulcrum (baseline)" and len(cpus) == len(h[3]) > 1:
+                per_round = [a / b for a, b in zip(cpus, h[3])]
+                ratio += f" ({min(per_round):.2f}-{max(per_round):.2f} by round)"
+            lead = "| |" if len(pairs) == 1 else f"| {title} |"
+            print(f"{lead} {c} | {rps / h[0]:.2f}x | {p99 / h[1]:.2f}x | {ratio} |")
 PY
 )
 
 CPU=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
+# A run with a baseline is pasted by hand beside the "proxy" section: no markers, or the next
+# plain run would replace it too.
 {
-  echo "<!-- proxy-bench:start -->"
+  if [ -z "$BASELINE" ]; then echo "<!-- proxy-bench:start -->"; fi
   echo "Date: $(date -u +%Y-%m-%d), machine: $CPU, $(nproc) cores, $(uname -r)."
-  echo "Command: \`ROUNDS=$ROUNDS bench/proxy/run.sh $DURATION \"$CONNS\"\` (wrk -t1, ${DURATION} s a run after a 2 s warm-up;"
+  echo "Command: \`ROUNDS=$ROUNDS ${BASELINE:+BASELINE=$BASELINE }bench/proxy/run.sh $DURATION \"$CONNS\"\` (wrk -t1, ${DURATION} s a run after a 2 s warm-up;"
   echo "proxy pinned to CPU 0, wrk and the backend to CPU 1; body: 14 bytes). Medians of $ROUNDS rounds, the"
   echo "proxies taking turns in each; requests/s shows the range over the rounds."
   echo
@@ -216,13 +252,15 @@ CPU=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
   echo "| --- | ---: | ---: | ---: | ---: | ---: | --- |"
   echo "$TABLE"
   echo
-  echo "Idle RSS after start: fulcrum $((IDLE[fulcrum] / 1024)) MiB ($((IDLE[fulcrum])) KiB), haproxy $((IDLE[haproxy] / 1024)) MiB, nginx worker $((IDLE[nginx] / 1024)) MiB."
-  echo "<!-- proxy-bench:end -->"
+  echo "Idle RSS after start: fulcrum $((IDLE[fulcrum] / 1024)) MiB ($((IDLE[fulcrum])) KiB),${BASELINE:+ baseline $((IDLE[baseline] / 1024)) MiB ($((IDLE[baseline])) KiB),} haproxy $((IDLE[haproxy] / 1024)) MiB, nginx worker $((IDLE[nginx] / 1024)) MiB."
+  if [ -z "$BASELINE" ]; then echo "<!-- proxy-bench:end -->"; fi
 } > "$WORK/section.md"
 cat "$WORK/section.md"
 
 RESULTS=$ROOT/bench/RESULTS.md
-if grep -q "<!-- proxy-bench:start -->" "$RESULTS" 2>/dev/null; then
+if [ -n "$BASELINE" ]; then
+  echo "== run with a baseline: $RESULTS left as it is; section printed above"
+elif grep -q "<!-- proxy-bench:start -->" "$RESULTS" 2>/dev/null; then
   python3 - "$RESULTS" "$WORK/section.md" <<'PY'
 import re, sys
 path, section = sys.argv[1], open(sys.argv[2]).read().strip()
