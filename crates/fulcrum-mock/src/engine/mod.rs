@@ -373,6 +373,7 @@ impl Engine {
             self.waiting -= 1;
             // The id stays in the queue and is skipped when it reaches the front.
         } else {
+            self.timeline.remove(id);
             self.release(seq);
             self.admit(self.now);
         }
@@ -395,15 +396,9 @@ impl Engine {
 
     /// When [`advance`](Self::advance) next has something to do, if ever.
     pub fn next_event_at(&mut self) -> Option<Instant> {
-        while let Some((at, id)) = self.timeline.peek() {
-            match self.seqs.get(&id) {
-                Some(seq) if seq.phase != Phase::Waiting && seq.next_at == at => return Some(at),
-                _ => {
-                    self.timeline.pop();
-                }
-            }
-        }
-        None
+        // Every entry is live: a running sequence has exactly one, and a cancelled one's is
+        // taken out.
+        self.timeline.peek().map(|(at, _)| at)
     }
 
     /// The next output, oldest first.

@@ -10,7 +10,7 @@
 //! place from the nearer end.
 //!
 //! Cost: O(1) to pop and, in the common case, to push; O(log n + distance to the back)
-//! otherwise. The order is exactly a binary heap's on `(Instant, SeqId)`: keys are unique
+//! otherwise; O(n) to take out a cancelled sequence's entry. The order is exactly a binary heap's on `(Instant, SeqId)`: keys are unique
 //! (a sequence has one entry at a time).
 
 use std::collections::VecDeque;
@@ -43,6 +43,13 @@ impl Timeline {
         self.entries.front().copied()
     }
 
+    /// Takes out the entry of `id` (a cancelled sequence), if there is one.
+    pub(super) fn remove(&mut self, id: SeqId) {
+        if let Some(i) = self.entries.iter().position(|e| e.1 == id) {
+            self.entries.remove(i);
+        }
+    }
+
     /// Takes the earliest entry.
     pub(super) fn pop(&mut self) -> Option<(Instant, SeqId)> {
         self.entries.pop_front()
@@ -55,6 +62,19 @@ mod tests {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     use std::time::Duration;
+
+    #[test]
+    fn a_removed_entry_is_gone() {
+        let mut timeline = Timeline::default();
+        for id in 0..3 {
+            timeline.push(Instant::ZERO + Duration::from_millis(id), SeqId(id));
+        }
+        timeline.remove(SeqId(0));
+        timeline.remove(SeqId(7));
+        assert_eq!(timeline.pop().map(|e| e.1), Some(SeqId(1)));
+        assert_eq!(timeline.pop().map(|e| e.1), Some(SeqId(2)));
+        assert_eq!(timeline.pop(), None);
+    }
 
     #[test]
     fn pops_in_the_order_of_a_binary_heap() {
