@@ -51,11 +51,11 @@
 use std::collections::HashMap;
 use std::collections::hash_map::{Entry, RandomState};
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::endpoint::EndpointId;
-use crate::hash::mix;
+use crate::hash::Keyed;
 
 /// Default capacity of each endpoint's list, in blocks: 8,192 blocks of 64 tokens hold
 /// 512 Ki tokens, about the KV cache of an 80 GB GPU serving an 8B model.
@@ -132,42 +132,11 @@ struct Slot {
     capacity: Option<u32>,
 }
 
-/// Hashes block hashes (already uniform) with a per-index key, so that crafted prompts
-/// cannot pile their blocks into one probe sequence.
-#[derive(Clone, Copy)]
-struct KeyedBuild(u64);
-
-struct KeyedHasher(u64, u64);
-
-impl BuildHasher for KeyedBuild {
-    type Hasher = KeyedHasher;
-
-    fn build_hasher(&self) -> KeyedHasher {
-        KeyedHasher(self.0, 0)
-    }
-}
-
-impl Hasher for KeyedHasher {
-    fn finish(&self) -> u64 {
-        mix(self.1, self.0)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.1 = self.1.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.1 = n;
-    }
-}
-
 struct Inner {
     nodes: Vec<Node>,
     /// Free nodes, linked through `next`.
     free: u32,
-    blocks: HashMap<u64, u32, KeyedBuild>,
+    blocks: HashMap<u64, u32, Keyed>,
     slots: Vec<Option<Slot>>,
     free_slots: Vec<u32>,
     by_id: HashMap<EndpointId, u32>,
@@ -188,7 +157,7 @@ impl PrefixIndex {
             inner: Mutex::new(Inner {
                 nodes: Vec::new(),
                 free: NIL,
-                blocks: HashMap::with_hasher(KeyedBuild(key)),
+                blocks: HashMap::with_hasher(Keyed(key)),
                 slots: Vec::new(),
                 free_slots: Vec::new(),
                 by_id: HashMap::new(),

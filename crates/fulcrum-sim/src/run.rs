@@ -3,10 +3,11 @@
 //! One priority queue of timed events (arrival, delivery to a backend, first token back at
 //! the balancer, end of stream, failure, scrape, fault, sample), ordered by time and then by
 //! the order they were scheduled, so ties resolve the same way every run. The backends' own
-//! timelines are not copied into it: before each event every backend is advanced to the
-//! event's time (a cached "next event" per backend makes that O(backends) comparisons), and
-//! what it produced is turned into events, at their exact model times plus the network
-//! delay. Between two events no routing decision is taken, so processing a backend's outputs
+//! timelines are not copied into it: before each event every backend with something due by
+//! the event's time is advanced to it, in backend order (a second queue holds each backend's
+//! next wake-up, so finding them costs O(log backends) per backend due, not a scan of the
+//! fleet), and what it produced is turned into events, at their exact model times plus the
+//! network delay. Between two events no routing decision is taken, so processing a backend's outputs
 //! late changes nothing; when requests wait in the central admission queue, the loop steps to
 //! each backend event exactly instead, since a slot freeing up is then a decision point.
 //!
@@ -19,7 +20,7 @@
 //! backoff). Active health checks and the outlier detector's timers run as the proxy runs
 //! them, so crashed or hung backends are found and routed around as they would be.
 //!
-//! Cost: O(log n) per event plus O(backends) per event; memory O(requests in flight) plus
+//! Cost: O(log n) per event and per backend wake-up; memory O(requests in flight) plus
 //! 24 bytes per finished request for the percentiles.
 
 use std::cmp::Reverse;
@@ -28,7 +29,7 @@ use std::time::Duration;
 
 use fulcrum_config::{Config, PoolConfig};
 use fulcrum_core::flow::{Ticket, Verdict};
-use fulcrum_core::hash::mix;
+use fulcrum_core::hash::{Keyed, mix};
 use fulcrum_core::resilience::Observed;
 use fulcrum_core::{InFlight, Instant, Policy};
 use fulcrum_mock::engine::{EventKind, SeqId};
@@ -126,9 +127,13 @@ struct Sim<'a> {
     scaler: Option<Scaler>,
     rng: SmallRng,
     backends: Vec<Backend>,
+    /// Each backend's next wake-up, and the same in a queue (entries that no longer match
+    /// `next_at` are skipped), with the backends due now (reused between events).
     next_at: Vec<Option<Instant>>,
+    wakeups: BinaryHeap<Reverse<(Instant, u32)>>,
+    due: Vec<u32>,
     in_flight: Vec<u32>,
-    seqs: Vec<HashMap<SeqId, u32>>,
+    seqs: Vec<HashMap<SeqId, u32, Keyed>>,
     lives: Vec<Option<Live>>,
     free: Vec<u32>,
     live_count: u64,
@@ -212,8 +217,10 @@ impl Scenario {
                 .map(|(i, b)| Backend::new(b.clone(), mix(seed, i as u64)))
                 .collect(),
             next_at: vec![None; n],
+            wakeups: BinaryHeap::new(),
+            due: Vec::new(),
             in_flight: vec![0; n],
-            seqs: vec![HashMap::new(); n],
+            seqs: vec![HashMap::default(); n],
             lives: Vec::new(),
             free: Vec::new(),
             live_count: 0,
@@ -291,7 +298,7 @@ impl Sim<'_> {
         loop {
             let heap_t = self.heap.peek().map(|r| r.0.0);
             let exact = !self.queue.is_empty() || heap_t.is_none();
-            let backend_t = if exact { self.next_at.iter().flatten().min().copied() } else { None };
+            let backend_t = if exact { self.next_wakeup() } else { None };
             let t = match (heap_t, backend_t) {
                 (Some(a), Some(b)) => a.min(b),
                 (a, b) => match a.or(b) {
@@ -317,12 +324,45 @@ impl Sim<'_> {
         progress.update(self.arrivals, self.total);
     }
 
-    /// Advances every backend to `now` and turns its outputs into events.
+    /// Advances every backend with something due by `now`, in backend order, and turns their
+    /// outputs into events.
     fn advance_backends(&mut self) {
-        for b in 0..self.backends.len() {
-            if self.next_at[b].is_some_and(|t| t <= self.now) {
-                self.backends[b].advance(self.now);
-                self.drain(b);
+        let mut due = std::mem::take(&mut self.due);
+        while let Some(&Reverse((t, b))) = self.wakeups.peek() {
+            if t > self.now {
+                break;
+            }
+            self.wakeups.pop();
+            if self.next_at[b as usize] == Some(t) {
+                due.push(b);
+            }
+        }
+        due.sort_unstable();
+        due.dedup();
+        for &b in &due {
+            self.backends[b as usize].advance(self.now);
+            self.drain(b as usize);
+        }
+        due.clear();
+        self.due = due;
+    }
+
+    /// The earliest backend wake-up.
+    fn next_wakeup(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((t, b))) = self.wakeups.peek() {
+            if self.next_at[b as usize] == Some(t) {
+                return Some(t);
+            }
+            self.wakeups.pop();
+        }
+        None
+    }
+
+    fn set_wakeup(&mut self, b: usize, at: Option<Instant>) {
+        if self.next_at[b] != at {
+            self.next_at[b] = at;
+            if let Some(t) = at {
+                self.wakeups.push(Reverse((t, b as u32)));
             }
         }
     }
@@ -349,7 +389,8 @@ impl Sim<'_> {
                 }
             }
         }
-        self.next_at[b] = self.backends[b].next_event_at();
+        let next = self.backends[b].next_event_at();
+        self.set_wakeup(b, next);
     }
 
     fn handle(&mut self, ev: Ev) {
@@ -367,7 +408,8 @@ impl Sim<'_> {
                 if self.scaler.as_mut().is_some_and(|s| s.ready(b, self.now)) {
                     self.backends[b].reset(self.now);
                     self.backends[b].state = State::Up;
-                    self.next_at[b] = self.backends[b].next_event_at();
+                    let at = self.backends[b].next_event_at();
+                    self.set_wakeup(b, at);
                     self.set_members();
                     if self.drive.health_check().is_some() {
                         self.at(self.now, Ev::Probe(b as u32));
@@ -692,7 +734,7 @@ impl Sim<'_> {
                 }
                 self.seqs[b].clear();
                 self.backends[b].reset(now);
-                self.next_at[b] = None;
+                self.set_wakeup(b, None);
             }
             FaultKind::Restart | FaultKind::Recover => {
                 if self.backends[b].state != State::Up {

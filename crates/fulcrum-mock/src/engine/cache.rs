@@ -17,6 +17,8 @@
 
 use std::collections::HashMap;
 
+use fulcrum_core::hash::Keyed;
+
 /// Index of a block in the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BlockId(u32);
@@ -36,7 +38,8 @@ struct Block {
 pub struct PrefixCache {
     capacity: u32,
     blocks: Vec<Block>,
-    by_hash: HashMap<u64, u32>,
+    /// Keyed by chained block hashes, already uniform: one mix, not SipHash.
+    by_hash: HashMap<u64, u32, Keyed>,
     free: Vec<u32>,
     lru_head: u32,
     lru_tail: u32,
@@ -52,7 +55,7 @@ impl PrefixCache {
         PrefixCache {
             capacity,
             blocks: Vec::new(),
-            by_hash: HashMap::new(),
+            by_hash: HashMap::default(),
             free: Vec::new(),
             lru_head: NIL,
             lru_tail: NIL,

@@ -56,16 +56,19 @@
 mod cache;
 mod model;
 mod sample;
+mod timeline;
 
 pub use cache::{BlockId, PrefixCache};
 pub use model::{EngineConfig, EngineConfigError, Gpu};
 pub use sample::{OutputLen, SplitMix64};
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use fulcrum_core::Instant;
+use fulcrum_core::hash::Keyed;
+
+use timeline::Timeline;
 
 /// A prompt as the engine sees it: its length and the chained hashes of its full blocks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -240,12 +243,13 @@ pub struct Engine {
     config: EngineConfig,
     now: Instant,
     next_id: u64,
-    seqs: HashMap<SeqId, Seq>,
+    /// Sequence ids are counters: hashed by one mix, not SipHash (no client picks them).
+    seqs: HashMap<SeqId, Seq, Keyed>,
     /// FIFO of waiting ids; cancelled ids are skipped lazily.
     queue: VecDeque<SeqId>,
     waiting: u32,
     running: u32,
-    timeline: BinaryHeap<Reverse<(Instant, SeqId)>>,
+    timeline: Timeline,
     cache: PrefixCache,
     promised: u64,
     outbox: VecDeque<Event>,
@@ -265,11 +269,11 @@ impl Engine {
             config,
             now: Instant::ZERO,
             next_id: 0,
-            seqs: HashMap::new(),
+            seqs: HashMap::default(),
             queue: VecDeque::new(),
             waiting: 0,
             running: 0,
-            timeline: BinaryHeap::new(),
+            timeline: Timeline::default(),
             promised: 0,
             outbox: VecDeque::new(),
             counters: Counters::default(),
@@ -369,6 +373,7 @@ impl Engine {
             self.waiting -= 1;
             // The id stays in the queue and is skipped when it reaches the front.
         } else {
+            self.timeline.remove(id);
             self.release(seq);
             self.admit(self.now);
         }
@@ -378,7 +383,7 @@ impl Engine {
     /// Processes everything due at or before `now`, in time order. Time never goes back: an
     /// earlier `now` than the last one is taken as the last one.
     pub fn advance(&mut self, now: Instant) {
-        while let Some(&Reverse((at, id))) = self.timeline.peek() {
+        while let Some((at, id)) = self.timeline.peek() {
             if at > now {
                 break;
             }
@@ -391,15 +396,9 @@ impl Engine {
 
     /// When [`advance`](Self::advance) next has something to do, if ever.
     pub fn next_event_at(&mut self) -> Option<Instant> {
-        while let Some(&Reverse((at, id))) = self.timeline.peek() {
-            match self.seqs.get(&id) {
-                Some(seq) if seq.phase != Phase::Waiting && seq.next_at == at => return Some(at),
-                _ => {
-                    self.timeline.pop();
-                }
-            }
-        }
-        None
+        // Every entry is live: a running sequence has exactly one, and a cancelled one's is
+        // taken out.
+        self.timeline.peek().map(|(at, _)| at)
     }
 
     /// The next output, oldest first.
@@ -434,6 +433,8 @@ impl Engine {
     /// Handles the timeline entry of `id` due at `at`.
     fn step(&mut self, at: Instant, id: SeqId) {
         let block_size = self.config.block_size;
+        // The batch does not change before this step reschedules the sequence.
+        let itl = self.itl();
         let Some(seq) = self.seqs.get_mut(&id) else { return };
         if seq.phase == Phase::Waiting || seq.next_at != at {
             return; // stale entry
@@ -465,11 +466,8 @@ impl Engine {
             }
         }
         if seq.emitted < seq.output_len {
-            let next = at + self.itl();
-            if let Some(seq) = self.seqs.get_mut(&id) {
-                seq.next_at = next;
-            }
-            self.timeline.push(Reverse((next, id)));
+            seq.next_at = at + itl;
+            self.timeline.push(seq.next_at, id);
             return;
         }
         let Some(seq) = self.seqs.remove(&id) else { return };
@@ -533,7 +531,7 @@ impl Engine {
             self.counters.prefix_queries += u64::from(prompt_tokens);
             self.counters.prefix_hits += u64::from(cached_tokens);
             self.counters.prompt_tokens += u64::from(prompt_tokens);
-            self.timeline.push(Reverse((seq.next_at, id)));
+            self.timeline.push(seq.next_at, id);
             self.seqs.insert(id, seq);
             self.outbox.push_back(Event { seq: id, at, kind: EventKind::Admitted { cached_tokens } });
         }
