@@ -474,7 +474,7 @@ impl Sim<'_> {
             State::Down => Some((now + delay, Failure::Refused)),
             State::Hung => Some((l.started + timeout, Failure::Timeout)),
             State::Up => {
-                let hashes = l.req.content.blocks(&l.req.model, backend.block_size(), usize::MAX);
+                let hashes = l.req.content.engine_blocks(&l.req.model, backend.block_size());
                 let seed = mix(l.index, u64::from(attempt));
                 match backend.submit(now, l.req.prompt_tokens, hashes, l.req.output_tokens, seed) {
                     Ok(seq) => {

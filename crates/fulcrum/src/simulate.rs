@@ -52,6 +52,11 @@ pub struct SimulateArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Also write the requests the workload generates (with this seed) to FILE as a JSONL
+    /// trace, prompts as text of 4 characters a token: `fulcrum replay` sends them to a
+    /// real proxy, and a workload with `[trace] path = "FILE"` simulates the very same bytes.
+    #[arg(long, value_name = "FILE", conflicts_with = "matrix")]
+    pub emit_trace: Option<PathBuf>,
     /// Write SVG plots into this directory: TTFT CDF per scenario, load per backend per policy.
     #[arg(long, value_name = "DIR")]
     pub svg: Option<PathBuf>,
@@ -119,6 +124,14 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
             s.pool = pool.clone();
         }
         s.warmup = args.warmup;
+    }
+    if let (Some(path), Some(s)) = (&args.emit_trace, scenarios.first()) {
+        let (rate, _) = s.rates();
+        let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        fulcrum_sim::workload::trace::write(s.workload.generate(rate, seed), &mut out)
+            .and_then(|_| out.flush())
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if !args.policy.is_empty() {
         policies.clone_from(&args.policy);
