@@ -73,9 +73,10 @@ pub struct Scenario {
     pub warmup: u64,
 }
 
-/// The pool configuration used without a `--config`: round robin, the proxy's defaults.
+/// The pool configuration used without a `--config`: round robin, the proxy's defaults,
+/// engine metrics scraped.
 pub fn default_pool() -> PoolConfig {
-    let text = "[pool.sim]\npolicy = \"round_robin\"\nendpoints = []\n";
+    let text = "[pool.sim]\npolicy = \"round_robin\"\nendpoints = []\nengine_metrics = {}\n";
     match Config::parse(text, None).map(|c| c.pools.into_values().next()) {
         Ok(Some(pool)) => pool,
         _ => unreachable!("the built-in pool configuration is valid"),
@@ -131,6 +132,9 @@ struct Sim<'a> {
     heap: BinaryHeap<Reverse<(Instant, u64, Ev)>>,
     order: u64,
     now: Instant,
+    /// The time of the event being handled: a backend's outputs become events late (at the
+    /// next decision point), so what is measured of them uses their own time, not `now`.
+    event_at: Instant,
     queue: VecDeque<u32>,
     generator: Generator,
     pending: Option<SimRequest>,
@@ -206,6 +210,7 @@ impl Scenario {
             heap: BinaryHeap::new(),
             order: 0,
             now: Instant::ZERO,
+            event_at: Instant::ZERO,
             queue: VecDeque::new(),
             generator,
             pending: None,
@@ -277,6 +282,7 @@ impl Sim<'_> {
                     break;
                 }
                 self.heap.pop();
+                self.event_at = at;
                 self.handle(ev);
                 if matches!(ev, Ev::Arrival) && self.arrivals.is_multiple_of(step) {
                     progress.update(self.arrivals, self.total);
@@ -500,9 +506,9 @@ impl Sim<'_> {
         if l.attempt != attempt || l.guard.is_none() || l.first_token.is_some() {
             return;
         }
-        l.first_token = Some(now);
+        l.first_token = Some(self.event_at);
         if let Some(ticket) = l.ticket.take() {
-            let ttft = now.saturating_since(l.started);
+            let ttft = self.event_at.saturating_since(l.started);
             // A response head: the answer (the stream goes on until Done).
             self.drive.record(&mut l.machine, ticket, Observed::Success, ttft, now, &mut self.rng);
         }
@@ -547,7 +553,7 @@ impl Sim<'_> {
 
     /// Ends a request: its figures, its guard, its slot at the balancer.
     fn finish(&mut self, id: u32, result: Result<(), Failure>) {
-        let now = self.now;
+        let now = self.event_at;
         let Some(l) = self.lives.get_mut(id as usize).and_then(Option::take) else { return };
         self.free.push(id);
         self.live_count -= 1;
