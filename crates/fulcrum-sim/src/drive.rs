@@ -104,6 +104,9 @@ pub struct Drive {
     /// One active health checker per backend, when the pool has health checks.
     health: Vec<HealthState>,
     utilization: bool,
+    /// Whether the pool scrapes its engines (`engine_metrics`): without it the proxy never
+    /// learns their queues or KV use, and neither does the simulated balancer.
+    scrapes: bool,
     limits: openai::Limits,
 }
 
@@ -182,6 +185,7 @@ impl Drive {
         let state = PoolState::new(rules, members.selector().endpoints(), Instant::ZERO);
         Ok(Drive {
             utilization: members.selector().policy().kind() != PolicyKind::Score,
+            scrapes: pool.engine_metrics.is_some(),
             limits: openai::Limits::default(),
             members,
             state,
@@ -254,8 +258,12 @@ impl Drive {
     }
 
     /// Feeds one scrape of `endpoint`'s engine (`None`: the scrape failed, so its load is
-    /// unknown, never idle), as the proxy's scraper does.
+    /// unknown, never idle), as the proxy's scraper does; nothing when the pool has no
+    /// `engine_metrics` (the proxy does not scrape then).
     pub fn scrape(&self, endpoint: usize, report: Option<EngineReport>, now: Instant) {
+        if !self.scrapes {
+            return;
+        }
         let selector = self.members.selector();
         let Some(e) = selector.endpoints().get(endpoint) else { return };
         let signals = e.signals();
