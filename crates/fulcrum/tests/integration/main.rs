@@ -6,6 +6,7 @@ mod ai_routing;
 mod autoscale;
 mod chaos;
 mod cli;
+mod fidelity;
 mod logging;
 mod plan;
 mod simulate;
