@@ -107,6 +107,8 @@ pub struct Drive {
     /// Whether the pool scrapes its engines (`engine_metrics`): without it the proxy never
     /// learns their queues or KV use, and neither does the simulated balancer.
     scrapes: bool,
+    /// Whether requests come through an inference route (their POSTs may be retried).
+    inference: bool,
     limits: openai::Limits,
 }
 
@@ -186,6 +188,7 @@ impl Drive {
         Ok(Drive {
             utilization: members.selector().policy().kind() != PolicyKind::Score,
             scrapes: pool.engine_metrics.is_some(),
+            inference: true,
             limits: openai::Limits::default(),
             members,
             state,
@@ -204,11 +207,19 @@ impl Drive {
         &self.state
     }
 
-    /// Starts a request's tries. It is sent on an inference route: POSTs are retried before
-    /// the first byte as the pool's retry policy says.
+    /// The same, with requests reaching the pool through an inference route (`true`, the
+    /// default: POSTs are retried before the first byte as the pool's retry policy says) or
+    /// not (`false`: a listener's default pool, where the proxy never retries a POST).
+    pub fn with_inference_route(self, inference: bool) -> Self {
+        Drive { inference, ..self }
+    }
+
+    /// Starts a request's tries (a POST), retried or not as [`with_inference_route`] says.
+    ///
+    /// [`with_inference_route`]: Self::with_inference_route
     pub fn start(&self, facts: &Facts<'_>, now: Instant) -> Result<Attempts, UnknownModel> {
         let key = facts.session.to_le_bytes();
-        let plan = RequestPlan { route_allows_any_method: true, replayable: true, ..RequestPlan::default() };
+        let plan = RequestPlan { route_allows_any_method: self.inference, replayable: true, ..RequestPlan::default() };
         Attempts::start(&self.state, &self.members, &facts.core(&key), plan, now)
     }
 

@@ -71,6 +71,10 @@ pub struct Scenario {
     pub pool: PoolConfig,
     /// The first this many arrivals warm the system up and are left out of the figures.
     pub warmup: u64,
+    /// Whether requests reach the pool through an inference route, whose POSTs the proxy
+    /// retries (`true` unless a `--config` says otherwise: see
+    /// [`Config::has_inference_route`]).
+    pub inference_route: bool,
 }
 
 /// The pool configuration used without a `--config`: round robin, the proxy's defaults,
@@ -150,7 +154,7 @@ struct Sim<'a> {
 impl Scenario {
     /// A scenario under the default pool configuration.
     pub fn new(name: impl Into<String>, fleet: Fleet, workload: Workload) -> Self {
-        Scenario { name: name.into(), fleet, workload, pool: default_pool(), warmup: 0 }
+        Scenario { name: name.into(), fleet, workload, pool: default_pool(), warmup: 0, inference_route: true }
     }
 
     /// The mean arrival rate this scenario offers, in requests a second (`None`: a trace at
@@ -176,7 +180,8 @@ impl Scenario {
             .map(|(i, b)| endpoint_spec(i, &b.name, b.told.then_some((b.weight, b.accelerator.as_deref()))))
             .collect();
         let drive = Drive::try_new(&self.pool, policy, specs, self.fleet.admission_slots)
-            .map_err(|e| SimError::field("policy", e.to_string()))?;
+            .map_err(|e| SimError::field("policy", e.to_string()))?
+            .with_inference_route(self.inference_route);
         let (rate, capacity) = self.rates();
         let generator = self.workload.generate(rate, seed);
         let total = generator.remaining();

@@ -89,15 +89,17 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     let pool = match &args.config {
         Some(path) => {
             let config = Config::load(path)?;
-            let pool = match &args.pool {
-                Some(name) => config.pools.get(name).cloned().with_context(|| {
+            let name = match &args.pool {
+                Some(name) if config.pools.contains_key(name) => name.clone(),
+                Some(name) => {
                     let known: Vec<&str> = config.pools.keys().map(String::as_str).collect();
-                    format!("no pool is named `{name}` in {} (pools: {})", path.display(), known.join(", "))
-                })?,
-                None if config.pools.len() == 1 => config.pools.into_values().next().context("one pool")?,
+                    bail!("no pool is named `{name}` in {} (pools: {})", path.display(), known.join(", "))
+                }
+                None if config.pools.len() == 1 => config.pools.keys().next().cloned().context("one pool")?,
                 None => bail!("{} has {} pools: choose one with --pool", path.display(), config.pools.len()),
             };
-            Some(pool)
+            let pool = config.pools.get(&name).cloned().context("the pool")?;
+            Some((pool, config.has_inference_route(&name)))
         }
         None => None,
     };
@@ -120,8 +122,9 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     };
     let seed = args.seed.unwrap_or(seed);
     for s in &mut scenarios {
-        if let Some(pool) = &pool {
+        if let Some((pool, inference)) = &pool {
             s.pool = pool.clone();
+            s.inference_route = *inference;
         }
         s.warmup = args.warmup;
     }
@@ -138,7 +141,7 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     }
     if policies.is_empty() {
         policies = match &pool {
-            Some(p) => vec![p.policy.kind().as_str().to_owned()],
+            Some((p, _)) => vec![p.policy.kind().as_str().to_owned()],
             None => DEFAULT_POLICIES.iter().map(|s| (*s).to_owned()).collect(),
         };
     }
