@@ -320,7 +320,10 @@ impl Sim<'_> {
                     l.admitted = Some(e.at);
                     l.cached = cached_tokens;
                 }
-                EventKind::Token { index: 0, .. } => self.at(e.at + delay, Ev::Head { live, attempt }),
+                // The first token, back at the balancer (what the figures call TTFT).
+                EventKind::Token { index: 0, .. } => {
+                    l.first_token.get_or_insert(e.at + delay);
+                }
                 EventKind::Token { .. } => {}
                 EventKind::Finished { .. } => {
                     self.seqs[b].remove(&e.seq);
@@ -489,6 +492,10 @@ impl Sim<'_> {
                 let seed = mix(l.index, u64::from(attempt));
                 match backend.submit(now, l.req.prompt_tokens, hashes, l.req.output_tokens, seed) {
                     Ok(seq) => {
+                        // The response head comes back at once, before any token (the mock
+                        // backend and vLLM send a stream's headers when it starts): the proxy
+                        // records that as the try's answer and time to first byte.
+                        self.at(now + delay, Ev::Head { live: id, attempt });
                         self.seqs[b].insert(seq, id);
                         if let Some(l) = self.lives.get_mut(id as usize).and_then(Option::as_mut) {
                             l.seq = Some(seq);
@@ -508,14 +515,13 @@ impl Sim<'_> {
     fn head(&mut self, id: u32, attempt: u32) {
         let now = self.now;
         let Some(l) = self.lives.get_mut(id as usize).and_then(Option::as_mut) else { return };
-        if l.attempt != attempt || l.guard.is_none() || l.first_token.is_some() {
+        if l.attempt != attempt || l.guard.is_none() {
             return;
         }
-        l.first_token = Some(self.event_at);
         if let Some(ticket) = l.ticket.take() {
-            let ttft = self.event_at.saturating_since(l.started);
+            let elapsed = self.event_at.saturating_since(l.started);
             // A response head: the answer (the stream goes on until Done).
-            self.drive.record(&mut l.machine, ticket, Observed::Success, ttft, now, &mut self.rng);
+            self.drive.record(&mut l.machine, ticket, Observed::Success, elapsed, now, &mut self.rng);
         }
     }
 
