@@ -324,7 +324,8 @@ async fn one(target: &Target, request: Request<Full<Bytes>>, began: Instant, o: 
         }
     }
     if o.status != 200 {
-        o.error = Some(format!("status {}", o.status));
+        let text = String::from_utf8_lossy(&tail);
+        o.error = Some(format!("status {}: {}", o.status, text.chars().take(200).collect::<String>().trim()));
         return;
     }
     if !scanner.is_done() {

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fulcrum_config::{Config, PoolConfig};
+use fulcrum_config::Config;
 use fulcrum_mock::engine::EngineConfig;
 use fulcrum_mock::loadgen::replay::{self, ReplayConfig, ReplayRecord};
 use fulcrum_proxy::Proxy;
@@ -57,18 +57,21 @@ gpu = "a100"
 speed = 0.5
 max_num_seqs = 8
 num_gpu_blocks = 2000
+prefill_tokens_per_sec = 3000
 [[backend]]
 name = "mid"
 gpu = "a100"
 speed = 1.0
 max_num_seqs = 8
 num_gpu_blocks = 2000
+prefill_tokens_per_sec = 3000
 [[backend]]
 name = "fast"
 gpu = "a100"
 speed = 2.0
 max_num_seqs = 8
 num_gpu_blocks = 2000
+prefill_tokens_per_sec = 3000
 "#;
 
 /// Three equal engines; one crashes 40% into the run (of the short run: see `crash_at`).
@@ -79,6 +82,7 @@ count = 3
 gpu = "a100"
 max_num_seqs = 8
 num_gpu_blocks = 2000
+prefill_tokens_per_sec = 3000
 [[fault]]
 at = "CRASH_AT"
 backend = "gpu-1"
@@ -161,9 +165,12 @@ fn generate(case: &Case, fleet: &Fleet, requests: u64) -> (String, Workload) {
     (text, workload)
 }
 
-fn simulate(case: &Case, fleet: &Fleet, workload: &Workload, pool: &PoolConfig) -> Row {
+/// Runs the simulator on `workload` under the proxy's `config` (its pool `p`).
+fn simulate(case: &Case, fleet: &Fleet, workload: &Workload, config: &Config) -> Row {
+    let pool = config.pools.get("p").expect("pool");
     let mut scenario = fulcrum_sim::Scenario::new(case.name, fleet.clone(), workload.clone());
     scenario.pool = pool.clone();
+    scenario.inference_route = config.has_inference_route("p");
     let r = scenario.run_policy(pool.policy.kind().as_str(), SEED).expect("simulation");
     Row {
         completed: r.completed,
@@ -261,7 +268,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
-async fn real(fleet: &Fleet, records: &[ReplayRecord], policy: Option<&str>) -> (Row, PoolConfig) {
+async fn real(fleet: &Fleet, records: &[ReplayRecord], policy: Option<&str>) -> (Row, Config) {
     let mut mocks: Vec<Arc<Mutex<Mock>>> = Vec::new();
     let mut named = Vec::new();
     for (i, b) in fleet.backends.iter().enumerate() {
@@ -272,7 +279,6 @@ async fn real(fleet: &Fleet, records: &[ReplayRecord], policy: Option<&str>) -> 
     }
     let text = config(policy, &named);
     let config = Config::parse(&text, None).expect("proxy config");
-    let pool = config.pools.get("p").cloned().expect("pool");
     let proxy = Proxy::bind(&config).await.expect("proxy");
     let url = format!("http://{}", proxy.local_addr("public").expect("listener"));
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -326,7 +332,7 @@ async fn real(fleet: &Fleet, records: &[ReplayRecord], policy: Option<&str>) -> 
         hit_rate: replayed.prefix_hit_rate,
         shares: counts.iter().map(|&n| n as f64 / completed.max(1) as f64).collect(),
     };
-    (row, pool)
+    (row, config)
 }
 
 // === the comparison ===
@@ -385,9 +391,10 @@ async fn check(requests: u64, tol: Tolerance) {
         let (text, workload) = generate(&case, &fleet, requests);
         let records = replay::parse_trace(&text).expect("the replayer reads the trace");
         for policy in case.policies {
-            let (real_row, pool) = real(&fleet, &records, *policy).await;
-            let sim_row = simulate(&case, &fleet, &workload, &pool);
-            let label = format!("{} / {}", case.name, pool.policy.kind().as_str());
+            let (real_row, config) = real(&fleet, &records, *policy).await;
+            let sim_row = simulate(&case, &fleet, &workload, &config);
+            let policy = config.pools.get("p").map_or("?", |p| p.policy.kind().as_str());
+            let label = format!("{} / {policy}", case.name);
             println!("| {label} {}", line("sim", &sim_row).trim_start_matches('|'));
             println!("| {label} {}", line("real", &real_row).trim_start_matches('|'));
             let m = misses(&sim_row, &real_row, tol);
@@ -402,7 +409,7 @@ async fn check(requests: u64, tol: Tolerance) {
 /// The CI variant: about 10 s of trace per run, debug build (see the module doc).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fidelity_short() {
-    check(500, SHORT).await;
+    check(400, SHORT).await;
 }
 
 /// The full figures for bench/RESULTS.md: three times as long, every tolerance as the issue
