@@ -2,7 +2,6 @@
 //! SIGKILL and restarted, one starts hanging, one starts failing 30% of requests. Clients
 //! must see nothing (issue P1.4).
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -35,18 +34,8 @@ impl Mock {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn mock-backend");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or("").trim_start_matches("http://").to_owned();
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(20)).expect("mock-backend announces its address");
-        Mock { child, addr: addr.parse().expect("address") }
+        let addr = super::child::announced_addr(&mut child);
+        Mock { child, addr }
     }
 
     fn kill(&mut self) {

@@ -13,14 +13,17 @@
 //! `request_success` counters; a killed backend's share is what the survivors did not serve).
 //!
 //! The issue's tolerances are 15% on TTFT p50 and p99, 2 points on the hit rate and 5 points
-//! on shares. The CI variant ([`fidelity_short`]) runs each case for about 10 s of trace in a
-//! debug build on a shared machine, where a p99 rests on a few dozen samples and the debug
-//! proxy's own latency under load shows: it checks p50, hit rate and shares at the issue's
-//! tolerances and p99 at 30%. The full figures ([`fidelity_full`], `#[ignore]`, release build:
-//! `bench/sim/fidelity.sh`) run three times as long and check every tolerance as the issue
-//! states it. An autoscaling case is one more [`Case`] once the simulator models it.
+//! on shares; the full figures ([`fidelity_full`], `#[ignore]`, about 4 minutes in a release
+//! build: `bench/sim/fidelity.sh`) check them as stated, over 1,500 requests a run. The CI
+//! variant ([`fidelity_short`]) runs 400 requests a run (about 20 s each) in a debug build,
+//! and there one run of `power_of_two` is not a measurement to 15%: its picks are random and
+//! the simulator's and the proxy's generators differ, so the two runs are two samples. Over 8
+//! seeds the simulator alone gives that case a TTFT p50 of 36.5 to 39.7 ms and a p99 of 345
+//! to 459 ms, and the debug build's own cost adds 2 to 3 ms to every real first token. So CI
+//! holds p50 to 25% and p99 to 40% (still far inside the factor of two the check first
+//! caught), and the hit rate and shares to the issue's points. An autoscaling case is one more
+//! [`Case`] once the simulator models it.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -141,7 +144,7 @@ struct Tolerance {
 }
 
 const ISSUE: Tolerance = Tolerance { p50: 0.15, p99: 0.15, hit_points: 2.0, share_points: 5.0 };
-const SHORT: Tolerance = Tolerance { p99: 0.30, ..ISSUE };
+const SHORT: Tolerance = Tolerance { p50: 0.25, p99: 0.40, ..ISSUE };
 
 // === the simulated side ===
 
@@ -205,18 +208,8 @@ impl Mock {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn mock-backend");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or("").trim_start_matches("http://").to_owned();
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("mock-backend announces its address");
-        Mock { child, addr: addr.parse().expect("address") }
+        let addr = super::child::announced_addr(&mut child);
+        Mock { child, addr }
     }
 
     /// SIGKILL, by its PID (no chance to close connections gracefully).
@@ -350,6 +343,20 @@ fn line(label: &str, r: &Row) -> String {
     )
 }
 
+/// Sim less real: TTFT in percent of real, hit rate and shares in points.
+fn delta(sim: &Row, real: &Row) -> String {
+    let pct = |s: f64, r: f64| if r == 0.0 { 0.0 } else { (s - r) / r * 100.0 };
+    let shares: Vec<String> =
+        sim.shares.iter().zip(&real.shares).map(|(s, r)| format!("{:+.1}", (s - r) * 100.0)).collect();
+    format!(
+        "| sim - real | | | {:+.1}% | {:+.1}% | {:+.1} pt | {} pt |",
+        pct(sim.ttft_p50, real.ttft_p50),
+        pct(sim.ttft_p99, real.ttft_p99),
+        (sim.hit_rate - real.hit_rate) * 100.0,
+        shares.join(" / ")
+    )
+}
+
 /// What is out of tolerance, if anything.
 fn misses(sim: &Row, real: &Row, tol: Tolerance) -> Vec<String> {
     let mut out = Vec::new();
@@ -395,8 +402,9 @@ async fn check(requests: u64, tol: Tolerance) {
             let sim_row = simulate(&case, &fleet, &workload, &config);
             let policy = config.pools.get("p").map_or("?", |p| p.policy.kind().as_str());
             let label = format!("{} / {policy}", case.name);
-            println!("| {label} {}", line("sim", &sim_row).trim_start_matches('|'));
-            println!("| {label} {}", line("real", &real_row).trim_start_matches('|'));
+            println!("| {label} {}", line("sim", &sim_row));
+            println!("| {label} {}", line("real", &real_row));
+            println!("| {label} {}", delta(&sim_row, &real_row));
             let m = misses(&sim_row, &real_row, tol);
             if !m.is_empty() {
                 failures.push(format!("{label}: {}", m.join("; ")));
@@ -406,7 +414,7 @@ async fn check(requests: u64, tol: Tolerance) {
     assert!(failures.is_empty(), "simulator and real run disagree:\n{}", failures.join("\n"));
 }
 
-/// The CI variant: about 10 s of trace per run, debug build (see the module doc).
+/// The CI variant: about 20 s of trace per run, debug build (see the module doc).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fidelity_short() {
     check(400, SHORT).await;
@@ -415,7 +423,7 @@ async fn fidelity_short() {
 /// The full figures for bench/RESULTS.md: three times as long, every tolerance as the issue
 /// states it. `bench/sim/fidelity.sh` runs it in a release build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "about two minutes; run by bench/sim/fidelity.sh"]
+#[ignore = "about four minutes; run by bench/sim/fidelity.sh"]
 async fn fidelity_full() {
     check(1500, ISSUE).await;
 }

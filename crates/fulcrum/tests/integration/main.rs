@@ -5,6 +5,7 @@
 mod ai_routing;
 mod autoscale;
 mod chaos;
+mod child;
 mod cli;
 mod fidelity;
 mod logging;
