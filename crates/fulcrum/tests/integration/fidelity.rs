@@ -451,3 +451,36 @@ fn the_simulator_hashes_prompts_as_the_proxy_and_the_mock_do() {
         assert_eq!(mock.tokens, sim.prompt_tokens);
     }
 }
+
+/// From the command line: `simulate --emit-trace` writes a trace that `replay` sends to a
+/// mock backend, every request answered.
+#[test]
+fn emitted_traces_replay_from_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-fidelity-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (fleet, workload, trace) = (dir.join("fleet.toml"), dir.join("w.toml"), dir.join("t.jsonl"));
+    std::fs::write(&fleet, "[[backend]]\nname = \"gpu\"\n").expect("fleet");
+    let w = "requests = 20\nmodel = \"llama\"\n[arrival]\nrate = 40.0\n[prompts]\nkind = \"chat\"\noutput_tokens = 4\n";
+    std::fs::write(&workload, w).expect("workload");
+    let bin = env!("CARGO_BIN_EXE_fulcrum");
+    let sim = Command::new(bin)
+        .arg("simulate")
+        .args(["--fleet".as_ref(), fleet.as_os_str(), "--workload".as_ref(), workload.as_os_str()])
+        .args(["--emit-trace".as_ref(), trace.as_os_str(), "--json".as_ref()])
+        .output()
+        .expect("simulate");
+    assert!(sim.status.success(), "{}", String::from_utf8_lossy(&sim.stderr));
+    let c = EngineConfig::preset(fulcrum_mock::engine::Gpu::H100);
+    let mock = Mock::spawn(&c, 1);
+    let out = Command::new(bin)
+        .args(["replay", "--url", &format!("http://{}", mock.addr), "--json", "--trace"])
+        .arg(&trace)
+        .output()
+        .expect("replay");
+    drop(mock);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    assert_eq!((report["requests"].as_u64(), report["ok"].as_u64()), (Some(20), Some(20)), "{report}");
+    assert!(report["prefix_hit_rate"].as_f64().is_some_and(|h| h > 0.0), "chat turns share prefixes: {report}");
+}
