@@ -25,7 +25,7 @@
 //! [`Case`] once the simulator models it.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +38,8 @@ use fulcrum_sim::fleet::{FaultKind, Fleet, ServiceModel};
 use fulcrum_sim::workload::{Arrival, Prompts, Workload, trace};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+
+use super::child::MockChild;
 
 const MODEL: &str = "llama";
 const SEED: u64 = 5;
@@ -187,42 +189,24 @@ fn simulate(case: &Case, fleet: &Fleet, workload: &Workload, config: &Config) ->
 
 // === the real side ===
 
-/// A `fulcrum mock-backend` child process, killed when dropped.
-struct Mock {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Mock {
-    /// Starts one with the engine `c` on a port it picks, and reads the port back.
-    fn spawn(c: &EngineConfig, seed: u64) -> Mock {
-        let ms = |d: Duration| format!("{}", d.as_secs_f64() * 1000.0);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
-            .args(["mock-backend", "--port", "0", "--model", MODEL, "--seed", &seed.to_string()])
-            .args(["--speed", &c.speed.to_string(), "--max-num-seqs", &c.max_num_seqs.to_string()])
-            .args(["--prefill-tokens-per-sec", &c.prefill_tokens_per_sec.to_string()])
-            .args(["--prefill-overhead-ms", &ms(c.prefill_overhead), "--itl-base-ms", &ms(c.itl_base)])
-            .args(["--itl-per-seq-ms", &ms(c.itl_per_seq), "--block-size", &c.block_size.to_string()])
-            .args(["--num-gpu-blocks", &c.num_gpu_blocks.to_string(), "--max-model-len", &c.max_model_len.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn mock-backend");
-        let addr = super::child::announced_addr(&mut child);
-        Mock { child, addr }
-    }
-
-    /// SIGKILL, by its PID (no chance to close connections gracefully).
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Mock {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A mock-backend process with the engine `c`, on a port it picks.
+fn spawn_mock(c: &EngineConfig, seed: u64) -> MockChild {
+    let ms = |d: Duration| format!("{}", d.as_secs_f64() * 1000.0);
+    let args = [
+        ("--port", "0".to_owned()),
+        ("--model", MODEL.to_owned()),
+        ("--seed", seed.to_string()),
+        ("--speed", c.speed.to_string()),
+        ("--max-num-seqs", c.max_num_seqs.to_string()),
+        ("--prefill-tokens-per-sec", c.prefill_tokens_per_sec.to_string()),
+        ("--prefill-overhead-ms", ms(c.prefill_overhead)),
+        ("--itl-base-ms", ms(c.itl_base)),
+        ("--itl-per-seq-ms", ms(c.itl_per_seq)),
+        ("--block-size", c.block_size.to_string()),
+        ("--num-gpu-blocks", c.num_gpu_blocks.to_string()),
+        ("--max-model-len", c.max_model_len.to_string()),
+    ];
+    MockChild::spawn(&args.into_iter().flat_map(|(k, v)| [k.to_owned(), v]).collect::<Vec<_>>())
 }
 
 /// Requests a mock finished (`vllm:request_success_total`, every finish reason).
@@ -262,11 +246,11 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 async fn real(fleet: &Fleet, records: &[ReplayRecord], policy: Option<&str>) -> (Row, Config) {
-    let mut mocks: Vec<Arc<Mutex<Mock>>> = Vec::new();
+    let mut mocks: Vec<Arc<Mutex<MockChild>>> = Vec::new();
     let mut named = Vec::new();
     for (i, b) in fleet.backends.iter().enumerate() {
         let ServiceModel::Engine(c) = &b.model else { panic!("fidelity cases use engine backends") };
-        let m = Mock::spawn(c, SEED + i as u64);
+        let m = spawn_mock(c, SEED + i as u64);
         named.push((b.name.clone(), m.addr));
         mocks.push(Arc::new(Mutex::new(m)));
     }
@@ -471,7 +455,7 @@ fn emitted_traces_replay_from_the_command_line() {
         .expect("simulate");
     assert!(sim.status.success(), "{}", String::from_utf8_lossy(&sim.stderr));
     let c = EngineConfig::preset(fulcrum_mock::engine::Gpu::H100);
-    let mock = Mock::spawn(&c, 1);
+    let mock = spawn_mock(&c, 1);
     let out = Command::new(bin)
         .args(["replay", "--url", &format!("http://{}", mock.addr), "--json", "--trace"])
         .arg(&trace)
