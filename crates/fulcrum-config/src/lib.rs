@@ -270,6 +270,13 @@ pub const DEFAULT_ROUTE_NAME: &str = "default";
 // === impl Config ===
 
 impl Config {
+    /// Whether requests reach `pool` through an inference route (a route to it with
+    /// `inference`, which a `models` matcher implies), whose POSTs may be retried. A pool
+    /// reached only as a listener's `default_pool` has none: its POSTs are never retried.
+    pub fn has_inference_route(&self, pool: &str) -> bool {
+        self.routes.iter().any(|r| r.pool == pool && r.inference)
+    }
+
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {

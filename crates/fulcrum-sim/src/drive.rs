@@ -117,6 +117,11 @@ pub struct Drive {
     /// One active health checker per backend, when the pool has health checks.
     health: Vec<HealthState>,
     utilization: bool,
+    /// Whether the pool scrapes its engines (`engine_metrics`): without it the proxy never
+    /// learns their queues or KV use, and neither does the simulated balancer.
+    scrapes: bool,
+    /// Whether requests come through an inference route (their POSTs may be retried).
+    inference: bool,
     limits: openai::Limits,
 }
 
@@ -209,6 +214,8 @@ impl Drive {
         }
         Ok(Drive {
             utilization: members.selector().policy().kind() != PolicyKind::Score,
+            scrapes: pool.engine_metrics.is_some(),
+            inference: true,
             limits: openai::Limits::default(),
             members: Rc::new(members),
             specs: endpoints,
@@ -229,11 +236,19 @@ impl Drive {
         &self.state
     }
 
-    /// Starts a request's tries. It is sent on an inference route: POSTs are retried before
-    /// the first byte as the pool's retry policy says.
+    /// The same, with requests reaching the pool through an inference route (`true`, the
+    /// default: POSTs are retried before the first byte as the pool's retry policy says) or
+    /// not (`false`: a listener's default pool, where the proxy never retries a POST).
+    pub fn with_inference_route(self, inference: bool) -> Self {
+        Drive { inference, ..self }
+    }
+
+    /// Starts a request's tries (a POST), retried or not as [`with_inference_route`] says.
+    ///
+    /// [`with_inference_route`]: Self::with_inference_route
     pub fn start(&self, facts: &Facts<'_>, now: Instant) -> Result<Request, UnknownModel> {
         let key = facts.session.to_le_bytes();
-        let plan = RequestPlan { route_allows_any_method: true, replayable: true, ..RequestPlan::default() };
+        let plan = RequestPlan { route_allows_any_method: self.inference, replayable: true, ..RequestPlan::default() };
         let machine = Attempts::start(&self.state, &*self.members, &facts.core(&key), plan, now)?;
         Ok(Request { machine, members: self.members.clone() })
     }
@@ -336,8 +351,12 @@ impl Drive {
     }
 
     /// Feeds one scrape of `endpoint`'s engine (`None`: the scrape failed, so its load is
-    /// unknown, never idle), as the proxy's scraper does.
+    /// unknown, never idle), as the proxy's scraper does; nothing when the pool has no
+    /// `engine_metrics` (the proxy does not scrape then).
     pub fn scrape(&self, backend: usize, report: Option<EngineReport>, now: Instant) {
+        if !self.scrapes {
+            return;
+        }
         let selector = self.members.selector();
         let Some(e) = self.endpoint(backend) else { return };
         let signals = e.signals();

@@ -73,11 +73,16 @@ pub struct Scenario {
     pub pool: PoolConfig,
     /// The first this many arrivals warm the system up and are left out of the figures.
     pub warmup: u64,
+    /// Whether requests reach the pool through an inference route, whose POSTs the proxy
+    /// retries (`true` unless a `--config` says otherwise: see
+    /// [`Config::has_inference_route`]).
+    pub inference_route: bool,
 }
 
-/// The pool configuration used without a `--config`: round robin, the proxy's defaults.
+/// The pool configuration used without a `--config`: round robin, the proxy's defaults,
+/// engine metrics scraped.
 pub fn default_pool() -> PoolConfig {
-    let text = "[pool.sim]\npolicy = \"round_robin\"\nendpoints = []\n";
+    let text = "[pool.sim]\npolicy = \"round_robin\"\nendpoints = []\nengine_metrics = {}\n";
     match Config::parse(text, None).map(|c| c.pools.into_values().next()) {
         Ok(Some(pool)) => pool,
         _ => unreachable!("the built-in pool configuration is valid"),
@@ -140,6 +145,9 @@ struct Sim<'a> {
     heap: BinaryHeap<Reverse<(Instant, u64, Ev)>>,
     order: u64,
     now: Instant,
+    /// The time of the event being handled: a backend's outputs become events late (at the
+    /// next decision point), so what is measured of them uses their own time, not `now`.
+    event_at: Instant,
     queue: VecDeque<u32>,
     generator: Generator,
     pending: Option<SimRequest>,
@@ -155,7 +163,7 @@ struct Sim<'a> {
 impl Scenario {
     /// A scenario under the default pool configuration.
     pub fn new(name: impl Into<String>, fleet: Fleet, workload: Workload) -> Self {
-        Scenario { name: name.into(), fleet, workload, pool: default_pool(), warmup: 0 }
+        Scenario { name: name.into(), fleet, workload, pool: default_pool(), warmup: 0, inference_route: true }
     }
 
     /// The mean arrival rate this scenario offers, in requests a second (`None`: a trace at
@@ -191,7 +199,8 @@ impl Scenario {
         };
         let members = scaler.as_ref().map_or(n, |s| s.members().len());
         let drive = Drive::try_new(&self.pool, policy, specs, members, self.fleet.admission_slots)
-            .map_err(|e| SimError::field("policy", e.to_string()))?;
+            .map_err(|e| SimError::field("policy", e.to_string()))?
+            .with_inference_route(self.inference_route);
         let (rate, capacity) = self.rates();
         let generator = self.workload.generate(rate, seed);
         let total = generator.remaining();
@@ -227,6 +236,7 @@ impl Scenario {
             heap: BinaryHeap::new(),
             order: 0,
             now: Instant::ZERO,
+            event_at: Instant::ZERO,
             queue: VecDeque::new(),
             generator,
             pending: None,
@@ -313,6 +323,7 @@ impl Sim<'_> {
                     break;
                 }
                 self.heap.pop();
+                self.event_at = at;
                 self.handle(ev);
                 if matches!(ev, Ev::Arrival) && self.arrivals.is_multiple_of(step) {
                     progress.update(self.arrivals, self.total);
@@ -378,7 +389,10 @@ impl Sim<'_> {
                     l.admitted = Some(e.at);
                     l.cached = cached_tokens;
                 }
-                EventKind::Token { index: 0, .. } => self.at(e.at + delay, Ev::Head { live, attempt }),
+                // The first token, back at the balancer (what the figures call TTFT).
+                EventKind::Token { index: 0, .. } => {
+                    l.first_token.get_or_insert(e.at + delay);
+                }
                 EventKind::Token { .. } => {}
                 EventKind::Finished { .. } => {
                     self.seqs[b].remove(&e.seq);
@@ -562,10 +576,14 @@ impl Sim<'_> {
             State::Down => Some((now + delay, Failure::Refused)),
             State::Hung => Some((l.started + timeout, Failure::Timeout)),
             State::Up => {
-                let hashes = l.req.content.blocks(&l.req.model, backend.block_size(), usize::MAX);
+                let hashes = l.req.content.engine_blocks(&l.req.model, backend.block_size());
                 let seed = mix(l.index, u64::from(attempt));
                 match backend.submit(now, l.req.prompt_tokens, hashes, l.req.output_tokens, seed) {
                     Ok(seq) => {
+                        // The response head comes back at once, before any token (the mock
+                        // backend and vLLM send a stream's headers when it starts): the proxy
+                        // records that as the try's answer and time to first byte.
+                        self.at(now + delay, Ev::Head { live: id, attempt });
                         self.seqs[b].insert(seq, id);
                         if let Some(l) = self.lives.get_mut(id as usize).and_then(Option::as_mut) {
                             l.seq = Some(seq);
@@ -585,14 +603,13 @@ impl Sim<'_> {
     fn head(&mut self, id: u32, attempt: u32) {
         let now = self.now;
         let Some(l) = self.lives.get_mut(id as usize).and_then(Option::as_mut) else { return };
-        if l.attempt != attempt || l.guard.is_none() || l.first_token.is_some() {
+        if l.attempt != attempt || l.guard.is_none() {
             return;
         }
-        l.first_token = Some(now);
         if let Some(ticket) = l.ticket.take() {
-            let ttft = now.saturating_since(l.started);
+            let elapsed = self.event_at.saturating_since(l.started);
             // A response head: the answer (the stream goes on until Done).
-            self.drive.record(&mut l.machine, ticket, Observed::Success, ttft, now, &mut self.rng);
+            self.drive.record(&mut l.machine, ticket, Observed::Success, elapsed, now, &mut self.rng);
         }
     }
 
@@ -635,7 +652,7 @@ impl Sim<'_> {
 
     /// Ends a request: its figures, its guard, its slot at the balancer.
     fn finish(&mut self, id: u32, result: Result<(), Failure>) {
-        let now = self.now;
+        let now = self.event_at;
         let Some(l) = self.lives.get_mut(id as usize).and_then(Option::take) else { return };
         self.free.push(id);
         self.live_count -= 1;

@@ -64,6 +64,9 @@ enum Command {
     /// Predict latency and load: run a fleet and a workload through the balancer's own code
     /// in virtual time, comparing policies.
     Simulate(Box<simulate::SimulateArgs>),
+    /// Replay a JSONL trace (as `simulate --emit-trace` writes it) open loop against a proxy or a
+    /// backend on this machine, and report time to first token, latency and prefix-cache hits.
+    Replay(fulcrum_mock::loadgen::ReplayArgs),
 }
 
 fn print_policies() {
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan::plan(args),
         Command::Simulate(args) => simulate::simulate(args),
         Command::Control(args) => control::control(args),
+        Command::Replay(args) => fulcrum_mock::loadgen::run_replay_cli(args).map(|_| ()).map_err(anyhow::Error::from),
         Command::Register(args) => {
             init_logging(cli.log_format, "info");
             register::register(args)
@@ -137,8 +141,18 @@ mod tests {
     #[test]
     fn help_lists_every_subcommand() {
         let help = Cli::command().render_long_help().to_string();
-        for sub in ["policies", "serve", "validate", "demo", "mock-backend", "control", "register", "plan", "simulate"]
-        {
+        for sub in [
+            "policies",
+            "serve",
+            "validate",
+            "demo",
+            "mock-backend",
+            "control",
+            "register",
+            "plan",
+            "simulate",
+            "replay",
+        ] {
             assert!(help.contains(sub), "{sub} missing from:\n{help}");
         }
     }

@@ -52,6 +52,11 @@ pub struct SimulateArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Also write the requests the workload generates (with this seed) to FILE as a JSONL
+    /// trace, prompts as text of 4 characters a token: `fulcrum replay` sends them to a
+    /// real proxy, and a workload with `[trace] path = "FILE"` simulates the very same bytes.
+    #[arg(long, value_name = "FILE", conflicts_with = "matrix")]
+    pub emit_trace: Option<PathBuf>,
     /// Write SVG plots into this directory: TTFT CDF per scenario, load per backend per policy.
     #[arg(long, value_name = "DIR")]
     pub svg: Option<PathBuf>,
@@ -84,15 +89,17 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     let pool = match &args.config {
         Some(path) => {
             let config = Config::load(path)?;
-            let pool = match &args.pool {
-                Some(name) => config.pools.get(name).cloned().with_context(|| {
+            let name = match &args.pool {
+                Some(name) if config.pools.contains_key(name) => name.clone(),
+                Some(name) => {
                     let known: Vec<&str> = config.pools.keys().map(String::as_str).collect();
-                    format!("no pool is named `{name}` in {} (pools: {})", path.display(), known.join(", "))
-                })?,
-                None if config.pools.len() == 1 => config.pools.into_values().next().context("one pool")?,
+                    bail!("no pool is named `{name}` in {} (pools: {})", path.display(), known.join(", "))
+                }
+                None if config.pools.len() == 1 => config.pools.keys().next().cloned().context("one pool")?,
                 None => bail!("{} has {} pools: choose one with --pool", path.display(), config.pools.len()),
             };
-            Some(pool)
+            let pool = config.pools.get(&name).cloned().context("the pool")?;
+            Some((pool, config.has_inference_route(&name)))
         }
         None => None,
     };
@@ -115,17 +122,26 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     };
     let seed = args.seed.unwrap_or(seed);
     for s in &mut scenarios {
-        if let Some(pool) = &pool {
+        if let Some((pool, inference)) = &pool {
             s.pool = pool.clone();
+            s.inference_route = *inference;
         }
         s.warmup = args.warmup;
+    }
+    if let (Some(path), Some(s)) = (&args.emit_trace, scenarios.first()) {
+        let (rate, _) = s.rates();
+        let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        fulcrum_sim::workload::trace::write(s.workload.generate(rate, seed), &mut out)
+            .and_then(|_| out.flush())
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if !args.policy.is_empty() {
         policies.clone_from(&args.policy);
     }
     if policies.is_empty() {
         policies = match &pool {
-            Some(p) => vec![p.policy.kind().as_str().to_owned()],
+            Some((p, _)) => vec![p.policy.kind().as_str().to_owned()],
             None => DEFAULT_POLICIES.iter().map(|s| (*s).to_owned()).collect(),
         };
     }

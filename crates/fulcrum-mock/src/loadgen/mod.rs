@@ -23,8 +23,9 @@
 
 mod cli;
 mod measure;
+pub mod replay;
 
-pub use cli::{LoadArgs, run_cli};
+pub use cli::{LoadArgs, ReplayArgs, run_cli, run_replay_cli};
 pub use measure::{LatencyHistogram, Percentiles, SseScanner};
 
 use std::fmt;

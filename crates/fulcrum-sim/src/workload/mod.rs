@@ -395,7 +395,48 @@ fn next_arrival(t: f64, rate: f64, arrival: Arrival, rng: &mut SplitMix64) -> f6
 
 // === impl Content ===
 
+/// Characters a rendered segment token is drawn from: ASCII that JSON never escapes.
+const RENDER_ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz .,:-+";
+
 impl Content {
+    /// The prompt as text, 4 characters a token: a segment's token `j` is drawn from the
+    /// segment's id and `j` alone, so equal segments are equal text and prompts that share
+    /// their leading segments share their leading text (and so their prefix blocks, for the
+    /// proxy and the engines alike). What `--emit-trace` writes for a real run to replay.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Content::Text(t) => std::borrow::Cow::Borrowed(t),
+            Content::Segments(segments) => {
+                let tokens: u64 = segments.iter().map(|&(_, len)| u64::from(len)).sum();
+                let mut out = String::with_capacity((tokens as usize).saturating_mul(4));
+                for &(id, len) in segments {
+                    for j in 0..len {
+                        let h = mix(id, u64::from(j));
+                        for k in 0..4 {
+                            out.push(char::from(RENDER_ALPHABET[((h >> (k * 5)) & 31) as usize]));
+                        }
+                    }
+                }
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+
+    /// The chained hashes of the prompt's full blocks of `block_size` tokens as an engine
+    /// computes them (`fulcrum mock-backend`: 4 characters a token, chains rooted at the
+    /// model's name), so that a trace of text prompts hits the simulated caches exactly as it
+    /// hits the mock's. Segment prompts use [`blocks`](Self::blocks) (any consistent hash
+    /// will do: no engine sees them).
+    pub fn engine_blocks(&self, model: &str, block_size: u32) -> Vec<u64> {
+        match self {
+            Content::Text(text) => {
+                let root = fulcrum_mock::tokens::root_hash(model);
+                fulcrum_mock::tokens::TokenEstimator::Chars.prompt(text, block_size, root).block_hashes
+            }
+            Content::Segments(_) => self.blocks(model, block_size, usize::MAX),
+        }
+    }
+
     /// Chained hashes of the prompt's full blocks of `block_tokens` tokens (at most
     /// `max_blocks`), seeded by `model`: equal leading content, equal leading hashes.
     pub fn blocks(&self, model: &str, block_tokens: u32, max_blocks: usize) -> Vec<u64> {

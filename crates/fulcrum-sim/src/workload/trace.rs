@@ -168,6 +168,27 @@ impl Trace {
     }
 }
 
+/// Writes `requests` as JSONL trace lines, prompts as text ([`Content::text`]): what
+/// `fulcrum simulate --emit-trace` writes, so that the simulator (reading it back with
+/// [`Trace::parse`]) and a real run (replaying it over sockets) see the same bytes. Returns
+/// the lines written.
+pub fn write(requests: impl Iterator<Item = SimRequest>, out: &mut dyn std::io::Write) -> std::io::Result<u64> {
+    let mut n = 0;
+    for r in requests {
+        let line = serde_json::json!({
+            "at": r.at.as_nanos() as f64 / 1e9,
+            "model": &*r.model,
+            "prompt": r.content.text(),
+            "input_tokens": r.prompt_tokens,
+            "output_tokens": r.output_tokens,
+            "session": format!("{:016x}", r.session),
+        });
+        writeln!(out, "{line}")?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +211,36 @@ mod tests {
         assert!(err("{\"at\": 2, \"input_tokens\": 1, \"output_tokens\": 3}\n{\"at\": 1}").starts_with("line 2"));
         assert!(err("{\"at\": 2, \"input_tokens\": 1, \"output_tokens\": 3}\n{\"at\": 1, \"input_tokens\": 1, \"output_tokens\": 3}").contains("line 2: at"));
         assert!(err("not json").contains("line 1"));
+    }
+
+    #[test]
+    fn written_traces_read_back_with_the_same_prompts_and_times() {
+        let w = super::super::Workload::parse(
+            "requests = 50\nmodel = \"m\"\n[arrival]\nrate = 20.0\n[prompts]\nkind = \"chat\"\nsystem_tokens = 100\nuser_tokens = 20\n",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        assert_eq!(write(w.generate(Some(20.0), 3), &mut out).unwrap(), 50);
+        let back = Trace::parse(std::str::from_utf8(&out).unwrap(), 16, &Arc::from("m")).unwrap();
+        let (mut seg, mut text) = (Vec::new(), Vec::new());
+        for (a, b) in w.generate(Some(20.0), 3).zip(&back.records) {
+            let b = b.request();
+            assert_eq!((a.prompt_tokens, a.output_tokens), (b.prompt_tokens, b.output_tokens));
+            assert!(a.at.as_nanos().abs_diff(b.at.as_nanos()) <= 1);
+            assert_eq!(a.content.text(), b.content.text());
+            assert_eq!(a.content.text().len(), 4 * a.prompt_tokens as usize);
+            seg.push(a.content.engine_blocks("m", 16));
+            text.push(b.content.engine_blocks("m", 16));
+        }
+        // Shared segments are shared text: every pair shares as many leading blocks either way.
+        let shared = |x: &[u64], y: &[u64]| x.iter().zip(y).take_while(|(a, b)| a == b).count();
+        let mut sharing = 0;
+        for i in 0..seg.len() {
+            for j in 0..i {
+                assert_eq!(shared(&seg[i], &seg[j]), shared(&text[i], &text[j]), "requests {j} and {i}");
+                sharing += usize::from(shared(&seg[i], &seg[j]) > 0);
+            }
+        }
+        assert!(sharing > 0, "the chat workload shares prefixes");
     }
 }

@@ -2,9 +2,7 @@
 //! SIGKILL and restarted, one starts hanging, one starts failing 30% of requests. Clients
 //! must see nothing (issue P1.4).
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,51 +13,18 @@ use fulcrum_proxy::Proxy;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
+use super::child::MockChild as Mock;
+
 const REQUESTS: u64 = 3_000;
 const CONCURRENCY: usize = 32;
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_millis(800);
 const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// A `fulcrum mock-backend` child process.
-struct Mock {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Mock {
-    fn spawn(port: u16, seed: u64) -> Mock {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
-            .args(["mock-backend", "--port", &port.to_string(), "--model", "llama", "--gpu", "h100"])
-            .args(["--seed", &seed.to_string(), "--output-len-median", "8"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn mock-backend");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or("").trim_start_matches("http://").to_owned();
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(20)).expect("mock-backend announces its address");
-        Mock { child, addr: addr.parse().expect("address") }
-    }
-
-    fn kill(&mut self) {
-        // SIGKILL: no chance to close connections gracefully.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Mock {
-    fn drop(&mut self) {
-        self.kill();
-    }
+fn spawn_mock(port: u16, seed: u64) -> Mock {
+    let (port, seed) = (port.to_string(), seed.to_string());
+    let args = ["--port", &port, "--model", "llama", "--gpu", "h100", "--seed", &seed, "--output-len-median", "8"];
+    Mock::spawn(&args.map(str::to_owned))
 }
 
 async fn admin(addr: SocketAddr, patch: &str) {
@@ -127,7 +92,7 @@ async fn client(proxy: SocketAddr, tally: Arc<Tally>, failures: Arc<std::sync::M
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_are_invisible_to_clients() {
-    let mut mocks: Vec<Mock> = (0..4).map(|i| Mock::spawn(0, i + 1)).collect();
+    let mut mocks: Vec<Mock> = (0..4).map(|i| spawn_mock(0, i + 1)).collect();
     let names = ["dies", "hangs", "flaky", "steady"];
     let endpoints: Vec<String> =
         mocks.iter().zip(names).map(|(m, n)| format!("{{ id = \"{n}\", address = \"{}\" }}", m.addr)).collect();
@@ -191,7 +156,7 @@ endpoints = [{}]
 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let restarted_at = t0.elapsed();
-    mocks[0] = Mock::spawn(dead_port, 9);
+    mocks[0] = spawn_mock(dead_port, 9);
     let hung_requests_after_restart = upstream_requests(1);
 
     for c in clients {

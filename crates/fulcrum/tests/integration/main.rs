@@ -5,7 +5,9 @@
 mod ai_routing;
 mod autoscale;
 mod chaos;
+mod child;
 mod cli;
+mod fidelity;
 mod logging;
 mod plan;
 mod simulate;
