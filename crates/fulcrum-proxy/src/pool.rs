@@ -64,6 +64,8 @@ pub struct PoolRuntime {
     config: PoolConfig,
     needs: Needs,
     snapshot: ArcSwap<PoolSnapshot>,
+    /// The current snapshot's `by_model`, read on the request path without loading it.
+    by_model: std::sync::atomic::AtomicBool,
     safety: Arc<PoolSafety>,
     /// Serializes the writers of `snapshot` (membership changes, weight refreshes); readers
     /// never wait.
@@ -149,6 +151,7 @@ impl PoolRuntime {
         PoolRuntime {
             needs: config.policy.needs(),
             config,
+            by_model: std::sync::atomic::AtomicBool::new(snapshot.by_model),
             snapshot: ArcSwap::from_pointee(snapshot),
             safety,
             writer: std::sync::Mutex::new(()),
@@ -208,7 +211,13 @@ impl PoolRuntime {
     /// Whether requests need their `model` read to pick an endpoint that serves it (some
     /// endpoint lists models, or the pool polls the engines' served models and adapters).
     pub(crate) fn routes_by_model(&self) -> bool {
-        self.snapshot.load().by_model
+        self.by_model.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Swaps in a new snapshot (writers hold `writer`).
+    fn store(&self, next: PoolSnapshot) {
+        self.by_model.store(next.by_model, std::sync::atomic::Ordering::Relaxed);
+        self.snapshot.store(Arc::new(next));
     }
 
     /// The current snapshot.
@@ -238,7 +247,7 @@ impl PoolRuntime {
         change.removed = old.keys().filter(|id| !ids.contains(*id)).map(|id| (*id).to_owned()).collect();
         let next = Self::snapshot_of(&self.config, selector, &old, now);
         self.safety.state().on_membership(next.selector.endpoints(), &change.added);
-        self.snapshot.store(Arc::new(next));
+        self.store(next);
         self.generation.send_modify(|g| *g += 1);
         for id in &change.added {
             self.safety.event(id, "membership", "joined the pool".to_owned());
@@ -311,7 +320,7 @@ impl PoolRuntime {
         if let Some(selector) = current.selector.refresh(now) {
             let old = current.upstreams_by_id();
             let next = Self::snapshot_of(&self.config, selector, &old, now);
-            self.snapshot.store(Arc::new(next));
+            self.store(next);
         }
     }
 }
