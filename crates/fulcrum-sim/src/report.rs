@@ -121,6 +121,12 @@ pub struct Report {
     pub wait_ms: Quantiles,
     /// Share of completed requests that waited at all.
     pub wait_probability: f64,
+    /// The counted completions in completion order, cut into [`WAIT_BATCHES`] batches of
+    /// equal size: each batch's mean wait (ms) and share that waited. Consecutive requests'
+    /// waits are correlated, so a run's standard error comes from these (the method of batch
+    /// means), not from the spread of single waits. Empty with fewer completions than batches.
+    #[serde(skip)]
+    pub wait_batches: Vec<(f64, f64)>,
     /// Prompt tokens found in the backends' prefix caches / prompt tokens.
     pub prefix_hit_rate: f64,
     /// Per backend.
@@ -281,6 +287,7 @@ impl Collector {
         let start = self.first_arrival.unwrap_or(0) as f64 / 1e9;
         let duration_s = (self.last_done - start).max(1e-9);
         let waited = self.wait.iter().filter(|&&w| w > 0.0).count();
+        let wait_batches = batch_means(&self.wait);
         let samples = self.samples.max(1) as f64;
         let backends = fleet
             .backends
@@ -317,6 +324,7 @@ impl Collector {
             e2e_ms: quantiles(&mut self.e2e),
             wait_ms: quantiles(&mut self.wait),
             wait_probability: ratio(waited as u64, completed),
+            wait_batches,
             prefix_hit_rate: ratio(self.cached_tokens, self.prompt_tokens),
             backends,
             replicas: Vec::new(),
@@ -324,6 +332,21 @@ impl Collector {
             plot: PlotData { ttft_sorted, sample_every: sample_every.as_secs_f64(), load: self.load },
         }
     }
+}
+
+/// Batches of [`Report::wait_batches`].
+pub const WAIT_BATCHES: usize = 25;
+
+/// Mean and share above zero of each of [`WAIT_BATCHES`] consecutive batches of `waits` (the
+/// last `waits.len() % WAIT_BATCHES` are left out).
+fn batch_means(waits: &[f64]) -> Vec<(f64, f64)> {
+    let size = waits.len() / WAIT_BATCHES;
+    if size == 0 {
+        return Vec::new();
+    }
+    let n = size as f64;
+    let batch = |b: &[f64]| (b.iter().sum::<f64>() / n, b.iter().filter(|&&w| w > 0.0).count() as f64 / n);
+    waits.chunks_exact(size).take(WAIT_BATCHES).map(batch).collect()
 }
 
 fn ratio(a: u64, b: u64) -> f64 {

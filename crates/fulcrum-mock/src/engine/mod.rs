@@ -68,7 +68,7 @@ use std::time::Duration;
 use fulcrum_core::Instant;
 use fulcrum_core::hash::Keyed;
 
-use timeline::Timeline;
+use timeline::{Entry, Timeline};
 
 /// A prompt as the engine sees it: its length and the chained hashes of its full blocks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -227,8 +227,6 @@ struct Seq {
     output_len: u32,
     reason: FinishReason,
     phase: Phase,
-    next_at: Instant,
-    emitted: u32,
     /// Blocks held, in token order.
     blocks: Vec<BlockId>,
     /// Index of the first prompt block this sequence computed itself (the rest were hits).
@@ -249,7 +247,11 @@ pub struct Engine {
     queue: VecDeque<SeqId>,
     waiting: u32,
     running: u32,
+    /// One entry per running sequence, with its token counters (see [`Entry`]).
     timeline: Timeline,
+    /// Inter-token latency with the current batch and speed, kept up to date by
+    /// [`Engine::batch_changed`] (it is needed at every token).
+    itl: Duration,
     cache: PrefixCache,
     promised: u64,
     outbox: VecDeque<Event>,
@@ -264,7 +266,7 @@ impl Engine {
     /// An idle engine, or an error naming the first invalid field of `config`.
     pub fn try_new(config: EngineConfig) -> Result<Self, EngineConfigError> {
         config.validate()?;
-        Ok(Engine {
+        let mut engine = Engine {
             cache: PrefixCache::new(config.num_gpu_blocks),
             config,
             now: Instant::ZERO,
@@ -274,11 +276,14 @@ impl Engine {
             waiting: 0,
             running: 0,
             timeline: Timeline::default(),
+            itl: Duration::ZERO,
             promised: 0,
             outbox: VecDeque::new(),
             counters: Counters::default(),
             every_token: true,
-        })
+        };
+        engine.batch_changed();
+        Ok(engine)
     }
 
     /// The model's parameters.
@@ -302,6 +307,7 @@ impl Engine {
         config.validate()?;
         self.advance(now);
         self.config = config;
+        self.batch_changed();
         Ok(())
     }
 
@@ -350,8 +356,6 @@ impl Engine {
             output_len,
             reason,
             phase: Phase::Waiting,
-            next_at: now,
-            emitted: 0,
             blocks: Vec::new(),
             first_computed: 0,
             promised: 0,
@@ -383,13 +387,13 @@ impl Engine {
     /// Processes everything due at or before `now`, in time order. Time never goes back: an
     /// earlier `now` than the last one is taken as the last one.
     pub fn advance(&mut self, now: Instant) {
-        while let Some((at, id)) = self.timeline.peek() {
-            if at > now {
+        while let Some(entry) = self.timeline.peek() {
+            if entry.at > now {
                 break;
             }
-            self.timeline.pop();
-            self.now = self.now.max(at);
-            self.step(at, id);
+            let Some(entry) = self.timeline.pop() else { break };
+            self.now = self.now.max(entry.at);
+            self.step(entry);
         }
         self.now = self.now.max(now);
     }
@@ -398,7 +402,7 @@ impl Engine {
     pub fn next_event_at(&mut self) -> Option<Instant> {
         // Every entry is live: a running sequence has exactly one, and a cancelled one's is
         // taken out.
-        self.timeline.peek().map(|(at, _)| at)
+        self.timeline.peek().map(|entry| entry.at)
     }
 
     /// The next output, oldest first.
@@ -430,15 +434,28 @@ impl Engine {
         }
     }
 
-    /// Handles the timeline entry of `id` due at `at`.
-    fn step(&mut self, at: Instant, id: SeqId) {
-        let block_size = self.config.block_size;
+    /// Handles a timeline entry that is due.
+    fn step(&mut self, mut entry: Entry) {
+        let at = entry.at;
         // The batch does not change before this step reschedules the sequence.
-        let itl = self.itl();
-        let Some(seq) = self.seqs.get_mut(&id) else { return };
-        if seq.phase == Phase::Waiting || seq.next_at != at {
-            return; // stale entry
+        let itl = self.itl;
+        if entry.emitted + 1 < entry.touch {
+            // A decode step that needs no new block and is not the last: the entry is enough.
+            let index = entry.emitted;
+            entry.emitted += 1;
+            self.counters.generation_tokens += 1;
+            if self.every_token {
+                let kind = EventKind::Token { index, last: false };
+                self.outbox.push_back(Event { seq: entry.id, at, kind });
+            }
+            entry.at = at + itl;
+            self.timeline.push(entry);
+            return;
         }
+        let block_size = self.config.block_size;
+        let id = entry.id;
+        // Every entry is live (a cancelled sequence's is taken out), so this always succeeds.
+        let Some(seq) = self.seqs.get_mut(&id) else { return };
         if seq.phase == Phase::Prefill {
             // The computed prompt blocks become reusable now.
             let computed = seq.blocks.iter().zip(&seq.prompt.block_hashes).skip(seq.first_computed as usize);
@@ -447,11 +464,11 @@ impl Engine {
             }
             seq.phase = Phase::Decode;
         }
-        if seq.emitted < seq.output_len {
-            let index = seq.emitted;
-            seq.emitted += 1;
+        if entry.emitted < seq.output_len {
+            let index = entry.emitted;
+            entry.emitted += 1;
             self.counters.generation_tokens += 1;
-            let tokens = u64::from(seq.prompt.tokens) + u64::from(seq.emitted);
+            let tokens = u64::from(seq.prompt.tokens) + u64::from(entry.emitted);
             if (seq.blocks.len() as u64) < blocks_for(tokens, block_size) && seq.promised > 0 {
                 seq.promised -= 1;
                 self.promised -= 1;
@@ -460,14 +477,22 @@ impl Engine {
                     None => debug_assert!(false, "admission reserved this block"),
                 }
             }
-            let last = seq.emitted == seq.output_len;
+            let last = entry.emitted == seq.output_len;
             if self.every_token || index == 0 {
                 self.outbox.push_back(Event { seq: id, at, kind: EventKind::Token { index, last } });
             }
         }
-        if seq.emitted < seq.output_len {
-            seq.next_at = at + itl;
-            self.timeline.push(seq.next_at, id);
+        if entry.emitted < seq.output_len {
+            // The next step that needs the sequence: the first token past the blocks held
+            // (when more are promised), or the last token.
+            let held = seq.blocks.len() as u64 * u64::from(block_size);
+            let next_block = match seq.promised {
+                0 => u64::MAX,
+                _ => held.saturating_sub(u64::from(seq.prompt.tokens)) + 1,
+            };
+            entry.touch = next_block.min(u64::from(seq.output_len)) as u32;
+            entry.at = at + itl;
+            self.timeline.push(entry);
             return;
         }
         let Some(seq) = self.seqs.remove(&id) else { return };
@@ -478,7 +503,7 @@ impl Engine {
         self.outbox.push_back(Event {
             seq: id,
             at,
-            kind: EventKind::Finished { reason: seq.reason, output_tokens: seq.emitted },
+            kind: EventKind::Finished { reason: seq.reason, output_tokens: entry.emitted },
         });
         self.release(seq);
         self.admit(at);
@@ -524,14 +549,16 @@ impl Engine {
             seq.first_computed = hits;
             seq.promised = need_later as u32;
             seq.phase = Phase::Prefill;
-            seq.next_at = at + self.prefill_time(uncached);
+            // `touch: 0`: the end of prefill needs the sequence.
+            let entry = Entry { at: at + self.prefill_time(uncached), id, emitted: 0, touch: 0 };
             self.promised += need_later;
             self.waiting -= 1;
             self.running += 1;
+            self.batch_changed();
             self.counters.prefix_queries += u64::from(prompt_tokens);
             self.counters.prefix_hits += u64::from(cached_tokens);
             self.counters.prompt_tokens += u64::from(prompt_tokens);
-            self.timeline.push(seq.next_at, id);
+            self.timeline.push(entry);
             self.seqs.insert(id, seq);
             self.outbox.push_back(Event { seq: id, at, kind: EventKind::Admitted { cached_tokens } });
         }
@@ -541,6 +568,7 @@ impl Engine {
     /// prefix is the last part of it to be evicted).
     fn release(&mut self, seq: Seq) {
         self.running -= 1;
+        self.batch_changed();
         self.promised -= u64::from(seq.promised);
         for block in seq.blocks.iter().rev() {
             self.cache.release(*block);
@@ -553,11 +581,11 @@ impl Engine {
         Duration::try_from_secs_f64(secs / cfg.speed).unwrap_or(Duration::MAX)
     }
 
-    /// Inter-token latency with the current batch.
-    fn itl(&self) -> Duration {
+    /// Recomputes the inter-token latency after the batch size or the speed changed.
+    fn batch_changed(&mut self) {
         let cfg = &self.config;
         let secs = cfg.itl_base.as_secs_f64() + cfg.itl_per_seq.as_secs_f64() * f64::from(self.running);
-        Duration::try_from_secs_f64(secs / cfg.speed).unwrap_or(Duration::MAX)
+        self.itl = Duration::try_from_secs_f64(secs / cfg.speed).unwrap_or(Duration::MAX);
     }
 }
 

@@ -179,6 +179,21 @@ fn kv_use_follows_held_blocks() {
 }
 
 #[test]
+fn a_block_is_allocated_at_the_token_that_needs_it() {
+    // Token steps between block boundaries skip the sequence's own entry: check each one.
+    let mut engine = Engine::try_new(config()).unwrap();
+    engine.submit(at(0), spec(10, 1, 40)).unwrap();
+    for k in 1..=40u64 {
+        // Token k comes out at 10 ms of prefill + 11 ms per token after the first.
+        engine.advance(at(10 + 11 * (k - 1)));
+        let expected = (10 + k).div_ceil(16) as u32;
+        let blocks = if k == 40 { 0 } else { expected };
+        assert_eq!(engine.stats().kv_blocks_used, blocks, "after token {k}");
+        assert_eq!(engine.stats().counters.generation_tokens, k);
+    }
+}
+
+#[test]
 fn admission_waits_for_kv_room() {
     // 10 blocks; each request needs 6 (80 prompt + 16 output tokens).
     let mut engine = Engine::try_new(EngineConfig { num_gpu_blocks: 10, ..config() }).unwrap();
