@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 /// The binary's adapter of the proxy's pool to the autoscaler, compiled into this test too
 /// (the binary crate has no library).
 #[path = "../../src/scaled.rs"]
-mod scaled;
+pub(super) mod scaled;
 
 async fn client(proxy: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, failed: Arc<AtomicU64>) {
     while !stop.load(Ordering::Relaxed) {
