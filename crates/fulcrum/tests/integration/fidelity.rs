@@ -56,7 +56,7 @@ use fulcrum_sim::workload::{Arrival, Prompts, Workload, trace};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
-use super::autoscale::scaled::ProxyPool;
+use super::autoscale::Scaled;
 use super::child::MockChild;
 
 const MODEL: &str = "llama";
@@ -66,8 +66,8 @@ const SEED: u64 = 5;
 struct Case {
     name: &'static str,
     fleet: &'static str,
-    /// The workload, with `{requests}` for the request count.
-    workload: &'static str,
+    /// The workload's `[arrival]` section; its prompts are [`CHAT`].
+    arrival: &'static str,
     /// Policies by name; `None` is the pool's default (a config without `policy`).
     policies: &'static [Option<&'static str>],
     /// The pool's `autoscale` section, without its actuator, for an autoscaled fleet.
@@ -114,12 +114,11 @@ backend = "gpu-1"
 kind = "crash"
 "#;
 
-/// Shared-prefix multi-turn chat at 60% of the fleet's capacity.
+/// Poisson arrivals at 60% of the fleet's capacity.
+const STEADY: &str = "[arrival]\nload = 0.6\n";
+
+/// Shared-prefix multi-turn chat, the prompts of every case.
 const CHAT: &str = r#"
-requests = {requests}
-model = "llama"
-[arrival]
-load = 0.6
 [prompts]
 kind = "chat"
 system_prompts = 4
@@ -150,28 +149,9 @@ num_gpu_blocks = 2000
 prefill_tokens_per_sec = 3000
 "#;
 
-/// The chat of [`CHAT`] in bursts: 10 s at 72% of three replicas' capacity (2.2 replicas'
-/// worth), then 8 s of silence, 40% on average.
-const BURSTY_CHAT: &str = r#"
-requests = {requests}
-model = "llama"
-[arrival]
-process = "bursty"
-on = "10s"
-off = "8s"
-load = 0.4
-[prompts]
-kind = "chat"
-system_prompts = 4
-system_tokens = 600
-conversations = 48
-turns = 4
-user_tokens = 60
-max_prompt_tokens = 2000
-output_tokens = 40
-output_sigma = 0.5
-output_max = 120
-"#;
+/// Bursts: 10 s at 72% of three replicas' capacity (2.2 replicas' worth), then 8 s of
+/// silence, 40% on average.
+const BURSTS: &str = "[arrival]\nprocess = \"bursty\"\non = \"10s\"\noff = \"8s\"\nload = 0.4\n";
 
 /// Knative's autoscaler on requests in flight, a replica for every 5 (of its 8 batch slots),
 /// with short windows (6 s stable, 2 s panic) for a short run, a tick every 500 ms.
@@ -191,21 +171,21 @@ fn cases() -> Vec<Case> {
         Case {
             name: "heterogeneous",
             fleet: HETERO_FLEET,
-            workload: CHAT,
+            arrival: STEADY,
             policies: &[Some("least_connections"), None],
             autoscale: None,
         },
         Case {
             name: "crash",
             fleet: CRASH_FLEET,
-            workload: CHAT,
+            arrival: STEADY,
             policies: &[Some("least_connections")],
             autoscale: None,
         },
         Case {
             name: "autoscale",
             fleet: SCALED_FLEET,
-            workload: BURSTY_CHAT,
+            arrival: BURSTS,
             policies: &[Some("least_connections")],
             autoscale: Some(SCALE_POLICY),
         },
@@ -244,7 +224,7 @@ const SCALE_MEAN: f64 = 0.25;
 
 /// The trace a case generates: its text, and the same parsed for the simulator.
 fn generate(case: &Case, fleet: &Fleet, requests: u64) -> (String, Workload) {
-    let text = case.workload.replace("{requests}", &requests.to_string());
+    let text = format!("requests = {requests}\nmodel = \"{MODEL}\"\n{}{CHAT}", case.arrival);
     let generated = Workload::parse(&text).expect("workload");
     let scenario = fulcrum_sim::Scenario::new(case.name, fleet.clone(), generated.clone());
     let (rate, _) = scenario.rates();
@@ -499,18 +479,8 @@ async fn real_scaled(
     );
     let text = config(policy, &[], Some(&section));
     let config = Config::parse(&text, None).expect("proxy config");
-    let proxy = Proxy::bind(&config).await.expect("proxy");
-    let url = format!("http://{}", proxy.local_addr("public").expect("listener"));
-    let pool = proxy.pools().remove(0);
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(proxy.run(async {
-        let _ = rx.await;
-    }));
-    let (stop_scaler, scaler_rx) = tokio::sync::oneshot::channel::<()>();
-    let settings = pool.config().autoscale.clone().expect("autoscale");
-    let scaler = tokio::spawn(fulcrum_scale::autoscaler::run(ProxyPool(pool.clone()), settings, async {
-        let _ = scaler_rx.await;
-    }));
+    let scaled = Scaled::start(&text).await;
+    let (url, pool) = (format!("http://{}", scaled.addr), scaled.pool.clone());
     let waited = std::time::Instant::now();
     while pool.snapshot().selector.endpoints().is_empty() {
         assert!(waited.elapsed() < Duration::from_secs(30), "no first replica");
@@ -546,10 +516,7 @@ async fn real_scaled(
     done.store(true, Ordering::Relaxed);
     let (seen, replicas) = watcher.await.expect("watcher");
     let events = pool.safety().events();
-    let _ = stop_scaler.send(());
-    scaler.await.expect("autoscaler task").expect("autoscaler");
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    scaled.stop().await;
 
     let mut counts = vec![0; fleet.backends.len()];
     for (id, upstream) in &seen {
