@@ -26,7 +26,7 @@
 //! the mean over the trace within [`SCALE_MEAN`]; both runs' decisions are printed.
 //!
 //! The issue's tolerances are 15% on TTFT p50 and p99, 2 points on the hit rate and 5 points
-//! on shares; the full figures ([`fidelity_full`], `#[ignore]`, about 4 minutes in a release
+//! on shares; the full figures ([`fidelity_full`], `#[ignore]`, about 6 minutes in a release
 //! build: `bench/sim/fidelity.sh`) check them as stated, over 1,500 requests a run. The CI
 //! variant ([`fidelity_short`]) runs 400 requests a run (about 20 s each) in a debug build,
 //! and there one run of `power_of_two` is not a measurement to 15%: its picks are random and
@@ -712,7 +712,7 @@ async fn fidelity_short() {
 /// The full figures for bench/RESULTS.md: three times as long, every tolerance as the issue
 /// states it. `bench/sim/fidelity.sh` runs it in a release build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "about four minutes; run by bench/sim/fidelity.sh"]
+#[ignore = "about six minutes; run by bench/sim/fidelity.sh"]
 async fn fidelity_full() {
     check(1500, ISSUE).await;
 }
