@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 /// The binary's adapter of the proxy's pool to the autoscaler, compiled into this test too
 /// (the binary crate has no library).
 #[path = "../../src/scaled.rs"]
-mod scaled;
+pub(super) mod scaled;
 
 async fn client(proxy: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, failed: Arc<AtomicU64>) {
     while !stop.load(Ordering::Relaxed) {
@@ -44,9 +44,9 @@ async fn client(proxy: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, fa
 }
 
 /// The proxy and the pool's autoscaler, running from `toml`.
-struct Scaled {
-    addr: SocketAddr,
-    pool: Arc<fulcrum_proxy::pool::PoolRuntime>,
+pub(super) struct Scaled {
+    pub(super) addr: SocketAddr,
+    pub(super) pool: Arc<fulcrum_proxy::pool::PoolRuntime>,
     stop_proxy: tokio::sync::oneshot::Sender<()>,
     served: tokio::task::JoinHandle<()>,
     stop_scaler: tokio::sync::oneshot::Sender<()>,
@@ -54,7 +54,7 @@ struct Scaled {
 }
 
 impl Scaled {
-    async fn start(toml: &str) -> Scaled {
+    pub(super) async fn start(toml: &str) -> Scaled {
         let config = Config::parse(toml, None).expect("config");
         let proxy = Proxy::bind(&config).await.expect("proxy");
         let addr = proxy.local_addr("public").expect("listener");
@@ -75,7 +75,7 @@ impl Scaled {
         self.pool.snapshot().selector.endpoints().len()
     }
 
-    async fn stop(self) {
+    pub(super) async fn stop(self) {
         let Scaled { pool, stop_proxy, served, stop_scaler, scaler, .. } = self;
         let _ = stop_scaler.send(());
         scaler.await.expect("autoscaler task").expect("autoscaler");
