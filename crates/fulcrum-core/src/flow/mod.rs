@@ -28,7 +28,7 @@
 //! 2. Otherwise the pool's policy picks among the usable endpoints that serve the request's
 //!    model and were not tried yet. Usable means available (checked, healthy, not ejected,
 //!    not draining, circuit not open), or, when the pool is in panic (fewer routable than the
-//!    [`PanicThreshold`](crate::resilience::outlier::PanicThreshold)), anything but draining
+//!    [`PanicThreshold`]), anything but draining
 //!    (Envoy's panic mode).
 //! 3. The endpoint's breaker and the concurrency limits have the last word. A refusal is not
 //!    a try: the endpoint is set aside and the pick runs again.
@@ -76,7 +76,7 @@ use std::time::Duration;
 
 pub use attempt::{Attempts, Fail, Next, RequestPlan, Ticket, Try, UnknownModel, Verdict};
 pub use breaker::SharedBreaker;
-pub use pool::{EventSink, PoolCounters, PoolEvent, PoolState};
+pub use pool::{EventSink, MAX_EVENTS, PoolCounters, PoolEvent, PoolState};
 
 use crate::Selector;
 use crate::resilience::admission::{AdmissionConfig, RateLimitConfig};
