@@ -95,53 +95,11 @@ for p in $LB $B1 $B2; do
   fi
 done
 
-# The backend logs one line a request: the count of requests the proxy forwarded.
-cat > "$WORK/backend.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/backend.pid;
-error_log $WORK/backend-error.log warn;
-events { worker_connections 4096; }
-http {
-  log_format one '\$status';
-  access_log $WORK/access.log one;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$B1; location / { return 200 "hello from b1\n"; } }
-  server { listen 127.0.0.1:$B2; location / { return 200 "hello from b2\n"; } }
-}
-CONF
-
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$LB
-  default_backend be
-backend be
-  balance roundrobin
-  server b1 127.0.0.1:$B1
-  server b2 127.0.0.1:$B2
-CONF
-
-cat > "$WORK/fulcrum.toml" <<CONF
-[proxy]
-workers = 1
-[[listener]]
-name = "public"
-address = "127.0.0.1:$LB"
-pool = "be"
-[pool.be]
-policy = "round_robin"
-max_idle_per_endpoint = 512
-endpoints = [{ address = "127.0.0.1:$B1" }, { address = "127.0.0.1:$B2" }]
-CONF
+# The backend and the proxies as every proxy benchmark runs them (bench/proxy/configs.sh);
+# here the backend logs one line a request: the count of requests the proxy forwarded.
+source "$ROOT/bench/proxy/configs.sh"
+write_configs "log_format one '\$status';
+  access_log $WORK/access.log one;"
 
 # wrk stops its (single) thread after REQUESTS responses and leaves a file saying so; its main
 # thread would sleep out the whole -d, so the script then ends it with SIGINT (wrk prints its

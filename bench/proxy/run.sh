@@ -53,68 +53,9 @@ FULCRUM=$ROOT/target/release/fulcrum
 # Free ports from the kernel's ephemeral range would race; use a fixed block on loopback.
 B1=18081; B2=18082; LB=18080
 
-cat > "$WORK/backend.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/backend.pid;
-error_log $WORK/backend-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$B1; location / { return 200 "hello from b1\n"; } }
-  server { listen 127.0.0.1:$B2; location / { return 200 "hello from b2\n"; } }
-}
-CONF
-
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$LB
-  default_backend be
-backend be
-  balance roundrobin
-  server b1 127.0.0.1:$B1
-  server b2 127.0.0.1:$B2
-CONF
-
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream be { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 512; }
-  server {
-    listen 127.0.0.1:$LB;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-CONF
-
-cat > "$WORK/fulcrum.toml" <<CONF
-[proxy]
-workers = 1
-[[listener]]
-name = "public"
-address = "127.0.0.1:$LB"
-pool = "be"
-[pool.be]
-policy = "round_robin"
-max_idle_per_endpoint = 512
-endpoints = [{ address = "127.0.0.1:$B1" }, { address = "127.0.0.1:$B2" }]
-CONF
+# The backend and the proxies as every proxy benchmark runs them (bench/proxy/configs.sh).
+source "$ROOT/bench/proxy/configs.sh"
+write_configs
 
 wait_port() {
   for _ in $(seq 1 200); do
