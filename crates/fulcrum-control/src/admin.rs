@@ -28,6 +28,7 @@
 //! conflicts with the running state or needs a restart, 401 without the bearer token when
 //! one is set.
 
+use fulcrum_core::balance::predicted_ttft::predict_now;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -252,6 +253,8 @@ fn describe(pool: &PoolRuntime) -> Value {
     let snapshot = pool.snapshot();
     let now = fulcrum_proxy::clock::now();
     let latency = *snapshot.selector.options().latency();
+    let prior = snapshot.selector.pool_perf();
+    let engine_age = snapshot.selector.options().engine_max_age();
     let endpoints: Vec<Value> = snapshot
         .selector
         .endpoints()
@@ -269,6 +272,16 @@ fn describe(pool: &PoolRuntime) -> Value {
             .filter(|(r, _)| s.is_unavailable_for(*r))
             .map(|(_, name)| name)
             .collect();
+            let perf = s.perf().estimate(&prior);
+            let learned = json!({
+                "prefill_tokens_per_second": perf.prefill_rate(),
+                "overhead_ms": perf.overhead * 1e3,
+                "itl_ms": perf.itl * 1e3,
+                "occupancy_ms": perf.occupancy * 1e3,
+                "batch_slots": (perf.slots > 0).then_some(perf.slots),
+                "samples": perf.confidence,
+                "predicted_ttft_ms_1k_tokens": predict_now(e, &perf, 1_000, now, engine_age) * 1e3,
+            });
             json!({
                 "id": e.id().as_str(),
                 "address": e.address().to_string(),
@@ -284,9 +297,10 @@ fn describe(pool: &PoolRuntime) -> Value {
                 "failures": u.failures(),
                 "connections": u.connections(),
                 "circuit": u.breaker_state().map(|b| b.to_string()),
-                "engine": s.engine(now, snapshot.selector.options().engine_max_age()).map(|l| json!({
+                "engine": s.engine(now, engine_age).map(|l| json!({
                     "waiting": l.waiting, "running": l.running, "kv_cache_usage": l.kv_usage,
                 })),
+                "learned": learned,
             })
         })
         .collect();

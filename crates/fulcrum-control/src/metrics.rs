@@ -80,6 +80,7 @@ struct RequestFamilies {
     requests: Family<Labels, Counter>,
     duration: Histograms,
     first_byte: Histograms,
+    prediction_error: Histograms,
 }
 
 impl RequestFamilies {
@@ -97,6 +98,10 @@ impl RequestFamilies {
             first_byte: Histograms::new(
                 "fulcrum_time_to_first_byte_seconds",
                 "Time from a request's arrival to the first byte of its response body (for a stream of server-sent events, the first token).",
+            ),
+            prediction_error: Histograms::new(
+                "fulcrum_ttft_prediction_error_seconds",
+                "How far each endpoint's learned model's predicted time to first token was from the measured one (streamed answers).",
             ),
         }
     }
@@ -124,7 +129,8 @@ impl RequestFamilies {
         if !endpoint.is_empty() || duration.count > 0 {
             let l = labels(&[("pool", pool), ("endpoint", endpoint)]);
             self.duration.series.push((l.clone(), duration));
-            self.first_byte.add(l, &stats.first_byte);
+            self.first_byte.add(l.clone(), &stats.first_byte);
+            self.prediction_error.add(l, &stats.ttft_prediction_error);
         }
     }
 
@@ -138,6 +144,7 @@ impl RequestFamilies {
     fn register(self, r: &mut Registry) {
         r.register_collector(Box::new(self.duration));
         r.register_collector(Box::new(self.first_byte));
+        r.register_collector(Box::new(self.prediction_error));
     }
 }
 
@@ -226,6 +233,21 @@ pub fn render_with(
         "1 for the state the endpoint's circuit breaker is in (closed, open, half_open), 0 for the others",
     );
     let weight = gauge(&mut r, "fulcrum_endpoint_effective_weight", "Static weight x slow start x dynamic factor");
+    let prefill_rate = gauge(
+        &mut r,
+        "fulcrum_endpoint_learned_prefill_tokens_per_second",
+        "Prompt tokens a second the endpoint computes, learned from its times to first token (pool prior blended in)",
+    );
+    let itl = gauge(
+        &mut r,
+        "fulcrum_endpoint_learned_itl_seconds",
+        "Time an output token, learned from the endpoint's streams (pool prior blended in)",
+    );
+    let predicted = gauge(
+        &mut r,
+        "fulcrum_endpoint_predicted_ttft_seconds",
+        "Predicted time to first token of a 1,000-token uncached prompt sent now",
+    );
     let scrape_age = gauge(
         &mut r,
         "fulcrum_endpoint_engine_metrics_age_seconds",
@@ -291,6 +313,8 @@ pub fn render_with(
         let scraped = pool.config().engine_metrics.is_some();
         let health_checked = pool.config().resilience.health_check.is_some();
         let latency_config = *snapshot.selector.options().latency();
+        let prior = snapshot.selector.pool_perf();
+        let engine_age = snapshot.selector.options().engine_max_age();
         for (e, u) in snapshot.selector.endpoints().iter().zip(&snapshot.upstreams) {
             let id = e.id().as_str();
             let l: Labels = labels(&[("pool", name), ("endpoint", id)]);
@@ -318,6 +342,12 @@ pub fn render_with(
                 }
             }
             weight.get_or_create(&l).set(s.effective_weight());
+            let perf = s.perf().estimate(&prior);
+            prefill_rate.get_or_create(&l).set(perf.prefill_rate());
+            itl.get_or_create(&l).set(perf.itl);
+            predicted
+                .get_or_create(&l)
+                .set(fulcrum_core::balance::predicted_ttft::predict_now(e, &perf, 1_000, now, engine_age));
             if scraped {
                 if let Some(age) = u.stats().engine_scrape_age(now) {
                     scrape_age.get_or_create(&l).set(age.as_secs_f64());

@@ -21,6 +21,7 @@ use crate::ewma::PeakEwma;
 use crate::time::Instant;
 
 mod engine;
+pub mod perf;
 
 use engine::EngineSignals;
 pub(crate) use engine::adapter_key;
@@ -247,6 +248,10 @@ pub struct LoadSignals {
     circuit_open_until: AtomicU64,
     /// What the engine last reported, and its loaded LoRA adapters.
     engine: EngineSignals,
+    /// What its answers taught about its speed.
+    perf: perf::PerfModel,
+    /// Uncached prompt tokens of requests sent here that have not had their first token.
+    prefilling: AtomicU64,
 }
 
 // === impl LoadSignals ===
@@ -266,6 +271,8 @@ impl LoadSignals {
             unavailable: AtomicU8::new(0),
             circuit_open_until: AtomicU64::new(0),
             engine: EngineSignals::new(),
+            perf: perf::PerfModel::default(),
+            prefilling: AtomicU64::new(0),
         }
     }
 
@@ -307,6 +314,12 @@ impl LoadSignals {
     /// Estimated tokens (prompt and output) of the requests in flight.
     pub fn in_flight_tokens(&self) -> u64 {
         self.in_flight_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Uncached prompt tokens of the requests in flight that have not had their first token
+    /// yet (counted for requests the performance model learns from).
+    pub fn prefilling_tokens(&self) -> u64 {
+        self.prefilling.load(Ordering::Relaxed)
     }
 
     /// Failures since the last success.
@@ -363,6 +376,12 @@ impl LoadSignals {
     /// feeds dynamic weights: a scraper may call both.
     pub fn report_engine(&self, waiting: u32, running: u32, kv_usage: f64, now: Instant) {
         self.engine.report(waiting, running, kv_usage, now);
+        self.perf.engine_report(waiting, running);
+    }
+
+    /// What its answers taught about its speed (see [`perf`]).
+    pub fn perf(&self) -> &perf::PerfModel {
+        &self.perf
     }
 
     /// The engine's last report, or `None` when there is none or it is older than `max_age`
@@ -437,12 +456,18 @@ impl LoadSignals {
 #[derive(Debug, Default)]
 pub struct PoolLoad {
     in_flight: AtomicU64,
+    perf: perf::PoolPerf,
 }
 
 impl PoolLoad {
     /// Requests in flight in the pool.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The pool's performance prior: what a new endpoint is assumed to be.
+    pub fn perf(&self) -> &perf::PoolPerf {
+        &self.perf
     }
 }
 
@@ -456,6 +481,8 @@ pub struct InFlight {
     pool: Arc<PoolLoad>,
     tokens: u64,
     started: Instant,
+    sent: perf::Sent,
+    first_token: Option<Instant>,
 }
 
 // === impl InFlight ===
@@ -465,7 +492,60 @@ impl InFlight {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         endpoint.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
         pool.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight { endpoint, pool, tokens, started: now }
+        InFlight { endpoint, pool, tokens, started: now, sent: perf::Sent::default(), first_token: None }
+    }
+
+    /// Sets what the performance model learns from this request (see [`perf`]).
+    pub(crate) fn with_sent(mut self, sent: perf::Sent) -> Self {
+        self.endpoint.prefilling.fetch_add(sent.uncached, Ordering::Relaxed);
+        self.sent = sent;
+        self
+    }
+
+    /// Whether the answer streams, as its response says (a stream of server-sent events):
+    /// only then do its first body bytes time its first token.
+    pub fn streaming(mut self, streams: bool) -> Self {
+        self.sent.streams = streams;
+        self
+    }
+
+    /// Its prefill is over (first token, or the request ended): stop counting its tokens.
+    fn prefilled(&mut self) {
+        let tokens = std::mem::take(&mut self.sent.uncached);
+        if tokens > 0 {
+            self.endpoint.prefilling.fetch_sub(tokens, Ordering::Relaxed);
+        }
+    }
+
+    /// The endpoint's signals.
+    pub fn signals(&self) -> &Arc<LoadSignals> {
+        &self.endpoint
+    }
+
+    /// The first token (the first body bytes of a streamed answer) arrived at `now`: a
+    /// prefill sample for the endpoint's performance model. Only the first call counts.
+    /// Returns the time to first token the model predicted and the one measured, in
+    /// seconds, for a prediction-error histogram (`None` when the answer does not stream).
+    pub fn first_token(&mut self, now: Instant) -> Option<(f64, f64)> {
+        if self.first_token.is_some() {
+            return None;
+        }
+        self.first_token = Some(now);
+        let ttft = now.saturating_since(self.started);
+        let prior = self.pool.perf.get();
+        let predicted = self.endpoint.perf.first_token(&self.sent, ttft, &prior, now);
+        self.prefilled();
+        self.sent.streams.then_some((predicted, ttft.as_secs_f64()))
+    }
+
+    /// The answer ended well at `now` after `frames` body frames (output tokens, for a
+    /// stream that sends one a frame): teaches the endpoint's occupancy and decode time.
+    pub fn ended(self, now: Instant, frames: u64) {
+        let held = now.saturating_since(self.started);
+        let decode =
+            self.first_token.filter(|_| self.sent.streams).map(|t| (now.saturating_since(t), frames.saturating_sub(1)));
+        let prior = self.pool.perf.get();
+        self.endpoint.perf.finished(held, decode, &prior, now);
     }
 
     /// When the request started.
@@ -483,6 +563,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.prefilled();
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.endpoint.in_flight_tokens.fetch_sub(self.tokens, Ordering::Relaxed);
         self.pool.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -22,6 +22,22 @@ pub struct RequestFacts<'a> {
     /// Estimated token cost (prompt and output): what
     /// [`Selector::begin`](crate::Selector::begin) should count in flight.
     pub estimated_tokens: u64,
+    /// Estimated prompt tokens (0 when unknown): what prefill costs before the cache.
+    pub prompt_tokens: u64,
+    /// Whether the answer streams, so that its first body bytes are its first token.
+    pub stream: bool,
+}
+
+/// Prompt tokens one prefix block stands for: the [`openai`](crate::openai) default of 256
+/// characters a block at [`CHARS_PER_TOKEN`](crate::openai::CHARS_PER_TOKEN) characters a token.
+pub const BLOCK_TOKENS: u64 = 64;
+
+impl RequestFacts<'_> {
+    /// The prompt tokens left to compute on an endpoint holding `blocks` leading blocks.
+    #[inline]
+    pub fn uncached(&self, blocks: u32) -> u64 {
+        self.prompt_tokens.saturating_sub(u64::from(blocks) * BLOCK_TOKENS)
+    }
 }
 
 impl<'a> RequestFacts<'a> {

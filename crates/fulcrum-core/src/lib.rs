@@ -56,5 +56,5 @@ pub use endpoint::{
 };
 pub use facts::RequestFacts;
 pub use policy::{Capacity, Cost, HashKey, Policy, PolicyError, PolicyKind, ScoreWeights};
-pub use selector::{BuildError, Selector, SelectorOptions};
+pub use selector::{BuildError, Picked, Selector, SelectorOptions};
 pub use time::Instant;

@@ -96,11 +96,13 @@ pub enum PolicyKind {
     PrefixAffinity,
     /// `score`
     Score,
+    /// `predicted_ttft`
+    PredictedTtft,
 }
 
 impl PolicyKind {
     /// Every policy, in documentation order.
-    pub const ALL: [PolicyKind; 16] = [
+    pub const ALL: [PolicyKind; 17] = [
         PolicyKind::RoundRobin,
         PolicyKind::WeightedRoundRobin,
         PolicyKind::Random,
@@ -117,6 +119,7 @@ impl PolicyKind {
         PolicyKind::LeastTokens,
         PolicyKind::PrefixAffinity,
         PolicyKind::Score,
+        PolicyKind::PredictedTtft,
     ];
 
     /// The configuration name.
@@ -138,6 +141,7 @@ impl PolicyKind {
             PolicyKind::LeastTokens => "least_tokens",
             PolicyKind::PrefixAffinity => "prefix_affinity",
             PolicyKind::Score => "score",
+            PolicyKind::PredictedTtft => "predicted_ttft",
         }
     }
 
@@ -165,6 +169,9 @@ impl PolicyKind {
             }
             PolicyKind::Score => {
                 "LLM fleets with engine metrics: weighted queue, KV-cache, prefix and load scores (llm-d style)"
+            }
+            PolicyKind::PredictedTtft => {
+                "LLM fleets (the default for OpenAI pools): the lowest predicted time to first token, speeds learned"
             }
         }
     }
@@ -370,6 +377,12 @@ pub enum Policy {
         /// How capacity is found.
         capacity: Capacity,
     },
+    /// The lowest predicted time to first token: queueing plus uncached prefill at each
+    /// endpoint's learned speed.
+    PredictedTtft {
+        /// Blocks remembered per endpoint unless the engine reports its own size.
+        cache_blocks: u32,
+    },
     /// Weighted scorers over engine metrics, prefix matches and load.
     Score {
         /// The scorers' weights.
@@ -449,6 +462,10 @@ enum RawPolicy {
         #[serde(default)]
         capacity: Capacity,
     },
+    PredictedTtft {
+        #[serde(default = "default_cache_blocks")]
+        cache_blocks: u32,
+    },
     Score {
         #[serde(default)]
         weights: ScoreWeights,
@@ -480,6 +497,7 @@ impl From<RawPolicy> for Policy {
             RawPolicy::Maglev { key, table_size } => Policy::Maglev { key, table_size },
             RawPolicy::Rendezvous { key } => Policy::Rendezvous { key },
             RawPolicy::LeastTokens { capacity } => Policy::LeastTokens { capacity },
+            RawPolicy::PredictedTtft { cache_blocks } => Policy::PredictedTtft { cache_blocks },
             RawPolicy::PrefixAffinity { cache_blocks, min_match_blocks, epsilon, slack_tokens, capacity } => {
                 Policy::PrefixAffinity { cache_blocks, min_match_blocks, epsilon, slack_tokens, capacity }
             }
@@ -546,6 +564,7 @@ impl Policy {
                 slack_tokens: DEFAULT_SLACK_TOKENS,
                 capacity: Capacity::default(),
             },
+            PolicyKind::PredictedTtft => Policy::PredictedTtft { cache_blocks: DEFAULT_CACHE_BLOCKS },
             PolicyKind::Score => Policy::Score {
                 weights: ScoreWeights::default(),
                 max_waiting: DEFAULT_MAX_WAITING,
@@ -575,6 +594,7 @@ impl Policy {
             Policy::LeastTokens { .. } => PolicyKind::LeastTokens,
             Policy::PrefixAffinity { .. } => PolicyKind::PrefixAffinity,
             Policy::Score { .. } => PolicyKind::Score,
+            Policy::PredictedTtft { .. } => PolicyKind::PredictedTtft,
         }
     }
 
@@ -606,7 +626,9 @@ impl Policy {
                     format!("must be a prime up to {MAX_MAGLEV_TABLE_SIZE} (such as 65537), got {table_size}"),
                 )
             }
-            Policy::PrefixAffinity { cache_blocks, .. } | Policy::Score { cache_blocks, .. }
+            Policy::PrefixAffinity { cache_blocks, .. }
+            | Policy::Score { cache_blocks, .. }
+            | Policy::PredictedTtft { cache_blocks }
                 if !(1..=MAX_CACHE_BLOCKS).contains(cache_blocks) =>
             {
                 invalid("cache_blocks", format!("must be between 1 and {MAX_CACHE_BLOCKS}, got {cache_blocks}"))
@@ -650,9 +672,10 @@ impl Policy {
                 HashKey::ClientIp => Needs { client_ip: true, ..Needs::default() },
                 other => Needs { key: Some(other.clone()), ..Needs::default() },
             },
-            Policy::LeastTokens { .. } | Policy::PrefixAffinity { .. } | Policy::Score { .. } => {
-                Needs { body: true, ..Needs::default() }
-            }
+            Policy::LeastTokens { .. }
+            | Policy::PrefixAffinity { .. }
+            | Policy::Score { .. }
+            | Policy::PredictedTtft { .. } => Needs { body: true, ..Needs::default() },
             _ => Needs::default(),
         }
     }
@@ -660,7 +683,9 @@ impl Policy {
     /// The default per-endpoint capacity of the prefix index, for the policies that use one.
     pub(crate) fn cache_blocks(&self) -> Option<u32> {
         match self {
-            Policy::PrefixAffinity { cache_blocks, .. } | Policy::Score { cache_blocks, .. } => Some(*cache_blocks),
+            Policy::PrefixAffinity { cache_blocks, .. }
+            | Policy::Score { cache_blocks, .. }
+            | Policy::PredictedTtft { cache_blocks } => Some(*cache_blocks),
             _ => None,
         }
     }

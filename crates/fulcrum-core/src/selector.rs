@@ -20,6 +20,7 @@ use crate::balance::least::{LeastConnections, LeastResponseTime};
 use crate::balance::least_tokens::LeastTokens;
 use crate::balance::maglev::Maglev;
 use crate::balance::power_of_k::PowerOfK;
+use crate::balance::predicted_ttft::PredictedTtft;
 use crate::balance::prefix_affinity::PrefixAffinity;
 use crate::balance::random::Random;
 use crate::balance::rendezvous::Rendezvous;
@@ -29,6 +30,7 @@ use crate::balance::score::Score;
 use crate::balance::sticky::Sticky;
 use crate::balance::weighted_round_robin::{WeightedRoundRobin, table_weights};
 use crate::balance::{Balance, PickCx, PoolView, from_client};
+use crate::endpoint::perf::Sent;
 use crate::endpoint::{Endpoint, EndpointId, EndpointSpec, InFlight, LatencyConfig, LoadSignals, PoolLoad};
 use crate::facts::RequestFacts;
 use crate::policy::{Policy, PolicyError};
@@ -131,6 +133,16 @@ impl SelectorOptions {
     }
 }
 
+/// A pick, with what the policy knows of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Picked {
+    /// The endpoint's index in [`Selector::endpoints`].
+    pub index: usize,
+    /// Leading prompt blocks the policy's prefix index says the endpoint holds (0 for
+    /// policies without one).
+    pub cached_blocks: u32,
+}
+
 /// A pool ready to pick from.
 pub struct Selector {
     policy: Policy,
@@ -226,6 +238,7 @@ fn build_balancer(
                 *slack_tokens,
             ))
         }
+        Policy::PredictedTtft { .. } => Box::new(PredictedTtft::new(index())),
         Policy::Score { weights, max_waiting, max_kv_usage, capacity, .. } => {
             Box::new(Score::new(index(), Capacities::new(capacity, endpoints), *weights, *max_waiting, *max_kv_usage))
         }
@@ -350,6 +363,7 @@ impl Selector {
     /// table-driven policies, returns a rebuilt selector when the tables must change; the
     /// caller swaps it in. Call it periodically (every 100 ms to 1 s) off the request path.
     pub fn refresh(&self, now: Instant) -> Option<Selector> {
+        self.load.perf().update(self.endpoints.iter().map(|e| e.signals().perf()));
         let effective = Self::update_weights(&self.options, &self.endpoints, now);
         if !uses_weight_tables(&self.policy) {
             return None;
@@ -390,8 +404,19 @@ impl Selector {
         facts: &RequestFacts<'_>,
         now: Instant,
         rng: &mut dyn RngCore,
-        mut accept: impl FnMut(&Endpoint) -> bool,
+        accept: impl FnMut(&Endpoint) -> bool,
     ) -> Option<usize> {
+        self.pick_detailed(facts, now, rng, accept).map(|p| p.index)
+    }
+
+    /// Like [`pick_index`](Self::pick_index), with what the policy knows of the choice.
+    pub fn pick_detailed(
+        &self,
+        facts: &RequestFacts<'_>,
+        now: Instant,
+        rng: &mut dyn RngCore,
+        mut accept: impl FnMut(&Endpoint) -> bool,
+    ) -> Option<Picked> {
         if self.endpoints.is_empty() {
             return None;
         }
@@ -401,14 +426,31 @@ impl Selector {
             latency: &self.options.latency,
             engine_max_age: self.options.engine_max_age,
         };
-        let mut cx = PickCx { facts, now, rng, accept: &mut accept };
-        self.balancer.pick(&pool, &mut cx)
+        let mut cx = PickCx { facts, now, rng, accept: &mut accept, cached_blocks: 0 };
+        let index = self.balancer.pick(&pool, &mut cx)?;
+        Some(Picked { index, cached_blocks: cx.cached_blocks })
     }
 
     /// Counts a request as in flight on `endpoint` (with its estimated tokens) until the guard
     /// is dropped.
     pub fn begin(&self, endpoint: &Endpoint, tokens: u64, now: Instant) -> InFlight {
         InFlight::start(endpoint.signals().clone(), self.load.clone(), tokens, now)
+    }
+
+    /// Like [`begin`](Self::begin), for a request the endpoint's performance model learns
+    /// from ([`InFlight::first_token`], [`InFlight::ended`]): `cached_blocks` is what the
+    /// pick said the endpoint holds of the prompt.
+    pub fn begin_request(
+        &self,
+        endpoint: &Endpoint,
+        facts: &RequestFacts<'_>,
+        cached_blocks: u32,
+        now: Instant,
+    ) -> InFlight {
+        let signals = endpoint.signals();
+        let queued = signals.engine(now, self.options.engine_max_age).is_some_and(|r| r.waiting > 0);
+        let sent = Sent { uncached: facts.uncached(cached_blocks), queued, streams: facts.stream };
+        InFlight::start(signals.clone(), self.load.clone(), facts.estimated_tokens, now).with_sent(sent)
     }
 
     /// The endpoints, in the order they were given.
@@ -439,6 +481,12 @@ impl Selector {
     /// the endpoint stays.
     pub fn set_prefix_capacity(&self, id: &EndpointId, blocks: Option<u32>) -> bool {
         self.policy.cache_blocks().is_some() && self.prefix.set_capacity(id, blocks)
+    }
+
+    /// The pool's performance prior: what an endpoint with no samples of its own is taken
+    /// to be (see [`perf`](crate::endpoint::perf)).
+    pub fn pool_perf(&self) -> crate::endpoint::perf::Perf {
+        self.load.perf().get()
     }
 
     /// The pool's prefix index (empty unless the policy is `prefix_affinity` or `score`).

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use crate::engine::SplitMix64;
 
 /// The faults in force.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Faults {
     /// Fraction of inference requests answered `500`.
     pub error_rate: f64,
@@ -47,6 +47,25 @@ pub struct Faults {
     pub warmup: Duration,
     /// Answer `503` when this many requests already wait for a batch slot.
     pub max_waiting: Option<u32>,
+    /// The engine runs at this fraction of its configured speed (1: full speed).
+    pub slowdown: f64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            error_rate: 0.0,
+            latency: Duration::ZERO,
+            spike_rate: 0.0,
+            spike: Duration::ZERO,
+            hang_rate: 0.0,
+            crash_after_requests: None,
+            crash_after: None,
+            warmup: Duration::ZERO,
+            max_waiting: None,
+            slowdown: 1.0,
+        }
+    }
 }
 
 /// A change to [`Faults`]: flags, a profile's `[faults]` table or the admin endpoint's JSON.
@@ -90,6 +109,10 @@ pub struct FaultsPatch {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_waiting: Option<u32>,
+    /// Run the engine at this fraction of its configured speed (0.01 to 1; 1 undoes it).
+    #[arg(long, value_name = "FRACTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slowdown: Option<f64>,
 }
 
 /// A fault field is out of range.
@@ -120,6 +143,7 @@ impl FaultsPatch {
             crash_after_secs: top.crash_after_secs.or(self.crash_after_secs),
             warmup_secs: top.warmup_secs.or(self.warmup_secs),
             max_waiting: top.max_waiting.or(self.max_waiting),
+            slowdown: top.slowdown.or(self.slowdown),
         }
     }
 
@@ -155,6 +179,12 @@ impl FaultsPatch {
         }
         if let Some(n) = self.max_waiting {
             f.max_waiting = Some(n);
+        }
+        if let Some(x) = self.slowdown {
+            if !(x.is_finite() && (0.01..=1.0).contains(&x)) {
+                return Err(FaultError { field: "slowdown", reason: format!("{x} is not a fraction in 0.01..=1") });
+            }
+            f.slowdown = x;
         }
         Ok(f)
     }
@@ -192,6 +222,7 @@ impl Faults {
             crash_after_secs: self.crash_after.map(|d| d.as_secs_f64()),
             warmup_secs: Some(self.warmup.as_secs_f64()),
             max_waiting: self.max_waiting,
+            slowdown: Some(self.slowdown),
         }
     }
 }

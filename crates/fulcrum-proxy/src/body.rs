@@ -30,6 +30,8 @@ pub struct TrackedBody {
     deadline: Option<Pin<Box<Sleep>>>,
     admission: Option<AdmissionSlot>,
     exchange: Option<Exchange>,
+    /// Data frames passed on (for a stream of server-sent events, about one a token).
+    frames: u64,
 }
 
 impl std::fmt::Debug for TrackedBody {
@@ -52,6 +54,7 @@ impl TrackedBody {
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             admission,
             exchange: Some(exchange),
+            frames: 0,
         };
         if body.inner.is_end_stream() {
             body.finish();
@@ -61,7 +64,9 @@ impl TrackedBody {
 
     /// The stream ended (or failed): stop counting.
     fn finish(&mut self) {
-        self.guard.take();
+        if let Some(guard) = self.guard.take() {
+            guard.ended(crate::clock::now(), self.frames);
+        }
         self.admission.take();
         if let Some(mut exchange) = self.exchange.take() {
             exchange.complete();
@@ -94,8 +99,20 @@ impl Body for TrackedBody {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(exchange), Some(data)) = (&mut this.exchange, frame.data_ref()) {
-                    exchange.on_data(data.len());
+                if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
+                    if this.frames == 0
+                        && let Some(guard) = this.guard.as_mut()
+                    {
+                        // The first token: what the endpoint's performance model learns from.
+                        let judged = guard.first_token(crate::clock::now());
+                        if let (Some(exchange), Some((predicted, measured))) = (&mut this.exchange, judged) {
+                            exchange.on_prediction(predicted, measured);
+                        }
+                    }
+                    this.frames += 1;
+                    if let Some(exchange) = &mut this.exchange {
+                        exchange.on_data(data.len());
+                    }
                 }
                 if this.inner.is_end_stream() {
                     this.finish();

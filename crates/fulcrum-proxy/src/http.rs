@@ -115,7 +115,13 @@ pub(crate) async fn respond(
     match Box::pin(proxy(ctx, client, forwarded_for, req, &request_id, &mut exchange)).await {
         Ok(Answer::Stream(resp, s)) => {
             exchange.respond(resp.status());
-            resp.map(|body| Either::Left(TrackedBody::new(body, s.guard, s.deadline, s.admission, exchange)))
+            // A stream of server-sent events: its first body bytes are its first token.
+            let events = resp
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            let guard = s.guard.streaming(events);
+            resp.map(|body| Either::Left(TrackedBody::new(body, guard, s.deadline, s.admission, exchange)))
         }
         Ok(Answer::Whole(resp)) => {
             exchange.respond(resp.status());

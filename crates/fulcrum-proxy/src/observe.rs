@@ -99,6 +99,8 @@ pub struct Exchange {
     status: u16,
     bytes: u64,
     first_byte: Option<Duration>,
+    /// |predicted - measured| time to first token, seconds.
+    prediction_error: Option<f64>,
     /// The response body ended (or there was none).
     complete: bool,
     trace: Option<Box<ServerTrace>>,
@@ -142,6 +144,7 @@ impl Exchange {
             status: 0,
             bytes: 0,
             first_byte: None,
+            prediction_error: None,
             complete: false,
             trace,
         }
@@ -211,6 +214,11 @@ impl Exchange {
         self.bytes += len as u64;
     }
 
+    /// The balancer's predicted time to first token, and the measured one (seconds).
+    pub(crate) fn on_prediction(&mut self, predicted: f64, measured: f64) {
+        self.prediction_error = Some((predicted - measured).abs());
+    }
+
     /// The response ended.
     pub(crate) fn complete(&mut self) {
         self.complete = true;
@@ -254,6 +262,9 @@ impl Drop for Exchange {
                 s.duration.observe(elapsed);
                 if let Some(t) = first_byte {
                     s.first_byte.observe(t);
+                }
+                if let Some(e) = self.prediction_error.filter(|e| e.is_finite()) {
+                    s.ttft_prediction_error.observe(Duration::from_secs_f64(e.min(1e6)));
                 }
             }
             None => UNROUTED.record(self.status),

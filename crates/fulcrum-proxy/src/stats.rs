@@ -193,6 +193,10 @@ pub struct EndpointStats {
     /// From the request's arrival to the first byte of the response body (for a stream of
     /// server-sent events, the first token), or the end of a response without a body.
     pub first_byte: Histogram,
+    /// How far the balancer's predicted time to first token was from the measured one, for
+    /// streamed answers routed by a policy that predicts it (`predicted_ttft`; the others'
+    /// requests feed the performance model too).
+    pub ttft_prediction_error: Histogram,
     /// When the engine's metrics were last scraped successfully (proxy clock, ns + 1; 0: never).
     engine_scraped: AtomicU64,
     /// Engine-metrics scrapes that failed.

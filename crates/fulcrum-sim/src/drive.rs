@@ -54,6 +54,8 @@ impl Facts<'_> {
             prompt: None,
             prefix: self.prefix,
             estimated_tokens: self.prompt_tokens.saturating_add(self.output_tokens),
+            prompt_tokens: self.prompt_tokens,
+            stream: true,
         }
     }
 }

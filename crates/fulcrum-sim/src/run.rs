@@ -391,7 +391,13 @@ impl Sim<'_> {
                 }
                 // The first token, back at the balancer (what the figures call TTFT).
                 EventKind::Token { index: 0, .. } => {
-                    l.first_token.get_or_insert(e.at + delay);
+                    let at = e.at + delay;
+                    l.first_token.get_or_insert(at);
+                    // The proxy's body reader sees the first token here and teaches the
+                    // endpoint's performance model.
+                    if let Some(g) = l.guard.as_mut() {
+                        g.first_token(at);
+                    }
                 }
                 EventKind::Token { .. } => {}
                 EventKind::Finished { .. } => {
@@ -653,11 +659,14 @@ impl Sim<'_> {
     /// Ends a request: its figures, its guard, its slot at the balancer.
     fn finish(&mut self, id: u32, result: Result<(), Failure>) {
         let now = self.event_at;
-        let Some(l) = self.lives.get_mut(id as usize).and_then(Option::take) else { return };
+        let Some(mut l) = self.lives.get_mut(id as usize).and_then(Option::take) else { return };
         self.free.push(id);
         self.live_count -= 1;
-        if l.guard.is_some() {
+        if let Some(guard) = l.guard.take() {
             self.in_flight[l.backend] -= 1;
+            if result.is_ok() {
+                guard.ended(now, u64::from(l.req.output_tokens));
+            }
         }
         let delay = self.backends[l.backend].spec.network_delay;
         match result {

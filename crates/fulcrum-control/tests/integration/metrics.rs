@@ -233,6 +233,15 @@ endpoints = [{{ id = "gone", address = "127.0.0.1:1" }}]
     assert!((0.0..5.0).contains(&age), "scrape age {age}");
     assert!(s.sum("fulcrum_pool_admission_wait_seconds_count", &[("pool", "llm")]) >= 0.0);
     assert!(text.contains("# TYPE fulcrum_pool_admission_wait_seconds histogram"), "{text}");
+    // The learned performance model: every streamed answer fed it (4 chat streams, 2 an
+    // endpoint), and its prediction error has one observation per stream.
+    for name in ["fulcrum_endpoint_learned_prefill_tokens_per_second", "fulcrum_endpoint_predicted_ttft_seconds"] {
+        for e in ["a", "b"] {
+            let v = s.sum(name, &[("pool", "llm"), ("endpoint", e)]);
+            assert!(v.is_finite() && v > 0.0, "{name} {e}: {v}\n{text}");
+        }
+    }
+    assert_eq!(s.sum("fulcrum_ttft_prediction_error_seconds_count", &[("pool", "llm")]), 4.0, "{text}");
 
     let _ = stop.send(());
     running.await.expect("proxy stops");

@@ -31,6 +31,7 @@ pub mod least;
 pub mod least_tokens;
 pub mod maglev;
 pub mod power_of_k;
+pub mod predicted_ttft;
 pub mod prefix_affinity;
 pub mod random;
 pub mod rendezvous;
@@ -56,6 +57,8 @@ pub(crate) struct PickCx<'a> {
     pub now: Instant,
     pub rng: &'a mut dyn RngCore,
     pub accept: &'a mut dyn FnMut(&Endpoint) -> bool,
+    /// Set by policies that know it: the prefix blocks the chosen endpoint holds.
+    pub cached_blocks: u32,
 }
 
 /// A balancing algorithm over a fixed set of endpoints.

@@ -107,7 +107,7 @@ mod tests {
         let facts = RequestFacts::default();
         let mut rng = SmallRng::seed_from_u64(3);
         let mut accept = |_: &Endpoint| true;
-        let mut cx = PickCx { facts: &facts, now: Instant::ZERO, rng: &mut rng, accept: &mut accept };
+        let mut cx = PickCx { facts: &facts, now: Instant::ZERO, rng: &mut rng, accept: &mut accept, cached_blocks: 0 };
         let mut out = [0usize; MAX_K];
         let mut seen = [0u32; 10];
         for _ in 0..1000 {

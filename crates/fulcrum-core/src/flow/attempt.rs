@@ -8,6 +8,7 @@ use rand::RngCore;
 use crate::resilience::Observed;
 use crate::resilience::breaker::{Counts, Permit};
 use crate::resilience::retry::{Attempt, Decision, GiveUp};
+use crate::selector::Picked;
 use crate::{InFlight, Instant, Outcome, RequestFacts};
 
 use super::pool::PoolState;
@@ -177,15 +178,15 @@ impl Attempts {
                 .sticky
                 .filter(|&i| self.tries == 0 && refused.is_empty() && i < endpoints.len())
                 .filter(|&i| PoolState::usable(&endpoints[i], panic, now) && self.serves(&endpoints[i], facts));
-            let picked = sticky.or_else(|| {
+            let picked = sticky.map(|index| Picked { index, cached_blocks: 0 }).or_else(|| {
                 let (tried, refused) = (&self.tried, &refused);
-                selector.pick_index(facts, now, rng, |e| {
+                selector.pick_detailed(facts, now, rng, |e| {
                     PoolState::usable(e, panic, now)
                         && self.serves(e, facts)
                         && !tried.iter().chain(refused).any(|&t| endpoints[t].id() == e.id())
                 })
             });
-            let Some(index) = picked else { return Next::Fail(Fail::NoEndpoint) };
+            let Some(Picked { index, cached_blocks }) = picked else { return Next::Fail(Fail::NoEndpoint) };
             let endpoint = &endpoints[index];
 
             // The breaker and the concurrency limits have the last word; a refusal is not a try.
@@ -210,7 +211,7 @@ impl Attempts {
                 continue;
             }
             self.tries += 1;
-            let guard = selector.begin(endpoint, facts.estimated_tokens, now);
+            let guard = selector.begin_request(endpoint, facts, cached_blocks, now);
             return Next::Send(Try {
                 index,
                 last: self.tries >= self.max_tries,

@@ -180,6 +180,8 @@ impl AiRequest<'_> {
             model: self.model.as_deref(),
             prefix: &self.prefix,
             estimated_tokens: self.estimated_tokens(),
+            prompt_tokens: self.prompt_tokens,
+            stream: self.stream,
             ..RequestFacts::default()
         }
     }

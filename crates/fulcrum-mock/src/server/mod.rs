@@ -121,14 +121,7 @@ impl MockHandle {
 
     /// Changes some faults, as `POST /admin/faults` does.
     pub fn set_faults(&self, patch: &FaultsPatch) -> Result<Faults, FaultError> {
-        let faults = {
-            let mut state = lock(&self.shared.faults);
-            let faults = patch.apply(state.faults())?;
-            state.set(faults.clone(), tokio::time::Instant::now());
-            faults
-        };
-        self.shared.faults_changed.notify_one();
-        Ok(faults)
+        Ok(self.shared.set_faults(patch.apply(&self.faults())?, tokio::time::Instant::now()))
     }
 
     /// Waits until the server ends by itself (a crash fault) or is shut down.

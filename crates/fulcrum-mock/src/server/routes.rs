@@ -381,14 +381,15 @@ where
         Method::POST | Method::PATCH => {
             let bytes = read_body(shared, req).await?;
             let patch: FaultsPatch = parse(&bytes)?;
-            let mut state = lock(&shared.faults);
-            let faults = patch.apply(state.faults()).map_err(|e| ApiError::bad_request(e.to_string()))?;
-            state.set(faults, now);
+            let current = lock(&shared.faults).faults().clone();
+            let faults = patch.apply(&current).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            shared.set_faults(faults, now);
         }
-        Method::DELETE => lock(&shared.faults).set(Faults::default(), now),
+        Method::DELETE => {
+            shared.set_faults(Faults::default(), now);
+        }
         _ => return Err(ApiError::method_not_allowed(method.as_str(), "/admin/faults").into()),
     }
-    shared.faults_changed.notify_one();
     Ok(json_response(StatusCode::OK, &admin_view(shared, now)))
 }
 

@@ -158,6 +158,22 @@ impl Shared {
         })
     }
 
+    /// Puts `faults` in force from `now` (the admin endpoint and `MockHandle::set_faults`):
+    /// the engine's speed follows `slowdown`.
+    pub(crate) fn set_faults(&self, faults: crate::faults::Faults, now: Clock) -> crate::faults::Faults {
+        {
+            let mut core = lock(&self.core);
+            let speed = self.config.engine.speed * faults.slowdown;
+            let at = self.engine_now();
+            // The fault was validated (0.01..=1) and the configured speed is 0.01..=100.
+            let _ = core.engine.set_speed(at, speed.max(0.01));
+        }
+        lock(&self.faults).set(faults.clone(), now);
+        self.faults_changed.notify_one();
+        self.wake.notify_one();
+        faults
+    }
+
     pub(crate) fn resolve(&self, model: &str) -> Option<ModelRef> {
         self.models.get(model).copied()
     }

@@ -307,3 +307,103 @@ async fn a_prefix_holder_with_a_full_kv_cache_keeps_its_conversations() {
     assert_eq!(counts[holder], 5, "the holder keeps its prefix: {counts:?}");
     running.shutdown().await;
 }
+
+/// A streamed chat completion (the first body bytes are the first token); its status.
+async fn stream_chat(addr: SocketAddr, prompt: String) -> u16 {
+    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else { return 0 };
+    let Ok((mut s, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else { return 0 };
+    tokio::spawn(conn);
+    let body = serde_json::json!({
+        "model": "llama", "max_tokens": 4, "stream": true,
+        "messages": [{"role": "user", "content": prompt}],
+    });
+    let req = http::Request::post("/v1/chat/completions")
+        .header("host", "fulcrum")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let Ok(resp) = s.send_request(req).await else { return 0 };
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_slowed_to_half_speed_loses_share_within_seconds_without_a_label() {
+    // Three equal engines (speed 1: a 2,000-token prompt takes 125 ms to prefill), the
+    // configuration a new user writes: the policy and the endpoints, nothing about speeds.
+    let mut mocks = Vec::new();
+    for seed in 1..=3 {
+        let config = MockConfig {
+            models: vec!["llama".to_owned()],
+            engine: EngineConfig::preset(Gpu::H100),
+            seed,
+            ..MockConfig::default()
+        };
+        mocks.push(MockServer::bind(config, SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("mock"));
+    }
+    let eps: Vec<(&str, SocketAddr, &str)> =
+        vec![("a", mocks[0].local_addr(), ""), ("b", mocks[1].local_addr(), ""), ("c", mocks[2].local_addr(), "")];
+    let running = proxy(&format!("policy = \"predicted_ttft\"\n{}", endpoints(&eps))).await;
+
+    // Six clients, each sending distinct 8,000-character prompts back to back until told.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let clients: Vec<_> = (0..6u64)
+        .map(|c| {
+            let (addr, stop, failures) = (running.addr, stop.clone(), failures.clone());
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let prompt = format!("client {c} request {i}: ") + &"lorem ipsum dolor sit amet ".repeat(300);
+                    if stream_chat(addr, prompt).await != 200 {
+                        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let share_of_a = |from: &[(String, u64)], to: &[(String, u64)]| {
+        let grew: Vec<u64> = to.iter().zip(from).map(|(t, f)| t.1 - f.1).collect();
+        (grew[0] as f64 / grew.iter().sum::<u64>().max(1) as f64, grew)
+    };
+    // Learn the fleet, then measure a's share of 3 s of requests.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t0 = running.counts();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t1 = running.counts();
+    let (before, grew_before) = share_of_a(&t0, &t1);
+    // Half speed, through the mock's admin faults: nothing tells the proxy.
+    mocks[0]
+        .set_faults(&fulcrum_mock::faults::FaultsPatch { slowdown: Some(0.5), ..Default::default() })
+        .expect("fault");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t2 = running.counts();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t3 = running.counts();
+    let (after, grew_after) = share_of_a(&t2, &t3);
+    // What the proxy learned: a's prefill rate is about half the others'.
+    let snapshot = running.pool.snapshot();
+    let prior = snapshot.selector.pool_perf();
+    let rates: Vec<f64> =
+        snapshot.selector.endpoints().iter().map(|e| e.signals().perf().estimate(&prior).prefill_rate()).collect();
+    eprintln!("share of a: {before:.2} {grew_before:?} -> {after:.2} {grew_after:?}; learned prefill rates {rates:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c).await;
+    }
+    assert_eq!(failures.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // Within 5 s of the slow-down (measured from 2 s to 5 s after it), a's share of new
+    // requests has fallen well below what it was.
+    assert!(before > 0.2, "equal engines share: {grew_before:?}");
+    assert!(
+        after < 0.75 * before,
+        "share of the slowed engine: {before:.2} {grew_before:?} -> {after:.2} {grew_after:?}"
+    );
+    assert!(rates[0] < 0.75 * rates[1].min(rates[2]), "learned prefill rates {rates:?}");
+    running.shutdown().await;
+    for m in mocks {
+        m.shutdown().await;
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""Summarise `fulcrum simulate --matrix ... --json` output: TTFT p50/p99 and hit rate per
+scenario and policy, and check a candidate policy against the targets of issue P1.2 (TTFT p99
+at or below least_connections everywhere, at most half of it where prompts share prefixes,
+hit rate within 1 point of prefix_affinity).
+Usage: bench/sim/compare.py FILE.json [CANDIDATE]"""
+import json
+import sys
+
+data = json.load(open(sys.argv[1]))
+cand = sys.argv[2] if len(sys.argv) > 2 else "predicted_ttft"
+misses = []
+for sc in data["scenarios"]:
+    reps = {r["policy"]: r for r in sc["reports"]}
+    cells = []
+    for pol, r in reps.items():
+        t = r["ttft_ms"]
+        fail = f" F{r['failed']}" if r["failed"] else ""
+        cells.append(f"{pol[:10]:>10} {t['p50']:7.1f}/{t['p99']:8.1f}/{100*r['prefix_hit_rate']:5.1f}%{fail}")
+    print(f"{sc['scenario']:<30} " + " | ".join(cells))
+    if cand in reps and "least_connections" in reps:
+        c, lc = reps[cand], reps["least_connections"]
+        if c["ttft_ms"]["p99"] > lc["ttft_ms"]["p99"]:
+            misses.append(f"{sc['scenario']}: p99 {c['ttft_ms']['p99']:.0f} > least_connections {lc['ttft_ms']['p99']:.0f}")
+        elif c["ttft_ms"]["p99"] > 0.5 * lc["ttft_ms"]["p99"]:
+            misses.append(f"{sc['scenario']}: p99 {c['ttft_ms']['p99']:.0f} above half of least_connections {lc['ttft_ms']['p99']:.0f}")
+    if cand in reps and "prefix_affinity" in reps:
+        c, pa = reps[cand], reps["prefix_affinity"]
+        if c["prefix_hit_rate"] < pa["prefix_hit_rate"] - 0.01:
+            misses.append(f"{sc['scenario']}: hit {100*c['prefix_hit_rate']:.1f}% < prefix_affinity {100*pa['prefix_hit_rate']:.1f}% - 1")
+print("\n".join(misses) if misses else "every target met")

@@ -1,0 +1,266 @@
+//! Predicted time to first token: send each request where its first token is expected
+//! soonest, with every endpoint's speed learned from its answers.
+//!
+//! **The rule.** For each candidate endpoint *i*, with the prompt's *P* tokens of which the
+//! pool's prefix index says *i* holds the first *C_i*:
+//!
+//! *TTFT_i = overhead_i + (P - C_i + 0.5 x prefilling_i) x prefill_i + queue_i + 0.02 x n_i x overhead_i*
+//!
+//! - *overhead_i* and *prefill_i* (seconds a prompt token) are the endpoint's learned
+//!   performance ([`perf`](crate::endpoint::perf)), from its measured first tokens against the
+//!   tokens it had to compute. Nothing is configured: weights and labels are not read, a new
+//!   endpoint starts from the pool's mean, a slowed one is noticed within seconds.
+//! - *prefilling_i* is the uncached prompt tokens of the requests this balancer sent to *i*
+//!   that have not had their first token yet: prefill work ahead. Half of it ([`BACKLOG`])
+//!   counts: engines with chunked prefill share a prefill budget between such requests, and a
+//!   prompt whose prefix is still being computed on *i* is not cached there yet.
+//! - *queue_i* is the expected wait for a batch slot: with *n_i* requests at the endpoint (the
+//!   balancer's own count, or the engine's running plus waiting when scraped and larger, as
+//!   other balancers send too) and *B_i* slots (the running count the engine last reported
+//!   while it queued), *max(0, n_i + 1 - 0.8 B_i) x occupancy_i / 0.8 B_i* ([`KNEE`]), where
+//!   *occupancy_i* is how long a request holds the endpoint; 0 while the slots are unknown.
+//! - The last term ([`SPREAD`]) is a small load cost that spreads requests among endpoints
+//!   that are otherwise equal.
+//!
+//! The three constants were chosen on the whole scenario matrix of `fulcrum simulate`
+//! (`bench/sim/matrix.toml`, 16 fleets and workloads), not on one case; `bench/RESULTS.md` has
+//! the figures.
+//!
+//! The lowest prediction wins; the cache match is part of the cost, not a rule with
+//! thresholds. Near ties (within 1% or 100 µs) go to the endpoint whose index is least full,
+//! so that new prefixes spread and the fleet's caches fill evenly, then rotate. A hot prefix
+//! is replicated as soon as its holder's queue or prefill backlog costs more than computing
+//! the prefix elsewhere. The prompt's blocks are then recorded against the chosen endpoint.
+//!
+//! **Cost**: one prefix-index lookup (O(blocks x 8) under its lock) plus O(1) a candidate. In
+//! pools of more than [`SAMPLE_ABOVE`] endpoints the candidates are the endpoints holding a
+//! prefix of the prompt plus [`SAMPLED`] others drawn at random (power of k choices), so a
+//! pick stays O(blocks + k) at any pool size.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::ai::IndexView;
+use super::{Balance, PickCx, PoolView};
+use crate::endpoint::Endpoint;
+use crate::endpoint::perf::Perf;
+use crate::time::Instant;
+use std::time::Duration;
+
+/// Pools larger than this sample their candidates.
+pub const SAMPLE_ABOVE: usize = 64;
+/// Endpoints drawn at random in a sampled pick, besides the prefix holders.
+pub const SAMPLED: usize = 16;
+/// Share of the prefill backlog a new request is taken to wait for.
+pub const BACKLOG: f64 = 0.5;
+/// Share of the learned batch slots from which requests are taken to queue.
+pub const KNEE: f64 = 0.8;
+/// Fixed costs each request in flight adds (a small load term that spreads equal endpoints).
+pub const SPREAD: f64 = 0.02;
+/// Relative and absolute width of a near tie.
+const TIE: (f64, f64) = (0.01, 100e-6);
+
+/// Lowest predicted time to first token.
+#[derive(Debug)]
+pub(crate) struct PredictedTtft {
+    index: IndexView,
+    start: AtomicUsize,
+}
+
+impl PredictedTtft {
+    pub(crate) fn new(index: IndexView) -> Self {
+        PredictedTtft { index, start: AtomicUsize::new(0) }
+    }
+}
+
+/// The predicted time to first token of a request of `uncached` tokens sent to `e` at `now`
+/// (`perf`: its estimate; engine reports older than `engine_max_age` are not read), as the
+/// policy computes it: for the admin API and metrics.
+pub fn predict_now(e: &Endpoint, perf: &Perf, uncached: u64, now: Instant, engine_max_age: Duration) -> f64 {
+    let s = e.signals();
+    let mut n = s.in_flight();
+    if let Some(r) = s.engine(now, engine_max_age) {
+        n = n.max(u64::from(r.running) + u64::from(r.waiting));
+    }
+    let queue = match perf.slots {
+        0 => 0.0,
+        b => {
+            let b = f64::from(b) * KNEE;
+            ((n + 1) as f64 - b).max(0.0) * perf.occupancy / b
+        }
+    };
+    let spread = SPREAD * n as f64 * perf.overhead;
+    perf.prefill_time(uncached) + BACKLOG * s.prefilling_tokens() as f64 * perf.prefill + queue + spread
+}
+
+#[inline]
+fn predict(e: &Endpoint, perf: &Perf, uncached: u64, pool: &PoolView<'_>, cx: &PickCx<'_>) -> f64 {
+    predict_now(e, perf, uncached, cx.now, pool.engine_max_age)
+}
+
+impl Balance for PredictedTtft {
+    fn pick(&self, pool: &PoolView<'_>, cx: &mut PickCx<'_>) -> Option<usize> {
+        let n = pool.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let prior = pool.load.perf().get();
+        let prefix = cx.facts.prefix;
+        // The blocks each holder has; candidates in a sampled pick.
+        let mut holders: Vec<(usize, u32)> = Vec::new();
+        self.index.matches(prefix, |idx, blocks| holders.push((idx, blocks)));
+        let blocks_of = |idx: usize| holders.iter().find(|h| h.0 == idx).map_or(0, |h| h.1);
+        let start = self.start.fetch_add(1, Ordering::Relaxed) % n;
+        let candidates: Vec<usize> = if n <= SAMPLE_ABOVE {
+            (0..n).map(|i| (start + i) % n).collect()
+        } else {
+            let mut c: Vec<usize> = holders.iter().map(|h| h.0).collect();
+            c.extend((0..SAMPLED).map(|_| (cx.rng.next_u64() % n as u64) as usize));
+            c.sort_unstable();
+            c.dedup();
+            c
+        };
+        // Occupancy of the index, read only when a near tie needs it.
+        let mut occupancy: Option<Vec<f64>> = None;
+        let mut best: Option<(usize, f64, u32)> = None;
+        for idx in candidates {
+            let e = &pool.endpoints[idx];
+            let blocks = blocks_of(idx);
+            let perf = e.signals().perf().estimate(&prior);
+            let cost = predict(e, &perf, cx.facts.uncached(blocks), pool, cx);
+            let better = match best {
+                None => true,
+                Some((b, bc, _)) => {
+                    let width = (bc * TIE.0).max(TIE.1);
+                    if cost < bc - width {
+                        true
+                    } else if cost <= bc + width && !prefix.is_empty() {
+                        let occ = occupancy.get_or_insert_with(|| self.index.occupancy());
+                        let of = |i: usize| occ.get(i).copied().unwrap_or(0.0);
+                        of(idx) < of(b) || (of(idx) == of(b) && cost < bc)
+                    } else {
+                        false
+                    }
+                }
+            };
+            if better && cx.accepts(pool, idx) {
+                best = Some((idx, cost, blocks));
+            }
+        }
+        // A sampled pick whose candidates were all vetoed: any acceptable endpoint.
+        let chosen = match best {
+            Some((idx, _, blocks)) => {
+                cx.cached_blocks = blocks;
+                Some(idx)
+            }
+            None => super::scan_from(pool, start, cx),
+        };
+        if let Some(idx) = chosen {
+            self.index.record(idx, prefix);
+        }
+        chosen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rand::{SeedableRng, rngs::SmallRng};
+
+    use super::super::test_support::specs;
+    use crate::endpoint::perf::Sent;
+    use crate::openai::text_prefix;
+    use crate::{InFlight, Instant, Policy, PolicyKind, RequestFacts, Selector, SelectorOptions};
+
+    fn pool(n: usize) -> Selector {
+        let policy = Policy::from_kind(PolicyKind::PredictedTtft).unwrap();
+        Selector::try_new(policy, SelectorOptions::default(), specs(&vec![1; n]), Instant::ZERO).unwrap()
+    }
+
+    /// Teaches endpoint `idx` a prefill rate of `rate` tokens a second (50 samples).
+    fn teach(pool: &Selector, idx: usize, rate: f64) {
+        let m = pool.endpoints()[idx].signals().perf();
+        let prior = pool.pool_perf();
+        for i in 0..50u64 {
+            let u = 200 + i * 20;
+            let sent = Sent { uncached: u, queued: false, streams: true };
+            let y = Duration::from_secs_f64(0.005 + u as f64 / rate);
+            m.first_token(&sent, y, &prior, Instant::from_millis(i * 10));
+        }
+    }
+
+    fn facts<'a>(prefix: &'a [u64], prompt_tokens: u64) -> RequestFacts<'a> {
+        RequestFacts {
+            prefix,
+            prompt_tokens,
+            estimated_tokens: prompt_tokens + 100,
+            stream: true,
+            ..Default::default()
+        }
+    }
+
+    fn send(pool: &Selector, f: &RequestFacts<'_>, rng: &mut SmallRng) -> (usize, InFlight) {
+        let p = pool.pick_detailed(f, Instant::from_millis(600), rng, |_| true).unwrap();
+        (p.index, pool.begin_request(&pool.endpoints()[p.index], f, p.cached_blocks, Instant::from_millis(600)))
+    }
+
+    #[test]
+    fn cold_prompts_go_to_the_endpoint_learned_fastest_without_a_label() {
+        let pool = pool(3);
+        teach(&pool, 0, 4_000.0);
+        teach(&pool, 1, 16_000.0);
+        teach(&pool, 2, 8_000.0);
+        let mut rng = SmallRng::seed_from_u64(1);
+        for i in 0..5 {
+            let prefix = text_prefix("m", &format!("{i} {}", "x".repeat(4_000)), 256, 100);
+            let (idx, _done) = send(&pool, &facts(&prefix, 1_000), &mut rng);
+            assert_eq!(idx, 1, "request {i}");
+        }
+    }
+
+    #[test]
+    fn a_cached_prefix_beats_a_faster_cold_endpoint_and_a_backlog_spreads_it() {
+        let pool = pool(2);
+        teach(&pool, 0, 8_000.0);
+        teach(&pool, 1, 16_000.0);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let shared = "s".repeat(8_000);
+        let prefix = text_prefix("m", &shared, 256, 100);
+        // Pin the prefix on the slower endpoint, then finish that request.
+        pool.prefix_index().record(pool.endpoints()[0].id(), &prefix);
+        // 2,000 tokens, 31 blocks of 64 of them cached on 0: 0 costs ~7 ms, 1 ~130 ms.
+        let (idx, first) = send(&pool, &facts(&prefix, 2_000), &mut rng);
+        let uncached = 2_000 - 64 * prefix.len() as u64;
+        assert_eq!((idx, first.signals().prefilling_tokens()), (0, uncached));
+        // Cold prefills queued at the holder: its backlog soon costs more than computing
+        // the prefix on the faster endpoint.
+        let other = text_prefix("m", &"o".repeat(8_000), 256, 100);
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(pool.begin_request(&pool.endpoints()[0], &facts(&other, 2_000), 0, Instant::from_millis(600)));
+        }
+        let (idx, _second) = send(&pool, &facts(&prefix, 2_000), &mut rng);
+        assert_eq!(idx, 1, "the backlog at the holder sends the prefix to a second endpoint");
+        drop(held);
+        let (idx, _third) = send(&pool, &facts(&prefix, 2_000), &mut rng);
+        assert!(idx == 0 || idx == 1);
+    }
+
+    #[test]
+    fn large_pools_sample_and_still_find_the_prefix_holder() {
+        let pool = pool(1_000);
+        let mut rng = SmallRng::seed_from_u64(3);
+        let prefix = text_prefix("m", &"h".repeat(8_000), 256, 100);
+        let (holder, done) = send(&pool, &facts(&prefix, 2_000), &mut rng);
+        drop(done);
+        for _ in 0..20 {
+            let (idx, done) = send(&pool, &facts(&prefix, 2_000), &mut rng);
+            assert_eq!(idx, holder);
+            drop(done);
+        }
+        // Every endpoint vetoed but one: still found.
+        let only = pool.endpoints()[777].id().clone();
+        let f = facts(&[], 10);
+        assert_eq!(pool.pick_index(&f, Instant::ZERO, &mut rng, |e| *e.id() == only), Some(777));
+    }
+}

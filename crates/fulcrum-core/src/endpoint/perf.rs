@@ -1,0 +1,451 @@
+//! What an endpoint's speed is, learned online from its own answers: the performance model
+//! behind `predicted_ttft` and the learned capacity of the load-aware policies.
+//!
+//! Nothing tells the balancer how fast a backend is. Each answered request is a sample:
+//!
+//! - **Prefill.** Time to first token *y* against the prompt tokens the endpoint had to compute,
+//!   *u* (the prompt less the prefix the pool's index says it holds). A weighted least-squares
+//!   line *y = overhead + u x prefill* over the samples, each weighted by
+//!   `2^(-age / half_life)`, with a ridge that pulls both coefficients towards the pool's prior
+//!   (the mean of its endpoints, [`PoolPerf`]) as if it were one extra sample. Samples taken
+//!   while the engine said requests were waiting are queueing, not prefill, and are left out;
+//!   each sample is clipped to a quarter and four times the current prediction, so one stall
+//!   cannot teach it much.
+//! - **Occupancy.** How long a request holds the endpoint (sent to stream end), and the decode
+//!   time per output token (from the first token to the end, over the tokens after the first):
+//!   time-decayed means.
+//! - **Slots.** How many requests the engine runs before it queues: the running count of the
+//!   last engine report that showed a queue (zero: not seen yet).
+//!
+//! A new or restarted endpoint has no samples: it reads as the pool's prior, blended away as
+//! its own samples gain weight ([`PerfModel::estimate`]). A backend that slows to half speed
+//! doubles its samples' *y*: with a half-life of 2 s the estimate follows within seconds.
+//! Memory is constant: a handful of numbers per endpoint and per pool.
+//!
+//! Concurrency: updates take a short per-endpoint lock (one per answered request); readers
+//! (every pick) read the published estimate from atomics without a lock.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::time::Instant;
+
+/// How fast old samples lose weight.
+pub const HALF_LIFE: Duration = Duration::from_secs(2);
+/// Prefill time a token assumed before anything is known (10,000 tokens a second).
+pub const PRIOR_PREFILL: f64 = 1e-4;
+/// Fixed cost of a first token assumed before anything is known.
+pub const PRIOR_OVERHEAD: f64 = 0.010;
+/// Time a request holds its endpoint assumed before anything is known.
+pub const PRIOR_OCCUPANCY: f64 = 1.0;
+/// Decode time per output token assumed before anything is known.
+pub const PRIOR_ITL: f64 = 0.02;
+/// Weight of the pool's prior, in samples.
+const PRIOR_WEIGHT: f64 = 1.0;
+/// Prompt length at which the prior's slope weighs as much as its intercept (ridge scale).
+const REF_TOKENS: f64 = 512.0;
+/// Samples are clipped to this factor of the prediction either way.
+const CLIP: f64 = 4.0;
+/// Smallest and largest prefill time a token (100 million to 10 tokens a second).
+const PREFILL_RANGE: (f64, f64) = (1e-8, 0.1);
+/// Longest durations taken as samples.
+const MAX_SECONDS: f64 = 3_600.0;
+
+fn decay(age: Duration) -> f64 {
+    (-age.as_secs_f64() / HALF_LIFE.as_secs_f64() * std::f64::consts::LN_2).exp()
+}
+
+/// What the model currently says about one endpoint.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Perf {
+    /// Seconds of prefill a prompt token.
+    pub prefill: f64,
+    /// Fixed seconds before the first token.
+    pub overhead: f64,
+    /// Seconds a request holds the endpoint, sent to stream end.
+    pub occupancy: f64,
+    /// Seconds a decoded output token.
+    pub itl: f64,
+    /// Requests the engine runs at once before queueing (0: not seen).
+    pub slots: u32,
+    /// Decayed number of samples behind the estimate.
+    pub confidence: f64,
+}
+
+impl Perf {
+    /// What nothing is known about.
+    pub const PRIOR: Perf = Perf {
+        prefill: PRIOR_PREFILL,
+        overhead: PRIOR_OVERHEAD,
+        occupancy: PRIOR_OCCUPANCY,
+        itl: PRIOR_ITL,
+        slots: 0,
+        confidence: 0.0,
+    };
+
+    /// Predicted time to first token of `uncached` prompt tokens, queueing aside.
+    #[inline]
+    pub fn prefill_time(&self, uncached: u64) -> f64 {
+        self.overhead + uncached as f64 * self.prefill
+    }
+
+    /// Prompt tokens a second.
+    pub fn prefill_rate(&self) -> f64 {
+        1.0 / self.prefill
+    }
+}
+
+/// A sample's facts, taken when the try was sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Prompt tokens the endpoint had to compute (the prompt less its cached prefix).
+    pub uncached: u64,
+    /// Whether the engine's last report said requests were queueing.
+    pub queued: bool,
+    /// Whether the response streams (its first body bytes are its first token). Other
+    /// answers come whole, and teach only occupancy.
+    pub streams: bool,
+}
+
+#[derive(Debug, Default)]
+struct Fit {
+    at: Option<Instant>,
+    /// Decayed sums: w, w u, w u², w y, w u y.
+    sums: [f64; 5],
+    /// Decayed (weight, weighted sum) of occupancy and of ITL.
+    occupancy: (f64, f64),
+    itl: (f64, f64),
+}
+
+impl Fit {
+    fn age_to(&mut self, now: Instant) {
+        let f = self.at.map_or(1.0, |at| decay(now.saturating_since(at)));
+        if f < 1.0 {
+            self.sums.iter_mut().for_each(|s| *s *= f);
+            for m in [&mut self.occupancy, &mut self.itl] {
+                m.0 *= f;
+                m.1 *= f;
+            }
+        }
+        if self.at.is_none_or(|at| now > at) {
+            self.at = Some(now);
+        }
+    }
+
+    /// The ridge solution of the prefill line, pulled towards `prior`.
+    fn solve(&self, prior: &Perf) -> (f64, f64) {
+        let [w, wu, wuu, wy, wuy] = self.sums;
+        let (k0, k1) = (PRIOR_WEIGHT, PRIOR_WEIGHT * REF_TOKENS * REF_TOKENS);
+        let (a, b, d) = (w + k0, wu, wuu + k1);
+        let (r0, r1) = (wy + k0 * prior.overhead, wuy + k1 * prior.prefill);
+        let det = a * d - b * b;
+        if !(det.is_finite() && det > 0.0) {
+            return (prior.overhead, prior.prefill);
+        }
+        let overhead = (d * r0 - b * r1) / det;
+        let prefill = (a * r1 - b * r0) / det;
+        let prefill = prefill.clamp(PREFILL_RANGE.0, PREFILL_RANGE.1);
+        if overhead >= 0.0 {
+            (overhead, prefill)
+        } else {
+            // Through the origin: the best slope alone.
+            (0.0, ((wuy + k1 * prior.prefill) / (wuu + k1)).clamp(PREFILL_RANGE.0, PREFILL_RANGE.1))
+        }
+    }
+}
+
+fn mean((w, s): (f64, f64), prior: f64) -> f64 {
+    (s + PRIOR_WEIGHT * prior) / (w + PRIOR_WEIGHT)
+}
+
+/// A [`Perf`] readers load without a lock: each field an atomic.
+#[derive(Debug)]
+struct Published {
+    prefill: AtomicU64,
+    overhead: AtomicU64,
+    occupancy: AtomicU64,
+    itl: AtomicU64,
+    confidence: AtomicU64,
+    slots: AtomicU32,
+}
+
+impl Default for Published {
+    fn default() -> Self {
+        let p = Perf::PRIOR;
+        let f = |v: f64| AtomicU64::new(v.to_bits());
+        Published {
+            prefill: f(p.prefill),
+            overhead: f(p.overhead),
+            occupancy: f(p.occupancy),
+            itl: f(p.itl),
+            confidence: f(p.confidence),
+            slots: AtomicU32::new(p.slots),
+        }
+    }
+}
+
+fn load(a: &AtomicU64) -> f64 {
+    f64::from_bits(a.load(Ordering::Relaxed))
+}
+
+fn store(a: &AtomicU64, v: f64) {
+    a.store(v.to_bits(), Ordering::Relaxed);
+}
+
+impl Published {
+    fn get(&self) -> Perf {
+        Perf {
+            prefill: load(&self.prefill),
+            overhead: load(&self.overhead),
+            occupancy: load(&self.occupancy),
+            itl: load(&self.itl),
+            slots: self.slots.load(Ordering::Relaxed),
+            confidence: load(&self.confidence),
+        }
+    }
+
+    fn set(&self, p: &Perf) {
+        store(&self.prefill, p.prefill);
+        store(&self.overhead, p.overhead);
+        store(&self.occupancy, p.occupancy);
+        store(&self.itl, p.itl);
+        store(&self.confidence, p.confidence);
+        self.slots.store(p.slots, Ordering::Relaxed);
+    }
+}
+
+/// One endpoint's learned performance.
+#[derive(Debug, Default)]
+pub struct PerfModel {
+    published: Published,
+    fit: Mutex<Fit>,
+}
+
+impl PerfModel {
+    /// The endpoint's own estimate (its prior-blended fit as of its last sample).
+    pub fn own(&self) -> Perf {
+        self.published.get()
+    }
+
+    /// The estimate to route on: the endpoint's own, blended with the pool's `prior` while the
+    /// endpoint has had few samples lately.
+    #[inline]
+    pub fn estimate(&self, prior: &Perf) -> Perf {
+        let own = self.own();
+        let w = own.confidence / (own.confidence + PRIOR_WEIGHT);
+        let mix = |a: f64, b: f64| w * a + (1.0 - w) * b;
+        Perf {
+            prefill: mix(own.prefill, prior.prefill),
+            overhead: mix(own.overhead, prior.overhead),
+            occupancy: mix(own.occupancy, prior.occupancy),
+            itl: mix(own.itl, prior.itl),
+            slots: if own.slots > 0 { own.slots } else { prior.slots },
+            confidence: own.confidence,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Fit> {
+        match self.fit.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn with_fit(&self, now: Instant, f: impl FnOnce(&mut Fit, &Published)) {
+        let mut fit = self.lock();
+        fit.age_to(now);
+        f(&mut fit, &self.published);
+        store(&self.published.confidence, fit.sums[0].max(fit.occupancy.0));
+    }
+
+    /// A first token `ttft` after the try was sent; returns the prediction it is compared
+    /// with (the estimate before the sample), for the prediction-error histogram.
+    pub fn first_token(&self, sent: &Sent, ttft: Duration, prior: &Perf, now: Instant) -> f64 {
+        let before = self.estimate(prior).prefill_time(sent.uncached);
+        if !sent.streams || sent.queued {
+            return before;
+        }
+        let y = ttft.as_secs_f64().min(MAX_SECONDS);
+        self.with_fit(now, |fit, out| {
+            let y = if fit.sums[0] >= 1.0 { y.clamp(before / CLIP, before * CLIP) } else { y };
+            let u = sent.uncached as f64;
+            for (s, v) in fit.sums.iter_mut().zip([1.0, u, u * u, y, u * y]) {
+                *s += v;
+            }
+            let (overhead, prefill) = fit.solve(prior);
+            store(&out.overhead, overhead);
+            store(&out.prefill, prefill);
+        });
+        before
+    }
+
+    /// The stream ended `held` after the try was sent; `decode` is the time from the first
+    /// token to the end over `tokens` output tokens after the first (when known).
+    pub fn finished(&self, held: Duration, decode: Option<(Duration, u64)>, prior: &Perf, now: Instant) {
+        self.with_fit(now, |fit, out| {
+            fit.occupancy.0 += 1.0;
+            fit.occupancy.1 += held.as_secs_f64().min(MAX_SECONDS);
+            store(&out.occupancy, mean(fit.occupancy, prior.occupancy));
+            if let Some((d, tokens)) = decode.filter(|&(_, t)| t > 0) {
+                fit.itl.0 += 1.0;
+                fit.itl.1 += (d.as_secs_f64() / tokens as f64).min(MAX_SECONDS);
+                store(&out.itl, mean(fit.itl, prior.itl));
+            }
+        });
+    }
+
+    /// An engine report: `running` requests with `waiting` more queued shows its slots.
+    pub fn engine_report(&self, waiting: u32, running: u32) {
+        let slots = &self.published.slots;
+        let known = slots.load(Ordering::Relaxed);
+        // Queueing shows the slots; running more than that later shows they grew (a restart,
+        // a new configuration).
+        if (waiting > 0 && running > 0) || (known > 0 && running > known) {
+            slots.store(running, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets everything (the endpoint restarted): back to the pool's prior.
+    pub fn reset(&self) {
+        let mut fit = self.lock();
+        *fit = Fit::default();
+        self.published.set(&Perf::PRIOR);
+    }
+}
+
+/// The pool's prior: the confidence-weighted mean of its endpoints' estimates, recomputed
+/// periodically ([`Selector::refresh`](crate::Selector::refresh)).
+#[derive(Debug, Default)]
+pub struct PoolPerf {
+    published: Published,
+}
+
+impl PoolPerf {
+    /// The prior new endpoints start from.
+    #[inline]
+    pub fn get(&self) -> Perf {
+        Perf { confidence: PRIOR_WEIGHT, ..self.published.get() }
+    }
+
+    /// Recomputes the prior from the endpoints' own estimates.
+    pub fn update<'a>(&self, models: impl Iterator<Item = &'a PerfModel>) {
+        let (mut w, mut acc, mut slots) = (0.0, [0.0; 4], Vec::new());
+        for m in models {
+            let own = m.own();
+            let c = own.confidence.min(100.0);
+            if own.slots > 0 {
+                slots.push(own.slots);
+            }
+            if c <= 0.0 {
+                continue;
+            }
+            w += c;
+            for (a, v) in acc.iter_mut().zip([own.prefill, own.overhead, own.occupancy, own.itl]) {
+                *a += c * v;
+            }
+        }
+        let mut prior = self.published.get();
+        if w > 0.0 {
+            [prior.prefill, prior.overhead, prior.occupancy, prior.itl] = acc.map(|a| a / w);
+        }
+        if !slots.is_empty() {
+            slots.sort_unstable();
+            prior.slots = slots[slots.len() / 2];
+        }
+        self.published.set(&prior);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn stream(uncached: u64) -> Sent {
+        Sent { uncached, queued: false, streams: true }
+    }
+
+    /// Feeds `n` samples of a backend with `overhead` and `rate` tokens a second, one every 10 ms.
+    fn feed(m: &PerfModel, from: u64, n: u64, overhead: f64, rate: f64) {
+        for i in 0..n {
+            let u = 100 + (i * 37) % 1_500;
+            let y = Duration::from_secs_f64(overhead + u as f64 / rate);
+            m.first_token(&stream(u), y, &Perf::PRIOR, Instant::from_millis(from + i * 10));
+        }
+    }
+
+    #[test]
+    fn learns_prefill_rate_and_overhead_without_labels() {
+        let m = PerfModel::default();
+        feed(&m, 0, 300, 0.005, 16_000.0);
+        let p = m.own();
+        assert!((p.prefill_rate() - 16_000.0).abs() < 400.0, "{p:?}");
+        assert!((p.overhead - 0.005).abs() < 0.002, "{p:?}");
+    }
+
+    #[test]
+    fn a_slowdown_is_noticed_within_seconds() {
+        let m = PerfModel::default();
+        feed(&m, 0, 500, 0.005, 16_000.0);
+        // Half speed from 5 s on: 3 s of samples later the estimate has gone most of the way,
+        // 6 s later it is there.
+        feed(&m, 5_000, 300, 0.010, 8_000.0);
+        let p = m.own();
+        assert!(p.prefill_rate() < 10_000.0, "{p:?}");
+        feed(&m, 8_000, 300, 0.010, 8_000.0);
+        let p = m.own();
+        assert!((p.prefill_rate() - 8_000.0).abs() < 800.0, "{p:?}");
+    }
+
+    #[test]
+    fn a_new_endpoint_reads_as_the_pool_and_queued_samples_teach_nothing() {
+        let pool = PoolPerf::default();
+        let a = PerfModel::default();
+        feed(&a, 0, 200, 0.005, 4_000.0);
+        pool.update([&a].into_iter());
+        let prior = pool.get();
+        assert!((prior.prefill_rate() - 4_000.0).abs() < 200.0, "{prior:?}");
+        let fresh = PerfModel::default();
+        let est = fresh.estimate(&prior);
+        assert_eq!(est.prefill, prior.prefill);
+        let queued = Sent { queued: true, ..stream(500) };
+        fresh.first_token(&queued, Duration::from_secs(9), &prior, Instant::ZERO);
+        assert_eq!(fresh.own().confidence, 0.0);
+        // A non-streamed answer only teaches occupancy.
+        let whole = Sent { streams: false, ..stream(500) };
+        fresh.first_token(&whole, Duration::from_secs(9), &prior, Instant::ZERO);
+        fresh.finished(ms(900), None, &prior, Instant::ZERO);
+        let own = fresh.own();
+        assert_eq!(own.prefill, Perf::PRIOR.prefill);
+        assert!(own.occupancy < PRIOR_OCCUPANCY && own.occupancy > 0.9, "{own:?}");
+    }
+
+    #[test]
+    fn outliers_are_clipped_and_reset_forgets() {
+        let m = PerfModel::default();
+        feed(&m, 0, 100, 0.005, 16_000.0);
+        let before = m.own().prefill_time(1_000);
+        m.first_token(&stream(1_000), Duration::from_secs(600), &Perf::PRIOR, Instant::from_millis(1_000));
+        let after = m.own().prefill_time(1_000);
+        assert!(after < before * 1.2, "{before} -> {after}");
+        m.engine_report(3, 64);
+        assert_eq!(m.own().slots, 64);
+        m.reset();
+        assert_eq!(m.own(), Perf::PRIOR);
+    }
+
+    #[test]
+    fn decode_time_and_occupancy_are_means() {
+        let m = PerfModel::default();
+        for i in 0..50 {
+            m.finished(ms(2_000), Some((ms(1_500), 150)), &Perf::PRIOR, Instant::from_millis(i * 10));
+        }
+        let p = m.own();
+        assert!((p.itl - 0.010).abs() < 0.001, "{p:?}");
+        assert!((p.occupancy - 2.0).abs() < 0.1, "{p:?}");
+    }
+}
