@@ -119,6 +119,12 @@ pub(crate) struct RawSlowStart {
     pub min_weight_percent: f64,
 }
 
+/// The policy of a pool whose configuration names none: `predicted_ttft` for an LLM pool
+/// (one that scrapes its engines' metrics), `power_of_two` otherwise.
+pub(crate) fn default_policy(llm: bool) -> Policy {
+    if llm { Policy::from_kind(fulcrum_core::PolicyKind::PredictedTtft).unwrap_or_default() } else { Policy::default() }
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -129,8 +135,9 @@ fn ten() -> f64 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPool {
-    #[serde(default)]
-    pub policy: Policy,
+    /// Unset: `predicted_ttft` for a pool that scrapes engine metrics (an LLM pool), else
+    /// the general default.
+    pub policy: Option<Policy>,
     #[serde(default)]
     pub endpoints: Vec<crate::discovery::EndpointEntry>,
     pub sticky_cookie: Option<String>,
@@ -260,7 +267,7 @@ impl RawPool {
         }
         Ok(PoolConfig {
             name: name.to_owned(),
-            policy: self.policy,
+            policy: self.policy.unwrap_or_else(|| default_policy(engine_metrics.is_some())),
             options,
             endpoints,
             sticky_cookie: self.sticky_cookie,

@@ -274,3 +274,18 @@ fn access_log_and_tracing_are_off_by_default() {
     let e = err("[tracing]\nendpoint = \"http://otel:4318\"\n");
     assert!(e.contains("unknown field `endpoint`"), "{e}");
 }
+
+#[test]
+fn an_llm_pool_without_a_policy_routes_by_predicted_ttft() {
+    let pool = |extra: &str| {
+        let text = format!("[pool.p]\nendpoints = [\"127.0.0.1:9000\"]\n{extra}");
+        Config::parse(&text, None).unwrap().pools.remove("p").unwrap()
+    };
+    assert_eq!(pool("engine_metrics = {}\n").policy.kind(), fulcrum_core::PolicyKind::PredictedTtft);
+    assert_eq!(pool("").policy, fulcrum_core::Policy::default());
+    // A named policy is kept.
+    assert_eq!(
+        pool("engine_metrics = {}\npolicy = \"least_connections\"\n").policy,
+        fulcrum_core::Policy::LeastConnections
+    );
+}

@@ -252,7 +252,13 @@ pub struct LoadSignals {
     perf: perf::PerfModel,
     /// Uncached prompt tokens of requests sent here that have not had their first token.
     prefilling: AtomicU64,
+    /// The first block each such request computes (0: a free slot): a prefix the index says
+    /// is here is not cached yet from that block on.
+    computing: [AtomicU64; COMPUTING_SLOTS],
 }
+
+/// Prefills in progress an endpoint remembers the first new block of.
+const COMPUTING_SLOTS: usize = 16;
 
 // === impl LoadSignals ===
 
@@ -273,6 +279,7 @@ impl LoadSignals {
             engine: EngineSignals::new(),
             perf: perf::PerfModel::default(),
             prefilling: AtomicU64::new(0),
+            computing: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -320,6 +327,33 @@ impl LoadSignals {
     /// yet (counted for requests the performance model learns from).
     pub fn prefilling_tokens(&self) -> u64 {
         self.prefilling.load(Ordering::Relaxed)
+    }
+
+    /// How many of `prefix`'s first `matched` blocks are cached here already: the blocks
+    /// before the first one a request still in prefill here is computing.
+    pub fn ready_blocks(&self, prefix: &[u64], matched: u32) -> u32 {
+        let mut computing = [0u64; COMPUTING_SLOTS];
+        let mut n = 0;
+        for slot in &self.computing {
+            let h = slot.load(Ordering::Relaxed);
+            if h != 0 {
+                computing[n] = h;
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return matched;
+        }
+        let computing = &computing[..n];
+        prefix.iter().take(matched as usize).position(|&b| computing.contains(&b.max(1))).map_or(matched, |j| j as u32)
+    }
+
+    fn start_computing(&self, block: u64) -> Option<u8> {
+        let h = block.max(1);
+        self.computing
+            .iter()
+            .position(|s| s.compare_exchange(0, h, Ordering::Relaxed, Ordering::Relaxed).is_ok())
+            .map(|i| i as u8)
     }
 
     /// Failures since the last success.
@@ -483,6 +517,8 @@ pub struct InFlight {
     started: Instant,
     sent: perf::Sent,
     first_token: Option<Instant>,
+    /// Its slot in the endpoint's blocks being computed.
+    computing: Option<u8>,
 }
 
 // === impl InFlight ===
@@ -492,12 +528,22 @@ impl InFlight {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         endpoint.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
         pool.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight { endpoint, pool, tokens, started: now, sent: perf::Sent::default(), first_token: None }
+        InFlight {
+            endpoint,
+            pool,
+            tokens,
+            started: now,
+            sent: perf::Sent::default(),
+            first_token: None,
+            computing: None,
+        }
     }
 
-    /// Sets what the performance model learns from this request (see [`perf`]).
-    pub(crate) fn with_sent(mut self, sent: perf::Sent) -> Self {
+    /// Sets what the performance model learns from this request (see [`perf`]), and
+    /// `first_new_block`, the hash of the first prompt block the endpoint must compute.
+    pub(crate) fn with_sent(mut self, sent: perf::Sent, first_new_block: Option<u64>) -> Self {
         self.endpoint.prefilling.fetch_add(sent.uncached, Ordering::Relaxed);
+        self.computing = first_new_block.and_then(|b| self.endpoint.start_computing(b));
         self.sent = sent;
         self
     }
@@ -514,6 +560,9 @@ impl InFlight {
         let tokens = std::mem::take(&mut self.sent.uncached);
         if tokens > 0 {
             self.endpoint.prefilling.fetch_sub(tokens, Ordering::Relaxed);
+        }
+        if let Some(slot) = self.computing.take() {
+            self.endpoint.computing[usize::from(slot)].store(0, Ordering::Relaxed);
         }
     }
 

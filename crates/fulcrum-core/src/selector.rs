@@ -450,7 +450,8 @@ impl Selector {
         let signals = endpoint.signals();
         let queued = signals.engine(now, self.options.engine_max_age).is_some_and(|r| r.waiting > 0);
         let sent = Sent { uncached: facts.uncached(cached_blocks), queued, streams: facts.stream };
-        InFlight::start(signals.clone(), self.load.clone(), facts.estimated_tokens, now).with_sent(sent)
+        let first_new = facts.prefix.get(cached_blocks as usize).copied().filter(|_| sent.uncached > 0);
+        InFlight::start(signals.clone(), self.load.clone(), facts.estimated_tokens, now).with_sent(sent, first_new)
     }
 
     /// The endpoints, in the order they were given.

@@ -44,7 +44,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=4096))]
     pub concurrency: u32,
     /// Balancing policy of the fleet's pool (see `fulcrum policies`).
-    #[arg(long, default_value = "prefix_affinity")]
+    #[arg(long, default_value = "predicted_ttft")]
     pub policy: PolicyKind,
     /// Show elastic scaling: the fleet is local `mock-backend` replicas managed by the
     /// autoscaler (1 to 6), and the traffic alternates between a low and a high level every

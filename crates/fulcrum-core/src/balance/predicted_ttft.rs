@@ -4,16 +4,20 @@
 //! **The rule.** For each candidate endpoint *i*, with the prompt's *P* tokens of which the
 //! pool's prefix index says *i* holds the first *C_i*:
 //!
-//! *TTFT_i = overhead_i + (P - C_i + 0.5 x prefilling_i) x prefill_i + queue_i + 0.02 x n_i x overhead_i*
+//! *TTFT_i = overhead_i + (P - C_i + 0.25 x prefilling_i) x prefill_i + queue_i + 0.05 x n_i x overhead_i*
 //!
 //! - *overhead_i* and *prefill_i* (seconds a prompt token) are the endpoint's learned
 //!   performance ([`perf`](crate::endpoint::perf)), from its measured first tokens against the
 //!   tokens it had to compute. Nothing is configured: weights and labels are not read, a new
 //!   endpoint starts from the pool's mean, a slowed one is noticed within seconds.
+//! - *C_i* counts only blocks that are there already: a block that a request still in prefill
+//!   on *i* is computing is not cached yet (the endpoint remembers the first new block of up
+//!   to 16 prefills in progress). Without this, every request sharing a new long prefix
+//!   followed the first one to its endpoint and computed it again.
 //! - *prefilling_i* is the uncached prompt tokens of the requests this balancer sent to *i*
-//!   that have not had their first token yet: prefill work ahead. Half of it ([`BACKLOG`])
-//!   counts: engines with chunked prefill share a prefill budget between such requests, and a
-//!   prompt whose prefix is still being computed on *i* is not cached there yet.
+//!   that have not had their first token yet: prefill work ahead. A quarter of it
+//!   ([`BACKLOG`]) counts: engines with chunked prefill share a prefill budget between such
+//!   requests.
 //! - *queue_i* is the expected wait for a batch slot: with *n_i* requests at the endpoint (the
 //!   balancer's own count, or the engine's running plus waiting when scraped and larger, as
 //!   other balancers send too) and *B_i* slots (the running count the engine last reported
@@ -23,8 +27,8 @@
 //!   that are otherwise equal.
 //!
 //! The three constants were chosen on the whole scenario matrix of `fulcrum simulate`
-//! (`bench/sim/matrix.toml`, 16 fleets and workloads), not on one case; `bench/RESULTS.md` has
-//! the figures.
+//! (`bench/sim/matrix.toml`, 16 fleets and workloads), not on one case, and checked on a
+//! second seed; `bench/RESULTS.md` has the figures and the variants tried.
 //!
 //! The lowest prediction wins; the cache match is part of the cost, not a rule with
 //! thresholds. Near ties (within 1% or 100 µs) go to the endpoint whose index is least full,
@@ -51,11 +55,11 @@ pub const SAMPLE_ABOVE: usize = 64;
 /// Endpoints drawn at random in a sampled pick, besides the prefix holders.
 pub const SAMPLED: usize = 16;
 /// Share of the prefill backlog a new request is taken to wait for.
-pub const BACKLOG: f64 = 0.5;
+pub const BACKLOG: f64 = 0.25;
 /// Share of the learned batch slots from which requests are taken to queue.
 pub const KNEE: f64 = 0.8;
 /// Fixed costs each request in flight adds (a small load term that spreads equal endpoints).
-pub const SPREAD: f64 = 0.02;
+pub const SPREAD: f64 = 0.05;
 /// Relative and absolute width of a near tie.
 const TIE: (f64, f64) = (0.01, 100e-6);
 
@@ -124,7 +128,11 @@ impl Balance for PredictedTtft {
         let mut best: Option<(usize, f64, u32)> = None;
         for idx in candidates {
             let e = &pool.endpoints[idx];
-            let blocks = blocks_of(idx);
+            // Blocks a prefill still in progress there computes are not cached yet.
+            let blocks = match blocks_of(idx) {
+                0 => 0,
+                m => e.signals().ready_blocks(prefix, m),
+            };
             let perf = e.signals().perf().estimate(&prior);
             let cost = predict(e, &perf, cx.facts.uncached(blocks), pool, cx);
             let better = match best {
@@ -244,6 +252,26 @@ mod tests {
         drop(held);
         let (idx, _third) = send(&pool, &facts(&prefix, 2_000), &mut rng);
         assert!(idx == 0 || idx == 1);
+    }
+
+    #[test]
+    fn a_prefix_still_being_computed_is_not_cached_yet() {
+        let pool = pool(2);
+        teach(&pool, 0, 16_000.0);
+        teach(&pool, 1, 16_000.0);
+        let mut rng = SmallRng::seed_from_u64(5);
+        let prefix = text_prefix("m", &"p".repeat(16_000), 256, 100);
+        let (first, mut computing) = send(&pool, &facts(&prefix, 4_000), &mut rng);
+        // While the first request computes the prompt, the index's record of it is not a
+        // cache hit: a second request with the same prompt is not sent to wait behind it.
+        let ready = pool.endpoints()[first].signals().ready_blocks(&prefix, prefix.len() as u32);
+        assert_eq!(ready, 0);
+        let (second, _g) = send(&pool, &facts(&prefix, 4_000), &mut rng);
+        assert_ne!(second, first);
+        // Once its first token is out the prefix is there.
+        computing.first_token(Instant::from_millis(900));
+        let ready = pool.endpoints()[first].signals().ready_blocks(&prefix, prefix.len() as u32);
+        assert_eq!(ready, prefix.len() as u32);
     }
 
     #[test]
