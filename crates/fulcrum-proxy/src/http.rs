@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,7 +72,8 @@ pub(crate) async fn handle(
     let (parts, incoming) = req.into_parts();
     let started = std::time::Instant::now();
     let req = ClientRequest { parts, body: Ok(ReqBody::Streamed(incoming)), upgrade, started };
-    Ok(respond(&ctx, client, &forwarded_for, req).await)
+    // Boxed: hyper moves the service's future; a small one moves cheaply.
+    Ok(Box::pin(respond(&ctx, client, &forwarded_for, req)).await)
 }
 
 /// A request as read from a client.
@@ -98,6 +100,9 @@ pub(crate) fn client_left(
 }
 
 /// Serves one request; every failure (including the body's) becomes a JSON error response.
+///
+/// The future is large (it holds the forwarding's, unboxed): callers pin it where it is made
+/// (`pin!`) or box it, rather than move it.
 pub(crate) async fn respond(
     ctx: &ListenerCtx,
     client: SocketAddr,
@@ -111,8 +116,9 @@ pub(crate) async fn respond(
     let request_id = headers::request_id(&mut parts.headers);
     let mut exchange =
         Exchange::begin(&ctx.observe, started, client, &parts.method, &parts.uri, &parts.headers, &request_id);
-    // Boxed: the future is large, and a small one moves cheaply.
-    match Box::pin(proxy(ctx, client, forwarded_for, req, &request_id, &mut exchange)).await {
+    // Pinned where it is made: a move of a future copies all of it.
+    let answer = pin!(proxy(ctx, client, forwarded_for, req, &request_id, &mut exchange)).await;
+    match answer {
         Ok(Answer::Stream(resp, s)) => {
             exchange.respond(resp.status());
             resp.map(|body| Either::Left(TrackedBody::new(body, s.guard, s.deadline, s.admission, exchange)))
@@ -228,7 +234,7 @@ async fn proxy(
 
     // Overload protection before any work on the pool.
     let safety = pool.safety().clone();
-    safety.rate_limit(client.ip(), &parts.headers, clock::now())?;
+    safety.rate_limit(client.ip(), &parts.headers)?;
     let admission = safety.admit(&parts.headers).await?;
 
     // A request that may be retried must be sendable again: its body is kept (bounded).
@@ -285,13 +291,15 @@ async fn proxy(
         replayable: may_retry && matches!(body, ReqBody::Bytes(_)),
         sticky,
     };
-    let mut attempts = Attempts::start(safety.state(), &*snapshot, &facts, plan, clock::now())
+    // One clock reading: the request reaches the pool, and its first try starts.
+    let started = std::time::Instant::now();
+    let mut attempts = Attempts::start(safety.state(), &*snapshot, &facts, plan, clock::at(started))
         .map_err(|UnknownModel(m)| ProxyError::UnknownModel(m))?;
     let cx = Forward { pool: &pool, snapshot: &snapshot, facts: &facts, request_id, sticky };
     match upgrade {
-        Some(client_upgrade) => cx.upgrade(&mut attempts, parts, body, client_upgrade, exchange).await,
-        // Not boxed: the whole request future is boxed once, in `respond`.
-        None => cx.forward(&mut attempts, parts, body, admission, exchange).await,
+        Some(client_upgrade) => cx.upgrade(&mut attempts, parts, body, client_upgrade, exchange, started).await,
+        // Not boxed, and pinned where it is made (not moved): see `respond`.
+        None => pin!(cx.forward(&mut attempts, &mut parts, body, admission, exchange, started)).await,
     }
 }
 
@@ -326,21 +334,22 @@ struct Forward<'a> {
 
 impl Forward<'_> {
     /// Sends the request as the core's attempt machine says, try after try; this loop only
-    /// moves bytes and reads the clock.
+    /// moves bytes and reads the clock (`started`: the reading the first try starts at).
     async fn forward(
         &self,
         attempts: &mut Attempts,
-        parts: http::request::Parts,
+        parts: &mut http::request::Parts,
         body: ReqBody,
         admission: Option<AdmissionSlot>,
         exchange: &mut Exchange,
+        started: std::time::Instant,
     ) -> Result<Answer, ProxyError> {
         let (state, snapshot) = (self.pool.safety().state(), self.snapshot);
         let mut last_error: Option<ProxyError> = None;
         let mut body = Some(body);
-        let mut parts = parts;
+        let mut first = Some(started);
         loop {
-            let started = std::time::Instant::now();
+            let started = first.take().unwrap_or_else(std::time::Instant::now);
             let now = clock::at(started);
             let t = match clock::with_rng(|rng| attempts.next(state, snapshot, self.facts, now, rng)) {
                 Next::Send(t) => t,
@@ -356,7 +365,7 @@ impl Forward<'_> {
                 return Err(last_error.unwrap_or_else(|| self.no_endpoint()));
             };
             exchange.attempt(upstream, &parts.method, &mut parts.headers);
-            let result = upstream.send(&parts, b, started, t.first_byte).await;
+            let result = pin!(upstream.send(parts, b, started, t.first_byte)).await;
             let (observed, elapsed) = (classify(&result), started.elapsed());
             if Outcome::from(observed) == Outcome::Failure {
                 upstream.record_failure();
@@ -369,7 +378,8 @@ impl Forward<'_> {
                 last_error = result.err().or(last_error);
                 continue;
             }
-            let resp = self.finish(result?, t.index);
+            let mut resp = result?;
+            self.finish(&mut resp, t.index);
             let deadline = self.response_deadline().map(|d| tokio::time::Instant::from_std(started + d));
             return Ok(Answer::Stream(resp, Streaming { guard: t.guard, deadline, admission }));
         }
@@ -384,9 +394,9 @@ impl Forward<'_> {
         body: ReqBody,
         client_upgrade: hyper::upgrade::OnUpgrade,
         exchange: &mut Exchange,
+        started: std::time::Instant,
     ) -> Result<Answer, ProxyError> {
         let (state, snapshot) = (self.pool.safety().state(), self.snapshot);
-        let started = std::time::Instant::now();
         let now = clock::at(started);
         let Next::Send(t) = clock::with_rng(|rng| attempts.next(state, snapshot, self.facts, now, rng)) else {
             return Err(self.no_endpoint());
@@ -407,7 +417,7 @@ impl Forward<'_> {
 
     /// The response head as the client gets it: hop-by-hop headers stripped, the request id,
     /// and a sticky cookie naming the endpoint when the client had none for it.
-    fn finish(&self, mut resp: Response<UpstreamBody>, index: usize) -> Response<UpstreamBody> {
+    fn finish(&self, resp: &mut Response<UpstreamBody>, index: usize) {
         let h = resp.headers_mut();
         headers::strip_hop_by_hop(h, false);
         h.insert(&X_REQUEST_ID, self.request_id.clone());
@@ -420,7 +430,6 @@ impl Forward<'_> {
         {
             h.append(header::SET_COOKIE, v);
         }
-        resp
     }
 
     /// How long the whole response may take: the pool's request_timeout and the retry
