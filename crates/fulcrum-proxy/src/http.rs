@@ -71,12 +71,13 @@ pub(crate) async fn handle(
     let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (parts, incoming) = req.into_parts();
     let started = std::time::Instant::now();
-    let req = ClientRequest { parts, body: Ok(ReqBody::Streamed(incoming)), upgrade, started };
+    let mut req = ClientRequest { parts, body: Ok(ReqBody::Streamed(incoming)), upgrade, started };
     // Boxed: hyper moves the service's future; a small one moves cheaply.
-    Ok(Box::pin(respond(&ctx, client, &forwarded_for, req)).await)
+    Ok(Box::pin(respond(&ctx, client, &forwarded_for, &mut req)).await)
 }
 
-/// A request as read from a client.
+/// A request as read from a client. [`respond`] borrows it: the caller keeps it where it was
+/// made, and only what the proxy takes out of it (the body) moves.
 pub(crate) struct ClientRequest {
     pub(crate) parts: http::request::Parts,
     /// The body, or why it could not be read (answered as an error).
@@ -102,12 +103,13 @@ pub(crate) fn client_left(
 /// Serves one request; every failure (including the body's) becomes a JSON error response.
 ///
 /// The future is large (it holds the forwarding's, unboxed): callers pin it where it is made
-/// (`pin!`) or box it, rather than move it.
+/// (`pin!`) or box it, rather than move it; for the same reason it borrows the request (an
+/// async fn's arguments are copied into its future, and copied again as it starts).
 pub(crate) async fn respond(
     ctx: &ListenerCtx,
     client: SocketAddr,
     forwarded_for: &HeaderValue,
-    mut req: ClientRequest,
+    req: &mut ClientRequest,
 ) -> Response<RespBody> {
     let started = req.started;
     let parts = &mut req.parts;
@@ -183,25 +185,27 @@ async fn proxy(
     ctx: &ListenerCtx,
     client: SocketAddr,
     forwarded_for: &HeaderValue,
-    req: ClientRequest,
+    req: &mut ClientRequest,
     request_id: &HeaderValue,
     exchange: &mut Exchange,
 ) -> Result<Answer, ProxyError> {
-    let ClientRequest { mut parts, body, upgrade, .. } = req;
-    let body = body?;
+    // The body and the upgrade are taken out; the head stays where the caller keeps it.
+    let body = std::mem::replace(&mut req.body, Ok(ReqBody::Bytes(Bytes::new())))?;
+    let upgrade = req.upgrade.take();
+    let parts = &mut req.parts;
 
     // Route; read the body only if a route needs the model from it.
     let mut model: Option<String> = None;
-    let (pool, inference, body): (Arc<PoolRuntime>, bool, ReqBody) = match ctx.routes.find(&parts, false, None) {
+    let (pool, inference, body): (Arc<PoolRuntime>, bool, ReqBody) = match ctx.routes.find(parts, false, None) {
         Matched::Pool(p, inference, route) => {
             exchange.routed(route, p);
             (p.clone(), inference, body)
         }
         Matched::None => return Err(ProxyError::NoRoute),
         Matched::NeedBody => {
-            let bytes = Box::pin(read_body(body, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
+            let bytes = Box::pin(read_body(body, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             model = model_of(&bytes);
-            match ctx.routes.find(&parts, true, model.as_deref()) {
+            match ctx.routes.find(parts, true, model.as_deref()) {
                 Matched::Pool(p, inference, route) => {
                     exchange.routed(route, p);
                     (p.clone(), inference, ReqBody::Bytes(bytes))
@@ -214,12 +218,12 @@ async fn proxy(
     // AI policies read the body (bounded) for the model, token estimate and prefix hashes.
     let (body, body_bytes): (ReqBody, Option<Bytes>) = match body {
         body if pool.needs().body => {
-            let bytes = Box::pin(read_body(body, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
+            let bytes = Box::pin(read_body(body, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             (ReqBody::Bytes(bytes.clone()), Some(bytes))
         }
         // Other policies read only the model, when endpoints take only some models.
         body if model.is_none() && pool.routes_by_model() => {
-            let bytes = Box::pin(read_body(body, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
+            let bytes = Box::pin(read_body(body, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             model = model_of(&bytes);
             (ReqBody::Bytes(bytes), None)
         }
@@ -244,9 +248,9 @@ async fn proxy(
         ReqBody::Streamed(incoming) if may_retry => {
             if http_body::Body::is_end_stream(&incoming) {
                 ReqBody::Bytes(Bytes::new())
-            } else if content_length(&parts).is_some_and(|n| n <= ctx.max_body_bytes as u64) {
+            } else if content_length(parts).is_some_and(|n| n <= ctx.max_body_bytes as u64) {
                 let incoming = ReqBody::Streamed(incoming);
-                ReqBody::Bytes(Box::pin(read_body(incoming, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?)
+                ReqBody::Bytes(Box::pin(read_body(incoming, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?)
             } else {
                 // Unknown or large length: stream it through, once.
                 may_retry = false;
@@ -256,7 +260,7 @@ async fn proxy(
         other => other,
     };
 
-    rewrite_for_upstream(&mut parts, forwarded_for, upgrade.is_some());
+    rewrite_for_upstream(parts, forwarded_for, upgrade.is_some());
 
     // What the policy looks at.
     // A pool the autoscaler has scaled to zero holds its requests while a replica starts.
@@ -297,9 +301,13 @@ async fn proxy(
         .map_err(|UnknownModel(m)| ProxyError::UnknownModel(m))?;
     let cx = Forward { pool: &pool, snapshot: &snapshot, facts: &facts, request_id, sticky };
     match upgrade {
-        Some(client_upgrade) => cx.upgrade(&mut attempts, parts, body, client_upgrade, exchange, started).await,
+        Some(client_upgrade) => {
+            // The upgrade's request is handed over whole (hyper's client sends it).
+            let parts = std::mem::replace(parts, Request::new(()).into_parts().0);
+            cx.upgrade(&mut attempts, parts, body, client_upgrade, exchange, started).await
+        }
         // Not boxed, and pinned where it is made (not moved): see `respond`.
-        None => pin!(cx.forward(&mut attempts, &mut parts, body, admission, exchange, started)).await,
+        None => pin!(cx.forward(&mut attempts, parts, body, admission, exchange, started)).await,
     }
 }
 

@@ -173,13 +173,11 @@ async fn serve_h1(
             }
         };
 
-        let resp = {
-            // Pinned where it is made, never moved: the future is large (see `respond`).
-            let req = ClientRequest { parts, body, upgrade: None, started };
-            let answer = pin!(respond(&ctx, client.peer, forwarded_for, req));
-            conn.unless_gone(answer).await
-        };
-        let Some(resp) = resp else {
+        let mut req = ClientRequest { parts, body, upgrade: None, started };
+        // Pinned where it is made, never moved: the future is large (see `respond`).
+        let answer = conn.unless_gone(pin!(respond(&ctx, client.peer, forwarded_for, &mut req))).await;
+        drop(req);
+        let Some(resp) = answer else {
             return End::Closed;
         };
         drop(ctx);
