@@ -149,7 +149,10 @@ pub(crate) fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     id
 }
 
-/// 16 hex digits: a per-process random prefix mixed with a counter, unique and cheap.
+/// 16 hex digits: a per-process random prefix mixed with a counter, unique and cheap. Its
+/// bytes are owned by one shared allocation, so that the copies the request and the response
+/// carry cost a reference count each (a value copied from a slice would allocate again when
+/// first cloned).
 fn new_request_id() -> HeaderValue {
     static SEED: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -161,7 +164,7 @@ fn new_request_id() -> HeaderValue {
         let nibble = ((v >> (60 - 4 * i)) & 0xF) as u8;
         *b = if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 };
     }
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out)).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,11 +71,13 @@ pub(crate) async fn handle(
     let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (parts, incoming) = req.into_parts();
     let started = std::time::Instant::now();
-    let req = ClientRequest { parts, body: Ok(ReqBody::Streamed(incoming)), upgrade, started };
-    Ok(respond(&ctx, client, &forwarded_for, req).await)
+    let mut req = ClientRequest { parts, body: Ok(ReqBody::Streamed(incoming)), upgrade, started };
+    // Boxed: hyper moves the service's future; a small one moves cheaply.
+    Ok(Box::pin(respond(&ctx, client, &forwarded_for, &mut req)).await)
 }
 
-/// A request as read from a client.
+/// A request as read from a client. [`respond`] borrows it: the caller keeps it where it was
+/// made, and only what the proxy takes out of it (the body) moves.
 pub(crate) struct ClientRequest {
     pub(crate) parts: http::request::Parts,
     /// The body, or why it could not be read (answered as an error).
@@ -98,11 +101,15 @@ pub(crate) fn client_left(
 }
 
 /// Serves one request; every failure (including the body's) becomes a JSON error response.
+///
+/// The future is large (it holds the forwarding's, unboxed): callers pin it where it is made
+/// (`pin!`) or box it, rather than move it; for the same reason it borrows the request (an
+/// async fn's arguments are copied into its future, and copied again as it starts).
 pub(crate) async fn respond(
     ctx: &ListenerCtx,
     client: SocketAddr,
     forwarded_for: &HeaderValue,
-    mut req: ClientRequest,
+    req: &mut ClientRequest,
 ) -> Response<RespBody> {
     let started = req.started;
     let parts = &mut req.parts;
@@ -111,8 +118,9 @@ pub(crate) async fn respond(
     let request_id = headers::request_id(&mut parts.headers);
     let mut exchange =
         Exchange::begin(&ctx.observe, started, client, &parts.method, &parts.uri, &parts.headers, &request_id);
-    // Boxed: the future is large, and a small one moves cheaply.
-    match Box::pin(proxy(ctx, client, forwarded_for, req, &request_id, &mut exchange)).await {
+    // Pinned where it is made: a move of a future copies all of it.
+    let answer = pin!(proxy(ctx, client, forwarded_for, req, &request_id, &mut exchange)).await;
+    match answer {
         Ok(Answer::Stream(resp, s)) => {
             exchange.respond(resp.status());
             // A stream of server-sent events: its first body bytes are its first token.
@@ -183,25 +191,27 @@ async fn proxy(
     ctx: &ListenerCtx,
     client: SocketAddr,
     forwarded_for: &HeaderValue,
-    req: ClientRequest,
+    req: &mut ClientRequest,
     request_id: &HeaderValue,
     exchange: &mut Exchange,
 ) -> Result<Answer, ProxyError> {
-    let ClientRequest { mut parts, body, upgrade, .. } = req;
-    let body = body?;
+    // The body and the upgrade are taken out; the head stays where the caller keeps it.
+    let body = std::mem::replace(&mut req.body, Ok(ReqBody::Bytes(Bytes::new())))?;
+    let upgrade = req.upgrade.take();
+    let parts = &mut req.parts;
 
     // Route; read the body only if a route needs the model from it.
     let mut model: Option<String> = None;
-    let (pool, inference, body): (Arc<PoolRuntime>, bool, ReqBody) = match ctx.routes.find(&parts, false, None) {
+    let (pool, inference, body): (Arc<PoolRuntime>, bool, ReqBody) = match ctx.routes.find(parts, false, None) {
         Matched::Pool(p, inference, route) => {
             exchange.routed(route, p);
             (p.clone(), inference, body)
         }
         Matched::None => return Err(ProxyError::NoRoute),
         Matched::NeedBody => {
-            let bytes = Box::pin(read_body(body, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
+            let bytes = Box::pin(read_body(body, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             model = model_of(&bytes);
-            match ctx.routes.find(&parts, true, model.as_deref()) {
+            match ctx.routes.find(parts, true, model.as_deref()) {
                 Matched::Pool(p, inference, route) => {
                     exchange.routed(route, p);
                     (p.clone(), inference, ReqBody::Bytes(bytes))
@@ -214,12 +224,12 @@ async fn proxy(
     // AI policies read the body (bounded) for the model, token estimate and prefix hashes.
     let (body, body_bytes): (ReqBody, Option<Bytes>) = match body {
         body if pool.needs().body => {
-            let bytes = Box::pin(read_body(body, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
+            let bytes = Box::pin(read_body(body, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             (ReqBody::Bytes(bytes.clone()), Some(bytes))
         }
         // Other policies read only the model, when endpoints take only some models.
         body if model.is_none() && pool.routes_by_model() => {
-            let bytes = Box::pin(read_body(body, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
+            let bytes = Box::pin(read_body(body, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             model = model_of(&bytes);
             (ReqBody::Bytes(bytes), None)
         }
@@ -234,7 +244,7 @@ async fn proxy(
 
     // Overload protection before any work on the pool.
     let safety = pool.safety().clone();
-    safety.rate_limit(client.ip(), &parts.headers, clock::now())?;
+    safety.rate_limit(client.ip(), &parts.headers)?;
     let admission = safety.admit(&parts.headers).await?;
 
     // A request that may be retried must be sendable again: its body is kept (bounded).
@@ -244,9 +254,9 @@ async fn proxy(
         ReqBody::Streamed(incoming) if may_retry => {
             if http_body::Body::is_end_stream(&incoming) {
                 ReqBody::Bytes(Bytes::new())
-            } else if content_length(&parts).is_some_and(|n| n <= ctx.max_body_bytes as u64) {
+            } else if content_length(parts).is_some_and(|n| n <= ctx.max_body_bytes as u64) {
                 let incoming = ReqBody::Streamed(incoming);
-                ReqBody::Bytes(Box::pin(read_body(incoming, &parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?)
+                ReqBody::Bytes(Box::pin(read_body(incoming, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?)
             } else {
                 // Unknown or large length: stream it through, once.
                 may_retry = false;
@@ -256,7 +266,7 @@ async fn proxy(
         other => other,
     };
 
-    rewrite_for_upstream(&mut parts, forwarded_for, upgrade.is_some());
+    rewrite_for_upstream(parts, forwarded_for, upgrade.is_some());
 
     // What the policy looks at.
     // A pool the autoscaler has scaled to zero holds its requests while a replica starts.
@@ -291,13 +301,19 @@ async fn proxy(
         replayable: may_retry && matches!(body, ReqBody::Bytes(_)),
         sticky,
     };
-    let mut attempts = Attempts::start(safety.state(), &*snapshot, &facts, plan, clock::now())
+    // One clock reading: the request reaches the pool, and its first try starts.
+    let started = std::time::Instant::now();
+    let mut attempts = Attempts::start(safety.state(), &*snapshot, &facts, plan, clock::at(started))
         .map_err(|UnknownModel(m)| ProxyError::UnknownModel(m))?;
     let cx = Forward { pool: &pool, snapshot: &snapshot, facts: &facts, request_id, sticky };
     match upgrade {
-        Some(client_upgrade) => cx.upgrade(&mut attempts, parts, body, client_upgrade, exchange).await,
-        // Not boxed: the whole request future is boxed once, in `respond`.
-        None => cx.forward(&mut attempts, parts, body, admission, exchange).await,
+        Some(client_upgrade) => {
+            // The upgrade's request is handed over whole (hyper's client sends it).
+            let parts = std::mem::replace(parts, Request::new(()).into_parts().0);
+            cx.upgrade(&mut attempts, parts, body, client_upgrade, exchange, started).await
+        }
+        // Not boxed, and pinned where it is made (not moved): see `respond`.
+        None => pin!(cx.forward(&mut attempts, parts, body, admission, exchange, started)).await,
     }
 }
 
@@ -332,21 +348,22 @@ struct Forward<'a> {
 
 impl Forward<'_> {
     /// Sends the request as the core's attempt machine says, try after try; this loop only
-    /// moves bytes and reads the clock.
+    /// moves bytes and reads the clock (`started`: the reading the first try starts at).
     async fn forward(
         &self,
         attempts: &mut Attempts,
-        parts: http::request::Parts,
+        parts: &mut http::request::Parts,
         body: ReqBody,
         admission: Option<AdmissionSlot>,
         exchange: &mut Exchange,
+        started: std::time::Instant,
     ) -> Result<Answer, ProxyError> {
         let (state, snapshot) = (self.pool.safety().state(), self.snapshot);
         let mut last_error: Option<ProxyError> = None;
         let mut body = Some(body);
-        let mut parts = parts;
+        let mut first = Some(started);
         loop {
-            let started = std::time::Instant::now();
+            let started = first.take().unwrap_or_else(std::time::Instant::now);
             let now = clock::at(started);
             let t = match clock::with_rng(|rng| attempts.next(state, snapshot, self.facts, now, rng)) {
                 Next::Send(t) => t,
@@ -362,7 +379,7 @@ impl Forward<'_> {
                 return Err(last_error.unwrap_or_else(|| self.no_endpoint()));
             };
             exchange.attempt(upstream, &parts.method, &mut parts.headers);
-            let result = upstream.send(&parts, b, started, t.first_byte).await;
+            let result = pin!(upstream.send(parts, b, started, t.first_byte)).await;
             let (observed, elapsed) = (classify(&result), started.elapsed());
             if Outcome::from(observed) == Outcome::Failure {
                 upstream.record_failure();
@@ -375,7 +392,8 @@ impl Forward<'_> {
                 last_error = result.err().or(last_error);
                 continue;
             }
-            let resp = self.finish(result?, t.index);
+            let mut resp = result?;
+            self.finish(&mut resp, t.index);
             let deadline = self.response_deadline().map(|d| tokio::time::Instant::from_std(started + d));
             return Ok(Answer::Stream(resp, Streaming { guard: t.guard, deadline, admission }));
         }
@@ -390,9 +408,9 @@ impl Forward<'_> {
         body: ReqBody,
         client_upgrade: hyper::upgrade::OnUpgrade,
         exchange: &mut Exchange,
+        started: std::time::Instant,
     ) -> Result<Answer, ProxyError> {
         let (state, snapshot) = (self.pool.safety().state(), self.snapshot);
-        let started = std::time::Instant::now();
         let now = clock::at(started);
         let Next::Send(t) = clock::with_rng(|rng| attempts.next(state, snapshot, self.facts, now, rng)) else {
             return Err(self.no_endpoint());
@@ -413,7 +431,7 @@ impl Forward<'_> {
 
     /// The response head as the client gets it: hop-by-hop headers stripped, the request id,
     /// and a sticky cookie naming the endpoint when the client had none for it.
-    fn finish(&self, mut resp: Response<UpstreamBody>, index: usize) -> Response<UpstreamBody> {
+    fn finish(&self, resp: &mut Response<UpstreamBody>, index: usize) {
         let h = resp.headers_mut();
         headers::strip_hop_by_hop(h, false);
         h.insert(&X_REQUEST_ID, self.request_id.clone());
@@ -426,7 +444,6 @@ impl Forward<'_> {
         {
             h.append(header::SET_COOKIE, v);
         }
-        resp
     }
 
     /// How long the whole response may take: the pool's request_timeout and the retry

@@ -119,13 +119,8 @@ impl PoolSafety {
         self.state.events()
     }
 
-    /// Checks the rate limit for a client key.
-    pub(crate) fn rate_limit(
-        &self,
-        client: std::net::IpAddr,
-        headers: &http::HeaderMap,
-        now: Instant,
-    ) -> Result<(), ProxyError> {
+    /// Checks the rate limit for a client key (the clock is read only when the pool has one).
+    pub(crate) fn rate_limit(&self, client: std::net::IpAddr, headers: &http::HeaderMap) -> Result<(), ProxyError> {
         let Some(cfg) = &self.config.rate_limit else { return Ok(()) };
         let ip;
         let key: &[u8] = match &cfg.key {
@@ -138,7 +133,7 @@ impl PoolSafety {
             }
             RateKey::Header(name) => headers.get(name.as_str()).map_or(&b""[..], |v| v.as_bytes()),
         };
-        match self.state.rate_check(key, now) {
+        match self.state.rate_check(key, clock::now()) {
             RateDecision::Allowed => Ok(()),
             RateDecision::Limited { retry_after } => Err(ProxyError::RateLimited { retry_after }),
         }

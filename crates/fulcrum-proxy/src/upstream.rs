@@ -227,7 +227,8 @@ impl Upstream {
                     Err(_) => return Err(timed_out()),
                 },
             };
-            match exchange(conn, parts, body, self, deadline).await {
+            // Pinned where it is made: a move of a future copies all of it.
+            match std::pin::pin!(exchange(conn, parts, body, self, deadline)).await {
                 Ok(resp) => return Ok(resp),
                 Err(Failure { unprocessed: true, replay: Some(again), .. }) if reused => {
                     body = again;

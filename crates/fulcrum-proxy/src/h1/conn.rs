@@ -308,7 +308,7 @@ pub(crate) async fn exchange(
     let codec::Head { status, headers, reason, framing, keep_alive, .. } = *head;
     let mut body = UpstreamBody {
         decoder: Decoder::new(framing),
-        writer: (writing && write_error.is_none()).then_some(writer),
+        writer: (writing && write_error.is_none()).then(|| Box::new(writer)),
         keep_alive: keep_alive && write_error.is_none(),
         conn: Some(conn),
         home: Some(home.clone()),
@@ -361,8 +361,9 @@ fn is_reset(e: &io::Error) -> bool {
 pub struct UpstreamBody {
     conn: Option<Box<Conn>>,
     decoder: Decoder,
-    /// The rest of a request body the upstream answered before reading all of it.
-    writer: Option<Writer>,
+    /// The rest of a request body the upstream answered before reading all of it. Boxed: it
+    /// is rare, and the body (moved with its response through every layer) stays small.
+    writer: Option<Box<Writer>>,
     keep_alive: bool,
     home: Option<Arc<Upstream>>,
 }

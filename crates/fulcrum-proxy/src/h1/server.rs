@@ -173,13 +173,17 @@ async fn serve_h1(
             }
         };
 
-        let answer = respond(&ctx, client.peer, forwarded_for, ClientRequest { parts, body, upgrade: None, started });
-        let Some(resp) = conn.unless_gone(answer).await else {
+        let mut req = ClientRequest { parts, body, upgrade: None, started };
+        // Pinned where it is made, never moved: the future is large (see `respond`).
+        let answer = conn.unless_gone(pin!(respond(&ctx, client.peer, forwarded_for, &mut req))).await;
+        drop(req);
+        let Some(resp) = answer else {
             return End::Closed;
         };
         drop(ctx);
         keep_alive &= !stop.has_changed().unwrap_or(true);
-        if conn.write_response(resp, &method, version, &mut keep_alive).await.is_err() || !keep_alive {
+        let written = pin!(conn.write_response(resp, &method, version, &mut keep_alive)).await;
+        if written.is_err() || !keep_alive {
             return End::Closed;
         }
         conn.rbuf.shrink_if_empty();
@@ -246,8 +250,7 @@ impl Conn {
 
     /// Runs `answer` unless the client closes the connection first (`None`). Bytes the
     /// client sends meanwhile (a pipelined request) are kept for later.
-    async fn unless_gone<F: Future>(&mut self, answer: F) -> Option<F::Output> {
-        let mut answer = pin!(answer);
+    async fn unless_gone<F: Future>(&mut self, mut answer: Pin<&mut F>) -> Option<F::Output> {
         poll_fn(|cx| {
             if let Poll::Ready(out) = answer.as_mut().poll(cx) {
                 return Poll::Ready(Some(out));
