@@ -555,6 +555,11 @@ impl InFlight {
         self
     }
 
+    /// Whether the answer streams (see [`streaming`](Self::streaming)).
+    pub fn streams(&self) -> bool {
+        self.sent.streams
+    }
+
     /// Its prefill is over (first token, or the request ended): stop counting its tokens.
     fn prefilled(&mut self) {
         let tokens = std::mem::take(&mut self.sent.uncached);

@@ -101,7 +101,7 @@ impl Body for TrackedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
                     if this.frames == 0
-                        && let Some(guard) = this.guard.as_mut()
+                        && let Some(guard) = this.guard.as_mut().filter(|g| g.streams())
                     {
                         // The first token: what the endpoint's performance model learns from.
                         let judged = guard.first_token(crate::clock::now());
