@@ -73,6 +73,8 @@ fn pick(c: &mut Criterion) {
                         hash_key: Some(&keys[i]),
                         prefix: &prefixes[i],
                         estimated_tokens: 800,
+                        prompt_tokens: 550,
+                        stream: true,
                         ..RequestFacts::default()
                     };
                     black_box(pool.pick_index(black_box(&facts), Instant::ZERO, &mut rng, |_| true))

@@ -123,6 +123,12 @@ impl IndexView {
         self.index.occupancy(&self.keys)
     }
 
+    /// The share of its index capacity each of the endpoints `idxs` holds, in that order.
+    pub(crate) fn occupancy_of(&self, idxs: &[usize]) -> Vec<f64> {
+        let keys: Vec<SlotKey> = idxs.iter().filter_map(|&i| self.keys.get(i).copied()).collect();
+        self.index.occupancy(&keys)
+    }
+
     /// Records that endpoint `idx` now holds `prefix`.
     pub(crate) fn record(&self, idx: usize, prefix: &[u64]) {
         if let (Some(&key), false) = (self.keys.get(idx), prefix.is_empty()) {

@@ -126,7 +126,7 @@ impl Balance for PredictedTtft {
         // Occupancy of the index, read only when a near tie needs it.
         let mut occupancy: Option<Vec<f64>> = None;
         let mut best: Option<(usize, f64, u32)> = None;
-        for idx in candidates {
+        for &idx in &candidates {
             let e = &pool.endpoints[idx];
             // Blocks a prefill still in progress there computes are not cached yet.
             let blocks = match blocks_of(idx) {
@@ -142,8 +142,8 @@ impl Balance for PredictedTtft {
                     if cost < bc - width {
                         true
                     } else if cost <= bc + width && !prefix.is_empty() {
-                        let occ = occupancy.get_or_insert_with(|| self.index.occupancy());
-                        let of = |i: usize| occ.get(i).copied().unwrap_or(0.0);
+                        let occ = occupancy.get_or_insert_with(|| self.index.occupancy_of(&candidates));
+                        let of = |i: usize| candidates.iter().position(|&c| c == i).map_or(0.0, |p| occ[p]);
                         of(idx) < of(b) || (of(idx) == of(b) && cost < bc)
                     } else {
                         false
