@@ -208,10 +208,12 @@ impl Backend {
         }
     }
 
-    /// When the model next has something to do.
+    /// When the model next has something to report: an output, or a change of the load and
+    /// KV use [`report`](Self::report) reads (the engine's decode steps in between are taken
+    /// by the next [`advance`](Self::advance), with the same results).
     pub fn next_event_at(&mut self) -> Option<Instant> {
         match &mut self.model {
-            Model::Engine(e) => e.next_event_at(),
+            Model::Engine(e) => e.next_output_at(),
             Model::Exp(x) => x.timeline.peek().map(|r| r.0.0),
         }
     }

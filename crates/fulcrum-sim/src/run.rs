@@ -7,9 +7,12 @@
 //! the event's time is advanced to it, in backend order (a second queue holds each backend's
 //! next wake-up, so finding them costs O(log backends) per backend due, not a scan of the
 //! fleet), and what it produced is turned into events, at their exact model times plus the
-//! network delay. Between two events no routing decision is taken, so processing a backend's outputs
-//! late changes nothing; when requests wait in the central admission queue, the loop steps to
-//! each backend event exactly instead, since a slot freeing up is then a decision point.
+//! network delay. An engine's wake-up is its next output or change of load, not its next
+//! decode step ([`fulcrum_mock::engine::Engine::next_output_at`]): the steps in between are
+//! taken when it is next advanced, with the same results. Between two events no routing
+//! decision is taken, so processing a backend's outputs late changes nothing; when requests
+//! wait in the central admission queue, the loop steps to each backend event exactly
+//! instead, since a slot freeing up is then a decision point.
 //!
 //! Request life: arrive -> the core's attempt machine ([`Drive::start`], [`Drive::next`]:
 //! pick with the veto, panic mode, breakers and limits) -> (the balancer's queue, when every

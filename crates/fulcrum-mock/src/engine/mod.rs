@@ -405,6 +405,21 @@ impl Engine {
         self.timeline.peek().map(|entry| entry.at)
     }
 
+    /// When [`advance`](Self::advance) next yields an event or changes the load and KV use
+    /// [`stats`](Self::stats) report, if ever. With every token reported (the default) that
+    /// is [`next_event_at`](Self::next_event_at); without, a decoding sequence's steps between
+    /// two KV blocks change nothing but its own counters, so this is the first step that
+    /// ends a prefill, takes a block or ends a sequence. A driver that only reads events and
+    /// load can wake up then and advance once: the steps in between are taken then, in the
+    /// same order and at the same times (the batch, so the inter-token latency, changes
+    /// only at such a step or at a call), and only the generated-token counter lags.
+    pub fn next_output_at(&self) -> Option<Instant> {
+        if self.every_token {
+            return self.timeline.peek().map(|entry| entry.at);
+        }
+        self.timeline.first_touch(self.itl)
+    }
+
     /// The next output, oldest first.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.outbox.pop_front()

@@ -19,6 +19,7 @@
 //! token was one cache miss per token and half the simulator's time.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use fulcrum_core::Instant;
 
@@ -69,6 +70,24 @@ impl Timeline {
         self.entries.front()
     }
 
+    /// When the first step that needs its sequence ([`Entry::touch`]) is due, if every
+    /// decode step from now on takes `itl`: an entry `n` steps short of its touch gets there
+    /// `n x itl` after its own time. The scan stops at the first entry due after the best
+    /// time found so far, so it reads the entries up to the earliest one whose next step
+    /// needs its sequence (about `block_size` entries when all are decoding).
+    pub(super) fn first_touch(&self, itl: Duration) -> Option<Instant> {
+        let mut first: Option<Instant> = None;
+        for entry in &self.entries {
+            if first.is_some_and(|t| entry.at >= t) {
+                break;
+            }
+            let steps = entry.touch.saturating_sub(entry.emitted.saturating_add(1));
+            let at = entry.at + itl.checked_mul(steps).unwrap_or(Duration::MAX);
+            first = Some(first.map_or(at, |t| t.min(at)));
+        }
+        first
+    }
+
     /// Takes out the entry of `id` (a cancelled sequence), if there is one.
     pub(super) fn remove(&mut self, id: SeqId) {
         if let Some(i) = self.entries.iter().position(|e| e.id == id) {
@@ -87,7 +106,6 @@ mod tests {
     use super::*;
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
-    use std::time::Duration;
 
     fn entry(at: Instant, id: u64) -> Entry {
         Entry { at, id: SeqId(id), emitted: 0, touch: 0 }
