@@ -547,6 +547,7 @@ impl Engine {
             }
             self.queue.pop_front();
             let Some(mut seq) = self.seqs.remove(&id) else { continue };
+            seq.blocks.reserve_exact(usize::try_from(total_blocks).unwrap_or(0));
             for hash in &seq.prompt.block_hashes[..hits as usize] {
                 match self.cache.acquire(*hash) {
                     Some(block) => seq.blocks.push(block),

@@ -6,12 +6,14 @@
 //! sequence at a given moment (it depends on the batch size only). So a sequence that steps
 //! nearly always goes behind every other one: the entries rotate, and a push is an append.
 //! Only an entry scheduled with a shorter latency than those before it (a sequence left the
-//! batch, a prefill ends early) goes into the middle, found by binary search and moved into
-//! place from the nearer end.
+//! batch, a prefill ends later) goes into the middle, nearly always a few places from the
+//! back: a scan from the back finds its place (a binary search when it is further in), and
+//! it is moved into place from the nearer end.
 //!
-//! Cost: O(1) to pop and, in the common case, to push; O(log n + distance to the back)
-//! otherwise; O(n) to take out a cancelled sequence's entry. The order is exactly a binary
-//! heap's on `(Instant, SeqId)`: keys are unique (a sequence has one entry at a time).
+//! Cost: O(1) to pop and, in the common case, to push (the place is found by a scan from the
+//! back); O(log n + distance to the nearer end) otherwise; O(n) to take out a cancelled
+//! sequence's entry. The order is exactly a binary heap's on `(Instant, SeqId)`: keys are
+//! unique (a sequence has one entry at a time).
 //!
 //! An entry also carries the sequence's token counters ([`Entry::emitted`],
 //! [`Entry::touch`]), so that a decode step between two block boundaries reads only the
@@ -46,6 +48,9 @@ impl Entry {
     }
 }
 
+/// How far from the back [`Timeline::push`] looks before it searches.
+const NEAR: usize = 8;
+
 /// Timed entries, earliest first.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Timeline {
@@ -54,14 +59,24 @@ pub(super) struct Timeline {
 
 impl Timeline {
     /// Schedules `entry`.
+    #[inline]
     pub(super) fn push(&mut self, entry: Entry) {
         let key = entry.key();
-        match self.entries.back() {
-            Some(last) if last.key() > key => {
-                let at = self.entries.partition_point(|e| e.key() < key);
-                self.entries.insert(at, entry);
-            }
-            _ => self.entries.push_back(entry),
+        let len = self.entries.len();
+        // The first entry due after this one: the entry nearly always goes last or a few
+        // places before (ahead of a prefill that ends later).
+        let near = len.saturating_sub(NEAR);
+        let mut at = len;
+        while at > near && self.entries[at - 1].key() > key {
+            at -= 1;
+        }
+        if at == near && at > 0 && self.entries[at - 1].key() > key {
+            at = self.entries.partition_point(|e| e.key() < key);
+        }
+        if at == len {
+            self.entries.push_back(entry);
+        } else {
+            self.entries.insert(at, entry);
         }
     }
 
