@@ -139,13 +139,21 @@ impl Lane {
 
     /// [`Timeline::first_touch`] over this lane, or `first` if that is earlier.
     fn first_touch(&self, itl: Duration, mut first: Option<Instant>) -> Option<Instant> {
+        // In nanoseconds, as `Instant + Duration` counts them (and saturating as it does): the
+        // same instants, without a `Duration` multiplication per entry.
+        let itl = u64::try_from(itl.as_nanos()).unwrap_or(u64::MAX);
+        let mut best = first.map_or(u64::MAX, Instant::as_nanos);
         for entry in &self.0 {
-            if first.is_some_and(|t| entry.at >= t) {
+            let at = entry.at.as_nanos();
+            if first.is_some() && at >= best {
                 break;
             }
             let steps = entry.touch.saturating_sub(entry.emitted.saturating_add(1));
-            let at = entry.at + itl.checked_mul(steps).unwrap_or(Duration::MAX);
-            first = Some(first.map_or(at, |t| t.min(at)));
+            let touch = at.saturating_add(itl.saturating_mul(u64::from(steps)));
+            if first.is_none() || touch < best {
+                best = touch;
+                first = Some(Instant::from_nanos(touch));
+            }
         }
         first
     }
