@@ -473,6 +473,9 @@ impl Engine {
         let Some(seq) = self.seqs.get_mut(&id) else { return };
         if seq.phase == Phase::Prefill {
             // The computed prompt blocks become reusable now.
+            let hashes = &seq.prompt.block_hashes;
+            let end = hashes.len().min(seq.blocks.len());
+            self.cache.prepare(&hashes[(seq.first_computed as usize).min(end)..end]);
             let computed = seq.blocks.iter().zip(&seq.prompt.block_hashes).skip(seq.first_computed as usize);
             for (block, hash) in computed {
                 self.cache.register(*block, *hash);
