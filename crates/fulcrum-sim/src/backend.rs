@@ -89,6 +89,69 @@ impl ExpServers {
     }
 }
 
+/// Which request each of a backend's sequences carries. Sequence ids count up from zero in
+/// each model, so the table is a window of slots from the oldest sequence still there to the
+/// newest: a look-up is an index, where a hash map's probe missed the CPU cache once a token
+/// batch of 64 engines had run in between.
+#[derive(Debug, Default)]
+pub struct SeqTable {
+    /// The id of `slots[0]`.
+    base: u64,
+    slots: VecDeque<Option<u32>>,
+    len: usize,
+}
+
+impl SeqTable {
+    /// The request sequence `seq` carries.
+    pub fn get(&self, seq: SeqId) -> Option<u32> {
+        let i = usize::try_from(seq.0.checked_sub(self.base)?).ok()?;
+        self.slots.get(i).copied().flatten()
+    }
+
+    /// Records that `seq` carries request `live`.
+    pub fn insert(&mut self, seq: SeqId, live: u32) {
+        if self.len == 0 {
+            self.slots.clear();
+            self.base = seq.0;
+        }
+        while seq.0 < self.base {
+            // An id below the window (not seen from one model, which counts up): widen it.
+            self.slots.push_front(None);
+            self.base -= 1;
+        }
+        let i = usize::try_from(seq.0 - self.base).unwrap_or(usize::MAX);
+        if i >= self.slots.len() {
+            self.slots.resize(i + 1, None);
+        }
+        if self.slots[i].replace(live).is_none() {
+            self.len += 1;
+        }
+    }
+
+    /// Forgets `seq`.
+    pub fn remove(&mut self, seq: SeqId) {
+        let Some(i) = seq.0.checked_sub(self.base).and_then(|i| usize::try_from(i).ok()) else { return };
+        if self.slots.get_mut(i).and_then(Option::take).is_some() {
+            self.len -= 1;
+        }
+        while self.slots.front().is_some_and(Option::is_none) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+    }
+
+    /// Every request carried, in sequence order.
+    pub fn lives(&self) -> impl Iterator<Item = u32> + '_ {
+        self.slots.iter().flatten().copied()
+    }
+
+    /// Forgets every sequence (the model was thrown away).
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.len = 0;
+    }
+}
+
 enum Model {
     Engine(Box<Engine>),
     Exp(ExpServers),
@@ -208,10 +271,12 @@ impl Backend {
         }
     }
 
-    /// When the model next has something to do.
+    /// When the model next has something to report: an output, or a change of the load and
+    /// KV use [`report`](Self::report) reads (the engine's decode steps in between are taken
+    /// by the next [`advance`](Self::advance), with the same results).
     pub fn next_event_at(&mut self) -> Option<Instant> {
         match &mut self.model {
-            Model::Engine(e) => e.next_event_at(),
+            Model::Engine(e) => e.next_output_at(),
             Model::Exp(x) => x.timeline.peek().map(|r| r.0.0),
         }
     }
@@ -260,6 +325,27 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sequence_table_finds_what_it_holds_and_forgets_what_it_removes() {
+        let mut t = SeqTable::default();
+        for (seq, live) in [(3, 30), (4, 40), (6, 60)] {
+            t.insert(SeqId(seq), live);
+        }
+        assert_eq!((t.get(SeqId(4)), t.get(SeqId(5)), t.get(SeqId(2)), t.get(SeqId(9))), (Some(40), None, None, None));
+        t.remove(SeqId(3));
+        t.remove(SeqId(7));
+        assert_eq!((t.base, t.get(SeqId(3)), t.get(SeqId(6))), (4, None, Some(60)));
+        t.insert(SeqId(1), 10);
+        assert_eq!(t.lives().collect::<Vec<_>>(), [10, 40, 60]);
+        for seq in [1, 4, 6] {
+            t.remove(SeqId(seq));
+        }
+        assert_eq!((t.len, t.slots.len()), (0, 0));
+        t.insert(SeqId(0), 1);
+        t.clear();
+        assert_eq!(t.lives().count(), 0);
+    }
 
     #[test]
     fn exponential_servers_queue_in_order_and_keep_their_mean() {

@@ -177,15 +177,18 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// For `backends` backends, leaving out arrivals numbered below `warmup`.
-    pub fn new(backends: usize, warmup: u64) -> Self {
+    /// For `backends` backends, leaving out arrivals numbered below `warmup`, with room for
+    /// `arrivals` (the samples are reserved whole rather than grown by doubling, which
+    /// copies them and briefly holds both copies).
+    pub fn new(backends: usize, warmup: u64, arrivals: u64) -> Self {
+        let room = usize::try_from(arrivals.saturating_sub(warmup)).unwrap_or(0);
         Collector {
             warmup,
             counted: 0,
             first_arrival: None,
-            ttft: Vec::new(),
-            e2e: Vec::new(),
-            wait: Vec::new(),
+            ttft: Vec::with_capacity(room),
+            e2e: Vec::with_capacity(room),
+            wait: Vec::with_capacity(room),
             last_done: 0.0,
             prompt_tokens: 0,
             cached_tokens: 0,

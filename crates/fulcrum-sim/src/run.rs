@@ -7,9 +7,12 @@
 //! the event's time is advanced to it, in backend order (a second queue holds each backend's
 //! next wake-up, so finding them costs O(log backends) per backend due, not a scan of the
 //! fleet), and what it produced is turned into events, at their exact model times plus the
-//! network delay. Between two events no routing decision is taken, so processing a backend's outputs
-//! late changes nothing; when requests wait in the central admission queue, the loop steps to
-//! each backend event exactly instead, since a slot freeing up is then a decision point.
+//! network delay. An engine's wake-up is its next output or change of load, not its next
+//! decode step ([`fulcrum_mock::engine::Engine::next_output_at`]): the steps in between are
+//! taken when it is next advanced, with the same results. Between two events no routing
+//! decision is taken, so processing a backend's outputs late changes nothing; when requests
+//! wait in the central admission queue, the loop steps to each backend event exactly
+//! instead, since a slot freeing up is then a decision point.
 //!
 //! Request life: arrive -> the core's attempt machine ([`Drive::start`], [`Drive::next`]:
 //! pick with the veto, panic mode, breakers and limits) -> (the balancer's queue, when every
@@ -24,12 +27,12 @@
 //! 24 bytes per finished request for the percentiles.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
 use fulcrum_config::{Config, PoolConfig};
 use fulcrum_core::flow::{Ticket, Verdict};
-use fulcrum_core::hash::{Keyed, mix};
+use fulcrum_core::hash::mix;
 use fulcrum_core::resilience::Observed;
 use fulcrum_core::{InFlight, Instant, Policy};
 use fulcrum_mock::engine::{EventKind, SeqId};
@@ -38,7 +41,7 @@ use rand::rngs::SmallRng;
 
 use crate::SimError;
 use crate::autoscale::{Action, Scaler};
-use crate::backend::{Backend, State};
+use crate::backend::{Backend, SeqTable, State};
 use crate::drive::{Attempt, Drive, Facts, Request, Step, endpoint_spec, observed, policy_named};
 use crate::fleet::{FaultKind, Fleet};
 use crate::report::{Collector, Failure, Report};
@@ -138,7 +141,7 @@ struct Sim<'a> {
     wakeups: BinaryHeap<Reverse<(Instant, u32)>>,
     due: Vec<u32>,
     in_flight: Vec<u32>,
-    seqs: Vec<HashMap<SeqId, u32, Keyed>>,
+    seqs: Vec<SeqTable>,
     lives: Vec<Option<Live>>,
     free: Vec<u32>,
     live_count: u64,
@@ -229,7 +232,7 @@ impl Scenario {
             wakeups: BinaryHeap::new(),
             due: Vec::new(),
             in_flight: vec![0; n],
-            seqs: vec![HashMap::default(); n],
+            seqs: (0..n).map(|_| SeqTable::default()).collect(),
             lives: Vec::new(),
             free: Vec::new(),
             live_count: 0,
@@ -244,7 +247,7 @@ impl Scenario {
             total,
             slots: self.fleet.backends.iter().map(crate::fleet::BackendSpec::slots).collect(),
             sample_every: Duration::from_secs_f64((span / 200.0).max(0.01)),
-            stats: Collector::new(n, self.warmup),
+            stats: Collector::new(n, self.warmup, total),
         };
         sim.start();
         sim.run(progress);
@@ -381,7 +384,7 @@ impl Sim<'_> {
     fn drain(&mut self, b: usize) {
         let delay = self.backends[b].spec.network_delay;
         while let Some(e) = self.backends[b].poll_event() {
-            let Some(&live) = self.seqs[b].get(&e.seq) else { continue };
+            let Some(live) = self.seqs[b].get(e.seq) else { continue };
             let Some(l) = self.lives.get_mut(live as usize).and_then(Option::as_mut) else { continue };
             let attempt = l.attempt;
             match e.kind {
@@ -401,7 +404,7 @@ impl Sim<'_> {
                 }
                 EventKind::Token { .. } => {}
                 EventKind::Finished { .. } => {
-                    self.seqs[b].remove(&e.seq);
+                    self.seqs[b].remove(e.seq);
                     if let Some(l) = self.lives.get_mut(live as usize).and_then(Option::as_mut) {
                         l.seq = None;
                     }
@@ -637,7 +640,7 @@ impl Sim<'_> {
         l.guard = None;
         self.in_flight[b] -= 1;
         if let Some(seq) = seq {
-            self.seqs[b].remove(&seq);
+            self.seqs[b].remove(seq);
         }
         self.stats.attempt_failed(why);
         // Before the first byte the core decides; after it, the stream is cut and the request
@@ -750,7 +753,7 @@ impl Sim<'_> {
                     _ => (State::Hung, now + self.scenario.pool.rules().first_byte, Failure::Timeout),
                 };
                 self.backends[b].state = state;
-                let mut victims: Vec<(u32, u32)> = self.seqs[b].values().map(|&id| (id, 0)).collect();
+                let mut victims: Vec<(u32, u32)> = self.seqs[b].lives().map(|id| (id, 0)).collect();
                 victims.sort_unstable();
                 for (id, _) in victims {
                     if let Some(l) = self.lives.get(id as usize).and_then(Option::as_ref) {

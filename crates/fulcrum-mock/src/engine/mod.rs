@@ -405,6 +405,21 @@ impl Engine {
         self.timeline.peek().map(|entry| entry.at)
     }
 
+    /// When [`advance`](Self::advance) next yields an event or changes the load and KV use
+    /// [`stats`](Self::stats) report, if ever. With every token reported (the default) that
+    /// is [`next_event_at`](Self::next_event_at); without, a decoding sequence's steps between
+    /// two KV blocks change nothing but its own counters, so this is the first step that
+    /// ends a prefill, takes a block or ends a sequence. A driver that only reads events and
+    /// load can wake up then and advance once: the steps in between are taken then, in the
+    /// same order and at the same times (the batch, so the inter-token latency, changes
+    /// only at such a step or at a call), and only the generated-token counter lags.
+    pub fn next_output_at(&self) -> Option<Instant> {
+        if self.every_token {
+            return self.timeline.peek().map(|entry| entry.at);
+        }
+        self.timeline.first_touch(self.itl)
+    }
+
     /// The next output, oldest first.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.outbox.pop_front()
@@ -458,6 +473,9 @@ impl Engine {
         let Some(seq) = self.seqs.get_mut(&id) else { return };
         if seq.phase == Phase::Prefill {
             // The computed prompt blocks become reusable now.
+            let hashes = &seq.prompt.block_hashes;
+            let end = hashes.len().min(seq.blocks.len());
+            self.cache.prepare(&hashes[(seq.first_computed as usize).min(end)..end]);
             let computed = seq.blocks.iter().zip(&seq.prompt.block_hashes).skip(seq.first_computed as usize);
             for (block, hash) in computed {
                 self.cache.register(*block, *hash);
@@ -532,6 +550,7 @@ impl Engine {
             }
             self.queue.pop_front();
             let Some(mut seq) = self.seqs.remove(&id) else { continue };
+            seq.blocks.reserve_exact(usize::try_from(total_blocks).unwrap_or(0));
             for hash in &seq.prompt.block_hashes[..hits as usize] {
                 match self.cache.acquire(*hash) {
                     Some(block) => seq.blocks.push(block),

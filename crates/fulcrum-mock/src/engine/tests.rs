@@ -372,3 +372,63 @@ proptest! {
         }
     }
 }
+
+/// Advances `engine` through every due time up to `now` as `next` gives them, and returns the
+/// events.
+fn drive_until(engine: &mut Engine, now: Instant, next: fn(&mut Engine) -> Option<Instant>) -> Vec<Event> {
+    while let Some(t) = next(engine).filter(|&t| t <= now) {
+        engine.advance(t);
+    }
+    std::iter::from_fn(|| engine.poll_event()).collect()
+}
+
+/// What a driver reads of an engine besides its events (not the generated-token counter).
+fn load_of(engine: &Engine) -> (u32, u32, u32, u32) {
+    let s = engine.stats();
+    (s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_cached)
+}
+
+proptest! {
+    /// First tokens only: an engine woken only at `next_output_at` gives the same events, at
+    /// the same times, and the same load at every call as one woken at every step.
+    #[test]
+    fn waking_at_outputs_only_changes_nothing(
+        ops in proptest::collection::vec((op(), 0u8..8), 1..80),
+        slots in 1u32..6,
+        block_size in 1u32..20,
+    ) {
+        let cfg = EngineConfig { max_num_seqs: slots, block_size, num_gpu_blocks: 400, ..config() };
+        let mut every = Engine::try_new(cfg.clone()).unwrap();
+        let mut outputs = Engine::try_new(cfg).unwrap();
+        every.set_every_token(false);
+        outputs.set_every_token(false);
+        let mut now = Instant::ZERO;
+        for (op, speed) in ops {
+            let a = drive_until(&mut every, now, Engine::next_event_at);
+            let b = drive_until(&mut outputs, now, |e| e.next_output_at());
+            prop_assert_eq!(a, b);
+            prop_assert_eq!(load_of(&every), load_of(&outputs));
+            for engine in [&mut every, &mut outputs] {
+                match &op {
+                    Op::Submit { tokens, prefix, max_tokens } => {
+                        let spec = RequestSpec { prompt: prompt(*tokens, *prefix), max_tokens: *max_tokens, seed: (*tokens).into() };
+                        let _ = engine.submit(now, spec);
+                    }
+                    Op::Cancel(n) => {
+                        engine.cancel(now, SeqId(*n));
+                    }
+                    Op::Wait(ms) if speed == 0 => {
+                        engine.set_speed(now, 0.5 + f64::from((*ms % 4) as u32)).unwrap();
+                    }
+                    Op::Wait(_) => {}
+                }
+            }
+            if let Op::Wait(ms) = op {
+                now = now + Duration::from_millis(ms);
+            }
+        }
+        let end = Instant::from_millis(1 << 40);
+        prop_assert_eq!(drive_until(&mut every, end, Engine::next_event_at), drive_until(&mut outputs, end, |e| e.next_output_at()));
+        prop_assert_eq!(load_of(&every), load_of(&outputs));
+    }
+}

@@ -449,7 +449,9 @@ impl Content {
                 max_blocks,
             ),
             Content::Segments(segments) => {
-                let mut out = Vec::new();
+                let tokens: u64 = segments.iter().map(|&(_, len)| u64::from(len)).sum();
+                let full = usize::try_from(tokens / u64::from(block_tokens.max(1))).unwrap_or(max_blocks);
+                let mut out = Vec::with_capacity(full.min(max_blocks));
                 let (mut chain, mut acc, mut filled) = (seed, 0u64, 0u32);
                 for &(id, len) in segments {
                     let mut off = 0;
