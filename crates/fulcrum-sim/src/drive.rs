@@ -228,6 +228,13 @@ impl Drive {
         })
     }
 
+    /// Whether the policy reads the endpoints' learned performance
+    /// ([`fulcrum_core::endpoint::perf`]): only then must the simulator feed it (the proxy
+    /// always does, for its metrics; the routing of other policies does not depend on it).
+    pub fn learns(&self) -> bool {
+        self.policy().kind() == PolicyKind::PredictedTtft
+    }
+
     /// The policy in use.
     pub fn policy(&self) -> &Policy {
         self.members.selector().policy()

@@ -383,6 +383,7 @@ impl Sim<'_> {
 
     fn drain(&mut self, b: usize) {
         let delay = self.backends[b].spec.network_delay;
+        let learns = self.drive.learns();
         while let Some(e) = self.backends[b].poll_event() {
             let Some(live) = self.seqs[b].get(e.seq) else { continue };
             let Some(l) = self.lives.get_mut(live as usize).and_then(Option::as_mut) else { continue };
@@ -397,8 +398,8 @@ impl Sim<'_> {
                     let at = e.at + delay;
                     l.first_token.get_or_insert(at);
                     // The proxy's body reader sees the first token here and teaches the
-                    // endpoint's performance model.
-                    if let Some(g) = l.guard.as_mut() {
+                    // endpoint's performance model (only a policy that reads it needs it fed).
+                    if let Some(g) = l.guard.as_mut().filter(|_| learns) {
                         g.first_token(at);
                     }
                 }
@@ -667,7 +668,7 @@ impl Sim<'_> {
         self.live_count -= 1;
         if let Some(guard) = l.guard.take() {
             self.in_flight[l.backend] -= 1;
-            if result.is_ok() {
+            if result.is_ok() && self.drive.learns() {
                 guard.ended(now, u64::from(l.req.output_tokens));
             }
         }
