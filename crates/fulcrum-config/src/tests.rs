@@ -278,7 +278,7 @@ fn access_log_and_tracing_are_off_by_default() {
 #[test]
 fn an_llm_pool_without_a_policy_routes_by_predicted_ttft() {
     let pool = |extra: &str| {
-        let text = format!("[pool.p]\nendpoints = [\"127.0.0.1:9000\"]\n{extra}");
+        let text = format!("[pool.p]\nendpoints = [{{ address = \"127.0.0.1:9000\" }}]\n{extra}");
         Config::parse(&text, None).unwrap().pools.remove("p").unwrap()
     };
     assert_eq!(pool("engine_metrics = {}\n").policy.kind(), fulcrum_core::PolicyKind::PredictedTtft);
