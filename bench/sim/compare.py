@@ -2,7 +2,7 @@
 """Summarise `fulcrum simulate --matrix ... --json` output: TTFT p50/p99 and hit rate per
 scenario and policy, and check a candidate policy against the targets of issue P1.2 (TTFT p99
 at or below least_connections everywhere, at most half of it where prompts share prefixes,
-hit rate within 1 point of prefix_affinity).
+hit rate within 1 point of prefix_affinity, no backend idle while another queues).
 Usage: bench/sim/compare.py FILE.json [CANDIDATE]"""
 import json
 import sys
@@ -24,6 +24,8 @@ for sc in data["scenarios"]:
             misses.append(f"{sc['scenario']}: p99 {c['ttft_ms']['p99']:.0f} > least_connections {lc['ttft_ms']['p99']:.0f}")
         elif c["ttft_ms"]["p99"] > 0.5 * lc["ttft_ms"]["p99"]:
             misses.append(f"{sc['scenario']}: p99 {c['ttft_ms']['p99']:.0f} above half of least_connections {lc['ttft_ms']['p99']:.0f}")
+    if cand in reps and reps[cand].get("idle_while_queued", 0) > 0:
+        misses.append(f"{sc['scenario']}: a backend idle while another queued in {100*reps[cand]['idle_while_queued']:.1f}% of samples")
     if cand in reps and "prefix_affinity" in reps:
         c, pa = reps[cand], reps["prefix_affinity"]
         if c["prefix_hit_rate"] < pa["prefix_hit_rate"] - 0.01:

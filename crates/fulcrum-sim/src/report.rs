@@ -121,6 +121,9 @@ pub struct Report {
     pub wait_ms: Quantiles,
     /// Share of completed requests that waited at all.
     pub wait_probability: f64,
+    /// Share of the load samples in which a serving backend ran nothing while another had
+    /// requests waiting for a batch slot (a balancer should keep it at 0).
+    pub idle_while_queued: f64,
     /// The counted completions in completion order, cut into [`WAIT_BATCHES`] batches of
     /// equal size: each batch's mean wait (ms) and share that waited. Consecutive requests'
     /// waits are correlated, so a run's standard error comes from these (the method of batch
@@ -174,6 +177,7 @@ pub struct Collector {
     busy_sum: Vec<f64>,
     in_flight_sum: Vec<f64>,
     samples: u64,
+    idle_while_queued: u64,
 }
 
 impl Collector {
@@ -201,6 +205,7 @@ impl Collector {
             busy_sum: vec![0.0; backends],
             in_flight_sum: vec![0.0; backends],
             samples: 0,
+            idle_while_queued: 0,
         }
     }
 
@@ -264,9 +269,14 @@ impl Collector {
         self.retries += 1;
     }
 
-    /// One load sample: each backend's (running, waiting) and in flight at the balancer.
-    pub fn sample(&mut self, loads: &[(u32, u32)], in_flight: &[u32], slots: &[u32]) {
+    /// One load sample: each backend's (running, waiting), whether it is serving (up and in
+    /// the pool), and in flight at the balancer.
+    pub fn sample(&mut self, loads: &[(u32, u32)], serving: &[bool], in_flight: &[u32], slots: &[u32]) {
         self.samples += 1;
+        let serving_loads = || loads.iter().zip(serving).filter(|(_, s)| **s).map(|(l, _)| *l);
+        if serving_loads().any(|(_, waiting)| waiting > 0) && serving_loads().any(|(running, _)| running == 0) {
+            self.idle_while_queued += 1;
+        }
         for (b, &(running, _)) in loads.iter().enumerate() {
             self.load[b].push(in_flight[b]);
             self.busy_sum[b] += f64::from(running) / f64::from(slots[b].max(1));
@@ -327,6 +337,7 @@ impl Collector {
             e2e_ms: quantiles(&mut self.e2e),
             wait_ms: quantiles(&mut self.wait),
             wait_probability: ratio(waited as u64, completed),
+            idle_while_queued: ratio(self.idle_while_queued, self.samples),
             wait_batches,
             prefix_hit_rate: ratio(self.cached_tokens, self.prompt_tokens),
             backends,
@@ -455,5 +466,18 @@ mod tests {
         assert!((q.mean - 50.5).abs() < 1e-9);
         assert_eq!(quantiles(&mut []), Quantiles::default());
         assert_eq!(ms(12_345.0), "12.3s");
+    }
+
+    #[test]
+    fn idle_while_queued_counts_only_serving_backends() {
+        let mut stats = Collector::new(2, 0, 10);
+        let slots = [8, 8];
+        // One queues while the other runs nothing: counted.
+        stats.sample(&[(8, 3), (0, 0)], &[true, true], &[11, 0], &slots);
+        // The idle one is down (crashed, or out of the pool): not counted.
+        stats.sample(&[(8, 3), (0, 0)], &[true, false], &[11, 0], &slots);
+        // Both busy: not counted.
+        stats.sample(&[(8, 3), (1, 0)], &[true, true], &[11, 1], &slots);
+        assert_eq!((stats.idle_while_queued, stats.samples), (1, 3));
     }
 }

@@ -466,7 +466,10 @@ impl Sim<'_> {
             }
             Ev::Sample => {
                 let loads: Vec<(u32, u32)> = self.backends.iter().map(Backend::load).collect();
-                self.stats.sample(&loads, &self.in_flight, &self.slots);
+                let serving: Vec<bool> = (0..self.backends.len())
+                    .map(|b| self.backends[b].state == State::Up && self.drive.is_member(b))
+                    .collect();
+                self.stats.sample(&loads, &serving, &self.in_flight, &self.slots);
                 if self.busy() {
                     let next = self.now + self.sample_every;
                     self.at(next, Ev::Sample);
