@@ -339,6 +339,9 @@ impl PoolState {
             return;
         }
         endpoint.signals().start_slow_start(now);
+        // A recovered endpoint may be a restarted or replaced process: what its answers
+        // taught about its speed starts again from the pool's prior.
+        endpoint.signals().perf().reset();
         // Indices change when the pool does: look the endpoint up by id.
         let Some(idx) = roster.selector().endpoints().iter().position(|e| e.id() == endpoint.id()) else { return };
         if let Some(outlier) = &self.outlier

@@ -298,9 +298,14 @@ fn a_recovery_returns_closes_and_ramps() {
         p.state.on_probe(&p.members, p.endpoint(0), &mut h, false, ms(10 + t));
     }
     assert_eq!(h.health(), Health::Unhealthy);
+    // What the model learned before the failure is forgotten on recovery (a restart).
+    let model = p.endpoint(0).signals().perf();
+    model.finished(Duration::from_secs(3), None, &crate::endpoint::perf::Perf::PRIOR, ms(15));
+    assert!(model.own().confidence > 0.0);
     for t in 0..2 {
         p.state.on_probe(&p.members, p.endpoint(0), &mut h, true, ms(20 + t));
     }
+    assert_eq!(p.endpoint(0).signals().perf().own(), crate::endpoint::perf::Perf::PRIOR);
     assert_eq!(h.health(), Health::Healthy);
     assert!(p.endpoint(0).signals().is_available(ms(22)), "the breaker closed with the recovery");
     assert!(p.endpoint(0).signals().slow_start_since().is_some());
