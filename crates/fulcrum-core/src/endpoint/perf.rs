@@ -69,8 +69,10 @@ pub struct Perf {
     pub itl: f64,
     /// Requests the engine runs at once before queueing (0: not seen).
     pub slots: u32,
-    /// Decayed number of samples behind the estimate.
+    /// Decayed number of prefill samples behind the prefill and overhead estimates.
     pub confidence: f64,
+    /// Decayed number of finished answers behind the occupancy and ITL estimates.
+    pub served: f64,
 }
 
 impl Perf {
@@ -82,6 +84,7 @@ impl Perf {
         itl: PRIOR_ITL,
         slots: 0,
         confidence: 0.0,
+        served: 0.0,
     };
 
     /// Predicted time to first token of `uncached` prompt tokens, queueing aside.
@@ -167,6 +170,7 @@ struct Published {
     occupancy: AtomicU64,
     itl: AtomicU64,
     confidence: AtomicU64,
+    served: AtomicU64,
     slots: AtomicU32,
 }
 
@@ -180,6 +184,7 @@ impl Default for Published {
             occupancy: f(p.occupancy),
             itl: f(p.itl),
             confidence: f(p.confidence),
+            served: f(p.served),
             slots: AtomicU32::new(p.slots),
         }
     }
@@ -202,6 +207,7 @@ impl Published {
             itl: load(&self.itl),
             slots: self.slots.load(Ordering::Relaxed),
             confidence: load(&self.confidence),
+            served: load(&self.served),
         }
     }
 
@@ -211,6 +217,7 @@ impl Published {
         store(&self.occupancy, p.occupancy);
         store(&self.itl, p.itl);
         store(&self.confidence, p.confidence);
+        store(&self.served, p.served);
         self.slots.store(p.slots, Ordering::Relaxed);
     }
 }
@@ -233,15 +240,20 @@ impl PerfModel {
     #[inline]
     pub fn estimate(&self, prior: &Perf) -> Perf {
         let own = self.own();
-        let w = own.confidence / (own.confidence + PRIOR_WEIGHT);
-        let mix = |a: f64, b: f64| w * a + (1.0 - w) * b;
+        // Each estimate by the weight of its own samples: an endpoint whose answers do not
+        // stream has served many but taught nothing about its prefill.
+        let mix = |weight: f64, a: f64, b: f64| {
+            let w = weight / (weight + PRIOR_WEIGHT);
+            w * a + (1.0 - w) * b
+        };
         Perf {
-            prefill: mix(own.prefill, prior.prefill),
-            overhead: mix(own.overhead, prior.overhead),
-            occupancy: mix(own.occupancy, prior.occupancy),
-            itl: mix(own.itl, prior.itl),
+            prefill: mix(own.confidence, own.prefill, prior.prefill),
+            overhead: mix(own.confidence, own.overhead, prior.overhead),
+            occupancy: mix(own.served, own.occupancy, prior.occupancy),
+            itl: mix(own.served, own.itl, prior.itl),
             slots: if own.slots > 0 { own.slots } else { prior.slots },
             confidence: own.confidence,
+            served: own.served,
         }
     }
 
@@ -256,7 +268,8 @@ impl PerfModel {
         let mut fit = self.lock();
         fit.age_to(now);
         f(&mut fit, &self.published);
-        store(&self.published.confidence, fit.sums[0].max(fit.occupancy.0));
+        store(&self.published.confidence, fit.sums[0]);
+        store(&self.published.served, fit.occupancy.0);
     }
 
     /// A first token `ttft` after the try was sent; returns the prediction it is compared
@@ -325,29 +338,31 @@ impl PoolPerf {
     /// The prior new endpoints start from.
     #[inline]
     pub fn get(&self) -> Perf {
-        Perf { confidence: PRIOR_WEIGHT, ..self.published.get() }
+        Perf { confidence: PRIOR_WEIGHT, served: PRIOR_WEIGHT, ..self.published.get() }
     }
 
     /// Recomputes the prior from the endpoints' own estimates.
     pub fn update<'a>(&self, models: impl Iterator<Item = &'a PerfModel>) {
-        let (mut w, mut acc, mut slots) = (0.0, [0.0; 4], Vec::new());
+        // Prefill figures weighted by prefill samples, occupancy and ITL by answers served.
+        let (mut w, mut acc, mut slots) = ([0.0; 2], [0.0; 4], Vec::new());
         for m in models {
             let own = m.own();
-            let c = own.confidence.min(100.0);
             if own.slots > 0 {
                 slots.push(own.slots);
             }
-            if c <= 0.0 {
-                continue;
-            }
-            w += c;
-            for (a, v) in acc.iter_mut().zip([own.prefill, own.overhead, own.occupancy, own.itl]) {
-                *a += c * v;
+            let (c, s) = (own.confidence.min(100.0), own.served.min(100.0));
+            w[0] += c;
+            w[1] += s;
+            for (i, v) in [own.prefill, own.overhead, own.occupancy, own.itl].into_iter().enumerate() {
+                acc[i] += if i < 2 { c } else { s } * v;
             }
         }
         let mut prior = self.published.get();
-        if w > 0.0 {
-            [prior.prefill, prior.overhead, prior.occupancy, prior.itl] = acc.map(|a| a / w);
+        if w[0] > 0.0 {
+            [prior.prefill, prior.overhead] = [acc[0] / w[0], acc[1] / w[0]];
+        }
+        if w[1] > 0.0 {
+            [prior.occupancy, prior.itl] = [acc[2] / w[1], acc[3] / w[1]];
         }
         if !slots.is_empty() {
             slots.sort_unstable();
@@ -421,6 +436,8 @@ mod tests {
         fresh.finished(ms(900), None, &prior, Instant::ZERO);
         let own = fresh.own();
         assert_eq!(own.prefill, Perf::PRIOR.prefill);
+        // Served answers do not make its (unlearned) prefill figure trusted over the pool's.
+        assert_eq!(fresh.estimate(&prior).prefill, prior.prefill);
         assert!(own.occupancy < PRIOR_OCCUPANCY && own.occupancy > 0.9, "{own:?}");
     }
 

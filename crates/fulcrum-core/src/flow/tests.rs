@@ -301,7 +301,7 @@ fn a_recovery_returns_closes_and_ramps() {
     // What the model learned before the failure is forgotten on recovery (a restart).
     let model = p.endpoint(0).signals().perf();
     model.finished(Duration::from_secs(3), None, &crate::endpoint::perf::Perf::PRIOR, ms(15));
-    assert!(model.own().confidence > 0.0);
+    assert!(model.own().served > 0.0);
     for t in 0..2 {
         p.state.on_probe(&p.members, p.endpoint(0), &mut h, true, ms(20 + t));
     }
