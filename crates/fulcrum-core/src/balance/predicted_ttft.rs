@@ -114,19 +114,26 @@ impl Balance for PredictedTtft {
         self.index.matches(prefix, |idx, blocks| holders.push((idx, blocks)));
         let blocks_of = |idx: usize| holders.iter().find(|h| h.0 == idx).map_or(0, |h| h.1);
         let start = self.start.fetch_add(1, Ordering::Relaxed) % n;
-        let candidates: Vec<usize> = if n <= SAMPLE_ABOVE {
-            (0..n).map(|i| (start + i) % n).collect()
+        // Small pools: every endpoint, from a rotating start, on the stack (no allocation a
+        // pick); large ones: the holders and a sample.
+        let mut all = [0usize; SAMPLE_ABOVE];
+        let mut sampled = Vec::new();
+        let candidates: &[usize] = if n <= SAMPLE_ABOVE {
+            for (i, slot) in all[..n].iter_mut().enumerate() {
+                *slot = (start + i) % n;
+            }
+            &all[..n]
         } else {
-            let mut c: Vec<usize> = holders.iter().map(|h| h.0).collect();
-            c.extend((0..SAMPLED).map(|_| (cx.rng.next_u64() % n as u64) as usize));
-            c.sort_unstable();
-            c.dedup();
-            c
+            sampled.extend(holders.iter().map(|h| h.0));
+            sampled.extend((0..SAMPLED).map(|_| (cx.rng.next_u64() % n as u64) as usize));
+            sampled.sort_unstable();
+            sampled.dedup();
+            &sampled
         };
         // Occupancy of the index, read only when a near tie needs it.
         let mut occupancy: Option<Vec<f64>> = None;
         let mut best: Option<(usize, f64, u32)> = None;
-        for &idx in &candidates {
+        for &idx in candidates {
             let e = &pool.endpoints[idx];
             // Blocks a prefill still in progress there computes are not cached yet.
             let blocks = match blocks_of(idx) {
@@ -142,7 +149,7 @@ impl Balance for PredictedTtft {
                     if cost < bc - width {
                         true
                     } else if cost <= bc + width && !prefix.is_empty() {
-                        let occ = occupancy.get_or_insert_with(|| self.index.occupancy_of(&candidates));
+                        let occ = occupancy.get_or_insert_with(|| self.index.occupancy_of(candidates));
                         let of = |i: usize| candidates.iter().position(|&c| c == i).map_or(0.0, |p| occ[p]);
                         of(idx) < of(b) || (of(idx) == of(b) && cost < bc)
                     } else {
