@@ -3,12 +3,39 @@
 scenario and policy, and check a candidate policy against the targets of issue P1.2 (TTFT p99
 at or below least_connections everywhere, at most half of it where prompts share prefixes,
 hit rate within 1 point of prefix_affinity, no backend idle while another queues).
-Usage: bench/sim/compare.py FILE.json [CANDIDATE]"""
+Usage: bench/sim/compare.py FILE.json [CANDIDATE] [--markdown]
+With --markdown, prints the table of bench/RESULTS.md's P1.2 matrix section instead."""
 import json
 import sys
 
-data = json.load(open(sys.argv[1]))
-cand = sys.argv[2] if len(sys.argv) > 2 else "predicted_ttft"
+args = [a for a in sys.argv[1:] if a != "--markdown"]
+markdown = "--markdown" in sys.argv[1:]
+data = json.load(open(args[0]))
+cand = args[1] if len(args) > 1 else "predicted_ttft"
+
+
+def ms(v):
+    return f"{v / 1000:.1f}s" if v >= 10_000 else f"{v:.0f}ms"
+
+
+def cell(r):
+    t = r["ttft_ms"]
+    failed = f" ({r['failed']} failed)" if r["failed"] else ""
+    return f"{ms(t['p50'])} / {ms(t['p99'])} / {100 * r['prefix_hit_rate']:.1f}%{failed}"
+
+
+if markdown:
+    cols = ["least_connections", "power_of_two", "prefix_affinity", "score", cand]
+    print("| scenario | " + " | ".join(cols) + " | p99 vs least_connections | hit vs prefix_affinity | idle while queued |")
+    print("| --- |" + " ---: |" * (len(cols) + 3))
+    for sc in data["scenarios"]:
+        reps = {r["policy"]: r for r in sc["reports"]}
+        c, lc, pa = reps[cand], reps["least_connections"], reps["prefix_affinity"]
+        ratio = c["ttft_ms"]["p99"] / lc["ttft_ms"]["p99"]
+        hit = 100 * (c["prefix_hit_rate"] - pa["prefix_hit_rate"])
+        cells = " | ".join(cell(reps[p]) for p in cols)
+        print(f"| {sc['scenario']} | {cells} | {ratio:.2f}x | {hit:+.1f} pt | {100 * c.get('idle_while_queued', 0):.1f}% |")
+    sys.exit(0)
 misses = []
 for sc in data["scenarios"]:
     reps = {r["policy"]: r for r in sc["reports"]}

@@ -280,6 +280,7 @@ fn describe(pool: &PoolRuntime) -> Value {
                 "occupancy_ms": perf.occupancy * 1e3,
                 "batch_slots": (perf.slots > 0).then_some(perf.slots),
                 "samples": perf.confidence,
+                "speed": s.learned_speed(),
                 "predicted_ttft_ms_1k_tokens": predict_now(e, &perf, 1_000, now, engine_age) * 1e3,
             });
             json!({

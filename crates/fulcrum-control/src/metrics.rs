@@ -243,6 +243,11 @@ pub fn render_with(
         "fulcrum_endpoint_learned_itl_seconds",
         "Time an output token, learned from the endpoint's streams (pool prior blended in)",
     );
+    let speed = gauge(
+        &mut r,
+        "fulcrum_endpoint_learned_speed",
+        "Capacity factor learned from the endpoint's answers, on top of its weight (1: as the weight says)",
+    );
     let predicted = gauge(
         &mut r,
         "fulcrum_endpoint_predicted_ttft_seconds",
@@ -344,6 +349,7 @@ pub fn render_with(
             weight.get_or_create(&l).set(s.effective_weight());
             let perf = s.perf().estimate(&prior);
             prefill_rate.get_or_create(&l).set(perf.prefill_rate());
+            speed.get_or_create(&l).set(s.learned_speed());
             itl.get_or_create(&l).set(perf.itl);
             predicted
                 .get_or_create(&l)

@@ -240,6 +240,9 @@ pub struct LoadSignals {
     effective_weight: AtomicU64,
     /// Slow-start factor of the last refresh (`f64` bits), 1 outside a ramp.
     ramp_factor: AtomicU64,
+    /// Learned speed against the pool (`f64` bits), kept current by the refresh: 1 until
+    /// answers teach otherwise.
+    learned_speed: AtomicU64,
     /// Start of the current slow-start ramp (nanoseconds), or `NO_RAMP`.
     ramp_since: AtomicU64,
     /// [`Unavailable`] bits.
@@ -273,6 +276,7 @@ impl LoadSignals {
             utilization_ppm: AtomicU32::new(UNKNOWN_UTILIZATION),
             effective_weight: AtomicU64::new(f64::from(weight.get()).to_bits()),
             ramp_factor: AtomicU64::new(1f64.to_bits()),
+            learned_speed: AtomicU64::new(1f64.to_bits()),
             ramp_since: AtomicU64::new(NO_RAMP),
             unavailable: AtomicU8::new(0),
             circuit_open_until: AtomicU64::new(0),
@@ -459,6 +463,24 @@ impl LoadSignals {
         self.effective_weight.store(w.to_bits(), Ordering::Relaxed);
     }
 
+    /// How fast the endpoint's answers say it is against the pool's weighted average (1: as
+    /// fast; 2: twice), as of the last refresh ([`perf::Perf::speed_against`]).
+    pub fn learned_speed(&self) -> f64 {
+        f64::from_bits(self.learned_speed.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_learned_speed(&self, s: f64) {
+        self.learned_speed.store(s.to_bits(), Ordering::Relaxed);
+    }
+
+    /// What the load-aware policies divide load by: the effective weight times the learned
+    /// speed. A backend that answers at half speed takes half the work of its weight, with
+    /// no label.
+    #[inline]
+    pub fn capacity(&self) -> f64 {
+        (self.effective_weight() * self.learned_speed()).max(f64::MIN_POSITIVE)
+    }
+
     /// The slow-start factor computed by the last refresh: 1 outside a ramp.
     pub fn ramp_factor(&self) -> f64 {
         f64::from_bits(self.ramp_factor.load(Ordering::Relaxed))
@@ -491,9 +513,23 @@ impl LoadSignals {
 pub struct PoolLoad {
     in_flight: AtomicU64,
     perf: perf::PoolPerf,
+    /// The largest [`LoadSignals::capacity`] over the pool (`f64` bits) as of the last
+    /// refresh; 0 until then, or when every endpoint's is the same.
+    max_capacity: AtomicU64,
 }
 
 impl PoolLoad {
+    /// The largest capacity in the pool when capacities differ, as of the last refresh.
+    pub fn uneven_max_capacity(&self) -> Option<f64> {
+        Some(f64::from_bits(self.max_capacity.load(Ordering::Relaxed))).filter(|&m| m > 0.0)
+    }
+
+    pub(crate) fn set_capacities(&self, capacities: impl Iterator<Item = f64>) {
+        let (min, max) = capacities.fold((f64::INFINITY, 0.0f64), |(lo, hi), c| (lo.min(c), hi.max(c)));
+        let uneven = max.is_finite() && max > min * 1.01;
+        self.max_capacity.store(if uneven { max } else { 0.0 }.to_bits(), Ordering::Relaxed);
+    }
+
     /// Requests in flight in the pool.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)

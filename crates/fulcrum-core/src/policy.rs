@@ -575,6 +575,20 @@ impl Policy {
         })
     }
 
+    /// Whether the policy's picks read the endpoints' learned performance
+    /// ([`perf`](crate::endpoint::perf)): `predicted_ttft`, and the load-aware policies that
+    /// divide load by capacity (`least_connections`, `power_of_two` with least request,
+    /// `bounded_load`).
+    pub fn reads_learned_speed(&self) -> bool {
+        matches!(
+            self,
+            Policy::PredictedTtft { .. }
+                | Policy::LeastConnections
+                | Policy::PowerOfTwo { cost: Cost::LeastRequest, .. }
+                | Policy::BoundedLoad { .. }
+        )
+    }
+
     /// The policy's name.
     pub fn kind(&self) -> PolicyKind {
         match self {

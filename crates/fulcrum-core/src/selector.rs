@@ -303,6 +303,36 @@ impl Selector {
     }
 
     /// Recomputes and stores every endpoint's effective weight at `now`.
+    /// Each endpoint's learned speed, as a factor on its weight.
+    ///
+    /// Weights are the prior: an endpoint of twice the pool's mean weight is assumed twice as
+    /// fast. Its answers refine that as they gain weight: the factor is the measured speed
+    /// against the pool ([`Perf::speed_against`](crate::endpoint::perf::Perf::speed_against))
+    /// over the speed the weight claims, raised to the endpoint's confidence (answers /
+    /// (answers + 1)). So equal weights learn the speeds, weights that match the speeds stay as
+    /// they are, and an endpoint with no answers keeps its weight. The factors are scaled so
+    /// that the pool's total weight is unchanged: learning moves work between endpoints, it
+    /// does not add or remove capacity.
+    fn update_speeds(load: &PoolLoad, endpoints: &[Endpoint]) {
+        if endpoints.is_empty() {
+            return;
+        }
+        let prior = load.perf().get();
+        let total: f64 = endpoints.iter().map(|e| f64::from(e.weight().get())).sum();
+        let mean_weight = total / endpoints.len() as f64;
+        let factor = |e: &Endpoint| {
+            let est = e.signals().perf().estimate(&prior);
+            let trust = est.served / (est.served + 1.0);
+            let claimed = f64::from(e.weight().get()) / mean_weight;
+            est.speed_against(&prior) / claimed.powf(trust)
+        };
+        let scaled: f64 = endpoints.iter().map(|e| f64::from(e.weight().get()) * factor(e)).sum();
+        let norm = if scaled.is_finite() && scaled > 0.0 { total / scaled } else { 1.0 };
+        for e in endpoints {
+            e.signals().set_learned_speed(factor(e) * norm);
+        }
+    }
+
     fn update_weights(options: &SelectorOptions, endpoints: &[Endpoint], now: Instant) -> Vec<f64> {
         endpoints
             .iter()
@@ -364,7 +394,9 @@ impl Selector {
     /// caller swaps it in. Call it periodically (every 100 ms to 1 s) off the request path.
     pub fn refresh(&self, now: Instant) -> Option<Selector> {
         self.load.perf().update(self.endpoints.iter().map(|e| e.signals().perf()));
+        Self::update_speeds(&self.load, &self.endpoints);
         let effective = Self::update_weights(&self.options, &self.endpoints, now);
+        self.load.set_capacities(self.endpoints.iter().map(|e| e.signals().capacity()));
         if !uses_weight_tables(&self.policy) {
             return None;
         }

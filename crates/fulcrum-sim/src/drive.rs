@@ -232,7 +232,7 @@ impl Drive {
     /// ([`fulcrum_core::endpoint::perf`]): only then must the simulator feed it (the proxy
     /// always does, for its metrics; the routing of other policies does not depend on it).
     pub fn learns(&self) -> bool {
-        self.policy().kind() == PolicyKind::PredictedTtft
+        self.policy().reads_learned_speed()
     }
 
     /// The policy in use.

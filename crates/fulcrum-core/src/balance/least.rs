@@ -1,13 +1,22 @@
 //! Least connections and least response time: a full scan for the lowest cost.
 //!
 //! * `least_connections` (NGINX `least_conn`, HAProxy `leastconn`): cost =
-//!   (in-flight requests + 1) / effective weight. In-flight counts last until a response
-//!   stream ends, so a backend holding long LLM streams looks busy for as long as it is. The
-//!   `+ 1` makes an idle heavy endpoint cheaper than an idle light one.
+//!   (in-flight requests + 1) / capacity, where capacity is the effective weight times the
+//!   endpoint's learned speed ([`LoadSignals::capacity`](crate::endpoint::LoadSignals::capacity)).
+//!   With speed as capacity this is the "shortest expected delay" rule: a request queued
+//!   behind n others on a server of rate mu waits about (n + 1) / mu, and the rule beats
+//!   joining the shortest queue when servers differ in speed. The speed is learned from the
+//!   endpoint's answers ([`perf`](crate::endpoint::perf)), so a backend slowed to half speed
+//!   takes about half the work with no label or weight change; until answers arrive it is 1.
+//!   In-flight counts last until a response stream ends, so a backend holding long LLM
+//!   streams looks busy for as long as it is. The `+ 1` makes an idle fast endpoint cheaper
+//!   than an idle slow one.
 //! * `least_response_time`: cost = peak-EWMA latency x (in flight + 1) x (1 + consecutive
 //!   failures) / effective weight (Finagle's and Linkerd's peak-EWMA load, over the whole pool
 //!   rather than two samples). Failures are recorded as at least a configured penalty
-//!   (1 s by default), so a backend that fails fast never looks cheapest.
+//!   (1 s by default), so a backend that fails fast never looks cheapest. The latency is
+//!   already the endpoint's measured speed: dividing by the learned speed as well would count
+//!   it twice (cost in 1/speed squared), so this cost does not.
 //!
 //! Ties go to the first endpoint at or after a rotating start, so idle endpoints share work
 //! in turn instead of the first one taking all. Cost: O(n) a pick; for large pools
@@ -46,7 +55,7 @@ pub(crate) struct LeastConnections {
 #[inline]
 pub(crate) fn request_cost(e: &Endpoint) -> f64 {
     let s = e.signals();
-    (s.in_flight() as f64 + 1.0) / s.effective_weight().max(f64::MIN_POSITIVE)
+    (s.in_flight() as f64 + 1.0) / s.capacity()
 }
 
 /// The cost `least_response_time` and `power_of_two` (peak EWMA) compare.
@@ -106,6 +115,34 @@ mod tests {
         let loads: Vec<u64> = pool.endpoints().iter().map(|e| e.signals().in_flight()).collect();
         assert_eq!(loads.iter().sum::<u64>(), 30);
         assert!((19..=21).contains(&loads[0]), "{loads:?}");
+    }
+
+    #[test]
+    fn least_connections_gives_a_slow_backend_less_without_a_label() {
+        // Same weights; endpoint 0's answers take twice as long as the others'.
+        let pool = selector(Policy::LeastConnections, &[1, 1, 1]);
+        let prior = pool.pool_perf();
+        for t in 0..40u64 {
+            let now = Instant::from_millis(t * 50);
+            for (i, e) in pool.endpoints().iter().enumerate() {
+                let held = Duration::from_millis(if i == 0 { 800 } else { 400 });
+                e.signals().perf().finished(held, None, &prior, now);
+            }
+        }
+        assert!(pool.refresh(Instant::from_millis(2000)).is_none());
+        let speeds: Vec<f64> = pool.endpoints().iter().map(|e| e.signals().learned_speed()).collect();
+        assert!(speeds[1] / speeds[0] > 1.8 && (speeds[1] - speeds[2]).abs() < 1e-9, "{speeds:?}");
+        // Weighted by static weight, speeds average 1: learning moves work, it adds none.
+        assert!((speeds.iter().sum::<f64>() - 3.0).abs() < 1e-9, "{speeds:?}");
+        let mut rng = SmallRng::seed_from_u64(0);
+        let mut guards = Vec::new();
+        for _ in 0..50 {
+            let i = pool.pick_index(&RequestFacts::default(), Instant::from_millis(2000), &mut rng, |_| true).unwrap();
+            guards.push(pool.begin(&pool.endpoints()[i].clone(), 0, Instant::from_millis(2000)));
+        }
+        let loads: Vec<u64> = pool.endpoints().iter().map(|e| e.signals().in_flight()).collect();
+        // Shortest expected delay: in flight in proportion to speed (about 1 : 2 : 2).
+        assert!(loads[0] * 3 < loads[1] * 2 && loads[0] * 3 < loads[2] * 2, "{loads:?}");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! a fleet pick the same "least loaded" endpoint at once. Envoy's least request and
 //! Linkerd's and Finagle's P2C do this. Candidates are distinct (Floyd's sampling), k is
 //! configurable (2 by default), pools of at most k endpoints are scanned whole, and the cost
-//! is either least request ((in flight + 1) / effective weight) or peak EWMA (see
+//! is either least request ((in flight + 1) / capacity: effective weight x learned speed) or
+//! peak EWMA (see
 //! [`least`](super::least)). Vetoed candidates are skipped; if all k are, sampling repeats
 //! twice, then the whole pool is scanned. Cost: O(k) a pick.
 //!
@@ -32,6 +33,8 @@ use crate::time::Instant;
 
 const RESAMPLES: usize = 3;
 const MAX_K: usize = 64;
+/// Draws a weighted sample takes at most, per candidate.
+const WEIGHTED_TRIES: usize = 16;
 
 /// The best of k distinct random candidates.
 #[derive(Debug)]
@@ -54,6 +57,44 @@ fn cost_of(kind: Cost, e: &Endpoint, now: Instant, latency: &LatencyConfig) -> f
     }
 }
 
+/// Draws an endpoint with probability in proportion to its capacity, by rejection against the
+/// pool's largest (at most `WEIGHTED_TRIES` draws, then the last one).
+fn weighted_draw(pool: &PoolView<'_>, max_capacity: f64, cx: &mut PickCx<'_>) -> usize {
+    let n = pool.endpoints.len();
+    let mut idx = 0;
+    for _ in 0..WEIGHTED_TRIES {
+        idx = reduce(cx.rng.next_u64(), n);
+        let keep = pool.endpoints[idx].signals().capacity() / max_capacity;
+        if (cx.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64) < keep {
+            break;
+        }
+    }
+    idx
+}
+
+/// k distinct indices below n (k < n), each drawn in proportion to capacity; fewer when
+/// draws keep repeating. Returns how many.
+fn sample_weighted(
+    pool: &PoolView<'_>,
+    k: usize,
+    max_capacity: f64,
+    cx: &mut PickCx<'_>,
+    out: &mut [usize; MAX_K],
+) -> usize {
+    let mut len = 0;
+    for _ in 0..2 * k {
+        let idx = weighted_draw(pool, max_capacity, cx);
+        if !out[..len].contains(&idx) {
+            out[len] = idx;
+            len += 1;
+            if len == k {
+                break;
+            }
+        }
+    }
+    len
+}
+
 /// k distinct indices below n (k < n), by Floyd's algorithm.
 fn sample_distinct(n: usize, k: usize, cx: &mut PickCx<'_>, out: &mut [usize; MAX_K]) {
     for (len, j) in ((n - k)..n).enumerate() {
@@ -71,14 +112,27 @@ impl Balance for PowerOfK {
         let (now, latency, kind) = (cx.now, pool.latency, self.cost);
         if n > self.k {
             let mut sample = [0usize; MAX_K];
+            // Least request samples in proportion to capacity where capacities differ: a
+            // uniform sample would cap what a fast endpoint can take at k/n of the requests
+            // however idle it is.
+            let weighted = match kind {
+                Cost::LeastRequest => pool.load.uneven_max_capacity(),
+                Cost::PeakEwma => None,
+            };
             for _ in 0..RESAMPLES {
-                sample_distinct(n, self.k, cx, &mut sample);
+                let len = match weighted {
+                    Some(max) => sample_weighted(pool, self.k, max, cx, &mut sample),
+                    None => {
+                        sample_distinct(n, self.k, cx, &mut sample);
+                        self.k
+                    }
+                };
                 // Floyd's sample is a uniform set but not in random order; ties go to the
                 // first candidate seen, so start at a random one.
-                let rot = reduce(cx.rng.next_u64(), self.k);
+                let rot = reduce(cx.rng.next_u64(), len);
                 let mut best: Option<(usize, f64)> = None;
-                for i in 0..self.k {
-                    let idx = sample[(i + rot) % self.k];
+                for i in 0..len {
+                    let idx = sample[(i + rot) % len];
                     let c = cost_of(kind, &pool.endpoints[idx], now, latency);
                     if best.is_none_or(|(_, b)| c < b) && cx.accepts(pool, idx) {
                         best = Some((idx, c));
@@ -144,6 +198,22 @@ mod tests {
         let max = pool.endpoints().iter().map(|e| e.signals().in_flight()).max().unwrap();
         // Average 100; random placement would give about 125 here, P2C stays within a few.
         assert!(max <= 103, "max load {max}");
+    }
+
+    #[test]
+    fn a_fast_endpoint_can_take_more_than_k_over_n() {
+        // Weight 8 among seven of weight 1: its share is 8/15. A uniform sample of 2 out of
+        // 8 would see it in only a quarter of the picks, capping it there.
+        let pool = selector(Policy::default(), &[8, 1, 1, 1, 1, 1, 1, 1]);
+        assert!(pool.refresh(Instant::ZERO).is_none());
+        let mut rng = SmallRng::seed_from_u64(5);
+        let mut guards = Vec::new();
+        for _ in 0..1_500 {
+            let e = pool.pick(&RequestFacts::default(), Instant::ZERO, &mut rng, |_| true).unwrap().clone();
+            guards.push(pool.begin(&e, 0, Instant::ZERO));
+        }
+        let heavy = pool.endpoints()[0].signals().in_flight();
+        assert!((700..=900).contains(&heavy), "weight 8 holds {heavy} of 1500");
     }
 
     #[test]

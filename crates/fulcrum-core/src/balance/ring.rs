@@ -11,8 +11,10 @@
 //!
 //! **Bounded loads** (Mirrokni, Thorup, Zadimoghaddam, SODA 2018; Vimeo's use in HAProxy):
 //! the same ring, but an endpoint whose in-flight load has reached its cap
-//! `ceil((1 + epsilon) x (pool in-flight + 1) x weight / total weight)` is skipped, and the
-//! key moves on clockwise. No endpoint ever exceeds `1 + epsilon` times its share, however
+//! `ceil((1 + epsilon) x (pool in-flight + 1) x weight x learned speed / total weight)` is
+//! skipped, and the key moves on clockwise. The learned speed (1 until answers teach otherwise,
+//! and averaging 1 over the pool's weights) gives a slow backend a smaller share with no label.
+//! No endpoint ever exceeds `1 + epsilon` times its share, however
 //! hot a key, while most keys keep their endpoint. With several picks racing on other
 //! threads the cap can be passed by at most the number of racing picks. When every
 //! acceptable endpoint is at its cap the pick gives `None`.
@@ -159,9 +161,10 @@ impl BoundedLoad {
         BoundedLoad { ring, allowance }
     }
 
-    /// The most requests endpoint `idx` may hold once `pool_load` requests are in flight.
-    pub(crate) fn cap(&self, idx: usize, pool_load: u64) -> u64 {
-        (self.allowance[idx] * pool_load as f64).ceil() as u64
+    /// The most requests endpoint `idx`, of learned speed `speed`, may hold once `pool_load`
+    /// requests are in flight.
+    pub(crate) fn cap(&self, idx: usize, speed: f64, pool_load: u64) -> u64 {
+        (self.allowance[idx] * speed * pool_load as f64).ceil() as u64
     }
 }
 
@@ -169,7 +172,10 @@ impl Balance for BoundedLoad {
     fn pick(&self, pool: &PoolView<'_>, cx: &mut PickCx<'_>) -> Option<usize> {
         let h = cx.key_hash(self.ring.from_client);
         let after = pool.load.in_flight() + 1;
-        self.ring.walk(h, pool, cx, |idx| pool.endpoints[idx].signals().in_flight() < self.cap(idx, after))
+        self.ring.walk(h, pool, cx, |idx| {
+            let s = pool.endpoints[idx].signals();
+            s.in_flight() < self.cap(idx, s.learned_speed(), after)
+        })
     }
 }
 

@@ -22,6 +22,10 @@
 //! doubles its samples' *y*: with a half-life of 2 s the estimate follows within seconds.
 //! Memory is constant: a handful of numbers per endpoint and per pool.
 //!
+//! The same estimates give the load-aware policies (`least_connections`, `power_of_two`,
+//! `bounded_load`) a learned capacity: [`Perf::speed_against`] the pool, as a factor on the
+//! endpoint's weight (see `Selector::refresh`).
+//!
 //! Concurrency: updates take a short per-endpoint lock (one per answered request); readers
 //! (every pick) read the published estimate from atomics without a lock.
 
@@ -49,6 +53,8 @@ const REF_TOKENS: f64 = 512.0;
 const CLIP: f64 = 4.0;
 /// Smallest and largest prefill time a token (100 million to 10 tokens a second).
 const PREFILL_RANGE: (f64, f64) = (1e-8, 0.1);
+/// Speed differences up to this factor read as none (load and noise, not hardware).
+const SPEED_DEAD_ZONE: f64 = 1.25;
 /// Longest durations taken as samples.
 const MAX_SECONDS: f64 = 3_600.0;
 
@@ -96,6 +102,28 @@ impl Perf {
     /// Prompt tokens a second.
     pub fn prefill_rate(&self) -> f64 {
         1.0 / self.prefill
+    }
+
+    /// How fast this estimate is against `prior` (1: as the pool's average; 2: twice as
+    /// fast), for the learned capacity of the load-aware policies.
+    ///
+    /// Streamed answers measure speed per token: the geometric mean of the ratios of the first
+    /// token of a 512-token prompt (overhead and prefill) and of decode. Other answers measure only how long they hold the endpoint. The two are mixed by
+    /// the share of recent answers that streamed. An estimate with no samples is the prior's,
+    /// so it reads as 1. Clamped to [1/16, 16].
+    pub fn speed_against(&self, prior: &Perf) -> f64 {
+        let ratio = |p: f64, e: f64| if p > 0.0 && e > 0.0 { (p / e).ln() } else { 0.0 };
+        // The first token of a reference prompt: overhead and prefill together, so that
+        // answers whose prompts were not read (overhead only) still teach it.
+        let first = ratio(prior.prefill_time(REF_TOKENS as u64), self.prefill_time(REF_TOKENS as u64));
+        let tokens = 0.5 * (first + ratio(prior.itl, self.itl));
+        let held = ratio(prior.occupancy, self.occupancy);
+        let streamed = if self.served > 0.0 { (self.confidence / self.served).clamp(0.0, 1.0) } else { 1.0 };
+        let log_speed = streamed * tokens + (1.0 - streamed) * held;
+        // Differences within SPEED_DEAD_ZONE are load and noise, not speed.
+        let log_speed = if log_speed.abs() < SPEED_DEAD_ZONE.ln() { 0.0 } else { log_speed };
+        let speed = log_speed.exp();
+        if speed.is_finite() { speed.clamp(1.0 / 16.0, 16.0) } else { 1.0 }
     }
 }
 
@@ -391,6 +419,22 @@ mod tests {
             let y = Duration::from_secs_f64(overhead + u as f64 / rate);
             m.first_token(&stream(u), y, &Perf::PRIOR, Instant::from_millis(from + i * 10));
         }
+    }
+
+    #[test]
+    fn speed_is_per_token_for_streams_and_per_answer_otherwise_with_a_dead_zone() {
+        let prior = Perf { served: 100.0, confidence: 100.0, ..Perf::PRIOR };
+        // Streamed answers at half the prior's prefill and decode speed.
+        let half = Perf { prefill: prior.prefill * 2.0, overhead: prior.overhead * 2.0, itl: prior.itl * 2.0, ..prior };
+        assert!((half.speed_against(&prior) - 0.5).abs() < 1e-9);
+        // 10% slower reads as no difference.
+        let near = Perf { prefill: prior.prefill * 1.1, overhead: prior.overhead * 1.1, itl: prior.itl * 1.1, ..prior };
+        assert_eq!(near.speed_against(&prior), 1.0);
+        // Answers that do not stream: only how long they hold the endpoint counts.
+        let whole = Perf { occupancy: prior.occupancy / 4.0, confidence: 0.0, ..prior };
+        assert!((whole.speed_against(&prior) - 4.0).abs() < 1e-9);
+        // Nothing known: as fast as the pool.
+        assert_eq!(Perf::PRIOR.speed_against(&Perf::PRIOR), 1.0);
     }
 
     #[test]

@@ -330,6 +330,20 @@ async fn stream_chat(addr: SocketAddr, prompt: String) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_slowed_to_half_speed_loses_share_within_seconds_without_a_label() {
+    slowed_backend_loses_share("predicted_ttft").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_learns_a_slowed_backend_as_capacity() {
+    slowed_backend_loses_share("least_connections").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_of_two_learns_a_slowed_backend_as_capacity() {
+    slowed_backend_loses_share("power_of_two").await;
+}
+
+async fn slowed_backend_loses_share(policy: &str) {
     // Three equal engines (speed 1: a 2,000-token prompt takes 125 ms to prefill), the
     // configuration a new user writes: the policy and the endpoints, nothing about speeds.
     let mut mocks = Vec::new();
@@ -344,7 +358,7 @@ async fn a_backend_slowed_to_half_speed_loses_share_within_seconds_without_a_lab
     }
     let eps: Vec<(&str, SocketAddr, &str)> =
         vec![("a", mocks[0].local_addr(), ""), ("b", mocks[1].local_addr(), ""), ("c", mocks[2].local_addr(), "")];
-    let running = proxy(&format!("policy = \"predicted_ttft\"\n{}", endpoints(&eps))).await;
+    let running = proxy(&format!("policy = \"{policy}\"\n{}", endpoints(&eps))).await;
 
     // Six clients, each sending distinct 8,000-character prompts back to back until told.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -388,7 +402,12 @@ async fn a_backend_slowed_to_half_speed_loses_share_within_seconds_without_a_lab
     let prior = snapshot.selector.pool_perf();
     let rates: Vec<f64> =
         snapshot.selector.endpoints().iter().map(|e| e.signals().perf().estimate(&prior).prefill_rate()).collect();
-    eprintln!("share of a: {before:.2} {grew_before:?} -> {after:.2} {grew_after:?}; learned prefill rates {rates:?}");
+    let speeds: Vec<f64> = snapshot.selector.endpoints().iter().map(|e| e.signals().learned_speed()).collect();
+
+    eprintln!(
+        "{policy}: share of a: {before:.2} {grew_before:?} -> {after:.2} {grew_after:?}; \
+         learned prefill rates {rates:?}, speeds {speeds:?}"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for c in clients {
         let _ = tokio::time::timeout(Duration::from_secs(10), c).await;
@@ -401,7 +420,12 @@ async fn a_backend_slowed_to_half_speed_loses_share_within_seconds_without_a_lab
         after < 0.75 * before,
         "share of the slowed engine: {before:.2} {grew_before:?} -> {after:.2} {grew_after:?}"
     );
-    assert!(rates[0] < 0.75 * rates[1].min(rates[2]), "learned prefill rates {rates:?}");
+    if policy == "predicted_ttft" {
+        // (Only the AI policies read prompts; the others learn first tokens as overhead.)
+        assert!(rates[0] < 0.75 * rates[1].min(rates[2]), "learned prefill rates {rates:?}");
+    }
+    // And the capacity the load-aware policies divide by.
+    assert!(speeds[0] < 0.8 * speeds[1].min(speeds[2]), "learned speeds {speeds:?}");
     running.shutdown().await;
     for m in mocks {
         m.shutdown().await;
