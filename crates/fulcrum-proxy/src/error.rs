@@ -69,6 +69,18 @@ pub enum ProxyError {
         /// When to come back.
         retry_after: std::time::Duration,
     },
+    /// A request header is not understood.
+    #[error("{0}")]
+    BadHeader(String),
+    /// No endpoint can meet the request's time-to-first-token budget, and its class says to
+    /// refuse it (429 for `sheddable`, 503 for `standard` after waiting).
+    #[error("no endpoint can give a first token within the request's budget; retry after {retry_after:?}")]
+    BudgetUnmet {
+        /// 429 or 503.
+        status: u16,
+        /// When to come back.
+        retry_after: std::time::Duration,
+    },
 }
 
 impl ProxyError {
@@ -81,8 +93,10 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadBody(_) | ProxyError::BadHeader(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BudgetUnmet { status: 429, .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::BudgetUnmet { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -100,6 +114,8 @@ impl ProxyError {
             ProxyError::BodyTimeout { .. } => "request_body_timeout",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::BadHeader(_) => "bad_request_header",
+            ProxyError::BudgetUnmet { .. } => "ttft_budget_unmet",
         }
     }
 
@@ -134,7 +150,10 @@ impl ProxyError {
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert("x-request-id", request_id.clone());
-        if let ProxyError::Overloaded { retry_after } | ProxyError::RateLimited { retry_after } = self {
+        if let ProxyError::Overloaded { retry_after }
+        | ProxyError::RateLimited { retry_after }
+        | ProxyError::BudgetUnmet { retry_after, .. } = self
+        {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }

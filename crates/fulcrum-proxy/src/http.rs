@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fulcrum_core::flow::{Attempts, Next, RequestPlan, UnknownModel, Verdict};
+use fulcrum_core::flow::slo::{self, Slo};
+use fulcrum_core::flow::{Attempts, Fail, Next, RequestPlan, UnknownModel, Verdict};
 use fulcrum_core::openai;
 use fulcrum_core::policy::HashKey;
 use fulcrum_core::resilience::Observed;
@@ -221,9 +222,10 @@ async fn proxy(
         }
     };
 
-    // AI policies read the body (bounded) for the model, token estimate and prefix hashes.
+    // AI policies read the body (bounded) for the model, token estimate and prefix hashes;
+    // so does a time-to-first-token budget, whose prediction needs the prompt's length.
     let (body, body_bytes): (ReqBody, Option<Bytes>) = match body {
-        body if pool.needs().body => {
+        body if pool.needs().body || parts.headers.contains_key(slo::BUDGET_HEADER) => {
             let bytes = Box::pin(read_body(body, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             (ReqBody::Bytes(bytes.clone()), Some(bytes))
         }
@@ -295,14 +297,21 @@ async fn proxy(
         model: model.as_deref(),
         ..ai.as_ref().map(openai::AiRequest::facts).unwrap_or_default()
     };
+    // One clock reading: the request reaches the pool, and its first try starts.
+    let started = std::time::Instant::now();
+    let slo = Slo::from_headers(
+        parts.headers.get(slo::BUDGET_HEADER).map(HeaderValue::as_bytes),
+        parts.headers.get(slo::CRITICALITY_HEADER).map(HeaderValue::as_bytes),
+        clock::at(started),
+    )
+    .map_err(|e| ProxyError::BadHeader(e.to_string()))?;
     let plan = RequestPlan {
         idempotent,
         route_allows_any_method: inference,
         replayable: may_retry && matches!(body, ReqBody::Bytes(_)),
         sticky,
+        slo,
     };
-    // One clock reading: the request reaches the pool, and its first try starts.
-    let started = std::time::Instant::now();
     let mut attempts = Attempts::start(safety.state(), &*snapshot, &facts, plan, clock::at(started))
         .map_err(|UnknownModel(m)| ProxyError::UnknownModel(m))?;
     let cx = Forward { pool: &pool, snapshot: &snapshot, facts: &facts, request_id, sticky };
@@ -371,7 +380,10 @@ impl Forward<'_> {
                     tokio::time::sleep(until.saturating_since(now)).await;
                     continue;
                 }
-                Next::Fail(_) => return Err(last_error.unwrap_or_else(|| self.no_endpoint())),
+                Next::Fail(Fail::Refused(r)) => {
+                    return Err(ProxyError::BudgetUnmet { status: r.status, retry_after: r.retry_after });
+                }
+                Next::Fail(Fail::NoEndpoint) => return Err(last_error.unwrap_or_else(|| self.no_endpoint())),
             };
             let upstream = &snapshot.upstreams[t.index];
             // Only buffered bodies are ever sent twice.

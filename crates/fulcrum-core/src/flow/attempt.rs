@@ -12,7 +12,9 @@ use crate::selector::Picked;
 use crate::{InFlight, Instant, Outcome, RequestFacts};
 
 use super::pool::PoolState;
+use super::slo::{Judged, Refused, Slo};
 use super::{PoolRules, Roster};
+use crate::balance::predicted_ttft::predict_now;
 
 /// What the driver tells the machine about a request, beside its [`RequestFacts`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -26,6 +28,8 @@ pub struct RequestPlan {
     pub replayable: bool,
     /// The endpoint a sticky cookie names, taken first when it is usable.
     pub sticky: Option<usize>,
+    /// The client's time-to-first-token objective, judged before the first try.
+    pub slo: Option<Slo>,
 }
 
 /// The request names a model no endpoint of the pool serves.
@@ -69,6 +73,8 @@ pub enum Fail {
     /// No endpoint was usable (none left untried, or every one was refused by its breaker or
     /// limits). The driver answers with the last try's error, if there was one.
     NoEndpoint,
+    /// The request's objective cannot be met, and its class says to refuse it.
+    Refused(Refused),
 }
 
 /// What the driver does next.
@@ -188,6 +194,16 @@ impl Attempts {
             });
             let Some(Picked { index, cached_blocks }) = picked else { return Next::Fail(Fail::NoEndpoint) };
             let endpoint = &endpoints[index];
+            if let Some(slo) = self.plan.slo.filter(|_| self.tries == 0) {
+                let perf = endpoint.signals().perf().estimate(&selector.pool_perf());
+                let engine_age = selector.options().engine_max_age();
+                let predicted = predict_now(endpoint, &perf, facts.uncached(cached_blocks), now, engine_age);
+                match slo.judge(predicted, now) {
+                    Judged::Send => {}
+                    Judged::Recheck(at) => return Next::Wait(at),
+                    Judged::Refused(r) => return Next::Fail(Fail::Refused(r)),
+                }
+            }
 
             // The breaker and the concurrency limits have the last word; a refusal is not a try.
             let breaker = roster.breaker(index);

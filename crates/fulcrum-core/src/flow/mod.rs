@@ -68,6 +68,7 @@
 mod attempt;
 mod breaker;
 mod pool;
+pub mod slo;
 
 #[cfg(test)]
 mod tests;

@@ -360,3 +360,32 @@ fn p95_of_recent_latencies() {
     }
     assert_eq!(state.p95_latency(), Some(Duration::from_millis(7)));
 }
+
+#[test]
+fn a_ttft_budget_that_cannot_be_met_waits_or_is_refused_by_class() {
+    use super::slo::{Criticality, Refused, Slo};
+    let mut pool = Pool::new(2, PoolRules::default());
+    // 100,000 uncached prompt tokens at the prior's 10,000 a second: about 10 s to the first
+    // token anywhere.
+    let long = RequestFacts { prompt_tokens: 100_000, ..RequestFacts::default() };
+    let short = RequestFacts { prompt_tokens: 1_000, ..RequestFacts::default() };
+    let slo = |class| Some(Slo { budget: Duration::from_millis(500), criticality: class, arrived: ms(0) });
+    let plan = |class| RequestPlan { slo: slo(class), ..RequestPlan::default() };
+
+    let mut a = pool.start_for(&long, plan(Criticality::Sheddable), ms(0));
+    match pool.next_for(&mut a, &long, ms(0)) {
+        Next::Fail(Fail::Refused(Refused { status: 429, retry_after })) => {
+            assert_eq!(retry_after, Duration::from_secs(10))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Standard waits while the budget lasts, then is refused with 503.
+    let mut a = pool.start_for(&long, plan(Criticality::Standard), ms(0));
+    assert!(matches!(pool.next_for(&mut a, &long, ms(0)), Next::Wait(at) if at == ms(20)));
+    assert!(matches!(pool.next_for(&mut a, &long, ms(495)), Next::Fail(Fail::Refused(Refused { status: 503, .. }))));
+    // Critical goes anyway; and a request that fits goes, whatever its class.
+    let mut a = pool.start_for(&long, plan(Criticality::Critical), ms(0));
+    assert!(matches!(pool.next_for(&mut a, &long, ms(0)), Next::Send(_)));
+    let mut a = pool.start_for(&short, plan(Criticality::Sheddable), ms(0));
+    assert!(matches!(pool.next_for(&mut a, &short, ms(0)), Next::Send(_)));
+}

@@ -431,3 +431,73 @@ async fn slowed_backend_loses_share(policy: &str) {
         m.shutdown().await;
     }
 }
+
+/// A chat completion with extra headers: status, Retry-After, body, and how long it took.
+async fn chat_with(
+    addr: SocketAddr,
+    prompt: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>, String, Duration) {
+    let started = std::time::Instant::now();
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(conn);
+    let body = serde_json::json!({
+        "model": "llama", "max_tokens": 2, "messages": [{"role": "user", "content": prompt}],
+    });
+    let mut req = http::Request::post("/v1/chat/completions")
+        .header("host", "fulcrum")
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp =
+        s.send_request(req.body(Full::new(Bytes::from(body.to_string()))).expect("request")).await.expect("response");
+    let status = resp.status().as_u16();
+    let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap_or("").to_owned());
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, retry, String::from_utf8_lossy(&body).into_owned(), started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttft_budget_no_endpoint_can_meet_is_queued_or_shed_by_class() {
+    // The configuration a new user writes: endpoints only (the default policy, which reads no
+    // bodies; a budget header makes the proxy read the prompt's length anyway).
+    let a = mock(&["llama"], &[], 1).await;
+    let running = proxy(&endpoints(&[("a", a.local_addr(), "")])).await;
+    let addr = running.addr;
+    // About 20,000 prompt tokens: seconds of prefill anywhere, a budget of 50 ms.
+    let long = "lorem ipsum dolor sit amet ".repeat(3_000);
+    let budget = ("x-fulcrum-ttft-budget", "50ms");
+
+    let (status, retry, body, _) = chat_with(addr, &long, &[budget, ("x-fulcrum-criticality", "sheddable")]).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(retry.is_some_and(|r| r.parse::<u64>().is_ok_and(|s| s >= 1)), "Retry-After");
+    assert!(body.contains("ttft_budget_unmet"), "{body}");
+
+    // Standard (the default class) waits for the budget to pass, then 503.
+    let (status, retry, body, took) = chat_with(addr, &long, &[budget]).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(retry.is_some(), "Retry-After");
+    assert!(took >= Duration::from_millis(25), "standard waits while the budget lasts: {took:?}");
+
+    // Critical goes anyway; a short prompt or a generous budget goes whatever the class.
+    assert_eq!(chat_with(addr, &long, &[budget, ("x-fulcrum-criticality", "critical")]).await.0, 200);
+    assert_eq!(
+        chat_with(addr, "hi", &[("x-fulcrum-ttft-budget", "2s"), ("x-fulcrum-criticality", "sheddable")]).await.0,
+        200
+    );
+    assert_eq!(chat_with(addr, &long, &[("x-fulcrum-ttft-budget", "10m")]).await.0, 200);
+    // Nothing reached the backend but the three that were sent.
+    assert_eq!(running.counts()[0].1, 3);
+
+    // A header that is not understood is the client's error, named.
+    let (status, _, body, _) = chat_with(addr, "hi", &[("x-fulcrum-ttft-budget", "soon")]).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("x-fulcrum-ttft-budget") && body.contains("bad_request_header"), "{body}");
+    let (status, _, body, _) = chat_with(addr, "hi", &[budget, ("x-fulcrum-criticality", "vip")]).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("critical, standard or sheddable"), "{body}");
+    running.shutdown().await;
+    a.shutdown().await;
+}
