@@ -516,6 +516,8 @@ pub struct PoolLoad {
     /// The largest [`LoadSignals::capacity`] over the pool (`f64` bits) as of the last
     /// refresh; 0 until then, or when every endpoint's is the same.
     max_capacity: AtomicU64,
+    /// The sum of the capacities (`f64` bits) as of the last refresh.
+    total_capacity: AtomicU64,
 }
 
 impl PoolLoad {
@@ -524,10 +526,17 @@ impl PoolLoad {
         Some(f64::from_bits(self.max_capacity.load(Ordering::Relaxed))).filter(|&m| m > 0.0)
     }
 
+    /// The pool's total capacity as of the last refresh (0 before it).
+    pub fn total_capacity(&self) -> f64 {
+        f64::from_bits(self.total_capacity.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn set_capacities(&self, capacities: impl Iterator<Item = f64>) {
-        let (min, max) = capacities.fold((f64::INFINITY, 0.0f64), |(lo, hi), c| (lo.min(c), hi.max(c)));
+        let (min, max, sum) =
+            capacities.fold((f64::INFINITY, 0.0f64, 0.0), |(lo, hi, sum), c| (lo.min(c), hi.max(c), sum + c));
         let uneven = max.is_finite() && max > min * 1.01;
         self.max_capacity.store(if uneven { max } else { 0.0 }.to_bits(), Ordering::Relaxed);
+        self.total_capacity.store(sum.to_bits(), Ordering::Relaxed);
     }
 
     /// Requests in flight in the pool.
