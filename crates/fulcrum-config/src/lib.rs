@@ -157,6 +157,9 @@ pub struct PoolTimeouts {
     pub request: Option<Duration>,
     /// How long an idle upstream connection is kept for reuse.
     pub idle: Duration,
+    /// Whether each try's first-byte deadline adapts to the endpoint's recent answers, with
+    /// `first_byte` as the most (true).
+    pub adaptive_first_byte: bool,
 }
 
 impl Default for PoolTimeouts {
@@ -166,6 +169,7 @@ impl Default for PoolTimeouts {
             first_byte: Duration::from_secs(60),
             request: None,
             idle: Duration::from_secs(90),
+            adaptive_first_byte: true,
         }
     }
 }
@@ -231,6 +235,7 @@ impl PoolConfig {
             admission: r.admission.as_ref().map(|a| a.config),
             rate_limit: r.rate_limit.as_ref().map(|l| l.config),
             first_byte,
+            adaptive_first_byte: self.timeouts.adaptive_first_byte,
         }
     }
 }

@@ -143,6 +143,7 @@ pub(crate) struct RawPool {
     pub sticky_cookie: Option<String>,
     pub connect_timeout: Option<DurationStr>,
     pub first_byte_timeout: Option<DurationStr>,
+    pub adaptive_first_byte: Option<bool>,
     pub request_timeout: Option<DurationStr>,
     pub idle_timeout: Option<DurationStr>,
     pub max_idle_per_endpoint: Option<usize>,
@@ -194,6 +195,7 @@ impl RawPool {
                 None => None,
             },
             idle: nonzero(self.idle_timeout, "idle_timeout", defaults.idle)?,
+            adaptive_first_byte: self.adaptive_first_byte.unwrap_or(defaults.adaptive_first_byte),
         };
         let lat = LatencyConfig::default();
         let latency = LatencyConfig {

@@ -223,9 +223,13 @@ async fn proxy(
     };
 
     // AI policies read the body (bounded) for the model, token estimate and prefix hashes;
-    // so does a time-to-first-token budget, whose prediction needs the prompt's length.
+    // so do inference calls on any pool and time-to-first-token budgets: the first-byte
+    // deadline and the budget's prediction need the prompt's and the answer's lengths.
     let (body, body_bytes): (ReqBody, Option<Bytes>) = match body {
-        body if pool.needs().body || parts.headers.contains_key(slo::BUDGET_HEADER) => {
+        body if pool.needs().body
+            || parts.headers.contains_key(slo::BUDGET_HEADER)
+            || openai::is_inference_path(parts.uri.path()) =>
+        {
             let bytes = Box::pin(read_body(body, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             (ReqBody::Bytes(bytes.clone()), Some(bytes))
         }
@@ -249,6 +253,9 @@ async fn proxy(
     safety.rate_limit(client.ip(), &parts.headers)?;
     let admission = safety.admit(&parts.headers).await?;
 
+    // An OpenAI inference call changes nothing on the server: it may be sent again before its
+    // first response byte on any route, known by its path or its parsed body.
+    let inference = inference || ai.is_some() || openai::is_inference_path(parts.uri.path());
     // A request that may be retried must be sendable again: its body is kept (bounded).
     let idempotent = is_idempotent_method(parts.method.as_str());
     let mut may_retry = upgrade.is_none() && safety.state().rules().may_retry(idempotent, inference);

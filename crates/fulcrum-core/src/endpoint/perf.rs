@@ -37,6 +37,16 @@ use crate::time::Instant;
 
 /// How fast old samples lose weight.
 pub const HALF_LIFE: Duration = Duration::from_secs(2);
+/// How fast the recent peak time to a response head is forgotten.
+pub const HEAD_HALF_LIFE: Duration = Duration::from_secs(10);
+/// The adaptive first-byte deadline is this many times the recent peak time to a head...
+pub const HEAD_FACTOR: f64 = 4.0;
+/// ...or this many times the request's own predicted time to its head, if longer...
+pub const REQUEST_FACTOR: f64 = 4.0;
+/// ...and never shorter than this.
+pub const MIN_FIRST_BYTE: Duration = Duration::from_millis(250);
+/// Answers (decayed) an endpoint must have had lately for its deadline to adapt.
+const MIN_ANSWERS: f64 = 3.0;
 /// Prefill time a token assumed before anything is known (10,000 tokens a second).
 pub const PRIOR_PREFILL: f64 = 1e-4;
 /// Fixed cost of a first token assumed before anything is known.
@@ -79,6 +89,9 @@ pub struct Perf {
     pub confidence: f64,
     /// Decayed number of finished answers behind the occupancy and ITL estimates.
     pub served: f64,
+    /// The longest recent time to a response head, decaying with a half-life of
+    /// [`HEAD_HALF_LIFE`] (as of the last answer; 0: none seen).
+    pub head_peak: f64,
 }
 
 impl Perf {
@@ -91,12 +104,27 @@ impl Perf {
         slots: 0,
         confidence: 0.0,
         served: 0.0,
+        head_peak: 0.0,
     };
 
     /// Predicted time to first token of `uncached` prompt tokens, queueing aside.
     #[inline]
     pub fn prefill_time(&self, uncached: u64) -> f64 {
         self.overhead + uncached as f64 * self.prefill
+    }
+
+    /// How long to wait for a response head from this endpoint, at most `max`: the longer of
+    /// [`HEAD_FACTOR`] x the recent peak time to a head and [`REQUEST_FACTOR`] x `predicted`
+    /// (the request's own predicted time to its head), at least [`MIN_FIRST_BYTE`]. An endpoint
+    /// that has answered fewer than 3 requests lately (decayed) gets `max`: the deadline
+    /// adapts only under real traffic, so a frozen backend is found in a fraction of a second
+    /// of it, while a quiet pool's first long request is not cut short.
+    pub fn first_byte_deadline(&self, predicted: f64, max: Duration) -> Duration {
+        if self.served < MIN_ANSWERS || self.head_peak <= 0.0 {
+            return max;
+        }
+        let secs = (HEAD_FACTOR * self.head_peak).max(REQUEST_FACTOR * predicted);
+        Duration::try_from_secs_f64(secs).map_or(max, |d| d.max(MIN_FIRST_BYTE).min(max))
     }
 
     /// Prompt tokens a second.
@@ -147,6 +175,9 @@ struct Fit {
     /// Decayed (weight, weighted sum) of occupancy and of ITL.
     occupancy: (f64, f64),
     itl: (f64, f64),
+    /// The recent peak time to a response head, as of `head_at`.
+    head_peak: f64,
+    head_at: Option<Instant>,
 }
 
 impl Fit {
@@ -199,6 +230,7 @@ struct Published {
     itl: AtomicU64,
     confidence: AtomicU64,
     served: AtomicU64,
+    head_peak: AtomicU64,
     slots: AtomicU32,
 }
 
@@ -213,6 +245,7 @@ impl Default for Published {
             itl: f(p.itl),
             confidence: f(p.confidence),
             served: f(p.served),
+            head_peak: f(p.head_peak),
             slots: AtomicU32::new(p.slots),
         }
     }
@@ -236,6 +269,7 @@ impl Published {
             slots: self.slots.load(Ordering::Relaxed),
             confidence: load(&self.confidence),
             served: load(&self.served),
+            head_peak: load(&self.head_peak),
         }
     }
 
@@ -246,6 +280,7 @@ impl Published {
         store(&self.itl, p.itl);
         store(&self.confidence, p.confidence);
         store(&self.served, p.served);
+        store(&self.head_peak, p.head_peak);
         self.slots.store(p.slots, Ordering::Relaxed);
     }
 }
@@ -282,6 +317,7 @@ impl PerfModel {
             slots: if own.slots > 0 { own.slots } else { prior.slots },
             confidence: own.confidence,
             served: own.served,
+            head_peak: own.head_peak,
         }
     }
 
@@ -334,6 +370,18 @@ impl PerfModel {
                 store(&out.itl, mean(fit.itl, prior.itl));
             }
         });
+    }
+
+    /// A response head came `head` after its try was sent: the recent peak decays by
+    /// [`HEAD_HALF_LIFE`] and rises at once to a longer head. It sets the adaptive first-byte
+    /// deadline ([`Perf::first_byte_deadline`]).
+    pub fn head(&self, head: Duration, now: Instant) {
+        let mut fit = self.lock();
+        let age = fit.head_at.map_or(Duration::ZERO, |at| now.saturating_since(at));
+        let decayed = fit.head_peak * 0.5f64.powf(age.as_secs_f64() / HEAD_HALF_LIFE.as_secs_f64());
+        fit.head_peak = decayed.max(head.as_secs_f64().min(MAX_SECONDS));
+        fit.head_at = Some(fit.head_at.map_or(now, |at| at.max(now)));
+        store(&self.published.head_peak, fit.head_peak);
     }
 
     /// An engine report: `running` requests with `waiting` more queued shows its slots.

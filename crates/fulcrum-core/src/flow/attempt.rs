@@ -115,7 +115,14 @@ pub struct Attempts {
     tries: u32,
     max_tries: u32,
     retry_at: Option<Instant>,
+    /// A try was answered 500.
+    seen_500: bool,
+    /// Broken connections that did not count as tries.
+    forgiven: u32,
 }
+
+/// Broken connections (refused or reset) a request may have without using up its tries.
+pub const FREE_CONNECT_FAILURES: u32 = 2;
 
 impl Attempts {
     /// Starts a request's tries: counts it into the pool (and its retry budget), and checks
@@ -144,7 +151,16 @@ impl Attempts {
             1
         };
         state.on_request(now);
-        Ok(Attempts { plan, by_model: model.is_some(), tried: Vec::new(), tries: 0, max_tries, retry_at: None })
+        Ok(Attempts {
+            plan,
+            by_model: model.is_some(),
+            tried: Vec::new(),
+            tries: 0,
+            max_tries,
+            retry_at: None,
+            seen_500: false,
+            forgiven: 0,
+        })
     }
 
     /// Tries sent so far.
@@ -184,20 +200,28 @@ impl Attempts {
                 .sticky
                 .filter(|&i| self.tries == 0 && refused.is_empty() && i < endpoints.len())
                 .filter(|&i| PoolState::usable(&endpoints[i], panic, now) && self.serves(&endpoints[i], facts));
-            let picked = sticky.map(|index| Picked { index, cached_blocks: 0 }).or_else(|| {
-                let (tried, refused) = (&self.tried, &refused);
+            let (tried, refused_now) = (&self.tried, &refused);
+            let pick = |panic: bool, rng: &mut dyn RngCore| {
                 selector.pick_detailed(facts, now, rng, |e| {
                     PoolState::usable(e, panic, now)
                         && self.serves(e, facts)
-                        && !tried.iter().chain(refused).any(|&t| endpoints[t].id() == e.id())
+                        && !tried.iter().chain(refused_now).any(|&t| endpoints[t].id() == e.id())
                 })
-            });
+            };
+            // In panic the first try spreads over every endpoint (Envoy's panic mode: the
+            // health signals may be wrong, and the few left must not take everything); a retry
+            // goes to an available endpoint first, never from one dead endpoint to the next.
+            let picked = match sticky {
+                Some(index) => Some(Picked { index, cached_blocks: 0 }),
+                None if panic && self.tries > 0 => pick(false, &mut *rng).or_else(|| pick(true, &mut *rng)),
+                None => pick(panic, &mut *rng),
+            };
             let Some(Picked { index, cached_blocks }) = picked else { return Next::Fail(Fail::NoEndpoint) };
             let endpoint = &endpoints[index];
+            let perf = endpoint.signals().perf().estimate(&selector.pool_perf());
+            let engine_age = selector.options().engine_max_age();
+            let predicted = predict_now(endpoint, &perf, facts.uncached(cached_blocks), now, engine_age);
             if let Some(slo) = self.plan.slo.filter(|_| self.tries == 0) {
-                let perf = endpoint.signals().perf().estimate(&selector.pool_perf());
-                let engine_age = selector.options().engine_max_age();
-                let predicted = predict_now(endpoint, &perf, facts.uncached(cached_blocks), now, engine_age);
                 match slo.judge(predicted, now) {
                     Judged::Send => {}
                     Judged::Recheck(at) => return Next::Wait(at),
@@ -227,11 +251,19 @@ impl Attempts {
                 continue;
             }
             self.tries += 1;
+            let first_byte = if rules.adaptive_first_byte {
+                // A whole answer comes after its output: decode time counts unless it streams.
+                let output = facts.estimated_tokens.saturating_sub(facts.prompt_tokens);
+                let head = predicted + if facts.stream { 0.0 } else { output as f64 * perf.itl };
+                perf.first_byte_deadline(head, rules.first_byte)
+            } else {
+                rules.first_byte
+            };
             let guard = selector.begin_request(endpoint, facts, cached_blocks, now);
             return Next::Send(Try {
                 index,
                 last: self.tries >= self.max_tries,
-                first_byte: rules.first_byte,
+                first_byte,
                 guard,
                 ticket: Ticket { index, permit },
             });
@@ -263,6 +295,9 @@ impl Attempts {
         let Some(endpoint) = endpoints.get(index) else { return Verdict::Answer(None) };
         let outcome = Outcome::from(observed);
         endpoint.signals().observe(elapsed, outcome, now, selector.options().latency());
+        if observed == Observed::Success {
+            endpoint.signals().perf().head(elapsed, now);
+        }
         if matches!(observed, Observed::Success | Observed::Status(_)) {
             state.record_latency(elapsed);
         }
@@ -292,13 +327,23 @@ impl Attempts {
         if self.tries >= self.max_tries {
             return Verdict::Answer(Some(GiveUp::AttemptsExhausted { attempts: self.tries }));
         }
+        // A broken connection (refused, or reset before any response byte: a dead endpoint,
+        // or a pooled connection to one) does not use up one of the request's tries (up to
+        // FREE_CONNECT_FAILURES of them), so that dead endpoints and a hung one in a row
+        // still leave it a real try.
+        if matches!(observed, Observed::ConnectFailure | Observed::Reset) && self.forgiven < FREE_CONNECT_FAILURES {
+            self.forgiven += 1;
+            self.max_tries += 1;
+        }
         let attempt = Attempt {
-            number: self.tries,
+            number: self.tries - self.forgiven,
             idempotent: self.plan.idempotent,
             route_allows_non_idempotent: self.plan.route_allows_any_method,
             observed,
             response_started: false,
+            earlier_500: self.seen_500,
         };
+        self.seen_500 |= observed == Observed::Status(500);
         match state.rules().retry.decide(&attempt, rng) {
             Decision::Retry { after } => {
                 if !state.withdraw_retry(now) {

@@ -112,6 +112,11 @@ pub struct PoolRules {
     /// The longest a try waits for its response head (the pool's first-byte timeout, bounded
     /// by the retry policy's per-try timeout).
     pub first_byte: Duration,
+    /// Whether each try's first-byte deadline adapts to its endpoint's recent times to a
+    /// response head and the request's predicted one
+    /// ([`Perf::first_byte_deadline`](crate::endpoint::perf::Perf::first_byte_deadline)),
+    /// with `first_byte` as the most (true).
+    pub adaptive_first_byte: bool,
 }
 
 impl Default for PoolRules {
@@ -129,6 +134,7 @@ impl Default for PoolRules {
             admission: None,
             rate_limit: None,
             first_byte: Duration::from_secs(60),
+            adaptive_first_byte: true,
         }
     }
 }

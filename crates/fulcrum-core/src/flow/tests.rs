@@ -126,7 +126,7 @@ fn the_last_try_says_so_and_its_failure_is_answered() {
     for n in 1..=3 {
         let t = p.send(&mut a, now);
         assert_eq!(t.last, n == 3);
-        match p.record(&mut a, t, Observed::ConnectFailure, now) {
+        match p.record(&mut a, t, Observed::Timeout, now) {
             Verdict::Retry { at } => now = at,
             Verdict::Answer(why) => {
                 assert_eq!(n, 3);
@@ -135,6 +135,50 @@ fn the_last_try_says_so_and_its_failure_is_answered() {
         }
     }
     assert!(matches!(p.next(&mut a, now), Next::Fail(Fail::NoEndpoint)));
+}
+
+#[test]
+fn refused_connections_do_not_use_up_the_tries() {
+    // Two dead endpoints, then a hung one, then a live one: the request still reaches the
+    // live one (the two refused connections are not counted against its 3 tries).
+    let mut p = Pool::new(4, PoolRules::default());
+    let plan = RequestPlan { route_allows_any_method: true, replayable: true, ..RequestPlan::default() };
+    let mut a = p.start(plan, ms(0));
+    let mut now = ms(0);
+    for observed in [Observed::ConnectFailure, Observed::ConnectFailure, Observed::Timeout] {
+        let t = p.send(&mut a, now);
+        assert!(!t.last);
+        let Verdict::Retry { at } = p.record(&mut a, t, observed, now) else { panic!("{observed:?} is retried") };
+        now = at;
+    }
+    // The timeout was the first real try: two more are left.
+    assert_eq!(a.tries(), 3);
+    let t = p.send(&mut a, now);
+    assert!(!t.last, "a fifth try is left");
+    assert_eq!(p.record(&mut a, t, Observed::Success, now), Verdict::Answer(None));
+}
+
+#[test]
+fn an_inference_500_is_tried_once_more_elsewhere() {
+    let mut p = Pool::new(3, PoolRules::default());
+    let inference = RequestPlan { route_allows_any_method: true, replayable: true, ..RequestPlan::default() };
+    let mut a = p.start(inference, ms(0));
+    let t = p.send(&mut a, ms(0));
+    let Verdict::Retry { at } = p.record(&mut a, t, Observed::Status(500), ms(0)) else { panic!("retried") };
+    let t = p.send(&mut a, at);
+    // Once: a second 500 is the answer.
+    assert!(matches!(p.record(&mut a, t, Observed::Status(500), at), Verdict::Answer(Some(GiveUp::NotRetryable(_)))));
+    // Not for other requests, nor when turned off.
+    let mut a = p.start(get(), ms(0));
+    let t = p.send(&mut a, ms(0));
+    assert!(matches!(p.record(&mut a, t, Observed::Status(500), ms(0)), Verdict::Answer(_)));
+    let off = crate::resilience::retry::RetrySettings { inference_500_once: false, ..Default::default() };
+    let rules =
+        PoolRules { retry: crate::resilience::retry::RetryPolicy::try_new(off).unwrap(), ..PoolRules::default() };
+    let mut p = Pool::new(3, rules);
+    let mut a = p.start(inference, ms(0));
+    let t = p.send(&mut a, ms(0));
+    assert!(matches!(p.record(&mut a, t, Observed::Status(500), ms(0)), Verdict::Answer(_)));
 }
 
 #[test]
@@ -275,6 +319,34 @@ fn panic_mode_spreads_over_unhealthy_but_never_draining_endpoints() {
         p.state.on_probe(&p.members, p.endpoint(i), &mut h, true, ms(2));
     }
     assert!(!p.state.is_panic(4));
+}
+
+#[test]
+fn in_panic_a_retry_goes_to_an_available_endpoint_first() {
+    // One of four healthy: the pool is in panic, and first tries spread over all four. A try
+    // that fails on an unhealthy one is retried on the healthy one, not on another unhealthy.
+    let health = crate::resilience::health::HealthConfig::default();
+    let rules = PoolRules { health: Some(health), ..PoolRules::default() };
+    let mut p = Pool::new(4, rules);
+    let mut h = HealthState::new(&health, ms(0));
+    p.state.on_probe(&p.members, p.endpoint(2), &mut h, true, ms(0));
+    assert!(p.state.is_panic(4));
+    let plan = RequestPlan { idempotent: true, replayable: true, ..RequestPlan::default() };
+    let mut first_on_unhealthy = 0;
+    for i in 0..40 {
+        let mut a = p.start(plan, ms(i));
+        let t = p.send(&mut a, ms(i));
+        if t.index == 2 {
+            assert_eq!(p.record(&mut a, t, Observed::Success, ms(i)), Verdict::Answer(None));
+            continue;
+        }
+        first_on_unhealthy += 1;
+        let Verdict::Retry { at } = p.record(&mut a, t, Observed::Timeout, ms(i)) else { panic!("retried") };
+        let retry = p.send(&mut a, at);
+        assert_eq!(retry.index, 2, "the retry goes to the healthy endpoint");
+        assert_eq!(p.record(&mut a, retry, Observed::Success, at), Verdict::Answer(None));
+    }
+    assert!(first_on_unhealthy > 10, "first tries spread in panic: {first_on_unhealthy} of 40");
 }
 
 #[test]

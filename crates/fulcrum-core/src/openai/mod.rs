@@ -60,6 +60,25 @@ mod blocks;
 mod de;
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod path_tests {
+    #[test]
+    fn inference_paths_are_recognised() {
+        for p in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/responses",
+            "/openai/v1/chat/completions/",
+        ] {
+            assert!(super::is_inference_path(p), "{p}");
+        }
+        for p in ["/", "/v1/models", "/v1/files", "/admin/completions/x", "/v1/batches"] {
+            assert!(!super::is_inference_path(p), "{p}");
+        }
+    }
+}
 mod text;
 
 pub use blocks::{model_seed, text_prefix, token_prefix};
@@ -227,6 +246,16 @@ impl ParseError {
             ParseError::TooLarge { .. } | ParseError::TooManyMessages { .. } | ParseError::TooManyInputs { .. }
         )
     }
+}
+
+/// Whether a request path is an OpenAI-compatible inference call (chat completions,
+/// completions, embeddings, responses), with or without a `/v1` or other prefix. Such a POST
+/// is safe to send again before any response byte: it changes nothing on the server. The
+/// proxy retries it on any route, without the route being marked `inference`.
+pub fn is_inference_path(path: &str) -> bool {
+    const ENDINGS: [&str; 4] = ["/chat/completions", "/completions", "/embeddings", "/responses"];
+    let path = path.trim_end_matches('/');
+    path.len() <= 256 && ENDINGS.iter().any(|e| path.ends_with(e))
 }
 
 /// Parses an OpenAI chat completions, completions or embeddings body. Never panics.

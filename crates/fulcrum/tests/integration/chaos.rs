@@ -40,17 +40,45 @@ async fn admin(addr: SocketAddr, patch: &str) {
     assert_eq!(resp.status(), 200, "admin patch {patch}");
 }
 
+type Served =
+    (SocketAddr, Arc<fulcrum_proxy::pool::PoolRuntime>, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>);
+
+/// The proxy on `toml`, running, once the first health checks have admitted every endpoint.
+async fn serve(toml: &str) -> Served {
+    let config = Config::parse(toml, None).expect("config");
+    let proxy = Proxy::bind(&config).await.expect("proxy");
+    let addr = proxy.local_addr("public").expect("listener");
+    let pool = proxy.pools().into_iter().next().expect("pool");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(proxy.run(async {
+        let _ = stop_rx.await;
+    }));
+    // Wait until the first health checks have admitted everyone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pool.snapshot().selector.endpoints().iter().all(|e| e.signals().is_available(fulcrum_proxy::clock::now())) {
+        assert!(Instant::now() < deadline, "endpoints not admitted by their health checks");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (addr, pool, stop_tx, served)
+}
+
 #[derive(Default)]
 struct Tally {
     sent: AtomicU64,
     ok: AtomicU64,
     failed: AtomicU64,
     slowest_ms: AtomicU64,
+    /// Requests slower than 2 s.
+    slow: AtomicU64,
 }
 
 async fn client(proxy: SocketAddr, tally: Arc<Tally>, failures: Arc<std::sync::Mutex<Vec<String>>>) {
+    client_for(proxy, tally, failures, REQUESTS).await;
+}
+
+async fn client_for(proxy: SocketAddr, tally: Arc<Tally>, failures: Arc<std::sync::Mutex<Vec<String>>>, requests: u64) {
     let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
-    while tally.sent.fetch_add(1, Ordering::Relaxed) < REQUESTS {
+    while tally.sent.fetch_add(1, Ordering::Relaxed) < requests {
         if sender.as_ref().is_none_or(|s| s.is_closed()) {
             let stream = tokio::net::TcpStream::connect(proxy).await.expect("proxy connect");
             let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
@@ -80,6 +108,9 @@ async fn client(proxy: SocketAddr, tally: Arc<Tally>, failures: Arc<std::sync::M
             }
         };
         tally.slowest_ms.fetch_max(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if t0.elapsed() > Duration::from_secs(2) {
+            tally.slow.fetch_add(1, Ordering::Relaxed);
+        }
         match result {
             Ok(()) => tally.ok.fetch_add(1, Ordering::Relaxed),
             Err(e) => {
@@ -119,20 +150,7 @@ endpoints = [{}]
         HEALTH_INTERVAL.as_millis(),
         endpoints.join(", ")
     );
-    let config = Config::parse(&toml, None).expect("config");
-    let proxy = Proxy::bind(&config).await.expect("proxy");
-    let addr = proxy.local_addr("public").unwrap();
-    let pool = proxy.pools().into_iter().next().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(proxy.run(async {
-        let _ = stop_rx.await;
-    }));
-    // Wait until the first health checks have admitted everyone.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pool.snapshot().selector.endpoints().iter().all(|e| e.signals().is_available(fulcrum_proxy::clock::now())) {
-        assert!(Instant::now() < deadline, "endpoints not admitted by their health checks");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (addr, pool, stop_tx, served) = serve(&toml).await;
 
     let tally = Arc::new(Tally::default());
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -243,6 +261,68 @@ endpoints = [{}]
     assert!(f64::from(retries) <= allowed, "{retries} retries, budget {allowed}");
     assert!(retries > 0, "the chaos caused retries");
 
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
+}
+
+/// The same faults with the configuration a new user writes: the endpoints and a health
+/// check, nothing about retries, routes or timeouts (issue P1.3). One backend is killed, one
+/// frozen with SIGSTOP, one fails 30% of requests with 500; 16 clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defaults_survive_a_kill_a_freeze_and_errors() {
+    const CLIENTS: usize = 16;
+    const BUDGET: u64 = 1_000_000;
+    let mocks: Vec<Mock> = (0..4).map(|i| spawn_mock(0, i + 1)).collect();
+    let mut mocks: Vec<Option<Mock>> = mocks.into_iter().map(Some).collect();
+    let addrs: Vec<SocketAddr> = mocks.iter().map(|m| m.as_ref().expect("mock").addr).collect();
+    let endpoints: Vec<String> = addrs.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+    let toml = format!(
+        "[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\npool = \"fleet\"\n\n\
+         [pool.fleet]\nhealth_check = {{ path = \"/health\" }}\nendpoints = [{}]\n",
+        endpoints.join(", ")
+    );
+    let (addr, pool, stop_tx, served) = serve(&toml).await;
+
+    let tally = Arc::new(Tally::default());
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clients: Vec<_> =
+        (0..CLIENTS).map(|_| tokio::spawn(client_for(addr, tally.clone(), failures.clone(), BUDGET))).collect();
+    let ok = || tally.ok.load(Ordering::Relaxed);
+    // Before the faults: 2 s of warm-up, then the rate over 2 s.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (n0, t0) = (ok(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = (ok() - n0) as f64 / t0.elapsed().as_secs_f64();
+    // The faults, together.
+    mocks[0].take().expect("mock").kill();
+    let frozen = mocks[1].take().expect("mock");
+    frozen.signal("STOP");
+    admin(addrs[2], r#"{"error_rate": 0.3}"#).await;
+    // While frozen: the rate over 6 s, from 1 s after the faults.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (n1, t1) = (ok(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let during = (ok() - n1) as f64 / t1.elapsed().as_secs_f64();
+    tally.sent.store(BUDGET, Ordering::Relaxed);
+    for c in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(30), c).await;
+    }
+    frozen.signal("CONT");
+    drop(frozen);
+    let stats = &pool.safety().stats;
+    println!(
+        "defaults: {} ok, {} failed, {} slower than 2 s (slowest {} ms); goodput {before:.0} req/s before, \
+         {during:.0} req/s with 2 of 4 backends live; retries {}, budget refusals {}",
+        ok(),
+        tally.failed.load(Ordering::Relaxed),
+        tally.slow.load(Ordering::Relaxed),
+        tally.slowest_ms.load(Ordering::Relaxed),
+        stats.retries.load(Ordering::Relaxed),
+        stats.budget_exhausted.load(Ordering::Relaxed),
+    );
+    assert_eq!(tally.failed.load(Ordering::Relaxed), 0, "failures: {:?}", failures.lock().unwrap());
+    assert!(tally.slow.load(Ordering::Relaxed) <= 4, "{} requests slower than 2 s", tally.slow.load(Ordering::Relaxed));
+    assert!(during >= 0.8 * before * 2.0 / 4.0, "goodput {during:.0} req/s while frozen against {before:.0} before");
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
 }

@@ -27,6 +27,12 @@ impl MockChild {
         MockChild { child, addr }
     }
 
+    /// Sends a signal by name (`STOP`, `CONT`) to the child, by its PID.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name}");
+    }
+
     /// SIGKILL: no chance to close connections gracefully.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -75,6 +75,10 @@ pub struct RetrySettings {
     pub on_reset: bool,
     /// Retry when the response head did not come in time (true).
     pub on_timeout: bool,
+    /// An inference request answered 500 is tried once more on another endpoint (true):
+    /// model servers answer 500 for a crashed worker or an engine error that another replica
+    /// does not have. Counted against the retry budget like any retry.
+    pub inference_500_once: bool,
     /// Longest a single try may take (none).
     pub per_try_timeout: Option<Duration>,
     /// Longest from sending a try to its response head (none: the pool's).
@@ -93,6 +97,7 @@ impl Default for RetrySettings {
             on_connect_failure: true,
             on_reset: true,
             on_timeout: true,
+            inference_500_once: true,
             per_try_timeout: None,
             first_byte_timeout: None,
             backoff_base: Duration::from_millis(25),
@@ -127,6 +132,7 @@ pub struct RetryPolicy {
     on_connect_failure: bool,
     on_reset: bool,
     on_timeout: bool,
+    inference_500_once: bool,
     per_try_timeout: Option<Duration>,
     first_byte_timeout: Option<Duration>,
     backoff_base: Duration,
@@ -146,6 +152,9 @@ pub struct Attempt {
     pub observed: Observed,
     /// A response byte has reached the client.
     pub response_started: bool,
+    /// An earlier try of the request was answered 500 (so an inference request's one retry
+    /// after a 500 is spent).
+    pub earlier_500: bool,
 }
 
 impl Default for Attempt {
@@ -158,6 +167,7 @@ impl Default for Attempt {
             route_allows_non_idempotent: false,
             observed: Observed::Success,
             response_started: false,
+            earlier_500: false,
         }
     }
 }
@@ -263,6 +273,7 @@ impl RetryPolicy {
             on_connect_failure: s.on_connect_failure,
             on_reset: s.on_reset,
             on_timeout: s.on_timeout,
+            inference_500_once: s.inference_500_once,
             per_try_timeout: s.per_try_timeout,
             first_byte_timeout: s.first_byte_timeout,
             backoff_base: s.backoff_base,
@@ -302,7 +313,11 @@ impl RetryPolicy {
         if attempt.response_started {
             return Err(GiveUp::ResponseStarted);
         }
-        if !self.is_retryable(attempt.observed) {
+        let inference_500 = self.inference_500_once
+            && attempt.observed == Observed::Status(500)
+            && attempt.route_allows_non_idempotent
+            && !attempt.earlier_500;
+        if !self.is_retryable(attempt.observed) && !inference_500 {
             return Err(GiveUp::NotRetryable(attempt.observed));
         }
         let never_sent = attempt.observed == Observed::ConnectFailure;
