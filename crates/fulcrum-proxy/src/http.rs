@@ -398,7 +398,13 @@ impl Forward<'_> {
                 return Err(last_error.unwrap_or_else(|| self.no_endpoint()));
             };
             exchange.attempt(upstream, &parts.method, &mut parts.headers);
-            let result = pin!(upstream.send(parts, b, started, t.first_byte)).await;
+            // A body still streaming from the client gets the pool's whole first-byte timeout:
+            // the adaptive deadline is for the upstream's answer, not the client's upload.
+            let first_byte = match &b {
+                ReqBody::Streamed(_) => t.first_byte.max(self.pool.config().timeouts.first_byte),
+                ReqBody::Bytes(_) => t.first_byte,
+            };
+            let result = pin!(upstream.send(parts, b, started, first_byte)).await;
             let (observed, elapsed) = (classify(&result), started.elapsed());
             if Outcome::from(observed) == Outcome::Failure {
                 upstream.record_failure();
@@ -481,6 +487,8 @@ fn classify<B>(result: &Result<Response<B>, ProxyError>) -> Observed {
     match result {
         Ok(resp) if resp.status().as_u16() >= 400 => Observed::Status(resp.status().as_u16()),
         Ok(_) => Observed::Success,
+        // The client's faults (a body that broke or stalled) are its answer, not the endpoint's.
+        Err(e @ (ProxyError::BadBody(_) | ProxyError::BodyTimeout { .. })) => Observed::Status(e.status().as_u16()),
         Err(e) => e.observed().unwrap_or(Observed::Reset),
     }
 }

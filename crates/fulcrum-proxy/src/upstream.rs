@@ -235,6 +235,13 @@ impl Upstream {
                     stale = true;
                 }
                 Err(Failure { error: UpstreamError::TimedOut, .. }) => return Err(timed_out()),
+                // The client's faults: answered 4xx, never counted against the endpoint.
+                Err(Failure { error: UpstreamError::RequestBody(e), .. }) => {
+                    return Err(ProxyError::BadBody(e.to_string()));
+                }
+                Err(Failure { error: UpstreamError::RequestBodyStalled, .. }) => {
+                    return Err(ProxyError::BodyTimeout { after_ms: first_byte.as_millis() });
+                }
                 Err(f) => return Err(ProxyError::Upstream { endpoint: self.name.clone(), source: f.error }),
             }
         }

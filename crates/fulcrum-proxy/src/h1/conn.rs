@@ -273,7 +273,13 @@ pub(crate) async fn exchange(
                     if let Some(timer) = &mut conn.timer
                         && timer.as_mut().poll(cx).is_ready()
                     {
-                        return Poll::Ready(Err((UpstreamError::TimedOut, false)));
+                        // Still sending the client's body: the client is late, not the upstream.
+                        let late = if writer.stream.is_some() {
+                            UpstreamError::RequestBodyStalled
+                        } else {
+                            UpstreamError::TimedOut
+                        };
+                        return Poll::Ready(Err((late, false)));
                     }
                     return Poll::Pending;
                 }

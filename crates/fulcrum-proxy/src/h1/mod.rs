@@ -70,6 +70,10 @@ pub enum UpstreamError {
     /// The client's request body failed while it was being forwarded.
     #[error("the request body failed: {0}")]
     RequestBody(#[source] hyper::Error),
+    /// The first-byte deadline passed while the client was still sending its body: the
+    /// client's delay, not the upstream's.
+    #[error("the request body was still arriving at the first-byte deadline")]
+    RequestBodyStalled,
     /// hyper's client failed (upgrades only).
     #[error(transparent)]
     Hyper(#[from] hyper::Error),

@@ -4,6 +4,7 @@
 
 mod client_h1;
 mod common;
+mod hostile;
 mod http;
 mod membership;
 mod observe;

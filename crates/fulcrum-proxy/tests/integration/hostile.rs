@@ -1,0 +1,90 @@
+//! Hostile and broken clients over raw sockets: what a client does wrong is answered 4xx and
+//! never counted against the endpoint (issue P1.3, finding F1: ten broken uploads used to
+//! open every breaker and eject the endpoint, and every other client then got 503).
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The status of the first response on `stream`, or 0 if it closed without one (bounded).
+async fn status_of(stream: &mut TcpStream) -> u16 {
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&buf[..i]).into_owned();
+                return line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return 0,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.expect("an answer or a close within 10 s")
+}
+
+/// The endpoint still takes traffic: no failure counted, no open circuit, no ejection.
+fn unharmed(running: &Running) {
+    let snapshot = running.pools[0].snapshot();
+    let s = snapshot.selector.endpoints()[0].signals();
+    assert_eq!(s.consecutive_failures(), 0, "a client's fault was counted against the endpoint");
+    assert!(s.is_available(fulcrum_proxy::clock::now()), "the endpoint was taken out by clients' faults");
+}
+
+#[tokio::test]
+async fn broken_and_abandoned_uploads_are_the_clients_fault() {
+    let a = backend("a", Behavior::Echo).await;
+    // The defaults: breakers open after 5 failures, outlier detection ejects after 5.
+    let running = proxy(&one_pool_with(&format!("endpoints = {}", endpoints(&[&a])), "")).await;
+    for _ in 0..12 {
+        // A chunked body whose next chunk size is not hex.
+        let mut s = TcpStream::connect(running.proxy_addr).await.unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+            .await
+            .unwrap();
+        let status = status_of(&mut s).await;
+        assert!(status == 0 || (400..500).contains(&status), "a malformed chunked body got {status}");
+        // An upload the client abandons half way.
+        let mut s = TcpStream::connect(running.proxy_addr).await.unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nonly ten b").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    unharmed(&running);
+    let (status, _, _) = send(running.proxy_addr, get("/after")).await;
+    assert_eq!(status, 200);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stalled_upload_is_408_and_not_the_endpoints_fault() {
+    let a = backend("a", Behavior::Echo).await;
+    let pool = format!("first_byte_timeout = \"300ms\"\nendpoints = {}", endpoints(&[&a]));
+    let running = proxy(&one_pool_with(&pool, "")).await;
+    let stalled: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = running.proxy_addr;
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                // Over 64 KiB: streamed to the endpoint as it arrives, not read whole first.
+                let head = "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n";
+                s.write_all(format!("{head}{}", "x".repeat(10_000)).as_bytes()).await.unwrap();
+                status_of(&mut s).await
+            })
+        })
+        .collect();
+    for t in stalled {
+        assert_eq!(t.await.unwrap(), 408);
+    }
+    unharmed(&running);
+    let (status, _, _) = send(running.proxy_addr, get("/after")).await;
+    assert_eq!(status, 200);
+    running.shutdown().await;
+}
