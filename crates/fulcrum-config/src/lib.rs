@@ -73,6 +73,9 @@ pub struct ProxySettings {
     pub drain_timeout: Duration,
     /// Where the admin API and `/metrics` listen, if anywhere.
     pub admin: Option<SocketAddr>,
+    /// Host names the admin API accepts in `Host` and `Origin`, besides IP addresses and
+    /// `localhost` (empty by default).
+    pub admin_hosts: Vec<String>,
     /// One log line per request (target `fulcrum::access`).
     pub access_log: bool,
 }
@@ -312,6 +315,7 @@ impl Config {
             workers: raw.proxy.workers,
             drain_timeout: raw.proxy.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
             admin: raw.proxy.admin,
+            admin_hosts: raw.proxy.admin_hosts.unwrap_or_default(),
             access_log: raw.proxy.access_log.unwrap_or(false),
         };
 

@@ -63,6 +63,7 @@ pub(crate) struct RawProxy {
     pub workers: Option<NonZeroUsize>,
     pub drain_timeout: Option<DurationStr>,
     pub admin: Option<SocketAddr>,
+    pub admin_hosts: Option<Vec<String>>,
     pub access_log: Option<bool>,
 }
 

@@ -9,6 +9,7 @@
 //! | `DELETE /pools/{pool}/endpoints/{id}` | remove an endpoint (its requests in flight finish) |
 //! | `PUT /pools/{pool}/endpoints/{id}/weight` | set its static weight (`{"weight": 3}`) |
 //! | `POST /pools/{pool}/endpoints/{id}/drain?timeout_ms=N` | stop new requests to an endpoint and wait for its requests in flight (default 30 s) |
+//! | `POST /pools/{pool}/endpoints/{id}/undrain` | end a drain: the endpoint takes new requests again (kept through reloads) |
 //! | `PUT /pools/{pool}/policy` | change the pool's policy (`{"policy": "least_connections"}` or `{"policy": {"name", "options"}}`) |
 //! | `GET /config` | the running configuration: its TOML text, the same as JSON, its generation |
 //! | `PUT /config` | replace the running configuration with the TOML text of the body |
@@ -56,12 +57,14 @@ pub struct AdminState {
     token: Option<Arc<str>>,
     mesh: Option<Mesh>,
     discovery: Option<fulcrum_discovery::Discovery>,
+    /// Host names accepted in `Host` and `Origin` besides IP addresses and `localhost`.
+    hosts: Arc<[String]>,
 }
 
 impl AdminState {
     /// The proxy's running configuration.
     pub fn new(live: Live) -> Self {
-        AdminState { live, token: None, mesh: None, discovery: None }
+        AdminState { live, token: None, mesh: None, discovery: None, hosts: Arc::from([]) }
     }
 
     /// Shows the discovery providers' status and serves backends' self-registrations
@@ -74,6 +77,12 @@ impl AdminState {
     /// Sends every change through the mesh's shared configuration (see [`crate::mesh`]).
     pub fn with_mesh(mut self, mesh: Mesh) -> Self {
         self.mesh = Some(mesh);
+        self
+    }
+
+    /// Accepts these host names in `Host` and `Origin`, besides IP addresses and `localhost`.
+    pub fn with_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.hosts = hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect();
         self
     }
 
@@ -208,6 +217,7 @@ pub fn app(state: AdminState) -> Router {
         .route("/pools/{pool}/endpoints/{id}", axum::routing::delete(remove_endpoint))
         .route("/pools/{pool}/endpoints/{id}/weight", put(set_weight))
         .route("/pools/{pool}/endpoints/{id}/drain", post(drain))
+        .route("/pools/{pool}/endpoints/{id}/undrain", post(undrain))
         .route("/pools/{pool}/policy", put(set_policy))
         .route("/config", get(show_config).put(replace_config))
         .route("/reload", post(reload))
@@ -219,8 +229,47 @@ pub fn app(state: AdminState) -> Router {
         .fallback(|| async {
             ApiError::not_found("path", "no such admin call; see GET /pools, /config, /metrics".into())
         })
-        .layer(middleware::from_fn_with_state(state, authorize))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(state, check_host))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+/// Whether `authority` (`host[:port]`) names this admin API: an IP address (what probes and
+/// scripts use; a DNS-rebinding attack needs a name), `localhost`, or a configured name.
+fn allowed_authority(authority: &str, hosts: &[String]) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => return v6.split(']').next().is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, port)| if port.parse::<u16>().is_ok() { h } else { authority }),
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host.parse::<std::net::Ipv4Addr>().is_ok() || host == "localhost" || hosts.contains(&host)
+}
+
+/// Refuses requests whose `Host` or `Origin` names another site (DNS rebinding, cross-site
+/// requests from a browser): 403, before the token is even looked at.
+async fn check_host(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let refuse = |field: &str, value: &str| {
+        let message = format!(
+            "{field} {value:?} does not name this admin API: use an IP address or localhost, or list the name in [proxy] admin_hosts"
+        );
+        ApiError { status: StatusCode::FORBIDDEN, field: field.to_ascii_lowercase(), message }.into_response()
+    };
+    if let Some(host) = req.headers().get(header::HOST) {
+        let host = host.to_str().unwrap_or("");
+        if !allowed_authority(host, &state.hosts) {
+            return refuse("Host", host);
+        }
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let authority = origin.split_once("://").map_or("", |(_, rest)| rest).trim_end_matches('/');
+        if !allowed_authority(authority, &state.hosts) {
+            return refuse("Origin", origin);
+        }
+    }
+    next.run(req).await
 }
 
 /// Checks the bearer token, when one is set, in constant time.
@@ -426,6 +475,17 @@ async fn drain(
         Drained::Unknown => Err(ApiError::not_found("id", format!("pool `{name}` has no endpoint `{id}`"))),
         Drained::Idle => Ok(Json(json!({"endpoint": id, "drained": true, "in_flight": 0}))),
         Drained::TimedOut { in_flight } => Ok(Json(json!({"endpoint": id, "drained": false, "in_flight": in_flight}))),
+    }
+}
+
+async fn undrain(
+    State(state): State<AdminState>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let pool = state.pool(&name)?;
+    match pool.undrain(&id) {
+        None => Err(ApiError::not_found("id", format!("pool `{name}` has no endpoint `{id}`"))),
+        Some(was) => Ok(Json(json!({"endpoint": id, "draining": false, "was_draining": was}))),
     }
 }
 

@@ -280,6 +280,15 @@ impl PoolRuntime {
         }
     }
 
+    /// Ends an endpoint's draining: it takes new requests again. `None` when the pool has no
+    /// such endpoint, else whether it was draining. The endpoint's state is carried through
+    /// reloads, as its draining was.
+    pub fn undrain(&self, id: &str) -> Option<bool> {
+        let snapshot = self.snapshot();
+        let endpoint = snapshot.selector.endpoints().iter().find(|e| e.id().as_str() == id)?;
+        Some(self.safety.state().undrain(endpoint, clock::now()))
+    }
+
     /// Requests waiting for the pool's first endpoint (the autoscaler reads it as a queue).
     pub fn held(&self) -> u64 {
         self.held.load(std::sync::atomic::Ordering::Relaxed)

@@ -226,7 +226,9 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("the admin API cannot listen on {address}"))?;
                 let address = listener.local_addr().unwrap_or(address);
                 tracing::info!(%address, "admin API listening");
-                let mut state = fulcrum_control::admin::AdminState::new(live.clone()).with_discovery(discovery);
+                let mut state = fulcrum_control::admin::AdminState::new(live.clone())
+                    .with_discovery(discovery)
+                    .with_hosts(config.proxy.admin_hosts.clone());
                 if let Some(token) = token {
                     state = state.with_token(token);
                 }

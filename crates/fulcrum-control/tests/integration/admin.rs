@@ -84,6 +84,37 @@ async fn drain_marks_an_endpoint_and_reports() {
 }
 
 #[tokio::test]
+async fn undrain_ends_a_drain_and_both_outlive_a_reload() {
+    let state = state().await;
+    let available = |pools: &str| {
+        let v: serde_json::Value = serde_json::from_str(pools).expect("json");
+        v["endpoints"][0]["available"].as_bool().expect("available")
+    };
+    let (status, _) = call(&state, "POST", "/pools/llm/endpoints/a/drain?timeout_ms=10").await;
+    assert_eq!(status, 200);
+    // A policy change rebuilds the pool: the drain stays.
+    let (status, body) = call_with(&state, "PUT", "/pools/llm/policy", r#"{"policy": "round_robin"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!available(&call(&state, "GET", "/pools/llm").await.1), "draining through a policy change");
+    let (status, body) = call(&state, "POST", "/pools/llm/endpoints/a/undrain").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""was_draining":true"#) && body.contains(r#""draining":false"#), "{body}");
+    assert!(available(&call(&state, "GET", "/pools/llm").await.1), "available again");
+    let (_, events) = call(&state, "GET", "/pools/llm/events").await;
+    assert!(events.contains("undrain"), "{events}");
+    // A new configuration keeps it available.
+    let (status, body) = call_with(&state, "PUT", "/config", TOML).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(available(&call(&state, "GET", "/pools/llm").await.1), "available after a reload");
+    // Undraining what is not draining says so; an unknown endpoint is 404.
+    let (_, body) = call(&state, "POST", "/pools/llm/endpoints/a/undrain").await;
+    assert!(body.contains(r#""was_draining":false"#), "{body}");
+    let (status, body) = call(&state, "POST", "/pools/llm/endpoints/zz/undrain").await;
+    assert_eq!(status, 404);
+    assert!(body.contains(r#""field":"id""#), "{body}");
+}
+
+#[tokio::test]
 async fn metrics_are_prometheus_text_with_conventional_names() {
     let state = state().await;
     let (status, body) = call(&state, "GET", "/metrics").await;
@@ -321,4 +352,35 @@ async fn concurrent_changes_all_land() {
     assert_eq!(members(&state).await.len(), 12, "every added endpoint is in the pool");
     let (_, body) = call(&state, "GET", "/config").await;
     assert_eq!(json(&body)["generation"], 11);
+}
+
+#[tokio::test]
+async fn host_and_origin_must_name_the_admin_api() {
+    let state = state().await.with_hosts(vec!["Fulcrum.Internal".into()]);
+    let status_with = |headers: Vec<(&'static str, &'static str)>| {
+        let state = state.clone();
+        async move {
+            let mut req = axum::http::Request::builder().method("GET").uri("/pools");
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            let resp = app(state).oneshot(req.body(Body::empty()).expect("request")).await.expect("response");
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    for ok in ["127.0.0.1:9901", "localhost:9901", "[::1]:9901", "10.1.2.3", "fulcrum.internal:9901", "localhost"] {
+        assert_eq!(status_with(vec![("host", ok)]).await.0, 200, "Host {ok}");
+    }
+    // DNS rebinding: a name the attacker controls, resolving to this machine.
+    let (status, body) = status_with(vec![("host", "attacker.example:9901")]).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("admin_hosts") && body.contains(r#""field":"host""#), "{body}");
+    // A page on another site calling the API from a browser.
+    let (status, body) = status_with(vec![("host", "127.0.0.1:9901"), ("origin", "https://attacker.example")]).await;
+    assert_eq!(status, 403);
+    assert!(body.contains(r#""field":"origin""#), "{body}");
+    assert_eq!(status_with(vec![("host", "127.0.0.1:9901"), ("origin", "http://localhost:9901")]).await.0, 200);
+    assert_eq!(status_with(vec![("origin", "null")]).await.0, 403);
 }

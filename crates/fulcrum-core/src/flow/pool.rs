@@ -361,6 +361,17 @@ impl PoolState {
         self.event(now, endpoint.id().as_str(), "drain", "no new requests".to_owned());
     }
 
+    /// Takes an endpoint out of draining: it takes new requests again (if nothing else keeps
+    /// it out). Returns whether it was draining.
+    pub fn undrain(&self, endpoint: &Endpoint, now: Instant) -> bool {
+        let was = endpoint.signals().is_unavailable_for(Unavailable::Draining);
+        self.set_unavailable(endpoint, Unavailable::Draining, false);
+        if was {
+            self.event(now, endpoint.id().as_str(), "undrain", "takes new requests again".to_owned());
+        }
+        was
+    }
+
     /// Checks a client's key against the rate limit (always allowed without one).
     pub fn rate_check(&self, key: &[u8], now: Instant) -> RateDecision {
         let Some(rate) = &self.rate else { return RateDecision::Allowed };
