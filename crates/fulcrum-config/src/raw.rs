@@ -256,6 +256,14 @@ impl RawPool {
         for (i, e) in self.endpoints.into_iter().enumerate() {
             endpoints.push(e.into_spec().map_err(|e| (format!(".endpoints[{i}].{}", e.field), e.message))?);
         }
+        let policy = self.policy.unwrap_or_else(|| default_policy(engine_metrics.is_some()));
+        if let Some(capacity) = policy.capacity() {
+            for (i, e) in endpoints.iter().enumerate() {
+                if let Some(problem) = e.labels.accelerator.as_deref().and_then(|a| capacity.unknown(a)) {
+                    return Err((format!(".endpoints[{i}].labels.gpu"), problem));
+                }
+            }
+        }
         let discovery = match self.discovery {
             Some(d) => Some(d.validate()?),
             None => None,
@@ -270,7 +278,7 @@ impl RawPool {
         }
         Ok(PoolConfig {
             name: name.to_owned(),
-            policy: self.policy.unwrap_or_else(|| default_policy(engine_metrics.is_some())),
+            policy,
             options,
             endpoints,
             sticky_cookie: self.sticky_cookie,

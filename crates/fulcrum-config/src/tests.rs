@@ -289,3 +289,23 @@ fn an_llm_pool_without_a_policy_routes_by_predicted_ttft() {
         fulcrum_core::Policy::LeastConnections
     );
 }
+
+#[test]
+fn an_unknown_accelerator_label_is_an_error_naming_the_known_ones() {
+    let pool = |gpu: &str| {
+        format!(
+            "[pool.x]\npolicy = {{ name = \"least_tokens\", capacity = \"accelerator\" }}\n\
+             endpoints = [{{ address = \"127.0.0.1:1\", labels = {{ gpu = \"{gpu}\" }} }}]\n"
+        )
+    };
+    let e = err(&pool("h800"));
+    assert!(e.contains("pool.x.endpoints[0].labels.gpu: unknown accelerator `h800`"), "{e}");
+    assert!(e.contains("a100, b200, cpu, h100, h200, l4, mi300x, tpu"), "{e}");
+    for known in ["h200", "B200", "mi300x", "tpu"] {
+        let c = Config::parse(&pool(known), None).unwrap_or_else(|e| panic!("{known}: {e}"));
+        let capacity = c.pools["x"].policy.capacity().expect("a capacity").clone();
+        assert!(capacity.base(&c.pools["x"].endpoints[0].labels, std::num::NonZeroU32::MIN) >= 2.0, "{known}");
+    }
+    // With the default capacity (the weight) labels are only labels.
+    assert!(Config::parse(&pool("h800").replace(", capacity = \"accelerator\"", ""), None).is_ok());
+}

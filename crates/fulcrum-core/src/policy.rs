@@ -575,6 +575,16 @@ impl Policy {
         })
     }
 
+    /// How the policy finds each endpoint's capacity, for the policies that have the option.
+    pub fn capacity(&self) -> Option<&Capacity> {
+        match self {
+            Policy::LeastTokens { capacity, .. }
+            | Policy::PrefixAffinity { capacity, .. }
+            | Policy::Score { capacity, .. } => Some(capacity),
+            _ => None,
+        }
+    }
+
     /// Whether the policy's picks read the endpoints' learned performance
     /// ([`perf`](crate::endpoint::perf)): `predicted_ttft`, and the load-aware policies that
     /// divide load by capacity (`least_connections`, `power_of_two` with least request,

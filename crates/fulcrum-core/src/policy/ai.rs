@@ -29,9 +29,10 @@ pub const MAX_CACHE_BLOCKS: u32 = 1 << 24;
 /// `least_tokens`, `prefix_affinity` and `score` divides by it.
 ///
 /// Written `capacity = "weight"` (the default), `capacity = "accelerator"` (the default
-/// table: h100 4, a100 2, l4 1, cpu 0.25) or a table of your own
-/// (`capacity = { h100 = 4, a10g = 1.5 }`). With a table, an endpoint whose accelerator label
-/// is missing or not in the table uses its static weight. Either way the capacity is
+/// table, rough LLM serving throughput against an L4: b200 8, h200 5, h100 4, mi300x 4,
+/// a100 2, tpu 2, l4 1, cpu 0.25) or a table of your own (`capacity = { h100 = 4, a10g = 1.5 }`).
+/// An endpoint without an accelerator label uses its static weight; a label the table does
+/// not know is a configuration error ([`Capacity::unknown`]). Either way the capacity is
 /// multiplied by the endpoint's slow-start ramp. Dynamic weighting (the engine's KV-cache use)
 /// does not apply: the in-flight tokens these policies compare already count that load.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -47,10 +48,19 @@ impl Capacity {
     /// The default accelerator table.
     pub fn accelerator_defaults() -> Capacity {
         Capacity::Accelerator(
-            [("h100", 4.0), ("a100", 2.0), ("l4", 1.0), ("cpu", 0.25)]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
+            [
+                ("b200", 8.0),
+                ("h200", 5.0),
+                ("h100", 4.0),
+                ("mi300x", 4.0),
+                ("a100", 2.0),
+                ("tpu", 2.0),
+                ("l4", 1.0),
+                ("cpu", 0.25),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
         )
     }
 
@@ -64,6 +74,20 @@ impl Capacity {
             }
         };
         table.copied().unwrap_or(f64::from(weight.get()))
+    }
+
+    /// For a table: the error for an accelerator label it does not know (case-insensitive),
+    /// naming the label and the known ones.
+    pub fn unknown(&self, accelerator: &str) -> Option<String> {
+        let Capacity::Accelerator(table) = self else { return None };
+        if table.contains_key(accelerator) || table.contains_key(&accelerator.to_ascii_lowercase()) {
+            return None;
+        }
+        let known: Vec<&str> = table.keys().map(String::as_str).collect();
+        Some(format!(
+            "unknown accelerator `{accelerator}`: the capacity table knows {}; add it, as in capacity = {{ {accelerator} = 3 }}",
+            known.join(", ")
+        ))
     }
 
     pub(super) fn problem(&self) -> Option<String> {
