@@ -76,6 +76,9 @@ pub struct ProxySettings {
     /// Host names the admin API accepts in `Host` and `Origin`, besides IP addresses and
     /// `localhost` (empty by default).
     pub admin_hosts: Vec<String>,
+    /// Seed of the random choices (`random`, `power_of_two`, jitter); `None`: from the
+    /// process. With one worker a run is then reproducible.
+    pub seed: Option<u64>,
     /// One log line per request (target `fulcrum::access`).
     pub access_log: bool,
 }
@@ -316,6 +319,7 @@ impl Config {
             drain_timeout: raw.proxy.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
             admin: raw.proxy.admin,
             admin_hosts: raw.proxy.admin_hosts.unwrap_or_default(),
+            seed: raw.proxy.seed,
             access_log: raw.proxy.access_log.unwrap_or(false),
         };
 

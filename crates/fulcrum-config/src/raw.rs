@@ -64,6 +64,7 @@ pub(crate) struct RawProxy {
     pub drain_timeout: Option<DurationStr>,
     pub admin: Option<SocketAddr>,
     pub admin_hosts: Option<Vec<String>>,
+    pub seed: Option<u64>,
     pub access_log: Option<bool>,
 }
 

@@ -301,6 +301,14 @@ impl RawResilience {
         };
 
         let b = self.circuit_breaker.unwrap_or_default();
+        if b.max_pending.is_some() {
+            return Err((
+                ".circuit_breaker.max_pending".into(),
+                "is not supported: the proxy opens a connection rather than queueing requests per endpoint; \
+                 bound queueing with admission = { max_in_flight, max_queue } instead"
+                    .into(),
+            ));
+        }
         let limit_defaults = LimitSettings::default();
         let limits = Limits::try_new(LimitSettings {
             max_connections: b.max_connections.or(limit_defaults.max_connections),

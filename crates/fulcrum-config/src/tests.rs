@@ -309,3 +309,10 @@ fn an_unknown_accelerator_label_is_an_error_naming_the_known_ones() {
     // With the default capacity (the weight) labels are only labels.
     assert!(Config::parse(&pool("h800").replace(", capacity = \"accelerator\"", ""), None).is_ok());
 }
+
+#[test]
+fn max_pending_is_refused_with_what_to_use_instead() {
+    let e = err("[pool.x]\ncircuit_breaker = { max_pending = 10 }\n");
+    assert!(e.contains("pool.x.circuit_breaker.max_pending: is not supported"), "{e}");
+    assert!(e.contains("admission"), "{e}");
+}

@@ -30,8 +30,29 @@ pub fn random_seed() -> u64 {
     h.finish()
 }
 
+/// The configured seed (`[proxy] seed`), if any: each thread's generator is then seeded from
+/// it and the thread's order of first use, so a run with one worker is reproducible.
+static SEED: OnceLock<u64> = OnceLock::new();
+static THREADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Seeds the generators of the threads that have not drawn yet (call before serving).
+/// Returns false if a seed was already set.
+pub fn set_seed(seed: u64) -> bool {
+    SEED.set(seed).is_ok()
+}
+
+fn thread_seed() -> u64 {
+    match SEED.get() {
+        Some(&seed) => {
+            let n = THREADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        }
+        None => random_seed(),
+    }
+}
+
 thread_local! {
-    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::seed_from_u64(random_seed()));
+    static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::seed_from_u64(thread_seed()));
 }
 
 /// Runs `f` with this thread's generator: the proxy's picks need no lock for randomness.

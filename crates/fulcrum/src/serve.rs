@@ -181,6 +181,9 @@ pub async fn shutdown_signal() {
 pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let token = config.proxy.admin.map(|a| admin_token(args, a)).transpose()?.flatten();
+    if let Some(seed) = config.proxy.seed {
+        fulcrum_proxy::clock::set_seed(seed);
+    }
     let rt = runtime(args.workers.or(config.proxy.workers))?;
     rt.block_on(async {
         let proxy = Proxy::bind_file(&args.config).await?;
