@@ -29,6 +29,32 @@ fn next_json(lines: &mpsc::Receiver<String>, want: impl Fn(&serde_json::Value) -
     }
 }
 
+/// `fulcrum --log-format json serve -c FILE`, its stderr lines, and the address it listens on.
+fn serve_json(file: &std::path::Path) -> (Server, mpsc::Receiver<String>, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["--log-format", "json", "serve", "-c"])
+        .arg(file)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fulcrum serve starts");
+    let mut server = Server(child);
+    let stderr = server.0.stderr.take().expect("stderr");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let listening = next_json(&lines, |v| v["message"] == "listening");
+    let addr = listening["addr"].as_str().expect("addr").to_owned();
+    (server, lines, addr)
+}
+
 #[test]
 fn json_logs_carry_the_access_log() {
     let dir = std::env::temp_dir().join(format!("fulcrum-logging-{}", std::process::id()));
@@ -50,28 +76,7 @@ endpoints = [{ id = "gone", address = "127.0.0.1:1" }]
 "#,
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
-        .args(["--log-format", "json", "serve", "-c"])
-        .arg(&file)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut server = Server(child);
-    let stderr = server.0.stderr.take().expect("stderr");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-
-    let listening = next_json(&lines, |v| v["message"] == "listening");
-    let addr = listening["addr"].as_str().expect("addr").to_owned();
+    let (server, lines, addr) = serve_json(&file);
     let mut conn = TcpStream::connect(&addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     conn.write_all(
@@ -108,8 +113,8 @@ fn the_log_format_is_checked() {
 
 /// A backend that answers every request 200 on its own thread (until the test ends).
 fn tiny_backend() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
     std::thread::spawn(move || {
         for mut conn in listener.incoming().map_while(Result::ok) {
             let mut head = Vec::new();
@@ -126,38 +131,18 @@ fn tiny_backend() -> std::net::SocketAddr {
 /// The endpoints `fulcrum serve` picked for 24 requests in a row, from its access log.
 fn picks(config: &str) -> Vec<String> {
     let dir = std::env::temp_dir().join(format!("fulcrum-seed-{}-{}", std::process::id(), config.len()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).expect("io");
     let file = dir.join("fulcrum.toml");
-    std::fs::write(&file, config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
-        .args(["--log-format", "json", "serve", "-c"])
-        .arg(&file)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut server = Server(child);
-    let stderr = server.0.stderr.take().expect("stderr");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let listening = next_json(&lines, |v| v["message"] == "listening");
-    let addr = listening["addr"].as_str().expect("addr").to_owned();
+    std::fs::write(&file, config).expect("io");
+    let (server, lines, addr) = serve_json(&file);
     let mut picked = Vec::new();
     for i in 0..24 {
-        let mut conn = TcpStream::connect(&addr).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut conn = TcpStream::connect(&addr).expect("io");
+        conn.set_read_timeout(Some(Duration::from_secs(20))).expect("io");
         conn.write_all(format!("GET /{i} HTTP/1.1\r\nHost: seed.test\r\nConnection: close\r\n\r\n").as_bytes())
-            .unwrap();
+            .expect("io");
         let mut answer = String::new();
-        conn.read_to_string(&mut answer).unwrap();
+        conn.read_to_string(&mut answer).expect("io");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         let access = next_json(&lines, |v| v["target"] == "fulcrum::access");
         picked.push(access["endpoint"].as_str().expect("endpoint").to_owned());
