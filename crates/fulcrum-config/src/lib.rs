@@ -120,6 +120,9 @@ pub struct HttpListener {
     pub body_read_timeout: Duration,
     /// Where requests no route matches go; without it they get 404.
     pub default_pool: Option<String>,
+    /// Whether clients of this listener are trusted with any priority class in the pools'
+    /// `priority_header` (false: capped at each pool's `untrusted_priority`).
+    pub trust_priority: bool,
 }
 
 /// A route: which requests of which listeners go to which pool.
@@ -369,6 +372,7 @@ impl Config {
                     header_read_timeout: l.header_read_timeout.map_or(Duration::from_secs(30), |d| d.0),
                     body_read_timeout: l.body_read_timeout.map_or(Duration::from_secs(60), |d| d.0),
                     default_pool: l.pool,
+                    trust_priority: l.trust_priority.unwrap_or(false),
                 }),
                 raw::Protocol::Tcp => match l.pool {
                     Some(pool) => ListenerKind::Tcp { pool },

@@ -88,6 +88,7 @@ pub(crate) struct RawListener {
     pub header_read_timeout: Option<DurationStr>,
     pub body_read_timeout: Option<DurationStr>,
     pub max_connections: Option<NonZeroUsize>,
+    pub trust_priority: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

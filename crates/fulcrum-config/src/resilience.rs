@@ -65,6 +65,9 @@ pub struct Admission {
     /// A header whose value (0 to 255) is the request's priority class; higher leaves the
     /// queue first. Absent or unparsable: class 0.
     pub priority_header: Option<String>,
+    /// The highest class a client of an untrusted listener may claim (0 by default: only
+    /// listeners with `trust_priority = true` raise a request's class).
+    pub untrusted_priority: u8,
 }
 
 /// Everything a pool does about failures and overload.
@@ -181,6 +184,7 @@ pub(crate) struct RawAdmission {
     max_queue: Option<u32>,
     queue_timeout: Option<DurationStr>,
     priority_header: Option<String>,
+    untrusted_priority: Option<u8>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -373,7 +377,11 @@ impl RawResilience {
                 {
                     return Err((".admission.priority_header".into(), format!("`{h}` is not a header name")));
                 }
-                Some(Admission { config, priority_header: a.priority_header.map(|h| h.to_ascii_lowercase()) })
+                Some(Admission {
+                    config,
+                    priority_header: a.priority_header.map(|h| h.to_ascii_lowercase()),
+                    untrusted_priority: a.untrusted_priority.unwrap_or(0),
+                })
             }
         };
 

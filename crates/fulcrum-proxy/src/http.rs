@@ -41,6 +41,8 @@ pub(crate) struct ListenerCtx {
     pub(crate) routes: RouteTable,
     pub(crate) max_body_bytes: usize,
     pub(crate) body_read_timeout: std::time::Duration,
+    /// Whether its clients may claim any priority class.
+    pub(crate) trust_priority: bool,
     /// Access log and traces (metrics are always recorded).
     pub(crate) observe: Observe,
 }
@@ -251,7 +253,7 @@ async fn proxy(
     // Overload protection before any work on the pool.
     let safety = pool.safety().clone();
     safety.rate_limit(client.ip(), &parts.headers)?;
-    let admission = safety.admit(&parts.headers).await?;
+    let admission = safety.admit(&parts.headers, ctx.trust_priority).await?;
 
     // An OpenAI inference call changes nothing on the server: it may be sent again before its
     // first response byte on any route, known by its path or its parsed body.

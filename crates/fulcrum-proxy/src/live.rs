@@ -426,6 +426,7 @@ fn listener_states(
                     routes: RouteTable::new(routes, default),
                     max_body_bytes: h.max_body_bytes,
                     body_read_timeout: h.body_read_timeout,
+                    trust_priority: h.trust_priority,
                     observe: crate::observe::Observe::new(config.proxy.access_log, tracer.cloned()),
                 }))
             }

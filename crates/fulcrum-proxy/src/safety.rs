@@ -139,21 +139,22 @@ impl PoolSafety {
         }
     }
 
-    /// Waits for admission (bounded queue, priority classes, timeout).
+    /// Waits for admission (bounded queue, priority classes, timeout). A client of an
+    /// untrusted listener claims at most the pool's `untrusted_priority`.
     pub(crate) async fn admit(
         self: &Arc<Self>,
         headers: &http::HeaderMap,
+        trusted: bool,
     ) -> Result<Option<AdmissionSlot>, ProxyError> {
         let Some(rt) = &self.admission else { return Ok(None) };
-        let priority = self
-            .config
-            .admission
-            .as_ref()
+        let config = self.config.admission.as_ref();
+        let claimed = config
             .and_then(|a| a.priority_header.as_deref())
             .and_then(|h| headers.get(h))
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u8>().ok())
             .unwrap_or(0);
+        let priority = if trusted { claimed } else { claimed.min(config.map_or(0, |a| a.untrusted_priority)) };
         let id = rt.next_id.fetch_add(1, Ordering::Relaxed);
         let now = clock::now();
         let (deadline, mut rx) = {

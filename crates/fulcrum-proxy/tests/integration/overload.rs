@@ -74,12 +74,27 @@ async fn overload_is_answered_fast_with_retry_after_and_bounded_queueing() {
 
 #[tokio::test]
 async fn higher_priority_classes_leave_the_queue_first() {
+    let (low_done, high_done) = low_then_high(true).await;
+    assert!(high_done < low_done, "the high-priority request, queued later, must finish first");
+}
+
+#[tokio::test]
+async fn an_untrusted_listener_cannot_claim_a_higher_class() {
+    // The default: clients of a listener without trust_priority are capped at class 0.
+    let (low_done, high_done) = low_then_high(false).await;
+    assert!(low_done < high_done, "a claimed class from an untrusted client must not jump the queue");
+}
+
+/// A request holding the pool's one slot, then a class-0 request and a class-7 one queued
+/// behind it: when each finished.
+async fn low_then_high(trusted: bool) -> (Instant, Instant) {
     let slow = backend("slow", Behavior::Stream { chunks: 2, gap: Duration::from_millis(200) }).await;
     let toml = one_pool(
         "\"round_robin\"",
         &[&slow],
         "admission = { max_in_flight = 1, max_queue = 10, queue_timeout = \"5s\", priority_header = \"x-priority\" }",
-    );
+    )
+    .replace("pool = \"p\"\n", &format!("pool = \"p\"\ntrust_priority = {trusted}\n"));
     let running = proxy(&toml).await;
     let addr = running.proxy_addr;
     let request = |prio: &'static str| {
@@ -98,8 +113,8 @@ async fn higher_priority_classes_leave_the_queue_first() {
     });
     assert_eq!(first.await.unwrap().0, 200);
     let (low_done, high_done) = (low.await.unwrap(), high.await.unwrap());
-    assert!(high_done < low_done, "the high-priority request, queued later, must finish first");
     running.shutdown().await;
+    (low_done, high_done)
 }
 
 #[tokio::test]
