@@ -98,7 +98,7 @@ async fn low_then_high(trusted: bool) -> (Instant, Instant) {
     let running = proxy(&toml).await;
     let addr = running.proxy_addr;
     let request = |prio: &'static str| {
-        Request::get("/").header("host", "x").header("x-priority", prio).body(Full::new(Bytes::new())).unwrap()
+        Request::get("/").header("host", "x").header("x-priority", prio).body(Full::new(Bytes::new())).expect("ok")
     };
     let first = tokio::spawn(async move { send(addr, request("0")).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -111,8 +111,8 @@ async fn low_then_high(trusted: bool) -> (Instant, Instant) {
         send(addr, request("7")).await;
         Instant::now()
     });
-    assert_eq!(first.await.unwrap().0, 200);
-    let (low_done, high_done) = (low.await.unwrap(), high.await.unwrap());
+    assert_eq!(first.await.expect("ok").0, 200);
+    let (low_done, high_done) = (low.await.expect("ok"), high.await.expect("ok"));
     running.shutdown().await;
     (low_done, high_done)
 }
