@@ -34,6 +34,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default limit on a request body the proxy reads (4 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 
+/// Most worker threads `[proxy] workers` may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
 /// A configuration error: where, which field, what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
@@ -317,6 +320,13 @@ impl Config {
     }
 
     fn from_raw(raw: raw::RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
+        // What `serve` could not run is refused here, so that `validate` says so first.
+        if let Some(w) = raw.proxy.workers
+            && w.get() > MAX_WORKERS
+        {
+            let message = format!("must be at most {MAX_WORKERS} threads, got {}", w.get());
+            return Err(at.error(at.key_offset("workers"), "proxy.workers", &message));
+        }
         let proxy = ProxySettings {
             workers: raw.proxy.workers,
             drain_timeout: raw.proxy.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
@@ -360,6 +370,17 @@ impl Config {
             if !addresses.insert(l.address) {
                 let msg = format!("{} is used by another listener", l.address);
                 return Err(at.error(span.start, &format!("{field}.address"), &msg));
+            }
+            if proxy.admin == Some(l.address) {
+                let msg = format!("{} is the admin API's address ([proxy] admin)", l.address);
+                return Err(at.error(span.start, &format!("{field}.address"), &msg));
+            }
+            for (name, d) in
+                [("header_read_timeout", l.header_read_timeout), ("body_read_timeout", l.body_read_timeout)]
+            {
+                if d.is_some_and(|d| d.0.is_zero()) {
+                    return Err(at.error(span.start, &format!("{field}.{name}"), "must be longer than zero"));
+                }
             }
             if let Some(pool) = &l.pool
                 && !pools.contains_key(pool)
@@ -484,6 +505,19 @@ impl Locator<'_> {
             (None, Some(k)) => k.to_owned(),
             (None, None) => String::new(),
         }
+    }
+
+    /// Where `key = ` is first written (0 if nowhere): for errors on fields read without a span.
+    fn key_offset(&self, key: &str) -> usize {
+        let mut offset = 0;
+        for line in self.text.split_inclusive('\n') {
+            let t = line.trim_start();
+            if t.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('=')) {
+                return offset + (line.len() - t.len());
+            }
+            offset += line.len();
+        }
+        0
     }
 
     fn error(&self, offset: usize, field: &str, message: &str) -> ConfigError {

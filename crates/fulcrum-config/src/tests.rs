@@ -316,3 +316,15 @@ fn max_pending_is_refused_with_what_to_use_instead() {
     assert!(e.contains("pool.x.circuit_breaker.max_pending: is not supported"), "{e}");
     assert!(e.contains("admission"), "{e}");
 }
+
+#[test]
+fn what_serve_cannot_run_is_refused_by_validate() {
+    let listener = "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:9000\"\npool = \"p\"\n";
+    let pool = "[pool.p]\nendpoints = [{ address = \"127.0.0.1:1\" }]\n";
+    let e = err(&format!("[proxy]\nworkers = 100000\n{listener}{pool}"));
+    assert!(e.contains("fulcrum.toml:2: proxy.workers: must be at most 1024 threads, got 100000"), "{e}");
+    let e = err(&format!("{listener}header_read_timeout = \"0s\"\n{pool}"));
+    assert!(e.contains("listener[0].header_read_timeout: must be longer than zero"), "{e}");
+    let e = err(&format!("[proxy]\nadmin = \"127.0.0.1:9000\"\n{listener}{pool}"));
+    assert!(e.contains("listener[0].address: 127.0.0.1:9000 is the admin API's address"), "{e}");
+}

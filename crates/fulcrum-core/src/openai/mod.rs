@@ -105,6 +105,9 @@ pub struct Limits {
     pub default_output_tokens: u64,
 }
 
+/// The most output tokens a request's estimate counts (a million: beyond any context window).
+pub const MAX_OUTPUT_TOKENS: u64 = 1 << 20;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -313,9 +316,11 @@ pub fn parse<'a>(body: &'a [u8], limits: &Limits) -> Result<AiRequest<'a>, Parse
         (kind, Vec::new(), prompts, tokens)
     };
     let max_tokens = raw.max_completion_tokens.or(raw.max_tokens);
+    // A client's max_tokens is clamped: near u64::MAX it would wrap the endpoint's in-flight
+    // token counter and skew every later pick.
     let output_tokens = match kind {
         ApiKind::Embedding => 0,
-        _ => max_tokens.unwrap_or(limits.default_output_tokens),
+        _ => max_tokens.unwrap_or(limits.default_output_tokens).min(MAX_OUTPUT_TOKENS),
     };
     Ok(AiRequest {
         kind,

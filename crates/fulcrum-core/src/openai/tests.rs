@@ -215,3 +215,20 @@ fn arbitrary_bytes_never_panic() {
         let _ = parse(&body, &Limits { max_messages: 2, max_inputs: 2, ..Limits::default() });
     }
 }
+
+#[test]
+fn a_huge_max_tokens_is_clamped_so_counters_cannot_wrap() {
+    let body =
+        format!(r#"{{"model":"m","max_tokens":{},"messages":[{{"role":"user","content":"hi"}}]}}"#, u64::MAX - 1);
+    let req = parse(body.as_bytes(), &Limits::default()).unwrap();
+    assert_eq!(req.output_tokens, MAX_OUTPUT_TOKENS);
+    assert!(req.estimated_tokens() < MAX_OUTPUT_TOKENS + 100);
+    // Two of them in flight on one endpoint do not wrap its counter.
+    let pool = crate::balance::test_support::selector(crate::Policy::LeastConnections, &[1]);
+    let e = pool.endpoints()[0].clone();
+    let (_a, _b) = (
+        pool.begin(&e, req.estimated_tokens(), crate::Instant::ZERO),
+        pool.begin(&e, req.estimated_tokens(), crate::Instant::ZERO),
+    );
+    assert_eq!(e.signals().in_flight_tokens(), 2 * req.estimated_tokens());
+}
