@@ -13,6 +13,23 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Refuses a request whose target is ambiguous: two `Host` headers (RFC 9112, 3.2: 400), or
+/// user information in `Host` or in an absolute-form target (RFC 9110, 4.2.4).
+pub(crate) fn check_host(parts: &http::request::Parts) -> Result<(), String> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("the request has two Host headers".to_owned());
+    }
+    if first.is_some_and(|h| h.as_bytes().contains(&b'@')) {
+        return Err("the Host header carries user information (`user@`), which is not allowed".to_owned());
+    }
+    if parts.uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("the request target carries user information (`user@`), which is not allowed".to_owned());
+    }
+    Ok(())
+}
+
 /// Removes hop-by-hop headers (RFC 9110 section 7.6.1), and those the `Connection` header
 /// names. With `keep_upgrade`, `Connection: upgrade` and `Upgrade` stay (WebSocket).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -36,6 +53,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 .map(str::trim)
                 .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
                 .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+                // A client cannot make the proxy drop what says where and how long the
+                // request is (`Connection: host` used to strip Host upstream).
+                .filter(|t| !t.eq_ignore_ascii_case("host") && !t.eq_ignore_ascii_case("content-length"))
                 .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
                 .collect();
             for name in listed {

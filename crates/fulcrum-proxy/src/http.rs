@@ -202,6 +202,7 @@ async fn proxy(
     let body = std::mem::replace(&mut req.body, Ok(ReqBody::Bytes(Bytes::new())))?;
     let upgrade = req.upgrade.take();
     let parts = &mut req.parts;
+    headers::check_host(parts).map_err(ProxyError::BadHeader)?;
 
     // Route; read the body only if a route needs the model from it.
     let mut model: Option<String> = None;

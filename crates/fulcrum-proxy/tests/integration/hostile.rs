@@ -88,3 +88,36 @@ async fn a_stalled_upload_is_408_and_not_the_endpoints_fault() {
     assert_eq!(status, 200);
     running.shutdown().await;
 }
+
+/// The whole answer to one raw request (the connection is closed after it).
+async fn raw_answer(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn ambiguous_hosts_are_refused_and_host_cannot_be_stripped() {
+    let a = backend("a", Behavior::Echo).await;
+    let running = proxy(&one_pool_with(&format!("endpoints = {}", endpoints(&[&a])), "")).await;
+    let addr = running.proxy_addr;
+    for (what, req) in [
+        ("two Host headers", "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n"),
+        ("userinfo in Host", "GET / HTTP/1.1\r\nHost: user@a.example\r\nConnection: close\r\n\r\n"),
+        (
+            "userinfo in the target",
+            "GET http://user:pw@a.example/ HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+        ),
+    ] {
+        let answer = raw_answer(addr, req).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+        assert!(answer.contains("bad_request_header"), "{what}: {answer}");
+    }
+    // `Connection: host` does not strip Host on the way upstream.
+    let answer = raw_answer(addr, "GET /h HTTP/1.1\r\nHost: kept.example\r\nConnection: close, host\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("kept.example"), "the upstream saw the Host: {answer}");
+    running.shutdown().await;
+}
