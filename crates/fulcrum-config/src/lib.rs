@@ -371,7 +371,8 @@ impl Config {
                 let msg = format!("{} is used by another listener", l.address);
                 return Err(at.error(span.start, &format!("{field}.address"), &msg));
             }
-            if proxy.admin == Some(l.address) {
+            // (Port 0 picks a free port at bind: two such addresses never clash.)
+            if proxy.admin == Some(l.address) && l.address.port() != 0 {
                 let msg = format!("{} is the admin API's address ([proxy] admin)", l.address);
                 return Err(at.error(span.start, &format!("{field}.address"), &msg));
             }

@@ -152,7 +152,8 @@ impl Served {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&self.admin).expect("serve test harness");
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n").expect("serve test harness");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Connection: close\r\n\r\n", self.admin)
+            .expect("serve test harness");
         let mut text = String::new();
         s.read_to_string(&mut text).expect("serve test harness");
         text
