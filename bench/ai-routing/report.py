@@ -7,6 +7,7 @@
                                        the hit rate and per-backend requests from the counters'
                                        difference, and the KEY=VALUE fields given
   report.py line < RECORD              one line for the console
+  report.py retable RESULTS.json OUT.md the same from run.sh's --out file
   report.py table RESULTS.jsonl META.json OUT.md
                                        the markdown section: per cell and router the median of
                                        the runs and their min-max, and predicted_ttft's targets
@@ -151,8 +152,8 @@ def verdict(wl, load, rows):
     def mark(ok):
         return "PASS" if ok else "**FAIL**"
 
-    row = (f"| {wl}, {load}% | {mark(ok99)}: {fmt_ms(p99)} vs {fmt_ms(peer_p99[best99])} ({best99}) | "
-           f"{mark(ok50)}: {fmt_ms(p50)} vs {fmt_ms(peer_p50[best50])} ({best50}) | "
+    row = (f"| {wl}, {load}% | {mark(ok99)}: {p99:.1f} vs {peer_p99[best99]:.1f} ({best99}) | "
+           f"{mark(ok50)}: {p50:.1f} vs {peer_p50[best50]:.1f} ({best50}) | "
            f"{mark(okhit)}: {hit:.1f}% vs {peer_hit[besthit]:.1f}% ({besthit}) | "
            f"{mark(ok0)}: {errors} | {wins}/{n} |")
     return row, [ok99, ok50, okhit, ok0]
@@ -170,6 +171,16 @@ def main():
               f"TTFT p50 {d['ttft_p50_ms']:7.1f}  p99 {d['ttft_p99_ms']:7.1f}  e2e p99 {d['e2e_p99_ms']:7.1f}  "
               f"hits {100 * d['hit_rate']:5.1f}%  err {d['failed']}  per backend {'/'.join(map(str, d['per_backend']))}  "
               f"router CPU {d.get('router_cpu_s', 0)}s  late p99 {d.get('client_late_p99_ms', 0)} ms", flush=True)
+    elif cmd == "retable":
+        import os, tempfile
+        d = json.load(open(sys.argv[2]))
+        with tempfile.TemporaryDirectory() as tmp:
+            r, m = os.path.join(tmp, "r.jsonl"), os.path.join(tmp, "m.json")
+            with open(r, "w") as f:
+                for x in d.pop("results"):
+                    f.write(json.dumps(x) + "\n")
+            json.dump(d, open(m, "w"))
+            table(r, m, sys.argv[3])
     elif cmd == "table":
         table(sys.argv[2], sys.argv[3], sys.argv[4])
     else:

@@ -272,7 +272,8 @@ LOAD_END=$(cut -d" " -f1-3 /proc/loadavg)
 
 # --- report ---------------------------------------------------------------------------------
 CPU=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
-COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+# The routing code: the last commit that changed the Rust sources.
+COMMIT=$(git -C "$ROOT" log -1 --format=%h -- crates Cargo.toml Cargo.lock 2>/dev/null || echo unknown)
 DIRTY=$(git -C "$ROOT" status --porcelain -- crates 2>/dev/null | head -1)
 [ -n "$DIRTY" ] && COMMIT="$COMMIT (crates/ modified)"
 NAMES=$(for k in "${RLIST[@]}"; do printf '"%s",' "$(router_name "$k")"; done | sed 's/,$//')
