@@ -46,7 +46,7 @@
 #          [--capacity chat=R,shared=R,groups=R] [--capacity-seconds 15]
 #          [--out bench/ai-routing/results.json] [--no-write]
 # Smoke run: bench/ai-routing/run.sh --runs 1 --seconds 8 --capacity-seconds 8 --no-write
-# The full run (3 runs x 3 workloads x 3 loads x 5 routers, 20 s cells) takes about 70 minutes.
+# The full run (3 runs x 3 workloads x 3 loads x 5 routers, 20 s cells) takes about 65 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)

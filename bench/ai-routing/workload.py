@@ -55,17 +55,19 @@ class Stats:
         self.ttft, self.e2e, self.done_at, self.late = [], [], [], []
         self.tokens = self.ok = 0
         self.failed = {}
+        self.trace = None  # a list of per-request records with --trace
 
     def fail(self, kind):
         self.failed[kind] = self.failed.get(kind, 0) + 1
 
 
-async def one_request(session, args, messages, stats, t_origin):
+async def one_request(session, args, messages, stats, t_origin, conv=0, turn=0):
     body = {"model": args.model, "stream": True, "max_tokens": args.max_tokens, "messages": messages}
     t0 = time.perf_counter()
-    ttft, answer, ok, kind = None, [], False, None
+    ttft, answer, ok, kind, rid = None, [], False, None, None
     try:
         async with session.post(args.url + "/v1/chat/completions", json=body) as resp:
+            rid = resp.headers.get("x-request-id")
             if resp.status == 200:
                 buf = b""
                 async for chunk in resp.content.iter_any():
@@ -103,6 +105,10 @@ async def one_request(session, args, messages, stats, t_origin):
         stats.ok += 1
     else:
         stats.fail(kind or "unknown")
+    if stats.trace is not None:
+        stats.trace.append({"t": round(t0 - t_origin, 4), "conv": conv, "turn": turn, "ok": ok, "error": kind,
+                            "ttft_ms": round(1000 * ttft, 2) if ttft is not None else None,
+                            "e2e_ms": round(1000 * (now - t0), 2), "request_id": rid})
     return "".join(answer), ok
 
 
@@ -117,7 +123,7 @@ async def conversation(session, args, conv, systems, stats, t_origin, start_at, 
             await asyncio.sleep(delay)
         stats.late.append(max(0.0, time.perf_counter() - (t_origin + due)))
         messages.append({"role": "user", "content": text(rng, args.user_tokens)})
-        answer, ok = await one_request(session, args, messages, stats, t_origin)
+        answer, ok = await one_request(session, args, messages, stats, t_origin, conv, turn)
         if not ok:
             return
         messages.append({"role": "assistant", "content": answer})
@@ -167,10 +173,13 @@ async def main():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--trace", help="write one JSON line per request here (send time, TTFT, x-request-id)")
     args = p.parse_args()
     rng = random.Random(1234)  # the prompts are the same whatever the seed
     systems = [f"[system prompt {i}] " + text(rng, args.system_tokens) for i in range(args.system_prompts)]
     stats = Stats()
+    if args.trace:
+        stats.trace = []
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     t_origin = time.perf_counter()
@@ -203,6 +212,10 @@ async def main():
     else:
         window = [t for t in stats.done_at if args.warmup <= t <= args.seconds]
         out["saturated_req_per_s"] = round(len(window) / max(1e-9, args.seconds - args.warmup), 2)
+    if args.trace:
+        with open(args.trace, "w") as f:
+            for r in stats.trace:
+                f.write(json.dumps(r) + "\n")
     print(json.dumps(out))
 
 
