@@ -198,7 +198,12 @@ mod tests {
         assert_eq!(table.base(&labels(Some("h100")), w3), 4.0);
         assert_eq!(table.base(&labels(Some("H100")), w3), 4.0);
         assert_eq!(table.base(&labels(Some("cpu")), w3), 0.25);
-        assert_eq!(table.base(&labels(Some("tpu")), w3), 3.0);
+        assert_eq!(table.base(&labels(Some("tpu")), w3), 2.0);
+        // A label the table does not know (configuration refuses it; a discovered endpoint
+        // can still carry one): the weight.
+        assert_eq!(table.base(&labels(Some("h800")), w3), 3.0);
+        assert!(table.unknown("h800").is_some_and(|e| e.contains("`h800`")));
+        assert_eq!(table.unknown("H200"), None);
         assert_eq!(table.base(&labels(None), w3), 3.0);
         assert_eq!(table.problem(), None);
         let bad = Capacity::Accelerator([("l4".to_owned(), 0.0)].into_iter().collect());
