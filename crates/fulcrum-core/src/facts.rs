@@ -26,6 +26,9 @@ pub struct RequestFacts<'a> {
     pub prompt_tokens: u64,
     /// Whether the answer streams, so that its first body bytes are its first token.
     pub stream: bool,
+    /// An OpenAI generation that sets no `max_tokens` and does not stream: how long until its
+    /// whole answer (its response head) is unknown, so its first-byte deadline does not adapt.
+    pub unbounded_output: bool,
 }
 
 /// Prompt tokens one prefix block stands for: the [`openai`](crate::openai) default of 256

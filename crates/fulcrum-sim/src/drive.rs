@@ -56,6 +56,7 @@ impl Facts<'_> {
             estimated_tokens: self.prompt_tokens.saturating_add(self.output_tokens),
             prompt_tokens: self.prompt_tokens,
             stream: true,
+            unbounded_output: false,
         }
     }
 }

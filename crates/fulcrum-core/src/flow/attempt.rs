@@ -251,7 +251,8 @@ impl Attempts {
                 continue;
             }
             self.tries += 1;
-            let first_byte = if rules.adaptive_first_byte {
+            // A whole answer of unbounded length may legitimately take any time: no adapting.
+            let first_byte = if rules.adaptive_first_byte && !facts.unbounded_output {
                 // A whole answer comes after its output: decode time counts unless it streams.
                 let output = facts.estimated_tokens.saturating_sub(facts.prompt_tokens);
                 let head = predicted + if facts.stream { 0.0 } else { output as f64 * perf.itl };

@@ -461,3 +461,33 @@ fn a_ttft_budget_that_cannot_be_met_waits_or_is_refused_by_class() {
     let mut a = pool.start_for(&short, plan(Criticality::Sheddable), ms(0));
     assert!(matches!(pool.next_for(&mut a, &short, ms(0)), Next::Send(_)));
 }
+
+#[test]
+fn the_first_byte_deadline_adapts_under_traffic_but_not_for_unbounded_whole_answers() {
+    let mut p = Pool::new(1, PoolRules::default());
+    let max = PoolRules::default().first_byte;
+    // No traffic yet: the whole timeout.
+    let mut a = p.start(get(), ms(0));
+    assert_eq!(p.send(&mut a, ms(0)).first_byte, max);
+    // Answers with heads of 20 ms: the deadline comes down to its floor.
+    for i in 0..10 {
+        let mut a = p.start(get(), ms(i));
+        let t = p.send(&mut a, ms(i));
+        p.endpoint(0).signals().perf().head(std::time::Duration::from_millis(20), ms(i));
+        p.endpoint(0).signals().perf().finished(
+            std::time::Duration::from_millis(20),
+            None,
+            &crate::endpoint::perf::Perf::PRIOR,
+            ms(i),
+        );
+        assert_eq!(p.record(&mut a, t, Observed::Success, ms(i)), Verdict::Answer(None));
+    }
+    let mut a = p.start(get(), ms(20));
+    let t = p.send(&mut a, ms(20));
+    assert!(t.first_byte < std::time::Duration::from_secs(1), "{:?}", t.first_byte);
+    // A generation that neither streams nor bounds its output keeps the whole timeout.
+    let unbounded = RequestFacts { unbounded_output: true, prompt_tokens: 10, ..RequestFacts::default() };
+    let mut a = p.start_for(&unbounded, get(), ms(20));
+    let Next::Send(t) = p.next_for(&mut a, &unbounded, ms(20)) else { panic!("a try") };
+    assert_eq!(t.first_byte, max);
+}

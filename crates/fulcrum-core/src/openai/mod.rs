@@ -204,6 +204,7 @@ impl AiRequest<'_> {
             estimated_tokens: self.estimated_tokens(),
             prompt_tokens: self.prompt_tokens,
             stream: self.stream,
+            unbounded_output: !self.stream && self.max_tokens.is_none() && self.kind != ApiKind::Embedding,
             ..RequestFacts::default()
         }
     }
