@@ -91,11 +91,34 @@ pub(crate) async fn serve(stream: TcpStream, client: Client, stop: watch::Receiv
     };
     // hyper takes the connection from here.
     let peer = client.peer;
-    let Client { live, index, hyper, .. } = client;
+    let Client { live, index, hyper, header_read_timeout, .. } = client;
+    // When the last request started (milliseconds since the connection was handed over):
+    // a connection that starts none for `header_read_timeout` is closed gracefully (HTTP/2:
+    // GOAWAY, streams in progress finish), as idle HTTP/1.1 keep-alive connections are, and
+    // one that never sent a request is dropped. Without it an HTTP/2 preface and an empty
+    // SETTINGS frame held a connection slot forever.
+    let handed_over = std::time::Instant::now();
+    let last_request = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = last_request.clone();
     let service = service_fn(move |req| {
+        // Stored plus one: 0 means no request yet.
+        let since = u64::try_from(handed_over.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        seen.store(since + 1, std::sync::atomic::Ordering::Relaxed);
         let ctx = live.listener(index).expect("an http listener has an http state");
         handle(ctx, peer, forwarded_for.clone(), req)
     });
+    let idle = async {
+        let window = u64::try_from(header_read_timeout.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let last = last_request.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(1);
+            let now = u64::try_from(handed_over.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let quiet = now.saturating_sub(last);
+            if quiet >= window {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(window - quiet)).await;
+        }
+    };
     let io = TokioIo::new(Rewind { read, stream: conn.stream });
     let served = hyper.serve_connection_with_upgrades(io, service);
     let mut served = pin!(served);
@@ -107,6 +130,16 @@ pub(crate) async fn serve(stream: TcpStream, client: Client, stop: watch::Receiv
         biased;
         r = served.as_mut() => r,
         _ = stop.changed() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+        () = idle => {
+            if last_request.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                // Not one request: nothing to finish, and an HTTP/2 graceful shutdown would
+                // wait for the ping of a peer that may never answer it.
+                tracing::debug!(%peer, "closing a connection that sent no request");
+                return;
+            }
             served.as_mut().graceful_shutdown();
             served.await
         }

@@ -121,3 +121,24 @@ async fn ambiguous_hosts_are_refused_and_host_cannot_be_stripped() {
     assert!(answer.contains("kept.example"), "the upstream saw the Host: {answer}");
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_header_read_timeout() {
+    // Finding F2: an HTTP/2 preface and an empty SETTINGS frame held a connection slot
+    // forever, so `max_connections` of them locked every other client out.
+    let a = backend("a", Behavior::Echo).await;
+    let toml = one_pool_with(&format!("endpoints = {}", endpoints(&[&a])), "")
+        .replace("pool = \"p\"\n", "pool = \"p\"\nheader_read_timeout = \"300ms\"\n");
+    let running = proxy(&toml).await;
+    let mut s = TcpStream::connect(running.proxy_addr).await.expect("connect");
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.expect("write");
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the idle HTTP/2 connection was still open after 5 s");
+    assert!(started.elapsed() < Duration::from_secs(3), "closed after {:?}", started.elapsed());
+    // A connection that keeps sending requests is not idle: h2 requests are served.
+    let (status, _, _) = send(running.proxy_addr, get("/after")).await;
+    assert_eq!(status, 200);
+    running.shutdown().await;
+}
