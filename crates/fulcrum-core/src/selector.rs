@@ -302,7 +302,6 @@ impl Selector {
         Ok(Selector { policy, options, endpoints, load, table_weights, prefix, balancer })
     }
 
-    /// Recomputes and stores every endpoint's effective weight at `now`.
     /// Each endpoint's learned speed, as a factor on its weight.
     ///
     /// Weights are the prior: an endpoint of twice the pool's mean weight is assumed twice as
@@ -320,19 +319,23 @@ impl Selector {
         let prior = load.perf().get();
         let total: f64 = endpoints.iter().map(|e| f64::from(e.weight().get())).sum();
         let mean_weight = total / endpoints.len() as f64;
-        let factor = |e: &Endpoint| {
+        // First the raw factors (stored), then their scale.
+        let mut scaled = 0.0;
+        for e in endpoints {
             let est = e.signals().perf().estimate(&prior);
             let trust = est.served / (est.served + 1.0);
             let claimed = f64::from(e.weight().get()) / mean_weight;
-            est.speed_against(&prior) / claimed.powf(trust)
-        };
-        let scaled: f64 = endpoints.iter().map(|e| f64::from(e.weight().get()) * factor(e)).sum();
+            let factor = est.speed_against(&prior) / claimed.powf(trust);
+            e.signals().set_learned_speed(factor);
+            scaled += f64::from(e.weight().get()) * factor;
+        }
         let norm = if scaled.is_finite() && scaled > 0.0 { total / scaled } else { 1.0 };
         for e in endpoints {
-            e.signals().set_learned_speed(factor(e) * norm);
+            e.signals().set_learned_speed(e.signals().learned_speed() * norm);
         }
     }
 
+    /// Recomputes and stores every endpoint's effective weight at `now`.
     fn update_weights(options: &SelectorOptions, endpoints: &[Endpoint], now: Instant) -> Vec<f64> {
         endpoints
             .iter()

@@ -244,7 +244,11 @@ async fn proxy(
         }
         left => (left, None),
     };
-    let limits = openai::Limits { max_body_bytes: ctx.max_body_bytes, ..openai::Limits::default() };
+    let mut limits = openai::Limits { max_body_bytes: ctx.max_body_bytes, ..openai::Limits::default() };
+    if !pool.needs().body {
+        // Read only for its lengths (deadline, budget): no prefix hashes, which no policy here reads.
+        limits.max_blocks = 0;
+    }
     // A body the parser refuses is still forwarded: the backend answers it.
     let ai = body_bytes.as_ref().and_then(|bytes| openai::parse(bytes, &limits).ok());
     if model.is_none() {

@@ -218,11 +218,15 @@ impl Attempts {
             };
             let Some(Picked { index, cached_blocks }) = picked else { return Next::Fail(Fail::NoEndpoint) };
             let endpoint = &endpoints[index];
-            let perf = endpoint.signals().perf().estimate(&selector.pool_perf());
-            let engine_age = selector.options().engine_max_age();
-            let predicted = predict_now(endpoint, &perf, facts.uncached(cached_blocks), now, engine_age);
+            // The endpoint's learned performance and its predicted time to first token: read
+            // only when a budget or the adaptive deadline needs them.
+            let prediction = || {
+                let perf = endpoint.signals().perf().estimate(&selector.pool_perf());
+                let engine_age = selector.options().engine_max_age();
+                (predict_now(endpoint, &perf, facts.uncached(cached_blocks), now, engine_age), perf)
+            };
             if let Some(slo) = self.plan.slo.filter(|_| self.tries == 0) {
-                match slo.judge(predicted, now) {
+                match slo.judge(prediction().0, now) {
                     Judged::Send => {}
                     Judged::Recheck(at) => return Next::Wait(at),
                     Judged::Refused(r) => return Next::Fail(Fail::Refused(r)),
@@ -254,6 +258,7 @@ impl Attempts {
             // A whole answer of unbounded length may legitimately take any time: no adapting.
             let first_byte = if rules.adaptive_first_byte && !facts.unbounded_output {
                 // A whole answer comes after its output: decode time counts unless it streams.
+                let (predicted, perf) = prediction();
                 let output = facts.estimated_tokens.saturating_sub(facts.prompt_tokens);
                 let head = predicted + if facts.stream { 0.0 } else { output as f64 * perf.itl };
                 perf.first_byte_deadline(head, rules.first_byte)
