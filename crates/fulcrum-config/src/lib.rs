@@ -143,6 +143,14 @@ pub struct RouteConfig {
     /// terms, but a model server computes the same answer again). Default: true when the
     /// route matches on `model`, else false.
     pub inference: bool,
+    /// Whether requests are hedged: a second try sent to another endpoint when the first has
+    /// no response head after the hedging delay. None (the default): inference calls are
+    /// (an inference route's requests, and OpenAI calls recognised by path or body), others
+    /// not.
+    pub hedge: Option<bool>,
+    /// A fixed hedging delay instead of the endpoint's learned one (its recent 95th
+    /// percentile time to a response head).
+    pub hedge_delay: Option<Duration>,
 }
 
 /// Conditions that must all hold for a route to match.
@@ -456,7 +464,11 @@ impl Config {
                 models: m.model.map(|m| m.0).unwrap_or_default(),
             };
             let inference = r.inference.unwrap_or(!matcher.models.is_empty());
-            routes.push(RouteConfig { name, listeners, matcher, pool: r.pool, inference });
+            if r.hedge_delay.is_some_and(|d| d.0.is_zero()) {
+                return Err(at.error(span.start, &format!("{field}.hedge_delay"), "must be longer than zero"));
+            }
+            let hedge_delay = r.hedge_delay.map(|d| d.0);
+            routes.push(RouteConfig { name, listeners, matcher, pool: r.pool, inference, hedge: r.hedge, hedge_delay });
         }
 
         Ok(Config { proxy, listeners, routes, pools, tracing: raw.tracing.and_then(observe::RawTracing::validate) })

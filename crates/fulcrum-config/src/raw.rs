@@ -97,6 +97,8 @@ pub(crate) struct RawRoute {
     pub name: Option<String>,
     pub listener: Option<String>,
     pub inference: Option<bool>,
+    pub hedge: Option<bool>,
+    pub hedge_delay: Option<DurationStr>,
     #[serde(rename = "match", default)]
     pub matcher: RawMatch,
     pub pool: String,

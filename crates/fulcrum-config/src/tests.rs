@@ -328,3 +328,14 @@ fn what_serve_cannot_run_is_refused_by_validate() {
     let e = err(&format!("[proxy]\nadmin = \"127.0.0.1:9000\"\n{listener}{pool}"));
     assert!(e.contains("listener[0].address: 127.0.0.1:9000 is the admin API's address"), "{e}");
 }
+
+#[test]
+fn routes_take_a_hedging_switch_and_delay() {
+    let base = "[pool.a]\nendpoints = [{ address = \"127.0.0.1:1\" }]\n[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n";
+    let c = Config::parse(&format!("{base}[[route]]\npool = \"a\"\nhedge = false\n"), None).unwrap();
+    assert_eq!((c.routes[0].hedge, c.routes[0].hedge_delay), (Some(false), None));
+    let c = Config::parse(&format!("{base}[[route]]\npool = \"a\"\nhedge_delay = \"150ms\"\n"), None).unwrap();
+    assert_eq!((c.routes[0].hedge, c.routes[0].hedge_delay), (None, Some(Duration::from_millis(150))));
+    let e = err(&format!("{base}[[route]]\npool = \"a\"\nhedge_delay = \"0s\"\n"));
+    assert!(e.contains("route[0].hedge_delay") && e.contains("longer than zero"), "{e}");
+}

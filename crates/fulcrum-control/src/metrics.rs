@@ -266,6 +266,10 @@ pub fn render_with(
     let rejected = counter(&mut r, "fulcrum_pool_rejected", "Requests turned away by admission control (503)");
     let limited = counter(&mut r, "fulcrum_pool_rate_limited", "Requests turned away by the rate limit (429)");
     let ejections = counter(&mut r, "fulcrum_pool_ejections", "Endpoints ejected by outlier detection");
+    let hedges =
+        counter(&mut r, "fulcrum_pool_hedges", "Hedges sent: second tries while the first had no response head");
+    let hedges_won =
+        counter(&mut r, "fulcrum_pool_hedges_won", "Hedges whose response head came first and answered the request");
     let pool_in_flight = gauge(&mut r, "fulcrum_pool_in_flight", "Requests in flight in the pool");
     let held = gauge(&mut r, "fulcrum_pool_held", "Requests held while the pool has no endpoint (scaled to zero)");
     let admission_running = gauge(
@@ -302,6 +306,8 @@ pub fn render_with(
         rejected.get_or_create(&p).inc_by(stats.rejected.load(Ordering::Relaxed));
         limited.get_or_create(&p).inc_by(stats.rate_limited.load(Ordering::Relaxed));
         ejections.get_or_create(&p).inc_by(stats.ejections.load(Ordering::Relaxed));
+        hedges.get_or_create(&p).inc_by(stats.hedges.load(Ordering::Relaxed));
+        hedges_won.get_or_create(&p).inc_by(stats.hedges_won.load(Ordering::Relaxed));
         pool_in_flight.get_or_create(&p).set(snapshot.selector.in_flight() as f64);
         held.get_or_create(&p).set(pool.held() as f64);
         endpoints.get_or_create(&p).set(snapshot.selector.endpoints().len() as f64);

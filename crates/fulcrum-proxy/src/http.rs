@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fulcrum_core::flow::slo::{self, Slo};
-use fulcrum_core::flow::{Attempts, Fail, Next, RequestPlan, UnknownModel, Verdict};
+use fulcrum_core::flow::{Attempts, Fail, Next, RequestPlan, Ticket, Try, UnknownModel, Verdict};
 use fulcrum_core::openai;
 use fulcrum_core::policy::HashKey;
 use fulcrum_core::resilience::Observed;
@@ -27,7 +27,7 @@ use crate::h1::UpstreamBody;
 use crate::headers::{self, X_REQUEST_ID};
 use crate::observe::{Exchange, Observe};
 use crate::pool::{PoolRuntime, PoolSnapshot, sticky_token};
-use crate::route::{Matched, RouteTable, model_of};
+use crate::route::{Matched, RouteRules, RouteTable, model_of};
 use crate::safety::AdmissionSlot;
 use crate::{clock, upstream::ReqBody};
 
@@ -206,19 +206,19 @@ async fn proxy(
 
     // Route; read the body only if a route needs the model from it.
     let mut model: Option<String> = None;
-    let (pool, inference, body): (Arc<PoolRuntime>, bool, ReqBody) = match ctx.routes.find(parts, false, None) {
-        Matched::Pool(p, inference, route) => {
+    let (pool, rules, body): (Arc<PoolRuntime>, RouteRules, ReqBody) = match ctx.routes.find(parts, false, None) {
+        Matched::Pool(p, rules, route) => {
             exchange.routed(route, p);
-            (p.clone(), inference, body)
+            (p.clone(), *rules, body)
         }
         Matched::None => return Err(ProxyError::NoRoute),
         Matched::NeedBody => {
             let bytes = Box::pin(read_body(body, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             model = model_of(&bytes);
             match ctx.routes.find(parts, true, model.as_deref()) {
-                Matched::Pool(p, inference, route) => {
+                Matched::Pool(p, rules, route) => {
                     exchange.routed(route, p);
-                    (p.clone(), inference, ReqBody::Bytes(bytes))
+                    (p.clone(), *rules, ReqBody::Bytes(bytes))
                 }
                 _ => return Err(ProxyError::NoRoute),
             }
@@ -262,7 +262,7 @@ async fn proxy(
 
     // An OpenAI inference call changes nothing on the server: it may be sent again before its
     // first response byte on any route, known by its path or its parsed body.
-    let inference = inference || ai.is_some() || openai::is_inference_path(parts.uri.path());
+    let inference = rules.inference || ai.is_some() || openai::is_inference_path(parts.uri.path());
     // A request that may be retried must be sendable again: its body is kept (bounded).
     let idempotent = is_idempotent_method(parts.method.as_str());
     let mut may_retry = upgrade.is_none() && safety.state().rules().may_retry(idempotent, inference);
@@ -325,6 +325,7 @@ async fn proxy(
         replayable: may_retry && matches!(body, ReqBody::Bytes(_)),
         sticky,
         slo,
+        hedge: rules.hedging(inference),
     };
     let mut attempts = Attempts::start(safety.state(), &*snapshot, &facts, plan, clock::at(started))
         .map_err(|UnknownModel(m)| ProxyError::UnknownModel(m))?;
@@ -357,6 +358,27 @@ fn rewrite_for_upstream(parts: &mut http::request::Parts, forwarded_for: &Header
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     headers::add_forwarded(&mut parts.headers, forwarded_for, host.as_ref());
     parts.version = Version::HTTP_11;
+}
+
+/// A try sent and not answered yet: what the attempt machine needs back.
+struct Flight {
+    index: usize,
+    ticket: Ticket,
+    guard: fulcrum_core::InFlight,
+    /// When it was sent.
+    started: std::time::Instant,
+}
+
+/// A try's send on its way (boxed: only hedged tries are).
+type Sending<'p> = std::pin::Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'p>>;
+
+/// The try whose outcome decides what happens next, and what it got.
+struct Settled {
+    verdict: Verdict,
+    result: Result<Response<UpstreamBody>, ProxyError>,
+    index: usize,
+    guard: fulcrum_core::InFlight,
+    started: std::time::Instant,
 }
 
 /// What the tries of one request share.
@@ -405,29 +427,134 @@ impl Forward<'_> {
                 return Err(last_error.unwrap_or_else(|| self.no_endpoint()));
             };
             exchange.attempt(upstream, &parts.method, &mut parts.headers);
-            // A body still streaming from the client gets the pool's whole first-byte timeout:
-            // the adaptive deadline is for the upstream's answer, not the client's upload.
-            let first_byte = match &b {
-                ReqBody::Streamed(_) => t.first_byte.max(self.pool.config().timeouts.first_byte),
-                ReqBody::Bytes(_) => t.first_byte,
+            let first_byte = self.first_byte(&t, &b);
+            let flight = Flight { index: t.index, ticket: t.ticket, guard: t.guard, started };
+            // A hedge needs a second copy of the body.
+            let settled = match t.hedge_after.filter(|_| body.is_some()) {
+                // Not boxed, and pinned where it is made (not moved): see `respond`.
+                None => {
+                    let result = pin!(upstream.send(parts, b, started, first_byte)).await;
+                    let verdict = self.record(attempts, flight.ticket, flight.index, &result, started);
+                    Settled { verdict, result, index: flight.index, guard: flight.guard, started }
+                }
+                Some(delay) => {
+                    let send = Box::pin(upstream.send(parts, b, started, first_byte));
+                    Box::pin(self.hedged(attempts, (flight, send), delay, parts, body.as_ref(), exchange)).await
+                }
             };
-            let result = pin!(upstream.send(parts, b, started, first_byte)).await;
-            let (observed, elapsed) = (classify(&result), started.elapsed());
-            if Outcome::from(observed) == Outcome::Failure {
-                upstream.record_failure();
-            }
-            let verdict = clock::with_rng(|rng| {
-                attempts.record(state, snapshot, t.ticket, observed, elapsed, now + elapsed, rng)
-            });
-            if let Verdict::Retry { .. } = verdict {
+            let Settled { verdict, result, index, guard, started } = settled;
+            if let Verdict::Retry { .. } | Verdict::Pending = verdict {
                 exchange.attempt_failed(result.as_ref().ok().map(|r| r.status()), result.as_ref().err());
                 last_error = result.err().or(last_error);
                 continue;
             }
             let mut resp = result?;
-            self.finish(&mut resp, t.index);
+            self.finish(&mut resp, index);
             let deadline = self.response_deadline().map(|d| tokio::time::Instant::from_std(started + d));
-            return Ok(Answer::Stream(resp, Streaming { guard: t.guard, deadline, admission }));
+            return Ok(Answer::Stream(resp, Streaming { guard, deadline, admission }));
+        }
+    }
+
+    /// The longest a try waits for its response head. A body still streaming from the client
+    /// gets the pool's whole first-byte timeout: the adaptive deadline is for the upstream's
+    /// answer, not the client's upload.
+    fn first_byte(&self, t: &Try, body: &ReqBody) -> Duration {
+        match body {
+            ReqBody::Streamed(_) => t.first_byte.max(self.pool.config().timeouts.first_byte),
+            ReqBody::Bytes(_) => t.first_byte,
+        }
+    }
+
+    /// Hands a try's outcome to the attempt machine.
+    fn record(
+        &self,
+        attempts: &mut Attempts,
+        ticket: Ticket,
+        index: usize,
+        result: &Result<Response<UpstreamBody>, ProxyError>,
+        started: std::time::Instant,
+    ) -> Verdict {
+        let (state, snapshot) = (self.pool.safety().state(), self.snapshot);
+        let (observed, elapsed) = (classify(result), started.elapsed());
+        if Outcome::from(observed) == Outcome::Failure {
+            snapshot.upstreams[index].record_failure();
+        }
+        let now = clock::at(started) + elapsed;
+        clock::with_rng(|rng| attempts.record(state, snapshot, ticket, observed, elapsed, now, rng))
+    }
+
+    /// Waits for a try's response head; when none has come after `delay`, hedges: a second
+    /// try goes to another endpoint, the first response head that answers wins, and the other
+    /// try is dropped (its connection closed, so the backend stops working on it).
+    async fn hedged<'p>(
+        &self,
+        attempts: &mut Attempts,
+        (first, mut send): (Flight, Sending<'p>),
+        delay: Duration,
+        parts: &'p http::request::Parts,
+        body: Option<&ReqBody>,
+        exchange: &mut Exchange,
+    ) -> Settled {
+        let (state, snapshot) = (self.pool.safety().state(), self.snapshot);
+        let hedge_at = tokio::time::Instant::from_std(first.started + delay);
+        let early = tokio::select! {
+            result = &mut send => Some(result),
+            () = tokio::time::sleep_until(hedge_at) => None,
+        };
+        let started = std::time::Instant::now();
+        let hedge = match early {
+            Some(_) => None,
+            None => clock::with_rng(|rng| attempts.hedge(state, snapshot, self.facts, clock::at(started), rng)),
+        };
+        let (hedge, b) = match (hedge, body.and_then(ReqBody::try_clone)) {
+            (Some(h), Some(b)) => (h, b),
+            (hedge, _) => {
+                if let Some(h) = hedge {
+                    attempts.cancel(state, snapshot, h.ticket, clock::at(started));
+                }
+                let result = match early {
+                    Some(result) => result,
+                    None => send.await,
+                };
+                let verdict = self.record(attempts, first.ticket, first.index, &result, first.started);
+                return Settled { verdict, result, index: first.index, guard: first.guard, started: first.started };
+            }
+        };
+        // The hedge's own head (its trace context differs).
+        let mut hedge_parts = parts.clone();
+        let upstream = &snapshot.upstreams[hedge.index];
+        exchange.attempt(upstream, &hedge_parts.method, &mut hedge_parts.headers);
+        let first_byte = self.first_byte(&hedge, &b);
+        let second = Flight { index: hedge.index, ticket: hedge.ticket, guard: hedge.guard, started };
+        let hedge_send: Sending<'_> = Box::pin(upstream.send(&hedge_parts, b, started, first_byte));
+        let mut out = [Some((first, send)), Some((second, hedge_send))];
+        loop {
+            let (i, result) = std::future::poll_fn(|cx| {
+                for (i, slot) in out.iter_mut().enumerate() {
+                    if let Some((_, send)) = slot
+                        && let std::task::Poll::Ready(r) = send.as_mut().poll(cx)
+                    {
+                        return std::task::Poll::Ready((i, r));
+                    }
+                }
+                std::task::Poll::Pending
+            })
+            .await;
+            let Some((done, _)) = out[i].take() else { continue };
+            let verdict = self.record(attempts, done.ticket, done.index, &result, done.started);
+            if verdict == Verdict::Pending {
+                // Its twin may still answer.
+                exchange.attempt_failed(result.as_ref().ok().map(|r| r.status()), result.as_ref().err());
+                continue;
+            }
+            // The other try lost: dropped, its connection closed.
+            let now = clock::now();
+            for (other, send) in out.iter_mut().filter_map(Option::take) {
+                drop(send);
+                attempts.cancel(state, snapshot, other.ticket, now);
+            }
+            exchange.answered_by(&snapshot.upstreams[done.index]);
+            return Settled { verdict, result, index: done.index, guard: done.guard, started: done.started };
         }
     }
 

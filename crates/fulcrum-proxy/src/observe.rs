@@ -171,6 +171,12 @@ impl Exchange {
         }
     }
 
+    /// The response comes from `upstream` (a hedge's first try may answer after its hedge
+    /// was sent).
+    pub(crate) fn answered_by(&mut self, upstream: &Arc<Upstream>) {
+        self.upstream = Some(upstream.clone());
+    }
+
     /// The current attempt failed and another may follow: `status` if the endpoint answered,
     /// else the error.
     pub(crate) fn attempt_failed(&mut self, status: Option<StatusCode>, error: Option<&ProxyError>) {

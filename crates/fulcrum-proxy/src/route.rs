@@ -5,6 +5,7 @@
 //! matched so far also names models, so requests to other routes are never buffered.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
@@ -19,7 +20,7 @@ pub(crate) struct Route {
     path_prefix: Option<String>,
     headers: Vec<(HeaderName, HeaderValue)>,
     models: Vec<String>,
-    inference: bool,
+    rules: RouteRules,
     /// The route's name and its counters' slot in the pool.
     tag: RouteTag,
     pub(crate) pool: Arc<PoolRuntime>,
@@ -38,7 +39,7 @@ impl Route {
             path_prefix: config.matcher.path_prefix.clone(),
             headers,
             models: config.matcher.models.clone(),
-            inference: config.inference,
+            rules: RouteRules { inference: config.inference, hedge: config.hedge, hedge_delay: config.hedge_delay },
             tag: RouteTag::new(&config.name, &pool),
             pool,
         }
@@ -67,12 +68,33 @@ impl Route {
     }
 }
 
+/// What a route says about how its requests are sent.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RouteRules {
+    /// An inference route: its POSTs may be retried.
+    pub(crate) inference: bool,
+    /// Hedging on or off; None: on for inference calls.
+    pub(crate) hedge: Option<bool>,
+    /// A fixed hedging delay instead of the learned one.
+    pub(crate) hedge_delay: Option<Duration>,
+}
+
+impl RouteRules {
+    /// When a request is hedged, given whether it is an inference call (by route, path or body).
+    pub(crate) fn hedging(&self, inference: bool) -> fulcrum_core::flow::Hedging {
+        use fulcrum_core::flow::Hedging;
+        if !self.hedge.unwrap_or(inference) {
+            return Hedging::Off;
+        }
+        self.hedge_delay.map_or(Hedging::Learned, Hedging::After)
+    }
+}
+
 /// The outcome of matching.
 #[derive(Debug)]
 pub(crate) enum Matched<'a> {
-    /// Route to this pool; `true` for an inference route (its POSTs may be retried); the
-    /// route as metrics and logs name it.
-    Pool(&'a Arc<PoolRuntime>, bool, &'a RouteTag),
+    /// Route to this pool, with the route's rules, and the route as metrics and logs name it.
+    Pool(&'a Arc<PoolRuntime>, &'a RouteRules, &'a RouteTag),
     /// A route names models: read the body and match again.
     NeedBody,
     /// Nothing matches.
@@ -85,11 +107,17 @@ pub(crate) struct RouteTable {
     routes: Vec<Route>,
     default_pool: Option<Arc<PoolRuntime>>,
     default_tag: RouteTag,
+    default_rules: RouteRules,
 }
 
 impl RouteTable {
     pub(crate) fn new(routes: Vec<Route>, default_pool: Option<Arc<PoolRuntime>>) -> Self {
-        RouteTable { routes, default_pool, default_tag: RouteTag::default_route() }
+        RouteTable {
+            routes,
+            default_pool,
+            default_tag: RouteTag::default_route(),
+            default_rules: RouteRules::default(),
+        }
     }
 
     /// Matches a request. `model` is `None` until the body has been read (`body_read`).
@@ -99,17 +127,17 @@ impl RouteTable {
                 continue;
             }
             if route.models.is_empty() {
-                return Matched::Pool(&route.pool, route.inference, &route.tag);
+                return Matched::Pool(&route.pool, &route.rules, &route.tag);
             }
             if !body_read {
                 return Matched::NeedBody;
             }
             if model.is_some_and(|m| route.models.iter().any(|want| want == m)) {
-                return Matched::Pool(&route.pool, route.inference, &route.tag);
+                return Matched::Pool(&route.pool, &route.rules, &route.tag);
             }
         }
         match &self.default_pool {
-            Some(p) => Matched::Pool(p, false, &self.default_tag),
+            Some(p) => Matched::Pool(p, &self.default_rules, &self.default_tag),
             None => Matched::None,
         }
     }
@@ -138,5 +166,17 @@ mod tests {
         assert_eq!(model_of(br#"{"prompt":"x"}"#), None);
         assert_eq!(model_of(b"not json"), None);
         assert_eq!(model_of(br#"{"model": 3}"#), None);
+    }
+
+    #[test]
+    fn inference_calls_are_hedged_unless_the_route_says_otherwise() {
+        use fulcrum_core::flow::Hedging;
+        let default = RouteRules::default();
+        assert_eq!(default.hedging(true), Hedging::Learned);
+        assert_eq!(default.hedging(false), Hedging::Off);
+        let off = RouteRules { hedge: Some(false), ..default };
+        assert_eq!(off.hedging(true), Hedging::Off);
+        let fixed = RouteRules { hedge: Some(true), hedge_delay: Some(Duration::from_millis(150)), ..default };
+        assert_eq!(fixed.hedging(false), Hedging::After(Duration::from_millis(150)));
     }
 }

@@ -60,7 +60,7 @@ pub(crate) async fn serve(mut client: TcpStream, peer: SocketAddr, pool: Arc<Poo
         let Some(mut upstream) = stream else {
             match verdict {
                 Verdict::Retry { .. } => continue,
-                Verdict::Answer(_) => return,
+                Verdict::Answer(_) | Verdict::Pending => return,
             }
         };
         let _guard = t.guard;

@@ -658,7 +658,7 @@ impl Sim<'_> {
                 self.stats.retried();
                 self.at(at, Ev::Retry { live: id });
             }
-            Verdict::Answer(_) => self.finish(id, Err(why)),
+            Verdict::Answer(_) | Verdict::Pending => self.finish(id, Err(why)),
         }
         self.dispatch_queue();
     }

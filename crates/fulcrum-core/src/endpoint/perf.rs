@@ -47,6 +47,14 @@ pub const REQUEST_FACTOR: f64 = 4.0;
 pub const MIN_FIRST_BYTE: Duration = Duration::from_millis(250);
 /// Answers (decayed) an endpoint must have had lately for its deadline to adapt.
 const MIN_ANSWERS: f64 = 3.0;
+/// Recent times to a response head kept per endpoint, for their 95th percentile.
+pub const HEAD_SAMPLES: usize = 64;
+/// Heads an endpoint must have answered before its tries are hedged.
+pub const MIN_HEDGE_SAMPLES: usize = 16;
+/// A hedge waits at least this many times the request's own predicted time to its head...
+pub const HEDGE_REQUEST_FACTOR: f64 = 2.0;
+/// ...and never less than this.
+pub const MIN_HEDGE_DELAY: Duration = Duration::from_millis(10);
 /// Prefill time a token assumed before anything is known (10,000 tokens a second).
 pub const PRIOR_PREFILL: f64 = 1e-4;
 /// Fixed cost of a first token assumed before anything is known.
@@ -92,6 +100,9 @@ pub struct Perf {
     /// The longest recent time to a response head, decaying with a half-life of
     /// [`HEAD_HALF_LIFE`] (as of the last answer; 0: none seen).
     pub head_peak: f64,
+    /// The 95th percentile of the last [`HEAD_SAMPLES`] times to a response head (0: fewer
+    /// than [`MIN_HEDGE_SAMPLES`] seen).
+    pub head_p95: f64,
 }
 
 impl Perf {
@@ -105,6 +116,7 @@ impl Perf {
         confidence: 0.0,
         served: 0.0,
         head_peak: 0.0,
+        head_p95: 0.0,
     };
 
     /// Predicted time to first token of `uncached` prompt tokens, queueing aside.
@@ -125,6 +137,21 @@ impl Perf {
         }
         let secs = (HEAD_FACTOR * self.head_peak).max(REQUEST_FACTOR * predicted);
         Duration::try_from_secs_f64(secs).map_or(max, |d| d.max(MIN_FIRST_BYTE).min(max))
+    }
+
+    /// How long a try waits for its response head before the request is hedged (a second try
+    /// sent to another endpoint, "The Tail at Scale"'s deferred hedge): the endpoint's recent
+    /// 95th-percentile time to a head, or [`HEDGE_REQUEST_FACTOR`] x `predicted` (the
+    /// request's own predicted time to its head) if longer, at least [`MIN_HEDGE_DELAY`]. None
+    /// (no hedge) while the endpoint has answered fewer than [`MIN_HEDGE_SAMPLES`] heads, or
+    /// when the delay would not end before the try's first-byte `deadline` (the timeout then
+    /// retries it anyway).
+    pub fn hedge_delay(&self, predicted: f64, deadline: Duration) -> Option<Duration> {
+        if self.head_p95 <= 0.0 {
+            return None;
+        }
+        let secs = self.head_p95.max(HEDGE_REQUEST_FACTOR * predicted);
+        Duration::try_from_secs_f64(secs).ok().map(|d| d.max(MIN_HEDGE_DELAY)).filter(|&d| d < deadline)
     }
 
     /// Prompt tokens a second.
@@ -178,6 +205,42 @@ struct Fit {
     /// The recent peak time to a response head, as of `head_at`.
     head_peak: f64,
     head_at: Option<Instant>,
+    /// The last times to a response head.
+    heads: HeadRing,
+}
+
+/// The last [`HEAD_SAMPLES`] times to a response head, in seconds.
+#[derive(Debug)]
+struct HeadRing {
+    samples: [f32; HEAD_SAMPLES],
+    len: usize,
+    next: usize,
+}
+
+impl Default for HeadRing {
+    fn default() -> Self {
+        HeadRing { samples: [0.0; HEAD_SAMPLES], len: 0, next: 0 }
+    }
+}
+
+impl HeadRing {
+    fn push(&mut self, secs: f64) {
+        self.samples[self.next] = secs as f32;
+        self.next = (self.next + 1) % HEAD_SAMPLES;
+        self.len = (self.len + 1).min(HEAD_SAMPLES);
+    }
+
+    /// The 95th percentile (nearest rank) of the samples; 0 below [`MIN_HEDGE_SAMPLES`].
+    fn p95(&self) -> f64 {
+        if self.len < MIN_HEDGE_SAMPLES {
+            return 0.0;
+        }
+        let mut v = self.samples;
+        let v = &mut v[..self.len];
+        let rank = (self.len * 95).div_ceil(100) - 1;
+        let (_, p, _) = v.select_nth_unstable_by(rank, f32::total_cmp);
+        f64::from(*p)
+    }
 }
 
 impl Fit {
@@ -231,6 +294,7 @@ struct Published {
     confidence: AtomicU64,
     served: AtomicU64,
     head_peak: AtomicU64,
+    head_p95: AtomicU64,
     slots: AtomicU32,
 }
 
@@ -246,6 +310,7 @@ impl Default for Published {
             confidence: f(p.confidence),
             served: f(p.served),
             head_peak: f(p.head_peak),
+            head_p95: f(p.head_p95),
             slots: AtomicU32::new(p.slots),
         }
     }
@@ -270,6 +335,7 @@ impl Published {
             confidence: load(&self.confidence),
             served: load(&self.served),
             head_peak: load(&self.head_peak),
+            head_p95: load(&self.head_p95),
         }
     }
 
@@ -281,6 +347,7 @@ impl Published {
         store(&self.confidence, p.confidence);
         store(&self.served, p.served);
         store(&self.head_peak, p.head_peak);
+        store(&self.head_p95, p.head_p95);
         self.slots.store(p.slots, Ordering::Relaxed);
     }
 }
@@ -318,6 +385,7 @@ impl PerfModel {
             confidence: own.confidence,
             served: own.served,
             head_peak: own.head_peak,
+            head_p95: own.head_p95,
         }
     }
 
@@ -374,14 +442,18 @@ impl PerfModel {
 
     /// A response head came `head` after its try was sent: the recent peak decays by
     /// [`HEAD_HALF_LIFE`] and rises at once to a longer head. It sets the adaptive first-byte
-    /// deadline ([`Perf::first_byte_deadline`]).
+    /// deadline ([`Perf::first_byte_deadline`]); the last [`HEAD_SAMPLES`] heads set the
+    /// hedging delay ([`Perf::hedge_delay`]).
     pub fn head(&self, head: Duration, now: Instant) {
         let mut fit = self.lock();
         let age = fit.head_at.map_or(Duration::ZERO, |at| now.saturating_since(at));
         let decayed = fit.head_peak * 0.5f64.powf(age.as_secs_f64() / HEAD_HALF_LIFE.as_secs_f64());
-        fit.head_peak = decayed.max(head.as_secs_f64().min(MAX_SECONDS));
+        let secs = head.as_secs_f64().min(MAX_SECONDS);
+        fit.head_peak = decayed.max(secs);
         fit.head_at = Some(fit.head_at.map_or(now, |at| at.max(now)));
+        fit.heads.push(secs);
         store(&self.published.head_peak, fit.head_peak);
+        store(&self.published.head_p95, fit.heads.p95());
     }
 
     /// An engine report: `running` requests with `waiting` more queued shows its slots.
@@ -454,6 +526,37 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn hedge_delay_is_the_recent_p95_head_once_enough_are_seen() {
+        let m = PerfModel::default();
+        let deadline = Duration::from_secs(60);
+        let mut now = Instant::ZERO;
+        // 15 heads: too few to hedge on.
+        for i in 0..15u64 {
+            m.head(ms(10 + i), now);
+            now = now + ms(10);
+        }
+        assert_eq!(m.own().hedge_delay(0.0, deadline), None);
+        // 100 heads of 10..=109 ms: the ring keeps the last 64 (46..=109 ms); the nearest-rank
+        // 95th percentile of those is the 61st, 106 ms.
+        let m = PerfModel::default();
+        for i in 0..100u64 {
+            m.head(ms(10 + i), now);
+        }
+        let p95 = m.own().hedge_delay(0.0, deadline).expect("enough heads");
+        assert!((p95.as_secs_f64() - 0.106).abs() < 1e-4, "{p95:?}");
+        // A request predicted to take long waits twice its prediction; never under the floor;
+        // no hedge that would come after the try's own deadline.
+        assert_eq!(m.own().hedge_delay(1.0, deadline), Some(Duration::from_secs(2)));
+        let fast = PerfModel::default();
+        (0..20).for_each(|_| fast.head(Duration::from_micros(100), now));
+        assert_eq!(fast.own().hedge_delay(0.0, deadline), Some(MIN_HEDGE_DELAY));
+        assert_eq!(m.own().hedge_delay(0.0, ms(100)), None);
+        // A restart forgets them.
+        m.reset();
+        assert_eq!(m.own().hedge_delay(0.0, deadline), None);
     }
 
     fn stream(uncached: u64) -> Sent {

@@ -30,6 +30,22 @@ pub struct RequestPlan {
     pub sticky: Option<usize>,
     /// The client's time-to-first-token objective, judged before the first try.
     pub slo: Option<Slo>,
+    /// Whether a try still without a response head may be doubled on another endpoint.
+    pub hedge: Hedging,
+}
+
+/// When a request is hedged: a second try sent to another endpoint while the first still has
+/// no response head; the first head wins ([`Attempts::hedge`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Hedging {
+    /// Never.
+    #[default]
+    Off,
+    /// After the endpoint's learned hedging delay
+    /// ([`Perf::hedge_delay`](crate::endpoint::perf::Perf::hedge_delay)).
+    Learned,
+    /// After this long.
+    After(Duration),
 }
 
 /// The request names a model no endpoint of the pool serves.
@@ -43,12 +59,19 @@ pub struct UnknownModel(pub String);
 pub struct Ticket {
     index: usize,
     permit: Option<Permit>,
+    /// The try is a hedge.
+    hedge: bool,
 }
 
 impl Ticket {
     /// The endpoint tried.
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// Whether the try is a hedge (sent while another was still waiting for its head).
+    pub fn is_hedge(&self) -> bool {
+        self.hedge
     }
 }
 
@@ -61,6 +84,9 @@ pub struct Try {
     pub last: bool,
     /// The longest to wait for the response head.
     pub first_byte: Duration,
+    /// When the response head has not come this long after sending, ask
+    /// [`Attempts::hedge`] for a second try (None: the request is not hedged).
+    pub hedge_after: Option<Duration>,
     /// Counts the request in flight on the endpoint: hold it until the response ends.
     pub guard: InFlight,
     /// Give it back to [`Attempts::record`] with the outcome.
@@ -98,6 +124,9 @@ pub enum Verdict {
         /// When the backoff ends.
         at: Instant,
     },
+    /// Drop what this try got: another try of the request (its hedge, or the try it hedged)
+    /// is still out; wait for that one.
+    Pending,
 }
 
 /// One request's tries: see the [module](super) doc.
@@ -119,6 +148,12 @@ pub struct Attempts {
     seen_500: bool,
     /// Broken connections that did not count as tries.
     forgiven: u32,
+    /// Tries sent and not yet recorded or cancelled.
+    out: u32,
+    /// The endpoint of the last try sent.
+    last_sent: Option<usize>,
+    /// A hedge was sent (or refused): at most one a request.
+    hedged: bool,
 }
 
 /// Broken connections (refused or reset) a request may have without using up its tries.
@@ -160,6 +195,9 @@ impl Attempts {
             retry_at: None,
             seen_500: false,
             forgiven: 0,
+            out: 0,
+            last_sent: None,
+            hedged: false,
         })
     }
 
@@ -255,24 +293,92 @@ impl Attempts {
                 continue;
             }
             self.tries += 1;
-            // A whole answer of unbounded length may legitimately take any time: no adapting.
-            let first_byte = if rules.adaptive_first_byte && !facts.unbounded_output {
-                // A whole answer comes after its output: decode time counts unless it streams.
+            // The predicted time to the response head: a whole answer comes after its output,
+            // so decode time counts unless it streams.
+            let head = || {
                 let (predicted, perf) = prediction();
                 let output = facts.estimated_tokens.saturating_sub(facts.prompt_tokens);
-                let head = predicted + if facts.stream { 0.0 } else { output as f64 * perf.itl };
+                (predicted + if facts.stream { 0.0 } else { output as f64 * perf.itl }, perf)
+            };
+            // A whole answer of unbounded length may legitimately take any time: no adapting,
+            // and no hedging.
+            let first_byte = if rules.adaptive_first_byte && !facts.unbounded_output {
+                let (head, perf) = head();
                 perf.first_byte_deadline(head, rules.first_byte)
             } else {
                 rules.first_byte
             };
+            let hedge_after = match self.plan.hedge {
+                _ if self.hedged || self.tries >= self.max_tries || facts.unbounded_output => None,
+                Hedging::Off => None,
+                Hedging::After(d) => Some(d).filter(|&d| d < first_byte),
+                Hedging::Learned => {
+                    let (head, perf) = head();
+                    perf.hedge_delay(head, first_byte)
+                }
+            };
             let guard = selector.begin_request(endpoint, facts, cached_blocks, now);
+            self.out += 1;
+            self.last_sent = Some(index);
             return Next::Send(Try {
                 index,
                 last: self.tries >= self.max_tries,
                 first_byte,
+                hedge_after,
                 guard,
-                ticket: Ticket { index, permit },
+                ticket: Ticket { index, permit, hedge: false },
             });
+        }
+    }
+
+    /// A hedge: the try sent last still has no response head after its
+    /// [`hedge_after`](Try::hedge_after), so a second try goes to another endpoint, picked as
+    /// a retry would be. The first response head wins: the driver records it and
+    /// [`cancel`](Self::cancel)s the other. None when the request may not be hedged (once a
+    /// request at most, with a try left, the pool's retry budget willing) or no other
+    /// endpoint can take it.
+    pub fn hedge(
+        &mut self,
+        state: &PoolState,
+        roster: &dyn Roster,
+        facts: &RequestFacts<'_>,
+        now: Instant,
+        rng: &mut dyn RngCore,
+    ) -> Option<Try> {
+        let waiting = self.last_sent.filter(|_| self.out > 0)?;
+        if self.hedged || self.plan.hedge == Hedging::Off || self.tries >= self.max_tries {
+            return None;
+        }
+        self.hedged = true;
+        if !state.withdraw_hedge(now) {
+            return None;
+        }
+        // Never the endpoint it hedges.
+        self.tried.push(waiting);
+        let Next::Send(mut t) = self.next(state, roster, facts, now, rng) else { return None };
+        t.ticket.hedge = true;
+        let endpoints = roster.selector().endpoints();
+        if let (Some(from), Some(to)) = (endpoints.get(waiting), endpoints.get(t.index)) {
+            let message = format!("no response head yet, hedged on {}", to.id());
+            state.event(now, from.id().as_str(), "hedge", message);
+        }
+        Some(t)
+    }
+
+    /// Gives back a try that lost to its twin (its response head came later or never): the
+    /// driver has dropped it. Its breaker permit is returned, and its latency teaches nothing;
+    /// but a try overtaken by its hedge counts as a timeout for outlier detection, so that a
+    /// backend that answers nothing is ejected although every request to it is hedged (a
+    /// healthy one is overtaken only now and then, never `consecutive_gateway_failure` times
+    /// without a success between).
+    pub fn cancel(&mut self, state: &PoolState, roster: &dyn Roster, ticket: Ticket, now: Instant) {
+        self.out = self.out.saturating_sub(1);
+        let Ticket { index, permit, hedge } = ticket;
+        if let (Some(b), Some(p)) = (roster.breaker(index), permit) {
+            b.cancel(p);
+        }
+        if !hedge {
+            state.observe(roster.selector().endpoints(), index, Observed::Timeout, now);
         }
     }
 
@@ -283,7 +389,8 @@ impl Attempts {
     /// Takes a try's outcome (`elapsed`: from sending it to its response head, or to the
     /// failure) and applies it: the endpoint's latency model, the pool's latency ring, the
     /// breaker, the outlier detector; then decides whether to try again (policy, then
-    /// budget, then backoff).
+    /// budget, then backoff). While the request's other try is still out, a failure only
+    /// answers [`Verdict::Pending`].
     #[allow(clippy::too_many_arguments)] // each is one input of the step; a struct would only rename them
     pub fn record(
         &mut self,
@@ -297,7 +404,8 @@ impl Attempts {
     ) -> Verdict {
         let selector = roster.selector();
         let endpoints = selector.endpoints();
-        let Ticket { index, permit } = ticket;
+        self.out = self.out.saturating_sub(1);
+        let Ticket { index, permit, hedge } = ticket;
         let Some(endpoint) = endpoints.get(index) else { return Verdict::Answer(None) };
         let outcome = Outcome::from(observed);
         endpoint.signals().observe(elapsed, outcome, now, selector.options().latency());
@@ -311,6 +419,14 @@ impl Attempts {
             b.record(endpoint, state, p, outcome, now);
         }
         state.observe(endpoints, index, observed, now);
+        if observed != Observed::Success && self.out > 0 {
+            // Its twin may still answer; neither is tried again.
+            self.tried.push(index);
+            return Verdict::Pending;
+        }
+        if hedge && observed == Observed::Success {
+            state.counters().hedges_won.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let verdict = self.decide(state, (index, endpoint), observed, now, rng);
         if let Verdict::Answer(_) = verdict {
             // The request is answered: no further try.

@@ -75,7 +75,7 @@ mod tests;
 
 use std::time::Duration;
 
-pub use attempt::{Attempts, Fail, Next, RequestPlan, Ticket, Try, UnknownModel, Verdict};
+pub use attempt::{Attempts, Fail, Hedging, Next, RequestPlan, Ticket, Try, UnknownModel, Verdict};
 pub use breaker::SharedBreaker;
 pub use pool::{EventSink, MAX_EVENTS, PoolCounters, PoolEvent, PoolState};
 

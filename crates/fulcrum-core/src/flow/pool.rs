@@ -51,6 +51,10 @@ pub struct PoolCounters {
     pub rate_limited: AtomicU64,
     /// Endpoints ejected by outlier detection.
     pub ejections: AtomicU64,
+    /// Hedges sent (second tries while the first still had no response head).
+    pub hedges: AtomicU64,
+    /// Hedges whose response head came first and answered the request.
+    pub hedges_won: AtomicU64,
 }
 
 /// A function that sees every event as it is recorded.
@@ -258,6 +262,16 @@ impl PoolState {
         let ok = lock(&self.budget).try_withdraw(now);
         let counter = if ok { &self.counters.retries } else { &self.counters.budget_exhausted };
         counter.fetch_add(1, Ordering::Relaxed);
+        ok
+    }
+
+    /// Takes a hedge from the retry budget (hedges and retries share it), counting it when
+    /// it is granted.
+    pub(crate) fn withdraw_hedge(&self, now: Instant) -> bool {
+        let ok = lock(&self.budget).try_withdraw(now);
+        if ok {
+            self.counters.hedges.fetch_add(1, Ordering::Relaxed);
+        }
         ok
     }
 

@@ -132,6 +132,7 @@ fn the_last_try_says_so_and_its_failure_is_answered() {
                 assert_eq!(n, 3);
                 assert_eq!(why, Some(GiveUp::AttemptsExhausted { attempts: 3 }));
             }
+            Verdict::Pending => panic!("no other try is out"),
         }
     }
     assert!(matches!(p.next(&mut a, now), Next::Fail(Fail::NoEndpoint)));
@@ -490,4 +491,88 @@ fn the_first_byte_deadline_adapts_under_traffic_but_not_for_unbounded_whole_answ
     let mut a = p.start_for(&unbounded, get(), ms(20));
     let Next::Send(t) = p.next_for(&mut a, &unbounded, ms(20)) else { panic!("a try") };
     assert_eq!(t.first_byte, max);
+}
+
+fn hedged(delay: u64) -> RequestPlan {
+    RequestPlan { hedge: Hedging::After(Duration::from_millis(delay)), ..get() }
+}
+
+fn hedges(p: &Pool) -> (u64, u64) {
+    let c = p.state.counters();
+    (c.hedges.load(std::sync::atomic::Ordering::Relaxed), c.hedges_won.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+#[test]
+fn a_hedge_goes_elsewhere_and_the_first_head_wins() {
+    let mut p = Pool::new(3, PoolRules::default());
+    let mut a = p.start(hedged(50), ms(0));
+    let first = p.send(&mut a, ms(0));
+    assert_eq!(first.hedge_after, Some(Duration::from_millis(50)));
+    let facts = RequestFacts::default();
+    let hedge = a.hedge(&p.state, &p.members, &facts, ms(50), &mut p.rng).expect("a hedge");
+    assert_ne!(hedge.index, first.index, "never the endpoint it hedges");
+    assert!(hedge.ticket.is_hedge() && hedge.hedge_after.is_none());
+    assert!(a.hedge(&p.state, &p.members, &facts, ms(60), &mut p.rng).is_none(), "one hedge a request");
+    // Both count in flight until one wins; the loser is given back and learns nothing.
+    let (lost, won) = (first.index, hedge.index);
+    assert_eq!(p.endpoint(lost).signals().in_flight() + p.endpoint(won).signals().in_flight(), 2);
+    assert_eq!(p.record(&mut a, hedge, Observed::Success, ms(70)), Verdict::Answer(None));
+    a.cancel(&p.state, &p.members, first.ticket, ms(70));
+    drop(first.guard);
+    assert_eq!(p.endpoint(lost).signals().in_flight(), 0);
+    assert_eq!(hedges(&p), (1, 1));
+    assert_eq!(p.kinds(), ["hedge"]);
+}
+
+#[test]
+fn a_failure_while_its_twin_is_out_waits_for_the_twin() {
+    let mut p = Pool::new(3, PoolRules::default());
+    let mut a = p.start(hedged(50), ms(0));
+    let first = p.send(&mut a, ms(0));
+    let facts = RequestFacts::default();
+    let hedge = a.hedge(&p.state, &p.members, &facts, ms(50), &mut p.rng).expect("a hedge");
+    // The hedge is refused at the connection: the first try may still answer.
+    assert_eq!(p.record(&mut a, hedge, Observed::ConnectFailure, ms(51)), Verdict::Pending);
+    assert_eq!(p.record(&mut a, first, Observed::Success, ms(80)), Verdict::Answer(None));
+    assert_eq!(hedges(&p), (1, 0), "the first try answered: the hedge did not win");
+}
+
+#[test]
+fn no_hedge_when_off_not_replayable_or_the_budget_is_spent() {
+    let facts = RequestFacts::default();
+    // Off (the default plan) and a request that can be sent only once.
+    for plan in [get(), RequestPlan { replayable: false, ..hedged(50) }] {
+        let mut p = Pool::new(3, PoolRules::default());
+        let mut a = p.start(plan, ms(0));
+        let first = p.send(&mut a, ms(0));
+        assert_eq!(first.hedge_after, None, "{plan:?}");
+        assert!(a.hedge(&p.state, &p.members, &facts, ms(50), &mut p.rng).is_none(), "{plan:?}");
+    }
+    // A budget with no reserve and no deposits refuses hedges as it refuses retries.
+    let budget = crate::resilience::retry::BudgetConfig::try_new(BudgetSettings {
+        percent: 0.0,
+        min_retries_per_sec: 0,
+        ttl: Duration::from_secs(10),
+    })
+    .unwrap();
+    let mut p = Pool::new(3, PoolRules { budget, ..PoolRules::default() });
+    let mut a = p.start(hedged(50), ms(0));
+    let _first = p.send(&mut a, ms(0));
+    assert!(a.hedge(&p.state, &p.members, &facts, ms(50), &mut p.rng).is_none());
+    assert_eq!(hedges(&p), (0, 0));
+}
+
+#[test]
+fn the_learned_delay_waits_for_enough_heads() {
+    let mut p = Pool::new(1, PoolRules::default());
+    let plan = RequestPlan { hedge: Hedging::Learned, ..get() };
+    let mut a = p.start(plan, ms(0));
+    assert_eq!(p.send(&mut a, ms(0)).hedge_after, None, "no heads seen: no hedge");
+    for i in 0..20 {
+        p.endpoint(0).signals().perf().head(Duration::from_millis(40 + i), ms(i));
+    }
+    let mut a = p.start(plan, ms(100));
+    let t = p.send(&mut a, ms(100));
+    let after = t.hedge_after.expect("20 heads seen").as_secs_f64();
+    assert!((after - 0.058).abs() < 1e-6, "the 95th percentile (19th of 20) of 40..=59 ms: {after}");
 }

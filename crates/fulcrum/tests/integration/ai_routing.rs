@@ -26,14 +26,14 @@ async fn mock(models: &[&str], loras: &[&str], seed: u64) -> MockHandle {
     MockServer::bind(config, SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("mock")
 }
 
-struct Running {
-    addr: SocketAddr,
-    pool: Arc<PoolRuntime>,
+pub(crate) struct Running {
+    pub(crate) addr: SocketAddr,
+    pub(crate) pool: Arc<PoolRuntime>,
     stop: tokio::sync::oneshot::Sender<()>,
     done: tokio::task::JoinHandle<()>,
 }
 
-async fn proxy(pool_toml: &str) -> Running {
+pub(crate) async fn proxy(pool_toml: &str) -> Running {
     let toml =
         format!("[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\npool = \"p\"\n\n[pool.p]\n{pool_toml}\n");
     let config = Config::parse(&toml, None).expect("config");
@@ -48,7 +48,7 @@ async fn proxy(pool_toml: &str) -> Running {
 }
 
 impl Running {
-    async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         let _ = self.stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(10), self.done).await;
     }
@@ -68,7 +68,7 @@ async fn until(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
-fn endpoints(addrs: &[(&str, SocketAddr, &str)]) -> String {
+pub(crate) fn endpoints(addrs: &[(&str, SocketAddr, &str)]) -> String {
     let items: Vec<String> =
         addrs.iter().map(|(id, a, extra)| format!("{{ id = \"{id}\", address = \"{a}\"{extra} }}")).collect();
     format!("endpoints = [{}]", items.join(", "))
@@ -433,7 +433,7 @@ async fn slowed_backend_loses_share(policy: &str) {
 }
 
 /// A chat completion with extra headers: status, Retry-After, body, and how long it took.
-async fn chat_with(
+pub(crate) async fn chat_with(
     addr: SocketAddr,
     prompt: &str,
     headers: &[(&str, &str)],

@@ -8,6 +8,7 @@ mod chaos;
 mod child;
 mod cli;
 mod fidelity;
+mod hedging;
 mod logging;
 mod plan;
 mod simulate;
