@@ -5,6 +5,7 @@
 mod client_h1;
 mod common;
 mod hostile;
+mod hostile_input;
 mod http;
 mod membership;
 mod observe;
