@@ -143,7 +143,15 @@ pub struct RouteConfig {
     /// terms, but a model server computes the same answer again). Default: true when the
     /// route matches on `model`, else false.
     pub inference: bool,
+    /// Protocols a client may switch to with `Upgrade` (lowercase; Envoy's per-route
+    /// `upgrade_configs`). Default [`DEFAULT_UPGRADES`]; a request offering another is
+    /// forwarded as a plain request, its `Upgrade` header removed.
+    pub upgrades: Vec<String>,
 }
+
+/// The upgrades a route allows unless it says otherwise (and those of a listener's default
+/// pool): WebSocket only.
+pub const DEFAULT_UPGRADES: [&str; 1] = ["websocket"];
 
 /// Conditions that must all hold for a route to match.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -456,7 +464,8 @@ impl Config {
                 models: m.model.map(|m| m.0).unwrap_or_default(),
             };
             let inference = r.inference.unwrap_or(!matcher.models.is_empty());
-            routes.push(RouteConfig { name, listeners, matcher, pool: r.pool, inference });
+            let upgrades = r.upgrades.map_or_else(|| DEFAULT_UPGRADES.map(str::to_owned).to_vec(), |u| u.0);
+            routes.push(RouteConfig { name, listeners, matcher, pool: r.pool, inference, upgrades });
         }
 
         Ok(Config { proxy, listeners, routes, pools, tracing: raw.tracing.and_then(observe::RawTracing::validate) })

@@ -328,3 +328,17 @@ fn what_serve_cannot_run_is_refused_by_validate() {
     let e = err(&format!("[proxy]\nadmin = \"127.0.0.1:9000\"\n{listener}{pool}"));
     assert!(e.contains("listener[0].address: 127.0.0.1:9000 is the admin API's address"), "{e}");
 }
+
+#[test]
+fn routes_allow_websocket_upgrades_unless_they_list_others() {
+    let c = Config::parse(GOOD, None).unwrap();
+    assert_eq!(c.routes[0].upgrades, ["websocket"]);
+    let text =
+        GOOD.replace("pool = \"embed\"\n", "pool = \"embed\"\nupgrades = [\"WebSocket\", \"h2c\", \"websocket\"]\n");
+    let c = Config::parse(&text, None).unwrap();
+    assert_eq!(c.routes[1].upgrades, ["h2c", "websocket"]);
+    let c = Config::parse(&GOOD.replace("pool = \"embed\"\n", "pool = \"embed\"\nupgrades = []\n"), None).unwrap();
+    assert!(c.routes[1].upgrades.is_empty(), "an empty list allows no upgrade");
+    let e = err(&GOOD.replace("pool = \"embed\"\n", "pool = \"embed\"\nupgrades = [\"web socket\"]\n"));
+    assert!(e.contains("route.upgrades") && e.contains("`web socket` is not a protocol name"), "{e}");
+}

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 
 use crate::observe::RouteTag;
@@ -20,6 +20,7 @@ pub(crate) struct Route {
     headers: Vec<(HeaderName, HeaderValue)>,
     models: Vec<String>,
     inference: bool,
+    upgrades: Upgrades,
     /// The route's name and its counters' slot in the pool.
     tag: RouteTag,
     pub(crate) pool: Arc<PoolRuntime>,
@@ -39,6 +40,7 @@ impl Route {
             headers,
             models: config.matcher.models.clone(),
             inference: config.inference,
+            upgrades: Upgrades(config.upgrades.clone()),
             tag: RouteTag::new(&config.name, &pool),
             pool,
         }
@@ -47,7 +49,7 @@ impl Route {
     fn matches_head(&self, parts: &Parts) -> bool {
         if let Some(want) = &self.host {
             let host = parts.uri.host().or_else(|| {
-                let h = parts.headers.get(http::header::HOST)?.to_str().ok()?;
+                let h = parts.headers.get(header::HOST)?.to_str().ok()?;
                 // Strip a port, keeping IPv6 brackets whole.
                 Some(match h.rfind(':') {
                     Some(i) if !h[i..].contains(']') => &h[..i],
@@ -67,12 +69,33 @@ impl Route {
     }
 }
 
+/// The protocols a route lets clients switch to (`Upgrade`), lowercase.
+#[derive(Debug)]
+pub(crate) struct Upgrades(Vec<String>);
+
+impl Upgrades {
+    /// Whether a request asking for an upgrade may have it: every protocol its `Upgrade`
+    /// header offers (case-insensitive, any `/version` aside) is allowed, so the upstream
+    /// cannot pick one the route does not allow. Otherwise the request goes as a plain one.
+    pub(crate) fn allow(&self, headers: &HeaderMap) -> bool {
+        let mut offered = headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+            .map(|t| t.split(|&b| b == b'/').next().unwrap_or(t))
+            .peekable();
+        offered.peek().is_some() && offered.all(|t| self.0.iter().any(|name| t.eq_ignore_ascii_case(name.as_bytes())))
+    }
+}
+
 /// The outcome of matching.
 #[derive(Debug)]
 pub(crate) enum Matched<'a> {
     /// Route to this pool; `true` for an inference route (its POSTs may be retried); the
-    /// route as metrics and logs name it.
-    Pool(&'a Arc<PoolRuntime>, bool, &'a RouteTag),
+    /// route as metrics and logs name it; the upgrades it allows.
+    Pool(&'a Arc<PoolRuntime>, bool, &'a RouteTag, &'a Upgrades),
     /// A route names models: read the body and match again.
     NeedBody,
     /// Nothing matches.
@@ -85,11 +108,13 @@ pub(crate) struct RouteTable {
     routes: Vec<Route>,
     default_pool: Option<Arc<PoolRuntime>>,
     default_tag: RouteTag,
+    default_upgrades: Upgrades,
 }
 
 impl RouteTable {
     pub(crate) fn new(routes: Vec<Route>, default_pool: Option<Arc<PoolRuntime>>) -> Self {
-        RouteTable { routes, default_pool, default_tag: RouteTag::default_route() }
+        let default_upgrades = Upgrades(fulcrum_config::DEFAULT_UPGRADES.map(str::to_owned).to_vec());
+        RouteTable { routes, default_pool, default_tag: RouteTag::default_route(), default_upgrades }
     }
 
     /// Matches a request. `model` is `None` until the body has been read (`body_read`).
@@ -99,17 +124,17 @@ impl RouteTable {
                 continue;
             }
             if route.models.is_empty() {
-                return Matched::Pool(&route.pool, route.inference, &route.tag);
+                return Matched::Pool(&route.pool, route.inference, &route.tag, &route.upgrades);
             }
             if !body_read {
                 return Matched::NeedBody;
             }
             if model.is_some_and(|m| route.models.iter().any(|want| want == m)) {
-                return Matched::Pool(&route.pool, route.inference, &route.tag);
+                return Matched::Pool(&route.pool, route.inference, &route.tag, &route.upgrades);
             }
         }
         match &self.default_pool {
-            Some(p) => Matched::Pool(p, false, &self.default_tag),
+            Some(p) => Matched::Pool(p, false, &self.default_tag, &self.default_upgrades),
             None => Matched::None,
         }
     }
@@ -138,5 +163,26 @@ mod tests {
         assert_eq!(model_of(br#"{"prompt":"x"}"#), None);
         assert_eq!(model_of(b"not json"), None);
         assert_eq!(model_of(br#"{"model": 3}"#), None);
+    }
+
+    #[test]
+    fn an_upgrade_passes_only_if_every_protocol_offered_is_allowed() {
+        let websocket = Upgrades(vec!["websocket".to_owned()]);
+        let offer = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            values.iter().for_each(|v| h.append(header::UPGRADE, HeaderValue::from_static(v)));
+            h
+        };
+        assert!(websocket.allow(&offer(&["websocket"])));
+        assert!(websocket.allow(&offer(&["WebSocket"])));
+        assert!(websocket.allow(&offer(&["websocket/13"])));
+        assert!(!websocket.allow(&offer(&["h2c"])));
+        assert!(!websocket.allow(&offer(&["websocket, h2c"])));
+        assert!(!websocket.allow(&offer(&["websocket", "h2c"])));
+        assert!(!websocket.allow(&offer(&[""])));
+        assert!(!websocket.allow(&offer(&[])));
+        let both = Upgrades(vec!["h2c".to_owned(), "websocket".to_owned()]);
+        assert!(both.allow(&offer(&["h2c, websocket"])));
+        assert!(!Upgrades(Vec::new()).allow(&offer(&["websocket"])));
     }
 }

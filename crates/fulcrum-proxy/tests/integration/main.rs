@@ -12,4 +12,5 @@ mod observe;
 mod overload;
 mod reload;
 mod tcp;
+mod upgrades;
 mod upstream;
