@@ -170,7 +170,9 @@ mod tests {
         let websocket = Upgrades(vec!["websocket".to_owned()]);
         let offer = |values: &[&'static str]| {
             let mut h = HeaderMap::new();
-            values.iter().for_each(|v| h.append(header::UPGRADE, HeaderValue::from_static(v)));
+            for v in values {
+                h.append(header::UPGRADE, HeaderValue::from_static(v));
+            }
             h
         };
         assert!(websocket.allow(&offer(&["websocket"])));
