@@ -127,7 +127,7 @@ impl Body for TrackedBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.abort(format!("the upstream's response failed: {e}").into());
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.finish();
