@@ -396,6 +396,7 @@ async fn http1_framing_smuggling_sizes_and_json() {
     }
     let _ = stop_probe.send(());
     let (worst, probe_failures) = probe.await.expect("prober");
+    eprintln!("slowest probe meanwhile: {worst:?}");
     assert!(failures.is_empty(), "hostile cases failed:\n{}", failures.join("\n"));
     assert!(probe_failures.is_empty(), "other clients were not served: {probe_failures:?}");
     assert!(worst < Duration::from_secs(2), "another client waited {worst:?}");
@@ -458,9 +459,11 @@ async fn slowloris_and_endless_bodies_are_cut_off() {
     let ai_body = endless("/v1/chat/completions");
 
     let slow = slowloris.await.expect("slowloris");
+    eprintln!("slowloris: closed after {slow:?}");
     assert!(slow < Duration::from_secs(3), "a slowloris head held its connection for {slow:?}");
     for (what, task) in [("plain route", plain_body), ("AI route", ai_body)] {
         let (took, got) = task.await.expect("endless body");
+        eprintln!("endless chunked body, {what}: {got:?} after {took:?}");
         assert!(took < Duration::from_secs(6), "{what}: an endless chunked body ran for {took:?} ({got:?})");
         assert!(got.iter().all(|s| (400..500).contains(s)), "{what}: an endless body got {got:?}");
     }
