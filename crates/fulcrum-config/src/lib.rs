@@ -151,7 +151,15 @@ pub struct RouteConfig {
     /// A fixed hedging delay instead of the endpoint's learned one (its recent 95th
     /// percentile time to a response head).
     pub hedge_delay: Option<Duration>,
+    /// Protocols a client may switch to with `Upgrade` (lowercase; Envoy's per-route
+    /// `upgrade_configs`). Default [`DEFAULT_UPGRADES`]; a request offering another is
+    /// forwarded as a plain request, its `Upgrade` header removed.
+    pub upgrades: Vec<String>,
 }
+
+/// The upgrades a route allows unless it says otherwise (and those of a listener's default
+/// pool): WebSocket only.
+pub const DEFAULT_UPGRADES: [&str; 1] = ["websocket"];
 
 /// Conditions that must all hold for a route to match.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -468,7 +476,17 @@ impl Config {
                 return Err(at.error(span.start, &format!("{field}.hedge_delay"), "must be longer than zero"));
             }
             let hedge_delay = r.hedge_delay.map(|d| d.0);
-            routes.push(RouteConfig { name, listeners, matcher, pool: r.pool, inference, hedge: r.hedge, hedge_delay });
+            let upgrades = r.upgrades.map_or_else(|| DEFAULT_UPGRADES.map(str::to_owned).to_vec(), |u| u.0);
+            routes.push(RouteConfig {
+                name,
+                listeners,
+                matcher,
+                pool: r.pool,
+                inference,
+                hedge: r.hedge,
+                hedge_delay,
+                upgrades,
+            });
         }
 
         Ok(Config { proxy, listeners, routes, pools, tracing: raw.tracing.and_then(observe::RawTracing::validate) })

@@ -102,6 +102,26 @@ pub(crate) struct RawRoute {
     #[serde(rename = "match", default)]
     pub matcher: RawMatch,
     pub pool: String,
+    pub upgrades: Option<UpgradeList>,
+}
+
+/// The protocols a route lets clients switch to with `Upgrade`: HTTP tokens, kept lowercase
+/// (a protocol's `/version` suffix is not part of its name here).
+#[derive(Clone, Debug)]
+pub(crate) struct UpgradeList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for UpgradeList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut names: Vec<String> = Vec::deserialize(d)?;
+        if let Some(bad) = names.iter().find(|n| !is_token(n)) {
+            let msg = format!("`{bad}` is not a protocol name (an HTTP token such as `websocket`)");
+            return Err(serde::de::Error::custom(msg));
+        }
+        names.iter_mut().for_each(|n| n.make_ascii_lowercase());
+        names.sort();
+        names.dedup();
+        Ok(UpgradeList(names))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -339,3 +339,17 @@ fn routes_take_a_hedging_switch_and_delay() {
     let e = err(&format!("{base}[[route]]\npool = \"a\"\nhedge_delay = \"0s\"\n"));
     assert!(e.contains("route[0].hedge_delay") && e.contains("longer than zero"), "{e}");
 }
+
+#[test]
+fn routes_allow_websocket_upgrades_unless_they_list_others() {
+    let c = Config::parse(GOOD, None).unwrap();
+    assert_eq!(c.routes[0].upgrades, ["websocket"]);
+    let text =
+        GOOD.replace("pool = \"embed\"\n", "pool = \"embed\"\nupgrades = [\"WebSocket\", \"h2c\", \"websocket\"]\n");
+    let c = Config::parse(&text, None).unwrap();
+    assert_eq!(c.routes[1].upgrades, ["h2c", "websocket"]);
+    let c = Config::parse(&GOOD.replace("pool = \"embed\"\n", "pool = \"embed\"\nupgrades = []\n"), None).unwrap();
+    assert!(c.routes[1].upgrades.is_empty(), "an empty list allows no upgrade");
+    let e = err(&GOOD.replace("pool = \"embed\"\n", "pool = \"embed\"\nupgrades = [\"web socket\"]\n"));
+    assert!(e.contains("route.upgrades") && e.contains("`web socket` is not a protocol name"), "{e}");
+}

@@ -8,6 +8,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use fulcrum_core::InFlight;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
+use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::h1::UpstreamBody;
@@ -17,6 +19,10 @@ use crate::safety::AdmissionSlot;
 /// Boxed error, as hyper's server accepts.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Where a streamed response body comes from: the proxy's own HTTP/1.1 client, or hyper's
+/// (the answer to an upgrade the upstream refused).
+pub(crate) type Source = Either<UpstreamBody, Incoming>;
+
 /// An upstream response body passed through frame by frame, unbuffered.
 ///
 /// Holds the request's [`InFlight`] guard until the stream ends (or the client goes away).
@@ -25,7 +31,7 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// (`request_timeout`). The request's [`Exchange`] records it when the stream ends, fails,
 /// or is dropped.
 pub struct TrackedBody {
-    inner: UpstreamBody,
+    inner: Source,
     guard: Option<InFlight>,
     deadline: Option<Pin<Box<Sleep>>>,
     admission: Option<AdmissionSlot>,
@@ -42,7 +48,7 @@ impl std::fmt::Debug for TrackedBody {
 
 impl TrackedBody {
     pub(crate) fn new(
-        inner: UpstreamBody,
+        inner: Source,
         guard: InFlight,
         deadline: Option<tokio::time::Instant>,
         admission: Option<AdmissionSlot>,
@@ -77,7 +83,7 @@ impl TrackedBody {
     fn abort(&mut self, why: std::borrow::Cow<'static, str>) {
         self.guard.take();
         self.admission.take();
-        self.inner = UpstreamBody::ended();
+        self.inner = Either::Left(UpstreamBody::ended());
         if let Some(mut exchange) = self.exchange.take() {
             exchange.cut(why);
         }
@@ -121,7 +127,7 @@ impl Body for TrackedBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.abort(format!("the upstream's response failed: {e}").into());
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.finish();

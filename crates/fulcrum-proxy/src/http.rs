@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::body::TrackedBody;
+use crate::body::{Source, TrackedBody};
 use crate::error::ProxyError;
 use crate::h1::UpstreamBody;
 use crate::headers::{self, X_REQUEST_ID};
@@ -50,6 +50,8 @@ pub(crate) struct ListenerCtx {
 /// What [`proxy`] answers: an upstream response to stream back, or a whole one.
 enum Answer {
     Stream(Response<UpstreamBody>, Streaming),
+    /// The answer to an upgrade the upstream refused, streamed as it comes (hyper's client).
+    Refused(Response<Incoming>, Streaming),
     Whole(Response<RespBody>),
 }
 
@@ -124,16 +126,8 @@ pub(crate) async fn respond(
     // Pinned where it is made: a move of a future copies all of it.
     let answer = pin!(proxy(ctx, client, forwarded_for, req, &request_id, &mut exchange)).await;
     match answer {
-        Ok(Answer::Stream(resp, s)) => {
-            exchange.respond(resp.status());
-            // A stream of server-sent events: its first body bytes are its first token.
-            let events = resp
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-            let guard = s.guard.streaming(events);
-            resp.map(|body| Either::Left(TrackedBody::new(body, guard, s.deadline, s.admission, exchange)))
-        }
+        Ok(Answer::Stream(resp, s)) => streamed(resp.map(Either::Left), s, exchange),
+        Ok(Answer::Refused(resp, s)) => streamed(resp.map(Either::Right), s, exchange),
         Ok(Answer::Whole(resp)) => {
             exchange.respond(resp.status());
             exchange.on_data(http_body::Body::size_hint(resp.body()).exact().unwrap_or(0) as usize);
@@ -151,6 +145,16 @@ pub(crate) async fn respond(
             resp.map(Either::Right)
         }
     }
+}
+
+/// An upstream's response whose body streams back, observed until it ends.
+fn streamed(resp: Response<Source>, s: Streaming, mut exchange: Exchange) -> Response<RespBody> {
+    exchange.respond(resp.status());
+    // A stream of server-sent events: its first body bytes are its first token.
+    let events =
+        resp.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let guard = s.guard.streaming(events);
+    resp.map(|body| Either::Left(TrackedBody::new(body, guard, s.deadline, s.admission, exchange)))
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -206,24 +210,28 @@ async fn proxy(
 
     // Route; read the body only if a route needs the model from it.
     let mut model: Option<String> = None;
-    let (pool, rules, body): (Arc<PoolRuntime>, RouteRules, ReqBody) = match ctx.routes.find(parts, false, None) {
-        Matched::Pool(p, rules, route) => {
+    let (pool, rules, upgrades, body) = match ctx.routes.find(parts, false, None) {
+        Matched::Pool(p, rules, route, upgrades) => {
             exchange.routed(route, p);
-            (p.clone(), *rules, body)
+            (p.clone(), *rules, upgrades, body)
         }
         Matched::None => return Err(ProxyError::NoRoute),
         Matched::NeedBody => {
             let bytes = Box::pin(read_body(body, parts, ctx.max_body_bytes, ctx.body_read_timeout)).await?;
             model = model_of(&bytes);
             match ctx.routes.find(parts, true, model.as_deref()) {
-                Matched::Pool(p, rules, route) => {
+                Matched::Pool(p, rules, route, upgrades) => {
                     exchange.routed(route, p);
-                    (p.clone(), *rules, ReqBody::Bytes(bytes))
+                    (p.clone(), *rules, upgrades, ReqBody::Bytes(bytes))
                 }
                 _ => return Err(ProxyError::NoRoute),
             }
         }
     };
+    // An upgrade the route does not allow (any but WebSocket by default) is not offered to
+    // the upstream: the request goes as a plain one, its Upgrade header stripped. A switch
+    // to `h2c` would otherwise carry later requests past routing and limits.
+    let upgrade = upgrade.filter(|_| upgrades.allow(&parts.headers));
 
     // AI policies read the body (bounded) for the model, token estimate and prefix hashes;
     // so do inference calls on any pool and time-to-first-token budgets: the first-byte
@@ -577,11 +585,22 @@ impl Forward<'_> {
         let upstream = snapshot.upstreams[t.index].clone();
         exchange.attempt(&upstream, &parts.method, &mut parts.headers);
         let req = Request::from_parts(parts, body.into_hyper());
-        let result = Box::pin(websocket(upstream, req, client_upgrade, t.guard, t.first_byte, self.request_id)).await;
+        let mut guard = Some(t.guard);
+        let result =
+            Box::pin(websocket(upstream, req, client_upgrade, &mut guard, t.first_byte, self.request_id)).await;
         let (observed, elapsed) = (classify(&result), started.elapsed());
         // Upgrades are tried once: the verdict can only be to answer.
         clock::with_rng(|rng| attempts.record(state, snapshot, t.ticket, observed, elapsed, now + elapsed, rng));
-        result.map(Answer::Whole)
+        let resp = result?;
+        Ok(match guard {
+            // Switched: the spliced streams hold the guard; the client gets the 101 head.
+            None => Answer::Whole(resp.map(|_| Either::Right(Full::new(Bytes::new())))),
+            // Refused: the answer streams back, however long it is.
+            Some(guard) => {
+                let deadline = self.response_deadline().map(|d| tokio::time::Instant::from_std(started + d));
+                Answer::Refused(resp, Streaming { guard, deadline, admission: None })
+            }
+        })
     }
 
     fn no_endpoint(&self) -> ProxyError {
@@ -627,16 +646,18 @@ fn classify<B>(result: &Result<Response<B>, ProxyError>) -> Observed {
     }
 }
 
-/// Forwards a WebSocket (or any HTTP/1.1 upgrade) handshake on a fresh connection, then
-/// splices the two upgraded streams until either side closes.
+/// Forwards a WebSocket (or another allowed HTTP/1.1 upgrade) handshake on a fresh
+/// connection. When the upstream switches protocols, the two upgraded streams are spliced
+/// until either side closes, holding `guard` (taken); otherwise its answer is returned with
+/// its body unread, to stream back (`guard` left).
 async fn websocket(
     upstream: Arc<crate::upstream::Upstream>,
     req: Request<crate::upstream::HyperBody>,
     client_upgrade: hyper::upgrade::OnUpgrade,
-    guard: fulcrum_core::InFlight,
+    guard: &mut Option<fulcrum_core::InFlight>,
     first_byte: Duration,
     request_id: &HeaderValue,
-) -> Result<Response<RespBody>, ProxyError> {
+) -> Result<Response<Incoming>, ProxyError> {
     let mut sender = upstream.connect_upgradable().await?;
     let mut resp = match tokio::time::timeout(first_byte, sender.send_request(req)).await {
         Ok(Ok(r)) => r,
@@ -647,19 +668,17 @@ async fn websocket(
     };
     resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // The upstream refused the upgrade: pass its answer on as it is.
-        let (parts, body) = resp.into_parts();
-        let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        drop(guard);
-        return Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))));
+        // Refused: nothing is read into memory here (a 40 MB answer used to be).
+        headers::strip_hop_by_hop(resp.headers_mut(), false);
+        return Ok(resp);
     }
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let held = guard.take();
     tokio::spawn(async move {
-        let _guard = guard;
+        let _guard = held;
         if let (Ok(c), Ok(u)) = tokio::join!(client_upgrade, upstream_upgrade) {
             let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
         }
     });
-    let (parts, _) = resp.into_parts();
-    Ok(Response::from_parts(parts, Either::Right(Full::new(Bytes::new()))))
+    Ok(resp)
 }

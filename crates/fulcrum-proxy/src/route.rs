@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 
 use crate::observe::RouteTag;
@@ -21,6 +21,7 @@ pub(crate) struct Route {
     headers: Vec<(HeaderName, HeaderValue)>,
     models: Vec<String>,
     rules: RouteRules,
+    upgrades: Upgrades,
     /// The route's name and its counters' slot in the pool.
     tag: RouteTag,
     pub(crate) pool: Arc<PoolRuntime>,
@@ -40,6 +41,7 @@ impl Route {
             headers,
             models: config.matcher.models.clone(),
             rules: RouteRules { inference: config.inference, hedge: config.hedge, hedge_delay: config.hedge_delay },
+            upgrades: Upgrades(config.upgrades.clone()),
             tag: RouteTag::new(&config.name, &pool),
             pool,
         }
@@ -48,7 +50,7 @@ impl Route {
     fn matches_head(&self, parts: &Parts) -> bool {
         if let Some(want) = &self.host {
             let host = parts.uri.host().or_else(|| {
-                let h = parts.headers.get(http::header::HOST)?.to_str().ok()?;
+                let h = parts.headers.get(header::HOST)?.to_str().ok()?;
                 // Strip a port, keeping IPv6 brackets whole.
                 Some(match h.rfind(':') {
                     Some(i) if !h[i..].contains(']') => &h[..i],
@@ -90,11 +92,33 @@ impl RouteRules {
     }
 }
 
+/// The protocols a route lets clients switch to (`Upgrade`), lowercase.
+#[derive(Debug)]
+pub(crate) struct Upgrades(Vec<String>);
+
+impl Upgrades {
+    /// Whether a request asking for an upgrade may have it: every protocol its `Upgrade`
+    /// header offers (case-insensitive, any `/version` aside) is allowed, so the upstream
+    /// cannot pick one the route does not allow. Otherwise the request goes as a plain one.
+    pub(crate) fn allow(&self, headers: &HeaderMap) -> bool {
+        let mut offered = headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+            .map(|t| t.split(|&b| b == b'/').next().unwrap_or(t))
+            .peekable();
+        offered.peek().is_some() && offered.all(|t| self.0.iter().any(|name| t.eq_ignore_ascii_case(name.as_bytes())))
+    }
+}
+
 /// The outcome of matching.
 #[derive(Debug)]
 pub(crate) enum Matched<'a> {
-    /// Route to this pool, with the route's rules, and the route as metrics and logs name it.
-    Pool(&'a Arc<PoolRuntime>, &'a RouteRules, &'a RouteTag),
+    /// Route to this pool, with the route's rules, the route as metrics and logs name it, and
+    /// the upgrades it allows.
+    Pool(&'a Arc<PoolRuntime>, &'a RouteRules, &'a RouteTag, &'a Upgrades),
     /// A route names models: read the body and match again.
     NeedBody,
     /// Nothing matches.
@@ -108,15 +132,18 @@ pub(crate) struct RouteTable {
     default_pool: Option<Arc<PoolRuntime>>,
     default_tag: RouteTag,
     default_rules: RouteRules,
+    default_upgrades: Upgrades,
 }
 
 impl RouteTable {
     pub(crate) fn new(routes: Vec<Route>, default_pool: Option<Arc<PoolRuntime>>) -> Self {
+        let default_upgrades = Upgrades(fulcrum_config::DEFAULT_UPGRADES.map(str::to_owned).to_vec());
         RouteTable {
             routes,
             default_pool,
             default_tag: RouteTag::default_route(),
             default_rules: RouteRules::default(),
+            default_upgrades,
         }
     }
 
@@ -127,17 +154,17 @@ impl RouteTable {
                 continue;
             }
             if route.models.is_empty() {
-                return Matched::Pool(&route.pool, &route.rules, &route.tag);
+                return Matched::Pool(&route.pool, &route.rules, &route.tag, &route.upgrades);
             }
             if !body_read {
                 return Matched::NeedBody;
             }
             if model.is_some_and(|m| route.models.iter().any(|want| want == m)) {
-                return Matched::Pool(&route.pool, &route.rules, &route.tag);
+                return Matched::Pool(&route.pool, &route.rules, &route.tag, &route.upgrades);
             }
         }
         match &self.default_pool {
-            Some(p) => Matched::Pool(p, &self.default_rules, &self.default_tag),
+            Some(p) => Matched::Pool(p, &self.default_rules, &self.default_tag, &self.default_upgrades),
             None => Matched::None,
         }
     }
@@ -178,5 +205,28 @@ mod tests {
         assert_eq!(off.hedging(true), Hedging::Off);
         let fixed = RouteRules { hedge: Some(true), hedge_delay: Some(Duration::from_millis(150)), ..default };
         assert_eq!(fixed.hedging(false), Hedging::After(Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn an_upgrade_passes_only_if_every_protocol_offered_is_allowed() {
+        let websocket = Upgrades(vec!["websocket".to_owned()]);
+        let offer = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::UPGRADE, HeaderValue::from_static(v));
+            }
+            h
+        };
+        assert!(websocket.allow(&offer(&["websocket"])));
+        assert!(websocket.allow(&offer(&["WebSocket"])));
+        assert!(websocket.allow(&offer(&["websocket/13"])));
+        assert!(!websocket.allow(&offer(&["h2c"])));
+        assert!(!websocket.allow(&offer(&["websocket, h2c"])));
+        assert!(!websocket.allow(&offer(&["websocket", "h2c"])));
+        assert!(!websocket.allow(&offer(&[""])));
+        assert!(!websocket.allow(&offer(&[])));
+        let both = Upgrades(vec!["h2c".to_owned(), "websocket".to_owned()]);
+        assert!(both.allow(&offer(&["h2c, websocket"])));
+        assert!(!Upgrades(Vec::new()).allow(&offer(&["websocket"])));
     }
 }

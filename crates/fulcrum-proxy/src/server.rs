@@ -275,8 +275,25 @@ async fn accept_loop(bound: Bound, live: Live, mut stop: watch::Receiver<bool>) 
             // writev(false): a response head and a small body leave in one send(2), which the
             // kernel handles for less than a writev(2) (it skips the VFS layer; about 0.4 µs a
             // request in bench/RESULTS.md's kernel profile). Large bodies are copied once more.
-            b.http1().timer(TokioTimer::new()).header_read_timeout(*header_read_timeout).writev(false);
-            b.http2().timer(TokioTimer::new());
+            //
+            // Request heads: at most 64 KiB whoever parses them, as documented (hyper's own
+            // HTTP/1.1 limit is ~400 KB, answered 431; HTTP/2's header list, counted as RFC
+            // 9113 does, 32 bytes a field on top, is refused with a 431 too).
+            let head = crate::h1::MAX_REQUEST_HEAD_BYTES;
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(*header_read_timeout)
+                .max_buf_size(head)
+                .writev(false);
+            // HTTP/2: a PING after `header_read_timeout` without a frame, and the connection
+            // closed when it is not answered within as long again: a silent peer (or one that
+            // stalls in the middle of a header block) does not hold its slot. Idle connections
+            // that answer pings are closed by `h1::server::serve`.
+            b.http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(head).unwrap_or(u32::MAX))
+                .keep_alive_interval(Some(*header_read_timeout))
+                .keep_alive_timeout(*header_read_timeout);
         }
         b
     });

@@ -18,7 +18,7 @@ policy = "least_connections"
 endpoints = [{ id = "a", address = "127.0.0.1:9" }, { id = "b", address = "127.0.0.1:10", weight = 2 }]
 "#;
 
-async fn state() -> AdminState {
+pub(crate) async fn state() -> AdminState {
     let config = Config::parse(TOML, None).expect("config");
     let proxy = Proxy::bind_with(config, Some(TOML.into()), None).await.expect("proxy");
     AdminState::new(proxy.live().clone())

@@ -5,5 +5,6 @@
 mod admin;
 mod common;
 mod discovery;
+mod hostile;
 mod mesh;
 mod metrics;

@@ -27,6 +27,8 @@ mod request;
 pub(crate) mod server;
 
 pub use conn::UpstreamBody;
+/// The largest request head accepted from a client, HTTP/1.1 or HTTP/2 (then 431).
+pub(crate) use request::MAX_HEAD_BYTES as MAX_REQUEST_HEAD_BYTES;
 
 /// Why an exchange with an upstream failed.
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,8 @@ use http::{Method, StatusCode, Uri, Version};
 
 use super::codec::{ConnectionTokens, encode_chunk_size, parse_decimal, push_decimal};
 
-/// The largest request head taken here; longer ones go to hyper (whose limit is larger).
+/// The largest request head taken here; longer ones go to hyper, whose limit is set to the
+/// same (`server.rs`), and which answers them 431.
 pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The most request headers taken here (hyper's default limit).
 pub(crate) const MAX_HEADERS: usize = 100;

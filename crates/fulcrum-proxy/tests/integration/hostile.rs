@@ -142,3 +142,57 @@ async fn an_idle_http2_connection_is_closed_after_the_header_read_timeout() {
     assert_eq!(status, 200);
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_silent_http2_client_is_closed_after_unanswered_pings() {
+    // A client that sent a request and then stops reading and answering (no PING ack, no
+    // SETTINGS ack) holds no slot: keep-alive PINGs go unanswered, and the connection closes.
+    let a = backend("a", Behavior::Echo).await;
+    let toml = one_pool_with(&format!("endpoints = {}", endpoints(&[&a])), "")
+        .replace("pool = \"p\"\n", "pool = \"p\"\nheader_read_timeout = \"300ms\"\n");
+    let running = proxy(&toml).await;
+    let mut s = TcpStream::connect(running.proxy_addr).await.expect("connect");
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00".to_vec();
+    // HEADERS, END_STREAM | END_HEADERS, stream 1: GET / (HPACK static entries, authority `x`).
+    hello.extend_from_slice(&[0, 0, 6, 1, 5, 0, 0, 0, 1, 0x82, 0x84, 0x86, 0x41, 0x01, b'x']);
+    s.write_all(&hello).await.expect("write");
+    let started = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "a silent HTTP/2 client was still connected after 8 s ({} bytes read)", sink.len());
+    assert!(started.elapsed() < Duration::from_secs(4), "closed after {:?}", started.elapsed());
+    // Its request was answered before (a HEADERS frame came back on stream 1).
+    assert!(sink.windows(5).any(|w| w[3] == 1 && w[4] & 4 != 0), "no response head came back");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_heads_are_limited_to_64_kib_over_http1_and_http2() {
+    // The documented limit; hyper's own HTTP/1.1 limit (~400 KB) used to apply to heads our
+    // parser handed over, and HTTP/2's was 16 KiB.
+    let a = backend("a", Behavior::Echo).await;
+    let running = proxy(&one_pool_with(&format!("endpoints = {}", endpoints(&[&a])), "")).await;
+    let addr = running.proxy_addr;
+    for kib in [60, 65] {
+        let big = "a".repeat(kib * 1024);
+        let answer =
+            raw_answer(addr, &format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nConnection: close\r\n\r\n")).await;
+        let want = if kib == 60 { "HTTP/1.1 200" } else { "HTTP/1.1 431" };
+        assert!(answer.starts_with(want), "HTTP/1.1, a {kib} KiB head: {:?}", &answer[..answer.len().min(200)]);
+        let mut c = h2(addr).await;
+        let req = http::Request::get("http://x/")
+            .header("x-big", big)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request");
+        let status = c.send_request(req).await.map(|r| r.status().as_u16());
+        if kib == 60 {
+            assert_eq!(status.ok(), Some(200), "HTTP/2, a {kib} KiB head");
+        } else {
+            assert!(
+                status.as_ref().is_err() || status.as_ref().ok() == Some(&431),
+                "HTTP/2, a {kib} KiB head: {status:?}"
+            );
+        }
+    }
+    running.shutdown().await;
+}

@@ -5,10 +5,12 @@
 mod client_h1;
 mod common;
 mod hostile;
+mod hostile_input;
 mod http;
 mod membership;
 mod observe;
 mod overload;
 mod reload;
 mod tcp;
+mod upgrades;
 mod upstream;

@@ -16,9 +16,22 @@ fn get() -> Method {
 /// Decodes `input` fed in pieces of `piece` bytes, as reads would bring it; returns the data
 /// and whether the body ended, with the bytes left over.
 fn decode_in_pieces(decoder: &mut Decoder, input: &[u8], piece: usize) -> Result<(Vec<u8>, usize), UpstreamError> {
+    let cuts: Vec<usize> = (piece..input.len()).step_by(piece).collect();
+    decode_at_cuts(decoder, input, &cuts)
+}
+
+/// Decodes `input` as reads ending at each of `cuts` (ascending) would bring it; returns the
+/// data, with the number of bytes left over (not taken as body).
+fn decode_at_cuts(decoder: &mut Decoder, input: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, usize), UpstreamError> {
     let mut data = Vec::new();
     let mut buffered: Vec<u8> = Vec::new();
-    for part in input.chunks(piece) {
+    let mut from = 0;
+    for to in cuts.iter().copied().filter(|&c| c < input.len()).chain([input.len()]) {
+        if to < from {
+            continue;
+        }
+        let part = &input[from..to];
+        from = to;
         buffered.extend_from_slice(part);
         loop {
             if decoder.is_done() {
@@ -341,4 +354,175 @@ fn chunk_sizes_are_hex() {
     buf = b"head".to_vec();
     encode_chunk_size(&mut buf, 255);
     assert_eq!(buf, b"headff\r\n");
+}
+
+// === properties ===
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::RngSeed;
+
+    /// How a generated response frames its body.
+    #[derive(Clone, Debug)]
+    enum Framing {
+        Length,
+        /// Chunk sizes (the body is cut so), and whether each size line has an extension.
+        Chunked(Vec<usize>, bool),
+        UntilClose,
+    }
+
+    #[derive(Clone, Debug)]
+    struct Generated {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        framing: Framing,
+    }
+
+    fn response() -> impl Strategy<Value = Generated> {
+        let status = prop_oneof![200u16..204, 205u16..304, 305u16..600];
+        let headers = prop::collection::vec(("x-[a-z0-9-]{1,12}", "[!-~]([ -~]{0,30}[!-~])?"), 0..8);
+        let body = prop::collection::vec(any::<u8>(), 0..3000);
+        let framing = prop_oneof![
+            Just(Framing::Length),
+            (prop::collection::vec(1usize..700, 0..12), any::<bool>()).prop_map(|(c, e)| Framing::Chunked(c, e)),
+            Just(Framing::UntilClose),
+        ];
+        (status, headers, body, framing).prop_map(|(status, headers, body, framing)| Generated {
+            status,
+            headers,
+            body,
+            framing,
+        })
+    }
+
+    /// The response on the wire, and where its head ends.
+    fn serialize(r: &Generated) -> (Vec<u8>, usize) {
+        let mut raw = format!("HTTP/1.1 {} Whatever\r\n", r.status).into_bytes();
+        for (n, v) in &r.headers {
+            raw.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+        }
+        match &r.framing {
+            Framing::Length => raw.extend_from_slice(format!("Content-Length: {}\r\n", r.body.len()).as_bytes()),
+            Framing::Chunked(..) => raw.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+            Framing::UntilClose => raw.extend_from_slice(b"Connection: close\r\n"),
+        }
+        raw.extend_from_slice(b"\r\n");
+        let head_len = raw.len();
+        match &r.framing {
+            Framing::Chunked(sizes, extension) => {
+                let mut rest = &r.body[..];
+                let mut sizes = sizes.iter().copied().cycle();
+                while !rest.is_empty() {
+                    let n = sizes.next().unwrap_or(rest.len()).min(rest.len());
+                    encode_chunk_size(&mut raw, n);
+                    if *extension {
+                        // Before the CRLF the size line ends with.
+                        raw.truncate(raw.len() - 2);
+                        raw.extend_from_slice(b" ;ext=\"a;b\"\r\n");
+                    }
+                    raw.extend_from_slice(&rest[..n]);
+                    raw.extend_from_slice(b"\r\n");
+                    rest = &rest[n..];
+                }
+                raw.extend_from_slice(b"0\r\nx-trailer: 1\r\n\r\n");
+            }
+            _ => raw.extend_from_slice(&r.body),
+        }
+        (raw, head_len)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, rng_seed: RngSeed::Fixed(0xF01C_0C0D), ..ProptestConfig::default() })]
+
+        /// A response cut anywhere parses to the same head and body; what follows a
+        /// delimited body (the next response) is never taken as body.
+        #[test]
+        fn responses_parse_the_same_however_they_are_cut(
+            r in response(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+            next in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let (mut raw, head_len) = serialize(&r);
+            let delimited = !matches!(r.framing, Framing::UntilClose);
+            if delimited {
+                raw.extend_from_slice(&next);
+            }
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(raw.len() + 1)).collect();
+            cuts.sort_unstable();
+            // The head: partial at every cut before its end, then whole.
+            for &c in cuts.iter().filter(|&&c| c < head_len) {
+                prop_assert!(matches!(parse_head(&raw[..c], &Method::GET), Ok(Parsed::Partial)), "cut at {c}");
+            }
+            let Ok(Parsed::Final(head, len)) = parse_head(&raw, &Method::GET) else {
+                return Err(TestCaseError::fail(format!("no head in {:?}", String::from_utf8_lossy(&raw[..head_len]))));
+            };
+            prop_assert_eq!(len, head_len);
+            prop_assert_eq!(head.status.as_u16(), r.status);
+            for (n, v) in &r.headers {
+                prop_assert!(head.headers.get_all(n.as_str()).iter().any(|h| h == v.as_str()), "{n}: {v}");
+            }
+            // The body, fed as reads ending at the cuts after the head.
+            let body_cuts: Vec<usize> = cuts.iter().filter(|&&c| c > len).map(|c| c - len).collect();
+            let mut decoder = Decoder::new(head.framing);
+            let (data, left) = decode_at_cuts(&mut decoder, &raw[len..], &body_cuts).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            if delimited {
+                prop_assert!(decoder.is_done(), "a whole delimited body must end");
+                prop_assert_eq!(left, next.len(), "bytes after the body were taken as body");
+            } else {
+                prop_assert!(decoder.eof().is_ok());
+            }
+            prop_assert_eq!(data, r.body);
+        }
+
+        /// Whatever the bytes: no panic; a head or an error, and body steps stay inside the
+        /// input they were given.
+        #[test]
+        fn any_bytes_give_a_response_or_an_error(
+            raw in prop::collection::vec(any::<u8>(), 0..800),
+            head in any::<bool>(),
+        ) {
+            let method = if head { Method::HEAD } else { Method::GET };
+            if let Ok(Parsed::Final(_, n) | Parsed::Informational(n)) = parse_head(&raw, &method) {
+                prop_assert!(n <= raw.len());
+            }
+            for framing in [BodyFraming::Chunked, BodyFraming::Length(300), BodyFraming::UntilClose] {
+                let mut d = Decoder::new(framing);
+                let mut at = 0;
+                while at < raw.len() && !d.is_done() {
+                    let Ok(step) = d.decode(&raw[at..]) else { break };
+                    prop_assert!(step.consumed <= raw.len() - at);
+                    if let Some(r) = &step.data {
+                        prop_assert!(r.end <= step.consumed && r.start <= r.end);
+                    }
+                    if step.consumed == 0 {
+                        break;
+                    }
+                    at += step.consumed;
+                }
+            }
+        }
+
+        /// A response head followed by arbitrary damage: parsing never panics, and a length
+        /// it accepts is one plain number that the body never exceeds.
+        #[test]
+        fn damaged_responses_never_read_past_their_length(
+            r in response(),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let (mut raw, _) = serialize(&r);
+            for (at, byte) in edits {
+                let i = at.index(raw.len());
+                raw[i] = byte;
+            }
+            if let Ok(Parsed::Final(head, len)) = parse_head(&raw, &Method::GET)
+                && let BodyFraming::Length(n) = head.framing
+            {
+                let mut d = Decoder::new(head.framing);
+                let (data, _) = decode_in_pieces(&mut d, &raw[len..], 7).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(data.len() as u64 <= n);
+            }
+        }
+    }
 }

@@ -38,6 +38,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
     pub requests: Arc<AtomicUsize>,
+    /// The target of every request it received, in order.
+    pub targets: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 type Body = Either<Full<Bytes>, chunks::Chunks>;
@@ -150,16 +152,20 @@ pub async fn backend(name: &str, behavior: Behavior) -> Backend {
         addr,
         connections: Arc::new(AtomicUsize::new(0)),
         requests: Arc::new(AtomicUsize::new(0)),
+        targets: Arc::default(),
     };
     let (conns, reqs, name) = (b.connections.clone(), b.requests.clone(), b.name.clone());
+    let targets = b.targets.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { return };
             conns.fetch_add(1, Ordering::SeqCst);
             let (name, behavior, reqs) = (name.clone(), behavior.clone(), reqs.clone());
+            let targets = targets.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| {
+                let svc = service_fn(move |req: Request<Incoming>| {
                     reqs.fetch_add(1, Ordering::SeqCst);
+                    targets.lock().expect("targets").push(req.uri().to_string());
                     answer(name.clone(), behavior.clone(), req)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
