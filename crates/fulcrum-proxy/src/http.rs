@@ -27,7 +27,7 @@ use crate::h1::UpstreamBody;
 use crate::headers::{self, X_REQUEST_ID};
 use crate::observe::{Exchange, Observe};
 use crate::pool::{PoolRuntime, PoolSnapshot, sticky_token};
-use crate::route::{Matched, RouteRules, RouteTable, model_of};
+use crate::route::{Matched, RouteTable, model_of};
 use crate::safety::AdmissionSlot;
 use crate::{clock, upstream::ReqBody};
 
