@@ -329,7 +329,7 @@ pub(crate) struct RawDiscovery {
     max_endpoints: Option<usize>,
 }
 
-type FieldError = (String, String);
+use crate::raw::FieldError;
 
 fn err(field: &str, problem: impl Into<String>) -> FieldError {
     (format!(".discovery.{field}"), problem.into())
