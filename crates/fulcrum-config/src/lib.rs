@@ -163,11 +163,35 @@ pub struct ProxySettings {
     /// Host names the admin API accepts in `Host` and `Origin`, besides IP addresses and
     /// `localhost` (empty by default).
     pub admin_hosts: Vec<String>,
+    /// Connection limits and timeouts of the admin listener.
+    pub admin_limits: AdminLimits,
     /// Seed of the random choices (`random`, `power_of_two`, jitter); `None`: from the
     /// process. With one worker a run is then reproducible.
     pub seed: Option<u64>,
     /// One log line per request (target `fulcrum::access`).
     pub access_log: bool,
+}
+
+/// How the admin listener guards itself against idle and slow clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Most admin connections open at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// Time allowed for a request head: from the connection's start, or from the first byte
+    /// of a later request.
+    pub header_timeout: Duration,
+    /// How long a connection may stay idle between requests (keep-alive).
+    pub idle_timeout: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// A listener.
@@ -408,11 +432,27 @@ impl Config {
             let message = format!("must be at most {MAX_WORKERS} threads, got {}", w.get());
             errors.push(at.field_error(&steps("proxy.workers"), 0, "proxy.workers", &message));
         }
+        let defaults = AdminLimits::default();
+        let mut positive = |key: &str, d: Option<raw::DurationStr>, default: Duration| match d {
+            Some(d) if d.0.is_zero() => {
+                let field = format!("proxy.{key}");
+                errors.push(at.field_error(&steps(&field), 0, &field, "must be longer than zero"));
+                default
+            }
+            Some(d) => d.0,
+            None => default,
+        };
+        let admin_limits = AdminLimits {
+            max_connections: raw.proxy.admin_max_connections.map_or(defaults.max_connections, NonZeroUsize::get),
+            header_timeout: positive("admin_header_timeout", raw.proxy.admin_header_timeout, defaults.header_timeout),
+            idle_timeout: positive("admin_idle_timeout", raw.proxy.admin_idle_timeout, defaults.idle_timeout),
+        };
         let proxy = ProxySettings {
             workers: raw.proxy.workers,
             drain_timeout: raw.proxy.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
             admin: raw.proxy.admin,
             admin_hosts: raw.proxy.admin_hosts.unwrap_or_default(),
+            admin_limits,
             seed: raw.proxy.seed,
             access_log: raw.proxy.access_log.unwrap_or(false),
         };

@@ -64,6 +64,9 @@ pub(crate) struct RawProxy {
     pub drain_timeout: Option<DurationStr>,
     pub admin: Option<SocketAddr>,
     pub admin_hosts: Option<Vec<String>>,
+    pub admin_max_connections: Option<NonZeroUsize>,
+    pub admin_header_timeout: Option<DurationStr>,
+    pub admin_idle_timeout: Option<DurationStr>,
     pub seed: Option<u64>,
     pub access_log: Option<bool>,
 }

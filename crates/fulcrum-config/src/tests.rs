@@ -390,3 +390,23 @@ fn a_pool_with_errors_does_not_make_its_routes_errors_too() {
     assert_eq!(errors.first().field, "pool.a.idle_timeout");
     assert_eq!(errors.first().line, Some(4));
 }
+
+#[test]
+fn the_admin_listener_has_limits_by_default_and_from_the_file() {
+    assert_eq!(Config::parse("", None).unwrap().proxy.admin_limits, AdminLimits::default());
+    let text = "[proxy]\nadmin_max_connections = 8\nadmin_header_timeout = \"2s\"\nadmin_idle_timeout = \"5s\"\n";
+    let limits = Config::parse(text, None).unwrap().proxy.admin_limits;
+    assert_eq!(
+        limits,
+        AdminLimits {
+            max_connections: 8,
+            header_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(5)
+        }
+    );
+    let e = err("[proxy]\nadmin = \"127.0.0.1:9901\"\nadmin_header_timeout = \"0s\"\nadmin_idle_timeout = \"0ms\"\n");
+    assert!(e.contains("fulcrum.toml:3: proxy.admin_header_timeout: must be longer than zero"), "{e}");
+    assert!(e.contains("fulcrum.toml:4: proxy.admin_idle_timeout: must be longer than zero"), "{e}");
+    let e = err("[proxy]\nadmin_max_connections = 0\n");
+    assert!(e.starts_with("fulcrum.toml:2:") && e.contains("admin_max_connections"), "{e}");
+}

@@ -449,6 +449,10 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
     if old.proxy.admin != new.proxy.admin {
         return restart("proxy.admin".into(), "the admin API's address changes only at a restart".into());
     }
+    if old.proxy.admin_limits != new.proxy.admin_limits {
+        let message = "the admin listener's limits (admin_max_connections, admin_header_timeout, admin_idle_timeout) change only at a restart";
+        return restart("proxy.admin_max_connections".into(), message.into());
+    }
     if old.listeners.len() != new.listeners.len() {
         return restart(
             "listener".into(),

@@ -249,11 +249,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                     state = state.with_mesh(mesh);
                 }
                 let app = fulcrum_control::admin::app(state);
-                Some(tokio::spawn(async move {
-                    if let Err(e) = axum::serve(listener, app).await {
-                        tracing::warn!(error = %e, "admin API stopped");
-                    }
-                }))
+                Some(tokio::spawn(fulcrum_control::listen::serve(listener, app, config.proxy.admin_limits)))
             }
             None => None,
         };

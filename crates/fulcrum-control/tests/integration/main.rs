@@ -5,5 +5,6 @@
 mod admin;
 mod common;
 mod discovery;
+mod listen;
 mod mesh;
 mod metrics;
