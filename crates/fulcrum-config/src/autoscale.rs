@@ -147,7 +147,7 @@ pub(crate) struct RawAutoscale {
     actuator: RawActuator,
 }
 
-type FieldError = (String, String);
+use crate::raw::FieldError;
 
 fn err(field: &str, problem: impl Into<String>) -> FieldError {
     (format!(".autoscale.{field}"), problem.into())
@@ -163,9 +163,32 @@ fn parse_ports(s: &str) -> Option<(u16, u16)> {
     (a > 0 && a <= b).then_some((a, b))
 }
 
+fn d(v: Option<DurationStr>, default: Duration) -> Duration {
+    v.map_or(default, |d| d.0)
+}
+
 impl RawAutoscale {
-    pub(crate) fn validate(self) -> Result<AutoscaleConfig, FieldError> {
-        let d = |v: Option<DurationStr>, default: Duration| v.map_or(default, |d| d.0);
+    /// The policy, the interval and the actuator are checked on their own: each reports.
+    pub(crate) fn validate(self) -> Result<AutoscaleConfig, Vec<FieldError>> {
+        let mut errors = crate::raw::FieldErrors::default();
+        let policy = errors.ok(self.policy());
+        let interval = d(self.interval, Duration::from_secs(1));
+        if interval.is_zero() {
+            errors.push(".autoscale.interval", "must be longer than zero");
+        }
+        let actuator = errors.ok(actuator(self.actuator));
+        errors.finish(|| {
+            Some(AutoscaleConfig {
+                policy: policy?,
+                interval,
+                actuator: actuator?,
+                drain_timeout: d(self.drain_timeout, Duration::from_secs(30)),
+                cold_start_timeout: d(self.cold_start_timeout, Duration::from_secs(60)),
+            })
+        })
+    }
+
+    fn policy(&self) -> Result<ScalePolicyConfig, FieldError> {
         let defaults = BoundsSettings::default();
         let bounds = BoundsSettings {
             min_replicas: self.min_replicas.unwrap_or(defaults.min_replicas),
@@ -233,60 +256,50 @@ impl RawAutoscale {
                 return Err(err("policy", msg));
             }
         };
-        let interval = d(self.interval, Duration::from_secs(1));
-        if interval.is_zero() {
-            return Err(err("interval", "must be longer than zero"));
-        }
-        let a = self.actuator;
-        let need = |v: Option<String>, field: &str| {
-            v.filter(|s| !s.trim().is_empty()).ok_or_else(|| err(&format!("actuator.{field}"), "is required"))
-        };
-        let actuator = match a.kind.as_str() {
-            "local" => {
-                let ports = a.ports.as_deref().unwrap_or("9100-9199");
-                let ports = parse_ports(ports).ok_or_else(|| {
-                    err("actuator.ports", format!("must be a range such as \"9100-9199\", got {ports:?}"))
-                })?;
-                let command = need(a.command, "command")?;
-                if !command.contains("{port}") {
-                    return Err(err("actuator.command", "must contain {port}: each replica needs its own port"));
-                }
-                ActuatorConfig::Local {
-                    command,
-                    ports,
-                    ready_path: a.ready_path,
-                    startup_timeout: d(a.startup_timeout, Duration::from_secs(30)),
-                    backoff_base: d(a.backoff_base, Duration::from_millis(500)),
-                    backoff_max: d(a.backoff_max, Duration::from_secs(30)),
-                    max_restarts: a.max_restarts.unwrap_or(5),
-                    restart_window: d(a.restart_window, Duration::from_secs(60)),
-                    stop_grace: d(a.stop_grace, Duration::from_secs(10)),
-                }
-            }
-            "kubernetes" => ActuatorConfig::Kubernetes {
-                api_server: need(a.api_server, "api_server")?,
-                namespace: a.namespace.unwrap_or_else(|| "default".to_owned()),
-                deployment: need(a.deployment, "deployment")?,
-            },
-            "command" => ActuatorConfig::Command {
-                command: need(a.command, "command")?,
-                timeout: d(a.timeout, Duration::from_secs(60)),
-            },
-            k => {
-                return Err(err(
-                    "actuator.kind",
-                    format!("must be \"local\", \"kubernetes\" or \"command\", got {k:?}"),
-                ));
-            }
-        };
-        Ok(AutoscaleConfig {
-            policy,
-            interval,
-            actuator,
-            drain_timeout: d(self.drain_timeout, Duration::from_secs(30)),
-            cold_start_timeout: d(self.cold_start_timeout, Duration::from_secs(60)),
-        })
+        Ok(policy)
     }
+}
+
+fn actuator(a: RawActuator) -> Result<ActuatorConfig, FieldError> {
+    let need = |v: Option<String>, field: &str| {
+        v.filter(|s| !s.trim().is_empty()).ok_or_else(|| err(&format!("actuator.{field}"), "is required"))
+    };
+    let actuator = match a.kind.as_str() {
+        "local" => {
+            let ports = a.ports.as_deref().unwrap_or("9100-9199");
+            let ports = parse_ports(ports).ok_or_else(|| {
+                err("actuator.ports", format!("must be a range such as \"9100-9199\", got {ports:?}"))
+            })?;
+            let command = need(a.command, "command")?;
+            if !command.contains("{port}") {
+                return Err(err("actuator.command", "must contain {port}: each replica needs its own port"));
+            }
+            ActuatorConfig::Local {
+                command,
+                ports,
+                ready_path: a.ready_path,
+                startup_timeout: d(a.startup_timeout, Duration::from_secs(30)),
+                backoff_base: d(a.backoff_base, Duration::from_millis(500)),
+                backoff_max: d(a.backoff_max, Duration::from_secs(30)),
+                max_restarts: a.max_restarts.unwrap_or(5),
+                restart_window: d(a.restart_window, Duration::from_secs(60)),
+                stop_grace: d(a.stop_grace, Duration::from_secs(10)),
+            }
+        }
+        "kubernetes" => ActuatorConfig::Kubernetes {
+            api_server: need(a.api_server, "api_server")?,
+            namespace: a.namespace.unwrap_or_else(|| "default".to_owned()),
+            deployment: need(a.deployment, "deployment")?,
+        },
+        "command" => ActuatorConfig::Command {
+            command: need(a.command, "command")?,
+            timeout: d(a.timeout, Duration::from_secs(60)),
+        },
+        k => {
+            return Err(err("actuator.kind", format!("must be \"local\", \"kubernetes\" or \"command\", got {k:?}")));
+        }
+    };
+    Ok(actuator)
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use fulcrum_core::endpoint::Labels;
 use fulcrum_core::membership::LeaseLimits;
+use fulcrum_core::phi::PhiConfig;
 use fulcrum_core::{EndpointId, EndpointSpec};
 use serde::{Deserialize, Serialize};
 
@@ -290,9 +291,9 @@ pub enum PortRef {
 }
 
 /// `kind = "registration"`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RegistrationDiscovery {
-    /// TTLs and the member limit.
+    /// TTLs, the member limit and the failure detector.
     pub limits: LeaseLimits,
 }
 
@@ -327,9 +328,12 @@ pub(crate) struct RawDiscovery {
     min_ttl: Option<DurationStr>,
     max_ttl: Option<DurationStr>,
     max_endpoints: Option<usize>,
+    phi_threshold: Option<f64>,
+    phi_acceptable_pause: Option<DurationStr>,
+    failure_detector: Option<bool>,
 }
 
-type FieldError = (String, String);
+use crate::raw::FieldError;
 
 fn err(field: &str, problem: impl Into<String>) -> FieldError {
     (format!(".discovery.{field}"), problem.into())
@@ -371,6 +375,9 @@ impl RawDiscovery {
             ("min_ttl", self.min_ttl.is_some()),
             ("max_ttl", self.max_ttl.is_some()),
             ("max_endpoints", self.max_endpoints.is_some()),
+            ("phi_threshold", self.phi_threshold.is_some()),
+            ("phi_acceptable_pause", self.phi_acceptable_pause.is_some()),
+            ("failure_detector", self.failure_detector.is_some()),
         ];
         fields.into_iter().filter(|(_, set)| *set).map(|(name, _)| name).collect()
     }
@@ -381,7 +388,15 @@ impl RawDiscovery {
             "dns" => &["name", "port", "record", "server", "interval", "timeout"],
             "etcd" => &["endpoints", "prefix", "timeout"],
             "kubernetes" => &["api_server", "namespace", "service", "selector", "port", "token_file", "timeout"],
-            "registration" => &["ttl", "min_ttl", "max_ttl", "max_endpoints"],
+            "registration" => &[
+                "ttl",
+                "min_ttl",
+                "max_ttl",
+                "max_endpoints",
+                "phi_threshold",
+                "phi_acceptable_pause",
+                "failure_detector",
+            ],
             k => {
                 let msg = format!("must be \"file\", \"dns\", \"etcd\", \"kubernetes\" or \"registration\", got {k:?}");
                 return Err(err("kind", msg));
@@ -508,7 +523,17 @@ impl RawDiscovery {
             min_ttl: positive(self.min_ttl, "min_ttl", defaults.min_ttl)?,
             max_ttl: positive(self.max_ttl, "max_ttl", defaults.max_ttl)?,
             max_members: self.max_endpoints.unwrap_or(defaults.max_members),
+            failure_detector: defaults.failure_detector.filter(|_| self.failure_detector != Some(false)).map(|d| {
+                PhiConfig {
+                    threshold: self.phi_threshold.unwrap_or(d.threshold),
+                    acceptable_pause: self.phi_acceptable_pause.map_or(d.acceptable_pause, |p| p.0),
+                    ..d
+                }
+            }),
         };
+        if let Some(d) = &limits.failure_detector {
+            d.validate().map_err(|e| err("phi_threshold", e))?;
+        }
         if limits.max_members == 0 {
             return Err(err("max_endpoints", "must be at least 1"));
         }
@@ -589,6 +614,17 @@ mod tests {
         assert_eq!(k.port, Some(PortRef::Number(8000)));
         let DiscoveryConfig::Registration(r) = discovery(r#"{ kind = "registration" }"#) else { panic!("reg") };
         assert_eq!(r.limits, LeaseLimits::default());
+        assert_eq!(r.limits.failure_detector.map(|d| d.threshold), Some(8.0));
+        let off = discovery(r#"{ kind = "registration", failure_detector = false }"#);
+        let DiscoveryConfig::Registration(off) = off else { panic!("{off:?}") };
+        assert_eq!(off.limits.failure_detector, None, "the TTL alone ends leases");
+        let DiscoveryConfig::Registration(r) =
+            discovery(r#"{ kind = "registration", phi_threshold = 12.5, phi_acceptable_pause = "2s" }"#)
+        else {
+            panic!("reg")
+        };
+        let d = r.limits.failure_detector.expect("a detector");
+        assert_eq!((d.threshold, d.acceptable_pause), (12.5, Duration::from_secs(2)));
         let DiscoveryConfig::File(f) = discovery(r#"{ kind = "file", path = "/etc/eps.json" }"#) else {
             panic!("file")
         };
@@ -619,6 +655,12 @@ mod tests {
             (r#"{ kind = "registration", ttl = "1s", min_ttl = "2s" }"#, "pool.x.discovery.min_ttl"),
             (r#"{ kind = "registration", ttl = "1h", max_ttl = "1m" }"#, "pool.x.discovery.max_ttl"),
             (r#"{ kind = "registration", max_endpoints = 0 }"#, "pool.x.discovery.max_endpoints"),
+            (
+                r#"{ kind = "registration", phi_threshold = 0.0 }"#,
+                "pool.x.discovery.phi_threshold: must be a number above 0",
+            ),
+            (r#"{ kind = "registration", phi_threshold = -3.0 }"#, "pool.x.discovery.phi_threshold"),
+            (r#"{ kind = "file", path = "a", phi_threshold = 8.0 }"#, "phi_threshold: does not apply to kind \"file\""),
             (r#"{ kind = "registration", nonsense = 1 }"#, "unknown field `nonsense`"),
         ] {
             let e = err(table);

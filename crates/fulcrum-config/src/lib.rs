@@ -13,6 +13,7 @@
 pub mod autoscale;
 pub mod discovery;
 mod duration;
+mod locate;
 pub mod observe;
 mod raw;
 pub mod resilience;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use fulcrum_core::{BuildError, EndpointSpec, Instant, Policy, Selector, SelectorOptions};
 
 pub use duration::parse_duration;
+use locate::{Locator, Step, steps};
 
 /// Default limit on client connections per listener (HAProxy's `maxconn` spirit).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -50,6 +52,18 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// The error of a configuration file that cannot be read.
+    pub fn unreadable(path: &Path, e: &std::io::Error) -> Self {
+        ConfigError {
+            file: Some(path.to_owned()),
+            line: None,
+            field: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.file {
@@ -67,6 +81,76 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// Every error of a configuration (at least one), in file order. Its `Display` prints one
+/// per line, each as `file:line: field: message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(Vec<ConfigError>);
+
+// === impl ConfigErrors ===
+
+impl ConfigErrors {
+    /// The errors, sorted by line (errors without a line first, as they concern the whole
+    /// file); an empty list stands for an unknown error.
+    pub fn new(mut errors: Vec<ConfigError>) -> Self {
+        if errors.is_empty() {
+            errors.push(ConfigError {
+                file: None,
+                line: None,
+                field: String::new(),
+                message: "invalid configuration".into(),
+            });
+        }
+        errors.sort_by_key(|e| e.line);
+        ConfigErrors(errors)
+    }
+
+    /// The first error.
+    pub fn first(&self) -> &ConfigError {
+        &self.0[0]
+    }
+
+    /// All of them.
+    pub fn errors(&self) -> &[ConfigError] {
+        &self.0
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true; for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+impl IntoIterator for ConfigErrors {
+    type Item = ConfigError;
+    type IntoIter = std::vec::IntoIter<ConfigError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Proxy-wide settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProxySettings {
@@ -79,11 +163,35 @@ pub struct ProxySettings {
     /// Host names the admin API accepts in `Host` and `Origin`, besides IP addresses and
     /// `localhost` (empty by default).
     pub admin_hosts: Vec<String>,
+    /// Connection limits and timeouts of the admin listener.
+    pub admin_limits: AdminLimits,
     /// Seed of the random choices (`random`, `power_of_two`, jitter); `None`: from the
     /// process. With one worker a run is then reproducible.
     pub seed: Option<u64>,
     /// One log line per request (target `fulcrum::access`).
     pub access_log: bool,
+}
+
+/// How the admin listener guards itself against idle and slow clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Most admin connections open at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// Time allowed for a request head: from the connection's start, or from the first byte
+    /// of a later request.
+    pub header_timeout: Duration,
+    /// How long a connection may stay idle between requests (keep-alive).
+    pub idle_timeout: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// A listener.
@@ -311,21 +419,17 @@ impl Config {
     }
 
     /// Reads and validates a file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: Some(path.to_owned()),
-            line: None,
-            field: String::new(),
-            message: format!("cannot read the file: {e}"),
-        })?;
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, &e))?;
         Config::parse(&text, Some(path))
     }
 
     /// Parses and validates TOML text; `file` names the source in error messages, and its
     /// directory is where relative paths in the text (such as a discovery file) are resolved;
-    /// without it they stay relative to the working directory.
-    pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
-        let located = Locator { text, file };
+    /// without it they stay relative to the working directory. Every error is reported (a
+    /// TOML syntax or type error stops the reading, so it comes alone).
+    pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let located = Locator::new(text, file);
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| located.line_of(s.start));
             let field = e.span().map(|s| located.field_at(s.start)).unwrap_or_default();
@@ -335,38 +439,71 @@ impl Config {
         Config::from_raw(raw, &located)
     }
 
-    fn from_raw(raw: raw::RawConfig, at: &Locator<'_>) -> Result<Config, ConfigError> {
+    fn from_raw(raw: raw::RawConfig, at: &Locator<'_>) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
         // What `serve` could not run is refused here, so that `validate` says so first.
         if let Some(w) = raw.proxy.workers
             && w.get() > MAX_WORKERS
         {
             let message = format!("must be at most {MAX_WORKERS} threads, got {}", w.get());
-            return Err(at.error(at.key_offset("workers"), "proxy.workers", &message));
+            errors.push(at.field_error(&steps("proxy.workers"), 0, "proxy.workers", &message));
         }
+        let defaults = AdminLimits::default();
+        let mut positive = |key: &str, d: Option<raw::DurationStr>, default: Duration| match d {
+            Some(d) if d.0.is_zero() => {
+                let field = format!("proxy.{key}");
+                errors.push(at.field_error(&steps(&field), 0, &field, "must be longer than zero"));
+                default
+            }
+            Some(d) => d.0,
+            None => default,
+        };
+        let admin_limits = AdminLimits {
+            max_connections: raw.proxy.admin_max_connections.map_or(defaults.max_connections, NonZeroUsize::get),
+            header_timeout: positive("admin_header_timeout", raw.proxy.admin_header_timeout, defaults.header_timeout),
+            idle_timeout: positive("admin_idle_timeout", raw.proxy.admin_idle_timeout, defaults.idle_timeout),
+        };
         let proxy = ProxySettings {
             workers: raw.proxy.workers,
             drain_timeout: raw.proxy.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
             admin: raw.proxy.admin,
             admin_hosts: raw.proxy.admin_hosts.unwrap_or_default(),
+            admin_limits,
             seed: raw.proxy.seed,
             access_log: raw.proxy.access_log.unwrap_or(false),
         };
 
+        // References are checked against every pool written, valid or not: a pool with an
+        // error of its own does not also make each route to it an error.
+        let declared: Vec<String> = raw.pool.keys().cloned().collect();
         let mut pools = BTreeMap::new();
         for (name, spanned) in raw.pool {
             let span = spanned.span();
             let pool = spanned.into_inner();
             let field = format!("pool.{name}");
+            let here = [Step::Key("pool"), Step::Key(&name)];
             if !is_name(&name) {
-                return Err(at.error(span.start, &field, "pool names use letters, digits, `-` and `_`"));
+                errors.push(at.error(span.start, &field, "pool names use letters, digits, `-` and `_`"));
+                continue;
             }
-            let mut pool =
-                pool.validate(&name).map_err(|(sub, msg)| at.error(span.start, &format!("{field}{sub}"), &msg))?;
+            let mut pool = match pool.validate(&name) {
+                Ok(pool) => pool,
+                Err(found) => {
+                    for (sub, msg) in found {
+                        let path = [&here[..], &steps(&sub)].concat();
+                        errors.push(at.field_error(&path, span.start, &format!("{field}{sub}"), &msg));
+                    }
+                    continue;
+                }
+            };
             if let (Some(d), Some(dir)) = (&mut pool.discovery, at.file.and_then(Path::parent)) {
                 d.resolve_paths(dir);
             }
             // Build once to catch what only the whole pool shows (duplicates, table sizes).
-            pool.selector(Instant::ZERO).map_err(|e| at.error(span.start, &field, &e.to_string()))?;
+            if let Err(e) = pool.selector(Instant::ZERO) {
+                errors.push(at.error(span.start, &field, &e.to_string()));
+                continue;
+            }
             pools.insert(name, pool);
         }
 
@@ -376,33 +513,34 @@ impl Config {
         for (i, spanned) in raw.listener.into_iter().enumerate() {
             let span = spanned.span();
             let l = spanned.into_inner();
-            let field = format!("listener[{i}]");
+            let before = errors.len();
+            let mut fail = |key: &str, message: &str| {
+                let path = [Step::Key("listener"), Step::Index(i), Step::Key(key)];
+                errors.push(at.field_error(&path, span.start, &format!("listener[{i}].{key}"), message));
+            };
             if !is_name(&l.name) {
-                return Err(at.error(span.start, &format!("{field}.name"), "use letters, digits, `-` and `_`"));
-            }
-            if !names.insert(l.name.clone()) {
-                return Err(at.error(span.start, &format!("{field}.name"), &format!("`{}` is used twice", l.name)));
+                fail("name", "use letters, digits, `-` and `_`");
+            } else if !names.insert(l.name.clone()) {
+                fail("name", &format!("`{}` is used twice", l.name));
             }
             if !addresses.insert(l.address) {
-                let msg = format!("{} is used by another listener", l.address);
-                return Err(at.error(span.start, &format!("{field}.address"), &msg));
+                fail("address", &format!("{} is used by another listener", l.address));
             }
             // (Port 0 picks a free port at bind: two such addresses never clash.)
             if proxy.admin == Some(l.address) && l.address.port() != 0 {
-                let msg = format!("{} is the admin API's address ([proxy] admin)", l.address);
-                return Err(at.error(span.start, &format!("{field}.address"), &msg));
+                fail("address", &format!("{} is the admin API's address ([proxy] admin)", l.address));
             }
             for (name, d) in
                 [("header_read_timeout", l.header_read_timeout), ("body_read_timeout", l.body_read_timeout)]
             {
                 if d.is_some_and(|d| d.0.is_zero()) {
-                    return Err(at.error(span.start, &format!("{field}.{name}"), "must be longer than zero"));
+                    fail(name, "must be longer than zero");
                 }
             }
             if let Some(pool) = &l.pool
-                && !pools.contains_key(pool)
+                && !declared.contains(pool)
             {
-                return Err(at.error(span.start, &format!("{field}.pool"), &unknown_pool(pool, &pools)));
+                fail("pool", &unknown_pool(pool, &declared));
             }
             let kind = match l.protocol {
                 raw::Protocol::Http => ListenerKind::Http(HttpListener {
@@ -414,11 +552,16 @@ impl Config {
                 }),
                 raw::Protocol::Tcp => match l.pool {
                     Some(pool) => ListenerKind::Tcp { pool },
-                    None => return Err(at.error(span.start, &format!("{field}.pool"), "a tcp listener needs a pool")),
+                    None => {
+                        fail("pool", "a tcp listener needs a pool");
+                        continue;
+                    }
                 },
             };
-            let max_connections = l.max_connections.map_or(DEFAULT_MAX_CONNECTIONS, NonZeroUsize::get);
-            listeners.push(ListenerConfig { name: l.name, address: l.address, max_connections, kind });
+            if errors.len() == before {
+                let max_connections = l.max_connections.map_or(DEFAULT_MAX_CONNECTIONS, NonZeroUsize::get);
+                listeners.push(ListenerConfig { name: l.name, address: l.address, max_connections, kind });
+            }
         }
 
         let http: Vec<String> =
@@ -428,42 +571,51 @@ impl Config {
         for (i, spanned) in raw.route.into_iter().enumerate() {
             let span = spanned.span();
             let r = spanned.into_inner();
-            let field = format!("route[{i}]");
+            let before = errors.len();
+            let mut fail = |key: &str, message: &str| {
+                let path = [&[Step::Key("route"), Step::Index(i)][..], &steps(key)].concat();
+                errors.push(at.field_error(&path, span.start, &format!("route[{i}].{key}"), message));
+            };
             let name = r.name.unwrap_or_else(|| format!("route{i}"));
             if !is_name(&name) {
-                return Err(at.error(span.start, &format!("{field}.name"), "use letters, digits, `-` and `_`"));
-            }
-            if name == DEFAULT_ROUTE_NAME {
-                let msg = "`default` is reserved: metrics and logs use it for requests no route matched";
-                return Err(at.error(span.start, &format!("{field}.name"), msg));
-            }
-            if !route_names.insert(name.clone()) {
-                return Err(at.error(span.start, &format!("{field}.name"), &format!("`{name}` is used twice")));
+                fail("name", "use letters, digits, `-` and `_`");
+            } else if name == DEFAULT_ROUTE_NAME {
+                fail("name", "`default` is reserved: metrics and logs use it for requests no route matched");
+            } else if !route_names.insert(name.clone()) {
+                fail("name", &format!("`{name}` is used twice"));
             }
             let listeners = match r.listener {
                 Some(name) if http.contains(&name) => vec![name],
                 Some(name) => {
-                    let msg = format!("no http listener is named `{name}` (http listeners: {})", http.join(", "));
-                    return Err(at.error(span.start, &format!("{field}.listener"), &msg));
+                    fail(
+                        "listener",
+                        &format!("no http listener is named `{name}` (http listeners: {})", http.join(", ")),
+                    );
+                    Vec::new()
                 }
                 None => http.clone(),
             };
-            if !pools.contains_key(&r.pool) {
-                return Err(at.error(span.start, &format!("{field}.pool"), &unknown_pool(&r.pool, &pools)));
+            if !declared.contains(&r.pool) {
+                fail("pool", &unknown_pool(&r.pool, &declared));
             }
             let m = r.matcher;
             if let Some(prefix) = &m.path_prefix
                 && !prefix.starts_with('/')
             {
-                return Err(at.error(span.start, &format!("{field}.match.path_prefix"), "must start with `/`"));
+                fail("match.path_prefix", "must start with `/`");
             }
             let mut headers = Vec::new();
             for (name, value) in m.headers {
                 if !is_token(&name) {
-                    let msg = format!("`{name}` is not a header name");
-                    return Err(at.error(span.start, &format!("{field}.match.headers"), &msg));
+                    fail("match.headers", &format!("`{name}` is not a header name"));
                 }
                 headers.push((name.to_ascii_lowercase(), value));
+            }
+            if r.hedge_delay.is_some_and(|d| d.0.is_zero()) {
+                fail("hedge_delay", "must be longer than zero");
+            }
+            if errors.len() > before {
+                continue;
             }
             let matcher = RouteMatch {
                 host: m.host.map(|h| h.to_ascii_lowercase()),
@@ -472,9 +624,6 @@ impl Config {
                 models: m.model.map(|m| m.0).unwrap_or_default(),
             };
             let inference = r.inference.unwrap_or(!matcher.models.is_empty());
-            if r.hedge_delay.is_some_and(|d| d.0.is_zero()) {
-                return Err(at.error(span.start, &format!("{field}.hedge_delay"), "must be longer than zero"));
-            }
             let hedge_delay = r.hedge_delay.map(|d| d.0);
             let upgrades = r.upgrades.map_or_else(|| DEFAULT_UPGRADES.map(str::to_owned).to_vec(), |u| u.0);
             routes.push(RouteConfig {
@@ -489,12 +638,15 @@ impl Config {
             });
         }
 
+        if !errors.is_empty() {
+            return Err(ConfigErrors::new(errors));
+        }
         Ok(Config { proxy, listeners, routes, pools, tracing: raw.tracing.and_then(observe::RawTracing::validate) })
     }
 }
 
-fn unknown_pool(name: &str, pools: &BTreeMap<String, PoolConfig>) -> String {
-    let known: Vec<&str> = pools.keys().map(String::as_str).collect();
+fn unknown_pool(name: &str, pools: &[String]) -> String {
+    let known: Vec<&str> = pools.iter().map(String::as_str).collect();
     format!("no pool is named `{name}` (pools: {})", if known.is_empty() { "none".into() } else { known.join(", ") })
 }
 
@@ -504,61 +656,6 @@ pub(crate) fn is_name(s: &str) -> bool {
 
 pub(crate) fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-/// Turns byte offsets into lines for error messages.
-struct Locator<'a> {
-    text: &'a str,
-    file: Option<&'a Path>,
-}
-
-impl Locator<'_> {
-    fn line_of(&self, offset: usize) -> usize {
-        self.text.as_bytes()[..offset.min(self.text.len())].iter().filter(|&&b| b == b'\n').count() + 1
-    }
-
-    /// The field written at `offset`: the table header above it and the key on its line
-    /// (`pool.llama.endpoints`), as far as the text shows it.
-    fn field_at(&self, offset: usize) -> String {
-        let offset = offset.min(self.text.len());
-        let start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
-        let line = self.text[start..].lines().next().unwrap_or("");
-        let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"')).filter(|k| !k.starts_with('['));
-        let table = self.text[..start]
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| l.starts_with('['))
-            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
-        match (table, key) {
-            (Some(t), Some(k)) => format!("{t}.{k}"),
-            (Some(t), None) => t,
-            (None, Some(k)) => k.to_owned(),
-            (None, None) => String::new(),
-        }
-    }
-
-    /// Where `key = ` is first written (0 if nowhere): for errors on fields read without a span.
-    fn key_offset(&self, key: &str) -> usize {
-        let mut offset = 0;
-        for line in self.text.split_inclusive('\n') {
-            let t = line.trim_start();
-            if t.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('=')) {
-                return offset + (line.len() - t.len());
-            }
-            offset += line.len();
-        }
-        0
-    }
-
-    fn error(&self, offset: usize, field: &str, message: &str) -> ConfigError {
-        ConfigError {
-            file: self.file.map(Path::to_owned),
-            line: Some(self.line_of(offset)),
-            field: field.to_owned(),
-            message: message.to_owned(),
-        }
-    }
 }
 
 #[cfg(test)]

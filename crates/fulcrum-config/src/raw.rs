@@ -64,6 +64,9 @@ pub(crate) struct RawProxy {
     pub drain_timeout: Option<DurationStr>,
     pub admin: Option<SocketAddr>,
     pub admin_hosts: Option<Vec<String>>,
+    pub admin_max_connections: Option<NonZeroUsize>,
+    pub admin_header_timeout: Option<DurationStr>,
+    pub admin_idle_timeout: Option<DurationStr>,
     pub seed: Option<u64>,
     pub access_log: Option<bool>,
 }
@@ -198,7 +201,39 @@ pub(crate) struct RawEngineScrape {
     pub models_path: Option<String>,
 }
 
-type FieldError = (String, String);
+/// A sub-field of a pool (`.retry.budget_percent`) and what is wrong with it.
+pub(crate) type FieldError = (String, String);
+
+/// The errors of one pool's fields, gathered so that every independent check reports.
+#[derive(Debug, Default)]
+pub(crate) struct FieldErrors(Vec<FieldError>);
+
+// === impl FieldErrors ===
+
+impl FieldErrors {
+    /// The value, or `None` with its error kept.
+    pub(crate) fn ok<T>(&mut self, r: Result<T, FieldError>) -> Option<T> {
+        r.map_err(|e| self.0.push(e)).ok()
+    }
+
+    /// The value, or `None` with all of its errors kept.
+    pub(crate) fn all<T>(&mut self, r: Result<T, Vec<FieldError>>) -> Option<T> {
+        r.map_err(|e| self.0.extend(e)).ok()
+    }
+
+    /// Keeps an error.
+    pub(crate) fn push(&mut self, field: impl Into<String>, problem: impl Into<String>) {
+        self.0.push((field.into(), problem.into()));
+    }
+
+    /// `value` if nothing went wrong; `build` runs only then.
+    pub(crate) fn finish<T>(self, build: impl FnOnce() -> Option<T>) -> Result<T, Vec<FieldError>> {
+        if !self.0.is_empty() {
+            return Err(self.0);
+        }
+        build().ok_or_else(|| vec![(String::new(), "invalid".into())])
+    }
+}
 
 fn nonzero(d: Option<DurationStr>, field: &str, default: Duration) -> Result<Duration, FieldError> {
     match d {
@@ -209,109 +244,102 @@ fn nonzero(d: Option<DurationStr>, field: &str, default: Duration) -> Result<Dur
 }
 
 impl RawPool {
-    /// Stage two for one pool; errors give the sub-field (`.endpoints[1].labels`) and message.
-    pub(crate) fn validate(self, name: &str) -> Result<PoolConfig, FieldError> {
+    /// Stage two for one pool; errors give the sub-field (`.endpoints[1].labels`) and message,
+    /// every independent one of them.
+    pub(crate) fn validate(self, name: &str) -> Result<PoolConfig, Vec<FieldError>> {
+        let mut errors = FieldErrors::default();
         let defaults = PoolTimeouts::default();
+        let mut positive = |d, field, default| errors.ok(nonzero(d, field, default)).unwrap_or(default);
         let timeouts = PoolTimeouts {
-            connect: nonzero(self.connect_timeout, "connect_timeout", defaults.connect)?,
-            first_byte: nonzero(self.first_byte_timeout, "first_byte_timeout", defaults.first_byte)?,
-            request: match self.request_timeout {
-                Some(d) => Some(nonzero(Some(d), "request_timeout", Duration::ZERO)?),
-                None => None,
-            },
-            idle: nonzero(self.idle_timeout, "idle_timeout", defaults.idle)?,
+            connect: positive(self.connect_timeout, "connect_timeout", defaults.connect),
+            first_byte: positive(self.first_byte_timeout, "first_byte_timeout", defaults.first_byte),
+            request: self.request_timeout.map(|d| positive(Some(d), "request_timeout", d.0)),
+            idle: positive(self.idle_timeout, "idle_timeout", defaults.idle),
             adaptive_first_byte: self.adaptive_first_byte.unwrap_or(defaults.adaptive_first_byte),
         };
         let lat = LatencyConfig::default();
         let latency = LatencyConfig {
-            decay: nonzero(self.ewma_decay, "ewma_decay", lat.decay)?,
-            default_rtt: nonzero(self.default_rtt, "default_rtt", lat.default_rtt)?,
+            decay: positive(self.ewma_decay, "ewma_decay", lat.decay),
+            default_rtt: positive(self.default_rtt, "default_rtt", lat.default_rtt),
             failure_penalty: self.failure_penalty.map_or(lat.failure_penalty, |d| d.0),
         };
-        let slow_start = match self.slow_start {
-            Some(ss) => Some(
-                SlowStart::try_new(ss.window.0, ss.aggression, ss.min_weight_percent)
-                    .map_err(|e| (".slow_start".to_owned(), e.to_string()))?,
-            ),
-            None => None,
-        };
+        let slow_start = self.slow_start.and_then(|ss| {
+            errors.ok(SlowStart::try_new(ss.window.0, ss.aggression, ss.min_weight_percent)
+                .map_err(|e| (".slow_start".to_owned(), e.to_string())))
+        });
         let dynamic = match self.dynamic_weight_min_factor {
-            Some(f) => {
-                DynamicWeight::try_new(f).map_err(|e| (".dynamic_weight_min_factor".to_owned(), e.to_string()))?
-            }
+            Some(f) => errors
+                .ok(DynamicWeight::try_new(f).map_err(|e| (".dynamic_weight_min_factor".to_owned(), e.to_string())))
+                .unwrap_or_default(),
             None => DynamicWeight::default(),
         };
         if let Some(cookie) = &self.sticky_cookie
             && !is_token(cookie)
         {
-            return Err((".sticky_cookie".into(), format!("`{cookie}` is not a cookie name")));
+            errors.push(".sticky_cookie", format!("`{cookie}` is not a cookie name"));
         }
-        let engine_metrics = match self.engine_metrics {
-            None => None,
-            Some(m) => {
-                let interval = nonzero(m.interval, "engine_metrics.interval", Duration::from_millis(200))?;
-                let stale_after = nonzero(m.stale_after, "engine_metrics.stale_after", interval * 5)?;
-                for (field, path) in [("path", &m.path), ("models_path", &m.models_path)] {
-                    if let Some(p) = path
-                        && !p.starts_with('/')
-                    {
-                        return Err((format!(".engine_metrics.{field}"), format!("must start with `/`, got {p:?}")));
-                    }
+        let engine_metrics = self.engine_metrics.map(|m| {
+            let interval = errors.ok(nonzero(m.interval, "engine_metrics.interval", Duration::from_millis(200)));
+            let interval = interval.unwrap_or(Duration::from_millis(200));
+            let stale_after =
+                errors.ok(nonzero(m.stale_after, "engine_metrics.stale_after", interval * 5)).unwrap_or(interval * 5);
+            for (field, path) in [("path", &m.path), ("models_path", &m.models_path)] {
+                if let Some(p) = path
+                    && !p.starts_with('/')
+                {
+                    errors.push(format!(".engine_metrics.{field}"), format!("must start with `/`, got {p:?}"));
                 }
-                Some(crate::EngineScrape {
-                    path: m.path.unwrap_or_else(|| "/metrics".to_owned()),
-                    interval,
-                    stale_after,
-                    models_path: m.models_path,
-                })
             }
-        };
-        let resilience = crate::resilience::RawResilience {
-            health_check: self.health_check,
-            outlier_detection: self.outlier_detection,
-            circuit_breaker: self.circuit_breaker,
-            retry: self.retry,
-            admission: self.admission,
-            rate_limit: self.rate_limit,
-            panic_threshold: self.panic_threshold,
-        }
-        .validate()?;
+            crate::EngineScrape {
+                path: m.path.unwrap_or_else(|| "/metrics".to_owned()),
+                interval,
+                stale_after,
+                models_path: m.models_path,
+            }
+        });
+        let resilience = errors.all(
+            crate::resilience::RawResilience {
+                health_check: self.health_check,
+                outlier_detection: self.outlier_detection,
+                circuit_breaker: self.circuit_breaker,
+                retry: self.retry,
+                admission: self.admission,
+                rate_limit: self.rate_limit,
+                panic_threshold: self.panic_threshold,
+            }
+            .validate(),
+        );
+        let policy = self.policy.unwrap_or_else(|| default_policy(engine_metrics.is_some()));
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
         for (i, e) in self.endpoints.into_iter().enumerate() {
-            endpoints.push(e.into_spec().map_err(|e| (format!(".endpoints[{i}].{}", e.field), e.message))?);
-        }
-        let policy = self.policy.unwrap_or_else(|| default_policy(engine_metrics.is_some()));
-        if let Some(capacity) = policy.capacity() {
-            for (i, e) in endpoints.iter().enumerate() {
-                if let Some(problem) = e.labels.accelerator.as_deref().and_then(|a| capacity.unknown(a)) {
-                    return Err((format!(".endpoints[{i}].labels.gpu"), problem));
-                }
+            let spec = e.into_spec().map_err(|e| (format!(".endpoints[{i}].{}", e.field), e.message));
+            let Some(spec) = errors.ok(spec) else { continue };
+            let unknown = policy.capacity().and_then(|c| spec.labels.accelerator.as_deref().and_then(|a| c.unknown(a)));
+            if let Some(problem) = unknown {
+                errors.push(format!(".endpoints[{i}].labels.gpu"), problem);
             }
+            endpoints.push(spec);
         }
-        let discovery = match self.discovery {
-            Some(d) => Some(d.validate()?),
-            None => None,
-        };
-        let autoscale = match self.autoscale {
-            Some(a) => Some(a.validate()?),
-            None => None,
-        };
+        let discovery = self.discovery.and_then(|d| errors.ok(d.validate()));
+        let autoscale = self.autoscale.and_then(|a| errors.all(a.validate()));
         let mut options = SelectorOptions::new(latency, slow_start, dynamic);
         if let Some(m) = &engine_metrics {
             options = options.with_engine_max_age(m.stale_after);
         }
-        Ok(PoolConfig {
-            name: name.to_owned(),
-            policy,
-            options,
-            endpoints,
-            sticky_cookie: self.sticky_cookie,
-            timeouts,
-            max_idle_per_endpoint: self.max_idle_per_endpoint.unwrap_or(64),
-            resilience,
-            engine_metrics,
-            autoscale,
-            discovery,
+        errors.finish(|| {
+            Some(PoolConfig {
+                name: name.to_owned(),
+                policy,
+                options,
+                endpoints,
+                sticky_cookie: self.sticky_cookie,
+                timeouts,
+                max_idle_per_endpoint: self.max_idle_per_endpoint.unwrap_or(64),
+                resilience: resilience?,
+                engine_metrics,
+                autoscale,
+                discovery,
+            })
         })
     }
 }

@@ -208,7 +208,7 @@ pub(crate) struct RawResilience {
     pub panic_threshold: Option<f64>,
 }
 
-type FieldError = (String, String);
+use crate::raw::FieldError;
 
 /// The core's error, spelled as the file spells it (a sub-field of the pool).
 fn rename(e: CoreError) -> FieldError {
@@ -228,197 +228,193 @@ fn d(v: Option<DurationStr>, default: std::time::Duration) -> std::time::Duratio
 }
 
 impl RawResilience {
-    pub(crate) fn validate(self) -> Result<PoolResilience, FieldError> {
-        let health_check = match self.health_check {
-            None => None,
-            Some(h) => {
-                let defaults = HealthSettings::default();
-                let settings = HealthSettings {
-                    interval: d(h.interval, defaults.interval),
-                    unhealthy_interval: h.unhealthy_interval.map(|d| d.0),
-                    timeout: d(h.timeout, defaults.timeout),
-                    rise: h.rise.unwrap_or(defaults.rise),
-                    fall: h.fall.unwrap_or(defaults.fall),
-                    jitter: h.jitter.unwrap_or(defaults.jitter),
-                };
-                let config = HealthConfig::try_new(settings).map_err(rename)?;
-                let kind = match h.kind.as_deref().unwrap_or("http") {
-                    "http" => {
-                        let path = h.path.unwrap_or_else(|| "/health".to_owned());
-                        if !path.starts_with('/') {
-                            return Err((".health_check.path".into(), format!("must start with `/`, got {path:?}")));
-                        }
-                        if let Some(s) = h.expected_statuses.iter().find(|s| !(100..=599).contains(*s)) {
-                            return Err((
-                                ".health_check.expected_statuses".into(),
-                                format!("{s} is not an HTTP status"),
-                            ));
-                        }
-                        CheckKind::Http { path, expected_statuses: h.expected_statuses }
-                    }
-                    "tcp" => CheckKind::Tcp,
-                    other => {
-                        return Err((
-                            ".health_check.kind".into(),
-                            format!("must be \"http\" or \"tcp\", got {other:?}"),
-                        ));
-                    }
-                };
-                Some(HealthCheck { kind, config })
-            }
-        };
-
-        let o = self.outlier_detection.unwrap_or_default();
-        let outlier = if o.enabled == Some(false) {
-            None
-        } else {
-            let defaults = OutlierSettings::default();
-            let sr_defaults = SuccessRateSettings::default();
-            let settings = OutlierSettings {
-                consecutive_5xx: o.consecutive_5xx.or(defaults.consecutive_5xx),
-                consecutive_gateway_failure: o.consecutive_gateway_failure.or(defaults.consecutive_gateway_failure),
-                consecutive_local_origin_failure: o
-                    .consecutive_local_origin_failure
-                    .or(defaults.consecutive_local_origin_failure),
-                split_local_origin_errors: defaults.split_local_origin_errors,
-                success_rate: if o.success_rate == Some(false) {
-                    None
-                } else {
-                    Some(SuccessRateSettings {
-                        minimum_hosts: o.success_rate_minimum_hosts.unwrap_or(sr_defaults.minimum_hosts),
-                        request_volume: o.success_rate_request_volume.unwrap_or(sr_defaults.request_volume),
-                        stdev_factor: o.success_rate_stdev_factor.unwrap_or(sr_defaults.stdev_factor),
-                    })
-                },
-                interval: d(o.interval, defaults.interval),
-                base_ejection_time: d(o.base_ejection_time, defaults.base_ejection_time),
-                max_ejection_time: d(o.max_ejection_time, defaults.max_ejection_time),
-                max_ejection_percent: o.max_ejection_percent.unwrap_or(defaults.max_ejection_percent),
-                always_eject_one: o.always_eject_one.unwrap_or(defaults.always_eject_one),
-            };
-            Some(OutlierConfig::try_new(settings).map_err(rename)?)
-        };
-
+    /// Each table is checked on its own: every table at fault reports.
+    pub(crate) fn validate(self) -> Result<PoolResilience, Vec<FieldError>> {
+        let mut errors = crate::raw::FieldErrors::default();
+        let health_check = self.health_check.map(health_check).map(|h| errors.ok(h));
+        let outlier = errors.ok(outlier(self.outlier_detection.unwrap_or_default()));
         let panic_threshold = match self.panic_threshold {
-            Some(p) => PanicThreshold::try_new(p).map_err(rename)?,
-            None => PanicThreshold::default(),
+            Some(p) => errors.ok(PanicThreshold::try_new(p).map_err(rename)),
+            None => Some(PanicThreshold::default()),
         };
-
-        let b = self.circuit_breaker.unwrap_or_default();
-        if b.max_pending.is_some() {
-            return Err((
-                ".circuit_breaker.max_pending".into(),
-                "is not supported: the proxy opens a connection rather than queueing requests per endpoint; \
-                 bound queueing with admission = { max_in_flight, max_queue } instead"
-                    .into(),
-            ));
-        }
-        let limit_defaults = LimitSettings::default();
-        let limits = Limits::try_new(LimitSettings {
-            max_connections: b.max_connections.or(limit_defaults.max_connections),
-            max_pending: b.max_pending.or(limit_defaults.max_pending),
-            max_requests: b.max_requests.or(limit_defaults.max_requests),
-        })
-        .map_err(rename)?;
-        let breaker = if b.enabled == Some(false) {
-            None
-        } else {
-            let defaults = BreakerSettings::default();
-            let settings = BreakerSettings {
-                consecutive_failures: b.consecutive_failures.or(defaults.consecutive_failures),
-                failure_rate_percent: b.failure_rate_percent.or(defaults.failure_rate_percent),
-                minimum_requests: b.minimum_requests.unwrap_or(defaults.minimum_requests),
-                window: d(b.window, defaults.window),
-                buckets: defaults.buckets,
-                open_time: d(b.open_time, defaults.open_time),
-                backoff_factor: b.backoff_factor.unwrap_or(defaults.backoff_factor),
-                max_open_time: d(b.max_open_time, defaults.max_open_time),
-                probes: b.probes.unwrap_or(defaults.probes),
-                probe_timeout: d(b.probe_timeout, defaults.probe_timeout),
-            };
-            Some(BreakerConfig::try_new(settings).map_err(rename)?)
-        };
-
-        let r = self.retry.unwrap_or_default();
-        let defaults = RetrySettings::default();
-        let retry = RetryPolicy::try_new(RetrySettings {
-            max_attempts: r.max_attempts.unwrap_or(defaults.max_attempts),
-            retryable_statuses: r.retryable_statuses.unwrap_or(defaults.retryable_statuses),
-            on_connect_failure: r.on_connect_failure.unwrap_or(defaults.on_connect_failure),
-            on_reset: r.on_reset.unwrap_or(defaults.on_reset),
-            on_timeout: r.on_timeout.unwrap_or(defaults.on_timeout),
-            inference_500_once: r.inference_500_once.unwrap_or(defaults.inference_500_once),
-            per_try_timeout: r.per_try_timeout.map(|d| d.0),
-            first_byte_timeout: None,
-            backoff_base: d(r.backoff_base, defaults.backoff_base),
-            backoff_max: d(r.backoff_max, defaults.backoff_max),
-        })
-        .map_err(rename)?;
-        let bd = BudgetSettings::default();
-        let budget = BudgetConfig::try_new(BudgetSettings {
-            percent: r.budget_percent.unwrap_or(bd.percent),
-            min_retries_per_sec: r.budget_min_per_sec.unwrap_or(bd.min_retries_per_sec),
-            ttl: d(r.budget_ttl, bd.ttl),
-        })
-        .map_err(rename)?;
-
-        let admission = match self.admission {
-            None => None,
-            Some(a) => {
-                let defaults = AdmissionSettings::default();
-                let config = AdmissionConfig::try_new(AdmissionSettings {
-                    max_in_flight: a.max_in_flight.unwrap_or(defaults.max_in_flight),
-                    max_queue: a.max_queue.unwrap_or(defaults.max_queue),
-                    queue_timeout: d(a.queue_timeout, defaults.queue_timeout),
-                })
-                .map_err(rename)?;
-                if let Some(h) = &a.priority_header
-                    && !is_token(h)
-                {
-                    return Err((".admission.priority_header".into(), format!("`{h}` is not a header name")));
-                }
-                Some(Admission {
-                    config,
-                    priority_header: a.priority_header.map(|h| h.to_ascii_lowercase()),
-                    untrusted_priority: a.untrusted_priority.unwrap_or(0),
-                })
-            }
-        };
-
-        let rate_limit = match self.rate_limit {
-            None => None,
-            Some(rl) => {
-                let key = match rl.key.as_deref().unwrap_or("client_ip") {
-                    "client_ip" => RateKey::ClientIp,
-                    k => match k.strip_prefix("header:") {
-                        Some(name) if is_token(name) => RateKey::Header(name.to_ascii_lowercase()),
-                        _ => {
-                            let msg = format!("must be \"client_ip\" or \"header:NAME\", got {k:?}");
-                            return Err((".rate_limit.key".into(), msg));
-                        }
-                    },
-                };
-                let defaults = RateLimitSettings::default();
-                let config = RateLimitConfig::try_new(RateLimitSettings {
-                    rate: rl.rate.unwrap_or(defaults.rate),
-                    burst: rl.burst.unwrap_or(defaults.burst),
-                    max_keys: rl.max_keys.unwrap_or(defaults.max_keys),
-                })
-                .map_err(rename)?;
-                Some(RateLimit { key, config })
-            }
-        };
-
-        Ok(PoolResilience {
-            health_check,
-            outlier,
-            panic_threshold,
-            breaker,
-            limits,
-            retry,
-            budget,
-            admission,
-            rate_limit,
+        let breaker = errors.ok(breaker(self.circuit_breaker.unwrap_or_default()));
+        let retry = errors.ok(retry(self.retry.unwrap_or_default()));
+        let admission = self.admission.map(admission).map(|a| errors.ok(a));
+        let rate_limit = self.rate_limit.map(rate_limit).map(|r| errors.ok(r));
+        errors.finish(|| {
+            let ((limits, breaker), (retry, budget)) = (breaker?, retry?);
+            Some(PoolResilience {
+                health_check: health_check.map(|h| h.ok_or(())).transpose().ok()?,
+                outlier: outlier?,
+                panic_threshold: panic_threshold?,
+                breaker,
+                limits,
+                retry,
+                budget,
+                admission: admission.map(|a| a.ok_or(())).transpose().ok()?,
+                rate_limit: rate_limit.map(|r| r.ok_or(())).transpose().ok()?,
+            })
         })
     }
+}
+
+fn health_check(h: RawHealthCheck) -> Result<HealthCheck, FieldError> {
+    let defaults = HealthSettings::default();
+    let settings = HealthSettings {
+        interval: d(h.interval, defaults.interval),
+        unhealthy_interval: h.unhealthy_interval.map(|d| d.0),
+        timeout: d(h.timeout, defaults.timeout),
+        rise: h.rise.unwrap_or(defaults.rise),
+        fall: h.fall.unwrap_or(defaults.fall),
+        jitter: h.jitter.unwrap_or(defaults.jitter),
+    };
+    let config = HealthConfig::try_new(settings).map_err(rename)?;
+    let kind = match h.kind.as_deref().unwrap_or("http") {
+        "http" => {
+            let path = h.path.unwrap_or_else(|| "/health".to_owned());
+            if !path.starts_with('/') {
+                return Err((".health_check.path".into(), format!("must start with `/`, got {path:?}")));
+            }
+            if let Some(s) = h.expected_statuses.iter().find(|s| !(100..=599).contains(*s)) {
+                return Err((".health_check.expected_statuses".into(), format!("{s} is not an HTTP status")));
+            }
+            CheckKind::Http { path, expected_statuses: h.expected_statuses }
+        }
+        "tcp" => CheckKind::Tcp,
+        other => {
+            return Err((".health_check.kind".into(), format!("must be \"http\" or \"tcp\", got {other:?}")));
+        }
+    };
+    Ok(HealthCheck { kind, config })
+}
+
+fn outlier(o: RawOutlier) -> Result<Option<OutlierConfig>, FieldError> {
+    if o.enabled == Some(false) {
+        return Ok(None);
+    }
+    let defaults = OutlierSettings::default();
+    let sr_defaults = SuccessRateSettings::default();
+    let settings = OutlierSettings {
+        consecutive_5xx: o.consecutive_5xx.or(defaults.consecutive_5xx),
+        consecutive_gateway_failure: o.consecutive_gateway_failure.or(defaults.consecutive_gateway_failure),
+        consecutive_local_origin_failure: o
+            .consecutive_local_origin_failure
+            .or(defaults.consecutive_local_origin_failure),
+        split_local_origin_errors: defaults.split_local_origin_errors,
+        success_rate: if o.success_rate == Some(false) {
+            None
+        } else {
+            Some(SuccessRateSettings {
+                minimum_hosts: o.success_rate_minimum_hosts.unwrap_or(sr_defaults.minimum_hosts),
+                request_volume: o.success_rate_request_volume.unwrap_or(sr_defaults.request_volume),
+                stdev_factor: o.success_rate_stdev_factor.unwrap_or(sr_defaults.stdev_factor),
+            })
+        },
+        interval: d(o.interval, defaults.interval),
+        base_ejection_time: d(o.base_ejection_time, defaults.base_ejection_time),
+        max_ejection_time: d(o.max_ejection_time, defaults.max_ejection_time),
+        max_ejection_percent: o.max_ejection_percent.unwrap_or(defaults.max_ejection_percent),
+        always_eject_one: o.always_eject_one.unwrap_or(defaults.always_eject_one),
+    };
+    OutlierConfig::try_new(settings).map(Some).map_err(rename)
+}
+
+fn breaker(b: RawBreaker) -> Result<(Limits, Option<BreakerConfig>), FieldError> {
+    if b.max_pending.is_some() {
+        return Err((
+            ".circuit_breaker.max_pending".into(),
+            "is not supported: the proxy opens a connection rather than queueing requests per endpoint; \
+             bound queueing with admission = { max_in_flight, max_queue } instead"
+                .into(),
+        ));
+    }
+    let limit_defaults = LimitSettings::default();
+    let limits = Limits::try_new(LimitSettings {
+        max_connections: b.max_connections.or(limit_defaults.max_connections),
+        max_pending: b.max_pending.or(limit_defaults.max_pending),
+        max_requests: b.max_requests.or(limit_defaults.max_requests),
+    })
+    .map_err(rename)?;
+    if b.enabled == Some(false) {
+        return Ok((limits, None));
+    }
+    let defaults = BreakerSettings::default();
+    let settings = BreakerSettings {
+        consecutive_failures: b.consecutive_failures.or(defaults.consecutive_failures),
+        failure_rate_percent: b.failure_rate_percent.or(defaults.failure_rate_percent),
+        minimum_requests: b.minimum_requests.unwrap_or(defaults.minimum_requests),
+        window: d(b.window, defaults.window),
+        buckets: defaults.buckets,
+        open_time: d(b.open_time, defaults.open_time),
+        backoff_factor: b.backoff_factor.unwrap_or(defaults.backoff_factor),
+        max_open_time: d(b.max_open_time, defaults.max_open_time),
+        probes: b.probes.unwrap_or(defaults.probes),
+        probe_timeout: d(b.probe_timeout, defaults.probe_timeout),
+    };
+    Ok((limits, Some(BreakerConfig::try_new(settings).map_err(rename)?)))
+}
+
+fn retry(r: RawRetry) -> Result<(RetryPolicy, BudgetConfig), FieldError> {
+    let defaults = RetrySettings::default();
+    let retry = RetryPolicy::try_new(RetrySettings {
+        max_attempts: r.max_attempts.unwrap_or(defaults.max_attempts),
+        retryable_statuses: r.retryable_statuses.unwrap_or(defaults.retryable_statuses),
+        on_connect_failure: r.on_connect_failure.unwrap_or(defaults.on_connect_failure),
+        on_reset: r.on_reset.unwrap_or(defaults.on_reset),
+        on_timeout: r.on_timeout.unwrap_or(defaults.on_timeout),
+        inference_500_once: r.inference_500_once.unwrap_or(defaults.inference_500_once),
+        per_try_timeout: r.per_try_timeout.map(|d| d.0),
+        first_byte_timeout: None,
+        backoff_base: d(r.backoff_base, defaults.backoff_base),
+        backoff_max: d(r.backoff_max, defaults.backoff_max),
+    })
+    .map_err(rename)?;
+    let bd = BudgetSettings::default();
+    let budget = BudgetConfig::try_new(BudgetSettings {
+        percent: r.budget_percent.unwrap_or(bd.percent),
+        min_retries_per_sec: r.budget_min_per_sec.unwrap_or(bd.min_retries_per_sec),
+        ttl: d(r.budget_ttl, bd.ttl),
+    })
+    .map_err(rename)?;
+    Ok((retry, budget))
+}
+
+fn admission(a: RawAdmission) -> Result<Admission, FieldError> {
+    let defaults = AdmissionSettings::default();
+    let config = AdmissionConfig::try_new(AdmissionSettings {
+        max_in_flight: a.max_in_flight.unwrap_or(defaults.max_in_flight),
+        max_queue: a.max_queue.unwrap_or(defaults.max_queue),
+        queue_timeout: d(a.queue_timeout, defaults.queue_timeout),
+    })
+    .map_err(rename)?;
+    if let Some(h) = &a.priority_header
+        && !is_token(h)
+    {
+        return Err((".admission.priority_header".into(), format!("`{h}` is not a header name")));
+    }
+    Ok(Admission {
+        config,
+        priority_header: a.priority_header.map(|h| h.to_ascii_lowercase()),
+        untrusted_priority: a.untrusted_priority.unwrap_or(0),
+    })
+}
+
+fn rate_limit(rl: RawRateLimit) -> Result<RateLimit, FieldError> {
+    let key = match rl.key.as_deref().unwrap_or("client_ip") {
+        "client_ip" => RateKey::ClientIp,
+        k => match k.strip_prefix("header:") {
+            Some(name) if is_token(name) => RateKey::Header(name.to_ascii_lowercase()),
+            _ => {
+                return Err((".rate_limit.key".into(), format!("must be \"client_ip\" or \"header:NAME\", got {k:?}")));
+            }
+        },
+    };
+    let defaults = RateLimitSettings::default();
+    let config = RateLimitConfig::try_new(RateLimitSettings {
+        rate: rl.rate.unwrap_or(defaults.rate),
+        burst: rl.burst.unwrap_or(defaults.burst),
+        max_keys: rl.max_keys.unwrap_or(defaults.max_keys),
+    })
+    .map_err(rename)?;
+    Ok(RateLimit { key, config })
 }

@@ -91,7 +91,7 @@ fn errors_name_file_line_and_field() {
     assert!(e.contains("pool.x.connect_timeout: must be longer than zero"), "{e}");
 
     let e = err("[[route]]\npool = \"nope\"\n[pool.a]\n");
-    assert!(e.contains("fulcrum.toml:1: route[0].pool: no pool is named `nope` (pools: a)"), "{e}");
+    assert!(e.contains("fulcrum.toml:2: route[0].pool: no pool is named `nope` (pools: a)"), "{e}");
 
     let e = err("[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\n");
     assert!(e.contains("listener[0].pool: a tcp listener needs a pool"), "{e}");
@@ -99,7 +99,7 @@ fn errors_name_file_line_and_field() {
     let e = err(
         "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n",
     );
-    assert!(e.contains("fulcrum.toml:4: listener[1].name: `a` is used twice"), "{e}");
+    assert!(e.contains("fulcrum.toml:5: listener[1].name: `a` is used twice"), "{e}");
 
     let e = err("[pool.x]\nweight = 3\n");
     assert!(e.contains("unknown field `weight`"), "{e}");
@@ -352,4 +352,86 @@ fn routes_allow_websocket_upgrades_unless_they_list_others() {
     assert!(c.routes[1].upgrades.is_empty(), "an empty list allows no upgrade");
     let e = err(&GOOD.replace("pool = \"embed\"\n", "pool = \"embed\"\nupgrades = [\"web socket\"]\n"));
     assert!(e.contains("route.upgrades") && e.contains("`web socket` is not a protocol name"), "{e}");
+}
+
+#[test]
+fn every_error_is_reported_at_its_fields_line() {
+    let text = r#"[proxy]
+workers = 1
+
+[[listener]]
+name = "public"
+address = "127.0.0.1:8080"
+header_read_timeout = "0s"
+
+[[route]]
+match = { path_prefix = "v1" }
+pool = "a"
+
+[pool.a]
+endpoints = [{ address = "127.0.0.1:1" }]
+connect_timeout = "0s"
+retry = { max_attempts = 2,
+          budget_percent = -5.0 }
+
+[pool.b]
+endpoints = [
+  { address = "127.0.0.1:2" },
+  { address = "127.0.0.1:3", id = "" },
+]
+health_check = { kind = "udp" }
+
+[pool.b.autoscale]
+target = 1.0
+interval = "0s"
+actuator = { kind = "docker" }
+"#;
+    let errors = Config::parse(text, Some(Path::new("f.toml"))).unwrap_err();
+    let got: Vec<String> = errors.errors().iter().map(ToString::to_string).collect();
+    let want = [
+        "f.toml:7: listener[0].header_read_timeout: must be longer than zero",
+        "f.toml:10: route[0].match.path_prefix: must start with `/`",
+        "f.toml:15: pool.a.connect_timeout: must be longer than zero",
+        "f.toml:17: pool.a.retry.budget_percent: ",
+        "f.toml:22: pool.b.endpoints[1].id: must not be empty",
+        "f.toml:24: pool.b.health_check.kind: must be",
+        "f.toml:28: pool.b.autoscale.interval: must be longer than zero",
+        "f.toml:29: pool.b.autoscale.actuator.kind: must be",
+    ];
+    assert_eq!(got.len(), want.len(), "{errors}");
+    for (got, want) in got.iter().zip(want) {
+        assert!(got.starts_with(want), "want {want:?}, got {got:?}\n{errors}");
+    }
+    // Display: one per line, in file order.
+    assert_eq!(errors.to_string().lines().count(), want.len());
+    assert_eq!(errors.first().line, Some(7));
+}
+
+#[test]
+fn a_pool_with_errors_does_not_make_its_routes_errors_too() {
+    let text = "[[route]]\npool = \"a\"\n[pool.a]\nidle_timeout = \"0s\"\n";
+    let errors = Config::parse(text, None).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors}");
+    assert_eq!(errors.first().field, "pool.a.idle_timeout");
+    assert_eq!(errors.first().line, Some(4));
+}
+
+#[test]
+fn the_admin_listener_has_limits_by_default_and_from_the_file() {
+    assert_eq!(Config::parse("", None).unwrap().proxy.admin_limits, AdminLimits::default());
+    let text = "[proxy]\nadmin_max_connections = 8\nadmin_header_timeout = \"2s\"\nadmin_idle_timeout = \"5s\"\n";
+    let limits = Config::parse(text, None).unwrap().proxy.admin_limits;
+    assert_eq!(
+        limits,
+        AdminLimits {
+            max_connections: 8,
+            header_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(5)
+        }
+    );
+    let e = err("[proxy]\nadmin = \"127.0.0.1:9901\"\nadmin_header_timeout = \"0s\"\nadmin_idle_timeout = \"0ms\"\n");
+    assert!(e.contains("fulcrum.toml:3: proxy.admin_header_timeout: must be longer than zero"), "{e}");
+    assert!(e.contains("fulcrum.toml:4: proxy.admin_idle_timeout: must be longer than zero"), "{e}");
+    let e = err("[proxy]\nadmin_max_connections = 0\n");
+    assert!(e.starts_with("fulcrum.toml:2:") && e.contains("admin_max_connections"), "{e}");
 }

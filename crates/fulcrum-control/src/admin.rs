@@ -24,7 +24,8 @@
 //! invalid result is refused and the old configuration keeps running. In mesh mode they are
 //! published to every proxy through etcd instead ([`crate::mesh`]).
 //!
-//! Errors are JSON: `{"error": {"message", "field"}}` with 404 for an unknown pool or
+//! Errors are JSON: `{"error": {"message", "field"}}` (an invalid configuration adds
+//! `"errors"`: every error found, each `{"file", "line", "field", "message"}`) with 404 for an unknown pool or
 //! endpoint, 400 for a bad request or an invalid configuration, 409 for a change that
 //! conflicts with the running state or needs a restart, 401 without the bearer token when
 //! one is set.
@@ -129,15 +130,21 @@ pub struct ApiError {
     status: StatusCode,
     field: String,
     message: String,
+    /// Every error of an invalid configuration (`{"file", "line", "field", "message"}`).
+    errors: Vec<Value>,
 }
 
 impl ApiError {
+    fn new(status: StatusCode, field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError { status, field: field.into(), message: message.into(), errors: Vec::new() }
+    }
+
     fn not_found(field: &str, message: String) -> Self {
-        ApiError { status: StatusCode::NOT_FOUND, field: field.to_owned(), message }
+        ApiError::new(StatusCode::NOT_FOUND, field, message)
     }
 
     fn bad(field: &str, message: String) -> Self {
-        ApiError { status: StatusCode::BAD_REQUEST, field: field.to_owned(), message }
+        ApiError::new(StatusCode::BAD_REQUEST, field, message)
     }
 }
 
@@ -149,7 +156,7 @@ impl From<EditError> for ApiError {
             EditError::Duplicate { .. } | EditError::Discovered(_) | EditError::NoText => StatusCode::CONFLICT,
             EditError::Unparsable(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError { status, field: e.field().to_owned(), message: e.to_string() }
+        ApiError::new(status, e.field(), e.to_string())
     }
 }
 
@@ -159,11 +166,18 @@ impl From<ReloadError> for ApiError {
             ReloadError::Invalid(_) | ReloadError::Pool { .. } => StatusCode::BAD_REQUEST,
             ReloadError::NeedsRestart { .. } => StatusCode::CONFLICT,
         };
-        let message = match &e {
-            ReloadError::Invalid(c) => format!("the new configuration is invalid, nothing changed: {c}"),
-            other => format!("refused, nothing changed: {other}"),
+        let (message, errors) = match &e {
+            ReloadError::Invalid(c) => {
+                let errors = c
+                    .errors()
+                    .iter()
+                    .map(|e| json!({"file": e.file, "line": e.line, "field": e.field, "message": e.message}))
+                    .collect();
+                (format!("the new configuration is invalid, nothing changed: {c}"), errors)
+            }
+            other => (format!("refused, nothing changed: {other}"), Vec::new()),
         };
-        ApiError { status, field: e.field().to_owned(), message }
+        ApiError { errors, ..ApiError::new(status, e.field(), message) }
     }
 }
 
@@ -171,12 +185,8 @@ impl From<MeshError> for ApiError {
     fn from(e: MeshError) -> Self {
         match e {
             MeshError::Refused(r) => r.into(),
-            MeshError::Unreachable(_) => {
-                ApiError { status: StatusCode::SERVICE_UNAVAILABLE, field: "control".into(), message: e.to_string() }
-            }
-            MeshError::Conflict { .. } => {
-                ApiError { status: StatusCode::CONFLICT, field: "config".into(), message: e.to_string() }
-            }
+            MeshError::Unreachable(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "control", e.to_string()),
+            MeshError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "config", e.to_string()),
             MeshError::Document(_) => ApiError::bad("config", e.to_string()),
         }
     }
@@ -184,7 +194,11 @@ impl From<MeshError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": {"message": self.message, "field": self.field}}))).into_response()
+        let mut error = json!({"message": self.message, "field": self.field});
+        if !self.errors.is_empty() {
+            error["errors"] = Value::Array(self.errors);
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
     }
 }
 
@@ -197,7 +211,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
-            Err(e) => Err(ApiError { status: e.status(), field: "body".into(), message: e.body_text() }),
+            Err(e) => Err(ApiError::new(e.status(), "body", e.body_text())),
         }
     }
 }
@@ -254,7 +268,7 @@ async fn check_host(State(state): State<AdminState>, req: Request, next: Next) -
         let message = format!(
             "{field} {value:?} does not name this admin API: use an IP address or localhost, or list the name in [proxy] admin_hosts"
         );
-        ApiError { status: StatusCode::FORBIDDEN, field: field.to_ascii_lowercase(), message }.into_response()
+        ApiError::new(StatusCode::FORBIDDEN, field.to_ascii_lowercase(), message).into_response()
     };
     if let Some(host) = req.headers().get(header::HOST) {
         let host = host.to_str().unwrap_or("");
@@ -284,11 +298,11 @@ async fn authorize(State(state): State<AdminState>, req: Request, next: Next) ->
     if constant_time_eq(given.as_bytes(), token.as_bytes()) {
         return next.run(req).await;
     }
-    let mut resp = ApiError {
-        status: StatusCode::UNAUTHORIZED,
-        field: "authorization".into(),
-        message: "this admin API needs `Authorization: Bearer <token>`".into(),
-    }
+    let mut resp = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "authorization",
+        "this admin API needs `Authorization: Bearer <token>`",
+    )
     .into_response();
     resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
     resp

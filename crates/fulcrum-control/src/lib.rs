@@ -11,5 +11,6 @@
 pub mod admin;
 pub mod discover;
 pub mod edit;
+pub mod listen;
 pub mod mesh;
 pub mod metrics;

@@ -41,6 +41,7 @@ pub mod flow;
 pub mod hash;
 pub mod membership;
 pub mod openai;
+pub mod phi;
 pub mod policy;
 pub mod prefix;
 pub mod resilience;

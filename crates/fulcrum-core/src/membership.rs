@@ -12,6 +12,12 @@
 //! heartbeat that arrives at or after the deadline finds the lease gone: the backend must
 //! register again, exactly as a backend that was never there.
 //!
+//! Next to the TTL, a [phi-accrual failure detector](crate::phi) learns each member's
+//! heartbeat rhythm and ends its lease when the silence has become too unlikely (phi above
+//! the threshold), whichever comes first: a backend that heartbeats every second under a 30 s
+//! TTL is gone about two seconds after it stops, not thirty. Until a lease has a few
+//! heartbeat intervals, only its TTL applies.
+//!
 //! Costs: `register`, `renew` and `remove` are `O(log n)`; `expire` is `O(n)`, and runs
 //! once per deadline, not per request.
 //!
@@ -37,10 +43,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::endpoint::{EndpointId, EndpointSpec};
+use crate::phi::{HeartbeatHistory, PhiConfig};
 use crate::time::Instant;
 
-/// Bounds on the leases a pool grants.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Bounds on the leases a pool grants, and how silence ends them.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LeaseLimits {
     /// The TTL of a registration that asks for none (10 s).
     pub default_ttl: Duration,
@@ -50,6 +57,8 @@ pub struct LeaseLimits {
     pub max_ttl: Duration,
     /// The most leases held at once (1,000): a runaway client cannot grow the pool forever.
     pub max_members: usize,
+    /// The phi-accrual failure detector, next to the TTL (on, with Akka's threshold of 8).
+    pub failure_detector: Option<PhiConfig>,
 }
 
 impl Default for LeaseLimits {
@@ -59,6 +68,7 @@ impl Default for LeaseLimits {
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(3_600),
             max_members: 1_000,
+            failure_detector: Some(PhiConfig::default()),
         }
     }
 }
@@ -75,6 +85,9 @@ impl LeaseLimits {
         }
         if self.max_members == 0 {
             return Err(MembershipError::BadLimits("max_endpoints must be at least 1".to_owned()));
+        }
+        if let Some(detector) = &self.failure_detector {
+            detector.validate().map_err(|e| MembershipError::BadLimits(format!("phi_threshold: {e}")))?;
         }
         Ok(())
     }
@@ -120,12 +133,32 @@ pub struct Lease {
     pub renewed: Instant,
     /// Heartbeats received.
     pub renewals: u64,
+    /// The intervals between its heartbeats (registrations included).
+    pub heartbeats: HeartbeatHistory,
+    /// When the failure detector will suspect it unless it is heard from before; `None`
+    /// without a detector or with too few heartbeats yet.
+    pub suspect_at: Option<Instant>,
 }
 
 impl Lease {
-    /// The instant the lease ends unless renewed before.
+    /// The instant the lease ends unless renewed before: its TTL's end, or the failure
+    /// detector's verdict if that comes first.
     pub fn deadline(&self) -> Instant {
+        self.suspect_at.map_or(self.ttl_deadline(), |s| s.min(self.ttl_deadline()))
+    }
+
+    /// The instant its TTL ends unless renewed before.
+    pub fn ttl_deadline(&self) -> Instant {
         self.renewed + self.ttl
+    }
+
+    /// Heard from at `now`.
+    fn heard(&mut self, now: Instant, detector: Option<&PhiConfig>) {
+        self.renewed = now;
+        if let Some(config) = detector {
+            self.heartbeats.heartbeat(now, config);
+            self.suspect_at = self.heartbeats.suspect_at(config);
+        }
     }
 }
 
@@ -188,14 +221,16 @@ impl Membership {
                 }
                 lease.spec = spec;
                 lease.ttl = ttl;
-                lease.renewed = now;
+                lease.heard(now, self.limits.failure_detector.as_ref());
                 Ok(Registered { id, ttl, created: false })
             }
             None => {
                 if self.leases.len() >= self.limits.max_members {
                     return Err(MembershipError::Full { max: self.limits.max_members });
                 }
-                let lease = Lease { spec, ttl, registered: now, renewed: now, renewals: 0 };
+                let heartbeats = HeartbeatHistory::new(now);
+                let lease =
+                    Lease { spec, ttl, registered: now, renewed: now, renewals: 0, heartbeats, suspect_at: None };
                 self.leases.insert(id.clone(), lease);
                 self.version += 1;
                 Ok(Registered { id, ttl, created: true })
@@ -215,7 +250,7 @@ impl Membership {
             return Err(MembershipError::Unknown(id.to_owned()));
         }
         let lease = self.leases.get_mut(&key).ok_or_else(|| MembershipError::Unknown(id.to_owned()))?;
-        lease.renewed = now;
+        lease.heard(now, self.limits.failure_detector.as_ref());
         lease.renewals += 1;
         Ok(lease)
     }
@@ -242,6 +277,12 @@ impl Membership {
     /// The earliest deadline of a live lease: when [`expire`](Self::expire) should run next.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.leases.values().map(Lease::deadline).min()
+    }
+
+    /// Phi of a lease at `now` (how unlikely its silence is; see [`crate::phi`]), `None`
+    /// without a detector or before it has enough heartbeats.
+    pub fn phi(&self, lease: &Lease, now: Instant) -> Option<f64> {
+        lease.heartbeats.phi(now, self.limits.failure_detector.as_ref()?)
     }
 
     /// The members, ordered by id. Call [`expire`](Self::expire) first to leave out leases
@@ -358,6 +399,36 @@ mod tests {
     }
 
     #[test]
+    fn the_failure_detector_ends_a_silent_lease_long_before_its_ttl() {
+        let mut m = Membership::new(LeaseLimits::default());
+        m.register(spec(1), Some(Duration::from_secs(30)), at(0)).unwrap();
+        // Too few heartbeats yet: only the TTL.
+        for t in 1..=4 {
+            m.renew("10.0.0.1:1", at(t * 100)).unwrap();
+            assert_eq!(m.next_expiry(), Some(at(t * 100 + 30_000)));
+        }
+        for t in 5..=30 {
+            m.renew("10.0.0.1:1", at(t * 100)).unwrap();
+            assert!(m.expire(at(t * 100 + 99)).is_empty(), "a regular heartbeater stays");
+        }
+        let lease = m.get("10.0.0.1:1").unwrap().clone();
+        assert!(m.phi(&lease, at(3_010)).unwrap() < 1.0);
+        // It stops at 3 s: gone within about a second, not 30.
+        let deadline = m.next_expiry().unwrap();
+        assert!(deadline > at(3_600) && deadline < at(4_500), "{deadline:?}");
+        assert!(m.expire(deadline - Duration::from_millis(1)).is_empty());
+        assert!(m.renew("10.0.0.1:1", deadline).is_err(), "a heartbeat after the verdict must register again");
+        // Without the detector only the TTL counts.
+        let mut m = Membership::new(LeaseLimits { failure_detector: None, ..LeaseLimits::default() });
+        m.register(spec(1), Some(Duration::from_secs(30)), at(0)).unwrap();
+        for t in 1..=30 {
+            m.renew("10.0.0.1:1", at(t * 100)).unwrap();
+        }
+        assert_eq!(m.next_expiry(), Some(at(33_000)));
+        assert_eq!(m.phi(m.get("10.0.0.1:1").unwrap(), at(5_000)), None);
+    }
+
+    #[test]
     fn removal_and_limit_validation() {
         let mut m = Membership::new(LeaseLimits::default());
         m.register(spec(1), SEC, at(0)).unwrap();
@@ -368,5 +439,7 @@ mod tests {
         assert!(bad.validate().is_err());
         assert!(LeaseLimits { max_members: 0, ..LeaseLimits::default() }.validate().is_err());
         assert!(LeaseLimits { min_ttl: Duration::ZERO, ..LeaseLimits::default() }.validate().is_err());
+        let zero = Some(PhiConfig { threshold: 0.0, ..PhiConfig::default() });
+        assert!(LeaseLimits { failure_detector: zero, ..LeaseLimits::default() }.validate().is_err());
     }
 }

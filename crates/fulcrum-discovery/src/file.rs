@@ -17,13 +17,16 @@
 
 use std::path::Path;
 
-use fulcrum_config::discovery::{EndpointEntry, FileDiscovery};
+use fulcrum_config::discovery::{EndpointEntry, EntryError, FileDiscovery};
 use fulcrum_core::EndpointSpec;
 use serde::Deserialize;
 
 use crate::publish::Publisher;
 
-/// Why a file could not be used.
+/// Why a file could not be used. No message quotes the file: the path comes from a
+/// configuration that the admin API accepts, so a message that echoed the file's bytes would
+/// let an API client read any local file the proxy can (a key, a token). Errors give the
+/// path, the position and what the file should hold, never what it holds.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     /// It could not be read.
@@ -36,26 +39,76 @@ pub enum FileError {
         source: std::io::Error,
     },
     /// It is not valid TOML or JSON of the expected shape.
-    #[error("{path}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    #[error("{path}{}: {message}", position(*line, *column))]
     Parse {
         /// The file.
         path: String,
         /// The line, when known.
         line: Option<usize>,
-        /// What is wrong.
-        message: String,
+        /// The column, when known.
+        column: Option<usize>,
+        /// What is wrong, in words of our own.
+        message: &'static str,
     },
     /// An entry is wrong.
-    #[error("{path}: endpoints[{index}].{source}")]
+    #[error("{path}{}: endpoints[{index}]{}", position(*line, None), detail(source))]
     Entry {
         /// The file.
         path: String,
+        /// The line, when known.
+        line: Option<usize>,
         /// The entry's position.
         index: usize,
         /// What is wrong.
         #[source]
         source: fulcrum_config::discovery::EntryError,
     },
+}
+
+fn detail(e: &EntryError) -> String {
+    if e.field.is_empty() { format!(": {}", e.message) } else { format!(".{e}") }
+}
+
+fn position(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(":{l}:{c}"),
+        (Some(l), None) => format!(":{l}"),
+        _ => String::new(),
+    }
+}
+
+/// What a file that parses but has the wrong shape is told.
+const NOT_ENDPOINTS: &str = "not a valid endpoints file: expected `endpoints = [{ address = \"ip:port\", weight, id, \
+     models, labels }, ...]` in TOML, or in JSON a list of such endpoints or {\"endpoints\": [...]}";
+
+/// The fields of an endpoint entry, and what each takes.
+const FIELDS: [(&str, &str); 5] = [
+    ("address", "must be an `ip:port` address"),
+    ("weight", "must be a whole number from 1"),
+    ("id", "must be a string"),
+    ("models", "must be a list of model names"),
+    ("labels", "must be a table of names and string values"),
+];
+
+fn hint(field: &'static str) -> String {
+    let what = FIELDS.iter().find(|(f, _)| *f == field).map_or("", |(_, what)| *what);
+    if field.is_empty() {
+        format!("not a valid endpoint (its fields: {})", FIELDS.map(|(f, _)| f).join(", "))
+    } else {
+        format!("not a valid value: {what}")
+    }
+}
+
+/// Which entry of `endpoints`, and which of its known fields (`""` for another or none), the
+/// byte at `at` belongs to.
+fn entry_field_at(doc: &toml::de::DeTable<'_>, at: usize) -> Option<(usize, &'static str)> {
+    let (_, endpoints) = doc.iter().find(|(k, _)| k.get_ref() == "endpoints")?;
+    let toml::de::DeValue::Array(entries) = endpoints.get_ref() else { return None };
+    let index = entries.iter().position(|e| e.span().contains(&at))?;
+    let toml::de::DeValue::Table(entry) = entries[index].get_ref() else { return Some((index, "")) };
+    let key = entry.iter().find(|(k, v)| k.span().contains(&at) || v.span().contains(&at)).map(|(k, _)| k.get_ref());
+    let known = key.and_then(|k| FIELDS.iter().find(|(f, _)| f == k)).map_or("", |(f, _)| *f);
+    Some((index, known))
 }
 
 #[derive(Deserialize)]
@@ -75,38 +128,46 @@ enum JsonDocument {
 /// Parses a file's text: JSON when `path` ends in `.json`, else TOML.
 pub fn parse_endpoints(path: &Path, text: &str) -> Result<Vec<EndpointSpec>, FileError> {
     let shown = path.display().to_string();
+    let parse_error = |line, column, message| FileError::Parse { path: shown.clone(), line, column, message };
     let json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
     let entries = if json {
         // Parse as a value first: serde's untagged enums lose the position of an error.
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| FileError::Parse {
-            path: shown.clone(),
-            line: Some(e.line()),
-            message: e.to_string(),
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            let message = match e.classify() {
+                serde_json::error::Category::Eof => "not a valid endpoints file: the JSON ends too early",
+                _ => "not a valid endpoints file: a JSON syntax error",
+            };
+            parse_error(Some(e.line()), Some(e.column()), message)
         })?;
-        match serde_json::from_value::<JsonDocument>(value.clone()) {
+        match serde_json::from_value::<JsonDocument>(value) {
             Ok(JsonDocument::List(l)) => l,
             Ok(JsonDocument::Object(d)) => d.endpoints,
-            Err(_) => {
-                // Say what is wrong with the shape the file seems to have.
-                let message = match value {
-                    serde_json::Value::Array(_) => serde_json::from_value::<Vec<EndpointEntry>>(value).err(),
-                    _ => serde_json::from_value::<Document>(value).err(),
-                }
-                .map_or_else(|| "expected a list of endpoints or {\"endpoints\": [...]}".to_owned(), |e| e.to_string());
-                return Err(FileError::Parse { path: shown, line: None, message });
-            }
+            Err(_) => return Err(parse_error(None, None, NOT_ENDPOINTS)),
         }
     } else {
         let doc: Document = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            FileError::Parse { path: shown.clone(), line, message: e.message().trim().to_owned() }
+            let at = e.span().map(|s| s.start.min(text.len()));
+            let line = at.map(|at| text[..at].matches('\n').count() + 1);
+            let column = at.map(|at| at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1);
+            let Ok(doc) = toml::de::DeTable::parse(text) else {
+                return parse_error(line, column, "not a valid endpoints file: a TOML syntax error");
+            };
+            match at.and_then(|at| entry_field_at(doc.get_ref(), at)) {
+                Some((index, field)) => {
+                    let source = EntryError { field, message: hint(field) };
+                    FileError::Entry { path: shown.clone(), line, index, source }
+                }
+                None => parse_error(line, column, NOT_ENDPOINTS),
+            }
         })?;
         doc.endpoints
     };
     entries
         .into_iter()
         .enumerate()
-        .map(|(index, e)| e.into_spec().map_err(|source| FileError::Entry { path: shown.clone(), index, source }))
+        .map(|(index, e)| {
+            e.into_spec().map_err(|source| FileError::Entry { path: shown.clone(), line: None, index, source })
+        })
         .collect()
 }
 
@@ -158,15 +219,44 @@ mod tests {
     #[test]
     fn errors_say_where() {
         let e = parse_endpoints(Path::new("e.toml"), "endpoints = [\n  { address = \"nowhere\" },\n]\n").unwrap_err();
-        assert!(e.to_string().starts_with("e.toml:2: "), "{e}");
+        assert_eq!(e.to_string(), "e.toml:2: endpoints[0].address: not a valid value: must be an `ip:port` address");
+        let e = parse_endpoints(Path::new("e.toml"), "endpoints = [{ address = \"127.0.0.1:1\", wieght = 2 }]\n");
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .starts_with("e.toml:1: endpoints[0]: not a valid endpoint (its fields: address,")
+        );
+        let e = parse_endpoints(Path::new("e.toml"), "endpoints = [{ address = ").unwrap_err();
+        assert!(e.to_string().starts_with("e.toml:1:"), "{e}");
         let e = parse_endpoints(Path::new("e.json"), "[\n{\"address\": 5}\n").unwrap_err();
-        assert!(e.to_string().starts_with("e.json:3: "), "{e}");
+        assert!(e.to_string().starts_with("e.json:3:"), "{e}");
         let e = parse_endpoints(Path::new("e.json"), r#"[{"address":"127.0.0.1:1","wieght":2}]"#).unwrap_err();
-        assert!(e.to_string().contains("unknown field `wieght`"), "{e}");
+        assert!(e.to_string().contains("not a valid endpoints file"), "{e}");
         let e = parse_endpoints(Path::new("e.json"), r#"{"endpoint":[]}"#).unwrap_err();
-        assert!(e.to_string().contains("unknown field `endpoint`"), "{e}");
+        assert!(e.to_string().contains("not a valid endpoints file"), "{e}");
         let e =
             parse_endpoints(Path::new("e.toml"), "endpoints = [{ address = \"127.0.0.1:1\", id = \"\" }]").unwrap_err();
         assert_eq!(e.to_string(), "e.toml: endpoints[0].id: must not be empty");
+    }
+
+    #[test]
+    fn errors_never_quote_the_file() {
+        let secret = "SECRET-XYZ";
+        for (name, text) in [
+            ("key.toml", format!("{secret}=hunter2\n")),
+            ("key", format!("{secret} = \"hunter2\"\n")),
+            ("value.toml", format!("endpoints = \"{secret}\"\n")),
+            ("addr.toml", format!("endpoints = [{{ address = \"{secret}\" }}]\n")),
+            ("model.toml", format!("endpoints = [{{ address = \"127.0.0.1:1\", {secret} = 1 }}]\n")),
+            ("shadow.toml", format!("root:{secret}:19000:0:99999:7:::\n")),
+            ("key.json", format!("{{\"{secret}\": \"hunter2\"}}")),
+            ("value.json", format!("[\"{secret}\"]")),
+            ("syntax.json", secret.to_owned()),
+            ("addr.json", format!("[{{\"address\": \"{secret}\"}}]")),
+        ] {
+            let e = parse_endpoints(Path::new(name), &text).unwrap_err().to_string();
+            assert!(!e.contains(secret) && !e.contains("hunter2") && !e.contains("root"), "{name}: {e}");
+            assert!(e.starts_with(name), "{name}: {e}");
+        }
     }
 }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use fulcrum_config::{Config, ConfigError, ListenerKind};
+use fulcrum_config::{Config, ConfigError, ConfigErrors, ListenerKind};
 
 use crate::http::ListenerCtx;
 use crate::pool::PoolRuntime;
@@ -38,9 +38,9 @@ use crate::route::{Route, RouteTable};
 /// Why a reload was refused. The old configuration keeps running.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    /// The new text is not a valid configuration.
+    /// The new text is not a valid configuration: every error found, one per line.
     #[error("{0}")]
-    Invalid(#[from] ConfigError),
+    Invalid(#[from] ConfigErrors),
     /// The change needs a restart.
     #[error("{field}: {message}")]
     NeedsRestart {
@@ -64,7 +64,7 @@ impl ReloadError {
     /// The field at fault (`pool.llama.policy`, `listener[0].address`), if known.
     pub fn field(&self) -> &str {
         match self {
-            ReloadError::Invalid(e) => &e.field,
+            ReloadError::Invalid(e) => &e.first().field,
             ReloadError::NeedsRestart { field, .. } => field,
             ReloadError::Pool { .. } => "pool",
         }
@@ -241,12 +241,8 @@ impl Live {
                 message: "the proxy was not started from a file: there is nothing to read again".into(),
             });
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
-            file: Some(path.clone()),
-            line: None,
-            field: String::new(),
-            message: format!("cannot read the file: {e}"),
-        })?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| ConfigErrors::from(ConfigError::unreadable(&path, &e)))?;
         self.reload_text(&text, Some(&path))
     }
 
@@ -452,6 +448,10 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
     }
     if old.proxy.admin != new.proxy.admin {
         return restart("proxy.admin".into(), "the admin API's address changes only at a restart".into());
+    }
+    if old.proxy.admin_limits != new.proxy.admin_limits {
+        let message = "the admin listener's limits (admin_max_connections, admin_header_timeout, admin_idle_timeout) change only at a restart";
+        return restart("proxy.admin_max_connections".into(), message.into());
     }
     if old.listeners.len() != new.listeners.len() {
         return restart(

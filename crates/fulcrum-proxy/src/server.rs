@@ -80,14 +80,8 @@ impl Proxy {
 
     /// Reads, validates and binds a configuration file; [`Live::reload_file`] reads it again.
     pub async fn bind_file(path: &std::path::Path) -> Result<Proxy, BindFileError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            BindFileError::Config(fulcrum_config::ConfigError {
-                file: Some(path.to_owned()),
-                line: None,
-                field: String::new(),
-                message: format!("cannot read the file: {e}"),
-            })
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| BindFileError::Config(fulcrum_config::ConfigError::unreadable(path, &e).into()))?;
         let config = Config::parse(&text, Some(path)).map_err(BindFileError::Config)?;
         Ok(Self::bind_with(config, Some(Arc::from(text)), Some(path.to_owned())).await?)
     }
@@ -156,9 +150,9 @@ impl Proxy {
 /// Why [`Proxy::bind_file`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BindFileError {
-    /// The file is not a valid configuration.
+    /// The file is not a valid configuration: every error found, one per line.
     #[error("{0}")]
-    Config(fulcrum_config::ConfigError),
+    Config(fulcrum_config::ConfigErrors),
     /// It is, but the proxy could not start.
     #[error(transparent)]
     Start(#[from] StartError),

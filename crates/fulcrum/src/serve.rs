@@ -125,9 +125,19 @@ pub struct ValidateArgs {
     pub config: PathBuf,
 }
 
-/// Checks a file and prints what it describes.
+/// Checks a file and prints what it describes, or every error found, one per line
+/// (`file:line: field: message`).
 pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)?;
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(errors) => {
+            for e in errors.errors() {
+                eprintln!("{e}");
+            }
+            let n = errors.len();
+            anyhow::bail!("{}: {n} error{}", args.config.display(), if n == 1 { "" } else { "s" });
+        }
+    };
     println!(
         "{}: ok ({} listeners, {} routes, {} pools, {} endpoints)",
         args.config.display(),
@@ -239,11 +249,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                     state = state.with_mesh(mesh);
                 }
                 let app = fulcrum_control::admin::app(state);
-                Some(tokio::spawn(async move {
-                    if let Err(e) = axum::serve(listener, app).await {
-                        tracing::warn!(error = %e, "admin API stopped");
-                    }
-                }))
+                Some(tokio::spawn(fulcrum_control::listen::serve(listener, app, config.proxy.admin_limits)))
             }
             None => None,
         };

@@ -308,14 +308,8 @@ impl Mesh {
                 message: "the proxy was not started from a file: there is nothing to read again".into(),
             }));
         };
-        let own = std::fs::read_to_string(path).map_err(|e| {
-            ReloadError::Invalid(fulcrum_config::ConfigError {
-                file: Some(path.to_owned()),
-                line: None,
-                field: String::new(),
-                message: format!("cannot read the file: {e}"),
-            })
-        })?;
+        let own = std::fs::read_to_string(path)
+            .map_err(|e| ReloadError::Invalid(fulcrum_config::ConfigError::unreadable(path, &e).into()))?;
         // The own file must be valid on its own before it is combined.
         fulcrum_config::Config::parse(&own, Some(path)).map_err(ReloadError::Invalid)?;
         let (shared, revision) = lock(&self.inner.shared).clone();

@@ -384,3 +384,30 @@ async fn host_and_origin_must_name_the_admin_api() {
     assert_eq!(status_with(vec![("host", "127.0.0.1:9901"), ("origin", "http://localhost:9901")]).await.0, 200);
     assert_eq!(status_with(vec![("origin", "null")]).await.0, 403);
 }
+
+#[tokio::test]
+async fn put_config_answers_every_error_with_its_line() {
+    let state = state().await;
+    let text = "[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\nheader_read_timeout = \"0s\"\n\
+                [[route]]\npool = \"nope\"\n\
+                [pool.llm]\nconnect_timeout = \"0s\"\n\
+                [pool.other]\nretry = { budget_percent = -1.0 }\n";
+    let (s, b) = call_with(&state, "PUT", "/config", text).await;
+    assert_error(s, &b, 400, "listener[0].header_read_timeout");
+    let errors = json(&b)["error"]["errors"].as_array().cloned().unwrap_or_default();
+    let got: Vec<(u64, &str)> =
+        errors.iter().map(|e| (e["line"].as_u64().unwrap_or(0), e["field"].as_str().unwrap_or(""))).collect();
+    assert_eq!(
+        got,
+        [
+            (4, "listener[0].header_read_timeout"),
+            (6, "route[0].pool"),
+            (8, "pool.llm.connect_timeout"),
+            (10, "pool.other.retry.budget_percent"),
+        ],
+        "{b}"
+    );
+    // The running configuration is untouched.
+    let (_, body) = call(&state, "GET", "/config").await;
+    assert_eq!(json(&body)["generation"], 1);
+}

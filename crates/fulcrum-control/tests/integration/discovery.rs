@@ -116,3 +116,43 @@ async fn discovered_sets_serve_and_survive_provider_failures_and_reloads() {
     until("the silent registration expires", async || addresses(&live, "registered").is_empty()).await;
     assert_eq!(status_of(addr, "/reg/v1/models").await, 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_named_through_the_api_is_never_echoed() {
+    let dir = TempDir::new("control-no-echo");
+    let secret = dir.path().join("secret.env");
+    write_atomically(&secret, "SECRET-XYZ = \"hunter2-token\"\n");
+    let json = dir.path().join("secret.json");
+    write_atomically(&json, "{\"SECRET-XYZ\": \"hunter2-token\"}");
+    let start = "[pool.p]\nendpoints = []\n";
+    let proxy =
+        Proxy::bind_with(Config::parse(start, None).expect("config"), Some(start.into()), None).await.expect("proxy");
+    let live = proxy.live().clone();
+    let discovery = discover::for_live(&live);
+    tokio::spawn(discover::supervise(live.clone(), discovery.clone()));
+    let admin = AdminState::new(live.clone()).with_discovery(discovery);
+
+    let text = format!(
+        "[pool.p]\nendpoints = []\n\
+         [pool.leak]\nendpoints = []\ndiscovery = {{ kind = \"file\", path = \"{}\", interval = \"50ms\" }}\n\
+         [pool.leak_json]\nendpoints = []\ndiscovery = {{ kind = \"file\", path = \"{}\", interval = \"50ms\" }}\n",
+        secret.display(),
+        json.display()
+    );
+    let (status, body) = call(&admin, "PUT", "/config", &text).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("SECRET-XYZ") && !body.contains("hunter2"), "{body}");
+    until("both providers report their file", async || {
+        let (_, body) = call(&admin, "GET", "/discovery", "").await;
+        body.matches(r#""state":"failing""#).count() == 2
+    })
+    .await;
+    for uri in ["/discovery", "/metrics", "/pools/leak", "/pools/leak/events"] {
+        let (_, body) = call(&admin, "GET", uri, "").await;
+        assert!(!body.contains("SECRET-XYZ") && !body.contains("hunter2"), "{uri}: {body}");
+        if uri == "/discovery" {
+            assert!(body.contains("not a valid endpoints file"), "{body}");
+            assert!(body.contains("secret.env:1:1"), "names the file and the position: {body}");
+        }
+    }
+}

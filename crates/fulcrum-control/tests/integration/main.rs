@@ -6,5 +6,6 @@ mod admin;
 mod common;
 mod discovery;
 mod hostile;
+mod listen;
 mod mesh;
 mod metrics;

@@ -87,9 +87,15 @@ impl Registry {
         let now = self.now();
         let mut pools = self.inner.pools.lock().unwrap_or_else(PoisonError::into_inner);
         let leases = pools.get_mut(pool).ok_or_else(|| RegistryError::UnknownPool(pool.to_owned()))?;
-        let version = leases.members.version();
+        let (version, expiry) = (leases.members.version(), leases.members.next_expiry());
         let out = f(leases, now);
-        if leases.members.version() != version {
+        // The provider sleeps until the next expiry: wake it for a change, and for an expiry
+        // that came sooner (the failure detector's verdict moves earlier as it learns).
+        let sooner = match (leases.members.next_expiry(), expiry) {
+            (Some(next), Some(before)) => next < before,
+            (next, before) => next.is_some() && before.is_none(),
+        };
+        if leases.members.version() != version || sooner {
             leases.changed.notify_one();
         }
         out
@@ -128,7 +134,10 @@ impl Registry {
 
     /// A heartbeat.
     pub fn renew(&self, pool: &str, id: &str) -> Result<LeaseView, RegistryError> {
-        self.with_pool(pool, |l, now| Ok(LeaseView::of(l.members.renew(id, now)?, now)))
+        self.with_pool(pool, |l, now| {
+            let lease = l.members.renew(id, now)?.clone();
+            Ok(LeaseView::of(&lease, l.members.phi(&lease, now), now))
+        })
     }
 
     /// Removes a registration at once.
@@ -142,7 +151,7 @@ impl Registry {
     pub fn list(&self, pool: &str) -> Result<Vec<LeaseView>, RegistryError> {
         self.with_pool(pool, |l, now| {
             l.members.expire(now);
-            Ok(l.members.leases().map(|lease| LeaseView::of(lease, now)).collect())
+            Ok(l.members.leases().map(|lease| LeaseView::of(lease, l.members.phi(lease, now), now)).collect())
         })
     }
 
@@ -150,7 +159,11 @@ impl Registry {
     fn live(&self, pool: &str) -> Result<(Vec<EndpointSpec>, Option<tokio::time::Instant>), RegistryError> {
         self.with_pool(pool, |l, now| {
             for gone in l.members.expire(now) {
-                tracing::info!(pool, id = %gone.spec.id, "a registration expired: no heartbeat within its ttl");
+                if gone.ttl_deadline() <= now {
+                    tracing::info!(pool, id = %gone.spec.id, "a registration expired: no heartbeat within its ttl");
+                } else {
+                    tracing::info!(pool, id = %gone.spec.id, "a registration expired: its heartbeats stopped (phi above the threshold)");
+                }
             }
             Ok((l.members.live(), l.members.next_expiry().map(|at| self.deadline(at))))
         })
@@ -158,7 +171,7 @@ impl Registry {
 }
 
 /// A registration as the API shows it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct LeaseView {
     /// The lease's id (the endpoint's id).
     pub id: String,
@@ -167,14 +180,17 @@ pub struct LeaseView {
     pub endpoint: fulcrum_config::discovery::EndpointEntry,
     /// Its TTL.
     pub ttl_ms: u64,
-    /// Time left before it expires.
+    /// Time left before it expires: its TTL, or the failure detector's verdict if sooner.
     pub expires_in_ms: u64,
     /// Heartbeats received.
     pub renewals: u64,
+    /// The failure detector's phi now (rounded to 0.01): how unlikely the silence since the
+    /// last heartbeat is; `null` until it has enough heartbeats (or without a detector).
+    pub phi: Option<f64>,
 }
 
 impl LeaseView {
-    fn of(lease: &Lease, now: Instant) -> Self {
+    fn of(lease: &Lease, phi: Option<f64>, now: Instant) -> Self {
         let mut endpoint = fulcrum_config::discovery::EndpointEntry::from_spec(&lease.spec);
         endpoint.id = None;
         LeaseView {
@@ -183,6 +199,7 @@ impl LeaseView {
             ttl_ms: millis(lease.ttl),
             expires_in_ms: millis(lease.deadline().saturating_since(now)),
             renewals: lease.renewals,
+            phi: phi.map(|p| (p.min(1e6) * 100.0).round() / 100.0),
         }
     }
 }

@@ -93,3 +93,56 @@ async fn refusals_are_errors_with_the_proxys_message() {
     let e = register_http(&refused, "llama", &spec(9001, "a"), TTL, None).await.unwrap_err().to_string();
     assert!(e.contains("cannot reach"), "{e}");
 }
+
+/// One HTTP/1.1 request on its own connection; the status and the body.
+async fn http(url: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.expect("read");
+    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failure_detector_removes_a_silent_backend_long_before_its_ttl() {
+    let sink = RecordingSink::new();
+    let discovery = Discovery::new(sink.clone(), Arc::new(StatusBoard::new()));
+    // The defaults, as `discovery = { kind = "registration" }` gives them: phi above 8.
+    discovery.spawn("llama", DiscoveryConfig::Registration(RegistrationDiscovery { limits: LeaseLimits::default() }));
+    let url = serve(&discovery).await;
+    let body = r#"{"address":"127.0.0.1:9001","id":"fast","ttl_ms":30000}"#;
+    let (status, answer) = http(&url, "POST", "/pools/llama/registrations", body).await;
+    assert_eq!(status, 201, "{answer}");
+    sink.wait_for("llama", WAIT, "registered", |s| ids(s) == ["fast"]).await;
+
+    // Heartbeats every 100 ms for two seconds.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (status, answer) = http(&url, "PUT", "/pools/llama/registrations/fast", "").await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (_, listed) = http(&url, "GET", "/pools/llama/registrations", "").await;
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("json");
+    let phi = listed["registrations"][0]["phi"].as_f64().expect("phi is shown once heartbeats are known");
+    assert!(phi < 8.0, "{listed}");
+    assert_eq!(sink.last("llama").map(|s| ids(&s)), Some(vec!["fast".to_owned()]), "it stayed while it beat");
+
+    // It stops: gone within about a second, not after its 30 s TTL.
+    let stopped = Instant::now();
+    sink.wait_for("llama", Duration::from_secs(5), "the silent backend leaving", <[EndpointSpec]>::is_empty).await;
+    let after = stopped.elapsed();
+    println!("removed {after:?} after the heartbeats stopped (ttl 30 s)");
+    assert!(after < Duration::from_millis(2_500), "{after:?}");
+    assert!(after > Duration::from_millis(300), "removed before a heartbeat was even missed: {after:?}");
+    // Its next heartbeat is told to register again.
+    let (status, _) = http(&url, "PUT", "/pools/llama/registrations/fast", "").await;
+    assert_eq!(status, 404);
+}

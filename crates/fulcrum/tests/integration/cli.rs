@@ -59,6 +59,37 @@ fn a_bad_file_names_file_line_and_field() {
 }
 
 #[test]
+fn validate_prints_every_error_one_per_line() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-cli-all-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("many.toml");
+    std::fs::write(
+        &file,
+        "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nbody_read_timeout = \"0s\"\n\
+         [[route]]\npool = \"nope\"\n\
+         [pool.a]\nidle_timeout = \"0s\"\n\
+         [pool.b]\nhealth_check = { rise = 0 }\n",
+    )
+    .unwrap();
+    let out = fulcrum().arg("validate").arg("-c").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    let want = [
+        "many.toml:4: listener[0].body_read_timeout: must be longer than zero",
+        "many.toml:6: route[0].pool: no pool is named `nope`",
+        "many.toml:8: pool.a.idle_timeout: must be longer than zero",
+        "many.toml:10: pool.b.health_check.rise: must be at least 1",
+    ];
+    assert_eq!(lines.len(), want.len() + 1, "{err}");
+    for (line, want) in lines.iter().zip(want) {
+        assert!(line.contains(want) && line.starts_with(&*dir.to_string_lossy()), "want {want:?} in {line:?}");
+    }
+    assert!(lines[4].contains("4 errors"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn demo_runs_a_fleet_and_stops_by_itself() {
     let out = fulcrum()
         .args(["demo", "--duration", "3s", "--listen", "127.0.0.1:0", "--concurrency", "8", "--max-tokens", "16"])
