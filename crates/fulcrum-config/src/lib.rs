@@ -427,14 +427,18 @@ impl Config {
     /// Parses and validates TOML text; `file` names the source in error messages, and its
     /// directory is where relative paths in the text (such as a discovery file) are resolved;
     /// without it they stay relative to the working directory. Every error is reported (a
-    /// TOML syntax or type error stops the reading, so it comes alone).
+    /// TOML syntax error stops the reading, so it comes alone; type errors come one a section,
+    /// pool, listener and route).
     pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigErrors> {
         let located = Locator::new(text, file);
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| located.line_of(s.start));
-            let field = e.span().map(|s| located.field_at(s.start)).unwrap_or_default();
-            // toml's message is one line; its Display adds a source excerpt we replace.
-            ConfigError { file: file.map(Path::to_owned), line, field, message: e.message().trim().to_owned() }
+            // Read again section by section, pool by pool, listener and route by route, so
+            // that one mistake does not hide the next.
+            let mut errors = type_errors(text, &located);
+            if errors.is_empty() {
+                errors.push(toml_error(&e, &located));
+            }
+            ConfigErrors::new(errors)
         })?;
         Config::from_raw(raw, &located)
     }
@@ -643,6 +647,54 @@ impl Config {
         }
         Ok(Config { proxy, listeners, routes, pools, tracing: raw.tracing.and_then(observe::RawTracing::validate) })
     }
+}
+
+/// A TOML syntax or type error, at its line.
+fn toml_error(e: &toml::de::Error, at: &Locator<'_>) -> ConfigError {
+    let line = e.span().map(|s| at.line_of(s.start));
+    let field = e.span().map(|s| at.field_at(s.start)).unwrap_or_default();
+    // toml's message is one line; its Display adds a source excerpt we replace.
+    ConfigError { file: at.file.map(Path::to_owned), line, field, message: e.message().trim().to_owned() }
+}
+
+/// The type errors of a document whose whole reading failed, each section, pool, listener
+/// and route read on its own (none for a syntax error: the reading stops there).
+fn type_errors(text: &str, at: &Locator<'_>) -> Vec<ConfigError> {
+    use toml::Spanned;
+    use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+    fn read<'a, T: serde::Deserialize<'a>>(value: &Spanned<DeValue<'a>>) -> Option<toml::de::Error> {
+        T::deserialize(ValueDeserializer::from(value.clone())).err()
+    }
+    /// Each element of an array (each value of a table) on its own; the whole if it is not one.
+    fn each<'a, T: serde::Deserialize<'a>>(value: &Spanned<DeValue<'a>>) -> Vec<toml::de::Error> {
+        match value.get_ref() {
+            DeValue::Array(items) => items.iter().filter_map(read::<T>).collect(),
+            DeValue::Table(t) => t.iter().filter_map(|(_, v)| read::<T>(v)).collect(),
+            _ => read::<Vec<T>>(value).into_iter().collect(),
+        }
+    }
+    let Ok(doc) = DeTable::parse(text) else { return Vec::new() };
+    let mut errors = Vec::new();
+    for (key, value) in doc.get_ref() {
+        let found = match key.get_ref().as_ref() {
+            "proxy" => read::<raw::RawProxy>(value).into_iter().collect(),
+            "tracing" => read::<observe::RawTracing>(value).into_iter().collect(),
+            "listener" => each::<raw::RawListener>(value),
+            "route" => each::<raw::RawRoute>(value),
+            "pool" if matches!(value.get_ref(), DeValue::Table(_)) => each::<raw::RawPool>(value),
+            "pool" => read::<BTreeMap<String, raw::RawPool>>(value).into_iter().collect(),
+            other => {
+                let message = format!(
+                    "unknown section `{other}`, expected one of `proxy`, `listener`, `route`, `pool`, `tracing`"
+                );
+                errors.push(at.error(key.span().start, other, &message));
+                Vec::new()
+            }
+        };
+        errors.extend(found.iter().map(|e| toml_error(e, at)));
+    }
+    errors
 }
 
 fn unknown_pool(name: &str, pools: &[String]) -> String {

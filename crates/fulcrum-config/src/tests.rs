@@ -435,3 +435,35 @@ fn the_admin_listener_has_limits_by_default_and_from_the_file() {
     let e = err("[proxy]\nadmin_max_connections = 0\n");
     assert!(e.starts_with("fulcrum.toml:2:") && e.contains("admin_max_connections"), "{e}");
 }
+
+#[test]
+fn type_errors_in_several_places_are_all_reported() {
+    let text = r#"[[listener]]
+name = "public"
+address = "127.0.0.1:8080"
+max_connections = "many"
+
+[pool.a]
+endpoints = [{ address = "127.0.0.1:1" }]
+wieght = 2
+
+[pool.b]
+endpoints = [{ address = "127.0.0.1:2", weight = "heavy" }]
+
+[[route]]
+pool = "a"
+hedge = "yes"
+
+[extras]
+x = 1
+"#;
+    let errors = Config::parse(text, Some(Path::new("f.toml"))).unwrap_err();
+    let got: Vec<(Option<usize>, String)> = errors.errors().iter().map(|e| (e.line, e.to_string())).collect();
+    let lines: Vec<Option<usize>> = got.iter().map(|g| g.0).collect();
+    assert_eq!(lines, [Some(4), Some(8), Some(11), Some(15), Some(17)], "{errors}");
+    assert!(got[1].1.contains("wieght"), "{errors}");
+    assert!(got[4].1.contains("unknown section `extras`"), "{errors}");
+    // A syntax error stops the reading: it comes alone.
+    let errors = Config::parse("[pool.a\nendpoints = 1\n", None).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors}");
+}
