@@ -518,7 +518,7 @@ impl Forward<'_> {
             (Some(h), Some(b)) => (h, b),
             (hedge, _) => {
                 if let Some(h) = hedge {
-                    attempts.cancel(state, snapshot, h.ticket, clock::at(started));
+                    attempts.cancel(state, snapshot, h.ticket, Duration::ZERO, clock::at(started));
                 }
                 let result = match early {
                     Some(result) => result,
@@ -556,10 +556,10 @@ impl Forward<'_> {
                 continue;
             }
             // The other try lost: dropped, its connection closed.
-            let now = clock::now();
             for (other, send) in out.iter_mut().filter_map(Option::take) {
                 drop(send);
-                attempts.cancel(state, snapshot, other.ticket, now);
+                let elapsed = other.started.elapsed();
+                attempts.cancel(state, snapshot, other.ticket, elapsed, clock::at(other.started) + elapsed);
             }
             exchange.answered_by(&snapshot.upstreams[done.index]);
             return Settled { verdict, result, index: done.index, guard: done.guard, started: done.started };

@@ -365,20 +365,21 @@ impl Attempts {
         Some(t)
     }
 
-    /// Gives back a try that lost to its twin (its response head came later or never): the
-    /// driver has dropped it. Its breaker permit is returned, and its latency teaches nothing;
-    /// but a try overtaken by its hedge counts as a timeout for outlier detection, so that a
-    /// backend that answers nothing is ejected although every request to it is hedged (a
-    /// healthy one is overtaken only now and then, never `consecutive_gateway_failure` times
-    /// without a success between).
-    pub fn cancel(&mut self, state: &PoolState, roster: &dyn Roster, ticket: Ticket, now: Instant) {
+    /// Gives back a try that lost to its twin (its response head came later or never; the
+    /// driver has dropped it), `elapsed` after it was sent. A hedge that lost teaches nothing
+    /// (its breaker permit is returned). A try overtaken by its hedge is learned as a timeout
+    /// (latency, breaker, outlier detection), as it would have been without the hedge: a
+    /// backend that answers nothing then leaves the rotation although every request to it
+    /// is hedged, where the requests stuck on it used to keep the load-aware policies away.
+    /// A healthy endpoint is overtaken only now and then, between successes.
+    pub fn cancel(&mut self, state: &PoolState, roster: &dyn Roster, ticket: Ticket, elapsed: Duration, now: Instant) {
         self.out = self.out.saturating_sub(1);
-        let Ticket { index, permit, hedge } = ticket;
-        if let (Some(b), Some(p)) = (roster.breaker(index), permit) {
-            b.cancel(p);
-        }
-        if !hedge {
-            state.observe(roster.selector().endpoints(), index, Observed::Timeout, now);
+        if ticket.hedge {
+            if let (Some(b), Some(p)) = (roster.breaker(ticket.index), ticket.permit) {
+                b.cancel(p);
+            }
+        } else {
+            Self::learn(state, roster, ticket, Observed::Timeout, elapsed, now);
         }
     }
 
@@ -402,23 +403,11 @@ impl Attempts {
         now: Instant,
         rng: &mut dyn RngCore,
     ) -> Verdict {
-        let selector = roster.selector();
-        let endpoints = selector.endpoints();
         self.out = self.out.saturating_sub(1);
-        let Ticket { index, permit, hedge } = ticket;
-        let Some(endpoint) = endpoints.get(index) else { return Verdict::Answer(None) };
-        let outcome = Outcome::from(observed);
-        endpoint.signals().observe(elapsed, outcome, now, selector.options().latency());
-        if observed == Observed::Success {
-            endpoint.signals().perf().head(elapsed, now);
-        }
-        if matches!(observed, Observed::Success | Observed::Status(_)) {
-            state.record_latency(elapsed);
-        }
-        if let (Some(b), Some(p)) = (roster.breaker(index), permit) {
-            b.record(endpoint, state, p, outcome, now);
-        }
-        state.observe(endpoints, index, observed, now);
+        let hedge = ticket.hedge;
+        let index = ticket.index;
+        let Some(endpoint) = roster.selector().endpoints().get(index) else { return Verdict::Answer(None) };
+        Self::learn(state, roster, ticket, observed, elapsed, now);
         if observed != Observed::Success && self.out > 0 {
             // Its twin may still answer; neither is tried again.
             self.tried.push(index);
@@ -433,6 +422,34 @@ impl Attempts {
             self.max_tries = self.tries;
         }
         verdict
+    }
+
+    /// What a try's outcome teaches: the endpoint's latency model, the pool's latency ring,
+    /// the breaker, the outlier detector.
+    fn learn(
+        state: &PoolState,
+        roster: &dyn Roster,
+        ticket: Ticket,
+        observed: Observed,
+        elapsed: Duration,
+        now: Instant,
+    ) {
+        let selector = roster.selector();
+        let endpoints = selector.endpoints();
+        let Ticket { index, permit, .. } = ticket;
+        let Some(endpoint) = endpoints.get(index) else { return };
+        let outcome = Outcome::from(observed);
+        endpoint.signals().observe(elapsed, outcome, now, selector.options().latency());
+        if observed == Observed::Success {
+            endpoint.signals().perf().head(elapsed, now);
+        }
+        if matches!(observed, Observed::Success | Observed::Status(_)) {
+            state.record_latency(elapsed);
+        }
+        if let (Some(b), Some(p)) = (roster.breaker(index), permit) {
+            b.record(endpoint, state, p, outcome, now);
+        }
+        state.observe(endpoints, index, observed, now);
     }
 
     fn decide(

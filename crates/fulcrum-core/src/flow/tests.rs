@@ -517,7 +517,7 @@ fn a_hedge_goes_elsewhere_and_the_first_head_wins() {
     let (lost, won) = (first.index, hedge.index);
     assert_eq!(p.endpoint(lost).signals().in_flight() + p.endpoint(won).signals().in_flight(), 2);
     assert_eq!(p.record(&mut a, hedge, Observed::Success, ms(70)), Verdict::Answer(None));
-    a.cancel(&p.state, &p.members, first.ticket, ms(70));
+    a.cancel(&p.state, &p.members, first.ticket, Duration::from_millis(70), ms(70));
     drop(first.guard);
     assert_eq!(p.endpoint(lost).signals().in_flight(), 0);
     assert_eq!(hedges(&p), (1, 1));

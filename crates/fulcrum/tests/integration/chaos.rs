@@ -312,13 +312,15 @@ async fn defaults_survive_a_kill_a_freeze_and_errors() {
     let stats = &pool.safety().stats;
     println!(
         "defaults: {} ok, {} failed, {} slower than 2 s (slowest {} ms); goodput {before:.0} req/s before, \
-         {during:.0} req/s with 2 of 4 backends live; retries {}, budget refusals {}",
+         {during:.0} req/s with 2 of 4 backends live; retries {}, budget refusals {}, hedges {} ({} won)",
         ok(),
         tally.failed.load(Ordering::Relaxed),
         tally.slow.load(Ordering::Relaxed),
         tally.slowest_ms.load(Ordering::Relaxed),
         stats.retries.load(Ordering::Relaxed),
         stats.budget_exhausted.load(Ordering::Relaxed),
+        stats.hedges.load(Ordering::Relaxed),
+        stats.hedges_won.load(Ordering::Relaxed),
     );
     assert_eq!(tally.failed.load(Ordering::Relaxed), 0, "failures: {:?}", failures.lock().unwrap());
     assert!(tally.slow.load(Ordering::Relaxed) <= 4, "{} requests slower than 2 s", tally.slow.load(Ordering::Relaxed));
