@@ -356,6 +356,7 @@ impl Attempts {
         // Never the endpoint it hedges.
         self.tried.push(waiting);
         let Next::Send(mut t) = self.next(state, roster, facts, now, rng) else { return None };
+        state.counters().hedges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         t.ticket.hedge = true;
         let endpoints = roster.selector().endpoints();
         if let (Some(from), Some(to)) = (endpoints.get(waiting), endpoints.get(t.index)) {

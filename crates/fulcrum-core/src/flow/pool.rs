@@ -265,14 +265,10 @@ impl PoolState {
         ok
     }
 
-    /// Takes a hedge from the retry budget (hedges and retries share it), counting it when
-    /// it is granted.
+    /// Takes a hedge from the retry budget (hedges and retries share it; a hedge is counted
+    /// once it is sent).
     pub(crate) fn withdraw_hedge(&self, now: Instant) -> bool {
-        let ok = lock(&self.budget).try_withdraw(now);
-        if ok {
-            self.counters.hedges.fetch_add(1, Ordering::Relaxed);
-        }
-        ok
+        lock(&self.budget).try_withdraw(now)
     }
 
     /// Feeds an outcome to the outlier detector; ejects when it says so.
