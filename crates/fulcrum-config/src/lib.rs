@@ -39,6 +39,9 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 /// Most worker threads `[proxy] workers` may ask for.
 pub const MAX_WORKERS: usize = 1024;
 
+/// Most connections `[proxy] admin_max_connections` may allow.
+pub const MAX_ADMIN_CONNECTIONS: usize = 1_000_000;
+
 /// A configuration error: where, which field, what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
@@ -453,6 +456,15 @@ impl Config {
             errors.push(at.field_error(&steps("proxy.workers"), 0, "proxy.workers", &message));
         }
         let defaults = AdminLimits::default();
+        let max_connections = match raw.proxy.admin_max_connections.map(NonZeroUsize::get) {
+            Some(n) if n > MAX_ADMIN_CONNECTIONS => {
+                let message = format!("must be at most {MAX_ADMIN_CONNECTIONS}, got {n}");
+                let field = "proxy.admin_max_connections";
+                errors.push(at.field_error(&steps(field), 0, field, &message));
+                defaults.max_connections
+            }
+            n => n.unwrap_or(defaults.max_connections),
+        };
         let mut positive = |key: &str, d: Option<raw::DurationStr>, default: Duration| match d {
             Some(d) if d.0.is_zero() => {
                 let field = format!("proxy.{key}");
@@ -463,7 +475,7 @@ impl Config {
             None => default,
         };
         let admin_limits = AdminLimits {
-            max_connections: raw.proxy.admin_max_connections.map_or(defaults.max_connections, NonZeroUsize::get),
+            max_connections,
             header_timeout: positive("admin_header_timeout", raw.proxy.admin_header_timeout, defaults.header_timeout),
             idle_timeout: positive("admin_idle_timeout", raw.proxy.admin_idle_timeout, defaults.idle_timeout),
         };

@@ -432,6 +432,8 @@ fn the_admin_listener_has_limits_by_default_and_from_the_file() {
     let e = err("[proxy]\nadmin = \"127.0.0.1:9901\"\nadmin_header_timeout = \"0s\"\nadmin_idle_timeout = \"0ms\"\n");
     assert!(e.contains("fulcrum.toml:3: proxy.admin_header_timeout: must be longer than zero"), "{e}");
     assert!(e.contains("fulcrum.toml:4: proxy.admin_idle_timeout: must be longer than zero"), "{e}");
+    let e = err("[proxy]\nadmin_max_connections = 4611686018427387904\n");
+    assert!(e.contains("admin_max_connections: must be at most 1000000"), "{e}");
     let e = err("[proxy]\nadmin_max_connections = 0\n");
     assert!(e.starts_with("fulcrum.toml:2:") && e.contains("admin_max_connections"), "{e}");
 }

@@ -7,7 +7,10 @@
 //! - A new connection must deliver a request head within `header_timeout` of its start; a
 //!   later request within `header_timeout` of its first byte.
 //! - Between requests, a connection may stay idle for `idle_timeout`.
-//! - While a request is being answered (a drain may wait for minutes) no timer runs.
+//! - While a request is being answered (a drain may wait for minutes) no connection timer
+//!   runs, but its body must keep coming: each part within `header_timeout` of the request's
+//!   start or of the part before, or the body ends in an error (the call is refused, 4xx) and
+//!   the connection's slot is free again.
 //!
 //! A connection past a deadline is dropped, which closes its socket. The cost is one lock and
 //! one timer per connection; the data plane's listeners are separate and never wait on these.
@@ -105,7 +108,8 @@ async fn connection(stream: TcpStream, app: Router, limits: AdminLimits) {
         let busy = Busy::start(on_request.clone());
         let app = app.clone();
         async move {
-            let response = app.oneshot(req.map(axum::body::Body::new)).await;
+            let req = req.map(|body| axum::body::Body::new(TimedBody::new(body, limits.header_timeout)));
+            let response = app.oneshot(req).await;
             drop(busy);
             response.map_err(|e: Infallible| match e {})
         }
@@ -125,6 +129,55 @@ async fn connection(stream: TcpStream, app: Router, limits: AdminLimits) {
                 }
             }
         }
+    }
+}
+
+/// A request body that must keep coming: each frame within `limit` of the request's start
+/// or of the frame before it, else it ends in an error.
+struct TimedBody {
+    inner: hyper::body::Incoming,
+    limit: std::time::Duration,
+    stall: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl TimedBody {
+    fn new(inner: hyper::body::Incoming, limit: std::time::Duration) -> Self {
+        TimedBody { inner, limit, stall: Box::pin(tokio::time::sleep(limit)) }
+    }
+}
+
+impl hyper::body::Body for TimedBody {
+    type Data = hyper::body::Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.stall.as_mut().reset(Instant::now() + this.limit);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(io::Error::other(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.stall.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let message = format!("the request body stalled for {:?}", this.limit);
+                    Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::TimedOut, message))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

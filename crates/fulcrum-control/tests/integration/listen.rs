@@ -72,4 +72,28 @@ async fn idle_admin_connections_are_capped_and_timed_out() {
     let mut slow = TcpStream::connect(addr).await.expect("connect");
     slow.write_all(b"GET /control HTTP/1.1\r\nhost: 1").await.expect("write");
     assert!(closed_within(&mut slow, Duration::from_secs(10)).await, "a partial head was never closed");
+
+    // A whole head whose body never comes is refused once the body stalls for the header
+    // timeout, and its slot is free again: the three slots left (the keep-alive one above
+    // holds the fourth) taken this way do not lock out another client for long.
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let head = "PUT /pools/p/policy HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{";
+        s.write_all(head.as_bytes()).await.expect("write");
+        stalled.push(s);
+    }
+    for (i, s) in stalled.iter_mut().enumerate() {
+        let mut buf = vec![0u8; 4096];
+        let n =
+            tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("an answer").expect("read");
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 4"), "stalled body {i}: {answer}");
+    }
+    assert!(started.elapsed() >= header_timeout, "answered before the body stalled for the timeout");
+    for (i, s) in stalled.iter_mut().enumerate() {
+        assert!(closed_within(s, Duration::from_secs(5)).await, "stalled body {i}: its connection stayed open");
+    }
+    get_control(&mut TcpStream::connect(addr).await.expect("connect")).await;
 }

@@ -308,6 +308,8 @@ struct Published {
     head_peak: AtomicU64,
     head_p95: AtomicU64,
     slots: AtomicU32,
+    /// When the last response head came (nanoseconds of [`Instant`], plus one; 0: never).
+    last_head: AtomicU64,
 }
 
 impl Default for Published {
@@ -324,6 +326,7 @@ impl Default for Published {
             head_peak: f(p.head_peak),
             head_p95: f(p.head_p95),
             slots: AtomicU32::new(p.slots),
+            last_head: AtomicU64::new(0),
         }
     }
 }
@@ -467,6 +470,25 @@ impl PerfModel {
         if fit.heads.push(secs) {
             store(&self.published.head_p95, fit.heads.p95());
         }
+        self.published.last_head.fetch_max(now.as_nanos().saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// A try was overtaken by its hedge `waited` after it was sent: its head would have come
+    /// later than that. Kept with the recent heads (a lower bound), so that the hedging delay,
+    /// their 95th percentile, keeps the slow tail the hedges cut off.
+    pub fn overtaken(&self, waited: Duration) {
+        let mut fit = self.lock();
+        if fit.heads.push(waited.as_secs_f64().min(MAX_SECONDS)) {
+            store(&self.published.head_p95, fit.heads.p95());
+        }
+    }
+
+    /// When the endpoint last answered a response head, if ever (since its last reset).
+    pub fn last_head(&self) -> Option<Instant> {
+        match self.published.last_head.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Instant::from_nanos(n - 1)),
+        }
     }
 
     /// An engine report: `running` requests with `waiting` more queued shows its slots.
@@ -485,6 +507,7 @@ impl PerfModel {
         let mut fit = self.lock();
         *fit = Fit::default();
         self.published.set(&Perf::PRIOR);
+        self.published.last_head.store(0, Ordering::Relaxed);
     }
 }
 

@@ -61,6 +61,8 @@ pub struct Ticket {
     permit: Option<Permit>,
     /// The try is a hedge.
     hedge: bool,
+    /// When the try was sent.
+    sent: Instant,
 }
 
 impl Ticket {
@@ -124,8 +126,8 @@ pub enum Verdict {
         /// When the backoff ends.
         at: Instant,
     },
-    /// Drop what this try got: another try of the request (its hedge, or the try it hedged)
-    /// is still out; wait for that one.
+    /// Drop what this try got (a failure the policy would retry): another try of the
+    /// request (its hedge, or the try it hedged) is still out; wait for that one.
     Pending,
 }
 
@@ -326,7 +328,7 @@ impl Attempts {
                 first_byte,
                 hedge_after,
                 guard,
-                ticket: Ticket { index, permit, hedge: false },
+                ticket: Ticket { index, permit, hedge: false, sent: now },
             });
         }
     }
@@ -350,12 +352,19 @@ impl Attempts {
             return None;
         }
         self.hedged = true;
-        if !state.withdraw_hedge(now) {
-            return None;
-        }
         // Never the endpoint it hedges.
         self.tried.push(waiting);
         let Next::Send(mut t) = self.next(state, roster, facts, now, rng) else { return None };
+        if !state.withdraw_hedge(now) {
+            // Not sent after all: the pick is undone (its in-flight count goes with its guard).
+            self.tries -= 1;
+            self.out -= 1;
+            self.last_sent = Some(waiting);
+            if let (Some(b), Some(p)) = (roster.breaker(t.index), t.ticket.permit.take()) {
+                b.cancel(p);
+            }
+            return None;
+        }
         state.counters().hedges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         t.ticket.hedge = true;
         let endpoints = roster.selector().endpoints();
@@ -367,20 +376,29 @@ impl Attempts {
     }
 
     /// Gives back a try that lost to its twin (its response head came later or never; the
-    /// driver has dropped it), `elapsed` after it was sent. A hedge that lost teaches nothing
-    /// (its breaker permit is returned). A try overtaken by its hedge is learned as a timeout
+    /// driver has dropped it), `elapsed` after it was sent. A hedge that lost teaches nothing.
+    /// A try overtaken by its hedge took at least `elapsed`: that goes into the endpoint's
+    /// recent heads (so that its hedging delay keeps its slow tail). If the endpoint has
+    /// answered no head at all since the try was sent, the try is learned as a timeout
     /// (latency, breaker, outlier detection), as it would have been without the hedge: a
-    /// backend that answers nothing then leaves the rotation although every request to it
-    /// is hedged, where the requests stuck on it used to keep the load-aware policies away.
-    /// A healthy endpoint is overtaken only now and then, between successes.
+    /// backend that answers nothing then leaves the rotation although every request to it is
+    /// hedged (where the requests stuck on it used to keep the load-aware policies away). An
+    /// endpoint that answers others meanwhile is slow for this one request, not failing.
     pub fn cancel(&mut self, state: &PoolState, roster: &dyn Roster, ticket: Ticket, elapsed: Duration, now: Instant) {
         self.out = self.out.saturating_sub(1);
-        if ticket.hedge {
-            if let (Some(b), Some(p)) = (roster.breaker(ticket.index), ticket.permit) {
-                b.cancel(p);
+        let endpoint = roster.selector().endpoints().get(ticket.index);
+        if !ticket.hedge
+            && let Some(e) = endpoint
+        {
+            let perf = e.signals().perf();
+            perf.overtaken(elapsed);
+            if perf.last_head().is_none_or(|at| at < ticket.sent) {
+                Self::learn(state, roster, ticket, Observed::Timeout, elapsed, now);
+                return;
             }
-        } else {
-            Self::learn(state, roster, ticket, Observed::Timeout, elapsed, now);
+        }
+        if let (Some(b), Some(p)) = (roster.breaker(ticket.index), ticket.permit) {
+            b.cancel(p);
         }
     }
 
@@ -391,8 +409,8 @@ impl Attempts {
     /// Takes a try's outcome (`elapsed`: from sending it to its response head, or to the
     /// failure) and applies it: the endpoint's latency model, the pool's latency ring, the
     /// breaker, the outlier detector; then decides whether to try again (policy, then
-    /// budget, then backoff). While the request's other try is still out, a failure only
-    /// answers [`Verdict::Pending`].
+    /// budget, then backoff). While the request's other try is still out, a failure the
+    /// policy would retry answers [`Verdict::Pending`]; any other outcome is the answer.
     #[allow(clippy::too_many_arguments)] // each is one input of the step; a struct would only rename them
     pub fn record(
         &mut self,
@@ -409,11 +427,6 @@ impl Attempts {
         let index = ticket.index;
         let Some(endpoint) = roster.selector().endpoints().get(index) else { return Verdict::Answer(None) };
         Self::learn(state, roster, ticket, observed, elapsed, now);
-        if observed != Observed::Success && self.out > 0 {
-            // Its twin may still answer; neither is tried again.
-            self.tried.push(index);
-            return Verdict::Pending;
-        }
         if hedge && observed == Observed::Success {
             state.counters().hedges_won.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -464,7 +477,9 @@ impl Attempts {
         if observed == Observed::Success {
             return Verdict::Answer(None);
         }
-        if self.tries >= self.max_tries {
+        // The request's other try (its hedge, or the try it hedged) is still out.
+        let twin_out = self.out > 0;
+        if self.tries >= self.max_tries && !twin_out {
             return Verdict::Answer(Some(GiveUp::AttemptsExhausted { attempts: self.tries }));
         }
         // A broken connection (refused, or reset before any response byte: a dead endpoint,
@@ -484,6 +499,19 @@ impl Attempts {
             earlier_500: self.seen_500,
         };
         self.seen_500 |= observed == Observed::Status(500);
+        if twin_out {
+            return match state.rules().retry.check(&attempt) {
+                // A failure the policy would retry: the twin may still answer (and neither
+                // endpoint is tried again).
+                Ok(()) | Err(GiveUp::AttemptsExhausted { .. }) => {
+                    self.tried.push(index);
+                    Verdict::Pending
+                }
+                // An answer the policy does not retry (a 404, a 429) is the request's answer:
+                // the first head wins.
+                Err(why) => Verdict::Answer(Some(why)),
+            };
+        }
         match state.rules().retry.decide(&attempt, rng) {
             Decision::Retry { after } => {
                 if !state.withdraw_retry(now) {

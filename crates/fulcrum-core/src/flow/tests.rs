@@ -576,3 +576,83 @@ fn the_learned_delay_waits_for_enough_heads() {
     let after = t.hedge_after.expect("24 heads seen").as_secs_f64();
     assert!((after - 0.062).abs() < 1e-6, "the 95th percentile (23rd of 24) of 40..=63 ms: {after}");
 }
+
+#[test]
+fn an_answer_the_policy_does_not_retry_wins_over_an_outstanding_hedge() {
+    let mut p = Pool::new(3, PoolRules::default());
+    let mut a = p.start(hedged(50), ms(0));
+    let first = p.send(&mut a, ms(0));
+    let facts = RequestFacts::default();
+    let _hedge = a.hedge(&p.state, &p.members, &facts, ms(50), &mut p.rng).expect("a hedge");
+    // The first try's 404 is the request's answer: the driver cancels the hedge.
+    let v = p.record(&mut a, first, Observed::Status(404), ms(60));
+    assert_eq!(v, Verdict::Answer(Some(GiveUp::NotRetryable(Observed::Status(404)))));
+}
+
+#[test]
+fn a_refused_connection_while_the_twin_is_out_keeps_its_free_try() {
+    let mut p = Pool::new(5, PoolRules::default());
+    let mut a = p.start(hedged(50), ms(0));
+    let first = p.send(&mut a, ms(0));
+    let facts = RequestFacts::default();
+    let hedge = a.hedge(&p.state, &p.members, &facts, ms(50), &mut p.rng).expect("a hedge");
+    assert_eq!(p.record(&mut a, hedge, Observed::ConnectFailure, ms(51)), Verdict::Pending);
+    // Two real tries used, the refused one forgiven: after the first try times out there are
+    // still two more (3 tries allowed, plus the forgiven one).
+    let Verdict::Retry { at } = p.record(&mut a, first, Observed::Timeout, ms(300)) else { panic!() };
+    let third = p.send(&mut a, at);
+    let Verdict::Retry { at } = p.record(&mut a, third, Observed::Timeout, at) else { panic!("a fourth try") };
+    let fourth = p.send(&mut a, at);
+    assert!(fourth.last);
+}
+
+#[test]
+fn a_hedge_that_finds_no_endpoint_spends_no_budget() {
+    let budget = crate::resilience::retry::BudgetConfig::try_new(BudgetSettings {
+        percent: 0.0,
+        min_retries_per_sec: 1,
+        ttl: Duration::from_secs(10),
+    })
+    .unwrap();
+    let mut p = Pool::new(1, PoolRules { budget, ..PoolRules::default() });
+    let mut a = p.start(hedged(50), ms(0));
+    let first = p.send(&mut a, ms(0));
+    let facts = RequestFacts::default();
+    // One endpoint: nowhere to hedge to, and the budget's one retry is still there.
+    assert!(a.hedge(&p.state, &p.members, &facts, ms(50), &mut p.rng).is_none());
+    assert!(matches!(p.record(&mut a, first, Observed::Status(503), ms(60)), Verdict::Retry { .. }));
+}
+
+#[test]
+fn a_slow_endpoint_that_answers_others_is_not_failed_for_a_lost_race() {
+    let mut p = Pool::new(2, PoolRules::default());
+    let facts = RequestFacts::default();
+    for i in 0..10u64 {
+        let t0 = ms(i * 1_000);
+        let mut a = p.start(hedged(50), t0);
+        let first = p.send(&mut a, t0);
+        let slow = first.index;
+        // The slow endpoint answers some other request meanwhile...
+        p.endpoint(slow).signals().perf().head(Duration::from_millis(200), t0 + Duration::from_millis(20));
+        // ...and loses this race to the hedge.
+        let hedge = a.hedge(&p.state, &p.members, &facts, t0 + Duration::from_millis(50), &mut p.rng).expect("hedge");
+        assert_eq!(p.record(&mut a, hedge, Observed::Success, t0 + Duration::from_millis(60)), Verdict::Answer(None));
+        a.cancel(&p.state, &p.members, first.ticket, Duration::from_millis(60), t0 + Duration::from_millis(60));
+    }
+    assert!(!p.kinds().iter().any(|k| *k == "ejected" || *k == "breaker"), "{:?}", p.kinds());
+    // An endpoint that answers nothing at all, overtaken again and again, is failed.
+    let mut p = Pool::new(2, PoolRules::default());
+    for i in 0..20u64 {
+        let t0 = ms(i * 1_000);
+        let mut a = p.start(hedged(50), t0);
+        let first = p.send(&mut a, t0);
+        if first.index != 0 {
+            p.record(&mut a, first, Observed::Success, t0 + Duration::from_millis(5));
+            continue;
+        }
+        let hedge = a.hedge(&p.state, &p.members, &facts, t0 + Duration::from_millis(50), &mut p.rng).expect("hedge");
+        p.record(&mut a, hedge, Observed::Success, t0 + Duration::from_millis(60));
+        a.cancel(&p.state, &p.members, first.ticket, Duration::from_millis(60), t0 + Duration::from_millis(60));
+    }
+    assert!(p.kinds().iter().any(|k| *k == "breaker" || *k == "ejected"), "{:?}", p.kinds());
+}
