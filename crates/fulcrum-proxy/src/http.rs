@@ -371,6 +371,8 @@ fn rewrite_for_upstream(parts: &mut http::request::Parts, forwarded_for: &Header
 /// A try sent and not answered yet: what the attempt machine needs back.
 struct Flight {
     index: usize,
+    /// Its attempt number (the exchange's, for traces and logs).
+    number: u32,
     ticket: Ticket,
     guard: fulcrum_core::InFlight,
     /// When it was sent.
@@ -434,9 +436,9 @@ impl Forward<'_> {
             let Some(b) = (if t.last { body.take() } else { body.as_ref().and_then(ReqBody::try_clone) }) else {
                 return Err(last_error.unwrap_or_else(|| self.no_endpoint()));
             };
-            exchange.attempt(upstream, &parts.method, &mut parts.headers);
+            let number = exchange.attempt(upstream, &parts.method, &mut parts.headers);
             let first_byte = self.first_byte(&t, &b);
-            let flight = Flight { index: t.index, ticket: t.ticket, guard: t.guard, started };
+            let flight = Flight { index: t.index, number, ticket: t.ticket, guard: t.guard, started };
             // A hedge needs a second copy of the body.
             let settled = match t.hedge_after.filter(|_| body.is_some()) {
                 // Not boxed, and pinned where it is made (not moved): see `respond`.
@@ -531,9 +533,9 @@ impl Forward<'_> {
         // The hedge's own head (its trace context differs).
         let mut hedge_parts = parts.clone();
         let upstream = &snapshot.upstreams[hedge.index];
-        exchange.attempt(upstream, &hedge_parts.method, &mut hedge_parts.headers);
+        let number = exchange.hedge(upstream, &hedge_parts.method, &mut hedge_parts.headers);
         let first_byte = self.first_byte(&hedge, &b);
-        let second = Flight { index: hedge.index, ticket: hedge.ticket, guard: hedge.guard, started };
+        let second = Flight { index: hedge.index, number, ticket: hedge.ticket, guard: hedge.guard, started };
         let hedge_send: Sending<'_> = Box::pin(upstream.send(&hedge_parts, b, started, first_byte));
         let mut out = [Some((first, send)), Some((second, hedge_send))];
         loop {
@@ -552,12 +554,14 @@ impl Forward<'_> {
             let verdict = self.record(attempts, done.ticket, done.index, &result, done.started);
             if verdict == Verdict::Pending {
                 // Its twin may still answer.
-                exchange.attempt_failed(result.as_ref().ok().map(|r| r.status()), result.as_ref().err());
+                let (status, error) = (result.as_ref().ok().map(|r| r.status()), result.as_ref().err());
+                exchange.attempt_failed_of(done.number, &snapshot.upstreams[done.index], status, error);
                 continue;
             }
             // The other try lost: dropped, its connection closed.
             for (other, send) in out.iter_mut().filter_map(Option::take) {
                 drop(send);
+                exchange.lost(other.number);
                 let elapsed = other.started.elapsed();
                 attempts.cancel(state, snapshot, other.ticket, elapsed, clock::at(other.started) + elapsed);
             }

@@ -159,16 +159,32 @@ impl Exchange {
         self.pool = Some(pool.clone());
     }
 
-    /// An attempt goes to `upstream`; when the request is traced, `headers` get the
-    /// `traceparent` of the attempt's span.
-    pub(crate) fn attempt(&mut self, upstream: &Arc<Upstream>, method: &Method, headers: &mut HeaderMap) {
+    /// An attempt goes to `upstream` (any attempt still open has ended); when the request is
+    /// traced, `headers` get the `traceparent` of the attempt's span. Returns its number.
+    pub(crate) fn attempt(&mut self, upstream: &Arc<Upstream>, method: &Method, headers: &mut HeaderMap) -> u32 {
+        self.start_attempt(upstream, method, headers, false)
+    }
+
+    /// A hedge goes to `upstream` while the attempt it hedges is still open.
+    pub(crate) fn hedge(&mut self, upstream: &Arc<Upstream>, method: &Method, headers: &mut HeaderMap) -> u32 {
+        self.start_attempt(upstream, method, headers, true)
+    }
+
+    fn start_attempt(
+        &mut self,
+        upstream: &Arc<Upstream>,
+        method: &Method,
+        headers: &mut HeaderMap,
+        hedge: bool,
+    ) -> u32 {
         self.attempts += 1;
         self.upstream = Some(upstream.clone());
         if let Some(t) = &mut self.trace {
             let pool = self.pool.as_ref().map_or("", |p| p.name());
-            let tp = t.start_attempt(self.attempts, method.as_str(), pool, upstream.name(), upstream.address());
+            let tp = t.start_attempt(self.attempts, method.as_str(), pool, upstream.name(), upstream.address(), hedge);
             headers.insert("traceparent", tp);
         }
+        self.attempts
     }
 
     /// The response comes from `upstream` (a hedge's first try may answer after its hedge
@@ -180,14 +196,48 @@ impl Exchange {
     /// The current attempt failed and another may follow: `status` if the endpoint answered,
     /// else the error.
     pub(crate) fn attempt_failed(&mut self, status: Option<StatusCode>, error: Option<&ProxyError>) {
+        let upstream = self.upstream.clone();
+        self.failed(None, upstream.as_deref(), status, error);
+    }
+
+    /// Attempt `number`, sent to `upstream`, failed while its twin (a hedge, or the try a
+    /// hedge raced) is still out.
+    pub(crate) fn attempt_failed_of(
+        &mut self,
+        number: u32,
+        upstream: &Upstream,
+        status: Option<StatusCode>,
+        error: Option<&ProxyError>,
+    ) {
+        self.failed(Some(number), Some(upstream), status, error);
+    }
+
+    /// Attempt `number` lost its race: the other's response head came first.
+    pub(crate) fn lost(&mut self, number: u32) {
+        if let Some(t) = &mut self.trace {
+            t.end_attempt_of(number, None, Some("cancelled: another attempt answered first"));
+        }
+    }
+
+    fn failed(
+        &mut self,
+        number: Option<u32>,
+        upstream: Option<&Upstream>,
+        status: Option<StatusCode>,
+        error: Option<&ProxyError>,
+    ) {
         let Some(facts) = &mut self.facts else { return };
         let message = match (error, status) {
             (Some(e), _) => e.to_string(),
-            (None, Some(s)) => format!("upstream {} answered {s}", self.upstream.as_ref().map_or("", |u| u.name())),
+            (None, Some(s)) => format!("upstream {} answered {s}", upstream.map_or("", |u| u.name())),
             (None, None) => "failed".to_owned(),
         };
         if let Some(t) = &mut self.trace {
-            t.end_attempt(status.map(|s| s.as_u16()), error.map(|_| message.as_str()));
+            let (status, error) = (status.map(|s| s.as_u16()), error.map(|_| message.as_str()));
+            match number {
+                Some(n) => t.end_attempt_of(n, status, error),
+                None => t.end_attempt(status, error),
+            }
         }
         facts.error = Some(message);
     }

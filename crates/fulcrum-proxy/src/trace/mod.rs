@@ -137,7 +137,7 @@ impl Tracer {
             parent,
             trace_state,
             started,
-            attempt: None,
+            attempts: Vec::new(),
         })
     }
 }
@@ -145,6 +145,7 @@ impl Tracer {
 /// An upstream attempt being recorded.
 #[derive(Debug)]
 struct Attempt {
+    number: u32,
     span_id: SpanId,
     started: Instant,
     attributes: Vec<(&'static str, Value)>,
@@ -182,12 +183,14 @@ pub(crate) struct ServerTrace {
     parent: Option<SpanId>,
     trace_state: Option<String>,
     started: Instant,
-    attempt: Option<Attempt>,
+    /// Attempts open: one, or two while a hedge races the try it hedged.
+    attempts: Vec<Attempt>,
 }
 
 impl ServerTrace {
-    /// Starts the client span of attempt `number` (closing one left open, as failed) and
-    /// returns the `traceparent` to send upstream.
+    /// Starts the client span of attempt `number` and returns the `traceparent` to send
+    /// upstream. Attempts left open are closed as failed, unless this one is a hedge (which
+    /// races the open one).
     pub(crate) fn start_attempt(
         &mut self,
         number: u32,
@@ -195,10 +198,16 @@ impl ServerTrace {
         pool: &str,
         endpoint: &str,
         address: SocketAddr,
+        hedge: bool,
     ) -> HeaderValue {
-        self.end_attempt(None, Some("abandoned"));
+        if !hedge {
+            while !self.attempts.is_empty() {
+                self.end_attempt(None, Some("abandoned"));
+            }
+        }
         let span_id = self.tracer.span_id();
-        self.attempt = Some(Attempt {
+        self.attempts.push(Attempt {
+            number,
             span_id,
             started: Instant::now(),
             attributes: vec![
@@ -213,11 +222,24 @@ impl ServerTrace {
         context::format(&self.trace_id, &span_id, true)
     }
 
-    /// Ends the open attempt's span: the upstream's status if it answered, the error if it
-    /// failed (client spans count 4xx and 5xx answers as errors, as OpenTelemetry's HTTP
+    /// Ends the latest open attempt's span: the upstream's status if it answered, the error
+    /// if it failed (client spans count 4xx and 5xx answers as errors, as OpenTelemetry's HTTP
     /// conventions say).
     pub(crate) fn end_attempt(&mut self, status: Option<u16>, error: Option<&str>) {
-        let Some(mut a) = self.attempt.take() else { return };
+        if let Some(a) = self.attempts.pop() {
+            self.end(a, status, error);
+        }
+    }
+
+    /// Ends attempt `number`'s span, if it is open (see [`end_attempt`](Self::end_attempt)).
+    pub(crate) fn end_attempt_of(&mut self, number: u32, status: Option<u16>, error: Option<&str>) {
+        if let Some(i) = self.attempts.iter().position(|a| a.number == number) {
+            let a = self.attempts.remove(i);
+            self.end(a, status, error);
+        }
+    }
+
+    fn end(&mut self, mut a: Attempt, status: Option<u16>, error: Option<&str>) {
         if let Some(s) = status {
             a.attributes.push(("http.response.status_code", Value::Int(i64::from(s))));
         }
@@ -251,6 +273,9 @@ impl ServerTrace {
     /// Ends the request: the open attempt (with the response's status) and the server span.
     pub(crate) fn finish(mut self, s: &Summary<'_>, elapsed: Duration) {
         self.end_attempt(s.answered.then_some(s.status), s.response_error);
+        while !self.attempts.is_empty() {
+            self.end_attempt(None, Some("abandoned"));
+        }
         let mut attributes = vec![
             ("http.request.method", Value::Str(s.method.to_owned())),
             ("url.path", Value::Str(s.path.to_owned())),
@@ -354,11 +379,30 @@ mod tests {
         assert_eq!(t.parent.map(|p| context::hex(&p)).as_deref(), Some("b7ad6b7169203331"));
         assert_eq!(t.trace_state.as_deref(), Some("congo=t61rcWkgMzE"));
         // An attempt's traceparent names the attempt's span.
-        let tp = t.start_attempt(1, "GET", "p", "a", "127.0.0.1:1".parse().unwrap());
+        let tp = t.start_attempt(1, "GET", "p", "a", "127.0.0.1:1".parse().unwrap(), false);
         assert_eq!(tp.to_str().unwrap(), "00-0af7651916cd43dd8448eb211c80319c-0404040404040404-01");
         // An unsampled parent: nothing recorded.
         h.insert("traceparent", HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"));
         assert!(tracer.start(&h, now).is_none());
+        tracer.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_hedge_races_its_attempt_with_both_spans_open() {
+        let tracer = Tracer::new(&config(1.0), Arc::new(Counting::default()));
+        let mut t = tracer.start(&http::HeaderMap::new(), Instant::now()).unwrap();
+        let at: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let open = |t: &ServerTrace| t.attempts.iter().map(|a| a.number).collect::<Vec<_>>();
+        t.start_attempt(1, "POST", "p", "a", at, false);
+        t.start_attempt(2, "POST", "p", "b", at, true);
+        assert_eq!(open(&t), [1, 2], "the hedge races the open attempt");
+        // The hedge answers first: the first attempt's span ends, the hedge's stays open
+        // until the response ends.
+        t.end_attempt_of(1, None, Some("cancelled: another attempt answered first"));
+        assert_eq!(open(&t), [2]);
+        // A retry (not a hedge) closes whatever is open.
+        t.start_attempt(3, "POST", "p", "c", at, false);
+        assert_eq!(open(&t), [3]);
         tracer.shutdown().await;
     }
 
