@@ -433,7 +433,7 @@ async fn slowed_backend_loses_share(policy: &str) {
 }
 
 /// A chat completion with extra headers: status, Retry-After, body, and how long it took.
-pub(crate) async fn chat_with(
+async fn chat_with(
     addr: SocketAddr,
     prompt: &str,
     headers: &[(&str, &str)],

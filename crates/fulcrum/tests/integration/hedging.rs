@@ -12,11 +12,39 @@ use fulcrum_mock::engine::{EngineConfig, Gpu};
 use fulcrum_mock::faults::FaultsPatch;
 use fulcrum_mock::{MockConfig, MockServer};
 
-use crate::ai_routing::{chat_with, endpoints, proxy};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+use crate::ai_routing::{endpoints, proxy};
+
+/// One chat completion (streamed or whole): its status, whether its body is complete (a
+/// stream ends with `[DONE]`, a whole answer has its `choices`), and how long it took.
+async fn chat(addr: SocketAddr, prompt: &str, stream: bool) -> (u16, bool, Duration) {
+    let started = std::time::Instant::now();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
+    tokio::spawn(conn);
+    let body = serde_json::json!({
+        "model": "llama", "max_tokens": 2, "stream": stream,
+        "messages": [{"role": "user", "content": prompt}],
+    });
+    let req = http::Request::post("/v1/chat/completions")
+        .header("host", "fulcrum")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let resp = s.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let complete = if stream { text.trim_end().ends_with("data: [DONE]") } else { text.contains("\"choices\"") };
+    (status, complete, started.elapsed())
+}
 
 /// Sends `n` chat completions from each of `clients` clients; returns how many took longer
-/// than `slow`, and how many failed.
-async fn load(addr: SocketAddr, clients: u64, n: u64, slow: Duration) -> (u64, u64) {
+/// than `slow`, and how many failed (not 200, or a body cut short).
+async fn load(addr: SocketAddr, clients: u64, n: u64, slow: Duration, stream: bool) -> (u64, u64) {
     let (slow_count, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
@@ -24,8 +52,8 @@ async fn load(addr: SocketAddr, clients: u64, n: u64, slow: Duration) -> (u64, u
             tokio::spawn(async move {
                 for i in 0..n {
                     let prompt = format!("client {c} request {i}: hello");
-                    let (status, _, _, took) = chat_with(addr, &prompt, &[]).await;
-                    if status != 200 {
+                    let (status, complete, took) = chat(addr, &prompt, stream).await;
+                    if status != 200 || !complete {
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
                     if took > slow {
@@ -43,6 +71,17 @@ async fn load(addr: SocketAddr, clients: u64, n: u64, slow: Duration) -> (u64, u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_that_get_no_head_are_hedged_on_another_endpoint_by_default() {
+    hedged_when_no_head_comes(false).await;
+}
+
+/// The same with event streams: a stream is hedged only before its response head, and the
+/// winner's stream reaches the client whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_get_no_head_are_hedged_too() {
+    hedged_when_no_head_comes(true).await;
+}
+
+async fn hedged_when_no_head_comes(stream: bool) {
     let mut mocks = Vec::new();
     for seed in 1..=3 {
         let config = MockConfig {
@@ -58,7 +97,7 @@ async fn requests_that_get_no_head_are_hedged_on_another_endpoint_by_default() {
     let running = proxy(&endpoints(&eps)).await;
 
     // Learn each endpoint's times to a response head (16 are needed before hedging).
-    let (_, failed) = load(running.addr, 4, 30, Duration::from_secs(10)).await;
+    let (_, failed) = load(running.addr, 4, 30, Duration::from_secs(10), stream).await;
     assert_eq!(failed, 0);
     // Now each backend accepts 5% of requests and never answers them. Without hedging each
     // of those waits for the adaptive first-byte deadline (at least 250 ms) and a retry.
@@ -66,11 +105,12 @@ async fn requests_that_get_no_head_are_hedged_on_another_endpoint_by_default() {
         m.set_faults(&FaultsPatch { hang_rate: Some(0.05), ..Default::default() }).expect("fault");
     }
     let stats = &running.pool.safety().stats;
-    let (slow, failed) = load(running.addr, 4, 50, Duration::from_millis(200)).await;
+    let (slow, failed) = load(running.addr, 4, 50, Duration::from_millis(200), stream).await;
     let (hedges, won) = (stats.hedges.load(Ordering::Relaxed), stats.hedges_won.load(Ordering::Relaxed));
     let retries = stats.retries.load(Ordering::Relaxed);
     println!(
-        "200 requests with 5% never answered: {slow} slower than 200 ms, {failed} failed; {hedges} hedges, {won} won, {retries} retries"
+        "stream {stream}: 200 requests with 5% never answered: {slow} slower than 200 ms, {failed} failed; \
+         {hedges} hedges, {won} won, {retries} retries"
     );
     assert_eq!(failed, 0);
     // About 10 of the 200 hung: hedged, nearly all answer in well under 200 ms (a hedge that
