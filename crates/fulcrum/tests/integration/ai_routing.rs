@@ -309,12 +309,15 @@ async fn a_prefix_holder_with_a_full_kv_cache_keeps_its_conversations() {
 }
 
 /// A streamed chat completion (the first body bytes are the first token); its status.
-async fn stream_chat(addr: SocketAddr, prompt: String) -> u16 {
-    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else { return 0 };
-    let Ok((mut s, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else { return 0 };
+/// One chat completion (streamed or whole): its status, whether its body is complete (a
+/// stream ends with `[DONE]`, a whole answer has its `choices`), and how long it took.
+pub(crate) async fn chat_once(addr: SocketAddr, prompt: &str, stream: bool, max_tokens: u32) -> (u16, bool, Duration) {
+    let started = std::time::Instant::now();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
     tokio::spawn(conn);
     let body = serde_json::json!({
-        "model": "llama", "max_tokens": 4, "stream": true,
+        "model": "llama", "max_tokens": max_tokens, "stream": stream,
         "messages": [{"role": "user", "content": prompt}],
     });
     let req = http::Request::post("/v1/chat/completions")
@@ -322,10 +325,16 @@ async fn stream_chat(addr: SocketAddr, prompt: String) -> u16 {
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("request");
-    let Ok(resp) = s.send_request(req).await else { return 0 };
+    let resp = s.send_request(req).await.expect("response");
     let status = resp.status().as_u16();
-    let _ = resp.into_body().collect().await;
-    status
+    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let complete = if stream { text.trim_end().ends_with("data: [DONE]") } else { text.contains("\"choices\"") };
+    (status, complete, started.elapsed())
+}
+
+async fn stream_chat(addr: SocketAddr, prompt: String) -> u16 {
+    chat_once(addr, &prompt, true, 4).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

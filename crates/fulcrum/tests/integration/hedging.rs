@@ -12,35 +12,7 @@ use fulcrum_mock::engine::{EngineConfig, Gpu};
 use fulcrum_mock::faults::FaultsPatch;
 use fulcrum_mock::{MockConfig, MockServer};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
-
-use crate::ai_routing::{endpoints, proxy};
-
-/// One chat completion (streamed or whole): its status, whether its body is complete (a
-/// stream ends with `[DONE]`, a whole answer has its `choices`), and how long it took.
-async fn chat(addr: SocketAddr, prompt: &str, stream: bool) -> (u16, bool, Duration) {
-    let started = std::time::Instant::now();
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
-    tokio::spawn(conn);
-    let body = serde_json::json!({
-        "model": "llama", "max_tokens": 2, "stream": stream,
-        "messages": [{"role": "user", "content": prompt}],
-    });
-    let req = http::Request::post("/v1/chat/completions")
-        .header("host", "fulcrum")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .expect("request");
-    let resp = s.send_request(req).await.expect("response");
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let text = String::from_utf8_lossy(&body);
-    let complete = if stream { text.trim_end().ends_with("data: [DONE]") } else { text.contains("\"choices\"") };
-    (status, complete, started.elapsed())
-}
+use crate::ai_routing::{chat_once, endpoints, proxy};
 
 /// Sends `n` chat completions from each of `clients` clients; returns how many took longer
 /// than `slow`, and how many failed (not 200, or a body cut short).
@@ -52,7 +24,7 @@ async fn load(addr: SocketAddr, clients: u64, n: u64, slow: Duration, stream: bo
             tokio::spawn(async move {
                 for i in 0..n {
                     let prompt = format!("client {c} request {i}: hello");
-                    let (status, complete, took) = chat(addr, &prompt, stream).await;
+                    let (status, complete, took) = chat_once(addr, &prompt, stream, 2).await;
                     if status != 200 || !complete {
                         failed.fetch_add(1, Ordering::Relaxed);
                     }
