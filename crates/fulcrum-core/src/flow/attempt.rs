@@ -297,10 +297,14 @@ impl Attempts {
             self.tries += 1;
             // The predicted time to the response head: a whole answer comes after its output,
             // so decode time counts unless it streams.
+            // Computed once a try, when the deadline or the hedge needs it.
+            let predicted_head = std::cell::OnceCell::new();
             let head = || {
-                let (predicted, perf) = prediction();
-                let output = facts.estimated_tokens.saturating_sub(facts.prompt_tokens);
-                (predicted + if facts.stream { 0.0 } else { output as f64 * perf.itl }, perf)
+                *predicted_head.get_or_init(|| {
+                    let (predicted, perf) = prediction();
+                    let output = facts.estimated_tokens.saturating_sub(facts.prompt_tokens);
+                    (predicted + if facts.stream { 0.0 } else { output as f64 * perf.itl }, perf)
+                })
             };
             // A whole answer of unbounded length may legitimately take any time: no adapting,
             // and no hedging.

@@ -214,10 +214,7 @@ fn answers_the_policy_does_not_retry_are_answered() {
 
 #[test]
 fn the_budget_bounds_retries() {
-    let budget =
-        BudgetConfig::try_new(BudgetSettings { min_retries_per_sec: 0, percent: 0.0, ..BudgetSettings::default() });
-    let rules = PoolRules { budget: budget.unwrap(), ..PoolRules::default() };
-    let mut p = Pool::new(2, rules);
+    let mut p = Pool::new(2, budget_of(0));
     let mut a = p.start(get(), ms(0));
     let t = p.send(&mut a, ms(0));
     assert_eq!(p.record(&mut a, t, Observed::Reset, ms(1)), Verdict::Answer(Some(GiveUp::BudgetExhausted)));
@@ -493,6 +490,12 @@ fn the_first_byte_deadline_adapts_under_traffic_but_not_for_unbounded_whole_answ
     assert_eq!(t.first_byte, max);
 }
 
+/// Rules whose retry budget allows `per_sec` retries a second and nothing in proportion.
+fn budget_of(per_sec: u32) -> PoolRules {
+    let settings = BudgetSettings { min_retries_per_sec: per_sec, percent: 0.0, ..BudgetSettings::default() };
+    PoolRules { budget: BudgetConfig::try_new(settings).unwrap(), ..PoolRules::default() }
+}
+
 fn hedged(delay: u64) -> RequestPlan {
     RequestPlan { hedge: Hedging::After(Duration::from_millis(delay)), ..get() }
 }
@@ -549,13 +552,7 @@ fn no_hedge_when_off_not_replayable_or_the_budget_is_spent() {
         assert!(a.hedge(&p.state, &p.members, &facts, ms(50), &mut p.rng).is_none(), "{plan:?}");
     }
     // A budget with no reserve and no deposits refuses hedges as it refuses retries.
-    let budget = crate::resilience::retry::BudgetConfig::try_new(BudgetSettings {
-        percent: 0.0,
-        min_retries_per_sec: 0,
-        ttl: Duration::from_secs(10),
-    })
-    .unwrap();
-    let mut p = Pool::new(3, PoolRules { budget, ..PoolRules::default() });
+    let mut p = Pool::new(3, budget_of(0));
     let mut a = p.start(hedged(50), ms(0));
     let _first = p.send(&mut a, ms(0));
     assert!(a.hedge(&p.state, &p.members, &facts, ms(50), &mut p.rng).is_none());
@@ -608,13 +605,7 @@ fn a_refused_connection_while_the_twin_is_out_keeps_its_free_try() {
 
 #[test]
 fn a_hedge_that_finds_no_endpoint_spends_no_budget() {
-    let budget = crate::resilience::retry::BudgetConfig::try_new(BudgetSettings {
-        percent: 0.0,
-        min_retries_per_sec: 1,
-        ttl: Duration::from_secs(10),
-    })
-    .unwrap();
-    let mut p = Pool::new(1, PoolRules { budget, ..PoolRules::default() });
+    let mut p = Pool::new(1, budget_of(1));
     let mut a = p.start(hedged(50), ms(0));
     let first = p.send(&mut a, ms(0));
     let facts = RequestFacts::default();
