@@ -208,6 +208,52 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// HTTP or TCP, with their settings.
     pub kind: ListenerKind,
+    /// TLS termination (HTTPS), if set.
+    pub tls: Option<ListenerTls>,
+}
+
+/// A listener's TLS settings (`[listener.tls]`). The files are read when the proxy starts,
+/// on reload, and again whenever one of them changes on disk.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerTls {
+    /// Certificate chains and their keys (PEM files). A client's SNI name picks the first
+    /// whose certificate is valid for it; without a match, or without SNI, the first serves.
+    pub certificates: Vec<CertificateFiles>,
+    /// CA bundle (PEM) that client certificates are verified against (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// Whether a client must present a certificate (with `client_ca`; default required).
+    pub client_auth: ClientAuth,
+    /// The oldest TLS version offered (1.2 by default; TLS 1.3 is always on).
+    pub min_version: TlsVersion,
+    /// Time allowed for a client to complete its handshake (default 10 s).
+    pub handshake_timeout: Duration,
+}
+
+/// A certificate chain and its private key, in PEM files.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CertificateFiles {
+    /// The chain: the server's certificate first, then intermediates.
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Whether a TLS listener with a `client_ca` requires client certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Connections without a valid certificate are refused in the handshake.
+    Required,
+    /// A certificate is verified if sent; clients without one are served too.
+    Optional,
+}
+
+/// A TLS protocol version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    /// TLS 1.2.
+    V1_2,
+    /// TLS 1.3.
+    V1_3,
 }
 
 /// What a listener speaks.
@@ -283,6 +329,9 @@ pub struct RouteMatch {
     pub headers: Vec<(String, String)>,
     /// OpenAI `model` names in the JSON body; any of them matches.
     pub models: Vec<String>,
+    /// A verified client certificate's identity (a SAN URI such as a SPIFFE ID, a SAN DNS
+    /// name, or the subject's common name); a trailing `*` matches any suffix.
+    pub client_identity: Option<String>,
 }
 
 /// Upstream timeouts of a pool.
@@ -574,14 +623,31 @@ impl Config {
                     }
                 },
             };
+            let tls = match l.tls.map(|t| listener_tls(t, at.file.and_then(Path::parent))) {
+                None => None,
+                Some(_) if matches!(kind, ListenerKind::Tcp { .. }) => {
+                    fail("tls", "TLS is for http listeners (a tcp listener passes bytes through)");
+                    None
+                }
+                Some(Ok(t)) => Some(t),
+                Some(Err((key, message))) => {
+                    fail(&format!("tls.{key}"), &message);
+                    None
+                }
+            };
             if errors.len() == before {
                 let max_connections = l.max_connections.map_or(DEFAULT_MAX_CONNECTIONS, NonZeroUsize::get);
-                listeners.push(ListenerConfig { name: l.name, address: l.address, max_connections, kind });
+                listeners.push(ListenerConfig { name: l.name, address: l.address, max_connections, kind, tls });
             }
         }
 
         let http: Vec<String> =
             listeners.iter().filter(|l| matches!(l.kind, ListenerKind::Http(_))).map(|l| l.name.clone()).collect();
+        let verifying: HashSet<String> = listeners
+            .iter()
+            .filter(|l| l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()))
+            .map(|l| l.name.clone())
+            .collect();
         let mut routes = Vec::new();
         let mut route_names = HashSet::new();
         for (i, spanned) in raw.route.into_iter().enumerate() {
@@ -630,6 +696,16 @@ impl Config {
             if r.hedge_delay.is_some_and(|d| d.0.is_zero()) {
                 fail("hedge_delay", "must be longer than zero");
             }
+            if m.client_identity.as_deref().is_some_and(str::is_empty) {
+                fail("match.client_identity", "must not be empty");
+            } else if m.client_identity.is_some()
+                && let Some(plain) = listeners.iter().find(|l| !verifying.contains(*l))
+            {
+                let message = format!(
+                    "listener `{plain}` does not verify client certificates: give its [listener.tls] a `client_ca`"
+                );
+                fail("match.client_identity", &message);
+            }
             if errors.len() > before {
                 continue;
             }
@@ -638,6 +714,7 @@ impl Config {
                 path_prefix: m.path_prefix,
                 headers,
                 models: m.model.map(|m| m.0).unwrap_or_default(),
+                client_identity: m.client_identity,
             };
             let inference = r.inference.unwrap_or(!matcher.models.is_empty());
             let hedge_delay = r.hedge_delay.map(|d| d.0);
@@ -724,3 +801,42 @@ pub(crate) fn is_token(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+/// Checks `[listener.tls]` and resolves its paths against `dir` (the configuration file's
+/// directory). Errors name the key at fault.
+fn listener_tls(raw: raw::RawListenerTls, dir: Option<&Path>) -> Result<ListenerTls, (&'static str, String)> {
+    let resolve = |p: PathBuf| match dir {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p,
+    };
+    let mut certificates = Vec::new();
+    match (raw.cert, raw.key) {
+        (Some(cert), Some(key)) => certificates.push(CertificateFiles { cert, key }),
+        (Some(_), None) => return Err(("key", "`cert` needs its `key`".into())),
+        (None, Some(_)) => return Err(("cert", "`key` needs its `cert`".into())),
+        (None, None) => {}
+    }
+    certificates.extend(raw.certificates.into_iter().map(|c| CertificateFiles { cert: c.cert, key: c.key }));
+    if certificates.is_empty() {
+        return Err(("cert", "a TLS listener needs a certificate: `cert` and `key`, or `certificates`".into()));
+    }
+    for c in &mut certificates {
+        c.cert = resolve(std::mem::take(&mut c.cert));
+        c.key = resolve(std::mem::take(&mut c.key));
+    }
+    let min_version = match raw.min_version.as_deref() {
+        None | Some("1.2") => TlsVersion::V1_2,
+        Some("1.3") => TlsVersion::V1_3,
+        Some(other) => return Err(("min_version", format!("`{other}` is not a TLS version: use \"1.2\" or \"1.3\""))),
+    };
+    let client_auth = match (raw.client_auth, &raw.client_ca) {
+        (Some(_), None) => return Err(("client_auth", "needs a `client_ca` to verify certificates against".into())),
+        (Some(raw::ClientAuthRaw::Optional), Some(_)) => ClientAuth::Optional,
+        _ => ClientAuth::Required,
+    };
+    let handshake_timeout = match raw.handshake_timeout {
+        Some(d) if d.0.is_zero() => return Err(("handshake_timeout", "must be longer than zero".into())),
+        d => d.map_or(Duration::from_secs(10), |d| d.0),
+    };
+    Ok(ListenerTls { certificates, client_ca: raw.client_ca.map(resolve), client_auth, min_version, handshake_timeout })
+}

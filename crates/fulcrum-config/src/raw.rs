@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fulcrum_core::weight::{DynamicWeight, SlowStart};
@@ -92,6 +93,36 @@ pub(crate) struct RawListener {
     pub body_read_timeout: Option<DurationStr>,
     pub max_connections: Option<NonZeroUsize>,
     pub trust_priority: Option<bool>,
+    pub tls: Option<RawListenerTls>,
+}
+
+/// `[listener.tls]`: one certificate (`cert`, `key`), or several chosen by SNI
+/// (`certificates`), or both (the first is then `cert`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListenerTls {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub certificates: Vec<RawCertificate>,
+    pub client_ca: Option<PathBuf>,
+    pub client_auth: Option<ClientAuthRaw>,
+    pub min_version: Option<String>,
+    pub handshake_timeout: Option<DurationStr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ClientAuthRaw {
+    Required,
+    Optional,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +166,7 @@ pub(crate) struct RawMatch {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     pub model: Option<OneOrMany>,
+    pub client_identity: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

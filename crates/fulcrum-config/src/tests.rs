@@ -469,3 +469,70 @@ x = 1
     let errors = Config::parse("[pool.a\nendpoints = 1\n", None).unwrap_err();
     assert_eq!(errors.len(), 1, "{errors}");
 }
+
+const TLS_BASE: &str = r#"
+[[listener]]
+name = "https"
+address = "127.0.0.1:8443"
+pool = "p"
+TLS
+
+[pool.p]
+endpoints = [{ address = "127.0.0.1:9001" }]
+"#;
+
+fn tls(table: &str) -> String {
+    TLS_BASE.replace("TLS", table)
+}
+
+#[test]
+fn tls_listeners_resolve_paths_and_default_to_tls_1_2_and_required_client_certificates() {
+    let c = Config::parse(
+        &tls(r#"tls = { cert = "certs/a.pem", key = "/keys/a.pem", client_ca = "ca.pem" }"#),
+        Some(Path::new("/etc/fulcrum/fulcrum.toml")),
+    )
+    .unwrap();
+    let t = c.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(t.certificates[0].cert, Path::new("/etc/fulcrum/certs/a.pem"));
+    assert_eq!(t.certificates[0].key, Path::new("/keys/a.pem"));
+    assert_eq!(t.client_ca.as_deref(), Some(Path::new("/etc/fulcrum/ca.pem")));
+    assert_eq!(t.client_auth, ClientAuth::Required);
+    assert_eq!(t.min_version, TlsVersion::V1_2);
+    assert_eq!(t.handshake_timeout, Duration::from_secs(10));
+
+    let c = Config::parse(
+        &tls(r#"tls = { certificates = [{ cert = "a.pem", key = "a.key" }, { cert = "b.pem", key = "b.key" }], min_version = "1.3" }"#),
+        None,
+    )
+    .unwrap();
+    let t = c.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(t.certificates.len(), 2);
+    assert_eq!(t.min_version, TlsVersion::V1_3);
+    assert!(t.client_ca.is_none());
+}
+
+#[test]
+fn bad_tls_settings_name_the_key() {
+    for (table, key, says) in [
+        ("tls = {}", "tls.cert", "needs a certificate"),
+        (r#"tls = { cert = "a.pem" }"#, "tls.key", "needs its `key`"),
+        (r#"tls = { cert = "a.pem", key = "a.key", min_version = "1.1" }"#, "tls.min_version", "not a TLS version"),
+        (r#"tls = { cert = "a.pem", key = "a.key", client_auth = "optional" }"#, "tls.client_auth", "client_ca"),
+        (
+            r#"tls = { cert = "a.pem", key = "a.key", handshake_timeout = "0s" }"#,
+            "tls.handshake_timeout",
+            "longer than zero",
+        ),
+        (r#"tls = { cert = "a.pem", key = "a.key", ciphers = "ALL" }"#, "", "unknown field `ciphers`"),
+    ] {
+        let e = err(&tls(table));
+        assert!(e.contains(key) && e.contains(says), "{table}: {e}");
+    }
+    let e = err(&format!(
+        "{}\n[[route]]\nmatch = {{ client_identity = \"spiffe://a/*\" }}\npool = \"p\"\n",
+        tls(r#"tls = { cert = "a.pem", key = "a.key" }"#)
+    ));
+    assert!(e.contains("route[0].match.client_identity") && e.contains("does not verify client certificates"), "{e}");
+    let tcp = "[[listener]]\nname = \"t\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\npool = \"p\"\ntls = { cert = \"a\", key = \"b\" }\n[pool.p]\nendpoints = [{ address = \"127.0.0.1:2\" }]\n";
+    assert!(err(tcp).contains("TLS is for http listeners"), "{}", err(tcp));
+}

@@ -115,7 +115,7 @@ impl AdminState {
     async fn apply(&self, text: &str) -> Result<Json<Value>, ApiError> {
         match &self.mesh {
             Some(mesh) => applied(mesh.publish(text).await?),
-            None => applied(self.live.reload_text(text, None)?),
+            None => applied(self.live.reload_text(text, self.live.path())?),
         }
     }
 }
@@ -163,7 +163,7 @@ impl From<EditError> for ApiError {
 impl From<ReloadError> for ApiError {
     fn from(e: ReloadError) -> Self {
         let status = match &e {
-            ReloadError::Invalid(_) | ReloadError::Pool { .. } => StatusCode::BAD_REQUEST,
+            ReloadError::Invalid(_) | ReloadError::Pool { .. } | ReloadError::Tls { .. } => StatusCode::BAD_REQUEST,
             ReloadError::NeedsRestart { .. } => StatusCode::CONFLICT,
         };
         let (message, errors) = match &e {

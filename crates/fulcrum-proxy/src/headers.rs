@@ -10,6 +10,7 @@ pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -117,15 +118,42 @@ fn hop_by_hop(name: &HeaderName) -> u8 {
     }
 }
 
-/// The value `add_forwarded` appends for a client: its address (IPv4-mapped addresses as
-/// IPv4). Computed once per client connection.
-pub(crate) fn forwarded_for(client: IpAddr) -> HeaderValue {
+/// Where a client connection comes from, as upstreams are told: made once per connection.
+#[derive(Clone, Debug)]
+pub(crate) struct Origin {
+    /// The value `add_forwarded` appends to `X-Forwarded-For`: the client's address
+    /// (IPv4-mapped addresses as IPv4).
+    pub(crate) forwarded_for: HeaderValue,
+    /// Whether the client came over TLS (`X-Forwarded-Proto: https`).
+    pub(crate) https: bool,
+    /// The client certificate the TLS handshake verified, if any.
+    pub(crate) identity: Option<std::sync::Arc<crate::tls::ClientIdentity>>,
+}
+
+impl Origin {
+    /// A client of a plain-text listener.
+    pub(crate) fn plain(client: IpAddr) -> Origin {
+        Origin { forwarded_for: forwarded_for(client), https: false, identity: None }
+    }
+}
+
+fn forwarded_for(client: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&itoa_ip(client)).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
-/// Adds `X-Forwarded-For` (`client`, from [`forwarded_for`], appended to any existing chain),
-/// `-Proto` and `-Host`.
-pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<&HeaderValue>) {
+/// Adds `X-Forwarded-For` (the client, appended to any existing chain), `-Proto` and
+/// `-Host`, and sets `X-Forwarded-Client-Cert` to the verified client certificate (removing
+/// whatever the client sent in it).
+pub(crate) fn add_forwarded(headers: &mut HeaderMap, origin: &Origin, host: Option<&HeaderValue>) {
+    let client = &origin.forwarded_for;
+    match origin.identity.as_ref() {
+        Some(id) => {
+            headers.insert(&X_FORWARDED_CLIENT_CERT, id.header.clone());
+        }
+        None => {
+            headers.remove(&X_FORWARDED_CLIENT_CERT);
+        }
+    }
     match headers.entry(&X_FORWARDED_FOR) {
         header::Entry::Vacant(e) => {
             e.insert(client.clone());
@@ -140,7 +168,8 @@ pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host:
             }
         }
     }
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if origin.https { "https" } else { "http" };
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(host) = host {
         headers.insert(&X_FORWARDED_HOST, host.clone());
     }
@@ -264,10 +293,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         let host = HeaderValue::from_static("api.example.com");
-        add_forwarded(&mut h, &forwarded_for("127.0.0.1".parse().unwrap()), Some(&host));
+        h.insert("x-forwarded-client-cert", HeaderValue::from_static("Hash=forged"));
+        add_forwarded(&mut h, &Origin::plain("127.0.0.1".parse().unwrap()), Some(&host));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert!(!h.contains_key("x-forwarded-client-cert"), "a client's own XFCC is removed");
     }
 
     #[test]

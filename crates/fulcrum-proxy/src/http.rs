@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use crate::body::{Source, TrackedBody};
 use crate::error::ProxyError;
 use crate::h1::UpstreamBody;
-use crate::headers::{self, X_REQUEST_ID};
+use crate::headers::{self, Origin, X_REQUEST_ID};
 use crate::observe::{Exchange, Observe};
 use crate::pool::{PoolRuntime, PoolSnapshot, sticky_token};
 use crate::route::{Matched, RouteTable, model_of};
@@ -65,12 +65,12 @@ struct Streaming {
 /// Serves one request that hyper read (HTTP/2, upgrades, streamed bodies; see
 /// [`h1::server`](crate::h1::server) for the others).
 ///
-/// `forwarded_for` is the client's address as `X-Forwarded-For` carries it
-/// ([`headers::forwarded_for`]), made once per client connection.
+/// `origin` is what upstreams are told of the client's connection, made once per
+/// connection.
 pub(crate) async fn handle(
     ctx: Arc<ListenerCtx>,
     client: SocketAddr,
-    forwarded_for: HeaderValue,
+    origin: Arc<Origin>,
     mut req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
     let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
@@ -78,7 +78,7 @@ pub(crate) async fn handle(
     let started = std::time::Instant::now();
     let mut req = ClientRequest { parts, body: Ok(ReqBody::Streamed(incoming)), upgrade, started };
     // Boxed: hyper moves the service's future; a small one moves cheaply.
-    Ok(Box::pin(respond(&ctx, client, &forwarded_for, &mut req)).await)
+    Ok(Box::pin(respond(&ctx, client, &origin, &mut req)).await)
 }
 
 /// A request as read from a client. [`respond`] borrows it: the caller keeps it where it was
@@ -113,7 +113,7 @@ pub(crate) fn client_left(
 pub(crate) async fn respond(
     ctx: &ListenerCtx,
     client: SocketAddr,
-    forwarded_for: &HeaderValue,
+    origin: &Origin,
     req: &mut ClientRequest,
 ) -> Response<RespBody> {
     let started = req.started;
@@ -124,7 +124,7 @@ pub(crate) async fn respond(
     let mut exchange =
         Exchange::begin(&ctx.observe, started, client, &parts.method, &parts.uri, &parts.headers, &request_id);
     // Pinned where it is made: a move of a future copies all of it.
-    let answer = pin!(proxy(ctx, client, forwarded_for, req, &request_id, &mut exchange)).await;
+    let answer = pin!(proxy(ctx, client, origin, req, &request_id, &mut exchange)).await;
     match answer {
         Ok(Answer::Stream(resp, s)) => streamed(resp.map(Either::Left), s, exchange),
         Ok(Answer::Refused(resp, s)) => streamed(resp.map(Either::Right), s, exchange),
@@ -197,7 +197,7 @@ fn content_length(req: &http::request::Parts) -> Option<u64> {
 async fn proxy(
     ctx: &ListenerCtx,
     client: SocketAddr,
-    forwarded_for: &HeaderValue,
+    origin: &Origin,
     req: &mut ClientRequest,
     request_id: &HeaderValue,
     exchange: &mut Exchange,
@@ -207,6 +207,10 @@ async fn proxy(
     let upgrade = req.upgrade.take();
     let parts = &mut req.parts;
     headers::check_host(parts).map_err(ProxyError::BadHeader)?;
+    if let Some(id) = &origin.identity {
+        // For routes that match on it.
+        parts.extensions.insert(id.clone());
+    }
 
     // Route; read the body only if a route needs the model from it.
     let mut model: Option<String> = None;
@@ -290,7 +294,7 @@ async fn proxy(
         other => other,
     };
 
-    rewrite_for_upstream(parts, forwarded_for, upgrade.is_some());
+    rewrite_for_upstream(parts, origin, upgrade.is_some());
 
     // What the policy looks at.
     // A pool the autoscaler has scaled to zero holds its requests while a replica starts.
@@ -351,7 +355,7 @@ async fn proxy(
 
 /// The request head as the upstream gets it: origin-form, the Host the client meant,
 /// hop-by-hop headers stripped, `X-Forwarded-*` added.
-fn rewrite_for_upstream(parts: &mut http::request::Parts, forwarded_for: &HeaderValue, upgrade: bool) {
+fn rewrite_for_upstream(parts: &mut http::request::Parts, origin: &Origin, upgrade: bool) {
     if let Some(authority) = parts.uri.authority() {
         // HTTP/2 or absolute-form: the upstream gets origin-form and a Host header. The
         // target's authority wins over a Host line the client also sent (RFC 9112, 3.2.2),
@@ -364,7 +368,7 @@ fn rewrite_for_upstream(parts: &mut http::request::Parts, forwarded_for: &Header
     }
     let host = parts.headers.get(header::HOST).cloned();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    headers::add_forwarded(&mut parts.headers, forwarded_for, host.as_ref());
+    headers::add_forwarded(&mut parts.headers, origin, host.as_ref());
     parts.version = Version::HTTP_11;
 }
 

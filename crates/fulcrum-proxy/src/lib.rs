@@ -28,6 +28,7 @@ mod scrape;
 pub mod server;
 pub mod stats;
 mod tcp;
+pub mod tls;
 pub mod trace;
 pub mod upstream;
 

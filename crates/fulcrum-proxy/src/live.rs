@@ -58,6 +58,15 @@ pub enum ReloadError {
         #[source]
         source: fulcrum_core::BuildError,
     },
+    /// A listener's TLS files do not load.
+    #[error("listener[{index}].tls: {source}")]
+    Tls {
+        /// The listener's index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: crate::tls::TlsError,
+    },
 }
 
 impl ReloadError {
@@ -67,6 +76,7 @@ impl ReloadError {
             ReloadError::Invalid(e) => &e.first().field,
             ReloadError::NeedsRestart { field, .. } => field,
             ReloadError::Pool { .. } => "pool",
+            ReloadError::Tls { .. } => "listener",
         }
     }
 }
@@ -150,6 +160,9 @@ struct Inner {
     path: Option<PathBuf>,
     /// Traces, when `[tracing]` sets an endpoint (changes only at a restart).
     tracer: Option<Arc<crate::trace::Tracer>>,
+    /// Each listener's TLS, index for index with `config.listeners` (TLS is turned on or off
+    /// only at a restart; its files are read again on reload and when they change).
+    tls: Vec<Option<Arc<crate::tls::Terminator>>>,
 }
 
 /// A handle on the running configuration: read it, reload it. Cheap to clone.
@@ -178,6 +191,17 @@ impl Live {
             pools.insert(name.clone(), Arc::new(pool));
         }
         let tracer = config.tracing.as_ref().map(|t| crate::trace::Tracer::new(t, Arc::new(crate::trace::ProxyRng)));
+        let mut tls = Vec::new();
+        for lc in &config.listeners {
+            let terminator = match &lc.tls {
+                Some(t) => Some(Arc::new(
+                    crate::tls::Terminator::new(t)
+                        .map_err(|source| crate::StartError::Tls { name: lc.name.clone(), source })?,
+                )),
+                None => None,
+            };
+            tls.push(terminator);
+        }
         let listeners = listener_states(&config, &pools, tracer.as_ref());
         let state = State { config: Arc::new(config), text, pools, listeners, generation: 1 };
         Ok(Live {
@@ -187,6 +211,7 @@ impl Live {
                 changes: tokio::sync::watch::Sender::new(1),
                 path,
                 tracer,
+                tls,
             }),
         })
     }
@@ -225,6 +250,21 @@ impl Live {
         }
     }
 
+    /// Listener `index`'s TLS, if it terminates TLS.
+    pub(crate) fn tls(&self, index: usize) -> Option<&Arc<crate::tls::Terminator>> {
+        self.inner.tls.get(index).and_then(Option::as_ref)
+    }
+
+    /// Reads the TLS files of every TLS listener again if they changed on disk.
+    pub(crate) fn refresh_tls(&self) {
+        let state = self.state();
+        for (lc, t) in state.config.listeners.iter().zip(&self.inner.tls) {
+            if let Some(t) = t {
+                t.refresh(&lc.name);
+            }
+        }
+    }
+
     /// The pool of TCP listener `index` in the current generation.
     pub(crate) fn tcp_pool(&self, index: usize) -> Option<Arc<PoolRuntime>> {
         match self.inner.state.load().listeners.get(index) {
@@ -255,7 +295,7 @@ impl Live {
 
     /// Checks, without applying, that `text` is valid and could be applied live.
     pub fn check_text(&self, text: &str) -> Result<(), ReloadError> {
-        let config = Config::parse(text, None)?;
+        let config = Config::parse(text, self.path())?;
         check_restart_only(&self.state().config, &config)
     }
 
@@ -283,7 +323,8 @@ impl Live {
             Ok(next) => next,
             Err(e) => return Ok(Err(e)),
         };
-        let config = Config::parse(&next, None)?;
+        // Relative paths (TLS files, a discovery file) stay relative to the file's directory.
+        let config = Config::parse(&next, self.path())?;
         self.apply_locked(config, Some(Arc::from(next))).map(Ok)
     }
 
@@ -307,6 +348,15 @@ impl Live {
     fn apply_locked(&self, config: Config, text: Option<Arc<str>>) -> Result<ReloadReport, ReloadError> {
         let old = self.state();
         check_restart_only(&old.config, &config)?;
+        // TLS files are read first too: a reload that names a missing file changes nothing.
+        let mut tls = Vec::new();
+        for (index, lc) in config.listeners.iter().enumerate() {
+            if let (Some(settings), Some(t)) = (&lc.tls, self.tls(index)) {
+                let prepared =
+                    crate::tls::Terminator::prepare(settings).map_err(|source| ReloadError::Tls { index, source })?;
+                tls.push((t.clone(), prepared));
+            }
+        }
 
         // Build everything first: nothing running changes until every pool is built.
         enum Plan {
@@ -367,6 +417,9 @@ impl Live {
         }
         for name in &report.rebuilt {
             pools[name].safety().event("", "reload", "pool rebuilt with new settings".to_owned());
+        }
+        for (t, prepared) in tls {
+            t.install(prepared);
         }
         let listeners = listener_states(&config, &pools, self.inner.tracer.as_ref());
         let generation = old.generation + 1;
@@ -473,6 +526,9 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
         }
         if a.max_connections != b.max_connections {
             return restart(field("max_connections"), "changes only at a restart".into());
+        }
+        if a.tls.is_some() != b.tls.is_some() {
+            return restart(field("tls"), format!("listener `{}` turns TLS on or off only at a restart", a.name));
         }
         match (&a.kind, &b.kind) {
             (ListenerKind::Http(x), ListenerKind::Http(y)) if x.header_read_timeout != y.header_read_timeout => {

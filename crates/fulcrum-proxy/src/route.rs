@@ -20,6 +20,7 @@ pub(crate) struct Route {
     path_prefix: Option<String>,
     headers: Vec<(HeaderName, HeaderValue)>,
     models: Vec<String>,
+    client_identity: Option<String>,
     rules: RouteRules,
     upgrades: Upgrades,
     /// The route's name and its counters' slot in the pool.
@@ -40,6 +41,7 @@ impl Route {
             path_prefix: config.matcher.path_prefix.clone(),
             headers,
             models: config.matcher.models.clone(),
+            client_identity: config.matcher.client_identity.clone(),
             rules: RouteRules { inference: config.inference, hedge: config.hedge, hedge_delay: config.hedge_delay },
             upgrades: Upgrades(config.upgrades.clone()),
             tag: RouteTag::new(&config.name, &pool),
@@ -48,6 +50,12 @@ impl Route {
     }
 
     fn matches_head(&self, parts: &Parts) -> bool {
+        if let Some(want) = &self.client_identity {
+            let id = parts.extensions.get::<Arc<crate::tls::ClientIdentity>>();
+            if !id.is_some_and(|id| id.matches(want)) {
+                return false;
+            }
+        }
         if let Some(want) = &self.host {
             let host = parts.uri.host().or_else(|| {
                 let h = parts.headers.get(header::HOST)?.to_str().ok()?;

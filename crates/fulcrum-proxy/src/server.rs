@@ -39,6 +39,15 @@ pub enum StartError {
         #[source]
         source: fulcrum_core::BuildError,
     },
+    /// A listener's TLS files do not load.
+    #[error("listener `{name}`: {source}")]
+    Tls {
+        /// The listener.
+        name: String,
+        /// Why.
+        #[source]
+        source: crate::tls::TlsError,
+    },
 }
 
 enum Kind {
@@ -134,6 +143,7 @@ impl Proxy {
             tasks.spawn(accept_loop(bound, self.live.clone(), stop_rx.clone()));
         }
         let refresher = tokio::spawn(refresh_loop(self.live.clone()));
+        let certificates = tokio::spawn(watch_certificates(self.live.clone()));
         let supervisor = tokio::spawn(supervise_pools(self.live.clone()));
         shutdown.await;
         let drain_timeout = self.live.drain_timeout();
@@ -141,6 +151,7 @@ impl Proxy {
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         refresher.abort();
+        certificates.abort();
         supervisor.abort();
         self.live.shutdown_tracing().await;
         tracing::info!("stopped");
@@ -190,6 +201,19 @@ async fn refresh_loop(live: Live) {
     loop {
         tick.tick().await;
         live.state().pools().values().for_each(|p| p.refresh());
+    }
+}
+
+/// Reads TLS listeners' certificate files again when they change on disk (a renewal by
+/// cert-manager or certbot needs no reload).
+async fn watch_certificates(live: Live) {
+    let mut tick = tokio::time::interval(crate::tls::WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        // Reading a few small files: off the workers' threads.
+        let live = live.clone();
+        let _ = tokio::task::spawn_blocking(move || live.refresh_tls()).await;
     }
 }
 
@@ -329,10 +353,21 @@ async fn accept_loop(bound: Bound, live: Live, mut stop: watch::Receiver<bool>) 
                             header_read_timeout: *header_read_timeout,
                             hyper: builder.clone(),
                         };
-                        conns.spawn(async move {
-                            let _slot = slot;
-                            crate::h1::server::serve(stream, client, stop).await;
-                        });
+                        match live.tls(index) {
+                            Some(tls) => {
+                                let tls = tls.clone();
+                                conns.spawn(async move {
+                                    let _slot = slot;
+                                    crate::h1::server::serve_tls(stream, client, stop, tls).await;
+                                });
+                            }
+                            None => {
+                                conns.spawn(async move {
+                                    let _slot = slot;
+                                    crate::h1::server::serve(stream, client, stop).await;
+                                });
+                            }
+                        }
                     }
                     Kind::Tcp => {
                         let pool = live.tcp_pool(index).expect("a tcp listener has a pool");

@@ -2,4 +2,5 @@
 //! here is linked into the binary. Helpers panic with a message naming what is wrong, as
 //! test assertions do.
 
+pub mod certs;
 pub mod exposition;

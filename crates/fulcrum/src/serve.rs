@@ -138,6 +138,12 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
             anyhow::bail!("{}: {n} error{}", args.config.display(), if n == 1 { "" } else { "s" });
         }
     };
+    let tls = fulcrum_proxy::tls::check(&config);
+    if !tls.is_empty() {
+        tls.iter().for_each(|e| eprintln!("{e}"));
+        let n = tls.len();
+        anyhow::bail!("{}: {n} error{}", args.config.display(), if n == 1 { "" } else { "s" });
+    }
     println!(
         "{}: ok ({} listeners, {} routes, {} pools, {} endpoints)",
         args.config.display(),
@@ -214,6 +220,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         let reloader = tokio::spawn(reload_triggers(live.clone(), mesh.clone(), !args.no_watch));
         for l in &config.listeners {
             let kind = match &l.kind {
+                ListenerKind::Http(_) if l.tls.is_some() => "https",
                 ListenerKind::Http(_) => "http",
                 ListenerKind::Tcp { .. } => "tcp",
             };

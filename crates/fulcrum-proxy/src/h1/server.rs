@@ -25,7 +25,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::HeaderValue;
 use http::{Method, Version};
 use http_body::Body;
 use hyper::service::service_fn;
@@ -39,6 +38,7 @@ use tokio::time::Sleep;
 use super::buf::InBuf;
 use super::request::{self, Parsed, RespFraming};
 use crate::error::ProxyError;
+use crate::headers::Origin;
 use crate::http::{ClientRequest, RespBody, handle, respond};
 use crate::live::Live;
 use crate::upstream::ReqBody;
@@ -76,7 +76,7 @@ enum End {
 /// Serves a client connection until it closes. `stop` changes when the listener shuts down:
 /// an idle connection closes then, a busy one after its response.
 pub(crate) async fn serve(stream: TcpStream, client: Client, stop: watch::Receiver<()>) {
-    let forwarded_for = crate::headers::forwarded_for(client.peer.ip());
+    let origin = Origin::plain(client.peer.ip());
     let mut conn = Conn {
         stream,
         rbuf: InBuf::new(READ_BUF_BYTES, request::MAX_HEAD_BYTES),
@@ -84,12 +84,47 @@ pub(crate) async fn serve(stream: TcpStream, client: Client, stop: watch::Receiv
         timer: Box::pin(tokio::time::sleep(client.header_read_timeout)),
     };
     let mut stop = stop;
-    let end = serve_h1(&mut conn, &client, &forwarded_for, &mut stop).await;
+    let end = serve_h1(&mut conn, &client, &origin, &mut stop).await;
     let End::Hyper(read) = end else {
         let _ = conn.stream.shutdown().await;
         return;
     };
     // hyper takes the connection from here.
+    serve_hyper(Rewind { read, stream: conn.stream }, client, Arc::new(origin), stop).await;
+}
+
+/// Serves a TLS client connection: the handshake (within the listener's handshake timeout),
+/// then hyper, HTTP/2 or HTTP/1.1 as ALPN or the client's first bytes say.
+pub(crate) async fn serve_tls(
+    stream: TcpStream,
+    client: Client,
+    stop: watch::Receiver<()>,
+    tls: Arc<crate::tls::Terminator>,
+) {
+    let loaded = tls.current();
+    let acceptor = tokio_rustls::TlsAcceptor::from(loaded.server.clone());
+    let stream = match tokio::time::timeout(loaded.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(peer = %client.peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer = %client.peer, timeout = ?loaded.handshake_timeout, "TLS handshake timed out");
+            return;
+        }
+    };
+    drop(loaded);
+    let identity = crate::tls::ClientIdentity::of(stream.get_ref().1).map(Arc::new);
+    let origin = Origin { https: true, identity, ..Origin::plain(client.peer.ip()) };
+    serve_hyper(stream, client, Arc::new(origin), stop).await;
+}
+
+/// Serves a connection with hyper until it closes.
+async fn serve_hyper<I>(io: I, client: Client, origin: Arc<Origin>, mut stop: watch::Receiver<()>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let peer = client.peer;
     let Client { live, index, hyper, header_read_timeout, .. } = client;
     // When the last request started (milliseconds since the connection was handed over):
@@ -105,7 +140,7 @@ pub(crate) async fn serve(stream: TcpStream, client: Client, stop: watch::Receiv
         let since = u64::try_from(handed_over.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         seen.store(since + 1, std::sync::atomic::Ordering::Relaxed);
         let ctx = live.listener(index).expect("an http listener has an http state");
-        handle(ctx, peer, forwarded_for.clone(), req)
+        handle(ctx, peer, origin.clone(), req)
     });
     let idle = async {
         let window = u64::try_from(header_read_timeout.as_millis()).unwrap_or(u64::MAX);
@@ -119,7 +154,7 @@ pub(crate) async fn serve(stream: TcpStream, client: Client, stop: watch::Receiv
             tokio::time::sleep(Duration::from_millis(window - quiet)).await;
         }
     };
-    let io = TokioIo::new(Rewind { read, stream: conn.stream });
+    let io = TokioIo::new(io);
     let served = hyper.serve_connection_with_upgrades(io, service);
     let mut served = pin!(served);
     // hyper-util's connection first reads the protocol version from the bytes handed over;
@@ -159,12 +194,7 @@ struct Conn {
 }
 
 /// Serves requests until the connection closes or a request is for hyper.
-async fn serve_h1(
-    conn: &mut Conn,
-    client: &Client,
-    forwarded_for: &HeaderValue,
-    stop: &mut watch::Receiver<()>,
-) -> End {
+async fn serve_h1(conn: &mut Conn, client: &Client, origin: &Origin, stop: &mut watch::Receiver<()>) -> End {
     loop {
         // A request head, within header_read_timeout (idle keep-alive time included).
         let deadline = tokio::time::Instant::now() + client.header_read_timeout;
@@ -208,7 +238,7 @@ async fn serve_h1(
 
         let mut req = ClientRequest { parts, body, upgrade: None, started };
         // Pinned where it is made, never moved: the future is large (see `respond`).
-        let answer = conn.unless_gone(pin!(respond(&ctx, client.peer, forwarded_for, &mut req))).await;
+        let answer = conn.unless_gone(pin!(respond(&ctx, client.peer, origin, &mut req))).await;
         drop(req);
         let Some(resp) = answer else {
             return End::Closed;

@@ -12,5 +12,6 @@ mod observe;
 mod overload;
 mod reload;
 mod tcp;
+mod tls;
 mod upgrades;
 mod upstream;

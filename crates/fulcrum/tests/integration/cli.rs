@@ -136,6 +136,17 @@ struct Served {
     child: std::process::Child,
     log: std::sync::mpsc::Receiver<String>,
     admin: String,
+    /// The log lines up to the admin API's.
+    started: Vec<String>,
+}
+
+impl Drop for Served {
+    /// A test that fails leaves no `serve` behind (its output would hold the test's pipes
+    /// open).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Served {
@@ -157,8 +168,10 @@ impl Served {
                 let _ = tx.send(line);
             }
         });
+        let mut started = Vec::new();
         let admin = loop {
             let line = log.recv_timeout(std::time::Duration::from_secs(20)).expect("serve logs its admin address");
+            started.push(line.clone());
             if line.contains("admin API listening") {
                 let addr = line
                     .split("address=")
@@ -171,7 +184,18 @@ impl Served {
                 break addr.trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':').to_owned();
             }
         };
-        Served { child, log, admin }
+        Served { child, log, admin, started }
+    }
+
+    /// The address listener `name` listens on, from its start-up log line.
+    fn listener(&self, name: &str) -> String {
+        let line = self
+            .started
+            .iter()
+            .find(|l| l.contains("listening") && l.contains(&format!("listener={name}")))
+            .expect("serve logs each listener's address");
+        let addr = line.split("addr=").nth(1).and_then(|a| a.split_whitespace().next()).expect("an address");
+        addr.trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':').to_owned()
     }
 
     fn get(&self, path: &str) -> String {
@@ -352,4 +376,90 @@ fn register_reaches_an_admin_api_that_has_a_token() {
     seen(false);
     served.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A one-line HTTP/1.1 backend: answers every request `200 ok` (for tests that need an
+/// upstream and no more).
+fn tiny_backend() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a test backend");
+    let addr = listener.local_addr().expect("its address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    // Read a request head; bodies are not expected.
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let ok = reader.get_mut().write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                    if ok.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn serve_terminates_tls_with_certificates_named_relative_to_the_config() {
+    use fulcrum_testkit::certs::{Ca, Dir, Usage};
+    let dir = Dir::new("cli-tls");
+    let ca = Ca::new("CA");
+    dir.write_leaf("server", &ca.leaf(Usage::Server, "api.test", &["api.test"], &[]));
+    let backend = tiny_backend();
+    let config = |key: &str| {
+        format!(
+            "[proxy]\nadmin = \"127.0.0.1:0\"\n[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\npool = \"p\"\n\
+             tls = {{ cert = \"server.pem\", key = \"{key}\" }}\n[pool.p]\nendpoints = [{{ address = \"{backend}\" }}]\n"
+        )
+    };
+    let file = dir.write("tls.toml", &config("server-key.pem"));
+    let out = fulcrum().arg("validate").arg("-c").arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A key file that is not there: named, with the listener, by validate and by serve.
+    let bad = dir.write("bad.toml", &config("missing-key.pem"));
+    for cmd in ["validate", "serve"] {
+        let out = fulcrum().arg(cmd).arg("-c").arg(&bad).output().unwrap();
+        assert!(!out.status.success(), "{cmd} refuses it");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("private key") && err.contains("missing-key.pem"), "{cmd}: {err}");
+    }
+
+    let served = Served::start(&file, &[]);
+    assert!(served.started.iter().any(|l| l.contains("protocol=\"https\"")), "{:?}", served.started);
+    let addr = served.listener("public");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let answer = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut roots = rustls::RootCertStore::empty();
+        let ca_der = rustls::pki_types::pem::PemObject::from_pem_slice(ca.pem().as_bytes()).unwrap();
+        roots.add(ca_der).unwrap();
+        #[allow(deprecated)]
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+        tls.write_all(b"GET / HTTP/1.1\r\nhost: api.test\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut text = String::new();
+        let _ = tls.read_to_string(&mut text).await;
+        text
+    });
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"), "{answer}");
+    served.stop();
 }

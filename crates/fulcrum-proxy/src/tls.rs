@@ -1,0 +1,368 @@
+//! TLS termination for HTTP listeners (rustls, with the *ring* crypto provider).
+//!
+//! - **Certificates** come from PEM files: one chain and key, or several. A client's SNI
+//!   name picks the first certificate valid for it (its SAN DNS names, or its common name
+//!   when it has none; `*.example.com` covers one label); without SNI, or without a match,
+//!   the first certificate serves, as HAProxy's first `crt` does.
+//! - **Protocols.** ALPN offers `h2` and `http/1.1`. TLS 1.3 is always on; TLS 1.2 unless
+//!   `min_version = "1.3"`. The cipher suites are rustls's defaults, which keep only AEAD
+//!   suites with forward secrecy: TLS 1.3 AES-256-GCM, AES-128-GCM and ChaCha20-Poly1305,
+//!   and TLS 1.2 ECDHE (ECDSA or RSA) with the same three. There is no CBC, no RC4, no
+//!   static RSA key exchange, no renegotiation and no compression.
+//! - **Reload.** The files are read again on a configuration reload (a bad file fails the
+//!   reload and the running certificates stay) and when one of them changes on disk
+//!   ([`Terminator::refresh`], polled every [`WATCH_EVERY`]). Handshakes in progress and open
+//!   connections keep the configuration they started with: none is dropped.
+//! - **Client certificates** (mutual TLS), with `client_ca`: verified against that bundle in
+//!   the handshake (required by default, or optional). The verified identity
+//!   ([`ClientIdentity`]) is what routes match with `client_identity`, and what upstreams
+//!   receive in `X-Forwarded-Client-Cert`, in Envoy's format. A client's own
+//!   `X-Forwarded-Client-Cert` is always removed, as Envoy's default (`SANITIZE`) does.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use fulcrum_config::{ClientAuth, ListenerTls, TlsVersion};
+use http::HeaderValue;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+
+/// How often certificate files are checked for changes.
+pub(crate) const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// Why a listener's TLS settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {}: {message}", path.display())]
+pub struct TlsError {
+    /// What the file is (`certificate`, `private key`, `client CA bundle`).
+    what: &'static str,
+    path: PathBuf,
+    message: String,
+}
+
+fn tls_error(what: &'static str, path: &Path, message: impl std::fmt::Display) -> TlsError {
+    TlsError { what, path: path.to_owned(), message: message.to_string() }
+}
+
+/// The crypto provider every TLS configuration here is built with: *ring*, which builds
+/// from a few C and assembly files in seconds. aws-lc-rs (rustls's default, and the one with
+/// post-quantum key exchange, hence the deprecation) needs cmake and builds AWS-LC for
+/// minutes on a small CI machine.
+#[allow(deprecated)]
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every TLS listener's files as `serve` would, for `fulcrum validate`: one message a
+/// listener whose files do not load.
+pub fn check(config: &fulcrum_config::Config) -> Vec<String> {
+    let tls = config.listeners.iter().enumerate().filter_map(|(i, l)| Some((i, l.tls.as_ref()?)));
+    tls.filter_map(|(i, t)| load(t).err().map(|e| format!("listener[{i}].tls: {e}"))).collect()
+}
+
+// === impl Terminator ===
+
+/// One listener's TLS: the configuration handshakes use, swapped whole when files change.
+#[derive(Debug)]
+pub(crate) struct Terminator {
+    current: ArcSwap<Loaded>,
+    /// The settings and the files' stamps when last read.
+    watched: Mutex<(ListenerTls, Vec<Stamp>)>,
+}
+
+/// A loaded TLS configuration.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub(crate) server: Arc<ServerConfig>,
+    pub(crate) handshake_timeout: Duration,
+}
+
+/// A file's modification time and length: a change in either means read it again.
+type Stamp = Option<(SystemTime, u64)>;
+
+impl Terminator {
+    /// Reads the certificates, keys and CA bundle.
+    pub(crate) fn new(settings: &ListenerTls) -> Result<Terminator, TlsError> {
+        let stamps = stamps(settings);
+        let loaded = load(settings)?;
+        Ok(Terminator { current: ArcSwap::from_pointee(loaded), watched: Mutex::new((settings.clone(), stamps)) })
+    }
+
+    /// The configuration for the next handshake.
+    pub(crate) fn current(&self) -> Arc<Loaded> {
+        self.current.load_full()
+    }
+
+    /// Reads `settings` (a reload's); [`install`](Self::install) puts the result in place.
+    pub(crate) fn prepare(settings: &ListenerTls) -> Result<(ListenerTls, Vec<Stamp>, Loaded), TlsError> {
+        let stamps = stamps(settings);
+        Ok((settings.clone(), stamps, load(settings)?))
+    }
+
+    /// Puts a [`prepare`](Self::prepare)d configuration in place.
+    pub(crate) fn install(&self, (settings, stamps, loaded): (ListenerTls, Vec<Stamp>, Loaded)) {
+        *self.watched.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (settings, stamps);
+        self.current.store(Arc::new(loaded));
+    }
+
+    /// Reads the files again if one of them changed since they were last read. A file that
+    /// fails to load is logged, and the running configuration stays.
+    pub(crate) fn refresh(&self, listener: &str) {
+        let mut watched = self.watched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = stamps(&watched.0);
+        if now == watched.1 {
+            return;
+        }
+        watched.1 = now;
+        match load(&watched.0) {
+            Ok(loaded) => {
+                self.current.store(Arc::new(loaded));
+                tracing::info!(listener, "TLS certificates reloaded: a file changed");
+            }
+            Err(e) => {
+                tracing::error!(listener, error = %e, "TLS files changed but do not load: keeping the running certificates");
+            }
+        }
+    }
+}
+
+fn stamps(settings: &ListenerTls) -> Vec<Stamp> {
+    let files = settings.certificates.iter().flat_map(|c| [&c.cert, &c.key]).chain(settings.client_ca.as_ref());
+    files
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
+fn load(settings: &ListenerTls) -> Result<Loaded, TlsError> {
+    let provider = provider();
+    let mut certs = Vec::new();
+    for files in &settings.certificates {
+        let chain = read_chain(&files.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| tls_error("private key", &files.key, pem(e)))?;
+        let certified = CertifiedKey::from_der(chain, key, &provider)
+            .map_err(|e| tls_error("private key", &files.key, format!("does not fit {}: {e}", files.cert.display())))?;
+        let leaf = &certified.cert[0];
+        let names = match x509_parser::parse_x509_certificate(leaf) {
+            Ok((_, x)) => {
+                if !x.validity().is_valid() {
+                    tracing::warn!(certificate = %files.cert.display(), not_after = %x.validity().not_after, "serving a certificate that is expired or not valid yet");
+                }
+                server_names(&x)
+            }
+            Err(e) => return Err(tls_error("certificate", &files.cert, format!("cannot be read: {e}"))),
+        };
+        certs.push((names, Arc::new(certified)));
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] = match settings.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(|e| tls_error("certificate", &settings.certificates[0].cert, e))?;
+    let builder = match &settings.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in read_chain_as(ca, "client CA bundle")? {
+                roots.add(cert).map_err(|e| tls_error("client CA bundle", ca, e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = match settings.client_auth {
+                ClientAuth::Required => verifier,
+                ClientAuth::Optional => verifier.allow_unauthenticated(),
+            };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| tls_error("client CA bundle", ca, e))?)
+        }
+    };
+    let mut server = builder.with_cert_resolver(Arc::new(SniResolver { certs }));
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Loaded { server: Arc::new(server), handshake_timeout: settings.handshake_timeout })
+}
+
+fn pem(e: rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of that kind in the file".into(),
+        other => other.to_string(),
+    }
+}
+
+fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    read_chain_as(path, "certificate")
+}
+
+fn read_chain_as(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let chain = CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_error(what, path, pem(e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_error(what, path, pem(e)))?;
+    if chain.is_empty() {
+        return Err(tls_error(what, path, "no `BEGIN CERTIFICATE` block in the file"));
+    }
+    Ok(chain)
+}
+
+/// The names a server certificate is valid for, lowercase: its SAN DNS names, or its common
+/// name if it has none.
+fn server_names(x: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+    let mut names: Vec<String> = san(x)
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect();
+    if names.is_empty() {
+        names.extend(x.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(str::to_ascii_lowercase));
+    }
+    names
+}
+
+fn san<'a>(
+    x: &'a x509_parser::certificate::X509Certificate<'_>,
+) -> impl Iterator<Item = &'a x509_parser::extensions::GeneralName<'a>> {
+    x.subject_alternative_name().ok().flatten().into_iter().flat_map(|ext| ext.value.general_names.iter())
+}
+
+/// Whether certificate name `pattern` covers host `name` (both lowercase): equal, or a
+/// wildcard first label standing for exactly one label.
+fn name_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(rest) => name.split_once('.').is_some_and(|(label, tail)| !label.is_empty() && tail == rest),
+        None => pattern == name,
+    }
+}
+
+/// Picks a certificate by SNI.
+#[derive(Debug)]
+struct SniResolver {
+    /// Each certificate with the names it is valid for, in configuration order.
+    certs: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let chosen = hello.server_name().and_then(|sni| {
+            let sni = sni.to_ascii_lowercase();
+            self.certs.iter().find(|(names, _)| names.iter().any(|n| name_matches(n, &sni)))
+        });
+        chosen.or(self.certs.first()).map(|(_, key)| key.clone())
+    }
+}
+
+// === impl ClientIdentity ===
+
+/// A verified client certificate's identity.
+#[derive(Clone, Debug)]
+pub(crate) struct ClientIdentity {
+    /// Its common names.
+    pub(crate) common_names: Vec<String>,
+    /// SAN URIs (SPIFFE IDs are these).
+    pub(crate) uris: Vec<String>,
+    /// SAN DNS names.
+    pub(crate) dns: Vec<String>,
+    /// `X-Forwarded-Client-Cert`, as upstreams get it.
+    pub(crate) header: HeaderValue,
+}
+
+impl ClientIdentity {
+    /// The identity of the certificate a client presented (already verified by the
+    /// handshake), if it sent one.
+    pub(crate) fn of(conn: &rustls::ServerConnection) -> Option<ClientIdentity> {
+        let leaf = conn.peer_certificates()?.first()?;
+        let (_, x) = x509_parser::parse_x509_certificate(leaf).ok()?;
+        let mut uris = Vec::new();
+        let mut dns = Vec::new();
+        for name in san(&x) {
+            match name {
+                x509_parser::extensions::GeneralName::URI(u) => uris.push((*u).to_owned()),
+                x509_parser::extensions::GeneralName::DNSName(d) => dns.push((*d).to_owned()),
+                _ => {}
+            }
+        }
+        let subject = x.subject().to_string();
+        let common_names =
+            x.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(str::to_owned).collect();
+        let hash = ring::digest::digest(&ring::digest::SHA256, leaf);
+        let mut xfcc = String::from("Hash=");
+        for b in hash.as_ref() {
+            xfcc.push_str(&format!("{b:02x}"));
+        }
+        xfcc.push_str(";Subject=");
+        xfcc.push_str(&quoted(&subject));
+        for u in &uris {
+            xfcc.push_str(";URI=");
+            xfcc.push_str(&quoted(u));
+        }
+        for d in &dns {
+            xfcc.push_str(";DNS=");
+            xfcc.push_str(&quoted(d));
+        }
+        let header = HeaderValue::from_str(&xfcc).ok()?;
+        Some(ClientIdentity { common_names, uris, dns, header })
+    }
+
+    /// Whether a route's `client_identity` pattern matches: a SAN URI, a SAN DNS name or a
+    /// common name equal to it, or starting with it when it ends in `*`.
+    pub(crate) fn matches(&self, pattern: &str) -> bool {
+        let test = |v: &String| match pattern.strip_suffix('*') {
+            Some(prefix) => v.starts_with(prefix),
+            None => v == pattern,
+        };
+        self.uris.iter().chain(&self.dns).chain(&self.common_names).any(test)
+    }
+}
+
+/// An XFCC value: quoted (with `"` and `\` escaped) when it holds a separator.
+fn quoted(v: &str) -> String {
+    if v.contains([',', ';', '=', '"', '\\']) {
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        v.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_cover_one_label() {
+        assert!(name_matches("api.example.com", "api.example.com"));
+        assert!(name_matches("*.example.com", "api.example.com"));
+        assert!(!name_matches("*.example.com", "example.com"));
+        assert!(!name_matches("*.example.com", "a.b.example.com"));
+        assert!(!name_matches("*.example.com", ".example.com"));
+        assert!(!name_matches("api.example.com", "web.example.com"));
+    }
+
+    #[test]
+    fn xfcc_values_are_quoted_when_they_hold_separators() {
+        assert_eq!(quoted("spiffe://cluster.local/ns/a/sa/b"), "spiffe://cluster.local/ns/a/sa/b");
+        assert_eq!(quoted("CN=a,O=b"), "\"CN=a,O=b\"");
+        assert_eq!(quoted("CN=a \"b\""), "\"CN=a \\\"b\\\"\"");
+    }
+
+    #[test]
+    fn identity_patterns_match_exactly_or_by_prefix() {
+        let id = ClientIdentity {
+            common_names: vec!["svc".into()],
+            uris: vec!["spiffe://prod/ns/a/sa/b".into()],
+            dns: vec!["svc.prod".into()],
+            header: HeaderValue::from_static("x"),
+        };
+        assert!(id.matches("spiffe://prod/ns/a/sa/b"));
+        assert!(id.matches("spiffe://prod/ns/a/*"));
+        assert!(id.matches("svc"));
+        assert!(id.matches("svc.prod"));
+        assert!(!id.matches("spiffe://prod/ns/other/*"));
+        assert!(!id.matches("spiffe://prod/ns/a"));
+    }
+}
