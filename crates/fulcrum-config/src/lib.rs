@@ -387,6 +387,20 @@ pub struct PoolConfig {
     pub autoscale: Option<autoscale::AutoscaleConfig>,
     /// Where endpoints come from at run time; `endpoints` is then the initial set.
     pub discovery: Option<discovery::DiscoveryConfig>,
+    /// HTTPS to the endpoints (requests, health checks and engine scrapes), if set.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// A pool's TLS to its endpoints (`[pool.NAME] tls`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamTls {
+    /// The name sent in SNI and verified in the endpoints' certificates; without it, each
+    /// endpoint's IP address (which its certificate must then hold as a SAN).
+    pub server_name: Option<String>,
+    /// A CA bundle (PEM) to verify the endpoints against, instead of the system's roots.
+    pub ca: Option<PathBuf>,
+    /// A client certificate and key to present (mutual TLS).
+    pub client_cert: Option<CertificateFiles>,
 }
 
 // === impl PoolConfig ===
@@ -561,8 +575,18 @@ impl Config {
                     continue;
                 }
             };
-            if let (Some(d), Some(dir)) = (&mut pool.discovery, at.file.and_then(Path::parent)) {
-                d.resolve_paths(dir);
+            if let Some(dir) = at.file.and_then(Path::parent) {
+                if let Some(d) = &mut pool.discovery {
+                    d.resolve_paths(dir);
+                }
+                if let Some(t) = &mut pool.tls {
+                    let files = t.client_cert.iter_mut().flat_map(|c| [&mut c.cert, &mut c.key]);
+                    for p in files.chain(t.ca.as_mut()) {
+                        if p.is_relative() {
+                            *p = dir.join(&*p);
+                        }
+                    }
+                }
             }
             // Build once to catch what only the whole pool shows (duplicates, table sizes).
             if let Err(e) = pool.selector(Instant::ZERO) {

@@ -222,6 +222,17 @@ pub(crate) struct RawPool {
     pub engine_metrics: Option<RawEngineScrape>,
     pub autoscale: Option<crate::autoscale::RawAutoscale>,
     pub discovery: Option<crate::discovery::RawDiscovery>,
+    pub tls: Option<RawUpstreamTls>,
+}
+
+/// `[pool.NAME] tls`: HTTPS to the endpoints.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamTls {
+    pub server_name: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -353,6 +364,7 @@ impl RawPool {
             endpoints.push(spec);
         }
         let discovery = self.discovery.and_then(|d| errors.ok(d.validate()));
+        let tls = self.tls.and_then(|t| errors.ok(t.validate()));
         let autoscale = self.autoscale.and_then(|a| errors.all(a.validate()));
         let mut options = SelectorOptions::new(latency, slow_start, dynamic);
         if let Some(m) = &engine_metrics {
@@ -371,7 +383,41 @@ impl RawPool {
                 engine_metrics,
                 autoscale,
                 discovery,
+                tls,
             })
         })
     }
+}
+
+impl RawUpstreamTls {
+    fn validate(self) -> Result<crate::UpstreamTls, FieldError> {
+        let client_cert = match (self.cert, self.key) {
+            (Some(cert), Some(key)) => Some(crate::CertificateFiles { cert, key }),
+            (Some(_), None) => return Err((".tls.key".into(), "`cert` needs its `key`".into())),
+            (None, Some(_)) => return Err((".tls.cert".into(), "`key` needs its `cert`".into())),
+            (None, None) => None,
+        };
+        let server_name = match self.server_name {
+            Some(n) if rustls_name_ok(&n) => Some(n.to_ascii_lowercase()),
+            Some(n) => return Err((".tls.server_name".into(), format!("`{n}` is not a DNS name or IP address"))),
+            None => None,
+        };
+        Ok(crate::UpstreamTls { server_name, ca: self.ca, client_cert })
+    }
+}
+
+/// A DNS name (letters, digits, `-`, dots between labels) or an IP address.
+fn rustls_name_ok(name: &str) -> bool {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !name.is_empty()
+        && name.len() <= 253
+        && name.trim_end_matches('.').split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }

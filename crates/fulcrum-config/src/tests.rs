@@ -536,3 +536,29 @@ fn bad_tls_settings_name_the_key() {
     let tcp = "[[listener]]\nname = \"t\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\npool = \"p\"\ntls = { cert = \"a\", key = \"b\" }\n[pool.p]\nendpoints = [{ address = \"127.0.0.1:2\" }]\n";
     assert!(err(tcp).contains("TLS is for http listeners"), "{}", err(tcp));
 }
+
+#[test]
+fn upstream_tls_resolves_paths_and_names_what_is_wrong() {
+    let pool = |tls: &str| format!("[pool.p]\nendpoints = [{{ address = \"127.0.0.1:443\" }}]\ntls = {tls}\n");
+    let c = Config::parse(
+        &pool(r#"{ server_name = "API.example.com", ca = "ca.pem", cert = "c.pem", key = "/k.pem" }"#),
+        Some(Path::new("/etc/fulcrum/f.toml")),
+    )
+    .unwrap();
+    let t = c.pools["p"].tls.as_ref().unwrap();
+    assert_eq!(t.server_name.as_deref(), Some("api.example.com"));
+    assert_eq!(t.ca.as_deref(), Some(Path::new("/etc/fulcrum/ca.pem")));
+    let client = t.client_cert.as_ref().unwrap();
+    assert_eq!((client.cert.as_path(), client.key.as_path()), (Path::new("/etc/fulcrum/c.pem"), Path::new("/k.pem")));
+    // `tls = {}`: the system's roots, each endpoint's IP address as the name.
+    let c = Config::parse(&pool("{}"), None).unwrap();
+    assert_eq!(c.pools["p"].tls, Some(UpstreamTls { server_name: None, ca: None, client_cert: None }));
+    for (tls, says) in [
+        (r#"{ server_name = "not a name!" }"#, "pool.p.tls.server_name"),
+        (r#"{ cert = "c.pem" }"#, "pool.p.tls.key"),
+        (r#"{ verify = false }"#, "unknown field `verify`"),
+    ] {
+        let e = err(&pool(tls));
+        assert!(e.contains(says), "{tls}: {e}");
+    }
+}

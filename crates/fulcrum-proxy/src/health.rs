@@ -16,7 +16,6 @@ use fulcrum_core::flow::PoolState;
 use fulcrum_core::resilience::health::HealthState;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use crate::clock;
 use crate::pool::PoolRuntime;
@@ -28,7 +27,7 @@ pub(crate) async fn check_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, check
     let known = PoolState::known_health(&endpoint);
     let mut health = HealthState::resume(&check.config, known, clock::now());
     loop {
-        let ok = probe(&check.kind, endpoint.address(), check.config.timeout()).await;
+        let ok = probe(&check.kind, endpoint.address(), pool.tls(), check.config.timeout()).await;
         let now = clock::now();
         // What a result means (flags, events, recovery effects) is the core's to say.
         state.on_probe(&*pool.snapshot(), &endpoint, &mut health, ok, now);
@@ -38,9 +37,10 @@ pub(crate) async fn check_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, check
 }
 
 /// One probe, bounded by `timeout`.
-async fn probe(kind: &CheckKind, address: SocketAddr, timeout: Duration) -> bool {
+async fn probe(kind: &CheckKind, address: SocketAddr, tls: Option<&crate::tls::Connector>, timeout: Duration) -> bool {
     let attempt = async {
-        let stream = TcpStream::connect(address).await.ok()?;
+        // A TCP check over TLS passes when the handshake does.
+        let stream = crate::tls::dial(address, tls).await.ok()?;
         let CheckKind::Http { path, expected_statuses } = kind else { return Some(true) };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
         tokio::spawn(async move {

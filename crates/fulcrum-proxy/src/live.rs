@@ -56,7 +56,7 @@ pub enum ReloadError {
         name: String,
         /// Why.
         #[source]
-        source: fulcrum_core::BuildError,
+        source: crate::pool::PoolError,
     },
     /// A listener's TLS files do not load.
     #[error("listener[{index}].tls: {source}")]

@@ -74,6 +74,19 @@ pub struct PoolRuntime {
     generation: tokio::sync::watch::Sender<u64>,
     /// Requests held while the pool has no endpoint (scaled to zero), waiting for one.
     held: std::sync::atomic::AtomicU64,
+    /// TLS to the endpoints, when the pool has `tls`.
+    tls: Option<Arc<crate::tls::Connector>>,
+}
+
+/// Why a pool could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Its endpoints or policy do not build.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// Its TLS files do not load.
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What a membership change did.
@@ -102,12 +115,13 @@ pub enum Drained {
 }
 
 impl PoolRuntime {
-    pub(crate) fn new(config: PoolConfig) -> Result<Self, BuildError> {
+    pub(crate) fn new(config: PoolConfig) -> Result<Self, PoolError> {
         let now = clock::now();
         let selector = config.selector(now)?;
+        let tls = connector(&config)?;
         let safety = Arc::new(PoolSafety::new(config.resilience.clone(), config.rules(), selector.endpoints(), now));
-        let snapshot = Self::snapshot_of(&config, selector, &HashMap::new(), now);
-        Ok(Self::assemble(config, snapshot, safety))
+        let snapshot = Self::snapshot_of(&config, selector, &HashMap::new(), tls.as_ref(), now);
+        Ok(Self::assemble(config, snapshot, safety, tls))
     }
 
     /// The next generation of `old` under a new configuration (live reload): endpoints that
@@ -115,7 +129,7 @@ impl PoolRuntime {
     /// carry over when the connection settings did not change; failure-handling state
     /// (ejections, budgets, the event timeline) carries over when its settings did not change,
     /// else it starts again from the endpoints' current flags.
-    pub(crate) fn succeed(old: &PoolRuntime, config: PoolConfig) -> Result<Self, BuildError> {
+    pub(crate) fn succeed(old: &PoolRuntime, config: PoolConfig) -> Result<Self, PoolError> {
         let now = clock::now();
         let current = old.snapshot();
         let selector = current
@@ -127,7 +141,10 @@ impl PoolRuntime {
         let same_connections = was.timeouts.connect == config.timeouts.connect
             && was.timeouts.idle == config.timeouts.idle
             && was.max_idle_per_endpoint == config.max_idle_per_endpoint
-            && was.resilience.breaker == config.resilience.breaker;
+            && was.resilience.breaker == config.resilience.breaker
+            && was.tls == config.tls;
+        // TLS files are read again at every rebuild (a renewed client certificate or CA).
+        let tls = connector(&config)?;
         let added: Vec<String> = selector
             .endpoints()
             .iter()
@@ -143,11 +160,16 @@ impl PoolRuntime {
             Arc::new(PoolSafety::succeed(&old.safety, config.resilience.clone(), rules, endpoints, &added, now))
         };
         let carried = if same_connections { old_upstreams } else { HashMap::new() };
-        let snapshot = Self::snapshot_of(&config, selector, &carried, now);
-        Ok(Self::assemble(config, snapshot, safety))
+        let snapshot = Self::snapshot_of(&config, selector, &carried, tls.as_ref(), now);
+        Ok(Self::assemble(config, snapshot, safety, tls))
     }
 
-    fn assemble(config: PoolConfig, snapshot: PoolSnapshot, safety: Arc<PoolSafety>) -> PoolRuntime {
+    fn assemble(
+        config: PoolConfig,
+        snapshot: PoolSnapshot,
+        safety: Arc<PoolSafety>,
+        tls: Option<Arc<crate::tls::Connector>>,
+    ) -> PoolRuntime {
         PoolRuntime {
             needs: config.policy.needs(),
             config,
@@ -157,6 +179,7 @@ impl PoolRuntime {
             writer: std::sync::Mutex::new(()),
             generation: tokio::sync::watch::Sender::new(0),
             held: std::sync::atomic::AtomicU64::new(0),
+            tls,
         }
     }
 
@@ -164,6 +187,7 @@ impl PoolRuntime {
         config: &PoolConfig,
         selector: Selector,
         old: &HashMap<&str, Arc<Upstream>>,
+        tls: Option<&Arc<crate::tls::Connector>>,
         now: fulcrum_core::Instant,
     ) -> PoolSnapshot {
         let upstreams: Vec<Arc<Upstream>> = selector
@@ -171,15 +195,7 @@ impl PoolRuntime {
             .iter()
             .map(|e| match old.get(e.id().as_str()) {
                 Some(u) => u.clone(),
-                None => Arc::new(Upstream::new(
-                    e.address(),
-                    e.id().to_string(),
-                    config.max_idle_per_endpoint,
-                    config.timeouts.connect,
-                    config.timeouts.idle,
-                    config.resilience.breaker.as_ref(),
-                    now,
-                )),
+                None => Arc::new(Upstream::new(e.address(), e.id().to_string(), config, tls.cloned(), now)),
             })
             .collect();
         let sticky = selector.endpoints().iter().enumerate().map(|(i, e)| (sticky_token(e.id().as_str()), i)).collect();
@@ -196,6 +212,11 @@ impl PoolRuntime {
     /// The pool's configuration.
     pub fn config(&self) -> &PoolConfig {
         &self.config
+    }
+
+    /// TLS to the endpoints, if the pool has it.
+    pub(crate) fn tls(&self) -> Option<&crate::tls::Connector> {
+        self.tls.as_deref()
     }
 
     /// Failure handling: health, ejections, breakers' timeline, retries, admission.
@@ -245,7 +266,7 @@ impl PoolRuntime {
         }
         let ids: std::collections::HashSet<&str> = selector.endpoints().iter().map(|e| e.id().as_str()).collect();
         change.removed = old.keys().filter(|id| !ids.contains(*id)).map(|id| (*id).to_owned()).collect();
-        let next = Self::snapshot_of(&self.config, selector, &old, now);
+        let next = Self::snapshot_of(&self.config, selector, &old, self.tls.as_ref(), now);
         self.safety.state().on_membership(next.selector.endpoints(), &change.added);
         self.store(next);
         self.generation.send_modify(|g| *g += 1);
@@ -328,8 +349,13 @@ impl PoolRuntime {
         let now = clock::now();
         if let Some(selector) = current.selector.refresh(now) {
             let old = current.upstreams_by_id();
-            let next = Self::snapshot_of(&self.config, selector, &old, now);
+            let next = Self::snapshot_of(&self.config, selector, &old, self.tls.as_ref(), now);
             self.store(next);
         }
     }
+}
+
+/// The pool's TLS connector, when it has `tls`.
+fn connector(config: &PoolConfig) -> Result<Option<Arc<crate::tls::Connector>>, crate::tls::TlsError> {
+    config.tls.as_ref().map(|t| crate::tls::Connector::new(t).map(Arc::new)).transpose()
 }

@@ -17,7 +17,6 @@ use fulcrum_core::{Endpoint, PolicyKind, openai};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use crate::clock;
 use crate::pool::PoolRuntime;
@@ -49,7 +48,7 @@ pub(crate) async fn scrape_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, conf
         tick.tick().await;
         let page = tokio::time::timeout(
             config.interval.max(Duration::from_millis(100)) * 4,
-            get(&mut conn, endpoint.address(), &config.path),
+            get(&mut conn, endpoint.address(), pool.tls(), &config.path),
         )
         .await;
         let now = clock::now();
@@ -67,7 +66,7 @@ pub(crate) async fn scrape_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, conf
         {
             models_due = now + models_every;
             if let Ok(Some(body)) =
-                tokio::time::timeout(Duration::from_secs(2), get(&mut conn, endpoint.address(), path)).await
+                tokio::time::timeout(Duration::from_secs(2), get(&mut conn, endpoint.address(), pool.tls(), path)).await
             {
                 served = model_ids(&body);
             }
@@ -100,10 +99,14 @@ pub(crate) async fn scrape_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, conf
 }
 
 /// GET `path` on a kept-alive connection; `None` on any failure or a non-2xx answer.
-async fn get(conn: &mut Option<SendRequest<Empty<Bytes>>>, addr: SocketAddr, path: &str) -> Option<Bytes> {
+async fn get(
+    conn: &mut Option<SendRequest<Empty<Bytes>>>,
+    addr: SocketAddr,
+    tls: Option<&crate::tls::Connector>,
+    path: &str,
+) -> Option<Bytes> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        let stream = TcpStream::connect(addr).await.ok()?;
-        let _ = stream.set_nodelay(true);
+        let stream = crate::tls::dial(addr, tls).await.ok()?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
         tokio::spawn(async move {
             let _ = connection.await;

@@ -37,7 +37,7 @@ pub enum StartError {
         name: String,
         /// Why.
         #[source]
-        source: fulcrum_core::BuildError,
+        source: crate::pool::PoolError,
     },
     /// A listener's TLS files do not load.
     #[error("listener `{name}`: {source}")]

@@ -13,24 +13,35 @@
 //!   reload and the running certificates stay) and when one of them changes on disk
 //!   ([`Terminator::refresh`], polled every [`WATCH_EVERY`]). Handshakes in progress and open
 //!   connections keep the configuration they started with: none is dropped.
+//! - **Upstreams** ([`Connector`], a pool's `tls`): HTTPS to the endpoints, verified against
+//!   the system's roots or a given CA, with SNI from `server_name` (or the endpoint's IP
+//!   address), an optional client certificate, session resumption (rustls's in-memory cache,
+//!   shared by the pool's connections), and connections pooled as plain ones are. Health
+//!   checks and engine scrapes use the same TLS.
 //! - **Client certificates** (mutual TLS), with `client_ca`: verified against that bundle in
 //!   the handshake (required by default, or optional). The verified identity
 //!   ([`ClientIdentity`]) is what routes match with `client_identity`, and what upstreams
 //!   receive in `X-Forwarded-Client-Cert`, in Envoy's format. A client's own
 //!   `X-Forwarded-Client-Cert` is always removed, as Envoy's default (`SANITIZE`) does.
 
+use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use fulcrum_config::{ClientAuth, ListenerTls, TlsVersion};
+use fulcrum_config::{ClientAuth, ListenerTls, TlsVersion, UpstreamTls};
 use http::HeaderValue;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 /// How often certificate files are checked for changes.
 pub(crate) const WATCH_EVERY: Duration = Duration::from_secs(2);
@@ -58,11 +69,15 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads every TLS listener's files as `serve` would, for `fulcrum validate`: one message a
-/// listener whose files do not load.
+/// Reads every listener's and pool's TLS files as `serve` would, for `fulcrum validate`:
+/// one message a listener or pool whose files do not load.
 pub fn check(config: &fulcrum_config::Config) -> Vec<String> {
-    let tls = config.listeners.iter().enumerate().filter_map(|(i, l)| Some((i, l.tls.as_ref()?)));
-    tls.filter_map(|(i, t)| load(t).err().map(|e| format!("listener[{i}].tls: {e}"))).collect()
+    let listeners = config.listeners.iter().enumerate().filter_map(|(i, l)| Some((i, l.tls.as_ref()?)));
+    let mut errors: Vec<String> =
+        listeners.filter_map(|(i, t)| load(t).err().map(|e| format!("listener[{i}].tls: {e}"))).collect();
+    let pools = config.pools.iter().filter_map(|(name, p)| Some((name, p.tls.as_ref()?)));
+    errors.extend(pools.filter_map(|(name, t)| Connector::new(t).err().map(|e| format!("pool.{name}.tls: {e}"))));
+    errors
 }
 
 // === impl Terminator ===
@@ -254,6 +269,158 @@ impl ResolvesServerCert for SniResolver {
             self.certs.iter().find(|(names, _)| names.iter().any(|n| name_matches(n, &sni)))
         });
         chosen.or(self.certs.first()).map(|(_, key)| key.clone())
+    }
+}
+
+// === impl Connector ===
+
+/// A pool's TLS to its endpoints.
+#[derive(Debug)]
+pub struct Connector {
+    config: Arc<ClientConfig>,
+    /// SNI and the name verified; `None`: each endpoint's IP address.
+    server_name: Option<ServerName<'static>>,
+}
+
+impl Connector {
+    /// Reads the CA bundle (or the system's roots) and the client certificate.
+    pub(crate) fn new(settings: &UpstreamTls) -> Result<Connector, TlsError> {
+        let provider = provider();
+        let roots = match &settings.ca {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for cert in read_chain_as(ca, "CA bundle")? {
+                    roots.add(cert).map_err(|e| tls_error("CA bundle", ca, e))?;
+                }
+                Arc::new(roots)
+            }
+            None => system_roots()?,
+        };
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| tls_error("CA bundle", Path::new("(system)"), e))?
+            .with_root_certificates(roots);
+        let mut config = match &settings.client_cert {
+            None => builder.with_no_client_auth(),
+            Some(files) => {
+                let chain = read_chain(&files.cert)?;
+                let key = PrivateKeyDer::from_pem_file(&files.key)
+                    .map_err(|e| tls_error("private key", &files.key, pem(e)))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    tls_error("private key", &files.key, format!("does not fit {}: {e}", files.cert.display()))
+                })?
+            }
+        };
+        // The upstream client speaks HTTP/1.1.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let server_name = settings
+            .server_name
+            .as_ref()
+            .map(|n| ServerName::try_from(n.clone()).expect("the configuration checked the server name"));
+        Ok(Connector { config: Arc::new(config), server_name })
+    }
+
+    /// The TLS handshake over a connected `tcp` to `address`.
+    async fn handshake(&self, address: SocketAddr, tcp: TcpStream) -> io::Result<Stream> {
+        let name = self.server_name.clone().unwrap_or_else(|| ServerName::IpAddress(address.ip().into()));
+        let tls = tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp).await?;
+        Ok(Stream::Tls(Box::new(tls)))
+    }
+}
+
+/// The system's CA certificates, read once.
+fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
+    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
+    let roots = ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        let mut roots = RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            let why = found.errors.first().map_or_else(|| "none found".to_owned(), ToString::to_string);
+            return Err(format!("no usable system CA certificate ({why}): set the pool's `tls.ca`"));
+        }
+        Ok(Arc::new(roots))
+    });
+    roots.clone().map_err(|message| TlsError { what: "CA bundle", path: PathBuf::from("(system)"), message })
+}
+
+/// Connects to an endpoint, over TLS when `tls` is set: requests, health checks and scrapes
+/// all go through here. No timeout of its own: callers bound it.
+pub(crate) async fn dial(address: SocketAddr, tls: Option<&Connector>) -> io::Result<Stream> {
+    let tcp = TcpStream::connect(address).await?;
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        None => Ok(Stream::Plain(tcp)),
+        Some(c) => c.handshake(address, tcp).await,
+    }
+}
+
+// === impl Stream ===
+
+/// A connection to an endpoint.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The TCP connection underneath.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 

@@ -20,7 +20,6 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::h1::conn::{Conn, Failure, exchange};
@@ -78,6 +77,8 @@ pub struct Upstream {
     pub(crate) breaker: Option<SharedBreaker>,
     /// Requests, latencies and engine scrapes, for `/metrics`.
     stats: EndpointStats,
+    /// The pool's TLS to its endpoints, if it has one.
+    tls: Option<Arc<crate::tls::Connector>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -87,26 +88,27 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
+    /// An endpoint of `pool`, connected to with its settings.
     pub(crate) fn new(
         address: SocketAddr,
         name: String,
-        max_idle: usize,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        breaker: Option<&fulcrum_core::resilience::breaker::BreakerConfig>,
+        pool: &fulcrum_config::PoolConfig,
+        tls: Option<Arc<crate::tls::Connector>>,
         now: fulcrum_core::Instant,
     ) -> Self {
+        let breaker = pool.resilience.breaker.as_ref();
         Upstream {
             address,
             name,
-            idle: ArrayQueue::new(max_idle.max(1)),
-            connect_timeout,
-            idle_timeout,
+            idle: ArrayQueue::new(pool.max_idle_per_endpoint.max(1)),
+            connect_timeout: pool.timeouts.connect,
+            idle_timeout: pool.timeouts.idle,
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             connections: Default::default(),
             breaker: breaker.map(|c| SharedBreaker::new(c, now)),
             stats: EndpointStats::default(),
+            tls,
         }
     }
 
@@ -170,15 +172,15 @@ impl Upstream {
         let _ = self.idle.push(Idle { conn, since: std::time::Instant::now() });
     }
 
-    async fn open(&self) -> Result<TcpStream, ProxyError> {
+    /// Connects (and shakes hands, over TLS) within the connect timeout.
+    async fn open(&self) -> Result<crate::tls::Stream, ProxyError> {
         let err = |source| ProxyError::Connect { endpoint: self.name.clone(), source };
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(err(e)),
-            Err(_) => return Err(err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))),
-        };
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+        let dial = crate::tls::dial(self.address, self.tls.as_deref());
+        match tokio::time::timeout(self.connect_timeout, dial).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(err(e)),
+            Err(_) => Err(err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))),
+        }
     }
 
     /// Opens a new connection for [`send`](Self::send).

@@ -54,8 +54,8 @@ impl Ca {
         self.issuer.pem()
     }
 
-    /// A certificate for `usage` with common name `cn`, SAN DNS names `dns` and SAN URIs
-    /// `uris`, valid from yesterday for a year.
+    /// A certificate for `usage` with common name `cn`, SAN DNS names (or IP addresses)
+    /// `dns` and SAN URIs `uris`, valid from yesterday for a year.
     pub fn leaf(&self, usage: Usage, cn: &str, dns: &[&str], uris: &[&str]) -> Leaf {
         let today = std::time::SystemTime::now();
         let day = std::time::Duration::from_secs(86_400);
@@ -75,7 +75,10 @@ impl Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
         params.distinguished_name.push(DnType::CommonName, cn);
         for d in dns {
-            params.subject_alt_names.push(SanType::DnsName((*d).try_into().expect("DNS name")));
+            params.subject_alt_names.push(match d.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName((*d).try_into().expect("DNS name")),
+            });
         }
         for u in uris {
             params.subject_alt_names.push(SanType::URI((*u).try_into().expect("URI")));

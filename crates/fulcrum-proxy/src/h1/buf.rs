@@ -80,7 +80,11 @@ impl InBuf {
 
     /// Reads once from `stream` into the free space (making some if needed); `Ok(0)` is the
     /// end of the stream.
-    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_fill<S: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut S,
+    ) -> Poll<io::Result<usize>> {
         if !self.make_room() {
             // The head parsers refuse a head this long before it gets here.
             return Poll::Ready(Err(io::Error::other("read buffer full")));

@@ -13,12 +13,12 @@ use http::{Method, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::io::AsyncWrite;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::UpstreamError;
 use super::buf::InBuf;
 use super::codec::{self, Decoder, Parsed, ReqFraming};
+use crate::tls::Stream;
 use crate::upstream::{ReqBody, Upstream};
 
 /// Read buffer of a connection; a response head may grow it up to
@@ -32,7 +32,7 @@ const KEEP_WRITE_BUF_BYTES: usize = 16 * 1024;
 /// An open HTTP/1.1 connection to an upstream, with its buffers, owned by one request at a
 /// time. Dropping it closes it.
 pub(crate) struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     rbuf: InBuf,
     wbuf: Vec<u8>,
     /// The first-byte deadline of the connection's current request. One timer per
@@ -45,7 +45,7 @@ pub(crate) struct Conn {
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").field("peer", &self.stream.peer_addr().ok()).finish_non_exhaustive()
+        f.debug_struct("Conn").field("peer", &self.stream.tcp().peer_addr().ok()).finish_non_exhaustive()
     }
 }
 
@@ -58,7 +58,7 @@ impl Drop for Conn {
 impl Conn {
     /// Wraps a connected stream, counting it in `open`. Boxed: a connection changes hands
     /// (pool, request, response body) several times a request.
-    pub(crate) fn new(stream: TcpStream, open: Arc<AtomicU32>) -> Box<Conn> {
+    pub(crate) fn new(stream: Stream, open: Arc<AtomicU32>) -> Box<Conn> {
         open.fetch_add(1, Ordering::Relaxed);
         Box::new(Conn {
             stream,
@@ -74,13 +74,16 @@ impl Conn {
     /// socket readable.
     pub(crate) fn is_reusable(&self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
+        // Over TLS too: an idle TLS connection has nothing to read either (a stray byte read
+        // here condemns the connection, so taking it from under rustls does no harm).
+        let tcp = self.stream.tcp();
+        match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             // Readable: end of file, an error, stray bytes, or a stale readiness (a read that
             // exactly filled the buffer leaves it set). Only the last is reusable.
             Poll::Ready(Ok(())) => {
-                matches!(self.stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                matches!(tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
     }
@@ -139,7 +142,7 @@ impl Writer {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         wbuf: &mut Vec<u8>,
     ) -> Poll<Result<(), UpstreamError>> {
         loop {

@@ -405,3 +405,186 @@ async fn tls_files_that_do_not_load_stop_the_start_with_the_file_named() {
         assert!(message.contains("listener `public`") && message.contains(named), "{message}");
     }
 }
+
+// --- TLS to upstreams ---
+
+/// What an HTTPS test backend saw.
+#[derive(Default)]
+struct Seen {
+    handshakes: AtomicUsize,
+    resumed: AtomicUsize,
+    requests: AtomicUsize,
+    /// Common names of the client certificates presented.
+    clients: std::sync::Mutex<Vec<String>>,
+}
+
+/// An HTTPS backend on 127.0.0.1 with `leaf`, requiring a client certificate from
+/// `client_ca` when given. It answers `200 NAME`, with `Connection: close` when `close`.
+async fn https_backend(
+    name: &'static str,
+    leaf: &Leaf,
+    client_ca: Option<&Ca>,
+    close: bool,
+) -> (SocketAddr, Arc<Seen>) {
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions");
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).expect("CA")).expect("CA");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .expect("verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(leaf.cert.as_bytes()).expect("cert")],
+            PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).expect("key"),
+        )
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), s.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                seen.handshakes.fetch_add(1, Ordering::SeqCst);
+                let conn = tls.get_ref().1;
+                if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    seen.resumed.fetch_add(1, Ordering::SeqCst);
+                }
+                if let Some(certs) = conn.peer_certificates() {
+                    let (_, x) = x509_parser::parse_x509_certificate(&certs[0]).expect("client certificate");
+                    let cn = x.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("?");
+                    seen.clients.lock().expect("clients").push(cn.to_owned());
+                }
+                let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    seen.requests.fetch_add(1, Ordering::SeqCst);
+                    let mut resp = http::Response::new(Full::new(Bytes::from(name)));
+                    if close {
+                        resp.headers_mut().insert("connection", "close".parse().expect("static"));
+                    }
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A plain listener `public` in front of pool `p` with `endpoints` and `pool` lines.
+fn upstream_config(endpoints: &[SocketAddr], pool: &str) -> String {
+    let list: Vec<String> = endpoints.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+    common::one_pool_with(&format!("endpoints = [{}]\n{pool}", list.join(", ")), "")
+}
+
+async fn plain_get(addr: SocketAddr) -> (StatusCode, Bytes) {
+    let (status, _, body) = common::send(addr, common::get("/")).await;
+    (status, body)
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_pooled_resumed_and_health_checked() {
+    let ca = Ca::new("upstream CA");
+    let dir = Dir::new("tls-upstream");
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let leaf = ca.leaf(Usage::Server, "backend", &["backend.test"], &[]);
+    let (kept, kept_seen) = https_backend("kept", &leaf, None, false).await;
+    let pool = format!(
+        "tls = {{ server_name = \"backend.test\", ca = \"{}\" }}\nhealth_check = {{ path = \"/health\", interval = \"100ms\" }}",
+        path(&ca_file)
+    );
+    let proxy = common::proxy(&upstream_config(&[kept], &pool)).await;
+    for _ in 0..20 {
+        assert_eq!(plain_get(proxy.proxy_addr).await, (StatusCode::OK, Bytes::from("kept")));
+    }
+    // Requests share pooled TLS connections (health checks open their own).
+    let requests = kept_seen.requests.load(Ordering::SeqCst);
+    assert!(requests >= 20, "{requests}");
+    let handshakes = kept_seen.handshakes.load(Ordering::SeqCst);
+    assert!(handshakes < requests / 2, "{handshakes} handshakes for {requests} requests: connections are pooled");
+    // Health checks reach the backend over TLS (its request handler counts them), and the
+    // endpoint stays in service.
+    common::until("health checks over TLS", || kept_seen.requests.load(Ordering::SeqCst) >= requests + 3).await;
+    assert_eq!(plain_get(proxy.proxy_addr).await, (StatusCode::OK, Bytes::from("kept")));
+    proxy.shutdown().await;
+
+    // A backend that closes each connection: the next handshakes resume the TLS session.
+    let (closing, closing_seen) = https_backend("closing", &leaf, None, true).await;
+    let proxy = common::proxy(&upstream_config(&[closing], &pool)).await;
+    for _ in 0..5 {
+        assert_eq!(plain_get(proxy.proxy_addr).await, (StatusCode::OK, Bytes::from("closing")));
+    }
+    let resumed = closing_seen.resumed.load(Ordering::SeqCst);
+    assert!(resumed >= 3, "{resumed} of {} handshakes resumed", closing_seen.handshakes.load(Ordering::SeqCst));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_fails_verification_gets_no_request() {
+    let ca = Ca::new("real CA");
+    let other = Ca::new("another CA");
+    let dir = Dir::new("tls-upstream-verify");
+    let other_file = dir.write("other.pem", &other.pem());
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let (addr, seen) = https_backend("b", &ca.leaf(Usage::Server, "b", &["backend.test"], &[]), None, false).await;
+    for (pool, why) in [
+        (format!("tls = {{ server_name = \"backend.test\", ca = \"{}\" }}", path(&other_file)), "another CA"),
+        (format!("tls = {{ server_name = \"wrong.test\", ca = \"{}\" }}", path(&ca_file)), "another name"),
+        (format!("tls = {{ ca = \"{}\" }}", path(&ca_file)), "the IP address, not in the certificate"),
+    ] {
+        let proxy = common::proxy(&upstream_config(&[addr], &pool)).await;
+        let (status, body) = plain_get(proxy.proxy_addr).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{why}: {body:?}");
+        proxy.shutdown().await;
+    }
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 0, "no request reached an unverified upstream");
+    // Without server_name, the endpoint's IP address is verified: a certificate for it passes.
+    let (by_ip, _) = https_backend("by-ip", &ca.leaf(Usage::Server, "ip", &["127.0.0.1"], &[]), None, false).await;
+    let proxy = common::proxy(&upstream_config(&[by_ip], &format!("tls = {{ ca = \"{}\" }}", path(&ca_file)))).await;
+    assert_eq!(plain_get(proxy.proxy_addr).await, (StatusCode::OK, Bytes::from("by-ip")));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn https_clients_reach_https_upstreams_with_client_certificates() {
+    let ca = Ca::new("CA");
+    let dir = Dir::new("tls-end-to-end");
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let (front_cert, front_key) = dir.write_leaf("front", &ca.leaf(Usage::Server, "a.test", &["a.test"], &[]));
+    let (client_cert, client_key) =
+        dir.write_leaf("proxy", &ca.leaf(Usage::Client, "fulcrum", &[], &["spiffe://test/proxy"]));
+    let backend_leaf = ca.leaf(Usage::Server, "backend", &["backend.test"], &[]);
+    let (addr, seen) = https_backend("mtls", &backend_leaf, Some(&ca), false).await;
+    let pool = |cert: &str| format!("tls = {{ server_name = \"backend.test\", ca = \"{}\"{cert} }}", path(&ca_file));
+    let with_cert = pool(&format!(", cert = \"{}\", key = \"{}\"", path(&client_cert), path(&client_key)));
+    let toml = upstream_config(&[addr], &with_cert).replacen(
+        "pool = \"p\"\n",
+        &format!("pool = \"p\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n", path(&front_cert), path(&front_key)),
+        1,
+    );
+    let proxy = common::proxy(&toml).await;
+    for alpn in [&["http/1.1"][..], &["h2"]] {
+        let tls = connect(proxy.proxy_addr, &client_config(&ca, None, alpn), "a.test").await.expect("handshake");
+        let (status, _, body) = get(tls, "/").await.expect("response");
+        assert_eq!((status, body), (StatusCode::OK, Bytes::from("mtls")), "ALPN {alpn:?}");
+    }
+    assert!(seen.clients.lock().expect("clients").iter().all(|cn| cn == "fulcrum"));
+    proxy.shutdown().await;
+    // Without the client certificate, the upstream refuses the proxy: 502.
+    let proxy = common::proxy(&upstream_config(&[addr], &pool(""))).await;
+    assert_eq!(plain_get(proxy.proxy_addr).await.0, StatusCode::BAD_GATEWAY);
+    proxy.shutdown().await;
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 2);
+}
