@@ -389,6 +389,19 @@ pub struct PoolConfig {
     pub discovery: Option<discovery::DiscoveryConfig>,
     /// HTTPS to the endpoints (requests, health checks and engine scrapes), if set.
     pub tls: Option<UpstreamTls>,
+    /// What the proxy speaks to the endpoints.
+    pub protocol: UpstreamProtocol,
+}
+
+/// The HTTP version a pool speaks to its endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (the default), with pooled keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2: over TLS with ALPN `h2`, else with prior knowledge (h2c); one multiplexed
+    /// connection per endpoint. What gRPC services need.
+    H2,
 }
 
 /// A pool's TLS to its endpoints (`[pool.NAME] tls`).

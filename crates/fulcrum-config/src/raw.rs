@@ -223,6 +223,15 @@ pub(crate) struct RawPool {
     pub autoscale: Option<crate::autoscale::RawAutoscale>,
     pub discovery: Option<crate::discovery::RawDiscovery>,
     pub tls: Option<RawUpstreamTls>,
+    pub protocol: Option<UpstreamProtocolRaw>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpstreamProtocolRaw {
+    #[serde(rename = "http1")]
+    Http1,
+    #[serde(rename = "h2")]
+    H2,
 }
 
 /// `[pool.NAME] tls`: HTTPS to the endpoints.
@@ -384,6 +393,10 @@ impl RawPool {
                 autoscale,
                 discovery,
                 tls,
+                protocol: match self.protocol {
+                    Some(UpstreamProtocolRaw::H2) => crate::UpstreamProtocol::H2,
+                    _ => crate::UpstreamProtocol::Http1,
+                },
             })
         })
     }

@@ -27,7 +27,7 @@ pub(crate) async fn check_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, check
     let known = PoolState::known_health(&endpoint);
     let mut health = HealthState::resume(&check.config, known, clock::now());
     loop {
-        let ok = probe(&check.kind, endpoint.address(), pool.tls(), check.config.timeout()).await;
+        let ok = probe(&check.kind, endpoint.address(), &pool, check.config.timeout()).await;
         let now = clock::now();
         // What a result means (flags, events, recovery effects) is the core's to say.
         state.on_probe(&*pool.snapshot(), &endpoint, &mut health, ok, now);
@@ -37,21 +37,33 @@ pub(crate) async fn check_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, check
 }
 
 /// One probe, bounded by `timeout`.
-async fn probe(kind: &CheckKind, address: SocketAddr, tls: Option<&crate::tls::Connector>, timeout: Duration) -> bool {
+async fn probe(kind: &CheckKind, address: SocketAddr, pool: &PoolRuntime, timeout: Duration) -> bool {
     let attempt = async {
         // A TCP check over TLS passes when the handshake does.
-        let stream = crate::tls::dial(address, tls).await.ok()?;
+        let stream = crate::tls::dial(address, pool.tls()).await.ok()?;
         let CheckKind::Http { path, expected_statuses } = kind else { return Some(true) };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let io = TokioIo::new(stream);
         let req = http::Request::get(path.as_str())
-            .header(http::header::HOST, address.to_string())
             .header(http::header::USER_AGENT, "fulcrum-health-check")
             .body(Empty::<Bytes>::new())
             .ok()?;
-        let status = sender.send_request(req).await.ok()?.status().as_u16();
+        // In the pool's protocol: an HTTP/2-only (gRPC) server answers no HTTP/1.1 probe.
+        let resp = if pool.config().protocol == fulcrum_config::UpstreamProtocol::H2 {
+            let scheme = if pool.tls().is_some() { "https" } else { "http" };
+            let (mut parts, body) = req.into_parts();
+            parts.uri = format!("{scheme}://{address}{path}").parse().ok()?;
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.ok()?;
+            tokio::spawn(conn);
+            sender.send_request(http::Request::from_parts(parts, body)).await.ok()?
+        } else {
+            let (mut parts, body) = req.into_parts();
+            parts.headers.insert(http::header::HOST, http::HeaderValue::from_str(&address.to_string()).ok()?);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+            tokio::spawn(conn);
+            sender.send_request(http::Request::from_parts(parts, body)).await.ok()?
+        };
+        let status = resp.status().as_u16();
         Some(if expected_statuses.is_empty() {
             (200..300).contains(&status)
         } else {

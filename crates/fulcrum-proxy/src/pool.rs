@@ -142,7 +142,8 @@ impl PoolRuntime {
             && was.timeouts.idle == config.timeouts.idle
             && was.max_idle_per_endpoint == config.max_idle_per_endpoint
             && was.resilience.breaker == config.resilience.breaker
-            && was.tls == config.tls;
+            && was.tls == config.tls
+            && was.protocol == config.protocol;
         // TLS files are read again at every rebuild (a renewed client certificate or CA).
         let tls = connector(&config)?;
         let added: Vec<String> = selector
@@ -357,5 +358,5 @@ impl PoolRuntime {
 
 /// The pool's TLS connector, when it has `tls`.
 fn connector(config: &PoolConfig) -> Result<Option<Arc<crate::tls::Connector>>, crate::tls::TlsError> {
-    config.tls.as_ref().map(|t| crate::tls::Connector::new(t).map(Arc::new)).transpose()
+    config.tls.as_ref().map(|t| crate::tls::Connector::new(t, config.protocol).map(Arc::new)).transpose()
 }

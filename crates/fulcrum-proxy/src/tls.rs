@@ -76,7 +76,11 @@ pub fn check(config: &fulcrum_config::Config) -> Vec<String> {
     let mut errors: Vec<String> =
         listeners.filter_map(|(i, t)| load(t).err().map(|e| format!("listener[{i}].tls: {e}"))).collect();
     let pools = config.pools.iter().filter_map(|(name, p)| Some((name, p.tls.as_ref()?)));
-    errors.extend(pools.filter_map(|(name, t)| Connector::new(t).err().map(|e| format!("pool.{name}.tls: {e}"))));
+    let failed = |(name, t): (&String, &UpstreamTls)| {
+        let pool = &config.pools[name];
+        Connector::new(t, pool.protocol).err().map(|e| format!("pool.{name}.tls: {e}"))
+    };
+    errors.extend(pools.filter_map(failed));
     errors
 }
 
@@ -284,7 +288,10 @@ pub struct Connector {
 
 impl Connector {
     /// Reads the CA bundle (or the system's roots) and the client certificate.
-    pub(crate) fn new(settings: &UpstreamTls) -> Result<Connector, TlsError> {
+    pub(crate) fn new(
+        settings: &UpstreamTls,
+        protocol: fulcrum_config::UpstreamProtocol,
+    ) -> Result<Connector, TlsError> {
         let provider = provider();
         let roots = match &settings.ca {
             Some(ca) => {
@@ -311,8 +318,10 @@ impl Connector {
                 })?
             }
         };
-        // The upstream client speaks HTTP/1.1.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = match protocol {
+            fulcrum_config::UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
+            fulcrum_config::UpstreamProtocol::H2 => vec![b"h2".to_vec()],
+        };
         let server_name = settings
             .server_name
             .as_ref()

@@ -7,6 +7,10 @@
 //! on the wire instead (the write fails, or the connection ends before any response byte to
 //! an idempotent request), the request goes out once more on a fresh connection: the
 //! endpoint cannot have processed it, so nothing is repeated.
+//!
+//! A pool with `protocol = "h2"` speaks HTTP/2 instead, through hyper's client: one
+//! connection per endpoint, opened at the first request and again when it closes, with
+//! every request a stream on it. Trailers pass both ways (gRPC's status is one).
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +83,8 @@ pub struct Upstream {
     stats: EndpointStats,
     /// The pool's TLS to its endpoints, if it has one.
     tls: Option<Arc<crate::tls::Connector>>,
+    /// An `h2` pool's connection to the endpoint (none yet, or the last one opened).
+    h2: Option<tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<HyperBody>>>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -109,6 +115,7 @@ impl Upstream {
             breaker: breaker.map(|c| SharedBreaker::new(c, now)),
             stats: EndpointStats::default(),
             tls,
+            h2: (pool.protocol == fulcrum_config::UpstreamProtocol::H2).then(|| tokio::sync::Mutex::new(None)),
         }
     }
 
@@ -218,6 +225,12 @@ impl Upstream {
         self.record_request();
         let deadline = tokio::time::Instant::from_std(started) + first_byte;
         let timed_out = || ProxyError::Timeout { endpoint: self.name.clone(), after_ms: first_byte.as_millis() };
+        if let Some(h2) = &self.h2 {
+            return match tokio::time::timeout_at(deadline, Box::pin(self.send_h2(h2, parts, body))).await {
+                Ok(result) => result,
+                Err(_) => Err(timed_out()),
+            };
+        }
         let mut stale = false;
         loop {
             // After a stale pooled connection, a fresh one: the others may be stale too.
@@ -248,4 +261,78 @@ impl Upstream {
             }
         }
     }
+
+    /// Sends a request as a stream on the endpoint's HTTP/2 connection, opening one if there
+    /// is none (or it closed).
+    async fn send_h2(
+        &self,
+        h2: &tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<HyperBody>>>,
+        parts: &http::request::Parts,
+        body: ReqBody,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let upstream_err = |e: hyper::Error| ProxyError::Upstream { endpoint: self.name.clone(), source: e.into() };
+        let mut sender = {
+            let mut slot = h2.lock().await;
+            match slot.as_ref().filter(|s| !s.is_closed()) {
+                Some(s) => s.clone(),
+                None => {
+                    let stream = self.open().await?;
+                    let mut builder = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    builder.timer(hyper_util::rt::TokioTimer::new());
+                    let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(upstream_err)?;
+                    let open = self.connections.clone();
+                    open.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                        open.fetch_sub(1, Ordering::Relaxed);
+                    });
+                    *slot = Some(sender.clone());
+                    sender
+                }
+            }
+        };
+        let mut req = http::Request::from_parts(h2_head(parts, self.address, self.tls.is_some()), body.into_hyper());
+        *req.version_mut() = http::Version::HTTP_2;
+        sender.ready().await.map_err(upstream_err)?;
+        let resp = sender.send_request(req).await.map_err(upstream_err)?;
+        Ok(resp.map(UpstreamBody::h2))
+    }
+}
+
+/// A request head as an HTTP/2 upstream gets it: the target in absolute form (its
+/// authority from `Host`, else the endpoint's address), no `Host` or connection-specific
+/// headers, and `te: trailers` for gRPC.
+fn h2_head(parts: &http::request::Parts, address: SocketAddr, tls: bool) -> http::request::Parts {
+    let (mut head, ()) = http::Request::new(()).into_parts();
+    head.method = parts.method.clone();
+    head.headers = parts.headers.clone();
+    head.extensions = http::Extensions::new();
+    let authority = head
+        .headers
+        .remove(http::header::HOST)
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| {
+            http::uri::Authority::try_from(address.to_string()).expect("a socket address is an authority")
+        });
+    let scheme = if tls { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP };
+    let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    head.uri = http::Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .unwrap_or_else(|_| http::Uri::from_static("/"));
+    let grpc =
+        head.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    // Connection-specific headers are malformed in HTTP/2 (RFC 9113, 8.2.2); TE only as
+    // `trailers`, which gRPC servers expect.
+    for name in [http::header::CONNECTION, http::header::TRANSFER_ENCODING, http::header::UPGRADE, http::header::TE] {
+        head.headers.remove(name);
+    }
+    head.headers.remove("keep-alive");
+    head.headers.remove("proxy-connection");
+    if grpc {
+        head.headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    }
+    head
 }

@@ -321,6 +321,7 @@ pub(crate) async fn exchange(
         keep_alive: keep_alive && write_error.is_none(),
         conn: Some(conn),
         home: Some(home.clone()),
+        h2: None,
     };
     if body.decoder.is_done() {
         body.finish();
@@ -375,6 +376,9 @@ pub struct UpstreamBody {
     writer: Option<Box<Writer>>,
     keep_alive: bool,
     home: Option<Arc<Upstream>>,
+    /// The body of a response that came over HTTP/2 (an `h2` pool), read by hyper instead.
+    /// Boxed: rare, and the body stays small.
+    h2: Option<Box<hyper::body::Incoming>>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -386,7 +390,12 @@ impl std::fmt::Debug for UpstreamBody {
 impl UpstreamBody {
     /// A body that has ended, holding no connection.
     pub(crate) fn ended() -> UpstreamBody {
-        UpstreamBody { conn: None, decoder: Decoder::Done, writer: None, keep_alive: false, home: None }
+        UpstreamBody { conn: None, decoder: Decoder::Done, writer: None, keep_alive: false, home: None, h2: None }
+    }
+
+    /// The body of a response hyper's HTTP/2 client read.
+    pub(crate) fn h2(body: hyper::body::Incoming) -> UpstreamBody {
+        UpstreamBody { h2: Some(Box::new(body)), ..UpstreamBody::ended() }
     }
 
     /// The body ended: the connection goes back to the pool if it can carry another request.
@@ -418,6 +427,10 @@ impl Body for UpstreamBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         let this = self.get_mut();
+        if let Some(h2) = &mut this.h2 {
+            // Data and trailers (gRPC's status) as hyper reads them.
+            return Pin::new(h2.as_mut()).poll_frame(cx).map_err(UpstreamError::Hyper);
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
             if let Some(writer) = &mut this.writer {
@@ -472,10 +485,16 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none()
+        match &self.h2 {
+            Some(h2) => h2.is_end_stream(),
+            None => self.conn.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(h2) = &self.h2 {
+            return h2.size_hint();
+        }
         match self.decoder.remaining() {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),

@@ -4,6 +4,7 @@
 
 mod client_h1;
 mod common;
+mod grpc;
 mod hostile;
 mod hostile_input;
 mod http;
