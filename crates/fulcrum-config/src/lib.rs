@@ -771,7 +771,13 @@ impl Config {
         if !errors.is_empty() {
             return Err(ConfigErrors::new(errors));
         }
-        Ok(Config { proxy, listeners, routes, pools, tracing: raw.tracing.and_then(observe::RawTracing::validate) })
+        Ok(Config {
+            proxy,
+            listeners,
+            routes,
+            pools,
+            tracing: raw.tracing.and_then(|t| t.validate(at.file.and_then(Path::parent))),
+        })
     }
 }
 

@@ -9,8 +9,8 @@
 //!
 //! Without `otlp_endpoint` nothing is traced. The endpoint is a base URL, as in
 //! `OTEL_EXPORTER_OTLP_ENDPOINT`: spans go to its path plus `/v1/traces` (a URL that already
-//! ends in `/v1/traces` is used as it is). Plain `http` only: a collector or agent next to the
-//! proxy is the usual deployment, and TLS to a remote backend is the collector's job.
+//! ends in `/v1/traces` is used as it is). `http` or `https`; over https the collector's
+//! certificate is verified against the system's CAs, or against `otlp_ca` (a PEM bundle).
 //! Each field is checked while the file is read, so errors carry the value's line.
 
 use serde::{Deserialize, Deserializer};
@@ -29,14 +29,18 @@ pub struct TracingConfig {
     /// A request whose `traceparent` says sampled is always recorded, one that says not
     /// sampled never is (parent-based sampling).
     pub sample_ratio: f64,
+    /// CA bundle (PEM) for an `https` collector, instead of the system's roots.
+    pub otlp_ca: Option<std::path::PathBuf>,
 }
 
-/// An `http://host[:port][/path]` URL for OTLP/HTTP traces.
+/// An `http[s]://host[:port][/path]` URL for OTLP/HTTP traces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OtlpEndpoint {
+    /// Over TLS (`https`).
+    pub https: bool,
     /// Host name or IP address (IPv6 without brackets).
     pub host: String,
-    /// Port (80 when the URL has none).
+    /// Port (80, or 443 for https, when the URL has none).
     pub port: u16,
     /// The path spans are POSTed to, ending in `/v1/traces`.
     pub path: String,
@@ -45,14 +49,10 @@ pub struct OtlpEndpoint {
 impl OtlpEndpoint {
     /// Parses a base URL; the error says what is allowed.
     pub fn parse(url: &str) -> Result<OtlpEndpoint, String> {
-        let rest = match url.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-            Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
-                return Err(format!(
-                    "`{url}`: https is not supported; send to a collector or agent over plain http (it handles TLS onwards)"
-                ));
-            }
-            _ => return Err(format!("`{url}` is not an http URL such as \"http://127.0.0.1:4318\"")),
+        let (https, rest) = match url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => (false, rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (true, rest),
+            _ => return Err(format!("`{url}` is not an http(s) URL such as \"http://127.0.0.1:4318\"")),
         };
         let (authority, path) = match rest.find(['/', '?', '#']) {
             Some(i) if rest[i..].starts_with('/') && !rest[i..].contains(['?', '#']) => (&rest[..i], &rest[i..]),
@@ -79,12 +79,13 @@ impl OtlpEndpoint {
             return Err(format!("`{url}`: `{host}` is not a host name or IP address"));
         }
         let port = match port {
+            None if https => 443,
             None => 80,
             Some(p) => p.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| format!("`{url}`: bad port `{p}`"))?,
         };
         let base = path.trim_end_matches('/');
         let path = if base.ends_with("/v1/traces") { base.to_owned() } else { format!("{base}/v1/traces") };
-        Ok(OtlpEndpoint { host: host.to_owned(), port, path })
+        Ok(OtlpEndpoint { https, host: host.to_owned(), port, path })
     }
 
     /// The `Host` header value.
@@ -99,7 +100,8 @@ impl OtlpEndpoint {
 
 impl std::fmt::Display for OtlpEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}{}", self.authority(), self.path)
+        let scheme = if self.https { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority(), self.path)
     }
 }
 
@@ -146,15 +148,22 @@ pub(crate) struct RawTracing {
     pub otlp_endpoint: Option<OtlpEndpoint>,
     pub service_name: Option<ServiceName>,
     pub sample_ratio: Option<Ratio>,
+    pub otlp_ca: Option<std::path::PathBuf>,
 }
 
 impl RawTracing {
     /// The typed settings; `None` when no endpoint is set (tracing off).
-    pub(crate) fn validate(self) -> Option<TracingConfig> {
+    /// `dir` is where a relative `otlp_ca` is (the configuration file's directory).
+    pub(crate) fn validate(self, dir: Option<&std::path::Path>) -> Option<TracingConfig> {
+        let otlp_ca = self.otlp_ca.map(|p| match dir {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p,
+        });
         Some(TracingConfig {
             otlp_endpoint: self.otlp_endpoint?,
             service_name: self.service_name.map_or_else(|| DEFAULT_SERVICE_NAME.to_owned(), |s| s.0),
             sample_ratio: self.sample_ratio.map_or(1.0, |r| r.0),
+            otlp_ca,
         })
     }
 }
@@ -173,9 +182,11 @@ mod tests {
         let e = OtlpEndpoint::parse("http://[::1]:4318/v1/traces").unwrap();
         assert_eq!((e.host.as_str(), e.port, e.path.as_str()), ("::1", 4318, "/v1/traces"));
         assert_eq!(e.authority(), "[::1]:4318");
+        let e = OtlpEndpoint::parse("https://otel.example").unwrap();
+        assert_eq!((e.https, e.port, e.to_string().as_str()), (true, 443, "https://otel.example:443/v1/traces"));
         for (bad, says) in [
-            ("https://otel:4318", "https is not supported"),
-            ("127.0.0.1:4318", "not an http URL"),
+            ("127.0.0.1:4318", "not an http(s) URL"),
+            ("ftp://otel:4318", "not an http(s) URL"),
             ("http://:4318", "not a host name"),
             ("http://otel:0", "bad port"),
             ("http://otel:99999", "bad port"),

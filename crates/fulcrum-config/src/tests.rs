@@ -269,8 +269,14 @@ fn access_log_and_tracing_are_off_by_default() {
     assert_eq!(Config::parse("[tracing]\nservice_name = \"edge\"\n", None).unwrap().tracing, None);
     let e = err("[tracing]\notlp_endpoint = \"http://otel:4318\"\nsample_ratio = 1.5\n");
     assert!(e.starts_with("fulcrum.toml:3: tracing.sample_ratio: must be from 0.0 to 1.0"), "{e}");
-    let e = err("[tracing]\notlp_endpoint = \"https://otel:4318\"\n");
-    assert!(e.starts_with("fulcrum.toml:2: tracing.otlp_endpoint: ") && e.contains("https is not supported"), "{e}");
+    let c = Config::parse(
+        "[tracing]\notlp_endpoint = \"https://otel:4318\"\notlp_ca = \"ca.pem\"\n",
+        Some(Path::new("/etc/f/f.toml")),
+    )
+    .unwrap();
+    let t = c.tracing.unwrap();
+    assert!(t.otlp_endpoint.https);
+    assert_eq!(t.otlp_ca.as_deref(), Some(Path::new("/etc/f/ca.pem")));
     let e = err("[tracing]\nendpoint = \"http://otel:4318\"\n");
     assert!(e.contains("unknown field `endpoint`"), "{e}");
 }

@@ -81,6 +81,11 @@ pub fn check(config: &fulcrum_config::Config) -> Vec<String> {
         Connector::new(t, pool.protocol).err().map(|e| format!("pool.{name}.tls: {e}"))
     };
     errors.extend(pools.filter_map(failed));
+    if let Some(t) = config.tracing.as_ref().filter(|t| t.otlp_endpoint.https)
+        && let Err(e) = crate::trace::collector_tls(t)
+    {
+        errors.push(format!("tracing: {e}"));
+    }
     errors
 }
 
@@ -322,15 +327,17 @@ impl Connector {
             fulcrum_config::UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
             fulcrum_config::UpstreamProtocol::H2 => vec![b"h2".to_vec()],
         };
-        let server_name = settings
-            .server_name
-            .as_ref()
-            .map(|n| ServerName::try_from(n.clone()).expect("the configuration checked the server name"));
+        let server_name = match &settings.server_name {
+            Some(n) => {
+                Some(ServerName::try_from(n.clone()).map_err(|e| tls_error("server name", Path::new(n.as_str()), e))?)
+            }
+            None => None,
+        };
         Ok(Connector { config: Arc::new(config), server_name })
     }
 
     /// The TLS handshake over a connected `tcp` to `address`.
-    async fn handshake(&self, address: SocketAddr, tcp: TcpStream) -> io::Result<Stream> {
+    pub(crate) async fn handshake(&self, address: SocketAddr, tcp: TcpStream) -> io::Result<Stream> {
         let name = self.server_name.clone().unwrap_or_else(|| ServerName::IpAddress(address.ip().into()));
         let tls = tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp).await?;
         Ok(Stream::Tls(Box::new(tls)))

@@ -198,11 +198,15 @@ pub(crate) struct Exporter {
 
 impl Exporter {
     /// Starts the export task (on the current tokio runtime).
-    pub(crate) fn start(endpoint: OtlpEndpoint, service_name: String) -> Self {
+    pub(crate) fn start(config: &fulcrum_config::observe::TracingConfig) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let (stop, stopped) = watch::channel(false);
         let dropped = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(export_loop(rx, stopped, endpoint, service_name, dropped.clone()));
+        // An https collector whose CA does not load: every export fails, saying why.
+        let tls =
+            config.otlp_endpoint.https.then(|| super::collector_tls(config).map(Arc::new).map_err(|e| e.to_string()));
+        let client = Client { endpoint: config.otlp_endpoint.clone(), tls, conn: None, failing: false };
+        let task = tokio::spawn(export_loop(rx, stopped, client, config.service_name.clone(), dropped.clone()));
         Exporter { queue, dropped, stop, task: std::sync::Mutex::new(Some(task)) }
     }
 
@@ -233,11 +237,10 @@ impl Exporter {
 async fn export_loop(
     mut rx: mpsc::Receiver<SpanData>,
     mut stop: watch::Receiver<bool>,
-    endpoint: OtlpEndpoint,
+    mut client: Client,
     service_name: String,
     dropped: Arc<AtomicU64>,
 ) {
-    let mut client = Client { endpoint, conn: None, failing: false };
     let mut batch: Vec<SpanData> = Vec::with_capacity(MAX_BATCH);
     let mut stopping = false;
     while !stopping {
@@ -284,6 +287,8 @@ async fn export_loop(
 
 struct Client {
     endpoint: OtlpEndpoint,
+    /// TLS to an `https` collector (or why it cannot be set up).
+    tls: Option<Result<Arc<crate::tls::Connector>, String>>,
     conn: Option<SendRequest<Full<Bytes>>>,
     /// The last export failed (log once per outage).
     failing: bool,
@@ -350,10 +355,18 @@ impl Client {
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
-        let stream = tokio::net::TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
+        let tcp = tokio::net::TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
             .await
             .map_err(|e| format!("cannot connect: {e}"))?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let stream = match &self.tls {
+            None => crate::tls::Stream::Plain(tcp),
+            Some(Err(e)) => return Err(e.clone()),
+            Some(Ok(tls)) => {
+                let peer = tcp.peer_addr().map_err(|e| format!("cannot connect: {e}"))?;
+                tls.handshake(peer, tcp).await.map_err(|e| format!("TLS: {e}"))?
+            }
+        };
         let (sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {

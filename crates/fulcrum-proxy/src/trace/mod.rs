@@ -58,6 +58,17 @@ pub struct Tracer {
     anchor_unix_ns: u64,
 }
 
+/// The TLS connector for an `https` collector: verified against `otlp_ca` or the system's
+/// roots, with the URL's host as the server name.
+pub(crate) fn collector_tls(config: &TracingConfig) -> Result<crate::tls::Connector, crate::tls::TlsError> {
+    let settings = fulcrum_config::UpstreamTls {
+        server_name: Some(config.otlp_endpoint.host.clone()),
+        ca: config.otlp_ca.clone(),
+        client_cert: None,
+    };
+    crate::tls::Connector::new(&settings, fulcrum_config::UpstreamProtocol::Http1)
+}
+
 impl Tracer {
     /// A tracer exporting to `config`'s collector; starts the export task on the current
     /// tokio runtime.
@@ -66,7 +77,7 @@ impl Tracer {
         Arc::new(Tracer {
             sample_ratio: config.sample_ratio,
             ids,
-            exporter: Exporter::start(config.otlp_endpoint.clone(), config.service_name.clone()),
+            exporter: Exporter::start(config),
             anchor: Instant::now(),
             anchor_unix_ns: u64::try_from(unix.as_nanos()).unwrap_or(u64::MAX),
         })
@@ -360,6 +371,7 @@ mod tests {
             otlp_endpoint: fulcrum_config::observe::OtlpEndpoint::parse("http://127.0.0.1:9").unwrap(),
             service_name: "test".into(),
             sample_ratio: ratio,
+            otlp_ca: None,
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -172,13 +172,18 @@ struct Collector {
 
 impl Collector {
     async fn start() -> (Collector, SocketAddr) {
+        Self::start_with(None).await
+    }
+
+    /// A collector that serves over TLS when `tls` is given.
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> (Collector, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind collector");
         let addr = listener.local_addr().expect("addr");
         let collector = Collector::default();
         let spans = collector.spans.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let spans = spans.clone();
+                let (spans, tls) = (spans.clone(), tls.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let spans = spans.clone();
@@ -204,8 +209,16 @@ impl Collector {
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(stream).await else { return };
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -424,4 +437,41 @@ async fn the_access_log_follows_reloads_and_tracing_needs_a_restart() {
     let e = running.live.reload_text(&traced, None).expect_err("tracing changes only at a restart");
     assert_eq!(e.field(), "tracing", "{e}");
     running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_https_collector_verified_against_its_ca() {
+    use fulcrum_testkit::certs::{Ca, Dir, Usage};
+    use rustls::pki_types::pem::PemObject;
+    let ca = Ca::new("collector CA");
+    let leaf = ca.leaf(Usage::Server, "collector", &["127.0.0.1"], &[]);
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![rustls::pki_types::CertificateDer::from_pem_slice(leaf.cert.as_bytes()).expect("cert")],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).expect("key"),
+        )
+        .expect("server config");
+    let (collector, collector_addr) = Collector::start_with(Some(Arc::new(server).into())).await;
+    let dir = Dir::new("otlp-https");
+    let good = dir.write("ca.pem", &ca.pem());
+    let wrong = dir.write("other.pem", &Ca::new("other").pem());
+    let a = backend("a", Behavior::Echo).await;
+    for (ca_file, delivered) in [(&wrong, false), (&good, true)] {
+        let tracing = format!(
+            "[tracing]\notlp_endpoint = \"https://{collector_addr}\"\notlp_ca = \"{}\"\nservice_name = \"edge\"\n\n[[listener]]",
+            ca_file.display()
+        );
+        let running = proxy(&one_pool("\"round_robin\"", &[&a], "").replace("[[listener]]", &tracing)).await;
+        let (status, _, body) = send(running.proxy_addr, get("/")).await;
+        assert_eq!(status, StatusCode::OK, "tracing never stands in the way of requests");
+        let tp = json(&body)["headers"]["traceparent"].as_str().expect("traceparent").to_owned();
+        running.shutdown().await;
+        let spans = collector.of_trace(&tp[3..35]);
+        assert_eq!(spans.len(), if delivered { 2 } else { 0 }, "CA {}: {spans:#?}", ca_file.display());
+    }
 }
