@@ -14,7 +14,12 @@
 # ratios then include the baseline's to HAProxy's and Fulcrum's to the baseline's. Such a run
 # only prints its section: the "proxy" section of bench/RESULTS.md stays the plain comparison.
 #
-# Usage: [ROUNDS=3] [BASELINE=path] bench/proxy/run.sh [seconds per run, default 10] [connection counts, default "32 256"]
+# TLS=1 measures TLS termination instead: each proxy serves HTTPS on its port (one ECDSA P-256
+# certificate, TLS 1.3, see configs.sh) to plain upstreams, and each also gets a run at 32
+# connections where every request opens a new connection (`Connection: close`: a full
+# handshake each, which is what the CPU per request then mostly is). Its section is "proxy-tls".
+#
+# Usage: [ROUNDS=3] [BASELINE=path] [TLS=1] bench/proxy/run.sh [seconds per run, default 10] [connection counts, default "32 256"]
 set -euo pipefail
 # Resolve the baseline before leaving the caller's directory, and fail before any building.
 BASELINE=${BASELINE:-}
@@ -72,12 +77,17 @@ wait_port $B1; wait_port $B2
 
 SAMPLES=$WORK/samples.tsv
 : > "$SAMPLES"
-run_wrk() { # name pid port conns
-  local name=$1 pid=$2 port=$3 c=$4
+TLS=${TLS:-0}
+run_wrk() { # name pid port conns [close]
+  local name=$1 pid=$2 port=$3 c=$4 close=${5:-}
+  local url="http://127.0.0.1:$port/"
+  if [ "$TLS" = 1 ] && [ "$port" = "$LB" ]; then url="https://127.0.0.1:$port/"; fi
+  local hdr=()
+  if [ -n "$close" ]; then hdr=(-H "Connection: close"); fi
   # Warm up connections, then measure.
-  taskset -c 1 wrk -t1 -c"$c" -d2s "http://127.0.0.1:$port/" >/dev/null
+  taskset -c 1 wrk -t1 -c"$c" -d2s "${hdr[@]}" "$url" >/dev/null
   local t0; t0=$([ "$pid" != "-" ] && cpu_ticks "$pid" || echo 0)
-  local out; out=$(taskset -c 1 wrk -t1 -c"$c" -d"${DURATION}s" --latency "http://127.0.0.1:$port/")
+  local out; out=$(taskset -c 1 wrk -t1 -c"$c" -d"${DURATION}s" --latency "${hdr[@]}" "$url")
   local t1; t1=$([ "$pid" != "-" ] && cpu_ticks "$pid" || echo 0)
   local reqs rps p50 p99 errs
   reqs=$(echo "$out" | awk '/requests in/ {print $1}')
@@ -125,6 +135,7 @@ for round in $(seq 1 "$ROUNDS"); do
     if [ $lb = nginx ]; then pid=$(pgrep -P "$LB_PID" | head -1); fi
     [ "$round" = 1 ] && IDLE[$lb]=$(rss_kb "$pid")
     for c in $CONNS; do run_wrk "$(label $lb)" "$pid" $LB "$c"; done
+    if [ "$TLS" = 1 ]; then run_wrk "$(label $lb) (new connection each request)" "$pid" $LB 32 close; fi
     kill "$LB_PID"; wait "$LB_PID" 2>/dev/null || true
     sleep 0.3
   done
@@ -158,11 +169,13 @@ for (name, c), runs in rows.items():
 # (numerator, denominator, title). Alone, the title heads the table as it always has; with
 # a baseline, each row names its ratio.
 pairs = [("fulcrum", "haproxy", "Fulcrum / HAProxy")]
+if any(name.endswith("(new connection each request)") for name, _ in med):
+    pairs.append(("fulcrum (new connection each request)", "haproxy (new connection each request)", "Fulcrum / HAProxy, new connections"))
 if baseline:
     pairs += [("fulcrum (baseline)", "haproxy", "Fulcrum (baseline) / HAProxy"),
               ("fulcrum", "fulcrum (baseline)", "Fulcrum / baseline")]
 print()
-print(f"| {pairs[0][2] if len(pairs) == 1 else 'ratio'} | connections | requests/s | p99 | CPU per request |")
+print("| ratio | connections | requests/s | p99 | CPU per request |")
 print("| --- | ---: | ---: | ---: | ---: |")
 for num, den, title in pairs:
     for (name, c), (rps, p99, cpu, cpus) in med.items():
@@ -174,7 +187,7 @@ for num, den, title in pairs:
             if den == "fulcrum (baseline)" and len(cpus) == len(h[3]) > 1:
                 per_round = [a / b for a, b in zip(cpus, h[3])]
                 ratio += f" ({min(per_round):.2f}-{max(per_round):.2f} by round)"
-            lead = "| |" if len(pairs) == 1 else f"| {title} |"
+            lead = f"| {title} |"
             print(f"{lead} {c} | {rps / h[0]:.2f}x | {p99 / h[1]:.2f}x | {ratio} |")
 PY
 )
@@ -182,10 +195,12 @@ PY
 CPU=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 # A run with a baseline is pasted by hand beside the "proxy" section: no markers, or the next
 # plain run would replace it too.
+MARK=proxy-bench
+if [ "$TLS" = 1 ]; then MARK=proxy-tls-bench; fi
 {
-  if [ -z "$BASELINE" ]; then echo "<!-- proxy-bench:start -->"; fi
+  if [ -z "$BASELINE" ]; then echo "<!-- $MARK:start -->"; fi
   echo "Date: $(date -u +%Y-%m-%d), machine: $CPU, $(nproc) cores, $(uname -r)."
-  echo "Command: \`ROUNDS=$ROUNDS ${BASELINE:+BASELINE=$BASELINE }bench/proxy/run.sh $DURATION \"$CONNS\"\` (wrk -t1, ${DURATION} s a run after a 2 s warm-up;"
+  echo "Command: \`ROUNDS=$ROUNDS ${BASELINE:+BASELINE=$BASELINE }$([ "$TLS" = 1 ] && echo "TLS=1 ")bench/proxy/run.sh $DURATION \"$CONNS\"\` (wrk -t1, ${DURATION} s a run after a 2 s warm-up;"
   echo "proxy pinned to CPU 0, wrk and the backend to CPU 1; body: 14 bytes). Medians of $ROUNDS rounds, the"
   echo "proxies taking turns in each; requests/s shows the range over the rounds."
   echo
@@ -194,22 +209,22 @@ CPU=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
   echo "$TABLE"
   echo
   echo "Idle RSS after start: fulcrum $((IDLE[fulcrum] / 1024)) MiB ($((IDLE[fulcrum])) KiB),${BASELINE:+ baseline $((IDLE[baseline] / 1024)) MiB ($((IDLE[baseline])) KiB),} haproxy $((IDLE[haproxy] / 1024)) MiB, nginx worker $((IDLE[nginx] / 1024)) MiB."
-  if [ -z "$BASELINE" ]; then echo "<!-- proxy-bench:end -->"; fi
+  if [ -z "$BASELINE" ]; then echo "<!-- $MARK:end -->"; fi
 } > "$WORK/section.md"
 cat "$WORK/section.md"
 
 RESULTS=$ROOT/bench/RESULTS.md
 if [ -n "$BASELINE" ]; then
   echo "== run with a baseline: $RESULTS left as it is; section printed above"
-elif grep -q "<!-- proxy-bench:start -->" "$RESULTS" 2>/dev/null; then
-  python3 - "$RESULTS" "$WORK/section.md" <<'PY'
+elif grep -q "<!-- $MARK:start -->" "$RESULTS" 2>/dev/null; then
+  python3 - "$RESULTS" "$WORK/section.md" "$MARK" <<'PY'
 import re, sys
-path, section = sys.argv[1], open(sys.argv[2]).read().strip()
+path, section, mark = sys.argv[1], open(sys.argv[2]).read().strip(), sys.argv[3]
 text = open(path).read()
-text = re.sub(r"<!-- proxy-bench:start -->.*?<!-- proxy-bench:end -->", lambda _: section, text, flags=re.S)
+text = re.sub(rf"<!-- {mark}:start -->.*?<!-- {mark}:end -->", lambda _: section, text, flags=re.S)
 open(path, "w").write(text)
 PY
   echo "== updated $RESULTS"
 else
-  echo "== $RESULTS has no proxy-bench markers; section printed above"
+  echo "== $RESULTS has no $MARK markers; section printed above"
 fi
