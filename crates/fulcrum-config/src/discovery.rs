@@ -191,6 +191,11 @@ impl DiscoveryConfig {
                     resolve(t);
                 }
             }
+            DiscoveryConfig::Etcd(e) => {
+                if let Some(t) = &mut e.tls {
+                    t.resolve_paths(dir);
+                }
+            }
             _ => {}
         }
     }
@@ -236,12 +241,16 @@ pub enum DnsRecord {
 /// `kind = "etcd"`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdDiscovery {
-    /// etcd client URLs, `http://host:port` (a bare `host:port` gets `http://`).
+    /// etcd client URLs, `http://host:port` or `https://host:port` (a bare `host:port` gets
+    /// `http://`).
     pub endpoints: Vec<String>,
     /// The key prefix; each key under it holds one endpoint as JSON.
     pub prefix: String,
     /// How long one request (or connecting) may take (5 s).
     pub timeout: Duration,
+    /// For `https` endpoints: a CA bundle (else the system's roots) and a client certificate
+    /// (`server_name` does not apply: each endpoint's own host is verified).
+    pub tls: Option<crate::UpstreamTls>,
 }
 
 /// `kind = "kubernetes"`.
@@ -331,6 +340,7 @@ pub(crate) struct RawDiscovery {
     phi_threshold: Option<f64>,
     phi_acceptable_pause: Option<DurationStr>,
     failure_detector: Option<bool>,
+    tls: Option<crate::raw::RawUpstreamTls>,
 }
 
 use crate::raw::FieldError;
@@ -378,6 +388,7 @@ impl RawDiscovery {
             ("phi_threshold", self.phi_threshold.is_some()),
             ("phi_acceptable_pause", self.phi_acceptable_pause.is_some()),
             ("failure_detector", self.failure_detector.is_some()),
+            ("tls", self.tls.is_some()),
         ];
         fields.into_iter().filter(|(_, set)| *set).map(|(name, _)| name).collect()
     }
@@ -386,7 +397,7 @@ impl RawDiscovery {
         let allowed: &[&str] = match self.kind.as_str() {
             "file" => &["path", "interval"],
             "dns" => &["name", "port", "record", "server", "interval", "timeout"],
-            "etcd" => &["endpoints", "prefix", "timeout"],
+            "etcd" => &["endpoints", "prefix", "timeout", "tls"],
             "kubernetes" => &["api_server", "namespace", "service", "selector", "port", "token_file", "timeout"],
             "registration" => &[
                 "ttl",
@@ -459,10 +470,18 @@ impl RawDiscovery {
         }
         let endpoints = raw.iter().map(|e| etcd_url(e)).collect::<Result<Vec<_>, _>>()?;
         let prefix = required(self.prefix, "prefix")?;
+        let tls = match self.tls.map(crate::raw::RawUpstreamTls::validate).transpose() {
+            Ok(Some(t)) if t.server_name.is_some() => {
+                return Err(err("tls.server_name", "does not apply to etcd: each endpoint's own host is verified"));
+            }
+            Ok(t) => t,
+            Err((field, message)) => return Err((format!(".discovery{field}"), message)),
+        };
         Ok(DiscoveryConfig::Etcd(EtcdDiscovery {
             endpoints,
             prefix,
             timeout: positive(self.timeout, "timeout", Duration::from_secs(5))?,
+            tls,
         }))
     }
 
@@ -549,20 +568,17 @@ impl RawDiscovery {
 
 /// `host:port` or `http://host:port` as an `http://host:port` URL.
 fn etcd_url(e: &str) -> Result<String, FieldError> {
-    let rest = match e.split_once("://") {
-        None => e,
-        Some(("http", rest)) => rest,
-        Some(("https", _)) => {
-            return Err(err("endpoints", format!("{e:?}: https is not supported by this build; use http://")));
-        }
-        Some(_) => return Err(err("endpoints", format!("{e:?} is not an http:// URL or host:port"))),
+    let (scheme, rest) = match e.split_once("://") {
+        None => ("http", e),
+        Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
+        Some(_) => return Err(err("endpoints", format!("{e:?} is not an http(s):// URL or host:port"))),
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = rest.rsplit_once(':').ok_or_else(|| err("endpoints", format!("{e:?} needs a port")))?;
     if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) || rest.contains('/') {
         return Err(err("endpoints", format!("{e:?} is not host:port (such as 127.0.0.1:2379)")));
     }
-    Ok(format!("http://{rest}"))
+    Ok(format!("{scheme}://{rest}"))
 }
 
 #[cfg(test)]
@@ -644,7 +660,11 @@ mod tests {
             (r#"{ kind = "dns", name = "x", record = "srv", port = 1 }"#, "port: does not apply to SRV"),
             (r#"{ kind = "dns", name = "x", record = "mx" }"#, "pool.x.discovery.record"),
             (r#"{ kind = "etcd", prefix = "/a/" }"#, "pool.x.discovery.endpoints: is required"),
-            (r#"{ kind = "etcd", endpoints = ["https://a:1"], prefix = "/" }"#, "https is not supported"),
+            (r#"{ kind = "etcd", endpoints = ["ftp://a:1"], prefix = "/" }"#, "not an http(s):// URL"),
+            (
+                r#"{ kind = "etcd", endpoints = ["https://a:1"], prefix = "/", tls = { server_name = "a" } }"#,
+                "does not apply to etcd",
+            ),
             (r#"{ kind = "etcd", endpoints = ["a"], prefix = "/" }"#, "needs a port"),
             (r#"{ kind = "etcd", endpoints = ["a:1"] }"#, "pool.x.discovery.prefix: is required"),
             (r#"{ kind = "kubernetes", service = "s" }"#, "pool.x.discovery.api_server: is required"),

@@ -230,7 +230,7 @@ pub struct ListenerTls {
 }
 
 /// A certificate chain and its private key, in PEM files.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertificateFiles {
     /// The chain: the server's certificate first, then intermediates.
     pub cert: PathBuf,
@@ -404,8 +404,8 @@ pub enum UpstreamProtocol {
     H2,
 }
 
-/// A pool's TLS to its endpoints (`[pool.NAME] tls`).
-#[derive(Clone, Debug, PartialEq)]
+/// A pool's TLS to its endpoints (`[pool.NAME] tls`), or a control-plane client's (etcd).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamTls {
     /// The name sent in SNI and verified in the endpoints' certificates; without it, each
     /// endpoint's IP address (which its certificate must then hold as a SAN).
@@ -414,6 +414,18 @@ pub struct UpstreamTls {
     pub ca: Option<PathBuf>,
     /// A client certificate and key to present (mutual TLS).
     pub client_cert: Option<CertificateFiles>,
+}
+
+impl UpstreamTls {
+    /// Makes relative paths relative to `dir` (the configuration file's directory).
+    pub(crate) fn resolve_paths(&mut self, dir: &Path) {
+        let files = self.client_cert.iter_mut().flat_map(|c| [&mut c.cert, &mut c.key]);
+        for p in files.chain(self.ca.as_mut()) {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
 }
 
 // === impl PoolConfig ===
@@ -593,12 +605,7 @@ impl Config {
                     d.resolve_paths(dir);
                 }
                 if let Some(t) = &mut pool.tls {
-                    let files = t.client_cert.iter_mut().flat_map(|c| [&mut c.cert, &mut c.key]);
-                    for p in files.chain(t.ca.as_mut()) {
-                        if p.is_relative() {
-                            *p = dir.join(&*p);
-                        }
-                    }
+                    t.resolve_paths(dir);
                 }
             }
             // Build once to catch what only the whole pool shows (duplicates, table sizes).

@@ -403,7 +403,7 @@ impl RawPool {
 }
 
 impl RawUpstreamTls {
-    fn validate(self) -> Result<crate::UpstreamTls, FieldError> {
+    pub(crate) fn validate(self) -> Result<crate::UpstreamTls, FieldError> {
         let client_cert = match (self.cert, self.key) {
             (Some(cert), Some(key)) => Some(crate::CertificateFiles { cert, key }),
             (Some(_), None) => return Err((".tls.key".into(), "`cert` needs its `key`".into())),

@@ -72,20 +72,43 @@ impl std::fmt::Debug for BearerToken {
 /// A pooled client whose every exchange is bounded by `timeout`.
 #[derive(Clone, Debug)]
 pub(crate) struct HttpClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     /// `Authorization: Bearer ...` sent with every request, when set.
     authorization: Option<http::HeaderValue>,
 }
 
 impl HttpClient {
+    /// A client of `http` and `https` URLs; https servers are verified against the system's
+    /// roots (none: every https call fails verification, saying so).
     pub(crate) fn new(timeout: Duration) -> Self {
+        let plain = fulcrum_config::UpstreamTls { server_name: None, ca: None, client_cert: None };
+        let tls = fulcrum_tls::client_config(&plain, &[]).unwrap_or_else(|_| {
+            rustls::ClientConfig::builder_with_provider(fulcrum_tls::provider())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        });
+        Self::with_tls(timeout, tls)
+    }
+
+    /// A client whose https calls use `tls` (its CA, its client certificate).
+    pub(crate) fn with_tls(timeout: Duration, tls: rustls::ClientConfig) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
         // Notices a peer that vanished while a watch stream was idle.
         connector.set_keepalive(Some(Duration::from_secs(30)));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        // hyper-rustls needs plain URLs let through (`https_or_http`) and the connector not to
+        // refuse them on its own (`enforce_http`).
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        let client = Client::builder(TokioExecutor::new()).build(https);
         HttpClient { client, timeout, authorization: None }
     }
 

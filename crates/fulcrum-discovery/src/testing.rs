@@ -58,11 +58,34 @@ pub struct Etcd {
     pub client_url: String,
     pub port: u16,
     dir: TempDir,
+    tls: Option<EtcdTls>,
+}
+
+/// An etcd serving https with client-certificate authentication.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// Its certificate (for 127.0.0.1, usable as server and client: its JSON gateway dials
+    /// its own gRPC port with it) and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA its clients' certificates must chain to.
+    pub client_ca: PathBuf,
+    /// What its clients use: the CA that signed `cert`, and a client certificate.
+    pub client: fulcrum_config::UpstreamTls,
 }
 
 impl Etcd {
     /// Starts etcd, or returns `None` (after `skip_or_fail`) when the binary is missing.
     pub async fn start() -> Option<Etcd> {
+        Self::start_with(None).await
+    }
+
+    /// Starts etcd serving https with `tls` (client certificates required).
+    pub async fn start_tls(tls: EtcdTls) -> Option<Etcd> {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<EtcdTls>) -> Option<Etcd> {
         let binary = std::env::var("FULCRUM_ETCD").unwrap_or_else(|_| "etcd".to_owned());
         if Command::new(&binary).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
             skip_or_fail(&format!("`{binary}` is not installed (Debian package etcd-server)"));
@@ -74,8 +97,9 @@ impl Etcd {
         let mut last_log = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let client_url = format!("http://127.0.0.1:{port}");
-            let mut etcd = Etcd { child: None, client_url, port, dir: TempDir::new("etcd") };
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let client_url = format!("{scheme}://127.0.0.1:{port}");
+            let mut etcd = Etcd { child: None, client_url, port, dir: TempDir::new("etcd"), tls: tls.clone() };
             etcd.spawn(&binary);
             if etcd.wait_ready().await {
                 return Some(etcd);
@@ -88,7 +112,12 @@ impl Etcd {
 
     fn spawn(&mut self, binary: &str) {
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("log file");
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(tls) = &self.tls {
+            command.arg("--cert-file").arg(&tls.cert).arg("--key-file").arg(&tls.key);
+            command.arg("--trusted-ca-file").arg(&tls.client_ca).arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "test"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -122,8 +151,10 @@ impl Etcd {
         false
     }
 
+    /// A client of it (with the client certificate, when it serves https).
     pub fn client(&self) -> EtcdClient {
-        EtcdClient::new(&[self.client_url.as_str()], Duration::from_secs(2)).expect("client")
+        let tls = self.tls.as_ref().map(|t| &t.client);
+        EtcdClient::with_tls(&[self.client_url.as_str()], Duration::from_secs(2), tls).expect("client")
     }
 
     /// Kills etcd (SIGKILL, by PID) and reaps it.

@@ -26,17 +26,16 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use fulcrum_config::{ClientAuth, ListenerTls, TlsVersion, UpstreamTls};
 use http::HeaderValue;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -46,28 +45,8 @@ use tokio::net::TcpStream;
 /// How often certificate files are checked for changes.
 pub(crate) const WATCH_EVERY: Duration = Duration::from_secs(2);
 
-/// Why a listener's TLS settings could not be loaded.
-#[derive(Debug, thiserror::Error)]
-#[error("{what} {}: {message}", path.display())]
-pub struct TlsError {
-    /// What the file is (`certificate`, `private key`, `client CA bundle`).
-    what: &'static str,
-    path: PathBuf,
-    message: String,
-}
-
-fn tls_error(what: &'static str, path: &Path, message: impl std::fmt::Display) -> TlsError {
-    TlsError { what, path: path.to_owned(), message: message.to_string() }
-}
-
-/// The crypto provider every TLS configuration here is built with: *ring*, which builds
-/// from a few C and assembly files in seconds. aws-lc-rs (rustls's default, and the one with
-/// post-quantum key exchange, hence the deprecation) needs cmake and builds AWS-LC for
-/// minutes on a small CI machine.
-#[allow(deprecated)]
-pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+pub use fulcrum_tls::TlsError;
+use fulcrum_tls::{error as tls_error, provider, read_certificates, read_key};
 
 /// Reads every listener's and pool's TLS files as `serve` would, for `fulcrum validate`:
 /// one message a listener or pool whose files do not load.
@@ -169,8 +148,8 @@ fn load(settings: &ListenerTls) -> Result<Loaded, TlsError> {
     let provider = provider();
     let mut certs = Vec::new();
     for files in &settings.certificates {
-        let chain = read_chain(&files.cert)?;
-        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| tls_error("private key", &files.key, pem(e)))?;
+        let chain = read_certificates(&files.cert, "certificate")?;
+        let key = read_key(&files.key)?;
         let certified = CertifiedKey::from_der(chain, key, &provider)
             .map_err(|e| tls_error("private key", &files.key, format!("does not fit {}: {e}", files.cert.display())))?;
         let leaf = &certified.cert[0];
@@ -196,7 +175,7 @@ fn load(settings: &ListenerTls) -> Result<Loaded, TlsError> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in read_chain_as(ca, "client CA bundle")? {
+            for cert in read_certificates(ca, "client CA bundle")? {
                 roots.add(cert).map_err(|e| tls_error("client CA bundle", ca, e))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
@@ -210,28 +189,6 @@ fn load(settings: &ListenerTls) -> Result<Loaded, TlsError> {
     let mut server = builder.with_cert_resolver(Arc::new(SniResolver { certs }));
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Loaded { server: Arc::new(server), handshake_timeout: settings.handshake_timeout })
-}
-
-fn pem(e: rustls::pki_types::pem::Error) -> String {
-    match e {
-        rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of that kind in the file".into(),
-        other => other.to_string(),
-    }
-}
-
-fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    read_chain_as(path, "certificate")
-}
-
-fn read_chain_as(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let chain = CertificateDer::pem_file_iter(path)
-        .map_err(|e| tls_error(what, path, pem(e)))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| tls_error(what, path, pem(e)))?;
-    if chain.is_empty() {
-        return Err(tls_error(what, path, "no `BEGIN CERTIFICATE` block in the file"));
-    }
-    Ok(chain)
 }
 
 /// The names a server certificate is valid for, lowercase: its SAN DNS names, or its common
@@ -297,36 +254,11 @@ impl Connector {
         settings: &UpstreamTls,
         protocol: fulcrum_config::UpstreamProtocol,
     ) -> Result<Connector, TlsError> {
-        let provider = provider();
-        let roots = match &settings.ca {
-            Some(ca) => {
-                let mut roots = RootCertStore::empty();
-                for cert in read_chain_as(ca, "CA bundle")? {
-                    roots.add(cert).map_err(|e| tls_error("CA bundle", ca, e))?;
-                }
-                Arc::new(roots)
-            }
-            None => system_roots()?,
+        let alpn: &[u8] = match protocol {
+            fulcrum_config::UpstreamProtocol::Http1 => b"http/1.1",
+            fulcrum_config::UpstreamProtocol::H2 => b"h2",
         };
-        let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| tls_error("CA bundle", Path::new("(system)"), e))?
-            .with_root_certificates(roots);
-        let mut config = match &settings.client_cert {
-            None => builder.with_no_client_auth(),
-            Some(files) => {
-                let chain = read_chain(&files.cert)?;
-                let key = PrivateKeyDer::from_pem_file(&files.key)
-                    .map_err(|e| tls_error("private key", &files.key, pem(e)))?;
-                builder.with_client_auth_cert(chain, key).map_err(|e| {
-                    tls_error("private key", &files.key, format!("does not fit {}: {e}", files.cert.display()))
-                })?
-            }
-        };
-        config.alpn_protocols = match protocol {
-            fulcrum_config::UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
-            fulcrum_config::UpstreamProtocol::H2 => vec![b"h2".to_vec()],
-        };
+        let config = fulcrum_tls::client_config(settings, &[alpn])?;
         let server_name = match &settings.server_name {
             Some(n) => {
                 Some(ServerName::try_from(n.clone()).map_err(|e| tls_error("server name", Path::new(n.as_str()), e))?)
@@ -342,22 +274,6 @@ impl Connector {
         let tls = tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp).await?;
         Ok(Stream::Tls(Box::new(tls)))
     }
-}
-
-/// The system's CA certificates, read once.
-fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
-    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
-    let roots = ROOTS.get_or_init(|| {
-        let found = rustls_native_certs::load_native_certs();
-        let mut roots = RootCertStore::empty();
-        let (added, _) = roots.add_parsable_certificates(found.certs);
-        if added == 0 {
-            let why = found.errors.first().map_or_else(|| "none found".to_owned(), ToString::to_string);
-            return Err(format!("no usable system CA certificate ({why}): set the pool's `tls.ca`"));
-        }
-        Ok(Arc::new(roots))
-    });
-    roots.clone().map_err(|message| TlsError { what: "CA bundle", path: PathBuf::from("(system)"), message })
 }
 
 /// Connects to an endpoint, over TLS when `tls` is set: requests, health checks and scrapes

@@ -37,6 +37,8 @@ pub enum Usage {
     Server,
     /// A TLS client.
     Client,
+    /// Both (etcd's certificate, when its gateway dials itself with client-cert-auth).
+    ServerAndClient,
 }
 
 impl Ca {
@@ -83,10 +85,11 @@ impl Ca {
         for u in uris {
             params.subject_alt_names.push(SanType::URI((*u).try_into().expect("URI")));
         }
-        params.extended_key_usages = vec![match usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
+        params.extended_key_usages = match usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::ServerAndClient => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        };
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         let key = KeyPair::generate().expect("leaf key");

@@ -14,8 +14,39 @@ pub struct ControlArgs {
     /// commas, optionally followed by /KEY (default key /fulcrum/config).
     #[arg(long, value_name = "URL", global = true, default_value = "etcd://127.0.0.1:2379")]
     pub control: ControlUrl,
+    #[command(flatten)]
+    pub control_tls: ControlTls,
     #[command(subcommand)]
     pub action: ControlAction,
+}
+
+/// TLS to an `etcds://` control plane (etcd over https), for `--control` here and in
+/// `fulcrum serve`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ControlTls {
+    /// A CA bundle (PEM) to verify etcd against, instead of the system's roots.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub control_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's --client-cert-auth, with --control-key.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub control_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub control_key: Option<PathBuf>,
+}
+
+impl ControlTls {
+    /// Whether any of the flags is given.
+    pub fn is_set(&self) -> bool {
+        self.control_ca.is_some() || self.control_cert.is_some() || self.control_key.is_some()
+    }
+
+    /// `url` with these files.
+    pub fn apply(&self, url: &ControlUrl) -> anyhow::Result<ControlUrl> {
+        url.clone()
+            .with_tls(self.control_ca.clone(), self.control_cert.clone(), self.control_key.clone())
+            .map_err(anyhow::Error::msg)
+    }
 }
 
 /// What `fulcrum control` does.
@@ -35,8 +66,9 @@ pub enum ControlAction {
 /// Runs `fulcrum control`.
 pub fn control(args: &ControlArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a runtime")?;
-    let client = EtcdClient::new(&args.control.endpoints, Duration::from_secs(5))?;
-    let key = &args.control.key;
+    let url = args.control_tls.apply(&args.control)?;
+    let client = EtcdClient::with_tls(&url.endpoints, Duration::from_secs(5), url.tls.as_ref())?;
+    let key = &url.key;
     rt.block_on(async {
         match &args.action {
             ControlAction::Show => {

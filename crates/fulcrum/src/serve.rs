@@ -27,6 +27,8 @@ pub struct ServeArgs {
     /// file then gives the listeners and proxy settings. Admin API changes reach every proxy.
     #[arg(long, value_name = "URL")]
     pub control: Option<fulcrum_control::mesh::ControlUrl>,
+    #[command(flatten)]
+    pub control_tls: crate::control::ControlTls,
 }
 
 /// The admin API's bearer token, from `file` (`--admin-token-file`) or else the
@@ -206,7 +208,11 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         let live = proxy.live().clone();
         // Mesh mode: the pools and routes come from etcd (the file's until the first read).
         let mesh = match &args.control {
+            None if args.control_tls.is_set() => {
+                anyhow::bail!("--control-ca, --control-cert and --control-key need --control etcds://...")
+            }
             Some(url) => {
+                let url = &args.control_tls.apply(url)?;
                 let own = live.state().text().map(|t| t.to_string()).unwrap_or_default();
                 let mesh = fulcrum_control::mesh::Mesh::new(url, &own, live.clone())?;
                 tracing::info!(etcd = ?url.endpoints, key = %url.key, "mesh mode: following the shared configuration");

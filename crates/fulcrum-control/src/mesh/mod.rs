@@ -26,33 +26,68 @@ pub use document::{DocumentError, combine, shared_part};
 /// The key the shared document lives at unless the URL names another.
 pub const DEFAULT_KEY: &str = "/fulcrum/config";
 
-/// Where the shared document lives: parsed from `etcd://host:port[,host:port...][/key]`.
+/// Where the shared document lives: parsed from `etcd://host:port[,host:port...][/key]`, or
+/// `etcds://...` for etcd over https.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlUrl {
-    /// etcd client endpoints (`http://host:port`).
+    /// etcd client endpoints (`http://host:port` or `https://host:port`).
     pub endpoints: Vec<String>,
     /// The key.
     pub key: String,
+    /// For `etcds://`: a CA bundle (else the system's roots) and a client certificate (see
+    /// [`with_tls`](Self::with_tls)).
+    pub tls: Option<fulcrum_config::UpstreamTls>,
+}
+
+impl ControlUrl {
+    /// Adds the TLS files of `--control-ca`, `--control-cert` and `--control-key`; they need
+    /// an `etcds://` URL, and a certificate needs its key.
+    pub fn with_tls(
+        mut self,
+        ca: Option<std::path::PathBuf>,
+        cert: Option<std::path::PathBuf>,
+        key: Option<std::path::PathBuf>,
+    ) -> Result<ControlUrl, String> {
+        let client_cert = match (cert, key) {
+            (Some(cert), Some(key)) => Some(fulcrum_config::CertificateFiles { cert, key }),
+            (None, None) => None,
+            _ => return Err("--control-cert and --control-key go together".into()),
+        };
+        let https = self.endpoints.iter().all(|e| e.starts_with("https://"));
+        if !https && (ca.is_some() || client_cert.is_some()) {
+            return Err("--control-ca, --control-cert and --control-key need an etcds:// control URL".into());
+        }
+        if https {
+            self.tls = Some(fulcrum_config::UpstreamTls { server_name: None, ca, client_cert });
+        }
+        Ok(self)
+    }
 }
 
 impl std::str::FromStr for ControlUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let rest = s
-            .strip_prefix("etcd://")
-            .ok_or_else(|| format!("{s:?}: a control plane URL starts with etcd:// (etcd://127.0.0.1:2379)"))?;
+        let (scheme, rest) = match (s.strip_prefix("etcd://"), s.strip_prefix("etcds://")) {
+            (Some(rest), _) => ("http", rest),
+            (_, Some(rest)) => ("https", rest),
+            _ => {
+                return Err(format!(
+                    "{s:?}: a control plane URL starts with etcd:// (etcd://127.0.0.1:2379), or etcds:// for https"
+                ));
+            }
+        };
         let (hosts, key) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, DEFAULT_KEY),
         };
         let key = if key == "/" { DEFAULT_KEY } else { key };
         let endpoints: Vec<String> =
-            hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("http://{h}")).collect();
+            hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("{scheme}://{h}")).collect();
         if endpoints.is_empty() {
             return Err(format!("{s:?}: name at least one etcd host:port"));
         }
-        Ok(ControlUrl { endpoints, key: key.to_owned() })
+        Ok(ControlUrl { endpoints, key: key.to_owned(), tls: None })
     }
 }
 
@@ -119,7 +154,7 @@ impl Mesh {
     /// A link for `live`, whose own file's text is `own`. Nothing is sent until
     /// [`run`](Self::run).
     pub fn new(url: &ControlUrl, own: &str, live: Live) -> Result<Mesh, EtcdError> {
-        let client = EtcdClient::new(&url.endpoints, Duration::from_secs(2))?;
+        let client = EtcdClient::with_tls(&url.endpoints, Duration::from_secs(2), url.tls.as_ref())?;
         let status = MeshStatus { endpoints: url.endpoints.clone(), key: url.key.clone(), ..MeshStatus::default() };
         Ok(Mesh {
             inner: Arc::new(Inner {
@@ -332,11 +367,23 @@ mod tests {
     #[test]
     fn control_urls_name_hosts_and_a_key() {
         let u: ControlUrl = "etcd://127.0.0.1:2379".parse().unwrap();
-        assert_eq!(u, ControlUrl { endpoints: vec!["http://127.0.0.1:2379".into()], key: DEFAULT_KEY.into() });
+        let plain = ControlUrl { endpoints: vec!["http://127.0.0.1:2379".into()], key: DEFAULT_KEY.into(), tls: None };
+        assert_eq!(u, plain);
         let u: ControlUrl = "etcd://10.0.0.1:2379,10.0.0.2:2379/prod/fulcrum".parse().unwrap();
         assert_eq!(u.endpoints.len(), 2);
         assert_eq!(u.key, "/prod/fulcrum");
         assert!("http://127.0.0.1:2379".parse::<ControlUrl>().unwrap_err().contains("etcd://"));
         assert!("etcd:///key".parse::<ControlUrl>().is_err());
+        // etcds:// is etcd over https, with TLS files from the flags.
+        let u: ControlUrl = "etcds://10.0.0.1:2379".parse().unwrap();
+        assert_eq!(u.endpoints, ["https://10.0.0.1:2379"]);
+        let u = u.with_tls(Some("ca.pem".into()), Some("c.pem".into()), Some("k.pem".into())).unwrap();
+        let tls = u.tls.unwrap();
+        assert_eq!(tls.ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+        assert!(tls.client_cert.is_some());
+        let plain_with_files = plain.clone().with_tls(Some("ca.pem".into()), None, None).unwrap_err();
+        assert!(plain_with_files.contains("etcds://"), "{plain_with_files}");
+        let half = "etcds://a:1".parse::<ControlUrl>().unwrap().with_tls(None, Some("c.pem".into()), None).unwrap_err();
+        assert!(half.contains("go together"), "{half}");
     }
 }

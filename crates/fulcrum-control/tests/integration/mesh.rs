@@ -151,3 +151,50 @@ async fn three_proxies_agree_within_a_second_and_keep_serving_without_etcd() {
     assert_eq!(status, 200, "{answer}");
     all_agree(&members, |m| endpoint_ids(&m.live) == ["second"]).await;
 }
+
+/// Mesh mode over an etcd that serves https and requires client certificates (mutual TLS to
+/// the control plane): two proxies agree on a change made through one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_follow_an_etcd_over_mutual_tls() {
+    use fulcrum_config::{CertificateFiles, UpstreamTls};
+    use fulcrum_discovery::testing::EtcdTls;
+    use fulcrum_testkit::certs::{Ca, Dir, Usage};
+    let ca = Ca::new("mesh CA");
+    let dir = Dir::new("mesh-tls");
+    let (cert, key) = dir.write_leaf("etcd", &ca.leaf(Usage::ServerAndClient, "etcd", &["127.0.0.1"], &[]));
+    let (proxy_cert, proxy_key) =
+        dir.write_leaf("proxy", &ca.leaf(Usage::Client, "proxy", &[], &["spiffe://test/proxy"]));
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let client = UpstreamTls {
+        server_name: None,
+        ca: Some(ca_file.clone()),
+        client_cert: Some(CertificateFiles { cert: proxy_cert.clone(), key: proxy_key.clone() }),
+    };
+    let tls = EtcdTls { cert, key, client_ca: ca_file.clone(), client };
+    let Some(etcd) = Etcd::start_tls(tls).await else { return };
+    let url: ControlUrl = format!("etcds://127.0.0.1:{}/test/mesh-tls", etcd.port).parse().expect("url");
+    let url = url.with_tls(Some(ca_file), Some(proxy_cert), Some(proxy_key)).expect("tls files");
+    let (first, second) = (mock().await, mock().await);
+    let a = member(&url, &own_file(first.local_addr())).await;
+    all_agree(std::slice::from_ref(&a), |m| m.mesh.status().connected).await;
+    let b = member(&url, &own_file(second.local_addr())).await;
+    let members = [a, b];
+    let first_addr = first.local_addr().to_string();
+    all_agree(&members, |m| {
+        let pool = m.live.pool("llm").expect("pool");
+        let endpoints = pool.snapshot().selector.endpoints().to_vec();
+        m.mesh.status().connected && endpoints.len() == 1 && endpoints[0].address().to_string() == first_addr
+    })
+    .await;
+    let body = format!(r#"{{"id":"second","address":"{}"}}"#, second.local_addr());
+    let (status, answer) = call(&members[1].admin, "POST", "/pools/llm/endpoints", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    all_agree(&members, |m| m.mesh.status().connected && endpoint_ids(&m.live) == ["first", "second"]).await;
+
+    // Without a client certificate the proxy cannot reach the control plane.
+    let bare = format!("etcds://127.0.0.1:{}/test/mesh-tls", etcd.port).parse::<ControlUrl>().expect("url");
+    let bare = bare.with_tls(Some(dir.path().join("ca.pem")), None, None).expect("tls files");
+    let outsider = member(&bare, &own_file(first.local_addr())).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!outsider.mesh.status().connected, "a proxy without a client certificate is refused");
+}

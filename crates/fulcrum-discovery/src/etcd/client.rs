@@ -183,8 +183,18 @@ struct Inner {
 impl EtcdClient {
     /// A client of the cluster at `endpoints` (`http://host:port` or `host:port`), each call
     /// bounded by `timeout`. Nothing is sent yet. A call that cannot reach one endpoint tries
-    /// the next.
+    /// the next. `https://` endpoints are verified against the system's roots.
     pub fn new<S: AsRef<str>>(endpoints: &[S], timeout: Duration) -> Result<Self, EtcdError> {
+        Self::with_tls(endpoints, timeout, None)
+    }
+
+    /// Like [`new`](Self::new), with `tls` for `https://` endpoints: a CA bundle instead of
+    /// the system's roots, and a client certificate (etcd's `--client-cert-auth`).
+    pub fn with_tls<S: AsRef<str>>(
+        endpoints: &[S],
+        timeout: Duration,
+        tls: Option<&fulcrum_config::UpstreamTls>,
+    ) -> Result<Self, EtcdError> {
         let invalid = |endpoint: &str, problem: &str| EtcdError::InvalidEndpoint {
             endpoint: endpoint.to_owned(),
             problem: problem.to_owned(),
@@ -200,9 +210,8 @@ impl EtcdClient {
             let e = e.as_ref();
             let base = match e.split_once("://") {
                 None => format!("http://{e}"),
-                Some(("http", _)) => e.to_owned(),
-                Some(("https", _)) => return Err(invalid(e, "https is not supported by this build; use http://")),
-                Some(_) => return Err(invalid(e, "must be http://host:port")),
+                Some(("http" | "https", _)) => e.to_owned(),
+                Some(_) => return Err(invalid(e, "must be http://host:port or https://host:port")),
             };
             let base = base.trim_end_matches('/').to_owned();
             let uri: Uri = base.parse().map_err(|err: http::uri::InvalidUri| invalid(e, &err.to_string()))?;
@@ -211,9 +220,14 @@ impl EtcdClient {
             }
             bases.push(base);
         }
-        Ok(EtcdClient {
-            inner: Arc::new(Inner { endpoints: bases, current: AtomicUsize::new(0), http: HttpClient::new(timeout) }),
-        })
+        let http = match tls {
+            None => HttpClient::new(timeout),
+            Some(tls) => {
+                let config = fulcrum_tls::client_config(tls, &[]).map_err(|e| invalid(&bases[0], &e.to_string()))?;
+                HttpClient::with_tls(timeout, config)
+            }
+        };
+        Ok(EtcdClient { inner: Arc::new(Inner { endpoints: bases, current: AtomicUsize::new(0), http }) })
     }
 
     /// The endpoints, as URLs.
@@ -426,7 +440,7 @@ mod tests {
         let c = EtcdClient::new(&["127.0.0.1:2379", "http://10.0.0.1:2379/"], t).unwrap();
         assert_eq!(c.endpoints(), ["http://127.0.0.1:2379", "http://10.0.0.1:2379"]);
         let err = |e: &str| EtcdClient::new(&[e], t).unwrap_err().to_string();
-        assert!(err("https://a:1").contains("https is not supported"));
+        assert!(err("ftp://a:1").contains("must be http://host:port or https://host:port"));
         assert!(err("a").contains("must be host:port"));
         assert!(err("http://a:1/v3").contains("must be host:port"));
         assert!(err("ftp://a:1").contains("http://host:port"));

@@ -11,7 +11,7 @@ use crate::publish::{Publisher, Reconnect};
 
 /// Runs until aborted.
 pub(crate) async fn run(config: EtcdDiscovery, mut out: Publisher) {
-    let client = match EtcdClient::new(&config.endpoints, config.timeout) {
+    let client = match EtcdClient::with_tls(&config.endpoints, config.timeout, config.tls.as_ref()) {
         Ok(c) => c,
         Err(e) => return out.fail(&e),
     };

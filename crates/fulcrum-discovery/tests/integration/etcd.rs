@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use fulcrum_config::discovery::{DiscoveryConfig, EtcdDiscovery};
 use fulcrum_core::EndpointSpec;
-use fulcrum_discovery::etcd::{CasOutcome, EventKind};
+use fulcrum_discovery::etcd::{CasOutcome, EtcdClient, EventKind};
 use fulcrum_discovery::{
     Discovery, Heartbeat, ProviderState, RegisterArgs, RegisterTarget, StatusBoard, register_etcd, run_register,
 };
@@ -25,6 +25,7 @@ fn provider(etcd: &Etcd) -> DiscoveryConfig {
         endpoints: vec![etcd.client_url.clone()],
         prefix: PREFIX.to_owned(),
         timeout: Duration::from_secs(2),
+        tls: None,
     })
 }
 
@@ -206,5 +207,53 @@ async fn when_etcd_stops_the_last_set_stays_and_the_status_shows_it() {
     eventually(WAIT, "recovery", || status.get("llama").is_some_and(|s| s.state == ProviderState::Ok)).await;
     etcd.client().delete(format!("{PREFIX}a")).await.expect("delete");
     sink.wait_for("llama", WAIT, "a change after recovery", |s| ids(s) == ["b"]).await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn etcd_over_https_with_client_certificates_feeds_a_pool() {
+    use fulcrum_config::{CertificateFiles, UpstreamTls};
+    use fulcrum_discovery::testing::EtcdTls;
+    use fulcrum_testkit::certs::{Ca, Dir, Usage};
+    let ca = Ca::new("etcd CA");
+    let dir = Dir::new("etcd-tls");
+    let (cert, key) =
+        dir.write_leaf("etcd", &ca.leaf(Usage::ServerAndClient, "etcd", &["127.0.0.1", "localhost"], &[]));
+    let (client_cert, client_key) = dir.write_leaf("fulcrum", &ca.leaf(Usage::Client, "fulcrum", &[], &[]));
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let client = UpstreamTls {
+        server_name: None,
+        ca: Some(ca_file.clone()),
+        client_cert: Some(CertificateFiles { cert: client_cert, key: client_key }),
+    };
+    let tls = EtcdTls { cert, key, client_ca: ca_file.clone(), client: client.clone() };
+    let Some(etcd) = Etcd::start_tls(tls).await else { return };
+    assert!(etcd.client_url.starts_with("https://"), "{}", etcd.client_url);
+    let c = etcd.client();
+    c.put(format!("{PREFIX}a"), r#"{"address":"127.0.0.1:9001"}"#).await.expect("put over https");
+
+    // Refused: no client certificate, and a CA that did not sign etcd's certificate.
+    let url = [etcd.client_url.as_str()];
+    let no_cert = UpstreamTls { client_cert: None, ..client.clone() };
+    let err = EtcdClient::with_tls(&url, Duration::from_secs(2), Some(&no_cert)).expect("client").get("/x").await;
+    assert!(err.is_err(), "no client certificate: refused");
+    let other = dir.write("other.pem", &Ca::new("other").pem());
+    let wrong_ca = UpstreamTls { ca: Some(other), ..client.clone() };
+    let err = EtcdClient::with_tls(&url, Duration::from_secs(2), Some(&wrong_ca)).expect("client").get("/x").await;
+    assert!(err.is_err(), "a server the CA did not sign: refused");
+
+    // A pool fed by discovery over https.
+    let sink = RecordingSink::new();
+    let status = Arc::new(StatusBoard::new());
+    let config = DiscoveryConfig::Etcd(EtcdDiscovery {
+        endpoints: vec![etcd.client_url.clone()],
+        prefix: PREFIX.to_owned(),
+        timeout: Duration::from_secs(2),
+        tls: Some(client),
+    });
+    let task = Discovery::new(sink.clone(), status.clone()).spawn("llama", config);
+    sink.wait_for("llama", WAIT, "the initial read over https", |s| s.len() == 1).await;
+    c.put(format!("{PREFIX}b"), r#"{"address":"127.0.0.1:9002"}"#).await.expect("put");
+    sink.wait_for("llama", Duration::from_secs(2), "a watched put over https", |s| ids(s) == ["a", "b"]).await;
     task.abort();
 }
