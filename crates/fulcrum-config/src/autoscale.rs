@@ -73,12 +73,18 @@ pub enum ActuatorConfig {
     },
     /// A Kubernetes Deployment's `scale` subresource.
     Kubernetes {
-        /// API server URL (plain HTTP, such as `kubectl proxy`).
-        api_server: String,
+        /// API server URL (`https://`, or `http://` such as `kubectl proxy`); `None`: the
+        /// kubeconfig (`KUBECONFIG`, `~/.kube/config`), else in a pod the cluster's own with
+        /// the pod's service account.
+        api_server: Option<String>,
         /// Namespace.
         namespace: String,
         /// Deployment name.
         deployment: String,
+        /// A CA bundle (PEM) for an `https` API server, instead of the system's roots.
+        ca_file: Option<std::path::PathBuf>,
+        /// A file holding a bearer token (re-read as the kubelet rotates it).
+        token_file: Option<std::path::PathBuf>,
     },
     /// An external command given the count (`{replicas}`).
     Command {
@@ -120,6 +126,8 @@ pub(crate) struct RawActuator {
     api_server: Option<String>,
     namespace: Option<String>,
     deployment: Option<String>,
+    ca_file: Option<std::path::PathBuf>,
+    token_file: Option<std::path::PathBuf>,
     timeout: Option<DurationStr>,
 }
 
@@ -287,9 +295,11 @@ fn actuator(a: RawActuator) -> Result<ActuatorConfig, FieldError> {
             }
         }
         "kubernetes" => ActuatorConfig::Kubernetes {
-            api_server: need(a.api_server, "api_server")?,
+            api_server: a.api_server,
             namespace: a.namespace.unwrap_or_else(|| "default".to_owned()),
             deployment: need(a.deployment, "deployment")?,
+            ca_file: a.ca_file,
+            token_file: a.token_file,
         },
         "command" => ActuatorConfig::Command {
             command: need(a.command, "command")?,

@@ -187,9 +187,7 @@ impl DiscoveryConfig {
         match self {
             DiscoveryConfig::File(f) => resolve(&mut f.path),
             DiscoveryConfig::Kubernetes(k) => {
-                if let Some(t) = &mut k.token_file {
-                    resolve(t);
-                }
+                k.token_file.iter_mut().chain(k.ca_file.iter_mut()).for_each(resolve);
             }
             DiscoveryConfig::Etcd(e) => {
                 if let Some(t) = &mut e.tls {
@@ -256,8 +254,11 @@ pub struct EtcdDiscovery {
 /// `kind = "kubernetes"`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KubernetesDiscovery {
-    /// The API server, plain `http://` (such as `kubectl proxy`).
-    pub api_server: String,
+    /// The API server: `https://` (verified against `ca_file`) or `http://` (such as
+    /// `kubectl proxy`). `None`: in a pod, the cluster's own (`KUBERNETES_SERVICE_HOST` and
+    /// `_PORT`, with the pod's service-account token and CA unless `token_file` and `ca_file`
+    /// say otherwise).
+    pub api_server: Option<String>,
     /// The namespace (`default`).
     pub namespace: String,
     /// Which EndpointSlices.
@@ -267,6 +268,8 @@ pub struct KubernetesDiscovery {
     /// A file holding a bearer token, if the server needs one (read again at every new list,
     /// so a rotated token is picked up).
     pub token_file: Option<PathBuf>,
+    /// A CA bundle (PEM) for an `https` API server, instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
     /// How long one list call may take (10 s).
     pub timeout: Duration,
 }
@@ -333,6 +336,7 @@ pub(crate) struct RawDiscovery {
     service: Option<String>,
     selector: Option<String>,
     token_file: Option<String>,
+    ca_file: Option<String>,
     ttl: Option<DurationStr>,
     min_ttl: Option<DurationStr>,
     max_ttl: Option<DurationStr>,
@@ -381,6 +385,7 @@ impl RawDiscovery {
             ("service", self.service.is_some()),
             ("selector", self.selector.is_some()),
             ("token_file", self.token_file.is_some()),
+            ("ca_file", self.ca_file.is_some()),
             ("ttl", self.ttl.is_some()),
             ("min_ttl", self.min_ttl.is_some()),
             ("max_ttl", self.max_ttl.is_some()),
@@ -398,7 +403,9 @@ impl RawDiscovery {
             "file" => &["path", "interval"],
             "dns" => &["name", "port", "record", "server", "interval", "timeout"],
             "etcd" => &["endpoints", "prefix", "timeout", "tls"],
-            "kubernetes" => &["api_server", "namespace", "service", "selector", "port", "token_file", "timeout"],
+            "kubernetes" => {
+                &["api_server", "namespace", "service", "selector", "port", "token_file", "ca_file", "timeout"]
+            }
             "registration" => &[
                 "ttl",
                 "min_ttl",
@@ -486,22 +493,20 @@ impl RawDiscovery {
     }
 
     fn kubernetes(self) -> Result<DiscoveryConfig, FieldError> {
-        let api_server = required(self.api_server, "api_server")?;
-        match api_server.split_once("://") {
-            Some(("http", rest)) if !rest.is_empty() => {}
-            Some(("https", _)) => {
-                return Err(err(
-                    "api_server",
-                    "https is not supported by this build: run `kubectl proxy` and use http://127.0.0.1:8001",
-                ));
-            }
-            _ => {
-                return Err(err(
-                    "api_server",
-                    format!("must be a URL such as http://127.0.0.1:8001, got {api_server:?}"),
-                ));
+        if let Some(api_server) = &self.api_server {
+            match api_server.split_once("://") {
+                Some(("http" | "https", rest)) if !rest.is_empty() => {}
+                _ => {
+                    return Err(err(
+                        "api_server",
+                        format!(
+                            "must be a URL such as https://10.0.0.1:6443 or http://127.0.0.1:8001, got {api_server:?}"
+                        ),
+                    ));
+                }
             }
         }
+        let api_server = self.api_server;
         let namespace = self.namespace.unwrap_or_else(|| "default".to_owned());
         if namespace.is_empty() || !crate::is_name(&namespace) {
             return Err(err("namespace", format!("{namespace:?} is not a namespace name")));
@@ -531,6 +536,7 @@ impl RawDiscovery {
             selector,
             port,
             token_file: self.token_file.filter(|t| !t.is_empty()).map(PathBuf::from),
+            ca_file: self.ca_file.filter(|t| !t.is_empty()).map(PathBuf::from),
             timeout: positive(self.timeout, "timeout", Duration::from_secs(10))?,
         }))
     }
@@ -628,6 +634,17 @@ mod tests {
             panic!("kubernetes")
         };
         assert_eq!(k.port, Some(PortRef::Number(8000)));
+        // In a pod: no api_server (the cluster's own, from the environment); https with a CA.
+        let DiscoveryConfig::Kubernetes(k) = discovery(r#"{ kind = "kubernetes", service = "vllm" }"#) else {
+            panic!("kubernetes")
+        };
+        assert_eq!((k.api_server, k.ca_file, k.token_file), (None, None, None));
+        let DiscoveryConfig::Kubernetes(k) = discovery(
+            r#"{ kind = "kubernetes", api_server = "https://10.0.0.1:6443", ca_file = "/ca.pem", service = "v" }"#,
+        ) else {
+            panic!("kubernetes")
+        };
+        assert_eq!(k.ca_file.as_deref(), Some(Path::new("/ca.pem")));
         let DiscoveryConfig::Registration(r) = discovery(r#"{ kind = "registration" }"#) else { panic!("reg") };
         assert_eq!(r.limits, LeaseLimits::default());
         assert_eq!(r.limits.failure_detector.map(|d| d.threshold), Some(8.0));
@@ -667,8 +684,11 @@ mod tests {
             ),
             (r#"{ kind = "etcd", endpoints = ["a"], prefix = "/" }"#, "needs a port"),
             (r#"{ kind = "etcd", endpoints = ["a:1"] }"#, "pool.x.discovery.prefix: is required"),
-            (r#"{ kind = "kubernetes", service = "s" }"#, "pool.x.discovery.api_server: is required"),
-            (r#"{ kind = "kubernetes", api_server = "https://k:6443", service = "s" }"#, "kubectl proxy"),
+            (
+                r#"{ kind = "kubernetes", api_server = "k:6443", service = "s" }"#,
+                "pool.x.discovery.api_server: must be a URL",
+            ),
+            (r#"{ kind = "kubernetes", api_server = "ftp://k", service = "s" }"#, "https://10.0.0.1:6443"),
             (r#"{ kind = "kubernetes", api_server = "http://k" }"#, "pool.x.discovery.service: is required"),
             (r#"{ kind = "kubernetes", api_server = "http://k", service = "s", selector = "a=b" }"#, "not both"),
             (r#"{ kind = "kubernetes", api_server = "http://k", service = "s", port = 70000 }"#, "discovery.port"),

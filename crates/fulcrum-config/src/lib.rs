@@ -607,6 +607,15 @@ impl Config {
                 if let Some(t) = &mut pool.tls {
                     t.resolve_paths(dir);
                 }
+                if let Some(autoscale::ActuatorConfig::Kubernetes { ca_file, token_file, .. }) =
+                    pool.autoscale.as_mut().map(|a| &mut a.actuator)
+                {
+                    for p in ca_file.iter_mut().chain(token_file.iter_mut()) {
+                        if p.is_relative() {
+                            *p = dir.join(&*p);
+                        }
+                    }
+                }
             }
             // Build once to catch what only the whole pool shows (duplicates, table sizes).
             if let Err(e) = pool.selector(Instant::ZERO) {

@@ -15,11 +15,14 @@
 //! the server ends (its `timeoutSeconds`, about 5 minutes) is resumed from the last
 //! resource version; one that is too old (`410 Gone`) starts over with a list.
 //!
-//! **Plain HTTP only**, like the Kubernetes actuator of `fulcrum-scale`: run `kubectl proxy`
-//! (a sidecar with the pod's service account) and set `api_server = "http://127.0.0.1:8001"`.
-//! A `token_file` is sent as a bearer token; it is read again whenever the provider lists
-//! anew (after any failure, such as a `401` once a rotated token has expired). The proxy's service
-//! account needs `list` and `watch` on `endpointslices.discovery.k8s.io`.
+//! **Where.** `api_server = "https://..."` is verified against `ca_file` (else the system's
+//! roots); `http://` serves `kubectl proxy`. Without `api_server`, in a pod: the cluster's
+//! own API server (`KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT`), with the pod's
+//! service-account token and CA (under `/var/run/secrets/kubernetes.io/serviceaccount/`) unless
+//! `token_file` and `ca_file` name others. A token file is sent as a bearer token; it is read
+//! again whenever the provider lists anew (after any failure, such as a `401` once a rotated
+//! token has expired). The proxy's service account needs `list` and `watch` on
+//! `endpointslices.discovery.k8s.io`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -51,6 +54,12 @@ pub enum KubernetesError {
     /// kube could not build a client.
     #[error("cannot set up the Kubernetes client: {0}")]
     Client(#[source] kube::Error),
+    /// No `api_server`, and not in a pod.
+    #[error("{0}")]
+    NotInCluster(String),
+    /// The CA file does not load.
+    #[error("ca_file: {0}")]
+    Ca(#[from] fulcrum_tls::TlsError),
     /// The token file cannot be read, or is empty.
     #[error("token_file {path}: {message}")]
     Token {
@@ -61,10 +70,34 @@ pub enum KubernetesError {
     },
 }
 
-/// The bearer token in `token_file`, without the surrounding whitespace (a trailing newline
-/// would make it an invalid header).
-async fn read_token(config: &KubernetesDiscovery) -> Result<Option<String>, KubernetesError> {
-    let Some(path) = &config.token_file else { return Ok(None) };
+/// Where the API server is, and the files of its CA and token.
+struct Target {
+    url: String,
+    ca: Option<std::path::PathBuf>,
+    token: Option<std::path::PathBuf>,
+}
+
+/// The configured API server, or in a pod the cluster's own with the service account's files.
+fn target(config: &KubernetesDiscovery) -> Result<Target, KubernetesError> {
+    match &config.api_server {
+        Some(url) => Ok(Target { url: url.clone(), ca: config.ca_file.clone(), token: config.token_file.clone() }),
+        None => {
+            let env = |name| std::env::var(name).ok();
+            let pod = fulcrum_tls::in_cluster(env("KUBERNETES_SERVICE_HOST"), env("KUBERNETES_SERVICE_PORT"))
+                .map_err(KubernetesError::NotInCluster)?;
+            Ok(Target {
+                url: pod.url,
+                ca: Some(config.ca_file.clone().unwrap_or(pod.ca)),
+                token: Some(config.token_file.clone().unwrap_or(pod.token)),
+            })
+        }
+    }
+}
+
+/// The bearer token in the token file, without the surrounding whitespace (a trailing
+/// newline would make it an invalid header).
+async fn read_token(path: Option<&std::path::Path>) -> Result<Option<String>, KubernetesError> {
+    let Some(path) = path else { return Ok(None) };
     let fail = |message: String| KubernetesError::Token { path: path.display().to_string(), message };
     let text = tokio::fs::read_to_string(path).await.map_err(|e| fail(e.to_string()))?;
     match text.trim() {
@@ -73,13 +106,20 @@ async fn read_token(config: &KubernetesDiscovery) -> Result<Option<String>, Kube
     }
 }
 
-fn client(config: &KubernetesDiscovery, token: Option<String>) -> Result<Api<EndpointSlice>, KubernetesError> {
-    let bad = |message: String| KubernetesError::BadUrl { url: config.api_server.clone(), message };
-    let uri: http::Uri = config.api_server.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
-    if uri.scheme() != Some(&http::uri::Scheme::HTTP) || uri.authority().is_none() {
-        return Err(bad("must be http://host:port (use kubectl proxy for TLS clusters)".into()));
+fn client(
+    config: &KubernetesDiscovery,
+    target: &Target,
+    token: Option<String>,
+) -> Result<Api<EndpointSlice>, KubernetesError> {
+    let bad = |message: String| KubernetesError::BadUrl { url: target.url.clone(), message };
+    let uri: http::Uri = target.url.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
+    if uri.authority().is_none() {
+        return Err(bad("must be https://host:port or http://host:port".into()));
     }
     let mut kube_config = Config::new(uri);
+    if let Some(ca) = &target.ca {
+        kube_config.root_cert = Some(fulcrum_tls::der_certificates(ca)?);
+    }
     kube_config.default_namespace.clone_from(&config.namespace);
     kube_config.connect_timeout = Some(config.timeout);
     // Watches stay open for WATCH_SECONDS: reads may be quiet that long.
@@ -90,6 +130,23 @@ fn client(config: &KubernetesDiscovery, token: Option<String>) -> Result<Api<End
     Ok(Api::namespaced(client, &config.namespace))
 }
 
+/// An error and its sources, one after the other: kube's own message for a failed
+/// connection is only "client error (Connect)", the reason (a refused connection, a
+/// certificate that does not verify) is further down.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        next = cause.source();
+    }
+    text
+}
+
 /// Runs until aborted.
 pub(crate) async fn run(config: KubernetesDiscovery, mut out: Publisher) {
     let selector = config.selector.label_selector();
@@ -97,7 +154,11 @@ pub(crate) async fn run(config: KubernetesDiscovery, mut out: Publisher) {
     let mut backoff = Reconnect::new(Duration::from_secs(5));
     'list: loop {
         // Built again for every list, so a rotated token is picked up after a 401.
-        let api = match read_token(&config).await.and_then(|token| client(&config, token)) {
+        let api = match target(&config) {
+            Ok(t) => read_token(t.token.as_deref()).await.and_then(|token| client(&config, &t, token)),
+            Err(e) => Err(e),
+        };
+        let api = match api {
             Ok(api) => api,
             Err(e) => {
                 out.fail(&e);
@@ -109,7 +170,7 @@ pub(crate) async fn run(config: KubernetesDiscovery, mut out: Publisher) {
         let list = match listed {
             Ok(Ok(list)) => list,
             Ok(Err(e)) => {
-                out.fail(&format!("listing {what}: {e}"));
+                out.fail(&format!("listing {what}: {}", causes(&e)));
                 backoff.wait().await;
                 continue;
             }
@@ -128,7 +189,7 @@ pub(crate) async fn run(config: KubernetesDiscovery, mut out: Publisher) {
             let stream = match tokio::time::timeout(config.timeout, api.watch(&params, &version)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    out.fail(&format!("watching {what}: {e}"));
+                    out.fail(&format!("watching {what}: {}", causes(&e)));
                     backoff.wait().await;
                     continue 'list;
                 }
@@ -166,7 +227,7 @@ pub(crate) async fn run(config: KubernetesDiscovery, mut out: Publisher) {
                         continue 'list;
                     }
                     Err(e) => {
-                        out.fail(&format!("watching {what}: {e}"));
+                        out.fail(&format!("watching {what}: {}", causes(&e)));
                         backoff.wait().await;
                         continue 'list;
                     }

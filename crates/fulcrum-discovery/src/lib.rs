@@ -132,7 +132,8 @@ fn source(config: &DiscoveryConfig) -> String {
                 SliceSelector::Service(s) => format!("service {s}"),
                 SliceSelector::Labels(l) => format!("selector {l}"),
             };
-            format!("kubernetes {} namespace {} {what}", c.api_server, c.namespace)
+            let server = c.api_server.as_deref().unwrap_or("(in-cluster)");
+            format!("kubernetes {server} namespace {} {what}", c.namespace)
         }
         DiscoveryConfig::Registration(c) => format!("registration ttl {:?}", c.limits.default_ttl),
     }

@@ -79,10 +79,12 @@ pub async fn actuator_of(config: &ActuatorConfig) -> Result<AnyActuator, Autosca
             s.timeout = *timeout;
             AnyActuator::Command(CommandActuator::new(CommandConfig::try_new(s).map_err(|e| bad(&e))?))
         }
-        ActuatorConfig::Kubernetes { api_server, namespace, deployment } => {
+        ActuatorConfig::Kubernetes { api_server, namespace, deployment, ca_file, token_file } => {
             let mut s = KubernetesSettings::new(deployment.clone());
             s.namespace = namespace.clone();
-            s.api_server = Some(api_server.clone());
+            s.api_server.clone_from(api_server);
+            s.ca_file.clone_from(ca_file);
+            s.token_file.clone_from(token_file);
             AnyActuator::Kubernetes(KubernetesActuator::connect(s).await.map_err(|e| bad(&e))?)
         }
     })

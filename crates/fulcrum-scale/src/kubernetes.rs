@@ -8,14 +8,12 @@
 //! `status.replicas`. Patching only the scale needs only the `deployments/scale` permission
 //! (`get`, `patch`), not write access to the whole Deployment.
 //!
-//! **Plain HTTP only.** This build carries no TLS stack (rustls with its C crypto backend
-//! would add a C toolchain requirement and minutes to every build), so the API server must be
-//! reached over `http://`: run `kubectl proxy` (it listens on 127.0.0.1:8001 and adds the
-//! credentials; as a sidecar container in the autoscaler's pod, with the pod's service account)
-//! and set `api_server = "http://127.0.0.1:8001"`. Without `api_server` the configuration is
-//! inferred (`KUBECONFIG`, `~/.kube/config`, then the in-cluster service account), which
-//! works only where that names an `http://` server; an `https://` one is refused with
-//! [`KubernetesError::TlsRequired`], which says what to do.
+//! **Where.** `api_server = "https://..."` is verified against `ca_file` (else the system's
+//! roots), with the bearer token of `token_file` (kube reads it again as it rotates);
+//! `http://` serves `kubectl proxy`. Without `api_server` the configuration is inferred:
+//! `KUBECONFIG` or `~/.kube/config`, else in a pod the cluster's own API server
+//! (`KUBERNETES_SERVICE_HOST`) with the pod's service-account token and CA, so the
+//! autoscaler works from inside a pod with no sidecar.
 //!
 //! Each call is bounded by `timeout` (10 s), connecting included, and not retried here: the
 //! autoscaler tries again at its next tick ([`KubernetesError::is_retryable`] says whether to).
@@ -49,9 +47,14 @@ pub struct KubernetesSettings {
     pub deployment: String,
     /// Its namespace (`default`).
     pub namespace: String,
-    /// The API server, `http://` only (`kubectl proxy`: `http://127.0.0.1:8001`); `None`
-    /// infers it from `KUBECONFIG`, `~/.kube/config` or the in-cluster environment.
+    /// The API server (`https://`, or `http://` for `kubectl proxy`); `None` infers it from
+    /// `KUBECONFIG`, `~/.kube/config` or the in-cluster environment.
     pub api_server: Option<String>,
+    /// A CA bundle (PEM) to verify an `https` API server against, instead of the system's
+    /// roots (or the inferred configuration's CA).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A file holding a bearer token (or the inferred configuration's credentials).
+    pub token_file: Option<std::path::PathBuf>,
     /// How long one API call may take, connection included (10 s).
     pub timeout: Duration,
 }
@@ -63,6 +66,8 @@ impl KubernetesSettings {
             deployment: deployment.into(),
             namespace: "default".into(),
             api_server: None,
+            ca_file: None,
+            token_file: None,
             timeout: Duration::from_secs(10),
         }
     }
@@ -88,15 +93,9 @@ pub enum KubernetesError {
         #[source]
         source: http::uri::InvalidUri,
     },
-    /// The API server is `https://`, and this build has no TLS.
-    #[error(
-        "the Kubernetes API server {url} needs TLS, which this build of Fulcrum does not include: \
-         run `kubectl proxy` (or a sidecar that does the same) and set kubernetes.api_server = \"http://127.0.0.1:8001\""
-    )]
-    TlsRequired {
-        /// The server.
-        url: String,
-    },
+    /// The CA file does not load.
+    #[error("kubernetes.ca_file: {0}")]
+    Ca(#[from] fulcrum_tls::TlsError),
     /// No configuration could be inferred.
     #[error("no Kubernetes configuration found (set kubernetes.api_server): {0}")]
     Infer(#[source] kube::config::InferConfigError),
@@ -199,8 +198,24 @@ impl KubernetesActuator {
             }
             None => Config::infer().await.map_err(KubernetesError::Infer)?,
         };
-        if config.cluster_url.scheme() == Some(&http::uri::Scheme::HTTPS) {
-            return Err(KubernetesError::TlsRequired { url: config.cluster_url.to_string() });
+        if let Some(ca) = &s.ca_file {
+            config.root_cert = Some(fulcrum_tls::der_certificates(ca)?);
+        }
+        if let Some(path) = &s.token_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("token_file", &format!("{}: {e}", path.display())))?;
+            if text.trim().is_empty() {
+                return Err(invalid("token_file", &format!("{}: is empty", path.display())));
+            }
+            if text.trim() == text {
+                // kube reads it again as the kubelet rotates it.
+                config.auth_info.token_file = Some(path.display().to_string());
+            } else {
+                // kube would send the newline too (an invalid header): the trimmed token,
+                // read once. The kubelet's own token files have no surrounding whitespace.
+                tracing::warn!(file = %path.display(), "kubernetes.token_file ends in whitespace: read once, not followed as it rotates");
+                config.auth_info.token = Some(text.trim().to_owned().into());
+            }
         }
         config.default_namespace.clone_from(&s.namespace);
         config.connect_timeout = Some(s.timeout);
@@ -292,11 +307,14 @@ mod tests {
             err(with_url("127.0.0.1:8001")).await,
             "kubernetes.api_server must be a URL such as http://127.0.0.1:8001"
         );
+        // https is built in; its files are checked when connecting.
+        assert!(KubernetesActuator::connect(with_url("https://10.0.0.1:6443")).await.is_ok());
+        let missing = |f: &str| KubernetesSettings { ca_file: Some(f.into()), ..with_url("https://10.0.0.1:6443") };
         assert!(
-            err(with_url("https://10.0.0.1:6443"))
-                .await
-                .contains("needs TLS, which this build of Fulcrum does not include")
+            err(missing("/nonexistent/ca.crt")).await.starts_with("kubernetes.ca_file: CA bundle /nonexistent/ca.crt")
         );
+        let no_token = KubernetesSettings { token_file: Some("/nonexistent/token".into()), ..with_url("https://k:1") };
+        assert!(err(no_token).await.starts_with("kubernetes.token_file /nonexistent/token"));
         assert!(KubernetesActuator::connect(with_url("http://127.0.0.1:8001")).await.is_ok());
     }
 

@@ -141,3 +141,43 @@ impl Drop for Dir {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+/// A TLS server configuration serving `leaf` (no client certificates asked for).
+pub fn server_config(leaf: &Leaf) -> rustls::ServerConfig {
+    use rustls::pki_types::pem::PemObject;
+    rustls::ServerConfig::builder_with_provider(fulcrum_tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![rustls::pki_types::CertificateDer::from_pem_slice(leaf.cert.as_bytes()).expect("certificate PEM")],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).expect("key PEM"),
+        )
+        .expect("a server configuration")
+}
+
+/// An acceptor serving `leaf`.
+pub fn acceptor(leaf: &Leaf) -> tokio_rustls::TlsAcceptor {
+    std::sync::Arc::new(server_config(leaf)).into()
+}
+
+/// Serves one accepted connection with hyper's HTTP/1.1 server, over TLS when `tls` is given
+/// (a failed handshake ends it): the fake servers' common end.
+pub async fn serve_http1<S, B>(stream: tokio::net::TcpStream, tls: Option<tokio_rustls::TlsAcceptor>, service: S)
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let http = hyper::server::conn::http1::Builder::new();
+    match tls {
+        None => {
+            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+        }
+        Some(tls) => {
+            let Ok(stream) = tls.accept(stream).await else { return };
+            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+        }
+    }
+}

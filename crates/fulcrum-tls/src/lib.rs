@@ -111,3 +111,50 @@ pub fn client_config(tls: &UpstreamTls, alpn: &[&[u8]]) -> Result<ClientConfig, 
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
+
+/// The Kubernetes API server of the pod this process runs in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InCluster {
+    /// `https://HOST:PORT`, from `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT`.
+    pub url: String,
+    /// The service account's CA bundle.
+    pub ca: PathBuf,
+    /// The service account's token (projected and rotated by the kubelet: read it again).
+    pub token: PathBuf,
+}
+
+/// Where the kubelet mounts a pod's service account.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The in-cluster API server, given the values of `KUBERNETES_SERVICE_HOST` and
+/// `KUBERNETES_SERVICE_PORT` (as [`std::env::var`] returns them); an error says it is not in
+/// a pod.
+pub fn in_cluster(host: Option<String>, port: Option<String>) -> Result<InCluster, String> {
+    let host = host.filter(|h| !h.is_empty()).ok_or_else(|| {
+        "no api_server given and not in a pod (KUBERNETES_SERVICE_HOST is not set): set api_server".to_owned()
+    })?;
+    let port = port.filter(|p| !p.is_empty()).unwrap_or_else(|| "443".to_owned());
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    let dir = Path::new(SERVICE_ACCOUNT_DIR);
+    Ok(InCluster { url: format!("https://{host}:{port}"), ca: dir.join("ca.crt"), token: dir.join("token") })
+}
+
+/// The certificates of a CA bundle, DER-encoded (what kube's `root_cert` takes).
+pub fn der_certificates(path: &Path) -> Result<Vec<Vec<u8>>, TlsError> {
+    Ok(read_certificates(path, "CA bundle")?.into_iter().map(|c| c.to_vec()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_a_pod_the_api_server_comes_from_the_environment() {
+        let c = in_cluster(Some("10.96.0.1".into()), Some("443".into())).unwrap();
+        assert_eq!(c.url, "https://10.96.0.1:443");
+        assert_eq!(c.token, Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token"));
+        assert_eq!(c.ca, Path::new("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"));
+        assert_eq!(in_cluster(Some("fd00::1".into()), None).unwrap().url, "https://[fd00::1]:443");
+        assert!(in_cluster(None, Some("443".into())).unwrap_err().contains("KUBERNETES_SERVICE_HOST"));
+    }
+}

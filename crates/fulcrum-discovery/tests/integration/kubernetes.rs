@@ -14,7 +14,6 @@ use fulcrum_discovery::{Discovery, StatusBoard};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use support::*;
 use tokio::sync::mpsc;
@@ -111,13 +110,18 @@ fn respond(cluster: &Shared, path: &str, query: &str) -> http::Response<Body> {
 }
 
 async fn fake_api_server(slices: Vec<Value>) -> (SocketAddr, Shared) {
+    fake_api_server_with(slices, None).await
+}
+
+/// The fake API server, over TLS when `tls` is given (as a real API server is).
+async fn fake_api_server_with(slices: Vec<Value>, tls: Option<tokio_rustls::TlsAcceptor>) -> (SocketAddr, Shared) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     let cluster: Shared = Arc::new(Mutex::new(Cluster { slices, resource_version: 100, ..Cluster::default() }));
     let state = cluster.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let cluster = cluster.clone();
+            let (cluster, tls) = (cluster.clone(), tls.clone());
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let cluster = cluster.clone();
                 async move {
@@ -131,7 +135,9 @@ async fn fake_api_server(slices: Vec<Value>) -> (SocketAddr, Shared) {
                     Ok::<_, Infallible>(respond(&cluster, &path, &query))
                 }
             });
-            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                fulcrum_testkit::certs::serve_http1(stream, tls, service).await;
+            });
         }
     });
     (address, state)
@@ -139,11 +145,12 @@ async fn fake_api_server(slices: Vec<Value>) -> (SocketAddr, Shared) {
 
 fn config(address: SocketAddr) -> DiscoveryConfig {
     DiscoveryConfig::Kubernetes(KubernetesDiscovery {
-        api_server: format!("http://{address}"),
+        api_server: Some(format!("http://{address}")),
         namespace: "ai".to_owned(),
         selector: SliceSelector::Service("vllm".to_owned()),
         port: Some(PortRef::Name("http".to_owned())),
         token_file: None,
+        ca_file: None,
         timeout: Duration::from_secs(5),
     })
 }
@@ -238,5 +245,49 @@ async fn a_token_file_is_sent_as_a_bearer_token() {
     k.token_file = Some(dir.path().join("token"));
     let task = Discovery::new(sink.clone(), status.clone()).spawn("empty", DiscoveryConfig::Kubernetes(k));
     wait_failing(&status, "empty", "token").await;
+    task.abort();
+}
+
+/// As in a pod: the API server over https, verified against the service account's CA, and
+/// the service account's token sent as a bearer token.
+#[tokio::test]
+async fn an_https_api_server_is_verified_against_its_ca_with_the_token_sent() {
+    use fulcrum_testkit::certs::{Ca, Dir, Usage};
+    let ca = Ca::new("cluster CA");
+    let leaf = ca.leaf(Usage::Server, "kubernetes", &["127.0.0.1", "kubernetes.default.svc"], &[]);
+    let server = fulcrum_testkit::certs::server_config(&leaf);
+    let initial = slice("vllm-abc", &[("127.0.0.1", Some(true))]);
+    let (address, cluster) = fake_api_server_with(vec![initial], Some(std::sync::Arc::new(server).into())).await;
+    let dir = Dir::new("k8s-tls");
+    let ca_file = dir.write("ca.crt", &ca.pem());
+    let token_file = dir.write("token", "pod-token\n");
+    let other_ca = dir.write("other.crt", &Ca::new("other").pem());
+    let https = |ca: &std::path::Path| {
+        DiscoveryConfig::Kubernetes(KubernetesDiscovery {
+            api_server: Some(format!("https://{address}")),
+            ca_file: Some(ca.to_owned()),
+            token_file: Some(token_file.clone()),
+            ..match config(address) {
+                DiscoveryConfig::Kubernetes(k) => k,
+                _ => unreachable!(),
+            }
+        })
+    };
+    let sink = RecordingSink::new();
+    let status = Arc::new(StatusBoard::new());
+    let task = Discovery::new(sink.clone(), status.clone()).spawn("llama", https(&ca_file));
+    let set = sink.wait_for("llama", WAIT, "the list over https", |s| s.len() == 1).await;
+    assert_eq!(addresses(&set), ["127.0.0.1:8000"]);
+    assert_eq!(cluster.lock().expect("lock").authorization[0].as_deref(), Some("Bearer pod-token"));
+    task.abort();
+    // (Its watch may still have been on its way.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // A server the CA did not sign: nothing is read, and the status says why.
+    let requests = cluster.lock().expect("lock").requests.len();
+    let status = Arc::new(StatusBoard::new());
+    let task = Discovery::new(RecordingSink::new(), status.clone()).spawn("other", https(&other_ca));
+    wait_failing(&status, "other", "certificate").await;
+    assert_eq!(cluster.lock().expect("lock").requests.len(), requests, "no request reached an unverified server");
     task.abort();
 }

@@ -14,7 +14,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -209,16 +208,7 @@ impl Collector {
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let http = hyper::server::conn::http1::Builder::new();
-                    match tls {
-                        None => {
-                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
-                        }
-                        Some(tls) => {
-                            let Ok(stream) = tls.accept(stream).await else { return };
-                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
-                        }
-                    }
+                    fulcrum_testkit::certs::serve_http1(stream, tls, svc).await;
                 });
             }
         });
@@ -442,20 +432,9 @@ async fn the_access_log_follows_reloads_and_tracing_needs_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_an_https_collector_verified_against_its_ca() {
     use fulcrum_testkit::certs::{Ca, Dir, Usage};
-    use rustls::pki_types::pem::PemObject;
     let ca = Ca::new("collector CA");
     let leaf = ca.leaf(Usage::Server, "collector", &["127.0.0.1"], &[]);
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![rustls::pki_types::CertificateDer::from_pem_slice(leaf.cert.as_bytes()).expect("cert")],
-            rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).expect("key"),
-        )
-        .expect("server config");
+    let server = fulcrum_testkit::certs::server_config(&leaf);
     let (collector, collector_addr) = Collector::start_with(Some(Arc::new(server).into())).await;
     let dir = Dir::new("otlp-https");
     let good = dir.write("ca.pem", &ca.pem());

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use fulcrum_scale::{Actuator, ActuatorError, KubernetesActuator, KubernetesError, KubernetesSettings};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 #[derive(Debug, Clone)]
@@ -20,6 +19,7 @@ struct Recorded {
     path_and_query: String,
     content_type: Option<String>,
     body: Option<Value>,
+    authorization: Option<String>,
 }
 
 #[derive(Debug)]
@@ -89,13 +89,23 @@ fn answer(
 
 /// Starts the fake API server; returns its address and its state.
 async fn fake_api_server(desired: i32, current: i32) -> (SocketAddr, Shared) {
+    fake_api_server_with(desired, current, None).await
+}
+
+/// The fake API server, over TLS when `tls` is given (as a real API server is); it records
+/// each request's `Authorization` as its content type's neighbour in `Recorded`.
+async fn fake_api_server_with(
+    desired: i32,
+    current: i32,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (SocketAddr, Shared) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     let cluster: Shared = Arc::new(Mutex::new(Cluster { desired, current, requests: Vec::new() }));
     let state = cluster.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let cluster = cluster.clone();
+            let (cluster, tls) = (cluster.clone(), tls.clone());
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let cluster = cluster.clone();
                 async move {
@@ -104,12 +114,15 @@ async fn fake_api_server(desired: i32, current: i32) -> (SocketAddr, Shared) {
                     let path_and_query = req.uri().path_and_query().map_or(path.clone(), |p| p.to_string());
                     let content_type =
                         req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    let authorization =
+                        req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
                     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                     cluster.lock().expect("lock").requests.push(Recorded {
                         method: method.to_string(),
                         path_and_query,
                         content_type: content_type.clone(),
                         body: serde_json::from_slice(&body).ok(),
+                        authorization,
                     });
                     let (code, value) = answer(&cluster, &method, &path, content_type.as_deref(), &body);
                     let response = http::Response::builder()
@@ -120,7 +133,9 @@ async fn fake_api_server(desired: i32, current: i32) -> (SocketAddr, Shared) {
                     Ok::<_, Infallible>(response)
                 }
             });
-            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                fulcrum_testkit::certs::serve_http1(stream, tls, service).await;
+            });
         }
     });
     (address, state)
@@ -226,4 +241,49 @@ async fn a_silent_server_times_out() {
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     assert!(err.is_retryable(), "{err:?}");
     holder.abort();
+}
+
+/// As from inside a pod: the API server over https, verified against the service account's
+/// CA, with its token; a server the CA did not sign is refused before any request.
+#[tokio::test]
+async fn scales_through_an_https_api_server_with_a_token_and_ca() {
+    use fulcrum_testkit::certs::{Ca, Dir, Usage};
+    let ca = Ca::new("cluster CA");
+    let leaf = ca.leaf(Usage::Server, "kubernetes", &["127.0.0.1"], &[]);
+    let server = fulcrum_testkit::certs::server_config(&leaf);
+    let (address, cluster) = fake_api_server_with(2, 2, Some(Arc::new(server).into())).await;
+    let dir = Dir::new("scale-tls");
+    let ca_file = dir.write("ca.crt", &ca.pem());
+    // As the kubelet writes it: no trailing newline (one is trimmed too; see the actuator).
+    let token_file = dir.write("token", "scaler-token");
+    let settings = |ca: std::path::PathBuf| KubernetesSettings {
+        api_server: Some(format!("https://{address}")),
+        namespace: "ai".into(),
+        ca_file: Some(ca),
+        token_file: Some(token_file.clone()),
+        timeout: Duration::from_secs(5),
+        ..KubernetesSettings::new("llm")
+    };
+    let mut actuator = KubernetesActuator::connect(settings(ca_file.clone())).await.expect("connect");
+    actuator.scale_to(4).await.expect("scale over https");
+    assert_eq!(actuator.get_scale().await.expect("get").0, 4);
+    {
+        let c = cluster.lock().expect("lock");
+        assert!(
+            c.requests.iter().all(|r| r.authorization.as_deref() == Some("Bearer scaler-token")),
+            "{:?}",
+            c.requests
+        );
+    }
+    // A token file someone wrote by hand, with a final newline: sent trimmed.
+    let typed = dir.write("typed-token", "scaler-token\n");
+    let by_hand = KubernetesSettings { token_file: Some(typed), ..settings(ca_file.clone()) };
+    KubernetesActuator::connect(by_hand).await.expect("connect").get_scale().await.expect("get");
+    let last = cluster.lock().expect("lock").requests.last().cloned().expect("a request");
+    assert_eq!(last.authorization.as_deref(), Some("Bearer scaler-token"));
+    let seen = cluster.lock().expect("lock").requests.len();
+    let other = dir.write("other.crt", &Ca::new("other").pem());
+    let mut stranger = KubernetesActuator::connect(settings(other)).await.expect("connect");
+    assert!(stranger.scale_to(1).await.is_err(), "a server the CA did not sign is refused");
+    assert_eq!(cluster.lock().expect("lock").requests.len(), seen, "and gets no request");
 }
