@@ -28,10 +28,12 @@ pub enum Heartbeat {
 pub enum RegisterTarget {
     /// Under a lease in etcd, for proxies running the `etcd` provider on `prefix`.
     Etcd {
-        /// etcd client URLs (`http://host:port` or `host:port`).
+        /// etcd client URLs (`http://host:port`, `https://host:port` or `host:port`).
         endpoints: Vec<String>,
         /// The key prefix the proxies watch (the key is the prefix and the endpoint's id).
         prefix: String,
+        /// For `https://` endpoints: a CA bundle and a client certificate.
+        tls: Option<fulcrum_config::UpstreamTls>,
     },
     /// With one proxy's admin API, in a pool whose discovery kind is `registration`.
     Admin {
@@ -121,8 +123,8 @@ pub async fn run_register(args: RegisterArgs, until: impl Future<Output = ()>) -
     }
     let spec = args.spec()?;
     match &args.target {
-        RegisterTarget::Etcd { endpoints, prefix } => {
-            let client = EtcdClient::new(endpoints, Duration::from_secs(5))?;
+        RegisterTarget::Etcd { endpoints, prefix, tls } => {
+            let client = EtcdClient::with_tls(endpoints, Duration::from_secs(5), tls.as_ref())?;
             let registration = register_etcd(&client, prefix, &spec, args.ttl).await?;
             tracing::info!(key = registration.key(), lease = registration.lease_id(), "registered in etcd");
             log_until(registration.heartbeat(), until).await;

@@ -12,10 +12,19 @@ pub struct RegisterArgs {
     /// The backend's address, as the proxies should reach it.
     #[arg(long)]
     pub address: SocketAddr,
-    /// Register in etcd (host:port[,host:port...]) under --prefix, for pools whose discovery
-    /// is `kind = "etcd"` on that prefix.
+    /// Register in etcd (host:port[,host:port...], or https://host:port for etcd over TLS)
+    /// under --prefix, for pools whose discovery is `kind = "etcd"` on that prefix.
     #[arg(long, value_name = "HOSTS", requires = "prefix")]
     pub etcd: Option<String>,
+    /// With an https etcd: a CA bundle (PEM) to verify it against, instead of the system's roots.
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+    /// With an https etcd: a client certificate (PEM) for its --client-cert-auth, with --etcd-key.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd", "etcd_key"])]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd", "etcd_cert"])]
+    pub etcd_key: Option<std::path::PathBuf>,
     /// The etcd key prefix the proxies watch (the key is the prefix and the id).
     #[arg(long)]
     pub prefix: Option<String>,
@@ -59,7 +68,18 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 pub fn register(args: &RegisterArgs) -> anyhow::Result<()> {
     let target = match (&args.etcd, &args.prefix, &args.admin, &args.pool) {
         (Some(hosts), Some(prefix), None, _) => {
-            RegisterTarget::Etcd { endpoints: hosts.split(',').map(str::to_owned).collect(), prefix: prefix.clone() }
+            let client_cert = args
+                .etcd_cert
+                .clone()
+                .zip(args.etcd_key.clone())
+                .map(|(cert, key)| fulcrum_config::CertificateFiles { cert, key });
+            let tls = (args.etcd_ca.is_some() || client_cert.is_some()).then(|| fulcrum_config::UpstreamTls {
+                server_name: None,
+                ca: args.etcd_ca.clone(),
+                client_cert,
+            });
+            let endpoints = hosts.split(',').map(str::to_owned).collect();
+            RegisterTarget::Etcd { endpoints, prefix: prefix.clone(), tls }
         }
         (None, _, Some(url), Some(pool)) => RegisterTarget::Admin {
             url: url.clone(),

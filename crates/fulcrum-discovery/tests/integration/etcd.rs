@@ -162,7 +162,7 @@ async fn the_command_line_entry_point_registers_and_leaves() {
     let Some(etcd) = Etcd::start().await else { return };
     let (sink, _status, task) = start(&etcd);
     let args = RegisterArgs {
-        target: RegisterTarget::Etcd { endpoints: vec![etcd.client_url.clone()], prefix: PREFIX.to_owned() },
+        target: RegisterTarget::Etcd { endpoints: vec![etcd.client_url.clone()], prefix: PREFIX.to_owned(), tls: None },
         address: "127.0.0.1:9201".parse().expect("address"),
         id: Some("cli".to_owned()),
         weight: Some(3),
@@ -226,6 +226,7 @@ async fn etcd_over_https_with_client_certificates_feeds_a_pool() {
         ca: Some(ca_file.clone()),
         client_cert: Some(CertificateFiles { cert: client_cert, key: client_key }),
     };
+    let etcd_client_cert = client.client_cert.clone();
     let tls = EtcdTls { cert, key, client_ca: ca_file.clone(), client: client.clone() };
     let Some(etcd) = Etcd::start_tls(tls).await else { return };
     assert!(etcd.client_url.starts_with("https://"), "{}", etcd.client_url);
@@ -255,5 +256,29 @@ async fn etcd_over_https_with_client_certificates_feeds_a_pool() {
     sink.wait_for("llama", WAIT, "the initial read over https", |s| s.len() == 1).await;
     c.put(format!("{PREFIX}b"), r#"{"address":"127.0.0.1:9002"}"#).await.expect("put");
     sink.wait_for("llama", Duration::from_secs(2), "a watched put over https", |s| ids(s) == ["a", "b"]).await;
+
+    // `fulcrum register --etcd https://... --etcd-ca --etcd-cert --etcd-key`: a backend
+    // registers itself over https too.
+    let args = RegisterArgs {
+        target: RegisterTarget::Etcd {
+            endpoints: vec![etcd.client_url.clone()],
+            prefix: PREFIX.to_owned(),
+            tls: Some(UpstreamTls { client_cert: etcd_client_cert, ..no_cert }),
+        },
+        address: "127.0.0.1:9203".parse().expect("address"),
+        id: Some("tls".to_owned()),
+        weight: None,
+        models: Vec::new(),
+        labels: Vec::new(),
+        ttl: Duration::from_secs(5),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(run_register(args, async {
+        let _ = stopped.await;
+    }));
+    sink.wait_for("llama", WAIT, "a registration over https", |s| ids(s) == ["a", "b", "tls"]).await;
+    stop.send(()).expect("stop");
+    tokio::time::timeout(WAIT, run).await.expect("in time").expect("join").expect("run_register");
+    sink.wait_for("llama", Duration::from_secs(2), "the registration leaving", |s| ids(s) == ["a", "b"]).await;
     task.abort();
 }

@@ -346,6 +346,8 @@ async fn keep_alive(
 
 #[tokio::test]
 async fn bad_tls_input_gets_a_clean_close() {
+    // (One thread: the proxy's tasks log to this thread's subscriber.)
+    let (captured, _guard) = common::capture();
     let ca = Ca::new("CA");
     let dir = Dir::new("tls-bad");
     let (cert, key) = dir.write_leaf("a", &ca.leaf(Usage::Server, "a.test", &["a.test"], &[]));
@@ -380,6 +382,12 @@ async fn bad_tls_input_gets_a_clean_close() {
     let tls = connect(addr, &client_config(&ca, None, &[]), "a.test").await.expect("handshake");
     assert_eq!(get(tls, "/").await.expect("response").0, StatusCode::OK);
     proxy.shutdown().await;
+
+    // Each bad handshake left a log line, with the peer.
+    let lines = captured.lines();
+    let count = |message: &str| lines.iter().filter(|l| l["message"] == message && l.get("peer").is_some()).count();
+    assert!(count("TLS handshake failed") >= 2, "garbage and a distrusting client: {lines:#?}");
+    assert_eq!(count("TLS handshake timed out"), 2, "half a ClientHello and silence: {lines:#?}");
 }
 
 #[tokio::test]

@@ -307,3 +307,57 @@ pub async fn until(what: &str, mut ready: impl FnMut() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// Collects what the JSON formatter writes.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Every line so far, parsed.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.0.lock().expect("buffer").clone()).expect("utf-8");
+        text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+    }
+
+    /// The access-log lines so far, parsed.
+    pub fn access_lines(&self) -> Vec<serde_json::Value> {
+        self.lines().into_iter().filter(|v| v["target"] == "fulcrum::access").collect()
+    }
+
+    /// Waits (bounded) for the access-log line of `request_id`: it is written when the
+    /// response body has been sent, which may be just after the client read it.
+    pub async fn line_of(&self, request_id: &str) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = self.access_lines().into_iter().find(|v| v["request_id"] == request_id) {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no access-log line for {request_id}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+pub fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    // This test runs on one thread (tokio's current-thread runtime): the proxy's tasks log
+    // to this thread's subscriber.
+    (captured, tracing::subscriber::set_default(subscriber))
+}
