@@ -475,8 +475,6 @@ impl RawDiscovery {
         if raw.is_empty() {
             return Err(err("endpoints", "is required: etcd client addresses such as [\"127.0.0.1:2379\"]"));
         }
-        let endpoints = raw.iter().map(|e| etcd_url(e)).collect::<Result<Vec<_>, _>>()?;
-        let prefix = required(self.prefix, "prefix")?;
         let tls = match self.tls.map(crate::raw::RawUpstreamTls::validate).transpose() {
             Ok(Some(t)) if t.server_name.is_some() => {
                 return Err(err("tls.server_name", "does not apply to etcd: each endpoint's own host is verified"));
@@ -484,6 +482,10 @@ impl RawDiscovery {
             Ok(t) => t,
             Err((field, message)) => return Err((format!(".discovery{field}"), message)),
         };
+        // With `tls`, a bare host:port is https, and an http:// one a mistake (its files
+        // would never be used).
+        let endpoints = raw.iter().map(|e| etcd_url(e, tls.is_some())).collect::<Result<Vec<_>, _>>()?;
+        let prefix = required(self.prefix, "prefix")?;
         Ok(DiscoveryConfig::Etcd(EtcdDiscovery {
             endpoints,
             prefix,
@@ -573,9 +575,13 @@ impl RawDiscovery {
 }
 
 /// `host:port` or `http://host:port` as an `http://host:port` URL.
-fn etcd_url(e: &str) -> Result<String, FieldError> {
+fn etcd_url(e: &str, tls: bool) -> Result<String, FieldError> {
     let (scheme, rest) = match e.split_once("://") {
+        None if tls => ("https", e),
         None => ("http", e),
+        Some(("http", _)) if tls => {
+            return Err(err("endpoints", format!("{e:?} is plain http, but `tls` is set: use https://")));
+        }
         Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
         Some(_) => return Err(err("endpoints", format!("{e:?} is not an http(s):// URL or host:port"))),
     };

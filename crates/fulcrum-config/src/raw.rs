@@ -374,6 +374,11 @@ impl RawPool {
         }
         let discovery = self.discovery.and_then(|d| errors.ok(d.validate()));
         let tls = self.tls.and_then(|t| errors.ok(t.validate()));
+        if self.protocol == Some(UpstreamProtocolRaw::H2) && engine_metrics.is_some() {
+            // The scraper speaks HTTP/1.1 (model servers' /metrics do): an h2-only port
+            // would never answer it.
+            errors.push(".protocol", "\"h2\" pools cannot scrape engine_metrics (the scraper speaks HTTP/1.1)");
+        }
         let autoscale = self.autoscale.and_then(|a| errors.all(a.validate()));
         let mut options = SelectorOptions::new(latency, slow_start, dynamic);
         if let Some(m) = &engine_metrics {

@@ -568,3 +568,11 @@ fn upstream_tls_resolves_paths_and_names_what_is_wrong() {
         assert!(e.contains(says), "{tls}: {e}");
     }
 }
+
+#[test]
+fn h2_pools_cannot_scrape_engine_metrics() {
+    let e = err("[pool.p]\nendpoints = [{ address = \"127.0.0.1:1\" }]\nprotocol = \"h2\"\nengine_metrics = {}\n");
+    assert!(e.contains("pool.p.protocol") && e.contains("engine_metrics"), "{e}");
+    let e = err("[pool.p]\nendpoints = []\nprotocol = \"h3\"\n");
+    assert!(e.contains("protocol"), "{e}");
+}

@@ -18,7 +18,7 @@ pub(crate) const MAX_BODY: usize = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// Connecting or sending failed.
-    #[error("cannot reach {uri}: {source}")]
+    #[error("cannot reach {uri}: {}", crate::causes(source.as_ref()))]
     Connect {
         /// The URL.
         uri: String,

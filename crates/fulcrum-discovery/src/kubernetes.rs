@@ -130,23 +130,6 @@ fn client(
     Ok(Api::namespaced(client, &config.namespace))
 }
 
-/// An error and its sources, one after the other: kube's own message for a failed
-/// connection is only "client error (Connect)", the reason (a refused connection, a
-/// certificate that does not verify) is further down.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        next = cause.source();
-    }
-    text
-}
-
 /// Runs until aborted.
 pub(crate) async fn run(config: KubernetesDiscovery, mut out: Publisher) {
     let selector = config.selector.label_selector();
@@ -170,7 +153,7 @@ pub(crate) async fn run(config: KubernetesDiscovery, mut out: Publisher) {
         let list = match listed {
             Ok(Ok(list)) => list,
             Ok(Err(e)) => {
-                out.fail(&format!("listing {what}: {}", causes(&e)));
+                out.fail(&format!("listing {what}: {}", crate::causes(&e)));
                 backoff.wait().await;
                 continue;
             }
@@ -189,7 +172,7 @@ pub(crate) async fn run(config: KubernetesDiscovery, mut out: Publisher) {
             let stream = match tokio::time::timeout(config.timeout, api.watch(&params, &version)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    out.fail(&format!("watching {what}: {}", causes(&e)));
+                    out.fail(&format!("watching {what}: {}", crate::causes(&e)));
                     backoff.wait().await;
                     continue 'list;
                 }
@@ -227,7 +210,7 @@ pub(crate) async fn run(config: KubernetesDiscovery, mut out: Publisher) {
                         continue 'list;
                     }
                     Err(e) => {
-                        out.fail(&format!("watching {what}: {}", causes(&e)));
+                        out.fail(&format!("watching {what}: {}", crate::causes(&e)));
                         backoff.wait().await;
                         continue 'list;
                     }

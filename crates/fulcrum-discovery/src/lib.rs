@@ -138,3 +138,20 @@ fn source(config: &DiscoveryConfig) -> String {
         DiscoveryConfig::Registration(c) => format!("registration ttl {:?}", c.limits.default_ttl),
     }
 }
+
+/// An error and its sources, one after the other: hyper's and kube's own message for a
+/// failed connection is only "client error (Connect)", the reason (a refused connection, a
+/// certificate that does not verify) is further down.
+pub(crate) fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        next = cause.source();
+    }
+    text
+}

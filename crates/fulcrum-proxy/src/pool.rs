@@ -144,8 +144,9 @@ impl PoolRuntime {
             && was.resilience.breaker == config.resilience.breaker
             && was.tls == config.tls
             && was.protocol == config.protocol;
-        // TLS files are read again at every rebuild (a renewed client certificate or CA).
-        let tls = connector(&config)?;
+        // The same TLS settings keep their connector (and the endpoints their connections);
+        // changed ones read the files anew.
+        let tls = if same_connections { old.tls.clone() } else { connector(&config)? };
         let added: Vec<String> = selector
             .endpoints()
             .iter()

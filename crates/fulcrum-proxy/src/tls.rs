@@ -11,16 +11,18 @@
 //!   static RSA key exchange, no renegotiation and no compression.
 //! - **Reload.** The files are read again on a configuration reload (a bad file fails the
 //!   reload and the running certificates stay) and when one of them changes on disk
-//!   ([`Terminator::refresh`], polled every [`WATCH_EVERY`]). Handshakes in progress and open
+//!   (`Terminator::refresh`, polled every 2 s). Handshakes in progress and open
 //!   connections keep the configuration they started with: none is dropped.
 //! - **Upstreams** ([`Connector`], a pool's `tls`): HTTPS to the endpoints, verified against
-//!   the system's roots or a given CA, with SNI from `server_name` (or the endpoint's IP
-//!   address), an optional client certificate, session resumption (rustls's in-memory cache,
-//!   shared by the pool's connections), and connections pooled as plain ones are. Health
-//!   checks and engine scrapes use the same TLS.
+//!   the system's roots or a given CA, with SNI from `server_name` (an endpoint reached by its
+//!   IP address is verified for that address, and rustls sends no SNI for it), an optional
+//!   client certificate, session resumption (rustls's in-memory cache, shared by the pool's
+//!   connections), and connections pooled as plain ones are. Health checks and engine
+//!   scrapes use the same TLS. The files are read when the pool is built; a change to them
+//!   is not followed until the pool is rebuilt by a reload that changes its `tls`.
 //! - **Client certificates** (mutual TLS), with `client_ca`: verified against that bundle in
 //!   the handshake (required by default, or optional). The verified identity
-//!   ([`ClientIdentity`]) is what routes match with `client_identity`, and what upstreams
+//!   (`ClientIdentity`) is what routes match with `client_identity`, and what upstreams
 //!   receive in `X-Forwarded-Client-Cert`, in Envoy's format. A client's own
 //!   `X-Forwarded-Client-Cert` is always removed, as Envoy's default (`SANITIZE`) does.
 
@@ -109,7 +111,10 @@ impl Terminator {
 
     /// Puts a [`prepare`](Self::prepare)d configuration in place.
     pub(crate) fn install(&self, (settings, stamps, loaded): (ListenerTls, Vec<Stamp>, Loaded)) {
-        *self.watched.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (settings, stamps);
+        // Under the lock: a file-change refresh cannot slip in between and leave its older
+        // certificates in place with the new stamps.
+        let mut watched = self.watched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *watched = (settings, stamps);
         self.current.store(Arc::new(loaded));
     }
 
@@ -386,7 +391,7 @@ impl ClientIdentity {
                 _ => {}
             }
         }
-        let subject = x.subject().to_string();
+        let subject = rfc2253(x.subject());
         let common_names =
             x.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(str::to_owned).collect();
         let hash = ring::digest::digest(&ring::digest::SHA256, leaf);
@@ -408,15 +413,53 @@ impl ClientIdentity {
         Some(ClientIdentity { common_names, uris, dns, header })
     }
 
-    /// Whether a route's `client_identity` pattern matches: a SAN URI, a SAN DNS name or a
-    /// common name equal to it, or starting with it when it ends in `*`.
+    /// Whether a route's `client_identity` pattern matches, equal or (ending in `*`) as a
+    /// prefix: a pattern with a scheme (`spiffe://...`) is compared with the SAN URIs only;
+    /// any other with the SAN DNS names, and with the common name only when the certificate
+    /// has no SAN at all. A common name cannot pass for a SPIFFE ID.
     pub(crate) fn matches(&self, pattern: &str) -> bool {
         let test = |v: &String| match pattern.strip_suffix('*') {
             Some(prefix) => v.starts_with(prefix),
             None => v == pattern,
         };
-        self.uris.iter().chain(&self.dns).chain(&self.common_names).any(test)
+        if pattern.contains("://") {
+            return self.uris.iter().any(test);
+        }
+        if self.uris.is_empty() && self.dns.is_empty() {
+            return self.common_names.iter().any(test);
+        }
+        self.dns.iter().any(test)
     }
+}
+
+/// A distinguished name as RFC 2253 writes it, and Envoy's XFCC `Subject`: the most specific
+/// part first (`CN=alice,O=Example`), attributes by their short names (else their OIDs),
+/// `,`, `+`, `"`, `\`, `<`, `>`, `;` and `=` in values escaped.
+fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<String> = name
+        .iter_rdn()
+        .map(|rdn| {
+            let attrs: Vec<String> = rdn
+                .iter()
+                .map(|a| {
+                    let key = x509_parser::objects::oid2abbrev(a.attr_type(), registry)
+                        .map_or_else(|_| a.attr_type().to_id_string(), str::to_owned);
+                    let value = a.as_str().unwrap_or("");
+                    let mut escaped = String::with_capacity(value.len());
+                    for c in value.chars() {
+                        if matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=') {
+                            escaped.push('\\');
+                        }
+                        escaped.push(c);
+                    }
+                    format!("{key}={escaped}")
+                })
+                .collect();
+            attrs.join("+")
+        })
+        .collect();
+    rdns.into_iter().rev().collect::<Vec<_>>().join(",")
 }
 
 /// An XFCC value: quoted (with `"` and `\` escaped) when it holds a separator.
@@ -459,9 +502,18 @@ mod tests {
         };
         assert!(id.matches("spiffe://prod/ns/a/sa/b"));
         assert!(id.matches("spiffe://prod/ns/a/*"));
-        assert!(id.matches("svc"));
         assert!(id.matches("svc.prod"));
+        assert!(!id.matches("svc"), "with SANs, the common name is not an identity");
         assert!(!id.matches("spiffe://prod/ns/other/*"));
         assert!(!id.matches("spiffe://prod/ns/a"));
+        // A common name that looks like a SPIFFE ID is not one.
+        let cn_only = ClientIdentity {
+            common_names: vec!["spiffe://prod/ns/a/sa/b".into(), "legacy".into()],
+            uris: vec![],
+            dns: vec![],
+            header: HeaderValue::from_static("x"),
+        };
+        assert!(!cn_only.matches("spiffe://prod/ns/a/*"));
+        assert!(cn_only.matches("legacy"));
     }
 }

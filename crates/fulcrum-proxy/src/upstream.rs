@@ -228,7 +228,12 @@ impl Upstream {
         if let Some(h2) = &self.h2 {
             return match tokio::time::timeout_at(deadline, Box::pin(self.send_h2(h2, parts, body))).await {
                 Ok(result) => result,
-                Err(_) => Err(timed_out()),
+                Err(_) => {
+                    // The connection may be dead without a close (a blackholed peer): the
+                    // next request opens a new one rather than queue on it.
+                    *h2.lock().await = None;
+                    Err(timed_out())
+                }
             };
         }
         let mut stale = false;
@@ -278,7 +283,13 @@ impl Upstream {
                 None => {
                     let stream = self.open().await?;
                     let mut builder = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-                    builder.timer(hyper_util::rt::TokioTimer::new());
+                    // PINGs on a quiet connection, and the connection closed when one is
+                    // not answered: a half-open connection is noticed within 20 s.
+                    builder
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .keep_alive_interval(Duration::from_secs(10))
+                        .keep_alive_timeout(Duration::from_secs(10))
+                        .keep_alive_while_idle(true);
                     let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(upstream_err)?;
                     let open = self.connections.clone();
                     open.fetch_add(1, Ordering::Relaxed);

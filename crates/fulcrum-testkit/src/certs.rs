@@ -124,7 +124,8 @@ impl Dir {
     /// or the new one), and returns its path.
     pub fn write(&self, name: &str, contents: &str) -> PathBuf {
         let path = self.path.join(name);
-        let tmp = self.path.join(format!(".{name}.tmp"));
+        let file = path.file_name().expect("a file name").to_string_lossy().into_owned();
+        let tmp = path.with_file_name(format!(".{file}.tmp"));
         std::fs::write(&tmp, contents).expect("write test file");
         std::fs::rename(&tmp, &path).expect("move test file in place");
         path

@@ -78,7 +78,17 @@ pub fn register(args: &RegisterArgs) -> anyhow::Result<()> {
                 ca: args.etcd_ca.clone(),
                 client_cert,
             });
-            let endpoints = hosts.split(',').map(str::to_owned).collect();
+            // With TLS files, a bare host:port is https, and an http:// one a mistake.
+            let mut endpoints = Vec::new();
+            for host in hosts.split(',') {
+                match (tls.is_some(), host.split_once("://")) {
+                    (true, None) => endpoints.push(format!("https://{host}")),
+                    (true, Some(("http", _))) => {
+                        anyhow::bail!("--etcd {host}: plain http, but --etcd-ca/--etcd-cert are given: use https://")
+                    }
+                    _ => endpoints.push(host.to_owned()),
+                }
+            }
             RegisterTarget::Etcd { endpoints, prefix: prefix.clone(), tls }
         }
         (None, _, Some(url), Some(pool)) => RegisterTarget::Admin {

@@ -196,7 +196,8 @@ impl Mesh {
         let report = if current.text().is_some_and(|t| **t == *text) {
             None
         } else {
-            Some(self.inner.live.reload_text(&text, None)?)
+            // Relative paths (TLS files, a CA) stay relative to the proxy's own file.
+            Some(self.inner.live.reload_text(&text, self.inner.live.path())?)
         };
         // Still under the shared document's lock: a newer version applied by another task
         // right after this one must not have its revision overwritten by this older one.

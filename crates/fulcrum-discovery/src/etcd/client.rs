@@ -110,6 +110,9 @@ pub enum EtcdError {
     /// No endpoint could be reached, or none answered in time.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// A TLS file (CA bundle, client certificate or key) does not load.
+    #[error("etcd TLS: {0}")]
+    Tls(#[from] fulcrum_tls::TlsError),
     /// etcd answered with an error.
     #[error("etcd refused {call}: {message} (HTTP {status}, gRPC code {code})")]
     Server {
@@ -223,7 +226,7 @@ impl EtcdClient {
         let http = match tls {
             None => HttpClient::new(timeout),
             Some(tls) => {
-                let config = fulcrum_tls::client_config(tls, &[]).map_err(|e| invalid(&bases[0], &e.to_string()))?;
+                let config = fulcrum_tls::client_config(tls, &[])?;
                 HttpClient::with_tls(timeout, config)
             }
         };
