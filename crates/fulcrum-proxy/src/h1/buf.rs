@@ -58,6 +58,11 @@ impl InBuf {
         }
     }
 
+    /// Whether there is (or can be made) room for more bytes.
+    pub(crate) fn has_room(&mut self) -> bool {
+        self.make_room()
+    }
+
     /// Makes free space at the end if there is none (moving data to the front, or growing up
     /// to `max`); false when the buffer is full at `max`.
     fn make_room(&mut self) -> bool {

@@ -77,6 +77,12 @@ enum End {
 /// an idle connection closes then, a busy one after its response.
 pub(crate) async fn serve(stream: TcpStream, client: Client, stop: watch::Receiver<()>) {
     let origin = Origin::plain(client.peer.ip());
+    serve_conn(stream, client, origin, stop).await;
+}
+
+/// Serves a connection (plain, or TLS after its handshake) until it closes: HTTP/1.1 here,
+/// the rest handed to hyper.
+async fn serve_conn<S: ClientIo>(stream: S, client: Client, origin: Origin, stop: watch::Receiver<()>) {
     let mut conn = Conn {
         stream,
         rbuf: InBuf::new(READ_BUF_BYTES, request::MAX_HEAD_BYTES),
@@ -117,7 +123,12 @@ pub(crate) async fn serve_tls(
     drop(loaded);
     let identity = crate::tls::ClientIdentity::of(stream.get_ref().1).map(Arc::new);
     let origin = Origin { https: true, identity, ..Origin::plain(client.peer.ip()) };
-    serve_hyper(stream, client, Arc::new(origin), stop).await;
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_hyper(stream, client, Arc::new(origin), stop).await;
+    } else {
+        // HTTP/1.1 (by ALPN, or none: an HTTP/2 preface still goes to hyper from there).
+        serve_conn(stream, client, origin, stop).await;
+    }
 }
 
 /// Serves a connection with hyper until it closes.
@@ -184,9 +195,53 @@ where
     }
 }
 
+/// A client connection's I/O: a TCP stream, or TLS over one. How to notice, while a
+/// response is awaited, that the client left is each one's own.
+pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ready when the client has closed the connection (or it failed). Reads what arrives
+    /// meanwhile into `rbuf`; once that is full, stops watching.
+    fn poll_gone(&mut self, rbuf: &mut InBuf, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+impl ClientIo for TcpStream {
+    fn poll_gone(&mut self, rbuf: &mut InBuf, cx: &mut Context<'_>) -> Poll<()> {
+        // Readiness first: no read system call while nothing arrived.
+        loop {
+            match self.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => match rbuf.try_fill(self) {
+                    None => return Poll::Pending,
+                    Some(Ok(0)) => return Poll::Ready(()),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Some(Err(_)) => return Poll::Ready(()),
+                },
+            }
+        }
+    }
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+    fn poll_gone(&mut self, rbuf: &mut InBuf, cx: &mut Context<'_>) -> Poll<()> {
+        // Through rustls (a close_notify or the end of the TCP stream): a read that would
+        // wait is pending, and registers the waker.
+        loop {
+            if !rbuf.has_room() {
+                return Poll::Pending;
+            }
+            match rbuf.poll_fill(cx, self) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+}
+
 /// A client connection and its buffers.
-struct Conn {
-    stream: TcpStream,
+struct Conn<S> {
+    stream: S,
     rbuf: InBuf,
     wbuf: Vec<u8>,
     /// The header-read deadline, moved forward at each request (one timer a connection).
@@ -194,7 +249,12 @@ struct Conn {
 }
 
 /// Serves requests until the connection closes or a request is for hyper.
-async fn serve_h1(conn: &mut Conn, client: &Client, origin: &Origin, stop: &mut watch::Receiver<()>) -> End {
+async fn serve_h1<S: ClientIo>(
+    conn: &mut Conn<S>,
+    client: &Client,
+    origin: &Origin,
+    stop: &mut watch::Receiver<()>,
+) -> End {
     loop {
         // A request head, within header_read_timeout (idle keep-alive time included).
         let deadline = tokio::time::Instant::now() + client.header_read_timeout;
@@ -260,7 +320,7 @@ enum BodyError {
     Gone,
 }
 
-impl Conn {
+impl<S: ClientIo> Conn<S> {
     /// Waits until more bytes arrived: false when the connection closed, failed, timed out
     /// waiting for a head, or is idle while the listener stops.
     async fn wait_for_bytes(&mut self, stop: &mut watch::Receiver<()>) -> bool {
@@ -329,19 +389,7 @@ impl Conn {
     /// Ready when the client has closed the connection (or it failed). Reads what arrives
     /// meanwhile into the buffer; once that is full, stops watching.
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            match self.stream.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(())) => match self.rbuf.try_fill(&self.stream) {
-                    None => return Poll::Pending,
-                    Some(Ok(0)) => return Poll::Ready(()),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Some(Err(_)) => return Poll::Ready(()),
-                },
-            }
-        }
+        self.stream.poll_gone(&mut self.rbuf, cx)
     }
 
     /// Writes a response, its body as it comes; `keep_alive` turns false if the framing
@@ -417,12 +465,12 @@ impl Conn {
 }
 
 /// A connection with bytes read from it already, to be read again first.
-struct Rewind {
+struct Rewind<S> {
     read: Bytes,
-    stream: TcpStream,
+    stream: S,
 }
 
-impl AsyncRead for Rewind {
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.read.is_empty() {
@@ -435,7 +483,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }

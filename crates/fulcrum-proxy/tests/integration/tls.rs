@@ -596,3 +596,55 @@ async fn https_clients_reach_https_upstreams_with_client_certificates() {
     proxy.shutdown().await;
     assert_eq!(seen.requests.load(Ordering::SeqCst), 2);
 }
+
+/// HTTP/1.1 over TLS is served by the proxy's own HTTP/1.1 code (not hyper's): a client that
+/// leaves while its request waits is noticed through rustls (the request is cancelled and
+/// logged 499), and keep-alive, pipelining and chunked bodies work as in clear text.
+#[tokio::test]
+async fn http1_over_tls_notices_a_client_that_leaves_and_keeps_connections_alive() {
+    let (captured, _guard) = common::capture();
+    let ca = Ca::new("CA");
+    let dir = Dir::new("tls-h1");
+    let (cert, key) = dir.write_leaf("a", &ca.leaf(Usage::Server, "a.test", &["a.test"], &[]));
+    let hang = common::backend("hang", Behavior::Hang).await;
+    let echo = common::backend("echo", Behavior::Echo).await;
+    let tls = format!(r#"{{ cert = "{}", key = "{}" }}"#, path(&cert), path(&key));
+    let extra = format!(
+        "[pool.hang]\nendpoints = {}\n\n[[route]]\nmatch = {{ path_prefix = \"/hang\" }}\npool = \"hang\"\n",
+        common::endpoints(&[&hang])
+    );
+    let toml = config(&echo, &tls, &extra).replacen("[[listener]]", "[proxy]\naccess_log = true\n\n[[listener]]", 1);
+    let proxy = common::proxy(&toml).await;
+    let client = client_config(&ca, None, &["http/1.1"]);
+
+    // Three requests on one kept-alive TLS connection, the last pipelined behind the second.
+    let mut tls = connect(proxy.proxy_addr, &client, "a.test").await.expect("handshake");
+    tls.write_all(b"GET /one HTTP/1.1\r\nhost: a.test\r\n\r\n").await.expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = tls.read(&mut buf).await.expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    tls.write_all(b"POST /two HTTP/1.1\r\nhost: a.test\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /three HTTP/1.1\r\nhost: a.test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    while got.windows(12).filter(|w| *w == b"HTTP/1.1 200").count() < 2 {
+        let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await.expect("in time").expect("read");
+        assert!(n > 0, "the connection stays open");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("\"uri\":\"/two\"") && text.contains("\"body\":\"abc\"") && text.contains("\"uri\":\"/three\""),
+        "{text}"
+    );
+    assert_eq!(echo.connections.load(Ordering::SeqCst), 1, "the upstream connection is reused too");
+
+    // Gone before the response head: cancelled, 499.
+    let mut tls = connect(proxy.proxy_addr, &client, "a.test").await.expect("handshake");
+    tls.write_all(b"GET /hang HTTP/1.1\r\nhost: a.test\r\nx-request-id: left-over-tls\r\n\r\n").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(tls);
+    let line = captured.line_of("left-over-tls").await;
+    assert_eq!(line["status"], 499, "{line}");
+    proxy.shutdown().await;
+}
