@@ -182,6 +182,13 @@ impl Writer {
             }
             let head = &wbuf[self.pos..];
             if head.is_empty() && self.data.is_empty() && self.tail.is_empty() {
+                // Everything written so far leaves now: over TLS a write can leave records in
+                // rustls when the socket is full (a no-op over TCP).
+                match Pin::new(&mut *stream).poll_flush(cx) {
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(UpstreamError::Write(e))),
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) => {}
+                }
                 return if self.stream.is_none() { Poll::Ready(Ok(())) } else { Poll::Pending };
             }
             let slices = [IoSlice::new(head), IoSlice::new(&self.data), IoSlice::new(self.tail)];
@@ -254,6 +261,12 @@ pub(crate) async fn exchange(
                 Poll::Ready(Err(e)) => return Poll::Ready(Err((e, false))),
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }
+        } else if write_error.is_none()
+            && let Poll::Ready(Err(e)) = Pin::new(&mut conn.stream).poll_flush(cx)
+        {
+            // The request is written; over TLS its last records may still wait in rustls
+            // for room in the socket (a no-op over TCP).
+            write_error = Some(e);
         }
         loop {
             if !conn.rbuf.is_empty() {

@@ -443,6 +443,14 @@ impl<S: ClientIo> Conn<S> {
                         Poll::Pending => return Poll::Pending,
                     }
                 }
+                // Over TLS a write can leave records in rustls when the socket is full:
+                // flushed here, or the end of a response could wait for the next one (a no-op
+                // over TCP).
+                match Pin::new(&mut self.stream).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
                 self.wbuf.clear();
                 written = 0;
                 if ended {

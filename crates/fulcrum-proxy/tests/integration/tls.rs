@@ -476,13 +476,19 @@ async fn https_backend(
                     let cn = x.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("?");
                     seen.clients.lock().expect("clients").push(cn.to_owned());
                 }
-                let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     seen.requests.fetch_add(1, Ordering::SeqCst);
-                    let mut resp = http::Response::new(Full::new(Bytes::from(name)));
-                    if close {
-                        resp.headers_mut().insert("connection", "close".parse().expect("static"));
+                    async move {
+                        // A POST is answered with its body's length: `NAME:LEN`.
+                        let post = req.method() == http::Method::POST;
+                        let len = req.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
+                        let text = if post { format!("{name}:{len}") } else { name.to_owned() };
+                        let mut resp = http::Response::new(Full::new(Bytes::from(text)));
+                        if close {
+                            resp.headers_mut().insert("connection", "close".parse().expect("static"));
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
-                    async move { Ok::<_, std::convert::Infallible>(resp) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
             });
@@ -589,12 +595,25 @@ async fn https_clients_reach_https_upstreams_with_client_certificates() {
         assert_eq!((status, body), (StatusCode::OK, Bytes::from("mtls")), "ALPN {alpn:?}");
     }
     assert!(seen.clients.lock().expect("clients").iter().all(|cn| cn == "fulcrum"));
+    // A body larger than the sockets' buffers, through TLS on both sides: every byte arrives
+    // (a TLS write can leave records in rustls until flushed).
+    let big = vec![b'x'; 8 << 20];
+    let tls = connect(proxy.proxy_addr, &client_config(&ca, None, &["http/1.1"]), "a.test").await.expect("handshake");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("http/1.1");
+    tokio::spawn(conn);
+    let req = Request::post("/upload").header("host", "a.test").body(Full::new(Bytes::from(big))).expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), send.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, format!("mtls:{}", 8 << 20));
     proxy.shutdown().await;
     // Without the client certificate, the upstream refuses the proxy: 502.
     let proxy = common::proxy(&upstream_config(&[addr], &pool(""))).await;
     assert_eq!(plain_get(proxy.proxy_addr).await.0, StatusCode::BAD_GATEWAY);
     proxy.shutdown().await;
-    assert_eq!(seen.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 3);
 }
 
 /// HTTP/1.1 over TLS is served by the proxy's own HTTP/1.1 code (not hyper's): a client that
