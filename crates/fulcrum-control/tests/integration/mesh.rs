@@ -195,6 +195,11 @@ async fn proxies_follow_an_etcd_over_mutual_tls() {
     let bare = format!("etcds://127.0.0.1:{}/test/mesh-tls", etcd.port).parse::<ControlUrl>().expect("url");
     let bare = bare.with_tls(Some(dir.path().join("ca.pem")), None, None).expect("tls files");
     let outsider = member(&bare, &own_file(first.local_addr())).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Waits for its first attempt to fail, not for a fixed time.
+    let start = Instant::now();
+    while outsider.mesh.status().last_error.is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the outsider never reported its failure");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert!(!outsider.mesh.status().connected, "a proxy without a client certificate is refused");
 }

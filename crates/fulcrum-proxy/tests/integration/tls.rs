@@ -661,7 +661,8 @@ async fn http1_over_tls_notices_a_client_that_leaves_and_keeps_connections_alive
     // Gone before the response head: cancelled, 499.
     let mut tls = connect(proxy.proxy_addr, &client, "a.test").await.expect("handshake");
     tls.write_all(b"GET /hang HTTP/1.1\r\nhost: a.test\r\nx-request-id: left-over-tls\r\n\r\n").await.expect("write");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Leaves once the request is waiting at the upstream.
+    common::until("the request reaches the hanging upstream", || hang.requests.load(Ordering::SeqCst) == 1).await;
     drop(tls);
     let line = captured.line_of("left-over-tls").await;
     assert_eq!(line["status"], 499, "{line}");
