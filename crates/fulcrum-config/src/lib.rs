@@ -11,6 +11,7 @@
 //! the simulator all read this model.
 
 pub mod autoscale;
+pub mod batch;
 pub mod discovery;
 mod duration;
 mod locate;
@@ -493,6 +494,8 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
     /// OpenTelemetry traces, when an OTLP endpoint is set.
     pub tracing: Option<observe::TracingConfig>,
+    /// Offline batches, when `[batch]` is present.
+    pub batch: Option<batch::BatchConfig>,
 }
 
 /// The route name metrics and logs give requests that no route matched (a listener's
@@ -784,6 +787,17 @@ impl Config {
             });
         }
 
+        let batch = match raw.batch.map(|b| b.validate(at.file.and_then(Path::parent))) {
+            Some(Ok(b)) => Some(b),
+            Some(Err(found)) => {
+                for (key, message) in found {
+                    let field = format!("batch.{key}");
+                    errors.push(at.field_error(&steps(&field), 0, &field, &message));
+                }
+                None
+            }
+            None => None,
+        };
         if !errors.is_empty() {
             return Err(ConfigErrors::new(errors));
         }
@@ -793,6 +807,7 @@ impl Config {
             routes,
             pools,
             tracing: raw.tracing.and_then(|t| t.validate(at.file.and_then(Path::parent))),
+            batch,
         })
     }
 }
@@ -828,13 +843,14 @@ fn type_errors(text: &str, at: &Locator<'_>) -> Vec<ConfigError> {
         let found = match key.get_ref().as_ref() {
             "proxy" => read::<raw::RawProxy>(value).into_iter().collect(),
             "tracing" => read::<observe::RawTracing>(value).into_iter().collect(),
+            "batch" => read::<batch::RawBatch>(value).into_iter().collect(),
             "listener" => each::<raw::RawListener>(value),
             "route" => each::<raw::RawRoute>(value),
             "pool" if matches!(value.get_ref(), DeValue::Table(_)) => each::<raw::RawPool>(value),
             "pool" => read::<BTreeMap<String, raw::RawPool>>(value).into_iter().collect(),
             other => {
                 let message = format!(
-                    "unknown section `{other}`, expected one of `proxy`, `listener`, `route`, `pool`, `tracing`"
+                    "unknown section `{other}`, expected one of `proxy`, `listener`, `route`, `pool`, `tracing`, `batch`"
                 );
                 errors.push(at.error(key.span().start, other, &message));
                 Vec::new()

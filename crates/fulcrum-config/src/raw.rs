@@ -56,6 +56,7 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub pool: BTreeMap<String, Spanned<RawPool>>,
     pub tracing: Option<crate::observe::RawTracing>,
+    pub batch: Option<crate::batch::RawBatch>,
 }
 
 #[derive(Debug, Default, Deserialize)]

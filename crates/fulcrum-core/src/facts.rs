@@ -29,6 +29,9 @@ pub struct RequestFacts<'a> {
     /// An OpenAI generation that sets no `max_tokens` and does not stream: how long until its
     /// whole answer (its response head) is unknown, so its first-byte deadline does not adapt.
     pub unbounded_output: bool,
+    /// What the endpoint must have (labels): a batch's or a task's constraints. Endpoints
+    /// that do not meet them are never tried.
+    pub require: Option<&'a crate::constraint::Requirements>,
 }
 
 /// Prompt tokens one prefix block stands for: the [`openai`](crate::openai) default of 256

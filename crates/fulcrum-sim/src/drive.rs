@@ -57,6 +57,7 @@ impl Facts<'_> {
             prompt_tokens: self.prompt_tokens,
             stream: true,
             unbounded_output: false,
+            require: None,
         }
     }
 }

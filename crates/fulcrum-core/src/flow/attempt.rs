@@ -407,7 +407,8 @@ impl Attempts {
     }
 
     fn serves(&self, e: &crate::Endpoint, facts: &RequestFacts<'_>) -> bool {
-        !self.by_model || facts.model.is_none_or(|m| e.serves(m))
+        (!self.by_model || facts.model.is_none_or(|m| e.serves(m)))
+            && facts.require.is_none_or(|r| r.admits(e.labels()))
     }
 
     /// Takes a try's outcome (`elapsed`: from sending it to its response head, or to the

@@ -1,0 +1,99 @@
+//! `[batch]`: offline batches (the OpenAI Batch API on HTTP listeners, and `fulcrum batch`).
+//!
+//! ```toml
+//! [batch]
+//! database = "fulcrum-batch.db"   # SQLite file (relative to this file); created if missing
+//! max_file_bytes = 209715200      # largest upload (200 MiB)
+//! max_requests = 50000            # requests in one batch
+//! max_in_flight = 64              # batch requests in flight per pool, at most (default: 4 per endpoint)
+//! max_attempts = 3                # sends of one request before it goes to the error file
+//! ```
+//!
+//! Without the section the proxy serves no batch API: `/v1/files` and `/v1/batches` are
+//! routed like any other path (to a provider that has them, say). With it, every field has a
+//! default: `[batch]` alone is enough. Settings change only at a restart.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Default database file name, in the configuration file's directory.
+pub const DEFAULT_DATABASE: &str = "fulcrum-batch.db";
+
+/// Batch settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// The SQLite database of files, batches and each request's outcome.
+    pub database: PathBuf,
+    /// The largest file a client may upload.
+    pub max_file_bytes: usize,
+    /// Requests in one batch.
+    pub max_requests: usize,
+    /// Batch requests in flight on one pool at most; `None`: four per endpoint.
+    pub max_in_flight: Option<u32>,
+    /// Sends of one request (the first and the retries) before it fails for good.
+    pub max_attempts: u32,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            database: PathBuf::from(DEFAULT_DATABASE),
+            max_file_bytes: 200 << 20,
+            max_requests: 50_000,
+            max_in_flight: None,
+            max_attempts: 3,
+        }
+    }
+}
+
+/// `[batch]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBatch {
+    pub database: Option<PathBuf>,
+    pub max_file_bytes: Option<usize>,
+    pub max_requests: Option<usize>,
+    pub max_in_flight: Option<u32>,
+    pub max_attempts: Option<u32>,
+}
+
+/// Hard ceilings on what the section may set.
+const MAX_FILE_BYTES: usize = 1 << 30;
+const MAX_REQUESTS: usize = 1_000_000;
+
+impl RawBatch {
+    /// The typed settings, or each field's error (`field`, message).
+    pub(crate) fn validate(self, dir: Option<&std::path::Path>) -> Result<BatchConfig, Vec<(String, String)>> {
+        let d = BatchConfig::default();
+        let mut errors = Vec::new();
+        let mut range = |field: &str, v: Option<usize>, max: usize, default: usize| match v {
+            Some(v) if v == 0 || v > max => {
+                errors.push((field.to_owned(), format!("must be from 1 to {max}, got {v}")));
+                default
+            }
+            Some(v) => v,
+            None => default,
+        };
+        let max_file_bytes = range("max_file_bytes", self.max_file_bytes, MAX_FILE_BYTES, d.max_file_bytes);
+        let max_requests = range("max_requests", self.max_requests, MAX_REQUESTS, d.max_requests);
+        let max_in_flight = self.max_in_flight.map(|v| range("max_in_flight", Some(v as usize), 65_536, 1) as u32);
+        let max_attempts = range("max_attempts", self.max_attempts.map(|v| v as usize), 100, 3) as u32;
+        let database = match self.database {
+            Some(p) if p.as_os_str().is_empty() => {
+                errors.push(("database".to_owned(), "must be a file path".to_owned()));
+                d.database.clone()
+            }
+            Some(p) => p,
+            None => d.database.clone(),
+        };
+        let database = match dir {
+            Some(dir) if database.is_relative() => dir.join(database),
+            _ => database,
+        };
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(BatchConfig { database, max_file_bytes, max_requests, max_in_flight, max_attempts })
+    }
+}
