@@ -33,6 +33,7 @@
 
 pub mod backoff;
 pub mod balance;
+pub mod batch;
 pub mod constraint;
 pub mod endpoint;
 pub mod engine_metrics;

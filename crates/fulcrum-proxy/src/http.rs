@@ -45,6 +45,8 @@ pub(crate) struct ListenerCtx {
     pub(crate) trust_priority: bool,
     /// Access log and traces (metrics are always recorded).
     pub(crate) observe: Observe,
+    /// The Batch API, when `[batch]` is configured.
+    pub(crate) batch: Option<Arc<crate::batch::Batches>>,
 }
 
 /// What [`proxy`] answers: an upstream response to stream back, or a whole one.
@@ -117,6 +119,11 @@ pub(crate) async fn respond(
     req: &mut ClientRequest,
 ) -> Response<RespBody> {
     let started = req.started;
+    if let Some(batches) = &ctx.batch
+        && crate::batch::api::is_batch_path(req.parts.uri.path())
+    {
+        return Box::pin(batch_call(ctx, batches, client, req)).await;
+    }
     let parts = &mut req.parts;
     // Room for what the proxy adds (request id, X-Forwarded-*, Host, traceparent): one growth at most.
     parts.headers.reserve(6);
@@ -145,6 +152,40 @@ pub(crate) async fn respond(
             resp.map(Either::Right)
         }
     }
+}
+
+/// A Batch API call (see [`batch::api`](crate::batch::api)): its body read whole, under the
+/// upload limit, and answered by the proxy itself.
+async fn batch_call(
+    ctx: &ListenerCtx,
+    batches: &Arc<crate::batch::Batches>,
+    client: SocketAddr,
+    req: &mut ClientRequest,
+) -> Response<RespBody> {
+    let parts = &mut req.parts;
+    let request_id = headers::request_id(&mut parts.headers);
+    let mut exchange =
+        Exchange::begin(&ctx.observe, req.started, client, &parts.method, &parts.uri, &parts.headers, &request_id);
+    // Multipart framing around the largest file.
+    let limit = batches.config().max_file_bytes.saturating_add(64 << 10);
+    let body = std::mem::replace(&mut req.body, Ok(ReqBody::Bytes(Bytes::new())));
+    let timeout = ctx.body_read_timeout.max(Duration::from_secs(300));
+    let body = match body {
+        Ok(body) => read_body(body, parts, limit, timeout).await,
+        Err(e) => Err(e),
+    };
+    let resp = match body {
+        Ok(bytes) => crate::batch::api::respond(batches, ctx, parts, bytes).await,
+        Err(e) => {
+            let resp = e.to_response(&request_id);
+            exchange.refused(&e, http_body::Body::size_hint(resp.body()).exact().unwrap_or(0) as usize);
+            return resp.map(Either::Right);
+        }
+    };
+    exchange.respond(resp.status());
+    exchange.on_data(http_body::Body::size_hint(resp.body()).exact().unwrap_or(0) as usize);
+    exchange.complete();
+    resp
 }
 
 /// An upstream's response whose body streams back, observed until it ends.
@@ -317,10 +358,13 @@ async fn proxy(
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| u64::from_str_radix(v, 16).ok())
         .and_then(|token| snapshot.sticky_index(token));
+    // A batch's constraints (set by the batch runner only: clients cannot set extensions).
+    let require = parts.extensions.get::<Arc<fulcrum_core::constraint::Requirements>>().cloned();
     let facts = RequestFacts {
         client: Some(client.ip()),
         hash_key: key.as_deref(),
         model: model.as_deref(),
+        require: require.as_deref(),
         ..ai.as_ref().map(openai::AiRequest::facts).unwrap_or_default()
     };
     // One clock reading: the request reaches the pool, and its first try starts.

@@ -12,6 +12,7 @@
 //! This crate owns effects (sockets, timers, tasks) and no decisions: those live in
 //! `fulcrum-core`. It must not depend on the control plane.
 
+pub mod batch;
 pub mod body;
 pub mod clock;
 pub mod error;

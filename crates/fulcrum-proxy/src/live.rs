@@ -163,6 +163,19 @@ struct Inner {
     /// Each listener's TLS, index for index with `config.listeners` (TLS is turned on or off
     /// only at a restart; its files are read again on reload and when they change).
     tls: Vec<Option<Arc<crate::tls::Terminator>>>,
+    /// Offline batches, when `[batch]` is configured (changes only at a restart).
+    batches: Option<Arc<crate::batch::Batches>>,
+}
+
+/// A handle on a [`Live`] that does not keep it alive (what batches hold).
+#[derive(Clone, Debug)]
+pub struct WeakLive(std::sync::Weak<Inner>);
+
+impl WeakLive {
+    /// The live configuration, while the proxy runs.
+    pub fn upgrade(&self) -> Option<Live> {
+        self.0.upgrade().map(|inner| Live { inner })
+    }
 }
 
 /// A handle on the running configuration: read it, reload it. Cheap to clone.
@@ -183,6 +196,7 @@ impl Live {
         config: Config,
         text: Option<Arc<str>>,
         path: Option<PathBuf>,
+        batches: Option<Arc<crate::batch::Batches>>,
     ) -> Result<Self, crate::StartError> {
         let mut pools = BTreeMap::new();
         for (name, pc) in &config.pools {
@@ -202,9 +216,9 @@ impl Live {
             };
             tls.push(terminator);
         }
-        let listeners = listener_states(&config, &pools, tracer.as_ref());
+        let listeners = listener_states(&config, &pools, tracer.as_ref(), batches.as_ref());
         let state = State { config: Arc::new(config), text, pools, listeners, generation: 1 };
-        Ok(Live {
+        let live = Live {
             inner: Arc::new(Inner {
                 state: ArcSwap::from_pointee(state),
                 reloading: std::sync::Mutex::new(()),
@@ -212,8 +226,33 @@ impl Live {
                 path,
                 tracer,
                 tls,
+                batches,
             }),
-        })
+        };
+        if let Some(b) = &live.inner.batches {
+            b.attach(WeakLive(Arc::downgrade(&live.inner)));
+        }
+        Ok(live)
+    }
+
+    /// Offline batches, when `[batch]` is configured.
+    pub fn batches(&self) -> Option<&Arc<crate::batch::Batches>> {
+        self.inner.batches.as_ref()
+    }
+
+    /// A listener context whose every request goes to `pool` (what `fulcrum batch` sends
+    /// through), named `name` in metrics and logs.
+    pub(crate) fn pool_context(&self, pool: Arc<PoolRuntime>, name: &str) -> ListenerCtx {
+        let state = self.state();
+        ListenerCtx {
+            name: name.to_owned(),
+            routes: RouteTable::new(Vec::new(), Some(pool)),
+            max_body_bytes: fulcrum_config::DEFAULT_MAX_BODY_BYTES,
+            body_read_timeout: Duration::from_secs(60),
+            trust_priority: false,
+            observe: crate::observe::Observe::new(state.config().proxy.access_log, self.inner.tracer.clone()),
+            batch: None,
+        }
     }
 
     /// The current generation.
@@ -421,7 +460,7 @@ impl Live {
         for (t, prepared) in tls {
             t.install(prepared);
         }
-        let listeners = listener_states(&config, &pools, self.inner.tracer.as_ref());
+        let listeners = listener_states(&config, &pools, self.inner.tracer.as_ref(), self.inner.batches.as_ref());
         let generation = old.generation + 1;
         report.generation = generation;
         let text = text.or_else(|| if *old.config == config { old.text.clone() } else { None });
@@ -456,6 +495,7 @@ fn listener_states(
     config: &Config,
     pools: &BTreeMap<String, Arc<PoolRuntime>>,
     tracer: Option<&Arc<crate::trace::Tracer>>,
+    batches: Option<&Arc<crate::batch::Batches>>,
 ) -> Vec<ListenerState> {
     config
         .listeners
@@ -477,6 +517,7 @@ fn listener_states(
                     body_read_timeout: h.body_read_timeout,
                     trust_priority: h.trust_priority,
                     observe: crate::observe::Observe::new(config.proxy.access_log, tracer.cloned()),
+                    batch: batches.cloned(),
                 }))
             }
         })

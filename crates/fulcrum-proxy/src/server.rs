@@ -48,6 +48,9 @@ pub enum StartError {
         #[source]
         source: crate::tls::TlsError,
     },
+    /// The batch database does not open.
+    #[error("[batch]: {0}")]
+    Batch(#[from] fulcrum_batch::store::StoreError),
 }
 
 enum Kind {
@@ -115,7 +118,11 @@ impl Proxy {
             };
             listeners.push(Bound { name: lc.name.clone(), index, listener, kind, max_connections: lc.max_connections });
         }
-        let live = Live::new(config, text, path)?;
+        let batches = match &config.batch {
+            Some(b) => Some(crate::batch::Batches::open(b)?),
+            None => None,
+        };
+        let live = Live::new(config, text, path, batches)?;
         Ok(Proxy { listeners, live })
     }
 
@@ -145,6 +152,12 @@ impl Proxy {
         let refresher = tokio::spawn(refresh_loop(self.live.clone()));
         let certificates = tokio::spawn(watch_certificates(self.live.clone()));
         let supervisor = tokio::spawn(supervise_pools(self.live.clone()));
+        if let Some(b) = self.live.batches() {
+            // Batches left unfinished by the last run (a crash, a restart) go on.
+            if let Err(e) = b.resume().await {
+                tracing::error!(error = %e, "batches could not be resumed");
+            }
+        }
         shutdown.await;
         let drain_timeout = self.live.drain_timeout();
         tracing::info!(?drain_timeout, "shutting down: no new connections, draining");

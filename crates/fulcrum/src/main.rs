@@ -3,6 +3,7 @@
 //! Thin by design: every decision lives in `fulcrum-core`, every effect in the crate that
 //! owns it; this binary parses flags and calls them.
 
+mod batch;
 mod control;
 mod demo;
 mod plan;
@@ -64,6 +65,9 @@ enum Command {
     /// Predict latency and load: run a fleet and a workload through the balancer's own code
     /// in virtual time, comparing policies.
     Simulate(Box<simulate::SimulateArgs>),
+    /// Run a JSONL file of requests (OpenAI batch lines or generic HTTP tasks) through a
+    /// pool, in the gaps of its traffic, with progress; `--resume` goes on after any interruption.
+    Batch(Box<batch::BatchArgs>),
     /// Replay a JSONL trace (as `simulate --emit-trace` writes it) open loop against a proxy or a
     /// backend on this machine, and report time to first token, latency and prefix-cache hits.
     Replay(fulcrum_mock::loadgen::ReplayArgs),
@@ -101,6 +105,10 @@ fn main() -> ExitCode {
             serve::serve(args)
         }
         Command::Validate(args) => serve::validate(args),
+        Command::Batch(args) => {
+            init_logging(cli.log_format, "warn");
+            batch::batch(args)
+        }
         Command::Plan(args) => plan::plan(args),
         Command::Simulate(args) => simulate::simulate(args),
         Command::Control(args) => control::control(args),
@@ -152,6 +160,7 @@ mod tests {
             "plan",
             "simulate",
             "replay",
+            "batch",
         ] {
             assert!(help.contains(sub), "{sub} missing from:\n{help}");
         }

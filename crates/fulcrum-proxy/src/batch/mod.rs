@@ -1,0 +1,300 @@
+//! Offline batches over the pools: the OpenAI Batch API on HTTP listeners ([`api`]), and
+//! the runner that sends each batch's requests through the same request path as clients'
+//! ([`run`]), in the gaps interactive traffic leaves ([`fulcrum_core::batch`]).
+//!
+//! State lives in the [`Store`] (SQLite, `[batch] database`): a batch survives a restart,
+//! and resumes where it stopped (see [`fulcrum_batch::store`]).
+
+pub(crate) mod api;
+mod run;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use fulcrum_batch::object::{Batch, RequestCounts, Status};
+use fulcrum_batch::store::{Store, StoreError};
+use fulcrum_config::batch::BatchConfig;
+use fulcrum_core::batch::Room;
+use serde::{Deserialize, Serialize};
+
+use crate::http::ListenerCtx;
+use crate::live::WeakLive;
+use crate::safety::lock;
+
+pub use fulcrum_batch;
+
+/// How a batch's requests reach a pool, kept with the batch so that a restart resumes it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Spec {
+    /// The HTTP listener whose routes its requests take (a batch made through the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<String>,
+    /// The `Host` its requests carry (the one the batch was created with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The pool every request goes to (`fulcrum batch --pool`), instead of routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Constraints on the endpoints of every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require: Option<String>,
+}
+
+/// A running batch's controls.
+#[derive(Debug, Default)]
+struct Running {
+    cancel: AtomicBool,
+    done: tokio::sync::Notify,
+    finished: AtomicBool,
+}
+
+/// Batch requests in flight on one pool.
+#[derive(Debug, Default)]
+struct PoolGate {
+    total: u32,
+    by_batch: HashMap<String, u32>,
+    /// Batches with requests for this pool.
+    active: HashSet<String>,
+}
+
+/// Files, batches and their runners.
+#[derive(Debug)]
+pub struct Batches {
+    store: Arc<Store>,
+    config: BatchConfig,
+    live: OnceLock<WeakLive>,
+    running: Mutex<HashMap<String, Arc<Running>>>,
+    gates: Mutex<HashMap<String, PoolGate>>,
+    /// Woken when a batch request ends (room for the next).
+    released: tokio::sync::Notify,
+}
+
+/// Unix seconds now.
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Runs a store call on a blocking thread.
+pub(crate) async fn blocking<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+impl Batches {
+    /// Opens the store.
+    pub fn open(config: &BatchConfig) -> Result<Arc<Batches>, StoreError> {
+        if let Some(dir) = config.database.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        Ok(Arc::new(Batches {
+            store: Arc::new(Store::open(&config.database)?),
+            config: config.clone(),
+            live: OnceLock::new(),
+            running: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
+            released: tokio::sync::Notify::new(),
+        }))
+    }
+
+    pub(crate) fn attach(&self, live: WeakLive) {
+        let _ = self.live.set(live);
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &BatchConfig {
+        &self.config
+    }
+
+    fn live(&self) -> Option<crate::Live> {
+        self.live.get()?.upgrade()
+    }
+
+    /// Resumes every unfinished batch (at start).
+    pub async fn resume(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let unfinished = blocking(&self.store, Store::unfinished).await?;
+        for b in &unfinished {
+            tracing::info!(batch = %b.id, status = ?b.status, "resuming batch");
+            self.start(&b.id);
+        }
+        Ok(unfinished.len())
+    }
+
+    /// Creates and starts a batch whose requests go to pool `pool` (`fulcrum batch`): the
+    /// input is checked first, and a batch whose lines or constraints fail is refused with
+    /// every reason. Returns the batch.
+    pub async fn create_for_pool(
+        self: &Arc<Self>,
+        input: Vec<u8>,
+        filename: &str,
+        pool: &str,
+        require: Option<String>,
+        window: &str,
+    ) -> Result<Batch, api::Refused> {
+        let spec = Spec { pool: Some(pool.to_owned()), require, ..Spec::default() };
+        let now = unix_now();
+        let file = {
+            let name = filename.to_owned();
+            blocking(&self.store, move |s| s.put_file("batch", &name, &input, now))
+                .await
+                .map_err(api::Refused::store)?
+        };
+        let b = self
+            .create(file.id, "/".into(), window.into(), None, spec, fulcrum_batch::input::Mode::Generic, None)
+            .await?;
+        Ok(b)
+    }
+
+    /// Starts the runner of batch `id`, unless one runs.
+    pub(crate) fn start(self: &Arc<Self>, id: &str) {
+        let running = {
+            let mut map = lock(&self.running);
+            if map.contains_key(id) {
+                return;
+            }
+            let r = Arc::new(Running::default());
+            map.insert(id.to_owned(), r.clone());
+            r
+        };
+        let this = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = run::run(&this, &id, &running).await {
+                tracing::error!(batch = %id, error = %e, "batch stopped; it resumes at the next start");
+            }
+            running.finished.store(true, Ordering::Release);
+            running.done.notify_waiters();
+            lock(&this.running).remove(&id);
+            let mut gates = lock(&this.gates);
+            for g in gates.values_mut() {
+                g.active.remove(&id);
+            }
+        });
+    }
+
+    /// Waits until batch `id`'s runner ends (it finished, or failed to go on); at once if
+    /// none runs.
+    pub async fn wait(&self, id: &str) {
+        let Some(r) = lock(&self.running).get(id).cloned() else { return };
+        loop {
+            let notified = r.done.notified();
+            if r.finished.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A batch with its live counts.
+    pub async fn get(&self, id: &str) -> Result<Option<Batch>, StoreError> {
+        let id = id.to_owned();
+        blocking(&self.store, move |s| {
+            let Some(mut b) = s.batch(&id)? else { return Ok(None) };
+            if matches!(b.status, Status::InProgress | Status::Cancelling | Status::Finalizing) {
+                b.request_counts = s.counts(&id)?;
+            }
+            Ok(Some(b))
+        })
+        .await
+    }
+
+    /// Live counts of a batch.
+    pub async fn counts(&self, id: &str) -> Result<RequestCounts, StoreError> {
+        let id = id.to_owned();
+        blocking(&self.store, move |s| s.counts(&id)).await
+    }
+
+    /// Asks a batch to stop: requests in flight finish, the rest are not sent.
+    pub async fn cancel(self: &Arc<Self>, id: &str) -> Result<Option<Batch>, StoreError> {
+        let key = id.to_owned();
+        let b = blocking(&self.store, move |s| {
+            let Some(mut b) = s.batch(&key)? else { return Ok(None) };
+            if matches!(b.status, Status::Validating | Status::InProgress) {
+                b.set_status(Status::Cancelling, unix_now());
+                s.save_batch(&b)?;
+            }
+            Ok(Some(b))
+        })
+        .await?;
+        if let Some(r) = lock(&self.running).get(id) {
+            r.cancel.store(true, Ordering::Release);
+        }
+        if b.as_ref().is_some_and(|b| b.status == Status::Cancelling) {
+            self.start(id);
+        }
+        Ok(b)
+    }
+
+    /// The listener context a batch's requests take: its listener's (routes), or one whose
+    /// only route is its pool.
+    fn context(&self, spec: &Spec) -> Option<Arc<ListenerCtx>> {
+        let live = self.live()?;
+        if let Some(pool) = &spec.pool {
+            return Some(Arc::new(live.pool_context(live.pool(pool)?, "batch")));
+        }
+        let state = live.state();
+        let index = state.config().listeners.iter().position(|l| Some(&l.name) == spec.listener.as_ref())?;
+        live.listener(index)
+    }
+
+    /// Takes a slot for one request of `batch` on `pool`, if the pool has room.
+    fn try_acquire(self: &Arc<Self>, pool: &str, batch: &str, urgent: bool) -> Option<Slot> {
+        let live = self.live()?;
+        let runtime = live.pool(pool)?;
+        let snapshot = runtime.snapshot();
+        let now = crate::clock::now();
+        let endpoints =
+            snapshot.selector.endpoints().iter().filter(|e| e.signals().is_available(now)).count().max(1) as u32;
+        let in_flight = snapshot.selector.in_flight().min(u64::from(u32::MAX)) as u32;
+        let admission_limit = runtime.safety().config.admission.as_ref().map(|a| a.config.settings().max_in_flight);
+        let queued = runtime.safety().admission_load().map_or(0, |(_, q)| q as u32);
+        let mut gates = lock(&self.gates);
+        let gate = gates.entry(pool.to_owned()).or_default();
+        gate.active.insert(batch.to_owned());
+        let cap = self.config.max_in_flight.unwrap_or(endpoints.saturating_mul(fulcrum_core::batch::PER_ENDPOINT));
+        let room = Room { endpoints, admission_limit, interactive: in_flight.saturating_sub(gate.total), queued, cap };
+        let mine = gate.by_batch.get(batch).copied().unwrap_or(0);
+        if !fulcrum_core::batch::may_send(&room, gate.total, mine, gate.active.len() as u32, urgent) {
+            return None;
+        }
+        gate.total += 1;
+        *gate.by_batch.entry(batch.to_owned()).or_default() += 1;
+        Some(Slot { batches: self.clone(), pool: pool.to_owned(), batch: batch.to_owned() })
+    }
+}
+
+/// One batch request's place in its pool's window, given back when dropped.
+struct Slot {
+    batches: Arc<Batches>,
+    pool: String,
+    batch: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        {
+            let mut gates = lock(&self.batches.gates);
+            if let Some(g) = gates.get_mut(&self.pool) {
+                g.total = g.total.saturating_sub(1);
+                if let Some(n) = g.by_batch.get_mut(&self.batch) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        g.by_batch.remove(&self.batch);
+                    }
+                }
+            }
+        }
+        self.batches.released.notify_waiters();
+    }
+}
