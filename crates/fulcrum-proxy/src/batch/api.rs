@@ -118,6 +118,18 @@ async fn route(
     match (&parts.method, segments.as_slice()) {
         (&Method::POST, ["v1", "files"]) => {
             let (filename, purpose, content) = multipart(parts, body).await?;
+            let limit = batches.config().max_file_bytes;
+            if content.len() > limit {
+                return Err(Refused::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "file_too_large",
+                    Some("file"),
+                    format!(
+                        "the file has {} bytes, more than the limit of {limit} ([batch] max_file_bytes)",
+                        content.len()
+                    ),
+                ));
+            }
             if purpose != "batch" {
                 return Err(Refused::bad(
                     "invalid_value",

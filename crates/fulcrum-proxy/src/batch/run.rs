@@ -38,6 +38,16 @@ struct Sent {
     body: Bytes,
 }
 
+impl Sent {
+    /// Its outcome, with its output or error line.
+    fn done(&self, batch_hex: &str) -> Done {
+        let rid = format!("batch_req_{batch_hex}_{}", self.item.line);
+        let result = answered_line(&rid, &self.item.task.custom_id, self.status.as_u16(), &rid, &self.body);
+        let outcome = if self.status.is_success() { Outcome::Answered } else { Outcome::Failed };
+        Done { line: self.item.line, outcome, result }
+    }
+}
+
 /// Whether an answer is worth sending again.
 fn retryable(status: StatusCode) -> bool {
     matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504)
@@ -143,10 +153,7 @@ pub(super) async fn run(batches: &Arc<Batches>, id: &str, running: &Running) -> 
                 tracing::debug!(batch = %id, line = sent.item.line, status = sent.status.as_u16(), ?backoff, "batch request sent again later");
                 retries.push((tokio::time::Instant::now() + backoff, sent.item, sent.attempts));
             } else {
-                let rid = format!("batch_req_{hex}_{}", sent.item.line);
-                let result = answered_line(&rid, &sent.item.task.custom_id, sent.status.as_u16(), &rid, &sent.body);
-                let outcome = if sent.status.is_success() { Outcome::Answered } else { Outcome::Failed };
-                done.push(Done { line: sent.item.line, outcome, result });
+                done.push(sent.done(&hex));
             }
         }
         if done.len() >= FLUSH_EVERY || (!done.is_empty() && last_flush.elapsed() >= FLUSH_AFTER) {
@@ -158,10 +165,7 @@ pub(super) async fn run(batches: &Arc<Batches>, id: &str, running: &Running) -> 
     // Requests in flight finish and are recorded (cancel and expiry included).
     while let Some(joined) = in_flight.join_next().await {
         if let Ok(sent) = joined {
-            let rid = format!("batch_req_{hex}_{}", sent.item.line);
-            let result = answered_line(&rid, &sent.item.task.custom_id, sent.status.as_u16(), &rid, &sent.body);
-            let outcome = if sent.status.is_success() { Outcome::Answered } else { Outcome::Failed };
-            done.push(Done { line: sent.item.line, outcome, result });
+            done.push(sent.done(&hex));
         }
     }
     flush(batches, id, &mut done).await?;

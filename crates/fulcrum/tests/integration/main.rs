@@ -4,6 +4,7 @@
 
 mod ai_routing;
 mod autoscale;
+mod batch;
 mod chaos;
 mod child;
 mod cli;
