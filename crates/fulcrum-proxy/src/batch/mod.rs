@@ -1,6 +1,6 @@
 //! Offline batches over the pools: the OpenAI Batch API on HTTP listeners ([`api`]), and
 //! the runner that sends each batch's requests through the same request path as clients'
-//! ([`run`]), in the gaps interactive traffic leaves ([`fulcrum_core::batch`]).
+//! (`run`), in the gaps interactive traffic leaves ([`fulcrum_core::batch`]).
 //!
 //! State lives in the [`Store`] (SQLite, `[batch] database`): a batch survives a restart,
 //! and resumes where it stopped (see [`fulcrum_batch::store`]).
