@@ -1,4 +1,4 @@
-//! Offline batches over the pools: the OpenAI Batch API on HTTP listeners ([`api`]), and
+//! Offline batches over the pools: the OpenAI Batch API on HTTP listeners (`api`), and
 //! the runner that sends each batch's requests through the same request path as clients'
 //! (`run`), in the gaps interactive traffic leaves ([`fulcrum_core::batch`]).
 //!
