@@ -537,6 +537,9 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
     if old.proxy.workers != new.proxy.workers {
         return restart("proxy.workers".into(), "the number of worker threads changes only at a restart".into());
     }
+    if old.batch != new.batch {
+        return restart("batch".into(), "batch settings (the database among them) change only at a restart".into());
+    }
     if old.tracing != new.tracing {
         return restart("tracing".into(), "trace export settings change only at a restart".into());
     }

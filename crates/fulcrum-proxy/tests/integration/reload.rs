@@ -134,6 +134,10 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
     let err = running.live.reload_text(&moved, None).unwrap_err();
     assert!(matches!(err, ReloadError::NeedsRestart { .. }), "{err}");
     assert_eq!(err.field(), "listener[0].address");
+    let with_batch = format!("{good}\n[batch]\n");
+    let err = running.live.reload_text(&with_batch, None).unwrap_err();
+    assert!(matches!(err, ReloadError::NeedsRestart { .. }), "{err}");
+    assert_eq!(err.field(), "batch");
     let err = running.live.reload_text("[[listener]]\nname = 3", None).unwrap_err();
     assert!(err.to_string().contains("listener"), "{err}");
 
