@@ -351,4 +351,28 @@ mod tests {
             assert!(p.tasks.is_empty() && !p.errors.is_empty());
         }
     }
+
+    proptest::proptest! {
+        /// Any bytes: no panic, every non-blank line is a task or an error, and the tasks'
+        /// ids are unique.
+        #[test]
+        fn any_bytes_are_tasks_or_errors(lines in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::string::string_regex(r#"\{"custom_id":"[a-c]","method":"(POST|GET|p)","url":"/v1/(chat/completions|x)"(,"body":\{"model":"m"\})?\}"#).unwrap(),
+                proptest::string::string_regex(".{0,40}").unwrap(),
+            ],
+            0..20,
+        )) {
+            let text = lines.join("\n");
+            for mode in [Mode::Generic, Mode::OpenAi { endpoint: "/v1/chat/completions" }] {
+                let p = parse(text.as_bytes(), mode, &Limits { max_requests: 15, max_line_bytes: 64 });
+                let requests = text.split('\n').filter(|l| !l.bytes().all(|b| b.is_ascii_whitespace())).count();
+                if requests > 0 && requests <= 15 {
+                    proptest::prop_assert_eq!(p.tasks.len() + p.errors.len(), requests);
+                }
+                let ids: std::collections::HashSet<_> = p.tasks.iter().map(|t| &t.custom_id).collect();
+                proptest::prop_assert_eq!(ids.len(), p.tasks.len());
+            }
+        }
+    }
 }

@@ -463,3 +463,46 @@ fn the_examples_run() {
         assert_eq!(seen.len(), n, "{input}");
     }
 }
+
+#[test]
+fn a_cancelled_batch_stops_and_keeps_what_finished() {
+    let dir = Dir::new("cancel");
+    let a = mock(12);
+    let config = config(&dir, &[(a.addr, "a100")]);
+    let served = Served::start(&config);
+    let file = upload(served.addr, &chat_lines(20_000));
+    let (status, batch) = json(
+        served.addr,
+        "POST",
+        "/v1/batches",
+        &serde_json::json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "1h"}),
+    );
+    assert_eq!(status, 200, "{batch}");
+    let id = batch["id"].as_str().expect("id").to_owned();
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, b) = json(served.addr, "POST", &format!("/v1/batches/{id}/cancel"), &Value::Null);
+    assert_eq!(status, 200, "{b}");
+    assert!(b["status"] == "cancelling" || b["status"] == "cancelled", "{b}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let b = loop {
+        let (_, b) = json(served.addr, "GET", &format!("/v1/batches/{id}"), &Value::Null);
+        if b["status"] == "cancelled" {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "not cancelled: {b}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(b["cancelled_at"].is_i64() && b["cancelling_at"].is_i64(), "{b}");
+    let done = b["request_counts"]["completed"].as_u64().expect("counts");
+    assert!(done > 0 && done < 20_000, "{b}");
+    let f = b["output_file_id"].as_str().expect("output file");
+    let (_, content) = http(served.addr, "GET", &format!("/v1/files/{f}/content"), "text/plain", b"");
+    let mut seen = HashMap::new();
+    count_ids(&content, &mut seen);
+    assert_eq!(seen.len() as u64, done);
+    // Cancelling again changes nothing; listing pages through both ends.
+    let (status, again) = json(served.addr, "POST", &format!("/v1/batches/{id}/cancel"), &Value::Null);
+    assert_eq!((status, again["status"].as_str()), (200, Some("cancelled")));
+    let (_, list) = json(served.addr, "GET", "/v1/batches?limit=1", &Value::Null);
+    assert_eq!((list["data"][0]["id"].as_str(), list["has_more"].as_bool()), (Some(id.as_str()), Some(false)));
+}
