@@ -16,7 +16,7 @@
 //! let room = Room { endpoints: 4, admission_limit: None, interactive: 10, queued: 0, cap: 64 };
 //! assert_eq!(room.window(false), 6); // 4 endpoints x 4, less 10 interactive
 //! // Two batches share the window: 3 each.
-//! assert!(may_send(&room, 6, 2, 2, false));
+//! assert!(may_send(&room, 2, 2, 2, false));
 //! assert!(!may_send(&room, 3, 3, 2, false));
 //! ```
 
