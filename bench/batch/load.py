@@ -221,6 +221,14 @@ def cmd_naive(args):
         os._exit(0)
 
     signal.signal(signal.SIGTERM, finish)
+    parent = os.getppid()
+
+    def orphaned():  # the phase that started this process is gone: stop too
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.workers)]
     for t in threads:
         t.start()
@@ -239,6 +247,12 @@ async def api(session, method, url, **kw):
         if r.status >= 300:
             raise RuntimeError(f"{method} {url}: {r.status} {body[:300]!r}")
         return json.loads(body)
+
+
+def cpu_times():
+    """The machine's CPU times (the cpu line of /proc/stat)."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
 
 
 async def fleet_metrics(session, backends):
@@ -278,7 +292,7 @@ async def run_phase(args):
 
     base = args.url.rstrip("/")
     chat_url = base + "/v1/chat/completions"
-    # The interactive traffic: the same arrivals and prompts in every phase (seeded).
+    # The interactive traffic: the same arrival times in every phase (seeded).
     rng = random.Random(args.seed)
     arrivals, t = [], 0.0
     while True:
@@ -328,6 +342,7 @@ async def run_phase(args):
         if args.mode == "fulcrum":
             c0 = await batch_counts()
         m0 = await fleet_metrics(s, backends)
+        cpu0 = cpu_times()
         w0 = time.monotonic()
         sampling = asyncio.create_task(sample_engines(s, backends, engine_samples))
 
@@ -355,6 +370,7 @@ async def run_phase(args):
         if args.mode == "fulcrum":
             c1 = await batch_counts()
         m1 = await fleet_metrics(s, backends)
+        cpu1 = cpu_times()
         sampling.cancel()
         await asyncio.gather(*tasks)
 
@@ -387,6 +403,9 @@ async def run_phase(args):
     queries = m1.get("vllm:prefix_cache_queries_total", 0) - m0.get("vllm:prefix_cache_queries_total", 0)
     hits = m1.get("vllm:prefix_cache_hits_total", 0) - m0.get("vllm:prefix_cache_hits_total", 0)
     out["prefix_cache_hit_rate"] = hits / queries if queries else 0.0
+    dt = [b - a for a, b in zip(cpu0, cpu1)]
+    out["cpu_busy"] = 1 - (dt[3] + dt[4]) / max(1, sum(dt))  # idle + iowait
+    out["cpu_steal"] = (dt[7] if len(dt) > 7 else 0) / max(1, sum(dt))
     if engine_samples:
         out["engine_running_mean"] = sum(x[0] for x in engine_samples) / len(engine_samples)
         out["engine_waiting_mean"] = sum(x[1] for x in engine_samples) / len(engine_samples)
@@ -449,13 +468,13 @@ def cmd_report(args):
                      f"{p['ttft_p99_ms']:.1f} ms | {ratio:.2f}x | {errors} | {brps} | {share} |")
     print("\n".join(lines))
     print()
-    print("| phase | TTFT p90 | end-to-end p50 | end-to-end p99 | sequences running / waiting (fleet mean) | prefix-cache hit rate | client send lag p99 / max |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| phase | TTFT p90 | end-to-end p50 | end-to-end p99 | sequences running / waiting (fleet mean) | prefix-cache hit rate | machine CPU busy | client send lag p99 / max |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, p in phases:
         eng = (f"{p['engine_running_mean']:.1f} / {p['engine_waiting_mean']:.1f}"
                if "engine_running_mean" in p else "-")
         print(f"| {label} | {p['ttft_p90_ms']:.1f} ms | {p['e2e_p50_ms']:.1f} ms | {p['e2e_p99_ms']:.1f} ms | "
-              f"{eng} | {100 * p['prefix_cache_hit_rate']:.1f}% | "
+              f"{eng} | {100 * p['prefix_cache_hit_rate']:.1f}% | {100 * p['cpu_busy']:.0f}% | "
               f"{p['client_lag_p99_ms']:.1f} / {p['client_lag_max_ms']:.1f} ms |")
 
 

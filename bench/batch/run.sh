@@ -22,15 +22,21 @@
 #  2. Phase A, alone: open-loop Poisson interactive traffic at $LOAD% of capacity through
 #     the proxy, streaming ("stream": true), for $DURATION s. TTFT = time to the first byte of
 #     the response body.
-#  3. Phase B, Fulcrum batch: the same traffic (same seed: same arrivals and prompts) beside a
+#  3. Phase B, Fulcrum batch: the same traffic (same seed: the same arrival times and prompt
+#     lengths; each phase has prompts of its own words, so that none finds another's in the
+#     engines' prefix caches, and the table shows the hit rate) beside a
 #     batch of non-streaming chat requests of the same shape (enough to outlast the phase),
 #     uploaded through POST /v1/files and started with POST /v1/batches, $WARMUP s before the
 #     traffic starts; its throughput is its request_counts.completed over the traffic's window
 #     (GET /v1/batches/{id}); then POST /v1/batches/{id}/cancel.
 #  4. Phase C, naive client: the same traffic beside a thread pool of $WORKERS workers (a
-#     separate Python process) sending the same batch requests straight to the 4 backends,
+#     separate Python process) sending the same batch (the same requests but for their words,
+#     as for the interactive prompts) straight to the 4 backends,
 #     round robin, each worker one request at a time; started $WARMUP s before the traffic.
 #  5. Phase A again (alone), to show the run's own noise on TTFT.
+# Also reported per phase: the engines' running and waiting sequences (their /metrics every
+# 0.5 s, summed over the fleet), the machine's CPU use (/proc/stat) and how late the load
+# generator sent its requests.
 # Batch share of remaining capacity = batch req/s / (capacity - interactive rate).
 #
 # Usage: bench/batch/run.sh   (env: DURATION=60 LOAD=60 WORKERS=32 SEQS=8 SPEED=2
@@ -60,9 +66,11 @@ LOADPY=$ROOT/bench/batch/load.py
 "$PY" -c "import aiohttp" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check aiohttp
 
 WORK=$(mktemp -d /tmp/fulcrum-batch-bench.XXXXXX)
-PIDS=()
+PIDS=() # the mocks and the proxy
+CUR=    # the load generator running now
 stop_all() {
   local p
+  [ -n "$CUR" ] && PIDS+=("$CUR") && CUR=
   for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]:-}"; do
     [ -n "$p" ] || continue
@@ -74,6 +82,15 @@ stop_all() {
 }
 trap 'stop_all; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
+
+# Runs a command in the background so that a signal stops it at once (the traps above), and
+# waits for it.
+run() {
+  "$@" &
+  CUR=$!
+  wait "$CUR"
+  CUR=
+}
 
 T_START=$(date +%s)
 echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(nproc) cores, kernel $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -133,8 +150,9 @@ if [ -n "$CAPACITY" ]; then
   CAP_HOW="given (CAPACITY=$CAPACITY)"
 else
   echo "== capacity: closed-loop streaming requests through the proxy, ${CAP_SECONDS} s per level after 2 s"
-  CAPACITY=$("$PY" "$LOADPY" capacity --url "$URL" --seconds "$CAP_SECONDS" --warmup 2 \
-    --out "$WORK/capacity.json" "${SHAPE[@]}")
+  run "$PY" "$LOADPY" capacity --url "$URL" --seconds "$CAP_SECONDS" --warmup 2 \
+    --out "$WORK/capacity.json" "${SHAPE[@]}" >"$WORK/capacity.txt"
+  CAPACITY=$(cat "$WORK/capacity.txt")
   CAP_HOW="closed loop through the proxy: $("$PY" "$LOADPY" levels --capacity "$WORK/capacity.json") requests/s by concurrency"
 fi
 RATE=$("$PY" -c "print(round($CAPACITY * $LOAD / 100, 2))")
@@ -143,14 +161,17 @@ echo "== capacity $CAPACITY requests/s; interactive rate $RATE requests/s ($LOAD
 
 # The batch: enough requests for the whole fleet's capacity over the phase and then some.
 NBATCH=$("$PY" -c "import math; print(min(50000, math.ceil($CAPACITY * ($DURATION + $WARMUP + 20))))")
-"$PY" "$LOADPY" make-batch --n "$NBATCH" --out "$WORK/batch.jsonl" "${SHAPE[@]}"
-echo "== batch: $NBATCH requests ($(du -h "$WORK/batch.jsonl" | cut -f1)), non-streaming, same shape"
+# Two copies of the same batch, of different words, so that the naive client does not find
+# the Fulcrum batch's prompts in the prefix caches.
+"$PY" "$LOADPY" make-batch --n "$NBATCH" --seed 101 --out "$WORK/batch-B.jsonl" "${SHAPE[@]}"
+"$PY" "$LOADPY" make-batch --n "$NBATCH" --seed 102 --out "$WORK/batch-C.jsonl" "${SHAPE[@]}"
+echo "== batch: $NBATCH requests ($(du -h "$WORK/batch-B.jsonl" | cut -f1)), non-streaming, same shape"
 
 # --- 2-5. the phases -----------------------------------------------------------------------
 phase() { # NAME MODE PROMPT-SEED
   echo "== phase $1: $DURATION s"
-  "$PY" "$LOADPY" phase --url "$URL" --mode "$2" --rate "$RATE" --seconds "$DURATION" --seed "$SEED" --prompt-seed "$3" \
-    --batch-file "$WORK/batch.jsonl" --batch-warmup "$WARMUP" --workers "$WORKERS" \
+  run "$PY" "$LOADPY" phase --url "$URL" --mode "$2" --rate "$RATE" --seconds "$DURATION" --seed "$SEED" --prompt-seed "$3" \
+    --batch-file "$WORK/batch-$1.jsonl" --batch-warmup "$WARMUP" --workers "$WORKERS" \
     --backends "$(IFS=,; echo "${BACKENDS[*]}")" --out "$WORK/$1.json" "${SHAPE[@]}"
   sleep 3 # the engines drain
 }
