@@ -15,7 +15,7 @@
 //! constraints are in its metadata, under `fulcrum_require` (see
 //! [`fulcrum_core::constraint`]); a batch no endpoint can run is refused at once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -366,10 +366,7 @@ impl Batches {
             ));
         }
         let limits = input::Limits { max_requests: self.config.max_requests, ..input::Limits::default() };
-        let parsed = match mode {
-            Mode::Generic => input::parse(&content, Mode::Generic, &limits),
-            Mode::OpenAi { .. } => input::parse(&content, Mode::OpenAi { endpoint: &endpoint }, &limits),
-        };
+        let parsed = input::parse(&content, mode, &limits);
         let mut errors = parsed.errors;
 
         // Where each request goes.
@@ -416,12 +413,12 @@ impl Batches {
 
         // Constraints: each pool used must have an endpoint meeting each request's.
         let state = live.state();
-        let mut checked: HashMap<(String, Option<String>), ()> = HashMap::new();
+        let mut checked: HashSet<(&str, Option<&str>)> = HashSet::new();
         for (task, pool) in &items {
             if require.is_none() && task.require.is_none() {
                 continue;
             }
-            if checked.insert((pool.clone(), task.require.clone()), ()).is_some() {
+            if !checked.insert((pool.as_str(), task.require.as_deref())) {
                 continue;
             }
             let Some(runtime) = state.pools().get(pool) else {
