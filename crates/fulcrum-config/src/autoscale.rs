@@ -9,13 +9,16 @@
 //! target = 8.0                  # in-flight requests per replica (knative, target_tracking, threshold)
 //! interval = "1s"
 //! actuator = { kind = "local", command = "fulcrum mock-backend --port {port} --seed {index}", ports = "9100-9199" }
+//! # Optional: also scale ahead of the daily pattern, by the replicas' cold start.
+//! predictive = { lead = "2m" }  # season = "24h", slot = "5m", rate_per_replica = 4.0
 //! ```
 
 use std::time::Duration;
 
 use fulcrum_core::scale::{
-    BoundsSettings, KnativeConfig, KnativeMetric, KnativeSettings, LoadMetric, Metric, MetricTarget, Slo, SloConfig,
-    SloSettings, TargetTrackingConfig, TargetTrackingSettings, ThresholdConfig, ThresholdSettings,
+    BoundsSettings, KnativeConfig, KnativeMetric, KnativeSettings, LoadMetric, Metric, MetricTarget, PredictiveConfig,
+    PredictiveSettings, Slo, SloConfig, SloSettings, TargetTrackingConfig, TargetTrackingSettings, ThresholdConfig,
+    ThresholdSettings,
 };
 use serde::Deserialize;
 
@@ -32,18 +35,29 @@ pub enum ScalePolicyConfig {
     Knative(KnativeConfig),
     /// The M/M/c SLO.
     Slo(SloConfig),
+    /// A reactive policy with a forecast of the request rate ahead of it: the larger of the
+    /// two counts (`predictive = { ... }`).
+    Predictive {
+        /// The reactive policy, the floor.
+        reactive: Box<ScalePolicyConfig>,
+        /// The forecast: how far ahead, its season and slot.
+        predictive: PredictiveConfig,
+    },
 }
 
 /// What starts and stops replicas.
 impl ScalePolicyConfig {
     /// The policy, fresh: the autoscaler and the simulator both start from here.
     pub fn build(&self) -> Box<dyn fulcrum_core::scale::ScalePolicy> {
-        use fulcrum_core::scale::{Knative, SloPolicy, TargetTracking, Threshold};
+        use fulcrum_core::scale::{Knative, Predictive, SloPolicy, TargetTracking, Threshold};
         match self {
             ScalePolicyConfig::TargetTracking(c) => Box::new(TargetTracking::new(c.clone())),
             ScalePolicyConfig::Threshold(c) => Box::new(Threshold::new(*c)),
             ScalePolicyConfig::Knative(c) => Box::new(Knative::new(*c)),
             ScalePolicyConfig::Slo(c) => Box::new(SloPolicy::new(*c)),
+            ScalePolicyConfig::Predictive { reactive, predictive } => {
+                Box::new(Predictive::new(reactive.build(), *predictive))
+            }
         }
     }
 }
@@ -86,6 +100,10 @@ pub enum ActuatorConfig {
         /// A file holding a bearer token (re-read as the kubelet rotates it).
         token_file: Option<std::path::PathBuf>,
     },
+    /// Nothing here acts: an outside autoscaler reads the decision from the admin API's
+    /// `GET /pools/{pool}/scale` (KEDA's `metrics-api` scaler) and scales the backends, which
+    /// discovery brings into the pool.
+    External,
     /// An external command given the count (`{replicas}`).
     Command {
         /// The command template.
@@ -152,7 +170,19 @@ pub(crate) struct RawAutoscale {
     max_wait: Option<DurationStr>,
     wait_probability: Option<f64>,
     mean_wait: Option<DurationStr>,
+    predictive: Option<RawPredictive>,
     actuator: RawActuator,
+}
+
+/// `predictive = { lead = "2m", season = "24h", slot = "5m", rate_per_replica = 4.0 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPredictive {
+    // Durations are read here rather than by serde, so that a bad one is named by its key.
+    lead: Option<String>,
+    season: Option<String>,
+    slot: Option<String>,
+    rate_per_replica: Option<f64>,
 }
 
 use crate::raw::FieldError;
@@ -264,7 +294,27 @@ impl RawAutoscale {
                 return Err(err("policy", msg));
             }
         };
-        Ok(policy)
+        match &self.predictive {
+            None => Ok(policy),
+            Some(p) => Ok(ScalePolicyConfig::Predictive { reactive: Box::new(policy), predictive: p.validate()? }),
+        }
+    }
+}
+
+impl RawPredictive {
+    fn validate(&self) -> Result<PredictiveConfig, FieldError> {
+        let duration = |v: &Option<String>, field: &str| {
+            let parsed = v.as_deref().map(crate::duration::parse_duration).transpose();
+            parsed.map_err(|e| err(&format!("predictive.{field}"), e))
+        };
+        let lead = duration(&self.lead, "lead")?.ok_or_else(|| {
+            err("predictive.lead", "is required: how far ahead to scale, the time a new replica takes to serve")
+        })?;
+        let mut s = PredictiveSettings::new(lead);
+        s.forecast.season = duration(&self.season, "season")?.unwrap_or(s.forecast.season);
+        s.forecast.slot = duration(&self.slot, "slot")?.unwrap_or(s.forecast.slot);
+        s.rate_per_replica = self.rate_per_replica;
+        PredictiveConfig::try_new(s).map_err(|e| err(&format!("predictive.{}", e.field), e.problem))
     }
 }
 
@@ -305,8 +355,10 @@ fn actuator(a: RawActuator) -> Result<ActuatorConfig, FieldError> {
             command: need(a.command, "command")?,
             timeout: d(a.timeout, Duration::from_secs(60)),
         },
+        "external" => ActuatorConfig::External,
         k => {
-            return Err(err("actuator.kind", format!("must be \"local\", \"kubernetes\" or \"command\", got {k:?}")));
+            let msg = format!("must be \"local\", \"kubernetes\", \"command\" or \"external\", got {k:?}");
+            return Err(err("actuator.kind", msg));
         }
     };
     Ok(actuator)
@@ -362,5 +414,66 @@ actuator = { kind = "local", command = "fulcrum mock-backend --port {port} --see
         assert!(e.contains("pool.x.autoscale.max_wait"), "{e}");
         let e = err(r#"{ policy = "magic", actuator = { kind = "command", command = "x" } }"#);
         assert!(e.contains("pool.x.autoscale.policy"), "{e}");
+    }
+
+    #[test]
+    fn predictive_wraps_the_reactive_policy() {
+        use std::time::Duration;
+        let text = r#"
+[pool.x.autoscale]
+target = 6.0
+predictive = { lead = "2m" }
+actuator = { kind = "command", command = "scale {replicas}" }
+"#;
+        let c = Config::parse(text, None).unwrap();
+        let a = c.pools["x"].autoscale.as_ref().unwrap();
+        let super::ScalePolicyConfig::Predictive { reactive, predictive } = &a.policy else { panic!("{:?}", a.policy) };
+        assert!(matches!(**reactive, super::ScalePolicyConfig::Knative(_)));
+        assert_eq!(predictive.lead(), Duration::from_secs(120));
+        assert_eq!(predictive.forecast().settings().season, Duration::from_secs(86_400));
+        assert_eq!(predictive.forecast().slots(), 288);
+        assert_eq!(predictive.rate_per_replica(), None);
+        // What the autoscaler and the simulator build: the wrapper, bounded as the reactive one.
+        let policy = a.policy.build();
+        assert_eq!(policy.bounds().max(), 10);
+        assert_eq!(policy.forecast(), None);
+        let text = r#"
+[pool.x.autoscale]
+policy = "threshold"
+metric = "request_rate"
+target = 4.0
+max_replicas = 30
+predictive = { lead = "45s", season = "10m", slot = "10s", rate_per_replica = 3.5 }
+actuator = { kind = "command", command = "scale {replicas}" }
+"#;
+        let c = Config::parse(text, None).unwrap();
+        let a = c.pools["x"].autoscale.as_ref().unwrap();
+        let super::ScalePolicyConfig::Predictive { reactive, predictive } = &a.policy else { panic!("{:?}", a.policy) };
+        assert!(matches!(**reactive, super::ScalePolicyConfig::Threshold(_)));
+        assert_eq!((predictive.lead(), predictive.forecast().slots()), (Duration::from_secs(45), 60));
+        assert_eq!(predictive.rate_per_replica(), Some(3.5));
+        assert_eq!(a.policy.build().bounds().max(), 30);
+    }
+
+    #[test]
+    fn predictive_nonsense_is_refused_by_name() {
+        let with =
+            |p: &str| err(&format!("{{ target = 1.0, predictive = {p}, actuator = {{ kind = \"external\" }} }}"));
+        let e = with("{}");
+        assert!(e.contains("pool.x.autoscale.predictive.lead: is required"), "{e}");
+        let e = with(r#"{ lead = "0s" }"#);
+        assert!(e.contains("pool.x.autoscale.predictive.lead: must be longer than zero"), "{e}");
+        let e = with(r#"{ lead = "2h", season = "1h", slot = "1m" }"#);
+        assert!(e.contains("pool.x.autoscale.predictive.lead: must be at most the season"), "{e}");
+        let e = with(r#"{ lead = "1m", slot = "7m" }"#);
+        assert!(e.contains("pool.x.autoscale.predictive.season: must be a whole number of slots"), "{e}");
+        let e = with(r#"{ lead = "1m", slot = "500ms" }"#);
+        assert!(e.contains("pool.x.autoscale.predictive.slot: must split the season"), "{e}");
+        let e = with(r#"{ lead = "1m", rate_per_replica = 0.0 }"#);
+        assert!(e.contains("pool.x.autoscale.predictive.rate_per_replica"), "{e}");
+        let e = with(r#"{ lead = "1m", horizon = "1h" }"#);
+        assert!(e.contains("horizon"), "{e}");
+        let e = with(r#"{ lead = "soon" }"#);
+        assert!(e.contains("pool.x.autoscale.predictive.lead: `soon` is not a duration"), "{e}");
     }
 }

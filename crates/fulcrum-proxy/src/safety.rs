@@ -30,6 +30,20 @@ pub struct SafetyStats {
     counters: Arc<PoolCounters>,
     /// Route names, requests that reached no endpoint, admission waits (for `/metrics`).
     pub traffic: crate::stats::PoolTraffic,
+    /// The pool's autoscaler's last tick, when it has one.
+    scale: std::sync::Mutex<Option<fulcrum_core::scale::ScaleStatus>>,
+}
+
+impl SafetyStats {
+    /// The pool's autoscaler's last tick; `None` when the pool has no autoscaler running.
+    pub fn scale(&self) -> Option<fulcrum_core::scale::ScaleStatus> {
+        self.scale.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Keeps the autoscaler's last tick (`None` when it stops).
+    pub fn set_scale(&self, status: Option<fulcrum_core::scale::ScaleStatus>) {
+        *self.scale.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = status;
+    }
 }
 
 impl std::ops::Deref for SafetyStats {
@@ -62,7 +76,11 @@ fn log_event(e: &PoolEvent) {
 impl PoolSafety {
     pub(crate) fn new(config: PoolResilience, rules: PoolRules, endpoints: &[Endpoint], now: Instant) -> Self {
         let state = PoolState::with_sink(rules, endpoints, now, Some(Box::new(log_event)));
-        let stats = Arc::new(SafetyStats { counters: state.counters().clone(), traffic: Default::default() });
+        let stats = Arc::new(SafetyStats {
+            counters: state.counters().clone(),
+            traffic: Default::default(),
+            scale: Default::default(),
+        });
         Self::assemble(config, state, stats)
     }
 

@@ -44,6 +44,7 @@ pub(crate) async fn scrape_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, conf
     };
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut previous: Option<engine_metrics::EngineMetrics> = None;
     loop {
         tick.tick().await;
         let page = tokio::time::timeout(
@@ -81,6 +82,13 @@ pub(crate) async fn scrape_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, conf
         }
         if let Some(u) = &upstream {
             u.stats().scraped(now);
+            let hit_rate = match &previous {
+                Some(before) => m.recent_prefix_cache_hit_rate(before),
+                None => m.prefix_cache_hit_rate,
+            };
+            if let Some(rate) = hit_rate {
+                u.stats().set_engine_hit_rate(rate);
+            }
         }
         let count = |v: Option<f64>| v.map_or(0, |x| x.clamp(0.0, f64::from(u32::MAX)) as u32);
         let kv = m.kv_cache_usage.unwrap_or(0.0);
@@ -95,6 +103,7 @@ pub(crate) async fn scrape_loop(pool: Arc<PoolRuntime>, endpoint: Endpoint, conf
             let cap = openai::Limits::default().cache_blocks_for_engine(blocks, block_size);
             pool.snapshot().selector.set_prefix_capacity(endpoint.id(), Some(cap.max(1)));
         }
+        previous = Some(m);
     }
 }
 

@@ -201,6 +201,9 @@ pub struct EndpointStats {
     engine_scraped: AtomicU64,
     /// Engine-metrics scrapes that failed.
     engine_scrape_failures: AtomicU64,
+    /// The engine's prefix-cache hit rate between its last two scrapes that saw lookups, in
+    /// parts per million, plus one (0: unknown).
+    engine_hit_rate: AtomicU64,
 }
 
 impl EndpointStats {
@@ -219,6 +222,23 @@ impl EndpointStats {
         match self.engine_scraped.load(Ordering::Relaxed) {
             0 => None,
             at => Some(Duration::from_nanos(now.as_nanos().saturating_sub(at - 1))),
+        }
+    }
+
+    /// Records the engine's recent prefix-cache hit rate (0.0 to 1.0).
+    pub(crate) fn set_engine_hit_rate(&self, rate: f64) {
+        if rate.is_finite() {
+            let ppm = (rate.clamp(0.0, 1.0) * 1e6).round() as u64;
+            self.engine_hit_rate.store(ppm + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The engine's prefix-cache hit rate between its last two scrapes that saw lookups (the
+    /// engine's own count of cached prompt tokens), if it reports one.
+    pub fn engine_hit_rate(&self) -> Option<f64> {
+        match self.engine_hit_rate.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some((v - 1) as f64 / 1e6),
         }
     }
 

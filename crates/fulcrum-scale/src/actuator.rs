@@ -34,7 +34,7 @@ pub trait Actuator: Send {
     /// actuators that hand the count to another system.
     fn replicas(&self) -> Vec<Replica>;
 
-    /// A short name for logs: `local`, `command` or `kubernetes`.
+    /// A short name for logs: `local`, `command`, `kubernetes` or `external`.
     fn kind(&self) -> &'static str;
 }
 
@@ -85,6 +85,8 @@ pub enum AnyActuator {
     Command(CommandActuator),
     /// A Kubernetes Deployment.
     Kubernetes(KubernetesActuator),
+    /// None: an outside autoscaler (KEDA) reads the decision from the admin API and acts.
+    External,
 }
 
 impl Actuator for AnyActuator {
@@ -93,6 +95,7 @@ impl Actuator for AnyActuator {
             AnyActuator::Local(a) => a.scale_to(replicas).await,
             AnyActuator::Command(a) => a.scale_to(replicas).await,
             AnyActuator::Kubernetes(a) => a.scale_to(replicas).await,
+            AnyActuator::External => Ok(()),
         }
     }
 
@@ -101,6 +104,7 @@ impl Actuator for AnyActuator {
             AnyActuator::Local(a) => a.observe().await,
             AnyActuator::Command(a) => a.observe().await,
             AnyActuator::Kubernetes(a) => a.observe().await,
+            AnyActuator::External => Ok(Observed::default()),
         }
     }
 
@@ -109,6 +113,7 @@ impl Actuator for AnyActuator {
             AnyActuator::Local(a) => a.replicas(),
             AnyActuator::Command(a) => a.replicas(),
             AnyActuator::Kubernetes(a) => a.replicas(),
+            AnyActuator::External => Vec::new(),
         }
     }
 
@@ -117,6 +122,7 @@ impl Actuator for AnyActuator {
             AnyActuator::Local(a) => a.kind(),
             AnyActuator::Command(a) => a.kind(),
             AnyActuator::Kubernetes(a) => a.kind(),
+            AnyActuator::External => "external",
         }
     }
 }

@@ -8,7 +8,12 @@
 //! leave it when they exit. Scale-in first drains the replicas that will stop (no new
 //! requests; their requests in flight, streams included, finish within `drain_timeout`),
 //! then stops them, then removes them from the pool: no request is lost to a scale-in.
-//! Every decision that changes the count is logged and recorded in the pool's timeline.
+//! Every decision that changes the count is logged and recorded in the pool's timeline, and
+//! every tick's decision is reported to the pool ([`ScaledPool::report`]) for the admin API.
+//! With the `external` actuator nothing is started or stopped here: the decision is only
+//! reported, for an outside autoscaler (KEDA) to act on; as with a Deployment's
+//! `spec.replicas`, the policy counts the replicas it last asked for (per-replica load is
+//! always over the endpoints serving).
 //!
 //! Time is read once per tick, at this edge, from the runtime's (tokio's) clock, and handed to
 //! the core as a [`fulcrum_core::Instant`] counted from the autoscaler's start: the same
@@ -18,7 +23,7 @@
 use std::collections::BTreeMap;
 
 use fulcrum_config::autoscale::{ActuatorConfig, AutoscaleConfig};
-use fulcrum_core::scale::SignalMeter;
+use fulcrum_core::scale::{ScaleStatus, SignalMeter};
 use fulcrum_core::{EndpointSpec, Instant};
 
 use crate::actuator::{Actuator, ActuatorError, AnyActuator};
@@ -87,6 +92,7 @@ pub async fn actuator_of(config: &ActuatorConfig) -> Result<AnyActuator, Autosca
             s.token_file.clone_from(token_file);
             AnyActuator::Kubernetes(KubernetesActuator::connect(s).await.map_err(|e| bad(&e))?)
         }
+        ActuatorConfig::External => AnyActuator::External,
     })
 }
 
@@ -141,6 +147,15 @@ pub async fn run<P: ScaledPool>(
         (load.cpu_per_replica, load.memory_per_replica) = cpu.sample(&pids, now);
         let signals = meter.read(now, desired, &load);
         let decision = policy.decide(now, &signals);
+        pool.report(Some(ScaleStatus {
+            actuator: actuator.kind(),
+            min_replicas: policy.bounds().min(),
+            max_replicas: policy.bounds().max(),
+            replicas: desired,
+            desired: decision.desired,
+            reason: decision.reason.clone(),
+            forecast: policy.forecast(),
+        }));
         if decision.desired == desired {
             continue;
         }
@@ -160,6 +175,7 @@ pub async fn run<P: ScaledPool>(
         }
         register(&pool, &actuator);
     }
+    pool.report(None);
     pool.event("stopping replicas".to_owned());
     let _ = actuator.scale_to(0).await;
     register(&pool, &actuator);

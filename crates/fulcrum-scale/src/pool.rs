@@ -13,7 +13,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use fulcrum_core::EndpointSpec;
-use fulcrum_core::scale::LoadReading;
+use fulcrum_core::scale::{LoadReading, ScaleStatus};
 
 /// Why the pool refused a set of replicas.
 pub type PoolError = Box<dyn std::error::Error + Send + Sync>;
@@ -44,4 +44,11 @@ pub trait ScaledPool: Send + Sync + 'static {
 
     /// Records a scaling event in the pool's timeline.
     fn event(&self, message: String);
+
+    /// Keeps the autoscaler's last tick for those who show it (admin API, dashboard,
+    /// metrics, KEDA): called every tick, and with `None` when the autoscaler stops. The
+    /// default keeps nothing.
+    fn report(&self, status: Option<ScaleStatus>) {
+        let _ = status;
+    }
 }

@@ -5,7 +5,7 @@
 //! - [`fleet`]: the backends (the mock backend's engine model, shared with `fulcrum
 //!   mock-backend`, or an exponential server for queueing checks), their speeds, what the
 //!   balancer is told, network delay, faults at given times;
-//! - [`workload`]: arrivals (Poisson, on/off bursts, diurnal) and requests (shared-prefix
+//! - [`workload`]: arrivals (Poisson, on/off bursts, diurnal, a daily profile) and requests (shared-prefix
 //!   multi-turn chat, random prompts, or a JSONL trace);
 //! - [`drive`]: every call into the core's routing, behind a narrow interface;
 //! - [`run`](mod@run): the event loop; [`report`]: the figures, the table, the JSON; [`svg`]:

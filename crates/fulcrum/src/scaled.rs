@@ -60,4 +60,8 @@ impl ScaledPool for ProxyPool {
     fn event(&self, message: String) {
         self.0.safety().event(self.0.name(), "autoscale", message);
     }
+
+    fn report(&self, status: Option<fulcrum_core::scale::ScaleStatus>) {
+        self.0.safety().stats.set_scale(status);
+    }
 }

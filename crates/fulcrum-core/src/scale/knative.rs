@@ -266,6 +266,17 @@ impl ScalePolicy for Knative {
     fn bounds(&self) -> &Bounds {
         self.floor.bounds()
     }
+
+    /// `ceil(load / target)`, the stable mode's count, the load being `in_flight`
+    /// (concurrency) or `rate` (rps).
+    fn replicas_for_load(&self, rate: f64, in_flight: Option<f64>) -> Option<u32> {
+        let k = &self.config.settings;
+        let load = match k.metric {
+            KnativeMetric::Concurrency => in_flight?,
+            KnativeMetric::Rps => rate,
+        };
+        Some(ceil_count(load / k.target))
+    }
 }
 
 #[cfg(test)]

@@ -52,20 +52,25 @@ use std::time::Duration;
 use crate::time::Instant;
 
 pub mod bounds;
+pub mod forecast;
 pub mod knative;
+pub mod predictive;
 pub mod queueing;
 pub mod restart;
 pub mod signals;
 pub mod slo;
+pub mod status;
 pub mod target;
 pub mod threshold;
 mod window;
 
 pub use bounds::{Bounds, BoundsSettings};
 pub use knative::{Knative, KnativeConfig, KnativeMetric, KnativeSettings};
+pub use predictive::{Predictive, PredictiveConfig, PredictiveSettings};
 pub use queueing::{MMc, QueueError, Slo};
 pub use signals::{LoadReading, SignalMeter};
 pub use slo::{SloConfig, SloPolicy, SloSettings};
+pub use status::ScaleStatus;
 pub use target::{
     Metric, MetricTarget, RateLimit, ScalingRules, Select, TargetTracking, TargetTrackingConfig, TargetTrackingSettings,
 };
@@ -79,8 +84,12 @@ pub use threshold::{LoadMetric, Threshold, ThresholdConfig, ThresholdSettings};
 pub struct Signals {
     /// The replica count last asked for (Kubernetes' `spec.replicas`), ready or not.
     pub replicas: u32,
-    /// Requests in flight on a replica, mean over the replicas (streams count until they end).
+    /// Requests in flight on a replica, mean over the replicas serving (streams count until
+    /// they end).
     pub in_flight_per_replica: Option<f64>,
+    /// The replicas serving now (endpoints in the pool), which may be fewer than `replicas`
+    /// while some start; `None`: as many as `replicas`.
+    pub serving: Option<u32>,
     /// Requests arriving at the pool, per second, in all.
     pub request_rate: Option<f64>,
     /// Requests waiting, in all: in the proxy's admission queue and in the engines' queues.
@@ -103,10 +112,13 @@ impl Signals {
         value.filter(|v| v.is_finite() && *v >= 0.0)
     }
 
-    /// Requests in flight and waiting, in all: `in_flight_per_replica x replicas +
-    /// queue_length`, or `None` when neither is known.
+    /// Requests in flight and waiting, in all: `in_flight_per_replica x serving (else
+    /// replicas) + queue_length`, or `None` when neither is known. Replicas still starting
+    /// carry no load: counting them would make load that is not there, and a policy on it
+    /// would feed on its own scale-up.
     pub fn in_flight_total(&self) -> Option<f64> {
-        let in_flight = Self::clean(self.in_flight_per_replica).map(|v| v * f64::from(self.replicas));
+        let serving = self.serving.unwrap_or(self.replicas);
+        let in_flight = Self::clean(self.in_flight_per_replica).map(|v| v * f64::from(serving));
         let queued = self.queue_length.map(|q| q as f64);
         match (in_flight, queued) {
             (None, None) => None,
@@ -174,6 +186,36 @@ pub trait ScalePolicy: fmt::Debug + Send {
 
     /// The bounds every decision stays within.
     fn bounds(&self) -> &Bounds;
+
+    /// What the policy expects of the load, when it forecasts (a predictive policy); `None`
+    /// for the reactive ones. Read after [`decide`](Self::decide), to show and export.
+    fn forecast(&self) -> Option<Forecast> {
+        None
+    }
+
+    /// The replicas this policy would ask for, before its bounds, if the load held steady at
+    /// `rate` requests a second with `in_flight` requests in flight and waiting in all (by
+    /// Little's law, the rate times the mean time a request stays); `None` when it cannot tell
+    /// from these (it scales on another metric, or needs `in_flight` and was not given it).
+    /// [`Predictive`] turns its forecast rate into replicas with it.
+    fn replicas_for_load(&self, rate: f64, in_flight: Option<f64>) -> Option<u32> {
+        let _ = (rate, in_flight);
+        None
+    }
+}
+
+/// A predictive policy's view ahead: the request rate it expects and the replicas that rate
+/// needs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Forecast {
+    /// The request rate now, as the forecast's model smooths it (requests a second).
+    pub rate_now: f64,
+    /// The request rate expected `lead` from now (requests a second).
+    pub rate_ahead: f64,
+    /// How far ahead: the time a new replica takes to serve.
+    pub lead: Duration,
+    /// The replicas `rate_ahead` needs.
+    pub replicas: u32,
 }
 
 pub(crate) use crate::settings::Check;
@@ -208,6 +250,9 @@ mod tests {
         assert_eq!(Signals::default().in_flight_total(), None);
         let bad = Signals { replicas: 2, in_flight_per_replica: Some(f64::NAN), ..Signals::default() };
         assert_eq!(bad.in_flight_total(), None);
+        // Two of four replicas asked for serve: the load is theirs alone.
+        let starting = Signals { serving: Some(2), queue_length: None, ..s };
+        assert_eq!(starting.in_flight_total(), Some(5.0));
     }
 
     #[test]

@@ -106,6 +106,7 @@ impl SignalMeter {
         Signals {
             replicas,
             in_flight_per_replica: Some(reading.in_flight as f64 / serving),
+            serving: Some(u32::try_from(reading.endpoints).unwrap_or(u32::MAX)),
             request_rate: rate,
             kv_cache_use: kv,
             // Requests held while the pool is at zero (the load that wakes it), plus what the

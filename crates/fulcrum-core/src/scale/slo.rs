@@ -174,6 +174,16 @@ impl ScalePolicy for SloPolicy {
     fn bounds(&self) -> &Bounds {
         self.floor.bounds()
     }
+
+    /// The fewest replicas whose M/M/c queue meets the SLO at `rate` (0 for no requests; the
+    /// most allowed when no count can).
+    fn replicas_for_load(&self, rate: f64, _in_flight: Option<f64>) -> Option<u32> {
+        if rate <= 0.0 {
+            return Some(0);
+        }
+        let c = MMc::try_new(rate, self.config.service_rate).and_then(|q| q.min_servers(&self.config.slo));
+        Some(c.unwrap_or(self.config.bounds.max()))
+    }
 }
 
 #[cfg(test)]

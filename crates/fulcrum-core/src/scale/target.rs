@@ -476,6 +476,17 @@ impl ScalePolicy for TargetTracking {
     fn bounds(&self) -> &Bounds {
         self.floor.bounds()
     }
+
+    /// The largest `ceil(total / target)` over the targets on `in_flight` and `request_rate`
+    /// (the other metrics do not follow from a rate); `None` without such a target.
+    fn replicas_for_load(&self, rate: f64, in_flight: Option<f64>) -> Option<u32> {
+        let counts = self.config.targets.iter().filter_map(|t| match t.metric {
+            Metric::InFlight => in_flight.map(|c| ceil_count(c / t.target)),
+            Metric::RequestRate => Some(ceil_count(rate / t.target)),
+            _ => None,
+        });
+        counts.max()
+    }
 }
 
 #[cfg(test)]

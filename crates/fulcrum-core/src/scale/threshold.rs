@@ -190,6 +190,16 @@ impl ScalePolicy for Threshold {
     fn bounds(&self) -> &Bounds {
         self.floor.bounds()
     }
+
+    /// `ceil(P / T) + k`, P being `rate` or `in_flight` as the policy's load metric says.
+    fn replicas_for_load(&self, rate: f64, in_flight: Option<f64>) -> Option<u32> {
+        let c = &self.config;
+        let load = match c.load {
+            LoadMetric::RequestRate => rate,
+            LoadMetric::InFlight => in_flight?,
+        };
+        Some(ceil_count(load / c.per_replica).saturating_add(c.reserve))
+    }
 }
 
 #[cfg(test)]

@@ -169,6 +169,7 @@ fn signals_strategy() -> impl Strategy<Value = (u64, Signals)> {
             let s = Signals {
                 replicas,
                 in_flight_per_replica: in_flight,
+                serving: None,
                 request_rate: rate,
                 queue_length: queue,
                 kv_cache_use: kv,

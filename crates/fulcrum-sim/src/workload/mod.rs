@@ -1,10 +1,12 @@
 //! The workload: when requests arrive and what they ask.
 //!
 //! Arrivals ([`Arrival`]) follow a Poisson process, an on/off bursty process (Poisson at a
-//! higher rate during `on` periods, silent during `off`, with the given mean rate), or a
+//! higher rate during `on` periods, silent during `off`, with the given mean rate), a
 //! diurnal one (a Poisson process whose rate follows `mean x (1 + amplitude x sin(2 pi t /
-//! period))`, drawn by thinning, Lewis and Shedler 1979). The mean rate is given in requests a
-//! second (`rate`) or as a fraction of the fleet's capacity (`load`, see
+//! period))`), or a daily one (a Poisson process whose rate follows a piecewise-linear
+//! [`Profile`] over the period: a quiet night, a morning ramp, a day plateau, an evening
+//! decline). The last two are drawn by thinning (Lewis and Shedler 1979). The mean rate is
+//! given in requests a second (`rate`) or as a fraction of the fleet's capacity (`load`, see
 //! [`Fleet::capacity`](crate::fleet::Fleet::capacity)).
 //!
 //! Requests come from a generator ([`chat`]: shared system prompts and multi-turn
@@ -42,7 +44,7 @@ pub enum Rate {
 }
 
 /// The arrival process.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Arrival {
     /// Exponential gaps.
     Poisson,
@@ -60,6 +62,110 @@ pub enum Arrival {
         /// Relative swing, 0 to 1.
         amplitude: f64,
     },
+    /// A rate that follows a piecewise-linear profile over each period, its mean over the
+    /// period being the rate.
+    Daily {
+        /// One day (or whatever repeats).
+        period: Duration,
+        /// The shape of the rate over the period.
+        profile: Arc<Profile>,
+    },
+}
+
+/// The relative rate over a period: points `(seconds into the period, level)`, linear in
+/// between and wrapping around from the last point to the first one of the next period.
+/// Levels are relative: the rate at a point is the mean rate x its level / the profile's mean.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Profile {
+    points: Vec<(f64, f64)>,
+    period: f64,
+    mean: f64,
+    max: f64,
+}
+
+/// Most points a daily profile may have.
+pub const MAX_PROFILE_POINTS: usize = 1_000;
+
+impl Profile {
+    /// A profile from `(time into the period, level)` points; `field` names it in errors.
+    /// Times must be increasing and within the period, levels finite and not negative, and
+    /// one of them above zero.
+    pub fn try_new(period: Duration, points: &[(Duration, f64)], field: &str) -> Result<Profile, SimError> {
+        if points.is_empty() || points.len() > MAX_PROFILE_POINTS {
+            return Err(SimError::field(field, format!("give 1 to {MAX_PROFILE_POINTS} points [\"TIME\", LEVEL]")));
+        }
+        for (i, &(at, level)) in points.iter().enumerate() {
+            if at >= period {
+                return Err(SimError::field(
+                    format!("{field}[{i}]"),
+                    format!("{at:?} is not within the period {period:?}"),
+                ));
+            }
+            if i > 0 && at <= points[i - 1].0 {
+                return Err(SimError::field(format!("{field}[{i}]"), format!("{at:?} is not after the point before")));
+            }
+            if !(level.is_finite() && level >= 0.0) {
+                return Err(SimError::field(format!("{field}[{i}]"), format!("level {level} is not a number >= 0")));
+            }
+        }
+        let p = period.as_secs_f64();
+        let pts: Vec<(f64, f64)> = points.iter().map(|&(at, level)| (at.as_secs_f64(), level)).collect();
+        // The area under the profile, segment by segment, the last one wrapping around.
+        let area: f64 = (0..pts.len())
+            .map(|i| {
+                let (t0, l0) = pts[i];
+                let (t1, l1) = pts.get(i + 1).copied().unwrap_or((pts[0].0 + p, pts[0].1));
+                (t1 - t0) * (l0 + l1) / 2.0
+            })
+            .sum();
+        let mean = area / p;
+        let max = pts.iter().map(|&(_, l)| l).fold(0.0, f64::max);
+        if !(mean > 0.0 && mean.is_finite()) {
+            return Err(SimError::field(field, "every level is 0: no request would arrive"));
+        }
+        Ok(Profile { points: pts, period: p, mean, max })
+    }
+
+    /// The default day: quiet at 20% of the peak until 6 h, a ramp to the peak by 8 h, the
+    /// peak until 17 h, down to 20% by 22 h (times as fractions of `period`).
+    pub fn default_day(period: Duration) -> Profile {
+        let day = 24.0;
+        let points: Vec<(Duration, f64)> = [(0.0, 0.2), (6.0, 0.2), (8.0, 1.0), (17.0, 1.0), (22.0, 0.2)]
+            .iter()
+            .map(|&(h, level)| (period.mul_f64(h / day), level))
+            .collect();
+        match Profile::try_new(period, &points, "arrival.profile") {
+            Ok(p) => p,
+            Err(_) => Profile { points: vec![(0.0, 1.0)], period: period.as_secs_f64(), mean: 1.0, max: 1.0 },
+        }
+    }
+
+    /// The level at `t` seconds (any time: the profile repeats every period).
+    pub fn level(&self, t: f64) -> f64 {
+        let p = self.period;
+        let u = t.rem_euclid(p);
+        let i = self.points.partition_point(|&(at, _)| at <= u);
+        let n = self.points.len();
+        let ((t0, l0), (t1, l1)) = match i {
+            0 => {
+                let (at, l) = self.points[n - 1];
+                ((at - p, l), self.points[0])
+            }
+            i if i == n => (self.points[n - 1], (self.points[0].0 + p, self.points[0].1)),
+            i => (self.points[i - 1], self.points[i]),
+        };
+        if t1 > t0 { l0 + (l1 - l0) * (u - t0) / (t1 - t0) } else { l0 }
+    }
+
+    /// The rate at `t` seconds for a mean rate of `mean`.
+    pub fn rate(&self, mean: f64, t: f64) -> f64 {
+        mean * self.level(t) / self.mean
+    }
+
+    /// The highest rate, for a mean rate of `mean`.
+    pub fn peak(&self, mean: f64) -> f64 {
+        mean * self.max / self.mean
+    }
 }
 
 /// What requests ask.
@@ -142,6 +248,7 @@ struct RawArrival {
     off: Option<String>,
     period: Option<String>,
     amplitude: Option<f64>,
+    profile: Option<Vec<(String, f64)>>,
 }
 
 /// Most requests one run generates.
@@ -200,11 +307,35 @@ impl Workload {
                 }
                 Arrival::Diurnal { period, amplitude }
             }
+            "daily" => {
+                let period = match &a.period {
+                    Some(p) => duration(p, "arrival.period")?,
+                    None => Duration::from_secs(24 * 3_600),
+                };
+                if period.is_zero() {
+                    return Err(SimError::field("arrival.period", "must be positive"));
+                }
+                let profile = match &a.profile {
+                    None => Profile::default_day(period),
+                    Some(points) => {
+                        let points = points
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (at, level))| Ok((duration(at, &format!("arrival.profile[{i}]"))?, *level)))
+                            .collect::<Result<Vec<_>, SimError>>()?;
+                        Profile::try_new(period, &points, "arrival.profile")?
+                    }
+                };
+                Arrival::Daily { period, profile: Arc::new(profile) }
+            }
             other => {
-                let msg = format!("unknown process `{other}`; expected poisson, bursty or diurnal");
+                let msg = format!("unknown process `{other}`; expected poisson, bursty, diurnal or daily");
                 return Err(SimError::field("arrival.process", msg));
             }
         };
+        if a.profile.is_some() && !matches!(arrival, Arrival::Daily { .. }) {
+            return Err(SimError::field("arrival.profile", "is for process = \"daily\""));
+        }
         let prompts = match (raw.trace, raw.prompts) {
             (Some(_), Some(_)) => return Err(SimError::field("trace", "give [prompts] or [trace], not both")),
             (Some(t), None) => {
@@ -259,7 +390,7 @@ impl Workload {
             Prompts::Trace(t) => Source::Trace { trace: t.clone(), next: 0 },
         };
         let clock = match (rate, &self.prompts) {
-            (Some(r), _) => Clock::Process { rate: r, arrival: self.arrival, t: 0.0 },
+            (Some(r), _) => Clock::Process { rate: r, arrival: self.arrival.clone(), t: 0.0 },
             (None, _) => Clock::Trace,
         };
         Generator {
@@ -326,7 +457,7 @@ impl Iterator for Generator {
         self.n += 1;
         let at = match &mut self.clock {
             Clock::Process { rate, arrival, t } => {
-                *t = next_arrival(*t, *rate, *arrival, &mut self.rng);
+                *t = next_arrival(*t, *rate, arrival, &mut self.rng);
                 Some(Instant::from_nanos((*t * 1e9) as u64))
             }
             Clock::Trace => None,
@@ -366,9 +497,9 @@ impl Iterator for Generator {
 }
 
 /// The next arrival after `t` seconds.
-fn next_arrival(t: f64, rate: f64, arrival: Arrival, rng: &mut SplitMix64) -> f64 {
+fn next_arrival(t: f64, rate: f64, arrival: &Arrival, rng: &mut SplitMix64) -> f64 {
     let exp = |rng: &mut SplitMix64, rate: f64| -rng.next_f64().ln() / rate;
-    match arrival {
+    match *arrival {
         Arrival::Poisson => t + exp(rng, rate),
         Arrival::Bursty { on, off } => {
             // Draw in "on time" (bursts laid end to end), then map back to real time.
@@ -386,6 +517,16 @@ fn next_arrival(t: f64, rate: f64, arrival: Arrival, rng: &mut SplitMix64) -> f6
                 t += exp(rng, peak);
                 let now = rate * (1.0 + amplitude * (std::f64::consts::TAU * t / period.as_secs_f64()).sin());
                 if rng.next_f64() * peak <= now {
+                    return t;
+                }
+            }
+        }
+        Arrival::Daily { ref profile, .. } => {
+            let peak = profile.peak(rate);
+            let mut t = t;
+            loop {
+                t += exp(rng, peak);
+                if rng.next_f64() * peak <= profile.rate(rate, t) {
                     return t;
                 }
             }
@@ -495,15 +636,17 @@ mod tests {
 
     #[test]
     fn processes_keep_their_mean_rate() {
+        let ten = Duration::from_secs(10);
         for arrival in [
             Arrival::Poisson,
             Arrival::Bursty { on: Duration::from_secs(1), off: Duration::from_secs(3) },
-            Arrival::Diurnal { period: Duration::from_secs(10), amplitude: 0.8 },
+            Arrival::Diurnal { period: ten, amplitude: 0.8 },
+            Arrival::Daily { period: ten, profile: Arc::new(Profile::default_day(ten)) },
         ] {
             let mut rng = SplitMix64::new(3);
             let mut t = 0.0;
             for _ in 0..100_000 {
-                t = next_arrival(t, 50.0, arrival, &mut rng);
+                t = next_arrival(t, 50.0, &arrival, &mut rng);
             }
             let rate = 100_000.0 / t;
             assert!((rate - 50.0).abs() < 1.5, "{arrival:?}: {rate}");
@@ -519,5 +662,43 @@ mod tests {
         assert!(err("requests = 10\n").contains("arrival"));
         let w = Workload::parse("requests = 10\n[arrival]\nload = 0.5\n").unwrap();
         assert_eq!(w.generate(Some(1.0), 1).count(), 10);
+        let daily = |profile: &str| {
+            err(&format!(
+                "requests = 10\n[arrival]\nrate = 1.0\nprocess = \"daily\"\nperiod = \"10m\"\nprofile = {profile}\n"
+            ))
+        };
+        assert!(daily(r#"[["0s", 1.0], ["12m", 2.0]]"#).contains("arrival.profile[1]: 720s is not within the period"));
+        assert!(
+            daily(r#"[["5m", 1.0], ["2m", 2.0]]"#).contains("arrival.profile[1]: 120s is not after the point before")
+        );
+        assert!(daily(r#"[["0s", -1.0]]"#).contains("arrival.profile[0]: level -1 is not a number >= 0"));
+        assert!(daily(r#"[["0s", 0.0], ["1m", 0.0]]"#).contains("arrival.profile: every level is 0"));
+        assert!(daily(r#"[["soon", 1.0]]"#).contains("arrival.profile[0]"));
+        assert!(daily("[]").contains("arrival.profile: give 1 to 1000 points"));
+        let e = err("requests = 10\n[arrival]\nrate = 1.0\nprofile = [[\"0s\", 1.0]]\n");
+        assert!(e.contains("arrival.profile: is for process = \"daily\""), "{e}");
+    }
+
+    #[test]
+    fn a_daily_profile_is_linear_between_its_points_and_wraps_around() {
+        let period = Duration::from_secs(100);
+        let s = Duration::from_secs;
+        let p = Profile::try_new(period, &[(s(10), 1.0), (s(20), 3.0), (s(60), 3.0), (s(80), 1.0)], "p").unwrap();
+        // Area: 10 x 2 + 40 x 3 + 20 x 2 + 30 x 1 (from 80 s to 10 s of the next period) = 210.
+        assert!((p.mean - 2.1).abs() < 1e-12, "{}", p.mean);
+        assert_eq!(
+            (p.level(0.0), p.level(15.0), p.level(40.0), p.level(70.0), p.level(95.0)),
+            (1.0, 2.0, 3.0, 2.0, 1.0)
+        );
+        assert_eq!(p.level(115.0), p.level(15.0));
+        assert!((p.rate(21.0, 40.0) - 30.0).abs() < 1e-9);
+        assert!((p.peak(21.0) - 30.0).abs() < 1e-9);
+        // The default day: a fifth of the peak at night, the peak from 8 h to 17 h.
+        let day = Profile::default_day(Duration::from_secs(86_400));
+        assert_eq!((day.level(3.0 * 3_600.0), day.level(12.0 * 3_600.0)), (0.2, 1.0));
+        assert!((day.level(7.0 * 3_600.0) - 0.6).abs() < 1e-9);
+        let w =
+            Workload::parse("requests = 10\n[arrival]\nrate = 2.0\nprocess = \"daily\"\nperiod = \"10m\"\n").unwrap();
+        assert!(matches!(w.arrival, Arrival::Daily { period, .. } if period == Duration::from_secs(600)));
     }
 }
