@@ -1,25 +1,36 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond Rust, when it is missing:
-#   etcd (Debian package etcd-server, /usr/bin/etcd) for crates/fulcrum-discovery/tests/integration/etcd.rs.
-# Idempotent and quiet; needs root (apt-get). Called from .ci/run.
+#   etcd (Debian package etcd-server, /usr/bin/etcd) for the discovery, registration and mesh tests;
+#   Chromium (Debian package chromium, /usr/bin/chromium) for the dashboard's browser test;
+#   playwright-core (tests/browser, from its package-lock.json) to drive that Chromium.
+# Idempotent and quiet; needs root for apt-get. Called from .ci/run.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
-if command -v etcd >/dev/null 2>&1; then
-    exit 0
-fi
+packages=()
+command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
+[ -x /usr/bin/chromium ] || packages+=(chromium)
+command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "install-test-deps: etcd is missing and installing it needs root (apt-get install etcd-server)" >&2
-    exit 1
+if [ "${#packages[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install-test-deps: missing ${packages[*]}; installing them needs root (apt-get install)" >&2
+        exit 1
+    fi
+    echo "install-test-deps: installing ${packages[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    # The etcd package enables a system etcd service; the tests start their own on other ports.
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        systemctl disable --now etcd >/dev/null 2>&1 || true
+    fi
 fi
-
-echo "install-test-deps: installing etcd-server"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq >/dev/null
-apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
-# The package enables a system etcd service; the tests start their own on other ports.
-if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    systemctl disable --now etcd >/dev/null 2>&1 || true
-fi
-command -v etcd >/dev/null
 echo "install-test-deps: $(etcd --version | head -n 1)"
+echo "install-test-deps: $(/usr/bin/chromium --version 2>/dev/null || echo 'chromium: no version')"
+
+# The browser driver, without its own browser download (playwright-core never downloads one).
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+    echo "install-test-deps: npm ci in tests/browser"
+    (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi

@@ -4,6 +4,7 @@
 //! | --- | --- |
 //! | `GET /pools` | every pool with its policy and endpoints' live state |
 //! | `GET /pools/{pool}` | one pool |
+//! | `GET /pools/{pool}/scale` | an autoscaled pool's last decision: `desired_replicas`, `replicas`, bounds, reason, forecast (what KEDA's `metrics-api` scaler reads; 404 for a pool without `autoscale`, 503 before the first tick) |
 //! | `GET /pools/{pool}/events` | the pool's timeline: health, ejections, breakers, retries, drains, scaling, reloads |
 //! | `POST /pools/{pool}/endpoints` | add an endpoint (`{"address", "id"?, "weight"?, "models"?, "labels"?}`) |
 //! | `DELETE /pools/{pool}/endpoints/{id}` | remove an endpoint (its requests in flight finish) |
@@ -18,6 +19,9 @@
 //! | `POST /pools/{pool}/registrations`, `PUT`/`DELETE /pools/{pool}/registrations/{id}`, `GET /pools/{pool}/registrations` | backends' self-registration and heartbeats (pools with `discovery = { kind = "registration" }`) |
 //! | `GET /control` | standalone or mesh mode; in mesh mode the link to etcd: connected, revision, last error |
 //! | `GET /metrics` | Prometheus text |
+//! | `GET /ui` | the live dashboard (see [`crate::dashboard`]); `GET /ui/stream` is its server-sent-event stream |
+//! | `GET /healthz` | liveness: 200 `{"status": "ok"}` while the process serves (no token needed) |
+//! | `GET /readyz` | readiness: 200 once the configuration runs, with each pool's available endpoints (no token needed) |
 //!
 //! Changes are edits of the running configuration's text, applied like a reload (see
 //! [`crate::edit`] and `fulcrum_proxy::live`): validated, built, swapped atomically; an
@@ -60,12 +64,15 @@ pub struct AdminState {
     discovery: Option<fulcrum_discovery::Discovery>,
     /// Host names accepted in `Host` and `Origin` besides IP addresses and `localhost`.
     hosts: Arc<[String]>,
+    /// The dashboard's history of the pools' traffic.
+    recorder: Arc<crate::dashboard::Recorder>,
 }
 
 impl AdminState {
     /// The proxy's running configuration.
     pub fn new(live: Live) -> Self {
-        AdminState { live, token: None, mesh: None, discovery: None, hosts: Arc::from([]) }
+        let recorder = crate::dashboard::Recorder::start(live.clone());
+        AdminState { live, token: None, mesh: None, discovery: None, hosts: Arc::from([]), recorder }
     }
 
     /// Shows the discovery providers' status and serves backends' self-registrations
@@ -96,6 +103,11 @@ impl AdminState {
     /// The running configuration.
     pub fn live(&self) -> &Live {
         &self.live
+    }
+
+    /// The dashboard's history of the pools' traffic.
+    pub(crate) fn recorder(&self) -> Arc<crate::dashboard::Recorder> {
+        self.recorder.clone()
     }
 
     fn pool(&self, name: &str) -> Result<Arc<PoolRuntime>, ApiError> {
@@ -227,6 +239,7 @@ pub fn app(state: AdminState) -> Router {
         .route("/pools", get(pools))
         .route("/pools/{pool}", get(pool))
         .route("/pools/{pool}/events", get(events))
+        .route("/pools/{pool}/scale", get(scale))
         .route("/pools/{pool}/endpoints", post(add_endpoint))
         .route("/pools/{pool}/endpoints/{id}", axum::routing::delete(remove_endpoint))
         .route("/pools/{pool}/endpoints/{id}/weight", put(set_weight))
@@ -238,6 +251,14 @@ pub fn app(state: AdminState) -> Router {
         .route("/control", get(control))
         .route("/discovery", get(discovery))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/", get(|| async { axum::response::Redirect::temporary("/ui") }))
+        .route("/ui", get(crate::dashboard::index))
+        .route("/ui/", get(crate::dashboard::index))
+        .route("/ui/app.js", get(crate::dashboard::script))
+        .route("/ui/app.css", get(crate::dashboard::style))
+        .route("/ui/stream", get(crate::dashboard::stream))
+        .route("/readyz", get(readyz))
         .with_state(state.clone())
         .merge(registrations)
         .fallback(|| async {
@@ -289,6 +310,10 @@ async fn check_host(State(state): State<AdminState>, req: Request, next: Next) -
 /// Checks the bearer token, when one is set, in constant time.
 async fn authorize(State(state): State<AdminState>, req: Request, next: Next) -> Response {
     let Some(token) = &state.token else { return next.run(req).await };
+    let path = req.uri().path();
+    if OPEN_PATHS.contains(&path) || crate::dashboard::STATIC_PATHS.contains(&path) {
+        return next.run(req).await;
+    }
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -308,11 +333,15 @@ async fn authorize(State(state): State<AdminState>, req: Request, next: Next) ->
     resp
 }
 
+/// The calls that need no token: probes, which tell nothing about the fleet but that the
+/// process runs, and the way to the dashboard.
+const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/"];
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn describe(pool: &PoolRuntime) -> Value {
+pub(crate) fn describe(pool: &PoolRuntime) -> Value {
     let snapshot = pool.snapshot();
     let now = fulcrum_proxy::clock::now();
     let latency = *snapshot.selector.options().latency();
@@ -363,6 +392,7 @@ fn describe(pool: &PoolRuntime) -> Value {
                 "circuit": u.breaker_state().map(|b| b.to_string()),
                 "engine": s.engine(now, engine_age).map(|l| json!({
                     "waiting": l.waiting, "running": l.running, "kv_cache_usage": l.kv_usage,
+                    "prefix_cache_hit_rate": u.stats().engine_hit_rate(),
                 })),
                 "learned": learned,
             })
@@ -501,6 +531,71 @@ async fn undrain(
         None => Err(ApiError::not_found("id", format!("pool `{name}` has no endpoint `{id}`"))),
         Some(was) => Ok(Json(json!({"endpoint": id, "draining": false, "was_draining": was}))),
     }
+}
+
+/// An autoscaled pool's last decision as JSON (the dashboard's and KEDA's view).
+pub(crate) fn scale_json(pool: &PoolRuntime) -> Option<Value> {
+    let s = pool.safety().stats.scale()?;
+    let forecast = s.forecast.map(|f| {
+        json!({
+            "rate_now": f.rate_now,
+            "rate_ahead": f.rate_ahead,
+            "lead_seconds": f.lead.as_secs_f64(),
+            "replicas": f.replicas,
+        })
+    });
+    Some(json!({
+        "pool": pool.name(),
+        "autoscaled": true,
+        "actuator": s.actuator,
+        "min_replicas": s.min_replicas,
+        "max_replicas": s.max_replicas,
+        "replicas": s.replicas,
+        "desired_replicas": s.desired,
+        "reason": s.reason,
+        "forecast": forecast,
+    }))
+}
+
+async fn scale(State(state): State<AdminState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let pool = state.pool(&name)?;
+    if let Some(status) = scale_json(&pool) {
+        return Ok(Json(status));
+    }
+    if pool.config().autoscale.is_none() {
+        let message = format!(
+            "pool `{name}` is not autoscaled: add [pool.{name}.autoscale] (with actuator = {{ kind = \"external\" }} for KEDA)"
+        );
+        return Err(ApiError::not_found("pool", message));
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "pool",
+        format!("pool `{name}`'s autoscaler has not decided yet"),
+    ))
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready as soon as the configuration runs: a load balancer whose backends are all down still
+/// answers (503 with a reason), which beats a refused connection, so readiness does not follow
+/// the backends' health.
+async fn readyz(State(state): State<AdminState>) -> Json<Value> {
+    let now = fulcrum_proxy::clock::now();
+    let pools: serde_json::Map<String, Value> = state
+        .live
+        .pools()
+        .iter()
+        .map(|p| {
+            let snapshot = p.snapshot();
+            let endpoints = snapshot.selector.endpoints();
+            let available = endpoints.iter().filter(|e| e.signals().is_available(now)).count();
+            (p.name().to_owned(), json!({"endpoints": endpoints.len(), "available": available}))
+        })
+        .collect();
+    Json(json!({"status": "ready", "generation": state.live.state().generation(), "pools": pools}))
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {

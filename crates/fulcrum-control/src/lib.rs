@@ -9,6 +9,7 @@
 //! It must not be depended on by the data plane or the core.
 
 pub mod admin;
+pub mod dashboard;
 pub mod discover;
 pub mod edit;
 pub mod listen;

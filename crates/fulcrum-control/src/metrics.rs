@@ -148,6 +148,47 @@ impl RequestFamilies {
     }
 }
 
+/// Autoscaled pools' families: the replica counts and, for a predictive policy, its forecast.
+struct ScaleFamilies {
+    replicas: Family<Labels, FloatGauge>,
+    desired: Family<Labels, FloatGauge>,
+    forecast: Family<Labels, FloatGauge>,
+    forecast_replicas: Family<Labels, FloatGauge>,
+}
+
+impl ScaleFamilies {
+    fn new(r: &mut Registry) -> Self {
+        ScaleFamilies {
+            replicas: gauge(
+                r,
+                "fulcrum_autoscale_replicas",
+                "Replicas the autoscaler's last decision started from: the count last asked for, serving or not",
+            ),
+            desired: gauge(r, "fulcrum_autoscale_desired_replicas", "Replicas the scaling policy wants now"),
+            forecast: gauge(
+                r,
+                "fulcrum_autoscale_forecast_requests_per_second",
+                "A predictive policy's request rate: smoothed now (horizon=\"now\") and expected one cold start ahead (horizon=\"ahead\")",
+            ),
+            forecast_replicas: gauge(
+                r,
+                "fulcrum_autoscale_forecast_replicas",
+                "Replicas the forecast rate needs (the policy takes the larger of this and the reactive count)",
+            ),
+        }
+    }
+
+    fn add(&self, p: &Labels, pool: &str, s: &fulcrum_core::scale::ScaleStatus) {
+        self.replicas.get_or_create(p).set(f64::from(s.replicas));
+        self.desired.get_or_create(p).set(f64::from(s.desired));
+        if let Some(f) = &s.forecast {
+            self.forecast.get_or_create(&labels(&[("pool", pool), ("horizon", "now")])).set(f.rate_now);
+            self.forecast.get_or_create(&labels(&[("pool", pool), ("horizon", "ahead")])).set(f.rate_ahead);
+            self.forecast_replicas.get_or_create(p).set(f64::from(f.replicas));
+        }
+    }
+}
+
 /// The metrics of `pools`, in Prometheus text format.
 pub fn render(pools: &[Arc<PoolRuntime>]) -> String {
     render_with(pools, &[], None)
@@ -260,6 +301,11 @@ pub fn render_with(
     );
     let scrape_failures =
         counter(&mut r, "fulcrum_endpoint_engine_scrape_failures", "Engine-metrics scrapes that failed");
+    let hit_rate = gauge(
+        &mut r,
+        "fulcrum_endpoint_engine_prefix_cache_hit_rate",
+        "The engine's prefix-cache hit rate between its last two scrapes that saw lookups (0 to 1)",
+    );
     let pool_requests = counter(&mut r, "fulcrum_pool_requests", "Requests admitted to the pool");
     let retries = counter(&mut r, "fulcrum_pool_retries", "Retries sent");
     let budget = counter(&mut r, "fulcrum_pool_retry_budget_exhausted", "Retries the retry budget refused");
@@ -288,6 +334,7 @@ pub fn render_with(
         "p95 time to the response head over the last 1,024 requests",
     );
     let endpoints = gauge(&mut r, "fulcrum_pool_endpoints", "Endpoints in the pool");
+    let scale = ScaleFamilies::new(&mut r);
     let mut per_request = RequestFamilies::new(&mut r);
     let mut admission_wait = Histograms::new(
         "fulcrum_pool_admission_wait_seconds",
@@ -311,6 +358,9 @@ pub fn render_with(
         pool_in_flight.get_or_create(&p).set(snapshot.selector.in_flight() as f64);
         held.get_or_create(&p).set(pool.held() as f64);
         endpoints.get_or_create(&p).set(snapshot.selector.endpoints().len() as f64);
+        if let Some(status) = stats.scale() {
+            scale.add(&p, name, &status);
+        }
         if let Some(v) = pool.safety().p95_latency() {
             p95.get_or_create(&p).set(v.as_secs_f64());
         }
@@ -365,6 +415,9 @@ pub fn render_with(
                     scrape_age.get_or_create(&l).set(age.as_secs_f64());
                 }
                 scrape_failures.get_or_create(&l).inc_by(u.stats().engine_scrape_failures());
+                if let Some(rate) = u.stats().engine_hit_rate() {
+                    hit_rate.get_or_create(&l).set(rate);
+                }
             }
             per_request.add(name, id, &routes, u.stats());
         }

@@ -51,6 +51,10 @@ pub struct DemoArgs {
     /// 15 s.
     #[arg(long)]
     pub autoscale: bool,
+    /// Where the admin API and the live dashboard (`/ui`) listen; when the port is taken, a
+    /// free one is used instead.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin: SocketAddr,
     /// Output tokens each generated request asks for.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_tokens: u32,
@@ -240,6 +244,36 @@ actuator = {{ kind = "local", command = "'{exe}' mock-backend --port {{port}} --
     ))
 }
 
+/// The admin API with the dashboard, on `address` or, when that port is taken, on a free one.
+/// Beyond loopback it needs a token (`FULCRUM_ADMIN_TOKEN`), as `fulcrum serve` does.
+async fn start_admin(
+    address: SocketAddr,
+    live: fulcrum_proxy::Live,
+    config: &Config,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let token = crate::serve::read_admin_token(None)?;
+    anyhow::ensure!(
+        token.is_some() || address.ip().is_loopback(),
+        "--admin {address} is beyond loopback, so the admin API needs a bearer token: set FULCRUM_ADMIN_TOKEN"
+    );
+    let listener = match tokio::net::TcpListener::bind(address).await {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            tokio::net::TcpListener::bind(SocketAddr::new(address.ip(), 0))
+                .await
+                .with_context(|| format!("the admin API cannot listen on {}", address.ip()))?
+        }
+        Err(e) => return Err(e).with_context(|| format!("the admin API cannot listen on {address}")),
+    };
+    let bound = listener.local_addr().unwrap_or(address);
+    let mut state = fulcrum_control::admin::AdminState::new(live);
+    if let Some(token) = token {
+        state = state.with_token(token);
+    }
+    let app = fulcrum_control::admin::app(state);
+    Ok((bound, tokio::spawn(fulcrum_control::listen::serve(listener, app, config.proxy.admin_limits))))
+}
+
 async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let fleet = if args.autoscale { Vec::new() } else { start_fleet().await? };
     let backends: Vec<(String, SocketAddr, Gpu, u32)> =
@@ -250,7 +284,7 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         fleet_config(args.listen, args.policy, &backends)
     };
     let config = Config::parse(&toml, None).context("demo configuration")?;
-    let proxy = Proxy::bind(&config)
+    let proxy = Proxy::bind_with(config.clone(), Some(Arc::from(toml.as_str())), None)
         .await
         .with_context(|| format!("cannot start the proxy on {} (is the port in use? try --listen)", args.listen))?;
     let addr = proxy.local_addr("public").context("listener")?;
@@ -274,6 +308,8 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     println!(
         "try: curl -N http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n       -d '{{\"model\":\"{MODEL}\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'"
     );
+    let admin = start_admin(args.admin, proxy.live().clone(), &config).await?;
+    println!("dashboard: http://{}/ui   (admin API and /metrics on the same address)", admin.0);
     println!("Ctrl-C stops{}.\n", args.duration.map(|d| format!(", or after {d:?}")).unwrap_or_default());
 
     let (stop_scaler_tx, stop_scaler_rx) = tokio::sync::oneshot::channel::<()>();
@@ -390,6 +426,7 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         c.abort();
     }
     let _ = proxy_task.await;
+    admin.1.abort();
     if let Some(scaler) = scaler {
         let _ = stop_scaler_tx.send(());
         let _ = scaler.await;

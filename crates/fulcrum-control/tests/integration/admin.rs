@@ -322,6 +322,10 @@ async fn every_call_of_the_openapi_document_is_served() {
             let state = state().await;
             // With discovery, so the registration calls are served too.
             let state = state.clone().with_discovery(fulcrum_control::discover::for_live(state.live()));
+            if path == "/ui/stream" {
+                // An endless stream: `the_dashboard_streams_history_then_state` reads it.
+                continue;
+            }
             let uri = path.replace("{pool}", "llm").replace("{id}", "a");
             let (status, body) = call(&state, &method.to_uppercase(), &uri).await;
             assert!(status != 405, "{method} {path} is documented but not routed");
@@ -410,4 +414,118 @@ async fn put_config_answers_every_error_with_its_line() {
     // The running configuration is untouched.
     let (_, body) = call(&state, "GET", "/config").await;
     assert_eq!(json(&body)["generation"], 1);
+}
+
+fn scale_status(desired: u32) -> fulcrum_core::scale::ScaleStatus {
+    fulcrum_core::scale::ScaleStatus {
+        actuator: "external",
+        min_replicas: 1,
+        max_replicas: 8,
+        replicas: 2,
+        desired,
+        reason: "in flight 9 over target 3".into(),
+        forecast: Some(fulcrum_core::scale::Forecast {
+            rate_now: 12.5,
+            rate_ahead: 20.0,
+            lead: std::time::Duration::from_secs(60),
+            replicas: 4,
+        }),
+    }
+}
+
+#[tokio::test]
+async fn scale_shows_the_autoscalers_last_decision_and_metrics_export_it() {
+    let state = state().await;
+    // A pool without an autoscaler: 404, naming what to add.
+    let (s, b) = call(&state, "GET", "/pools/llm/scale").await;
+    assert_error(s, &b, 404, "pool");
+    assert!(b.contains("[pool.llm.autoscale]"), "{b}");
+    let (s, b) = call(&state, "GET", "/pools/nope/scale").await;
+    assert_error(s, &b, 404, "pool");
+
+    let pool = state.live().pool("llm").expect("pool");
+    pool.safety().stats.set_scale(Some(scale_status(3)));
+    let (s, b) = call(&state, "GET", "/pools/llm/scale").await;
+    assert_eq!(s, 200, "{b}");
+    let v = json(&b);
+    assert_eq!(v["desired_replicas"], 3);
+    assert_eq!(v["replicas"], 2);
+    assert_eq!(v["autoscaled"], true);
+    assert_eq!(v["forecast"]["rate_ahead"], 20.0);
+    assert_eq!(v["forecast"]["lead_seconds"], 60.0);
+
+    let (_, metrics) = call(&state, "GET", "/metrics").await;
+    for line in [
+        r#"fulcrum_autoscale_desired_replicas{pool="llm"} 3.0"#,
+        r#"fulcrum_autoscale_replicas{pool="llm"} 2.0"#,
+        r#"fulcrum_autoscale_forecast_requests_per_second{pool="llm",horizon="ahead"} 20.0"#,
+        r#"fulcrum_autoscale_forecast_replicas{pool="llm"} 4.0"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+    // The autoscaler stopped: nothing to show, nothing exported.
+    pool.safety().stats.set_scale(None);
+    let (s, _) = call(&state, "GET", "/pools/llm/scale").await;
+    assert_eq!(s, 404);
+    let (_, metrics) = call(&state, "GET", "/metrics").await;
+    assert!(!metrics.contains("fulcrum_autoscale_desired_replicas{"), "{metrics}");
+}
+
+#[tokio::test]
+async fn an_autoscaled_pool_answers_503_until_its_first_decision() {
+    let toml = format!(
+        "{TOML}\n[pool.llm.autoscale]\npolicy = \"threshold\"\ntarget = 4.0\nactuator = {{ kind = \"external\" }}\n"
+    );
+    let config = Config::parse(&toml, None).expect("config");
+    let proxy = Proxy::bind_with(config, Some(toml.as_str().into()), None).await.expect("proxy");
+    let state = AdminState::new(proxy.live().clone());
+    let (s, b) = call(&state, "GET", "/pools/llm/scale").await;
+    assert_error(s, &b, 503, "pool");
+}
+
+#[tokio::test]
+async fn probes_and_the_dashboards_files_need_no_token_and_its_stream_does() {
+    let token = "0123456789abcdef-secret";
+    let state = state().await.with_token(token);
+    let (s, b) = send(&state, "GET", "/healthz", None, "").await;
+    assert_eq!((s, json(&b)["status"].clone()), (200, "ok".into()));
+    let (s, b) = send(&state, "GET", "/readyz", None, "").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(json(&b)["pools"]["llm"]["endpoints"], 2);
+    for path in ["/ui", "/ui/app.js", "/ui/app.css"] {
+        let (s, b) = send(&state, "GET", path, None, "").await;
+        assert_eq!(s, 200, "{path}");
+        assert!(!b.is_empty());
+    }
+    let (s, b) = send(&state, "GET", "/ui/stream", None, "").await;
+    assert_error(s, &b, 401, "authorization");
+}
+
+#[tokio::test]
+async fn the_dashboard_streams_history_then_state() {
+    let state = state().await;
+    let req = axum::http::Request::builder().uri("/ui/stream").body(Body::empty()).expect("request");
+    let resp = app(state.clone()).oneshot(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while text.matches("\n\n").count() < 2 {
+        let frame = tokio::time::timeout_at(deadline, body.frame()).await.expect("two frames within 10 s");
+        let frame = frame.expect("the stream goes on").expect("a frame");
+        text.push_str(&String::from_utf8_lossy(frame.data_ref().expect("data")));
+    }
+    let frames: Vec<&str> = text.split("\n\n").collect();
+    let data = |frame: &str| json(frame.split_once("data: ").expect("data line").1);
+    assert!(frames[0].starts_with("event: hello\n"), "{}", frames[0]);
+    let hello = data(frames[0]);
+    assert!(hello["history"].is_array());
+    assert!(hello["policies"].as_array().expect("policies").iter().any(|p| p == "least_connections"));
+    assert!(frames[1].starts_with("event: state\n"), "{}", frames[1]);
+    let now = data(frames[1]);
+    let pool = &now["pools"][0];
+    assert_eq!(pool["name"], "llm");
+    assert_eq!(pool["endpoints"].as_array().expect("endpoints").len(), 2);
+    assert!(now["events"].is_array());
 }

@@ -8,6 +8,7 @@ mod batch;
 mod chaos;
 mod child;
 mod cli;
+mod dashboard;
 mod fidelity;
 mod hedging;
 mod logging;
