@@ -4,7 +4,7 @@
 //! processes on 127.0.0.1: mock backends, `fulcrum serve`, `fulcrum batch`, Python.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,23 +19,14 @@ fn fulcrum() -> Command {
 }
 
 /// A directory of its own for each test, removed at the end.
-struct Dir(PathBuf);
+struct Dir(fulcrum_testkit::certs::Dir);
 
 impl Dir {
     fn new(tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("fulcrum-batch-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("temp dir");
-        Dir(d)
+        Dir(fulcrum_testkit::certs::Dir::new(&format!("batch-{tag}")))
     }
     fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path().join(name)
     }
 }
 
@@ -67,25 +58,13 @@ struct Served {
 
 impl Served {
     fn start(config: &Path) -> Served {
-        let mut child = fulcrum()
-            .args(["serve", "--no-watch", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") && line.contains("listener=main") {
-                    let addr = line.split("addr=").nth(1).and_then(|s| s.split_whitespace().next()).map(str::to_owned);
-                    let _ = tx.send(addr);
-                }
+        let (child, log) = super::child::serve(config, &[]);
+        let addr = loop {
+            let line = log.recv_timeout(Duration::from_secs(30)).expect("serve announces its listener");
+            if line.contains("listening") && line.contains("listener=main") {
+                break line.split("addr=").nth(1).and_then(|s| s.split_whitespace().next()).map(str::to_owned);
             }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("serve announces its listener");
+        };
         let addr = addr.expect("address").parse().expect("address");
         Served { child, addr }
     }

@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -61,4 +62,28 @@ fn announced_addr(child: &mut Child) -> SocketAddr {
     });
     let addr = rx.recv_timeout(Duration::from_secs(30)).expect("mock-backend announces its address");
     addr.parse().expect("address")
+}
+
+/// Starts `fulcrum serve --no-watch -c CONFIG EXTRA` and hands its log (level info, no colour)
+/// over a channel, a line at a time. The log is read to its end, so a full pipe never stalls
+/// the server. The caller kills the child.
+pub fn serve(config: &Path, extra: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["serve", "--no-watch", "-c"])
+        .arg(config)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
 }

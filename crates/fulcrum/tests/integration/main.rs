@@ -9,6 +9,7 @@ mod chaos;
 mod child;
 mod cli;
 mod dashboard;
+mod deploy;
 mod fidelity;
 mod hedging;
 mod logging;
