@@ -33,6 +33,10 @@ pub struct ChatRequest {
     /// Seed of the answer's draws.
     #[serde(default)]
     pub seed: Option<i64>,
+    /// Scheduling priority, lower first (vLLM's extra parameter; needs
+    /// `--scheduling-policy priority` unless 0).
+    #[serde(default)]
+    pub priority: Option<i32>,
     /// Number of answers (only 1 is supported).
     #[serde(default)]
     pub n: Option<u32>,
@@ -96,6 +100,10 @@ pub struct CompletionRequest {
     /// Seed of the answer's draws.
     #[serde(default)]
     pub seed: Option<i64>,
+    /// Scheduling priority, lower first (vLLM's extra parameter; needs
+    /// `--scheduling-policy priority` unless 0).
+    #[serde(default)]
+    pub priority: Option<i32>,
     /// Number of answers (only 1 is supported).
     #[serde(default)]
     pub n: Option<u32>,

@@ -113,6 +113,38 @@ pub struct ServerFlags {
     /// Serve the /admin/faults endpoint (profile only; the flag is --no-admin).
     #[arg(skip)]
     pub admin: Option<bool>,
+    /// fcfs (default) or priority: requests' `priority` field orders the queue, lower first,
+    /// and preempts running requests of a higher value (vLLM's --scheduling-policy).
+    #[arg(long, value_name = "POLICY")]
+    pub scheduling_policy: Option<SchedulingPolicy>,
+}
+
+/// How the engine orders its waiting requests (vLLM's `--scheduling-policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulingPolicy {
+    /// First come, first served; only priority 0 is accepted.
+    #[default]
+    Fcfs,
+    /// By the requests' `priority`, lower first, with preemption.
+    Priority,
+}
+
+/// An unknown scheduling policy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scheduling policy {0:?}: expected fcfs or priority")]
+pub struct UnknownSchedulingPolicy(pub String);
+
+impl FromStr for SchedulingPolicy {
+    type Err = UnknownSchedulingPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "fcfs" => Ok(SchedulingPolicy::Fcfs),
+            "priority" => Ok(SchedulingPolicy::Priority),
+            _ => Err(UnknownSchedulingPolicy(s.to_owned())),
+        }
+    }
 }
 
 /// Which engine's metric names `/metrics` uses.
@@ -187,6 +219,8 @@ pub struct ServerConfig {
     pub max_loras: u32,
     /// Whether `/admin/faults` is served.
     pub admin: bool,
+    /// How the engine orders waiting requests.
+    pub scheduling_policy: SchedulingPolicy,
 }
 
 impl Default for ServerConfig {
@@ -200,6 +234,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             max_loras: 1,
             admin: true,
+            scheduling_policy: SchedulingPolicy::Fcfs,
         }
     }
 }
@@ -356,6 +391,7 @@ impl ServerFlags {
             shutdown_grace_secs: top.shutdown_grace_secs.or(self.shutdown_grace_secs),
             max_loras: top.max_loras.or(self.max_loras),
             admin: top.admin.or(self.admin),
+            scheduling_policy: top.scheduling_policy.or(self.scheduling_policy),
         }
     }
 
@@ -378,6 +414,7 @@ impl ServerFlags {
             shutdown_grace: secs("shutdown_grace_secs", self.shutdown_grace_secs, d.shutdown_grace)?,
             max_loras: self.max_loras.unwrap_or(d.max_loras),
             admin: self.admin.unwrap_or(d.admin),
+            scheduling_policy: self.scheduling_policy.unwrap_or(d.scheduling_policy),
         };
         c.validate()?;
         Ok(c)

@@ -147,6 +147,7 @@ pub fn render(flavor: MetricsFlavor, model: &str, snap: &Snapshot, latency: &Lat
             counter(&mut out, "vllm:prefix_cache_hits", "Prefix cache hits, in cached tokens.", c.prefix_hits);
             counter(&mut out, "vllm:prompt_tokens", "Number of prefill tokens processed.", c.prompt_tokens);
             counter(&mut out, "vllm:generation_tokens", "Number of generation tokens processed.", c.generation_tokens);
+            counter(&mut out, "vllm:num_preemptions", "Cumulative number of preemptions.", c.preemptions);
             header(&mut out, "vllm:request_success", "Count of successfully processed requests.", "counter");
             for (reason, n) in [("stop", c.finished_stop), ("length", c.finished_length)] {
                 let _ = writeln!(out, "vllm:request_success_total{{{labels},finished_reason=\"{reason}\"}} {n}");

@@ -257,7 +257,7 @@ impl Backend {
         match &mut self.model {
             Model::Engine(e) => {
                 let prompt = Prompt { tokens: prompt_tokens, block_hashes };
-                e.submit(now, RequestSpec { prompt, max_tokens: Some(output_tokens), seed })
+                e.submit(now, RequestSpec { prompt, max_tokens: Some(output_tokens), seed, priority: 0 })
             }
             Model::Exp(x) => Ok(x.submit(now)),
         }

@@ -5,7 +5,17 @@
 //!
 //! - **Batch slots.** At most `max_num_seqs` sequences run at once; the others wait in FIFO
 //!   order. A sequence is admitted when a slot is free *and* the KV pool can hold it whole
-//!   (prompt plus planned output), so a running sequence is never preempted.
+//!   (prompt plus planned output), so a running sequence is never preempted, except under
+//!   priority scheduling.
+//! - **Priority scheduling** (vLLM's `--scheduling-policy priority`, off by default,
+//!   [`Engine::set_priority_scheduling`]). Each request has a `priority`, lower first (0 by
+//!   default); the waiting sequence with the lowest `(priority, arrival)` is admitted next, and
+//!   when it finds no slot or no room it preempts the running sequence with the highest
+//!   `(priority, arrival)` of a strictly higher priority value. A preempted sequence frees its
+//!   slot and blocks, waits again, and on readmission recomputes its prompt (prefix-cache hits
+//!   count) and the tokens it had generated, then goes on from the next token (vLLM's
+//!   recompute preemption). Without priority scheduling a request with a priority other than
+//!   0 is refused, as vLLM refuses it.
 //! - **Prefill.** An admitted sequence first computes the prompt tokens the prefix cache does
 //!   not hold: `prefill_overhead + uncached_tokens / prefill_tokens_per_sec`. Its first output
 //!   token comes out at the end of prefill (time to first token = queueing + prefill).
@@ -41,7 +51,7 @@
 //! config.itl_per_seq = Duration::ZERO;
 //! let mut engine = Engine::try_new(config).unwrap();
 //! let prompt = Prompt { tokens: 100, block_hashes: vec![] };
-//! let id = engine.submit(Instant::ZERO, RequestSpec { prompt, max_tokens: Some(3), seed: 1 }).unwrap();
+//! let id = engine.submit(Instant::ZERO, RequestSpec { prompt, max_tokens: Some(3), seed: 1, priority: 0 }).unwrap();
 //! while let Some(at) = engine.next_event_at() {
 //!     engine.advance(at); // a simulator jumps straight to the next event
 //! }
@@ -89,6 +99,9 @@ pub struct RequestSpec {
     pub max_tokens: Option<u32>,
     /// Seed of the request's own draws.
     pub seed: u64,
+    /// Scheduling priority, lower first (vLLM's `priority`); anything but 0 needs priority
+    /// scheduling.
+    pub priority: i32,
 }
 
 /// Identifies a submitted sequence.
@@ -166,6 +179,12 @@ pub enum SubmitError {
         /// Requested output tokens.
         output_tokens: u32,
     },
+    /// A priority other than 0 while the engine schedules first come, first served.
+    #[error("priority {priority} needs priority scheduling (--scheduling-policy priority); this server schedules fcfs")]
+    PriorityNotEnabled {
+        /// The priority asked for.
+        priority: i32,
+    },
     /// The sequence would need more KV blocks than the whole pool has.
     #[error("the request needs {blocks} KV-cache blocks but the server has {capacity}")]
     ExceedsKvCache {
@@ -193,6 +212,9 @@ pub struct Counters {
     pub finished_length: u64,
     /// Sequences cancelled by the caller.
     pub cancelled: u64,
+    /// Running sequences preempted by a sequence of a lower priority value (vLLM's
+    /// `num_preemptions`).
+    pub preemptions: u64,
 }
 
 /// A snapshot of the engine's load.
@@ -233,6 +255,11 @@ struct Seq {
     first_computed: u32,
     /// Output blocks still to allocate (reserved at admission).
     promised: u32,
+    /// Scheduling priority, lower first.
+    priority: i32,
+    /// Output tokens generated before a preemption: recomputed at readmission, then not sent
+    /// again.
+    resumed: u32,
 }
 
 /// The engine: batch slots, waiting queue, KV pool and timeline of one simulated server.
@@ -258,6 +285,8 @@ pub struct Engine {
     counters: Counters,
     /// Whether every token yields an event, or only the first (see [`Engine::set_every_token`]).
     every_token: bool,
+    /// Priority scheduling with preemption (see [`Engine::set_priority_scheduling`]).
+    priority: bool,
 }
 
 // === impl Engine ===
@@ -281,6 +310,7 @@ impl Engine {
             outbox: VecDeque::new(),
             counters: Counters::default(),
             every_token: true,
+            priority: false,
         };
         engine.batch_changed();
         Ok(engine)
@@ -297,6 +327,13 @@ impl Engine {
     /// timeline are the same, only the events nobody reads are not queued.
     pub fn set_every_token(&mut self, on: bool) {
         self.every_token = on;
+    }
+
+    /// Priority scheduling (vLLM's `--scheduling-policy priority`): the waiting sequence with
+    /// the lowest priority value goes first and may preempt a running one of a higher value.
+    /// Off (first come, first served) by default, when only priority 0 is accepted.
+    pub fn set_priority_scheduling(&mut self, on: bool) {
+        self.priority = on;
     }
 
     /// Changes the speed from `now` on (a slow-down fault, a throttled GPU): prefills and
@@ -347,6 +384,9 @@ impl Engine {
         if blocks > u64::from(cfg.num_gpu_blocks) {
             return Err(SubmitError::ExceedsKvCache { blocks, capacity: cfg.num_gpu_blocks });
         }
+        if spec.priority != 0 && !self.priority {
+            return Err(SubmitError::PriorityNotEnabled { priority: spec.priority });
+        }
         let mut prompt = spec.prompt;
         prompt.block_hashes.truncate((prompt_tokens / cfg.block_size) as usize);
         let id = SeqId(self.next_id);
@@ -359,6 +399,8 @@ impl Engine {
             blocks: Vec::new(),
             first_computed: 0,
             promised: 0,
+            priority: spec.priority,
+            resumed: 0,
         };
         self.seqs.insert(id, seq);
         self.queue.push_back(id);
@@ -527,28 +569,71 @@ impl Engine {
         self.admit(at);
     }
 
-    /// Admits waiting sequences at `at` while a slot is free and the pool can hold the next.
+    /// The next waiting sequence: the queue's head (first come, first served), or under
+    /// priority scheduling the lowest `(priority, arrival)`. Cancelled ids are dropped on the way.
+    fn next_waiting(&mut self) -> Option<SeqId> {
+        while let Some(&id) = self.queue.front() {
+            if self.seqs.contains_key(&id) {
+                break;
+            }
+            self.queue.pop_front(); // cancelled while waiting
+        }
+        if !self.priority {
+            return self.queue.front().copied();
+        }
+        self.queue.iter().filter_map(|id| self.seqs.get(id).map(|s| ((s.priority, *id), *id))).min().map(|(_, id)| id)
+    }
+
+    /// Under priority scheduling, preempts the running sequence with the highest
+    /// `(priority, arrival)` whose priority value is above `priority`; whether one was.
+    fn preempt_for(&mut self, priority: i32) -> bool {
+        let victim = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.phase != Phase::Waiting && s.priority > priority)
+            .map(|(id, s)| (s.priority, *id))
+            .max();
+        let Some((_, id)) = victim else { return false };
+        let Some(entry) = self.timeline.remove(id) else { return false };
+        let Some(mut seq) = self.seqs.remove(&id) else { return false };
+        self.free(&mut seq);
+        seq.resumed = entry.emitted;
+        seq.phase = Phase::Waiting;
+        self.seqs.insert(id, seq);
+        self.queue.push_back(id);
+        self.waiting += 1;
+        self.counters.preemptions += 1;
+        true
+    }
+
+    /// Admits waiting sequences at `at` while a slot is free and the pool can hold the next;
+    /// under priority scheduling the next one may preempt running ones to get there.
     fn admit(&mut self, at: Instant) {
         let bs = self.config.block_size;
-        while self.running < self.config.max_num_seqs {
-            let Some(&id) = self.queue.front() else { break };
-            let Some(seq) = self.seqs.get(&id) else {
-                self.queue.pop_front(); // cancelled while waiting
-                continue;
-            };
+        while let Some(id) = self.next_waiting() {
+            let Some(seq) = self.seqs.get(&id) else { break };
+            let priority = seq.priority;
             let prompt_tokens = seq.prompt.tokens;
-            let prompt_blocks = blocks_for(u64::from(prompt_tokens), bs);
+            // A preempted sequence recomputes its prompt and the tokens it had generated.
+            let filled = u64::from(prompt_tokens) + u64::from(seq.resumed);
+            let filled_blocks = blocks_for(filled, bs);
             let total_blocks = blocks_for(u64::from(prompt_tokens) + u64::from(seq.output_len), bs);
             // At least one prompt token is always computed, as in vLLM.
             let max_hits = seq.prompt.block_hashes.len().min((prompt_tokens.saturating_sub(1) / bs) as usize);
             let (hits, hits_unreferenced) = self.cache.lookup(&seq.prompt.block_hashes[..max_hits]);
-            let need_now = u64::from(hits_unreferenced) + prompt_blocks - u64::from(hits);
-            let need_later = total_blocks - prompt_blocks;
+            let need_now = u64::from(hits_unreferenced) + filled_blocks - u64::from(hits);
+            let need_later = total_blocks - filled_blocks;
             let committed = u64::from(self.cache.referenced()) + self.promised;
-            if committed + need_now + need_later > u64::from(self.cache.capacity()) {
-                break; // strict FIFO: the head waits for room
+            let fits = committed + need_now + need_later <= u64::from(self.cache.capacity());
+            if self.running >= self.config.max_num_seqs || !fits {
+                if self.priority && self.preempt_for(priority) {
+                    continue;
+                }
+                break; // the head waits for room
             }
-            self.queue.pop_front();
+            if let Some(i) = self.queue.iter().position(|q| *q == id) {
+                self.queue.remove(i);
+            }
             let Some(mut seq) = self.seqs.remove(&id) else { continue };
             seq.blocks.reserve_exact(usize::try_from(total_blocks).unwrap_or(0));
             for hash in &seq.prompt.block_hashes[..hits as usize] {
@@ -557,40 +642,51 @@ impl Engine {
                     None => debug_assert!(false, "looked up a moment ago"),
                 }
             }
-            for _ in u64::from(hits)..prompt_blocks {
+            for _ in u64::from(hits)..filled_blocks {
                 match self.cache.allocate() {
                     Some(block) => seq.blocks.push(block),
                     None => debug_assert!(false, "admission checked the room"),
                 }
             }
             let cached_tokens = hits * bs;
-            let uncached = prompt_tokens - cached_tokens;
+            let uncached = (filled - u64::from(cached_tokens)) as u32;
             seq.first_computed = hits;
             seq.promised = need_later as u32;
             seq.phase = Phase::Prefill;
             // `touch: 0`: the end of prefill needs the sequence.
-            let entry = Entry { at: at + self.prefill_time(uncached), id, emitted: 0, touch: 0 };
+            let entry = Entry { at: at + self.prefill_time(uncached), id, emitted: seq.resumed, touch: 0 };
             self.promised += need_later;
             self.waiting -= 1;
             self.running += 1;
             self.batch_changed();
-            self.counters.prefix_queries += u64::from(prompt_tokens);
-            self.counters.prefix_hits += u64::from(cached_tokens);
-            self.counters.prompt_tokens += u64::from(prompt_tokens);
+            let first = seq.resumed == 0;
+            if first {
+                self.counters.prefix_queries += u64::from(prompt_tokens);
+                self.counters.prefix_hits += u64::from(cached_tokens);
+                self.counters.prompt_tokens += u64::from(prompt_tokens);
+            }
             self.timeline.push(entry);
             self.seqs.insert(id, seq);
-            self.outbox.push_back(Event { seq: id, at, kind: EventKind::Admitted { cached_tokens } });
+            if first {
+                self.outbox.push_back(Event { seq: id, at, kind: EventKind::Admitted { cached_tokens } });
+            }
         }
     }
 
     /// Gives back a running sequence's slot and blocks (tail first, so that the start of a
     /// prefix is the last part of it to be evicted).
-    fn release(&mut self, seq: Seq) {
+    fn release(&mut self, mut seq: Seq) {
+        self.free(&mut seq);
+    }
+
+    /// Takes a running sequence's slot and blocks back (tail first), leaving it empty.
+    fn free(&mut self, seq: &mut Seq) {
         self.running -= 1;
         self.batch_changed();
         self.promised -= u64::from(seq.promised);
-        for block in seq.blocks.iter().rev() {
-            self.cache.release(*block);
+        seq.promised = 0;
+        for block in seq.blocks.drain(..).rev() {
+            self.cache.release(block);
         }
     }
 

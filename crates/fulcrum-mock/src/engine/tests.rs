@@ -25,7 +25,7 @@ fn prompt(tokens: u32, prefix: u64) -> Prompt {
 }
 
 fn spec(tokens: u32, prefix: u64, max_tokens: u32) -> RequestSpec {
-    RequestSpec { prompt: prompt(tokens, prefix), max_tokens: Some(max_tokens), seed: 0 }
+    RequestSpec { prompt: prompt(tokens, prefix), max_tokens: Some(max_tokens), seed: 0, priority: 0 }
 }
 
 /// Runs the engine to quiescence in virtual time and returns every event.
@@ -133,7 +133,7 @@ fn a_repeated_prefix_skips_its_prefill() {
     // Same 62 full blocks of prefix, then a different tail.
     let mut p = prompt(1000, 7);
     p.tokens = 1010;
-    let second = engine.submit(start, RequestSpec { prompt: p, max_tokens: Some(1), seed: 0 }).unwrap();
+    let second = engine.submit(start, RequestSpec { prompt: p, max_tokens: Some(1), seed: 0, priority: 0 }).unwrap();
     let events = run(&mut engine);
     let admitted = events.iter().find(|e| e.seq == second).unwrap();
     assert_eq!(admitted.kind, EventKind::Admitted { cached_tokens: 62 * 16 });
@@ -250,7 +250,7 @@ fn cancel_frees_the_slot_and_silences_the_sequence() {
 #[test]
 fn output_length_is_drawn_from_the_seed_and_capped_by_context() {
     let mut engine = Engine::try_new(config()).unwrap();
-    let draw = |seed| RequestSpec { prompt: prompt(10, 1), max_tokens: None, seed };
+    let draw = |seed| RequestSpec { prompt: prompt(10, 1), max_tokens: None, seed, priority: 0 };
     let a = engine.submit(at(0), draw(5)).unwrap();
     let b = engine.submit(at(0), draw(5)).unwrap();
     let events = run(&mut engine);
@@ -318,13 +318,19 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    /// Whatever the arrivals, cancellations and pauses: slots and KV blocks stay within their
-    /// capacity, every block is given back, and every sequence not cancelled ends with exactly
-    /// its tokens, in order.
+    /// Whatever the arrivals, cancellations and pauses, first come first served or by
+    /// priority with preemption: slots and KV blocks stay within their capacity, every block
+    /// is given back, and every sequence not cancelled ends with exactly its tokens, in order.
     #[test]
-    fn invariants_hold(ops in proptest::collection::vec(op(), 1..60), slots in 1u32..5, blocks in 20u32..60) {
+    fn invariants_hold(
+        ops in proptest::collection::vec(op(), 1..60),
+        slots in 1u32..5,
+        blocks in 20u32..60,
+        by_priority in any::<bool>(),
+    ) {
         let cfg = EngineConfig { max_num_seqs: slots, num_gpu_blocks: blocks, ..config() };
         let mut engine = Engine::try_new(cfg).unwrap();
+        engine.set_priority_scheduling(by_priority);
         let mut now = Instant::ZERO;
         let mut cancelled = std::collections::HashSet::new();
         let mut submitted = Vec::new();
@@ -332,7 +338,8 @@ proptest! {
         for op in ops {
             match op {
                 Op::Submit { tokens, prefix, max_tokens } => {
-                    let spec = RequestSpec { prompt: prompt(tokens, prefix), max_tokens, seed: tokens.into() };
+                    let priority = if by_priority { (prefix % 3) as i32 } else { 0 };
+                    let spec = RequestSpec { prompt: prompt(tokens, prefix), max_tokens, seed: tokens.into(), priority };
                     if let Ok(id) = engine.submit(now, spec) {
                         submitted.push(id);
                     }
@@ -402,6 +409,10 @@ proptest! {
         let mut outputs = Engine::try_new(cfg).unwrap();
         every.set_every_token(false);
         outputs.set_every_token(false);
+        // Half the cases schedule by priority, with preemption.
+        let by_priority = block_size % 2 == 0;
+        every.set_priority_scheduling(by_priority);
+        outputs.set_priority_scheduling(by_priority);
         let mut now = Instant::ZERO;
         for (op, speed) in ops {
             let a = drive_until(&mut every, now, Engine::next_event_at);
@@ -411,7 +422,8 @@ proptest! {
             for engine in [&mut every, &mut outputs] {
                 match &op {
                     Op::Submit { tokens, prefix, max_tokens } => {
-                        let spec = RequestSpec { prompt: prompt(*tokens, *prefix), max_tokens: *max_tokens, seed: (*tokens).into() };
+                        let priority = if by_priority { (*prefix % 3) as i32 } else { 0 };
+                        let spec = RequestSpec { prompt: prompt(*tokens, *prefix), max_tokens: *max_tokens, seed: (*tokens).into(), priority };
                         let _ = engine.submit(now, spec);
                     }
                     Op::Cancel(n) => {
@@ -431,4 +443,71 @@ proptest! {
         prop_assert_eq!(drive_until(&mut every, end, Engine::next_event_at), drive_until(&mut outputs, end, |e| e.next_output_at()));
         prop_assert_eq!(load_of(&every), load_of(&outputs));
     }
+}
+
+fn with_priority(spec: RequestSpec, priority: i32) -> RequestSpec {
+    RequestSpec { priority, ..spec }
+}
+
+fn token_indices(events: &[Event], id: SeqId) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Token { index, .. } if e.seq == id => Some(index),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn first_come_first_served_refuses_priorities() {
+    let mut engine = Engine::try_new(config()).unwrap();
+    let err = engine.submit(at(0), with_priority(spec(10, 1, 3), 2)).unwrap_err();
+    assert_eq!(err, SubmitError::PriorityNotEnabled { priority: 2 });
+    assert!(err.to_string().contains("--scheduling-policy priority"), "{err}");
+    assert!(engine.submit(at(0), with_priority(spec(10, 1, 3), 0)).is_ok());
+}
+
+#[test]
+fn priority_orders_the_queue_lower_first() {
+    let mut engine = Engine::try_new(EngineConfig { max_num_seqs: 1, ..config() }).unwrap();
+    engine.set_priority_scheduling(true);
+    let busy = engine.submit(at(0), spec(10, 1, 3)).unwrap();
+    let late = engine.submit(at(0), with_priority(spec(10, 2, 3), 5)).unwrap();
+    let urgent = engine.submit(at(0), with_priority(spec(10, 3, 3), 1)).unwrap();
+    let events = run(&mut engine);
+    let order: Vec<SeqId> =
+        events.iter().filter(|e| matches!(e.kind, EventKind::Admitted { .. })).map(|e| e.seq).collect();
+    // `busy` (priority 0) is not preempted by higher values; then 1 before 5.
+    assert_eq!(order, [busy, urgent, late]);
+    assert_eq!(engine.stats().counters.preemptions, 0);
+}
+
+#[test]
+fn a_lower_value_preempts_and_the_preempted_sequence_resumes_where_it_stopped() {
+    let mut engine = Engine::try_new(EngineConfig { max_num_seqs: 1, ..config() }).unwrap();
+    engine.set_priority_scheduling(true);
+    // A batch item (priority 10): 10 ms prefill, then a token every 11 ms.
+    let batch = engine.submit(at(0), with_priority(spec(10, 1, 20), 10)).unwrap();
+    engine.advance(at(60));
+    // An interactive request arrives: it takes the slot at once.
+    let chat = engine.submit(at(60), spec(10, 2, 3)).unwrap();
+    assert_eq!((engine.running(), engine.waiting()), (1, 1));
+    let events = run(&mut engine);
+    let first = tokens_of(&events, chat)[0];
+    assert_eq!(first, at(70), "admitted at its arrival: queueing 0, prefill 10 ms");
+    assert_eq!(engine.stats().counters.preemptions, 1);
+    // The batch item keeps every token once, in order, and finishes whole.
+    let indices = token_indices(&events, batch);
+    assert_eq!(indices, (0..20).collect::<Vec<_>>());
+    let (chat_end, _, _) = finish_of(&events, chat).unwrap();
+    let (_, _, n) = finish_of(&events, batch).unwrap();
+    assert_eq!(n, 20);
+    // Its next token comes after the chat ends and it recomputes prompt + generated tokens.
+    let resumed = tokens_of(&events, batch).into_iter().find(|t| *t > at(60)).unwrap();
+    assert!(resumed > chat_end, "{resumed:?} after {chat_end:?}");
+    // Admitted is reported once per sequence.
+    let admitted = events.iter().filter(|e| e.seq == batch && matches!(e.kind, EventKind::Admitted { .. })).count();
+    assert_eq!(admitted, 1);
+    assert_eq!(engine.stats().kv_blocks_used, 0);
 }

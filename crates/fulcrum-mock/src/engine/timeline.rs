@@ -101,11 +101,9 @@ impl Timeline {
         self.decode.first_touch(itl, first)
     }
 
-    /// Takes out the entry of `id` (a cancelled sequence), if there is one.
-    pub(super) fn remove(&mut self, id: SeqId) {
-        if !self.decode.remove(id) {
-            self.prefill.remove(id);
-        }
+    /// Takes out the entry of `id` (a cancelled or preempted sequence), if there is one.
+    pub(super) fn remove(&mut self, id: SeqId) -> Option<Entry> {
+        self.decode.remove(id).or_else(|| self.prefill.remove(id))
     }
 
     /// Takes the earliest entry.
@@ -158,13 +156,10 @@ impl Lane {
         first
     }
 
-    /// Takes out the entry of `id`; whether there was one.
-    fn remove(&mut self, id: SeqId) -> bool {
-        let found = self.0.iter().position(|e| e.id == id);
-        if let Some(i) = found {
-            self.0.remove(i);
-        }
-        found.is_some()
+    /// Takes out the entry of `id`, if there is one.
+    fn remove(&mut self, id: SeqId) -> Option<Entry> {
+        let found = self.0.iter().position(|e| e.id == id)?;
+        self.0.remove(found)
     }
 }
 

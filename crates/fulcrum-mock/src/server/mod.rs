@@ -54,7 +54,8 @@ impl MockServer {
     pub async fn start(config: MockConfig, listener: TcpListener) -> Result<MockHandle, Error> {
         config.validate()?;
         let local_addr = listener.local_addr().map_err(Error::Io)?;
-        let engine = Engine::try_new(config.engine.clone()).map_err(crate::config::ConfigError::from)?;
+        let mut engine = Engine::try_new(config.engine.clone()).map_err(crate::config::ConfigError::from)?;
+        engine.set_priority_scheduling(config.server.scheduling_policy == crate::config::SchedulingPolicy::Priority);
         let shared = Shared::new(config, engine);
         tokio::spawn(state::drive(shared.clone()));
         tokio::spawn(state::crash_timer(shared.clone()));

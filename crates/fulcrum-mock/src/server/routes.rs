@@ -174,6 +174,7 @@ struct Generation {
     max_tokens: Option<u32>,
     seed: Option<i64>,
     n: Option<u32>,
+    priority: i32,
 }
 
 impl Generation {
@@ -192,6 +193,7 @@ impl Generation {
                     max_tokens: r.max_completion_tokens.or(r.max_tokens),
                     seed: r.seed,
                     n: r.n,
+                    priority: r.priority.unwrap_or(0),
                     model: r.model,
                 })
             }
@@ -213,6 +215,7 @@ impl Generation {
                     max_tokens: r.max_tokens,
                     seed: r.seed,
                     n: r.n,
+                    priority: r.priority.unwrap_or(0),
                     model: r.model,
                 })
             }
@@ -228,7 +231,7 @@ where
 {
     let in_flight = InFlight::new(shared);
     let bytes = read_body(shared, req).await?;
-    let Generation { model, text, ids, stream, include_usage, max_tokens, seed, n } =
+    let Generation { model, text, ids, stream, include_usage, max_tokens, seed, n, priority } =
         Generation::parse(endpoint, &bytes)?;
     if n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request("Only `n = 1` is supported.").into());
@@ -247,7 +250,7 @@ where
     let number = shared.request_numbers.fetch_add(1, Ordering::Relaxed);
     let seed = request_seed(shared, number, seed);
     let prompt_tokens = prompt.tokens;
-    let ticket = submit(shared, RequestSpec { prompt, max_tokens, seed }, model_ref.adapter)?;
+    let ticket = submit(shared, RequestSpec { prompt, max_tokens, seed, priority }, model_ref.adapter)?;
     let meta = ResponseMeta { endpoint, number, created: shared.created_unix, model };
     if stream {
         let body = TokenStream::new(ticket, ChunkWriter::new(&meta), seed, prompt_tokens, include_usage, in_flight);
@@ -295,7 +298,7 @@ where
         };
         total_tokens += u64::from(prompt.tokens);
         vectors.push(embed::vector(item, dim, base64));
-        let spec = RequestSpec { prompt, max_tokens: Some(0), seed: 0 };
+        let spec = RequestSpec { prompt, max_tokens: Some(0), seed: 0, priority: 0 };
         tickets.push(submit(shared, spec, model_ref.adapter)?);
     }
     for ticket in &tickets {
