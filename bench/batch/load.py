@@ -171,8 +171,10 @@ def cmd_make_batch(args):
     rng = random.Random(args.seed)
     with open(args.out, "w") as f:
         for i in range(args.n):
-            line = {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                    "body": chat_body(rng, args.prompt_chars, args.max_tokens, False)}
+            body = chat_body(rng, args.prompt_chars, args.max_tokens, False)
+            if args.priority is not None:
+                body["priority"] = args.priority  # the engine's scheduling priority (vLLM, SGLang)
+            line = {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
             f.write(json.dumps(line) + "\n")
 
 
@@ -516,6 +518,7 @@ def main():
     p.set_defaults(fn=cmd_capacity)
 
     p = sub.add_parser("make-batch")
+    p.add_argument("--priority", type=int, default=None, help="a priority in every body (the naive client's)")
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--seed", type=int, default=99)
     p.add_argument("--out", required=True)

@@ -39,9 +39,14 @@
 # generator sent its requests.
 # Batch share of remaining capacity = batch req/s / (capacity - interactive rate).
 #
+# With ENGINE_PRIORITY=N the engines schedule by priority (`--scheduling-policy priority`,
+# as vLLM's: lower first, a running request of a higher value preempted for a waiting one),
+# Fulcrum's config has `[batch] engine_priority = N`, and the naive client's batch lines
+# carry `"priority": N` too: both batch clients are told the same.
+#
 # Usage: bench/batch/run.sh   (env: DURATION=60 LOAD=60 WORKERS=32 SEQS=8 SPEED=2
 #          MAX_TOKENS=32 PROMPT_CHARS=1600 CAP_SECONDS=6 WARMUP=5 SEED=1 CAPACITY=<req/s>
-#          to skip step 1)
+#          to skip step 1, ENGINE_PRIORITY=<n>, POLICY=<the pool's policy; default: Fulcrum's>)
 # Smoke run: DURATION=10 CAP_SECONDS=3 bench/batch/run.sh. The full run takes about 6 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -58,6 +63,10 @@ CAP_SECONDS=${CAP_SECONDS:-6}
 WARMUP=${WARMUP:-5}
 SEED=${SEED:-1}
 CAPACITY=${CAPACITY:-}
+ENGINE_PRIORITY=${ENGINE_PRIORITY:-}
+POLICY=${POLICY:-}
+SCHEDULING=()
+if [ -n "$ENGINE_PRIORITY" ]; then SCHEDULING=(--scheduling-policy priority); fi
 FULCRUM=${FULCRUM:-$ROOT/target/release/fulcrum}
 PY=${PYTHON:-python3}
 LOADPY=$ROOT/bench/batch/load.py
@@ -100,7 +109,7 @@ echo "== fulcrum: $FULCRUM ($(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/nu
 BACKENDS=()
 for i in 1 2 3 4; do
   "$FULCRUM" mock-backend --port 0 --speed "$SPEED" --max-num-seqs "$SEQS" --output-len-median 32 \
-    --seed "$((SEED * 100 + i))" >"$WORK/mock$i.out" 2>"$WORK/mock$i.err" &
+    --seed "$((SEED * 100 + i))" "${SCHEDULING[@]}" >"$WORK/mock$i.out" 2>"$WORK/mock$i.err" &
   PIDS+=($!)
 done
 for i in 1 2 3 4; do
@@ -122,6 +131,7 @@ URL="http://127.0.0.1:$PORT"
   echo "pool = \"llm\""
   echo
   echo "[pool.llm]"
+  if [ -n "$POLICY" ]; then echo "policy = \"$POLICY\""; fi
   echo "engine_metrics = { interval = \"200ms\" }"
   echo "endpoints = ["
   for b in "${BACKENDS[@]}"; do echo "  { address = \"$b\" },"; done
@@ -129,6 +139,7 @@ URL="http://127.0.0.1:$PORT"
   echo
   echo "[batch]"
   echo "database = \"$WORK/batch.db\""
+  if [ -n "$ENGINE_PRIORITY" ]; then echo "engine_priority = $ENGINE_PRIORITY"; fi
 } >"$WORK/fulcrum.toml"
 "$FULCRUM" serve -c "$WORK/fulcrum.toml" >"$WORK/fulcrum.out" 2>"$WORK/fulcrum.err" &
 PIDS+=($!)
@@ -138,8 +149,8 @@ for _ in $(seq 1 100); do
 done
 curl -fs -o /dev/null "$URL/v1/batches" || { echo "fulcrum serve did not start:" >&2; cat "$WORK/fulcrum.err" >&2; exit 1; }
 sleep 1 # a first engine-metrics scrape
-echo "== fleet: 4 x \`fulcrum mock-backend --speed $SPEED --max-num-seqs $SEQS --output-len-median 32\` (${BACKENDS[*]}); requests: $PROMPT_CHARS-character prompts, max_tokens $MAX_TOKENS"
-echo "== proxy: \`fulcrum serve\` on $URL, pool llm (engine_metrics 200ms, default policy), [batch] defaults"
+echo "== fleet: 4 x \`fulcrum mock-backend --speed $SPEED --max-num-seqs $SEQS --output-len-median 32 ${SCHEDULING[*]:-}\` (${BACKENDS[*]}); requests: $PROMPT_CHARS-character prompts, max_tokens $MAX_TOKENS"
+echo "== proxy: \`fulcrum serve\` on $URL, pool llm (engine_metrics 200ms, policy ${POLICY:-default}), [batch] defaults${ENGINE_PRIORITY:+ but engine_priority = $ENGINE_PRIORITY}"
 
 SHAPE=(--prompt-chars "$PROMPT_CHARS" --max-tokens "$MAX_TOKENS")
 
@@ -164,7 +175,8 @@ NBATCH=$("$PY" -c "import math; print(min(50000, math.ceil($CAPACITY * ($DURATIO
 # Two copies of the same batch, of different words, so that the naive client does not find
 # the Fulcrum batch's prompts in the prefix caches.
 "$PY" "$LOADPY" make-batch --n "$NBATCH" --seed 101 --out "$WORK/batch-B.jsonl" "${SHAPE[@]}"
-"$PY" "$LOADPY" make-batch --n "$NBATCH" --seed 102 --out "$WORK/batch-C.jsonl" "${SHAPE[@]}"
+"$PY" "$LOADPY" make-batch --n "$NBATCH" --seed 102 --out "$WORK/batch-C.jsonl" "${SHAPE[@]}" \
+  ${ENGINE_PRIORITY:+--priority "$ENGINE_PRIORITY"}
 echo "== batch: $NBATCH requests ($(du -h "$WORK/batch-B.jsonl" | cut -f1)), non-streaming, same shape"
 
 # --- 2-5. the phases -----------------------------------------------------------------------

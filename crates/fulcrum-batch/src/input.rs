@@ -81,9 +81,21 @@ pub struct Task {
 impl Task {
     /// The body's bytes and content type: a JSON string as text, anything else as JSON.
     pub fn body_bytes(&self) -> Option<(Vec<u8>, &'static str)> {
+        self.body_with_priority(None)
+    }
+
+    /// [`body_bytes`](Self::body_bytes), with `"priority": priority` added to a JSON object
+    /// body that names none (an engine's scheduling priority, vLLM's and SGLang's extra
+    /// parameter).
+    pub fn body_with_priority(&self, priority: Option<i32>) -> Option<(Vec<u8>, &'static str)> {
         match &self.body {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some((s.clone().into_bytes(), "text/plain; charset=utf-8")),
+            Some(Value::Object(o)) if priority.is_some() && !o.contains_key("priority") => {
+                let mut o = o.clone();
+                o.insert("priority".to_owned(), Value::from(priority));
+                Some((serde_json::to_vec(&o).unwrap_or_default(), "application/json"))
+            }
             Some(v) => Some((serde_json::to_vec(v).unwrap_or_default(), "application/json")),
         }
     }
@@ -317,6 +329,22 @@ mod tests {
     }
 
     #[test]
+    fn an_engine_priority_goes_into_bodies_that_name_none() {
+        let own = r#"{"custom_id":"b","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[],"priority":2}}"#;
+        let text = [line("a"), own.to_owned()].join("\n");
+        let p = parse(text.as_bytes(), CHAT, &Limits::default());
+        let body = |i: usize| -> Value {
+            let (bytes, kind) = p.tasks[i].body_with_priority(Some(10)).unwrap();
+            assert_eq!(kind, "application/json");
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        assert_eq!(body(0)["priority"], 10);
+        assert_eq!(body(0)["model"], "m");
+        assert_eq!(body(1)["priority"], 2, "the line's own priority stays");
+        assert_eq!(p.tasks[0].body_with_priority(None), p.tasks[0].body_bytes());
+    }
+
+    #[test]
     fn limits_on_lines_and_requests() {
         let limits = Limits { max_requests: 2, max_line_bytes: 200 };
         let long = format!(
@@ -341,6 +369,8 @@ mod tests {
         assert_eq!(p.tasks[0].method, "PUT");
         assert_eq!(p.tasks[0].body_bytes().unwrap(), (b"raw text".to_vec(), "text/plain; charset=utf-8"));
         assert_eq!(p.tasks[1].body_bytes(), None);
+        // An engine priority goes into JSON object bodies that name none.
+        assert_eq!(p.tasks[0].body_with_priority(Some(5)), p.tasks[0].body_bytes());
         assert_eq!(p.errors.iter().map(|e| e.param.as_deref().unwrap()).collect::<Vec<_>>(), ["require", "headers"]);
     }
 

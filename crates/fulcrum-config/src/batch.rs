@@ -7,6 +7,7 @@
 //! max_requests = 50000            # requests in one batch
 //! max_in_flight = 64              # batch requests in flight per pool, at most (default: 4 per endpoint)
 //! max_attempts = 3                # sends of one request before it goes to the error file
+//! engine_priority = 10            # engines schedule by priority: batch requests carry this one
 //! ```
 //!
 //! Without the section the proxy serves no batch API: `/v1/files` and `/v1/batches` are
@@ -33,6 +34,12 @@ pub struct BatchConfig {
     pub max_in_flight: Option<u32>,
     /// Sends of one request (the first and the retries) before it fails for good.
     pub max_attempts: u32,
+    /// The engines schedule by priority (vLLM's `--scheduling-policy priority`, SGLang's
+    /// `--enable-priority-scheduling`): batch requests' bodies carry this `priority` (lower
+    /// runs first; interactive requests have 0), so that an engine runs them only in its
+    /// gaps and preempts them for interactive ones; the batches may then fill the engines'
+    /// batch slots. `None`: the engines are first come, first served.
+    pub engine_priority: Option<i32>,
 }
 
 impl Default for BatchConfig {
@@ -43,6 +50,7 @@ impl Default for BatchConfig {
             max_requests: 50_000,
             max_in_flight: None,
             max_attempts: 3,
+            engine_priority: None,
         }
     }
 }
@@ -56,6 +64,7 @@ pub(crate) struct RawBatch {
     pub max_requests: Option<usize>,
     pub max_in_flight: Option<u32>,
     pub max_attempts: Option<u32>,
+    pub engine_priority: Option<i32>,
 }
 
 /// Hard ceilings on what the section may set.
@@ -79,6 +88,12 @@ impl RawBatch {
         let max_requests = range("max_requests", self.max_requests, MAX_REQUESTS, d.max_requests);
         let max_in_flight = self.max_in_flight.map(|v| range("max_in_flight", Some(v as usize), 65_536, 1) as u32);
         let max_attempts = range("max_attempts", self.max_attempts.map(|v| v as usize), 100, 3) as u32;
+        if let Some(p) = self.engine_priority
+            && p <= 0
+        {
+            let msg = format!("must be above 0 (interactive requests have priority 0; lower runs first), got {p}");
+            errors.push(("engine_priority".to_owned(), msg));
+        }
         let database = match self.database {
             Some(p) if p.as_os_str().is_empty() => {
                 errors.push(("database".to_owned(), "must be a file path".to_owned()));
@@ -94,6 +109,29 @@ impl RawBatch {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(BatchConfig { database, max_file_bytes, max_requests, max_in_flight, max_attempts })
+        let engine_priority = self.engine_priority;
+        Ok(BatchConfig { database, max_file_bytes, max_requests, max_in_flight, max_attempts, engine_priority })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Config;
+
+    #[test]
+    fn batch_settings_parse_and_bad_ones_name_their_field() {
+        let ok = Config::parse("[batch]\nengine_priority = 10\nmax_in_flight = 32\n", None).unwrap();
+        let batch = ok.batch.unwrap();
+        assert_eq!((batch.engine_priority, batch.max_in_flight), (Some(10), Some(32)));
+        assert_eq!(Config::parse("[batch]\n", None).unwrap().batch.unwrap().engine_priority, None);
+        for (text, field) in [
+            ("engine_priority = 0", "engine_priority"),
+            ("engine_priority = -3", "engine_priority"),
+            ("max_attempts = 0", "max_attempts"),
+            ("max_file_bytes = 0", "max_file_bytes"),
+        ] {
+            let err = Config::parse(&format!("[batch]\n{text}\n"), None).unwrap_err().to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
     }
 }

@@ -2,7 +2,9 @@
 //! flight now, and which batch sends next.
 //!
 //! Batch requests never queue ahead of interactive ones. A pool's room is its admission
-//! limit when it has one, else [`PER_ENDPOINT`] requests for each available endpoint;
+//! limit when it has one, else its `slots`: [`PER_ENDPOINT`] requests for each available
+//! endpoint, or, when the engines schedule by priority (the batch requests carry a low one,
+//! and an engine preempts them for interactive requests), [`engine_slots`] for each;
 //! interactive requests in flight take it first, and batches share what is left, up to the
 //! batch cap (`[batch] max_in_flight`). While interactive requests wait in the admission
 //! queue, no batch request starts. Batches share fairly: each may hold its share of the
@@ -13,7 +15,7 @@
 //! ```
 //! use fulcrum_core::batch::{Room, may_send};
 //!
-//! let room = Room { endpoints: 4, admission_limit: None, interactive: 10, queued: 0, cap: 64 };
+//! let room = Room { endpoints: 4, slots: 16, admission_limit: None, interactive: 10, queued: 0, cap: 64 };
 //! assert_eq!(room.window(false), 6); // 4 endpoints x 4, less 10 interactive
 //! // Two batches share the window: 3 each.
 //! assert!(may_send(&room, 2, 2, 2, false));
@@ -24,11 +26,23 @@
 /// to hold before requests wait in engine queues.
 pub const PER_ENDPOINT: u32 = 4;
 
+/// Batch requests one endpoint may hold when its engine schedules by priority: its batch
+/// slots (learned from its reports, `slots`; else as many as it runs now, `running`), plus
+/// [`PER_ENDPOINT`] waiting, so that a slot that frees is taken at once. An engine that
+/// queues shows its slots; until it does, the window grows by [`PER_ENDPOINT`] over what
+/// runs, which finds them.
+pub fn engine_slots(slots: u32, running: u32) -> u32 {
+    slots.max(running).saturating_add(PER_ENDPOINT)
+}
+
 /// What a pool has room for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Room {
     /// Available endpoints (those a request could be sent to now).
     pub endpoints: u32,
+    /// Requests the available endpoints hold before requests wait: [`PER_ENDPOINT`] each, or
+    /// [`engine_slots`] each when their engines schedule by priority.
+    pub slots: u32,
     /// The pool's admission limit (max in flight), if it has admission control.
     pub admission_limit: Option<u32>,
     /// Interactive requests in flight (every request in flight but the batches').
@@ -42,7 +56,7 @@ pub struct Room {
 impl Room {
     /// Batch requests the pool may have in flight now (urgent: a batch near its deadline).
     pub fn window(&self, urgent: bool) -> u32 {
-        let capacity = self.admission_limit.unwrap_or(self.endpoints.saturating_mul(PER_ENDPOINT));
+        let capacity = self.admission_limit.unwrap_or(self.slots);
         let free = if self.queued > 0 { 0 } else { capacity.saturating_sub(self.interactive) };
         let window = free.min(self.cap);
         if urgent { window.max(self.endpoints.min(self.cap)) } else { window }
@@ -75,7 +89,7 @@ mod tests {
     use super::*;
 
     fn room(interactive: u32, queued: u32) -> Room {
-        Room { endpoints: 4, admission_limit: None, interactive, queued, cap: 64 }
+        Room { endpoints: 4, slots: 16, admission_limit: None, interactive, queued, cap: 64 }
     }
 
     #[test]
@@ -106,6 +120,17 @@ mod tests {
         // Three batches: ceil(16 / 3) = 6 each.
         assert!(may_send(&r, 11, 5, 3, false));
         assert!(!may_send(&r, 11, 6, 3, false));
+    }
+
+    #[test]
+    fn engines_that_schedule_by_priority_are_filled_to_their_slots() {
+        // Slots unknown: four beyond what runs, so the window grows until the engine queues.
+        assert_eq!(engine_slots(0, 0), 4);
+        assert_eq!(engine_slots(0, 6), 10);
+        // Known: the slots plus four waiting.
+        assert_eq!(engine_slots(8, 8), 12);
+        let r = Room { slots: 4 * engine_slots(8, 8), ..room(10, 0) };
+        assert_eq!(r.window(false), 38);
     }
 
     #[test]

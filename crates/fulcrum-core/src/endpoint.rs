@@ -255,6 +255,11 @@ pub struct LoadSignals {
     perf: perf::PerfModel,
     /// Uncached prompt tokens of requests sent here that have not had their first token.
     prefilling: AtomicU64,
+    /// Of the requests in flight, those the engine runs behind interactive ones (batch
+    /// requests of a lower engine priority): no load ahead of an interactive request.
+    background: AtomicU64,
+    /// Of `prefilling`, the background requests' tokens.
+    background_prefilling: AtomicU64,
     /// The first block each such request computes (0: a free slot): a prefix the index says
     /// is here is not cached yet from that block on.
     computing: [AtomicU64; COMPUTING_SLOTS],
@@ -283,6 +288,8 @@ impl LoadSignals {
             engine: EngineSignals::new(),
             perf: perf::PerfModel::default(),
             prefilling: AtomicU64::new(0),
+            background: AtomicU64::new(0),
+            background_prefilling: AtomicU64::new(0),
             computing: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -320,6 +327,18 @@ impl LoadSignals {
     /// Requests in flight (counted until their response stream ends).
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Of the requests in flight, those in the background (see
+    /// [`RequestFacts::background`](crate::RequestFacts::background)): the engine runs them
+    /// behind interactive ones, so they are no load ahead of one.
+    pub fn background(&self) -> u64 {
+        self.background.load(Ordering::Relaxed)
+    }
+
+    /// Of [`prefilling_tokens`](Self::prefilling_tokens), the background requests'.
+    pub fn background_prefilling_tokens(&self) -> u64 {
+        self.background_prefilling.load(Ordering::Relaxed)
     }
 
     /// Estimated tokens (prompt and output) of the requests in flight.
@@ -512,6 +531,8 @@ impl LoadSignals {
 #[derive(Debug, Default)]
 pub struct PoolLoad {
     in_flight: AtomicU64,
+    /// Of those, requests in the background.
+    background: AtomicU64,
     perf: perf::PoolPerf,
     /// The largest [`LoadSignals::capacity`] over the pool (`f64` bits) as of the last
     /// refresh; 0 until then, or when every endpoint's is the same.
@@ -544,6 +565,11 @@ impl PoolLoad {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Of the requests in flight in the pool, those in the background.
+    pub fn background(&self) -> u64 {
+        self.background.load(Ordering::Relaxed)
+    }
+
     /// The pool's performance prior: what a new endpoint is assumed to be.
     pub fn perf(&self) -> &perf::PoolPerf {
         &self.perf
@@ -564,6 +590,8 @@ pub struct InFlight {
     first_token: Option<Instant>,
     /// Its slot in the endpoint's blocks being computed.
     computing: Option<u8>,
+    /// Whether it counts as background load (see [`InFlight::in_background`]).
+    background: bool,
 }
 
 // === impl InFlight ===
@@ -581,7 +609,20 @@ impl InFlight {
             sent: perf::Sent::default(),
             first_token: None,
             computing: None,
+            background: false,
         }
+    }
+
+    /// Counts the request as background load: the engine runs it behind interactive requests
+    /// (see [`RequestFacts::background`](crate::RequestFacts::background)).
+    pub(crate) fn in_background(mut self, on: bool) -> Self {
+        if on && !self.background {
+            self.endpoint.background.fetch_add(1, Ordering::Relaxed);
+            self.endpoint.background_prefilling.fetch_add(self.sent.uncached, Ordering::Relaxed);
+            self.pool.background.fetch_add(1, Ordering::Relaxed);
+            self.background = true;
+        }
+        self
     }
 
     /// Sets what the performance model learns from this request (see [`perf`]), and
@@ -610,6 +651,9 @@ impl InFlight {
         let tokens = std::mem::take(&mut self.sent.uncached);
         if tokens > 0 {
             self.endpoint.prefilling.fetch_sub(tokens, Ordering::Relaxed);
+            if self.background {
+                self.endpoint.background_prefilling.fetch_sub(tokens, Ordering::Relaxed);
+            }
         }
         if let Some(slot) = self.computing.take() {
             self.endpoint.computing[usize::from(slot)].store(0, Ordering::Relaxed);
@@ -666,6 +710,10 @@ impl Drop for InFlight {
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.endpoint.in_flight_tokens.fetch_sub(self.tokens, Ordering::Relaxed);
         self.pool.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.background {
+            self.endpoint.background.fetch_sub(1, Ordering::Relaxed);
+            self.pool.background.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -32,6 +32,10 @@ pub struct RequestFacts<'a> {
     /// What the endpoint must have (labels): a batch's or a task's constraints. Endpoints
     /// that do not meet them are never tried.
     pub require: Option<&'a crate::constraint::Requirements>,
+    /// The engines run this request behind interactive ones (a batch request carrying a
+    /// lower engine priority, `[batch] engine_priority`): it counts as background load, which
+    /// `predicted_ttft` leaves out of the queue an interactive request would wait in.
+    pub background: bool,
 }
 
 /// Prompt tokens one prefix block stands for: the [`openai`](crate::openai) default of 256

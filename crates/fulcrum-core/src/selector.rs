@@ -486,7 +486,9 @@ impl Selector {
         let queued = signals.engine(now, self.options.engine_max_age).is_some_and(|r| r.waiting > 0);
         let sent = Sent { uncached: facts.uncached(cached_blocks), queued, streams: facts.stream };
         let first_new = facts.prefix.get(cached_blocks as usize).copied().filter(|_| sent.uncached > 0);
-        InFlight::start(signals.clone(), self.load.clone(), facts.estimated_tokens, now).with_sent(sent, first_new)
+        InFlight::start(signals.clone(), self.load.clone(), facts.estimated_tokens, now)
+            .with_sent(sent, first_new)
+            .in_background(facts.background)
     }
 
     /// The endpoints, in the order they were given.

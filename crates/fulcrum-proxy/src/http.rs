@@ -365,6 +365,7 @@ async fn proxy(
         hash_key: key.as_deref(),
         model: model.as_deref(),
         require: require.as_deref(),
+        background: parts.extensions.get::<crate::batch::Background>().is_some(),
         ..ai.as_ref().map(openai::AiRequest::facts).unwrap_or_default()
     };
     // One clock reading: the request reaches the pool, and its first try starts.

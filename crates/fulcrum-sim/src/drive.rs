@@ -58,6 +58,7 @@ impl Facts<'_> {
             stream: true,
             unbounded_output: false,
             require: None,
+            background: false,
         }
     }
 }

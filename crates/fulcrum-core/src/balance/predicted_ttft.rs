@@ -93,10 +93,26 @@ impl PredictedTtft {
 /// (`perf`: its estimate; engine reports older than `engine_max_age` are not read), as the
 /// policy computes it: for the admin API and metrics.
 pub fn predict_now(e: &Endpoint, perf: &Perf, uncached: u64, now: Instant, engine_max_age: Duration) -> f64 {
+    predict_for(e, perf, uncached, now, engine_max_age, false)
+}
+
+/// [`predict_now`] for a request in the background or not: an interactive request does not
+/// wait for background requests (the engine runs them behind it), so they are left out of the
+/// requests ahead of it, in flight and in the engine's report alike; a background request
+/// waits for everything.
+fn predict_for(
+    e: &Endpoint,
+    perf: &Perf,
+    uncached: u64,
+    now: Instant,
+    engine_max_age: Duration,
+    background: bool,
+) -> f64 {
     let s = e.signals();
-    let mut n = s.in_flight();
+    let behind = if background { 0 } else { s.background() };
+    let mut n = s.in_flight().saturating_sub(behind);
     if let Some(r) = s.engine(now, engine_max_age) {
-        n = n.max(u64::from(r.running) + u64::from(r.waiting));
+        n = n.max((u64::from(r.running) + u64::from(r.waiting)).saturating_sub(behind));
     }
     let queue = match perf.slots {
         0 => 0.0,
@@ -106,35 +122,43 @@ pub fn predict_now(e: &Endpoint, perf: &Perf, uncached: u64, now: Instant, engin
         }
     };
     let spread = SPREAD * n as f64 * perf.overhead;
-    perf.prefill_time(uncached) + BACKLOG * s.prefilling_tokens() as f64 * perf.prefill + queue + spread
+    let behind_tokens = if background { 0 } else { s.background_prefilling_tokens() };
+    let backlog = s.prefilling_tokens().saturating_sub(behind_tokens);
+    perf.prefill_time(uncached) + BACKLOG * backlog as f64 * perf.prefill + queue + spread
 }
 
 /// The most requests an endpoint may hold: (1 + [`LOAD_EPSILON`]) x its capacity's share of
 /// the pool's requests (this one included), plus one. Bounded loads (Mirrokni et al.) over
 /// the learned capacity: however fast one endpoint is, the others keep a share.
+/// For an interactive request, background requests count neither in the pool nor at the
+/// endpoint: they are no load ahead of it.
 struct LoadBound {
     /// Allowed requests a unit of capacity; infinite before the first refresh.
     per_capacity: f64,
+    /// Whether the request is in the background (then every request counts).
+    background: bool,
 }
 
 impl LoadBound {
-    fn new(pool: &PoolView<'_>) -> Self {
+    fn new(pool: &PoolView<'_>, background: bool) -> Self {
         let total = pool.load.total_capacity();
-        let requests = (pool.load.in_flight() + 1) as f64;
+        let behind = if background { 0 } else { pool.load.background() };
+        let requests = (pool.load.in_flight().saturating_sub(behind) + 1) as f64;
         let per_capacity = if total > 0.0 { (1.0 + LOAD_EPSILON) * requests / total } else { f64::INFINITY };
-        LoadBound { per_capacity }
+        LoadBound { per_capacity, background }
     }
 
     #[inline]
     fn admits(&self, e: &Endpoint) -> bool {
         let s = e.signals();
-        ((s.in_flight() + 1) as f64) <= self.per_capacity * s.capacity() + LOAD_SLACK
+        let behind = if self.background { 0 } else { s.background() };
+        ((s.in_flight().saturating_sub(behind) + 1) as f64) <= self.per_capacity * s.capacity() + LOAD_SLACK
     }
 }
 
 #[inline]
 fn predict(e: &Endpoint, perf: &Perf, uncached: u64, pool: &PoolView<'_>, cx: &PickCx<'_>) -> f64 {
-    predict_now(e, perf, uncached, cx.now, pool.engine_max_age)
+    predict_for(e, perf, uncached, cx.now, pool.engine_max_age, cx.facts.background)
 }
 
 impl Balance for PredictedTtft {
@@ -171,7 +195,7 @@ impl Balance for PredictedTtft {
         let mut best: Option<(usize, f64, u32)> = None;
         // The best over its load bound, taken only when every candidate is.
         let mut over: Option<(usize, f64, u32)> = None;
-        let bound = LoadBound::new(pool);
+        let bound = LoadBound::new(pool, cx.facts.background);
         for &idx in candidates {
             let e = &pool.endpoints[idx];
             // Blocks a prefill still in progress there computes are not cached yet.
@@ -277,6 +301,37 @@ mod tests {
             let (idx, _done) = send(&pool, &facts(&prefix, 1_000), &mut rng);
             assert_eq!(idx, 1, "request {i}");
         }
+    }
+
+    #[test]
+    fn background_requests_are_no_queue_for_interactive_ones() {
+        // Endpoint 0 is twice as fast, and full of batch requests that its engine runs behind
+        // interactive ones (8 running, 20 waiting, all of them background).
+        let pool = pool(2);
+        teach(&pool, 0, 16_000.0);
+        teach(&pool, 1, 8_000.0);
+        let now = Instant::from_millis(600);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let cold = |i: u32| text_prefix("m", &format!("{i} {}", "x".repeat(4_000)), 256, 100);
+        let mut held = Vec::new();
+        for i in 0..28 {
+            let prefix = cold(100 + i);
+            let f = RequestFacts { background: true, ..facts(&prefix, 1_000) };
+            held.push(pool.begin_request(&pool.endpoints()[0], &f, 0, now));
+        }
+        pool.endpoints()[0].signals().report_engine(20, 8, 0.5, now);
+        assert_eq!(pool.endpoints()[0].signals().background(), 28);
+        // An interactive request does not wait for them: the faster endpoint.
+        let prefix = cold(1);
+        let (idx, _interactive) = send(&pool, &facts(&prefix, 1_000), &mut rng);
+        assert_eq!(idx, 0);
+        // Another batch request waits behind them all: the idle endpoint.
+        let prefix = cold(2);
+        let f = RequestFacts { background: true, ..facts(&prefix, 1_000) };
+        let (idx, _batch) = send(&pool, &f, &mut rng);
+        assert_eq!(idx, 1);
+        drop(held);
+        assert_eq!(pool.endpoints()[0].signals().background(), 0);
     }
 
     #[test]

@@ -24,6 +24,11 @@ use crate::safety::lock;
 
 pub use fulcrum_batch;
 
+/// Marks a batch request the engines run behind interactive ones (`[batch] engine_priority`):
+/// a request extension, which clients cannot set, read into `RequestFacts::background`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Background;
+
 /// How a batch's requests reach a pool, kept with the batch so that a restart resumes it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Spec {
@@ -254,16 +259,35 @@ impl Batches {
         let runtime = live.pool(pool)?;
         let snapshot = runtime.snapshot();
         let now = crate::clock::now();
-        let endpoints =
-            snapshot.selector.endpoints().iter().filter(|e| e.signals().is_available(now)).count().max(1) as u32;
+        let available = snapshot.selector.endpoints().iter().filter(|e| e.signals().is_available(now));
+        let (mut endpoints, mut slots) = (0u32, 0u32);
+        match self.config.engine_priority {
+            // The engines run batch requests only in their gaps: fill their batch slots.
+            Some(_) => {
+                let (prior, age) = (snapshot.selector.pool_perf(), snapshot.selector.options().engine_max_age());
+                for e in available {
+                    let known = e.signals().perf().estimate(&prior).slots;
+                    let running = e.signals().engine(now, age).map_or(0, |l| l.running);
+                    endpoints += 1;
+                    slots = slots.saturating_add(fulcrum_core::batch::engine_slots(known, running));
+                }
+            }
+            None => {
+                endpoints = available.count().min(u32::MAX as usize) as u32;
+                slots = endpoints.saturating_mul(fulcrum_core::batch::PER_ENDPOINT);
+            }
+        }
+        let endpoints = endpoints.max(1);
+        let slots = slots.max(fulcrum_core::batch::PER_ENDPOINT);
         let in_flight = snapshot.selector.in_flight().min(u64::from(u32::MAX)) as u32;
         let admission_limit = runtime.safety().config.admission.as_ref().map(|a| a.config.settings().max_in_flight);
         let queued = runtime.safety().admission_load().map_or(0, |(_, q)| q as u32);
         let mut gates = lock(&self.gates);
         let gate = gates.entry(pool.to_owned()).or_default();
         gate.active.insert(batch.to_owned());
-        let cap = self.config.max_in_flight.unwrap_or(endpoints.saturating_mul(fulcrum_core::batch::PER_ENDPOINT));
-        let room = Room { endpoints, admission_limit, interactive: in_flight.saturating_sub(gate.total), queued, cap };
+        let cap = self.config.max_in_flight.unwrap_or(slots);
+        let interactive = in_flight.saturating_sub(gate.total);
+        let room = Room { endpoints, slots, admission_limit, interactive, queued, cap };
         let mine = gate.by_batch.get(batch).copied().unwrap_or(0);
         if !fulcrum_core::batch::may_send(&room, gate.total, mine, gate.active.len() as u32, urgent) {
             return None;

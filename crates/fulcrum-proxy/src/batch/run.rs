@@ -134,8 +134,9 @@ pub(super) async fn run(batches: &Arc<Batches>, id: &str, running: &Running) -> 
                 )),
             };
             let request_id = format!("batch_req_{hex}_{}", item.line);
+            let priority = batches.config().engine_priority;
             in_flight.spawn(async move {
-                let (status, body) = send(&ctx, &item, host.as_deref(), require, &request_id).await;
+                let (status, body) = send(&ctx, &item, host.as_deref(), require, priority, &request_id).await;
                 drop(slot);
                 Sent { item, attempts: attempts + 1, status, body }
             });
@@ -210,13 +211,14 @@ async fn send(
     item: &Item,
     host: Option<&str>,
     require: Option<Arc<Requirements>>,
+    engine_priority: Option<i32>,
     request_id: &str,
 ) -> (StatusCode, Bytes) {
     let task = &item.task;
     let mut req = Request::builder().method(task.method.as_str()).uri(task.url.as_str());
     req = req.header(header::HOST, host.unwrap_or("fulcrum-batch"));
     req = req.header(&crate::headers::X_REQUEST_ID, request_id);
-    let body = match task.body_bytes() {
+    let body = match task.body_with_priority(engine_priority) {
         Some((bytes, content_type)) => {
             if !task.headers.keys().any(|k| k.eq_ignore_ascii_case("content-type")) {
                 req = req.header(header::CONTENT_TYPE, content_type);
@@ -234,6 +236,9 @@ async fn send(
     let (mut parts, ()) = req.into_parts();
     if let Some(r) = require {
         parts.extensions.insert(r);
+    }
+    if engine_priority.is_some() {
+        parts.extensions.insert(super::Background);
     }
     let client = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let origin = crate::headers::Origin::plain(client.ip());

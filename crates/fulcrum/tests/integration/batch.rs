@@ -485,3 +485,51 @@ fn a_cancelled_batch_stops_and_keeps_what_finished() {
     let (_, list) = json(served.addr, "GET", "/v1/batches?limit=1", &Value::Null);
     assert_eq!((list["data"][0]["id"].as_str(), list["has_more"].as_bool()), (Some(id.as_str()), Some(false)));
 }
+
+#[test]
+fn engine_priority_reaches_the_engines() {
+    let dir = Dir::new("priority");
+    let seed = |n: u64| n.to_string();
+    let priority_mock = |n: u64| {
+        let s = seed(n);
+        let args = ["--port", "0", "--speed", "50", "--seed", &s, "--output-len-median", "4"];
+        let mut args: Vec<String> = args.map(str::to_owned).to_vec();
+        args.extend(["--scheduling-policy".to_owned(), "priority".to_owned()]);
+        MockChild::spawn(&args)
+    };
+    let input = dir.path("in.jsonl");
+    std::fs::write(&input, chat_lines(40)).expect("input");
+    let run = |config: &Path, out: &str| {
+        let out = dir.path(out);
+        let errors = out.with_extension("errors.jsonl");
+        let run = fulcrum()
+            .args(["batch", "--quiet", "--pool", "llm", "-c"])
+            .arg(config)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&out)
+            .arg("--errors")
+            .arg(&errors)
+            .output()
+            .expect("fulcrum batch");
+        let errors = std::fs::read_to_string(&errors).unwrap_or_default();
+        (String::from_utf8_lossy(&run.stderr).into_owned(), errors)
+    };
+    let with_priority = |name: &str, addr: SocketAddr| {
+        let path = config(&dir, &[(addr, "a100")]);
+        let text = std::fs::read_to_string(&path).expect("config") + "engine_priority = 10\n";
+        let path = dir.path(name);
+        std::fs::write(&path, text).expect("config");
+        path
+    };
+    // Engines that schedule by priority take the batch's requests (priority 10).
+    let a = priority_mock(21);
+    let (summary, _) = run(&with_priority("a.toml", a.addr), "a.jsonl");
+    assert!(summary.contains("40 requests, 40 answered, 0 failed"), "{summary}");
+    // A first-come-first-served engine refuses them, as vLLM does: the error file says why.
+    let b = mock(22);
+    let (summary, errors) = run(&with_priority("b.toml", b.addr), "b.jsonl");
+    assert!(summary.contains("40 failed"), "{summary}");
+    assert!(errors.contains("priority scheduling"), "{errors}");
+}
