@@ -59,6 +59,9 @@ struct Totals {
     duration: Vec<u64>,
     bounds: Vec<f64>,
     endpoints: HashMap<String, u64>,
+    /// Requests in flight and endpoints, at the sample (not cumulative).
+    in_flight: u64,
+    serving: usize,
 }
 
 /// One second of every pool's traffic, as JSON: `{"t": unix ms, "pools": {name: {...}}}`.
@@ -92,11 +95,14 @@ fn answers(stats: &EndpointStats) -> (u64, u64) {
     (all, errors)
 }
 
-/// Adds a histogram's buckets (`(upper bound, count in that bucket)`) into `into`.
+/// Adds a histogram's buckets (`(upper bound, count in that bucket)`) into `into`; `bounds`
+/// takes the bounds of the first one.
 fn add_buckets(into: &mut Vec<u64>, bounds: &mut Vec<f64>, buckets: &[(f64, u64)]) {
+    if bounds.len() < buckets.len() {
+        *bounds = buckets.iter().map(|(b, _)| *b).collect();
+    }
     if into.len() < buckets.len() {
         into.resize(buckets.len(), 0);
-        *bounds = buckets.iter().map(|(b, _)| *b).collect();
     }
     for (slot, (_, n)) in into.iter_mut().zip(buckets) {
         *slot += n;
@@ -193,7 +199,11 @@ impl Recorder {
 
 fn pool_totals(pool: &PoolRuntime) -> Totals {
     let snapshot = pool.snapshot();
-    let mut t = Totals::default();
+    let mut t = Totals {
+        in_flight: snapshot.selector.in_flight(),
+        serving: snapshot.selector.endpoints().len(),
+        ..Totals::default()
+    };
     let unsent = &pool.safety().stats.traffic.unsent;
     let all = snapshot
         .selector
@@ -208,10 +218,8 @@ fn pool_totals(pool: &PoolRuntime) -> Totals {
         if let Some(id) = id {
             t.endpoints.insert(id.to_owned(), n);
         }
-        let mut bounds = std::mem::take(&mut t.bounds);
-        add_buckets(&mut t.first_byte, &mut bounds, &stats.first_byte.snapshot().buckets);
-        add_buckets(&mut t.duration, &mut bounds, &stats.duration.snapshot().buckets);
-        t.bounds = bounds;
+        add_buckets(&mut t.first_byte, &mut t.bounds, &stats.first_byte.snapshot().buckets);
+        add_buckets(&mut t.duration, &mut t.bounds, &stats.duration.snapshot().buckets);
     }
     t
 }
@@ -239,8 +247,8 @@ fn delta(pool: &PoolRuntime, now: &Totals, before: Option<&Totals>) -> Value {
         "ttft_p99_ms": q(&first_byte, 0.99),
         "e2e_p50_ms": q(&duration, 0.5),
         "e2e_p99_ms": q(&duration, 0.99),
-        "in_flight": pool.snapshot().selector.in_flight(),
-        "serving": pool.snapshot().selector.endpoints().len(),
+        "in_flight": now.in_flight,
+        "serving": now.serving,
         "endpoints": endpoints,
         "replicas": scale.as_ref().map(|s| s.replicas),
         "desired": scale.as_ref().map(|s| s.desired),

@@ -24,9 +24,9 @@
 //! more) is the one a ramp's replicas will see. Only ticks that measure the pool at its
 //! target count: the load between half the target and the target (a backlog's longer stays
 //! would overstate the time; a pool held above its need by `min_replicas` at night, whose
-//! replicas batch less, would understate it), and the count unchanged upwards for a lead (the
-//! in-flight total is a mean per serving replica times the count asked for, the pool's own
-//! only once the replicas asked for serve). Until the model has a forecast and, for a
+//! replicas batch less, would understate it), and the count unchanged upwards for a lead
+//! (until the replicas asked for serve, the pool drains a backlog and is not at its steady
+//! state). Until the model has a forecast and, for a
 //! concurrency policy, a time in the system, the decision is the reactive one.
 //!
 //! A pool scaled to zero is woken ahead only when the forecast expects at least one request
@@ -220,8 +220,8 @@ impl ScalePolicy for Predictive {
             None => Instant::ZERO,
         };
         self.replicas = Some((s.replicas, raised));
-        // The in-flight total is a mean per serving replica times the count asked for: it is
-        // the pool's only once the replicas asked for serve, a lead after the count last rose.
+        // After the count rose the pool is not at its steady state (new replicas start, a
+        // backlog drains) until a lead has passed.
         let settled = now.saturating_since(raised) >= self.config.lead;
         // Only a load between half the target and the target: a backlog's longer stays would
         // overstate the time, and a pool held above its need by `min_replicas` at night
