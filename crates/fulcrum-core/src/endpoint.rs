@@ -251,6 +251,9 @@ pub struct LoadSignals {
     circuit_open_until: AtomicU64,
     /// What the engine last reported, and its loaded LoRA adapters.
     engine: EngineSignals,
+    /// `in_flight` when the engine last reported: the rest of its report is others' load
+    /// (see [`LoadSignals::engine_requests`]).
+    in_flight_at_report: AtomicU64,
     /// What its answers taught about its speed.
     perf: perf::PerfModel,
     /// Uncached prompt tokens of requests sent here that have not had their first token.
@@ -286,6 +289,7 @@ impl LoadSignals {
             unavailable: AtomicU8::new(0),
             circuit_open_until: AtomicU64::new(0),
             engine: EngineSignals::new(),
+            in_flight_at_report: AtomicU64::new(0),
             perf: perf::PerfModel::default(),
             prefilling: AtomicU64::new(0),
             background: AtomicU64::new(0),
@@ -398,15 +402,19 @@ impl LoadSignals {
 
     /// Records the latency and outcome of one finished request.
     pub fn observe(&self, rtt: Duration, outcome: Outcome, now: Instant, config: &LatencyConfig) {
+        self.observe_outcome(outcome);
         match outcome {
-            Outcome::Success => {
-                self.consecutive_failures.store(0, Ordering::Relaxed);
-                self.latency.observe(rtt, now, config.decay);
-            }
-            Outcome::Failure => {
-                self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
-                self.latency.observe(rtt.max(config.failure_penalty), now, config.decay);
-            }
+            Outcome::Success => self.latency.observe(rtt, now, config.decay),
+            Outcome::Failure => self.latency.observe(rtt.max(config.failure_penalty), now, config.decay),
+        }
+    }
+
+    /// Records a request's outcome without its latency (a background request's, which
+    /// waited behind others): only the run of consecutive failures.
+    pub fn observe_outcome(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Success => self.consecutive_failures.store(0, Ordering::Relaxed),
+            Outcome::Failure => _ = self.consecutive_failures.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -432,6 +440,7 @@ impl LoadSignals {
     /// Lock-free. Independent of [`report_utilization`](Self::report_utilization), which
     /// feeds dynamic weights: a scraper may call both.
     pub fn report_engine(&self, waiting: u32, running: u32, kv_usage: f64, now: Instant) {
+        self.in_flight_at_report.store(self.in_flight(), Ordering::Relaxed);
         self.engine.report(waiting, running, kv_usage, now);
         self.perf.engine_report(waiting, running);
     }
@@ -445,6 +454,19 @@ impl LoadSignals {
     /// at `now`: a stale endpoint is unknown, never idle.
     pub fn engine(&self, now: Instant, max_age: Duration) -> Option<EngineLoad> {
         self.engine.get(now, max_age)
+    }
+
+    /// The requests at the engine (running and waiting): as it last reported, or more when
+    /// some of them came from elsewhere (other balancers, or requests this one gave up on)
+    /// and this balancer has sent more since: then its own requests now plus those others.
+    /// `None` without a report younger than `max_age`. A report is up to a scrape interval
+    /// old: read as it is, an endpoint that others load looked as loaded until the next one
+    /// however many requests it was sent meanwhile.
+    pub fn engine_requests(&self, now: Instant, max_age: Duration) -> Option<u64> {
+        let r = self.engine(now, max_age)?;
+        let reported = u64::from(r.running) + u64::from(r.waiting);
+        let others = reported.saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed));
+        Some(reported.max(self.in_flight() + others))
     }
 
     /// Forgets the engine's report (the scrape failed or the endpoint stopped exporting).
@@ -674,6 +696,11 @@ impl InFlight {
             return None;
         }
         self.first_token = Some(now);
+        if self.background {
+            // Its wait was behind interactive requests, not the endpoint's speed.
+            self.prefilled();
+            return None;
+        }
         let ttft = now.saturating_since(self.started);
         let prior = self.pool.perf.get();
         let predicted = self.endpoint.perf.first_token(&self.sent, ttft, &prior, now);
@@ -684,6 +711,10 @@ impl InFlight {
     /// The answer ended well at `now` after `frames` body frames (output tokens, for a
     /// stream that sends one a frame): teaches the endpoint's occupancy and decode time.
     pub fn ended(self, now: Instant, frames: u64) {
+        if self.background {
+            // Held as long as interactive requests preempted it: no occupancy or decode time.
+            return;
+        }
         let held = now.saturating_since(self.started);
         let decode =
             self.first_token.filter(|_| self.sent.streams).map(|t| (now.saturating_since(t), frames.saturating_sub(1)));
@@ -700,7 +731,11 @@ impl InFlight {
     /// counting it.
     pub fn finish(self, outcome: Outcome, now: Instant, config: &LatencyConfig) {
         let rtt = now.saturating_since(self.started);
-        self.endpoint.observe(rtt, outcome, now, config);
+        if self.background {
+            self.endpoint.observe_outcome(outcome);
+        } else {
+            self.endpoint.observe(rtt, outcome, now, config);
+        }
     }
 }
 
@@ -809,5 +844,30 @@ mod tests {
         assert!(s.engine(Instant::from_millis(1_000), Duration::from_secs(2)).is_none());
         // Dynamic weights keep their own input.
         assert_eq!(s.utilization(), None);
+    }
+
+    #[test]
+    fn engine_reports_count_others_load_beside_what_was_sent_since() {
+        let s = signals();
+        let pool = Arc::new(PoolLoad::default());
+        let at = Instant::from_millis(1_000);
+        let age = Duration::from_secs(2);
+        assert_eq!(s.engine_requests(at, age), None);
+        let old = InFlight::start(s.clone(), pool.clone(), 1, at);
+        // One of ours and 5 from elsewhere at the engine.
+        s.report_engine(2, 4, 0.5, at);
+        assert_eq!(s.engine_requests(at, age), Some(6));
+        let sent: Vec<_> = (0..3).map(|_| InFlight::start(s.clone(), pool.clone(), 1, at)).collect();
+        assert_eq!(s.engine_requests(at, age), Some(9));
+        // Ended since: the report stands until the next.
+        drop(old);
+        drop(sent);
+        assert_eq!(s.engine_requests(at, age), Some(6));
+        // Only ours at the engine (or fewer: some on their way): ours count.
+        let ours: Vec<_> = (0..4).map(|_| InFlight::start(s.clone(), pool.clone(), 1, at)).collect();
+        s.report_engine(0, 3, 0.5, at);
+        assert_eq!(s.engine_requests(at, age), Some(4));
+        drop(ours);
+        assert_eq!(s.engine_requests(at, age), Some(3));
     }
 }

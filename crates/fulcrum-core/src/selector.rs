@@ -483,7 +483,10 @@ impl Selector {
         now: Instant,
     ) -> InFlight {
         let signals = endpoint.signals();
-        let queued = signals.engine(now, self.options.engine_max_age).is_some_and(|r| r.waiting > 0);
+        // Queued ahead of it: an interactive request waits for none of the background ones,
+        // which the engine keeps waiting first, so a queue no longer than them is no queue.
+        let behind = if facts.background { 0 } else { signals.background() };
+        let queued = signals.engine(now, self.options.engine_max_age).is_some_and(|r| u64::from(r.waiting) > behind);
         let sent = Sent { uncached: facts.uncached(cached_blocks), queued, streams: facts.stream };
         let first_new = facts.prefix.get(cached_blocks as usize).copied().filter(|_| sent.uncached > 0);
         InFlight::start(signals.clone(), self.load.clone(), facts.estimated_tokens, now)

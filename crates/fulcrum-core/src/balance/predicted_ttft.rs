@@ -20,8 +20,10 @@
 //!   requests.
 //! - *queue_i* is the expected wait for a batch slot: with *n_i* requests at the endpoint (the
 //!   balancer's own count, or the engine's running plus waiting when scraped and larger, as
-//!   other balancers send too) and *B_i* slots (the running count the engine last reported
-//!   while it queued), *max(0, n_i + 1 - 0.8 B_i) x occupancy_i / 0.8 B_i* ([`KNEE`]), where
+//!   other balancers send too; when part of the report is others' load, the balancer's own
+//!   count now plus that part, so that requests sent since the report count) and *B_i*
+//!   slots (the running count the engine last reported while it queued),
+//!   *max(0, n_i + 1 - 0.8 B_i) x occupancy_i / 0.8 B_i* ([`KNEE`]), where
 //!   *occupancy_i* is how long a request holds the endpoint; 0 while the slots are unknown.
 //! - The last term ([`SPREAD`]) is a small load cost that spreads requests among endpoints
 //!   that are otherwise equal.
@@ -111,8 +113,8 @@ fn predict_for(
     let s = e.signals();
     let behind = if background { 0 } else { s.background() };
     let mut n = s.in_flight().saturating_sub(behind);
-    if let Some(r) = s.engine(now, engine_max_age) {
-        n = n.max((u64::from(r.running) + u64::from(r.waiting)).saturating_sub(behind));
+    if let Some(engine) = s.engine_requests(now, engine_max_age) {
+        n = n.max(engine.saturating_sub(behind));
     }
     let queue = match perf.slots {
         0 => 0.0,
@@ -332,6 +334,34 @@ mod tests {
         assert_eq!(idx, 1);
         drop(held);
         assert_eq!(pool.endpoints()[0].signals().background(), 0);
+    }
+
+    #[test]
+    fn background_requests_teach_no_speed() {
+        // Batch items that waited behind interactive traffic (5 s to a first token, 9 s
+        // held) leave the model where it was; the same answers to interactive requests
+        // make the endpoint slow.
+        let learned = |background: bool| {
+            let pool = pool(1);
+            let f = RequestFacts { background, ..facts(&[], 1_000) };
+            for i in 0..50u64 {
+                let at = |ms: u64| Instant::from_millis(i * 10 + ms);
+                let mut g = pool.begin_request(&pool.endpoints()[0], &f, 0, at(0));
+                let error = g.first_token(at(5_000));
+                assert_eq!(error.is_none(), background);
+                g.ended(at(9_000), 100);
+            }
+            let prior = pool.pool_perf();
+            (pool.endpoints()[0].signals().perf().estimate(&prior), prior)
+        };
+        let (batch, prior) = learned(true);
+        assert_eq!(
+            (batch.prefill, batch.overhead, batch.occupancy, batch.confidence),
+            (prior.prefill, prior.overhead, prior.occupancy, 0.0)
+        );
+        let (interactive, prior) = learned(false);
+        assert!(interactive.prefill_time(1_000) > 2.0 * prior.prefill_time(1_000));
+        assert!(interactive.occupancy > 2.0 * prior.occupancy);
     }
 
     #[test]

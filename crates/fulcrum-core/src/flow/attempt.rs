@@ -63,6 +63,9 @@ pub struct Ticket {
     hedge: bool,
     /// When the try was sent.
     sent: Instant,
+    /// The request runs in the background (a batch item behind interactive traffic): its
+    /// timings are the engine's priorities, not the endpoint's speed, and teach no latency.
+    background: bool,
 }
 
 impl Ticket {
@@ -307,15 +310,18 @@ impl Attempts {
                 })
             };
             // A whole answer of unbounded length may legitimately take any time: no adapting,
-            // and no hedging.
-            let first_byte = if rules.adaptive_first_byte && !facts.unbounded_output {
+            // and no hedging. Nor for a background request: it waits behind interactive ones
+            // as long as the engine keeps it waiting, which the interactive heads the deadline
+            // adapts to do not tell.
+            let first_byte = if rules.adaptive_first_byte && !facts.unbounded_output && !facts.background {
                 let (head, perf) = head();
                 perf.first_byte_deadline(head, rules.first_byte)
             } else {
                 rules.first_byte
             };
             let hedge_after = match self.plan.hedge {
-                _ if self.hedged || self.tries >= self.max_tries || facts.unbounded_output => None,
+                // A background request has no latency to protect: a hedge would only add load.
+                _ if self.hedged || self.tries >= self.max_tries || facts.unbounded_output || facts.background => None,
                 Hedging::Off => None,
                 Hedging::After(d) => Some(d).filter(|&d| d < first_byte),
                 Hedging::Learned => {
@@ -332,7 +338,7 @@ impl Attempts {
                 first_byte,
                 hedge_after,
                 guard,
-                ticket: Ticket { index, permit, hedge: false, sent: now },
+                ticket: Ticket { index, permit, hedge: false, sent: now, background: facts.background },
             });
         }
     }
@@ -455,14 +461,19 @@ impl Attempts {
     ) {
         let selector = roster.selector();
         let endpoints = selector.endpoints();
-        let Ticket { index, permit, .. } = ticket;
+        let Ticket { index, permit, background, .. } = ticket;
         let Some(endpoint) = endpoints.get(index) else { return };
         let outcome = Outcome::from(observed);
-        endpoint.signals().observe(elapsed, outcome, now, selector.options().latency());
-        if observed == Observed::Success {
+        if background && outcome == Outcome::Success {
+            // Waited behind interactive requests: an answer, but not a latency.
+            endpoint.signals().observe_outcome(outcome);
+        } else {
+            endpoint.signals().observe(elapsed, outcome, now, selector.options().latency());
+        }
+        if observed == Observed::Success && !background {
             endpoint.signals().perf().head(elapsed, now);
         }
-        if matches!(observed, Observed::Success | Observed::Status(_)) {
+        if matches!(observed, Observed::Success | Observed::Status(_)) && !background {
             state.record_latency(elapsed);
         }
         if let (Some(b), Some(p)) = (roster.breaker(index), permit) {

@@ -488,6 +488,16 @@ fn the_first_byte_deadline_adapts_under_traffic_but_not_for_unbounded_whole_answ
     let mut a = p.start_for(&unbounded, get(), ms(20));
     let Next::Send(t) = p.next_for(&mut a, &unbounded, ms(20)) else { panic!("a try") };
     assert_eq!(t.first_byte, max);
+    // Nor does a background request (a batch item the engine runs behind interactive ones),
+    // which is never hedged either; its slow answer teaches no head.
+    let background = RequestFacts { background: true, stream: true, prompt_tokens: 10, ..RequestFacts::default() };
+    let mut a = p.start_for(&background, hedged(1), ms(20));
+    let Next::Send(t) = p.next_for(&mut a, &background, ms(20)) else { panic!("a try") };
+    assert_eq!((t.first_byte, t.hedge_after), (max, None));
+    let peak = p.endpoint(0).signals().perf().estimate(&crate::endpoint::perf::Perf::PRIOR).head_peak;
+    assert_eq!(p.record(&mut a, t, Observed::Success, ms(5_000)), Verdict::Answer(None));
+    let after = p.endpoint(0).signals().perf().estimate(&crate::endpoint::perf::Perf::PRIOR).head_peak;
+    assert_eq!(after, peak);
 }
 
 /// Rules whose retry budget allows `per_sec` retries a second and nothing in proportion.
