@@ -7,12 +7,19 @@
 //! sends again only what was still pending (a request in flight at the crash may reach its
 //! backend twice), and no `custom_id` is ever written twice.
 //!
+//! Several processes may share one database file on one host (the proxies of a mesh that
+//! take over each other's batches): the write-ahead log lets readers go on while one writes,
+//! writers wait for each other (a busy timeout of 10 s), and every transaction that writes
+//! takes the write lock when it begins (`BEGIN IMMEDIATE`), so that one that read first never
+//! fails because another wrote meanwhile. The write-ahead log needs shared memory: the file
+//! must be on a local filesystem of one host, not on a network filesystem.
+//!
 //! The calls are synchronous and short; an async caller runs them on a blocking thread.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::input::Task;
 use crate::object::{Batch, FileObject, RequestCounts, Status};
@@ -129,6 +136,11 @@ impl Store {
         self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A transaction that holds the write lock from its start (see the module docs).
+    fn write(conn: &mut Connection) -> Result<Transaction<'_>, rusqlite::Error> {
+        conn.transaction_with_behavior(TransactionBehavior::Immediate)
+    }
+
     /// A new random identifier with this prefix (SQLite's own random source).
     pub fn new_id(&self, prefix: &str) -> Result<String, StoreError> {
         let hex: String = self.conn().query_row("SELECT lower(hex(randomblob(12)))", [], |r| r.get(0))?;
@@ -173,7 +185,7 @@ impl Store {
     /// transaction. `spec` is what runs it (see the proxy's batch runner), kept as JSON.
     pub fn create_batch(&self, batch: &Batch, spec: &str, items: &[(Task, String)]) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = Self::write(&mut conn)?;
         tx.execute(
             "INSERT INTO batches (id, object, spec) VALUES (?1, ?2, ?3)",
             params![batch.id, serde_json::to_string(batch)?, spec],
@@ -198,6 +210,23 @@ impl Store {
     /// A batch's runner spec (as given to [`create_batch`](Self::create_batch)).
     pub fn spec(&self, id: &str) -> Result<Option<String>, StoreError> {
         Ok(self.conn().query_row("SELECT spec FROM batches WHERE id = ?1", [id], |r| r.get(0)).optional()?)
+    }
+
+    /// Changes a batch in one transaction, so that another process's change in between is
+    /// not overwritten: `change` gets the stored batch and says whether to save it. Returns
+    /// the batch as it is after the call (`None`: no such batch).
+    pub fn update_batch(&self, id: &str, change: impl FnOnce(&mut Batch) -> bool) -> Result<Option<Batch>, StoreError> {
+        let mut conn = self.conn();
+        let tx = Self::write(&mut conn)?;
+        let row: Option<String> =
+            tx.query_row("SELECT object FROM batches WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        let Some(row) = row else { return Ok(None) };
+        let mut batch: Batch = serde_json::from_str(&row)?;
+        if change(&mut batch) {
+            tx.execute("UPDATE batches SET object = ?2 WHERE id = ?1", params![id, serde_json::to_string(&batch)?])?;
+            tx.commit()?;
+        }
+        Ok(Some(batch))
     }
 
     /// Saves a batch's new state.
@@ -267,7 +296,7 @@ impl Store {
     /// Returns how many were new.
     pub fn record(&self, batch: &str, done: &[Done]) -> Result<usize, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = Self::write(&mut conn)?;
         let mut new = 0;
         {
             let mut update =
@@ -299,6 +328,9 @@ impl Store {
     /// recorded outcomes (line order), sets their ids, its counts and `status`. Pending
     /// requests go to the error file with `pending` (a code and message) when given; else
     /// they are left out, as OpenAI leaves out a cancelled batch's unsent requests.
+    ///
+    /// A batch already finished (by another process sharing the database) stays as it is:
+    /// `batch` becomes the stored one.
     pub fn finalize(
         &self,
         batch: &mut Batch,
@@ -307,7 +339,16 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = Self::write(&mut conn)?;
+        let stored: Option<String> =
+            tx.query_row("SELECT object FROM batches WHERE id = ?1", [&batch.id], |r| r.get(0)).optional()?;
+        if let Some(stored) = stored {
+            let stored: Batch = serde_json::from_str(&stored)?;
+            if stored.status.is_terminal() {
+                *batch = stored;
+                return Ok(());
+            }
+        }
         let mut output = Vec::new();
         let mut errors = Vec::new();
         {
@@ -453,6 +494,51 @@ mod tests {
         assert!(!more);
         assert_eq!(page.len(), 3);
         assert_eq!(s.unfinished().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn two_processes_share_one_file() {
+        // Two stores on one file, as two proxies of a mesh: they write at once (outcomes,
+        // status changes), and a batch finished by one is not finished again by the other.
+        let dir = std::env::temp_dir().join(format!("fulcrum-batch-shared-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shared.db");
+        let _ = std::fs::remove_file(&path);
+        let (a, b) = (Store::open(&path).unwrap(), Store::open(&path).unwrap());
+        let mut batch =
+            Batch::new(a.new_id("batch_").unwrap(), "/v1/embeddings".into(), "f".into(), "24h".into(), None, 0, 60);
+        a.create_batch(&batch, "{}", &tasks(400)).unwrap();
+        std::thread::scope(|scope| {
+            for (store, parity) in [(&a, 0u32), (&b, 1u32)] {
+                let id = batch.id.clone();
+                scope.spawn(move || {
+                    for line in (1..=400u32).filter(|l| l % 2 == parity) {
+                        store.record(&id, &[done(line, Outcome::Answered)]).unwrap();
+                        store.update_batch(&id, |_| true).unwrap();
+                        store.counts(&id).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(b.counts(&batch.id).unwrap(), RequestCounts { total: 400, completed: 400, failed: 0 });
+        // A change made on one side is seen by the other's read-modify-write.
+        let cancelling = b.update_batch(&batch.id, |x| {
+            x.set_status(Status::Cancelling, 5);
+            true
+        });
+        assert_eq!(cancelling.unwrap().unwrap().status, Status::Cancelling);
+        let seen = a.update_batch(&batch.id, |_| false).unwrap().unwrap();
+        assert_eq!(seen.status, Status::Cancelling);
+        a.finalize(&mut batch, Status::Completed, None, 9).unwrap();
+        let first_output = batch.output_file_id.clone();
+        assert!(first_output.is_some());
+        let mut late = batch.clone();
+        late.output_file_id = None;
+        b.finalize(&mut late, Status::Cancelled, None, 10).unwrap();
+        assert_eq!((late.status, late.output_file_id), (Status::Completed, first_output));
+        assert!(b.update_batch("batch_none", |_| true).unwrap().is_none());
+        drop((a, b));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! max_in_flight = 64              # batch requests in flight per pool, at most (default: 4 per endpoint)
 //! max_attempts = 3                # sends of one request before it goes to the error file
 //! engine_priority = 10            # engines schedule by priority: batch requests carry this one
+//! lease_ttl = "10s"               # mesh mode: how long a dead proxy keeps its batches
 //! ```
 //!
 //! Without the section the proxy serves no batch API: `/v1/files` and `/v1/batches` are
@@ -15,6 +16,7 @@
 //! default: `[batch]` alone is enough. Settings change only at a restart.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -40,7 +42,18 @@ pub struct BatchConfig {
     /// gaps and preempts them for interactive ones; the batches may then fill the engines'
     /// batch slots. `None`: the engines are first come, first served.
     pub engine_priority: Option<i32>,
+    /// Mesh mode (`fulcrum serve --control etcd://...`) with proxies sharing one database:
+    /// the TTL of the etcd lease under which a proxy holds the batches it runs. A proxy that
+    /// dies keeps them this long at most before another takes them over.
+    pub lease_ttl: Duration,
 }
+
+/// The lease TTL unless `lease_ttl` says otherwise.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// The shortest lease TTL: etcd's own minimum is about 2 s.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
+/// The longest lease TTL.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(600);
 
 impl Default for BatchConfig {
     fn default() -> Self {
@@ -51,6 +64,7 @@ impl Default for BatchConfig {
             max_in_flight: None,
             max_attempts: 3,
             engine_priority: None,
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
     }
 }
@@ -65,6 +79,7 @@ pub(crate) struct RawBatch {
     pub max_in_flight: Option<u32>,
     pub max_attempts: Option<u32>,
     pub engine_priority: Option<i32>,
+    pub lease_ttl: Option<String>,
 }
 
 /// Hard ceilings on what the section may set.
@@ -94,6 +109,19 @@ impl RawBatch {
             let msg = format!("must be above 0 (interactive requests have priority 0; lower runs first), got {p}");
             errors.push(("engine_priority".to_owned(), msg));
         }
+        let lease_ttl = match self.lease_ttl.as_deref().map(crate::duration::parse_duration) {
+            None => d.lease_ttl,
+            Some(Ok(t)) if (MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&t) && t.subsec_nanos() == 0 => t,
+            Some(Ok(_)) => {
+                errors
+                    .push(("lease_ttl".to_owned(), "must be whole seconds from 2s (etcd's minimum) to 10m".to_owned()));
+                d.lease_ttl
+            }
+            Some(Err(e)) => {
+                errors.push(("lease_ttl".to_owned(), e));
+                d.lease_ttl
+            }
+        };
         let database = match self.database {
             Some(p) if p.as_os_str().is_empty() => {
                 errors.push(("database".to_owned(), "must be a file path".to_owned()));
@@ -110,7 +138,15 @@ impl RawBatch {
             return Err(errors);
         }
         let engine_priority = self.engine_priority;
-        Ok(BatchConfig { database, max_file_bytes, max_requests, max_in_flight, max_attempts, engine_priority })
+        Ok(BatchConfig {
+            database,
+            max_file_bytes,
+            max_requests,
+            max_in_flight,
+            max_attempts,
+            engine_priority,
+            lease_ttl,
+        })
     }
 }
 
@@ -123,12 +159,18 @@ mod tests {
         let ok = Config::parse("[batch]\nengine_priority = 10\nmax_in_flight = 32\n", None).unwrap();
         let batch = ok.batch.unwrap();
         assert_eq!((batch.engine_priority, batch.max_in_flight), (Some(10), Some(32)));
-        assert_eq!(Config::parse("[batch]\n", None).unwrap().batch.unwrap().engine_priority, None);
+        let defaults = Config::parse("[batch]\n", None).unwrap().batch.unwrap();
+        assert_eq!((defaults.engine_priority, defaults.lease_ttl), (None, super::DEFAULT_LEASE_TTL));
+        let ttl = Config::parse("[batch]\nlease_ttl = \"3s\"\n", None).unwrap().batch.unwrap().lease_ttl;
+        assert_eq!(ttl, std::time::Duration::from_secs(3));
         for (text, field) in [
             ("engine_priority = 0", "engine_priority"),
             ("engine_priority = -3", "engine_priority"),
             ("max_attempts = 0", "max_attempts"),
             ("max_file_bytes = 0", "max_file_bytes"),
+            ("lease_ttl = \"1s\"", "lease_ttl"),
+            ("lease_ttl = \"2.5s\"", "lease_ttl"),
+            ("lease_ttl = \"10\"", "lease_ttl"),
         ] {
             let err = Config::parse(&format!("[batch]\n{text}\n"), None).unwrap_err().to_string();
             assert!(err.contains(field), "{text}: {err}");

@@ -119,6 +119,23 @@ async fn reload_triggers(live: fulcrum_proxy::Live, mesh: Option<fulcrum_control
     }
 }
 
+/// How this proxy names itself in the keys of the batches it holds in etcd: its host, its
+/// first listener's address and its process id.
+fn identity(proxy: &Proxy, config: &Config) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "-".to_owned());
+    let addr = config
+        .listeners
+        .first()
+        .and_then(|l| proxy.local_addr(&l.name))
+        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    format!("{host} {addr} pid {}", std::process::id())
+}
+
 /// Flags of `fulcrum validate`.
 #[derive(Debug, clap::Args)]
 pub struct ValidateArgs {
@@ -221,6 +238,17 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             None => None,
         };
         let mesh_task = mesh.clone().map(|m| tokio::spawn(m.run()));
+        // Mesh mode with batches: each runs on one proxy, held under this proxy's lease
+        // (before the proxy runs, which resumes the batches it can claim).
+        let batch_owners = match (&mesh, live.batches()) {
+            (Some(mesh), Some(batches)) => {
+                let owners = mesh.share_batches(batches, identity(&proxy, &config), batches.config().lease_ttl);
+                let prefix = owners.status().prefix;
+                tracing::info!(%prefix, ttl = ?batches.config().lease_ttl, "mesh mode: each batch runs on the proxy that holds it in etcd");
+                Some((owners.clone(), tokio::spawn(owners.run())))
+            }
+            _ => None,
+        };
         let discovery = fulcrum_control::discover::for_live(&live);
         let discovery_task = tokio::spawn(fulcrum_control::discover::supervise(live.clone(), discovery.clone()));
         let reloader = tokio::spawn(reload_triggers(live.clone(), mesh.clone(), !args.no_watch));
@@ -267,6 +295,10 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             None => None,
         };
         proxy.run(shutdown_signal()).await;
+        if let Some((owners, task)) = batch_owners {
+            task.abort();
+            owners.leave().await;
+        }
         reloader.abort();
         discovery_task.abort();
         if let Some(task) = mesh_task {

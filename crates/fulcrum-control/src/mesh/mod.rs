@@ -12,10 +12,14 @@
 //! failure in `GET /control` and `fulcrum_control_plane_connected`, refuses API changes with
 //! 503 (rather than letting proxies drift apart), and reads and watches again with backoff.
 //! The first proxy to start with an empty key publishes its own file's pools and routes.
+//!
+//! Proxies that share a batch database run each batch on one proxy at a time, held with an
+//! etcd lease, and take over the batches of a proxy that dies: see [`batches`].
 
+pub mod batches;
 pub mod document;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fulcrum_discovery::etcd::{CasOutcome, EtcdClient, EtcdError, EventKind};
@@ -126,6 +130,9 @@ pub struct MeshStatus {
     pub last_error: Option<String>,
     /// Seconds since the Unix epoch of the last version applied.
     pub applied_at_unix: Option<u64>,
+    /// With `[batch]`: the batches this proxy holds and runs ([`batches`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batches: Option<batches::BatchStatus>,
 }
 
 /// A proxy's link to the shared configuration. Cheap to clone.
@@ -144,6 +151,8 @@ struct Inner {
     /// The shared document last applied, and its revision.
     shared: Mutex<(Option<Arc<str>>, i64)>,
     status: Mutex<MeshStatus>,
+    /// The claims on batches, with `[batch]`.
+    batch_owners: OnceLock<batches::BatchOwners>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -164,13 +173,32 @@ impl Mesh {
                 own: Mutex::new(Arc::from(own)),
                 shared: Mutex::new((None, 0)),
                 status: Mutex::new(status),
+                batch_owners: OnceLock::new(),
             }),
         })
     }
 
     /// The link's state.
     pub fn status(&self) -> MeshStatus {
-        lock(&self.inner.status).clone()
+        let mut status = lock(&self.inner.status).clone();
+        status.batches = self.inner.batch_owners.get().map(batches::BatchOwners::status);
+        status
+    }
+
+    /// Runs each of `batches` on one proxy of the mesh at a time (see [`batches`]): keys
+    /// under [`batches::prefix_for`] this mesh's key, held under a lease of `ttl`; `identity`
+    /// names this proxy in them. Call before the proxy runs; spawn the returned claims'
+    /// [`run`](batches::BatchOwners::run).
+    pub fn share_batches(
+        &self,
+        batches: &Arc<fulcrum_proxy::batch::Batches>,
+        identity: String,
+        ttl: Duration,
+    ) -> batches::BatchOwners {
+        let prefix = batches::prefix_for(&self.inner.key);
+        let owners = batches::BatchOwners::share(self.inner.client.clone(), prefix, identity, ttl, batches);
+        let _ = self.inner.batch_owners.set(owners.clone());
+        owners
     }
 
     fn failed(&self, error: &dyn std::fmt::Display) {

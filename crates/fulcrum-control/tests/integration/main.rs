@@ -8,4 +8,5 @@ mod discovery;
 mod hostile;
 mod listen;
 mod mesh;
+mod mesh_batches;
 mod metrics;

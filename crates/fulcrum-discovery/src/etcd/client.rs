@@ -340,9 +340,17 @@ impl EtcdClient {
         value: impl AsRef<[u8]>,
     ) -> Result<CasOutcome, EtcdError> {
         let key = b64(key.as_ref());
+        let compare = json!({ "target": "MOD", "key": key, "mod_revision": expected_mod_revision.to_string(), "result": "EQUAL" });
+        let put = json!({ "key": key, "value": b64(value.as_ref()) });
+        self.put_if(&key, compare, put).await
+    }
+
+    /// One transaction: `put` if `compare` holds, else a read of `key` (base64), returned as
+    /// the conflict.
+    async fn put_if(&self, key: &str, compare: Value, put: Value) -> Result<CasOutcome, EtcdError> {
         let body = json!({
-            "compare": [{ "target": "MOD", "key": key, "mod_revision": expected_mod_revision.to_string(), "result": "EQUAL" }],
-            "success": [{ "request_put": { "key": key, "value": b64(value.as_ref()) } }],
+            "compare": [compare],
+            "success": [{ "request_put": put }],
             "failure": [{ "request_range": { "key": key } }],
         });
         let r: wire::TxnResponse = self.call("/v3/kv/txn", body).await?;
@@ -351,6 +359,37 @@ impl EtcdClient {
         }
         let current = r.responses.into_iter().filter_map(|op| op.response_range).flat_map(|range| range.kvs).next();
         Ok(CasOutcome::Conflict { current: current.map(wire::RawKv::decode).transpose()? })
+    }
+
+    /// Creates a key attached to `lease` only if it does not exist, in one transaction
+    /// (compare `create_revision == 0`): of several callers, one wins. On a conflict, returns
+    /// what the key holds now (its `lease` tells whose it is).
+    pub async fn create_with_lease(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        lease: i64,
+    ) -> Result<CasOutcome, EtcdError> {
+        let key = b64(key.as_ref());
+        let mut put = json!({ "key": key, "value": b64(value.as_ref()) });
+        if lease != 0 {
+            put["lease"] = json!(lease.to_string());
+        }
+        let compare = json!({ "target": "CREATE", "key": key, "create_revision": "0", "result": "EQUAL" });
+        self.put_if(&key, compare, put).await
+    }
+
+    /// Deletes a key only if it is attached to `lease` (compare on the key's lease), in one
+    /// transaction: a holder gives up what it holds, never what another took meanwhile.
+    /// Returns whether it was deleted.
+    pub async fn delete_if_lease(&self, key: impl AsRef<[u8]>, lease: i64) -> Result<bool, EtcdError> {
+        let key = b64(key.as_ref());
+        let body = json!({
+            "compare": [{ "target": "LEASE", "key": key, "lease": lease.to_string(), "result": "EQUAL" }],
+            "success": [{ "request_delete_range": { "key": key } }],
+        });
+        let r: wire::TxnResponse = self.call("/v3/kv/txn", body).await?;
+        Ok(r.succeeded)
     }
 
     /// Watches every key that starts with `prefix`, from `start_revision` (0: from now; use

@@ -90,6 +90,45 @@ async fn the_client_reads_writes_swaps_watches_and_leases() {
     assert!(e.is_not_found(), "{e}");
 }
 
+/// The claim of mesh mode's batch ownership: two proxies create one key, each under its own
+/// lease; one wins, the other sees whose it is; the loser cannot delete it; once the
+/// winner's lease is revoked (its proxy died) the key is gone and the other wins.
+#[tokio::test]
+async fn a_key_created_if_absent_under_a_lease_has_one_holder_until_the_lease_ends() {
+    let Some(etcd) = Etcd::start().await else { return };
+    let (a, b) = (etcd.client(), etcd.client());
+    let key = "/test/batches/batch_1";
+    let la = a.lease_grant(Duration::from_secs(30)).await.expect("grant").id;
+    let lb = b.lease_grant(Duration::from_secs(30)).await.expect("grant").id;
+    let (ca, cb) = tokio::join!(a.create_with_lease(key, "proxy a", la), b.create_with_lease(key, "proxy b", lb));
+    let (ca, cb) = (ca.expect("claim a"), cb.expect("claim b"));
+    let (winner, loser, (wl, ll)) = match (&ca, &cb) {
+        (CasOutcome::Swapped { .. }, CasOutcome::Conflict { .. }) => (&a, &b, (la, lb)),
+        (CasOutcome::Conflict { .. }, CasOutcome::Swapped { .. }) => (&b, &a, (lb, la)),
+        other => panic!("exactly one claim must win: {other:?}"),
+    };
+    let CasOutcome::Conflict { current: Some(held) } = (if wl == la { &cb } else { &ca }) else {
+        panic!("the loser is told who holds the key")
+    };
+    assert_eq!(held.lease, wl);
+    // Claiming again, or deleting, as the loser changes nothing; as the winner, claiming
+    // again is a conflict that names its own lease.
+    assert!(matches!(loser.create_with_lease(key, "again", ll).await.expect("claim"), CasOutcome::Conflict { .. }));
+    assert!(!loser.delete_if_lease(key, ll).await.expect("delete"));
+    let kv = winner.get(key).await.expect("get").expect("still held");
+    assert_eq!(kv.lease, wl);
+    // The winner's lease ends: the key goes with it, and the other claim wins.
+    winner.lease_revoke(wl).await.expect("revoke");
+    assert!(loser.get(key).await.expect("get").is_none());
+    assert!(matches!(loser.create_with_lease(key, "taken over", ll).await.expect("claim"), CasOutcome::Swapped { .. }));
+    let kv = winner.get(key).await.expect("get").expect("held");
+    assert_eq!((kv.lease, kv.value_str().into_owned()), (ll, "taken over".to_owned()));
+    // The holder gives it up.
+    assert!(!winner.delete_if_lease(key, wl).await.expect("delete"));
+    assert!(loser.delete_if_lease(key, ll).await.expect("delete"));
+    assert!(winner.get(key).await.expect("get").is_none());
+}
+
 #[tokio::test]
 async fn puts_and_deletes_reach_the_pool_within_a_second() {
     let Some(etcd) = Etcd::start().await else { return };

@@ -454,10 +454,24 @@ impl Batches {
         }
         batch.request_counts.total = items.len() as u64;
         batch.set_status(Status::InProgress, now);
+        // A shared store: claimed before other proxies can see it, so it runs here.
+        let claimed = match self.ownership.get() {
+            Some(owner) => owner.claim(&batch.id).await,
+            None => true,
+        };
         let b = batch.clone();
-        blocking(self.store(), move |s| s.create_batch(&b, &spec_text, &items)).await.map_err(Refused::store)?;
+        if let Err(e) = blocking(self.store(), move |s| s.create_batch(&b, &spec_text, &items)).await {
+            if let (true, Some(owner)) = (claimed, self.ownership.get()) {
+                owner.release(&batch.id).await;
+            }
+            return Err(Refused::store(e));
+        }
         tracing::info!(batch = %batch.id, requests = batch.request_counts.total, "batch created");
-        self.start(&batch.id);
+        if claimed {
+            self.start(&batch.id);
+        } else {
+            tracing::warn!(batch = %batch.id, "batch created but not claimed here: a proxy of the mesh claims it once etcd answers");
+        }
         Ok(batch)
     }
 }

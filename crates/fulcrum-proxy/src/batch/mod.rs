@@ -4,6 +4,15 @@
 //!
 //! State lives in the [`Store`] (SQLite, `[batch] database`): a batch survives a restart,
 //! and resumes where it stopped (see [`fulcrum_batch::store`]).
+//!
+//! **Several proxies, one store.** Proxies of a mesh may share one database file (on one
+//! host: see [`fulcrum_batch::store`]) so that one takes over the batches of another that
+//! died. Each batch then runs on one proxy at a time, the one that holds it: an [`Ownership`]
+//! given to [`Batches::share`] (mesh mode implements it with etcd leases) is asked before a
+//! batch starts here, at creation, at start and on a cancel, and stops the runners here with
+//! [`Batches::stop_all`] when it loses what it held. Any proxy answers reads and cancels from
+//! the store; a runner reads its batch's status from the store every second, so a cancel
+//! made through another proxy reaches it.
 
 pub(crate) mod api;
 mod run;
@@ -11,6 +20,8 @@ mod run;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+
+use futures_util::future::BoxFuture;
 
 use fulcrum_batch::object::{Batch, RequestCounts, Status};
 use fulcrum_batch::store::{Store, StoreError};
@@ -46,10 +57,27 @@ pub struct Spec {
     pub require: Option<String>,
 }
 
+/// Who runs which batch when several proxies share one store (mesh mode: see
+/// `fulcrum_control::mesh::batches`, which holds each batch with a key under an etcd lease).
+/// A proxy runs a batch only while it holds it.
+pub trait Ownership: Send + Sync + std::fmt::Debug {
+    /// Takes batch `id` for this proxy unless another proxy holds it; whether this proxy
+    /// holds it now (it may have already). `false` too when the holder cannot be known (the
+    /// coordinator cannot be reached): a batch nobody holds is claimed again later.
+    fn claim<'a>(&'a self, id: &'a str) -> BoxFuture<'a, bool>;
+    /// Whether this proxy still holds batch `id`, as far as it knows now (no I/O: a runner
+    /// asks at every step, and stops when the answer is no).
+    fn holds(&self, id: &str) -> bool;
+    /// Gives batch `id` up: it ended here.
+    fn release<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()>;
+}
+
 /// A running batch's controls.
 #[derive(Debug, Default)]
 struct Running {
     cancel: AtomicBool,
+    /// Stop without finishing the batch: this proxy no longer holds it.
+    stop: AtomicBool,
     done: tokio::sync::Notify,
     finished: AtomicBool,
 }
@@ -73,6 +101,8 @@ pub struct Batches {
     gates: Mutex<HashMap<String, PoolGate>>,
     /// Woken when a batch request ends (room for the next).
     released: tokio::sync::Notify,
+    /// Who runs which batch, when several proxies share the store.
+    ownership: OnceLock<Arc<dyn Ownership>>,
 }
 
 /// Unix seconds now.
@@ -105,6 +135,7 @@ impl Batches {
             running: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
             released: tokio::sync::Notify::new(),
+            ownership: OnceLock::new(),
         }))
     }
 
@@ -126,14 +157,71 @@ impl Batches {
         self.live.get()?.upgrade()
     }
 
-    /// Resumes every unfinished batch (at start).
+    /// Shares the store with other proxies: from now on a batch runs here only once
+    /// `ownership` says this proxy holds it. Call before the proxy runs (before
+    /// [`resume`](Self::resume)); `false` if it was shared already.
+    pub fn share(&self, ownership: Arc<dyn Ownership>) -> bool {
+        self.ownership.set(ownership).is_ok()
+    }
+
+    /// Whether the store is shared with other proxies ([`share`](Self::share)).
+    pub fn is_shared(&self) -> bool {
+        self.ownership.get().is_some()
+    }
+
+    /// Whether batch `id` may run here: always with a store of its own, while this proxy
+    /// holds it with a shared one.
+    fn holds(&self, id: &str) -> bool {
+        self.ownership.get().is_none_or(|o| o.holds(id))
+    }
+
+    /// Resumes every unfinished batch (at start); when the store is shared, those this
+    /// proxy can claim. Returns how many started.
     pub async fn resume(self: &Arc<Self>) -> Result<usize, StoreError> {
         let unfinished = blocking(&self.store, Store::unfinished).await?;
+        let mut started = 0;
         for b in &unfinished {
+            if let Some(owner) = self.ownership.get()
+                && !owner.claim(&b.id).await
+            {
+                continue;
+            }
             tracing::info!(batch = %b.id, status = ?b.status, "resuming batch");
             self.start(&b.id);
+            started += 1;
         }
-        Ok(unfinished.len())
+        Ok(started)
+    }
+
+    /// The ids of unfinished batches, oldest first (what proxies sharing the store claim).
+    pub async fn unfinished(&self) -> Result<Vec<String>, StoreError> {
+        let unfinished = blocking(&self.store, Store::unfinished).await?;
+        Ok(unfinished.into_iter().map(|b| b.id).collect())
+    }
+
+    /// The batches whose runners run here now.
+    pub fn running(&self) -> Vec<String> {
+        lock(&self.running).keys().cloned().collect()
+    }
+
+    /// Stops batch `id`'s runner here without finishing the batch (this proxy no longer
+    /// holds it): requests in flight finish and are recorded, the others stay pending for
+    /// the proxy that holds it. Whether one ran.
+    pub fn stop(&self, id: &str) -> bool {
+        match lock(&self.running).get(id) {
+            Some(r) => {
+                r.stop.store(true, Ordering::Release);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops every runner here (see [`stop`](Self::stop)); returns how many ran.
+    pub fn stop_all(&self) -> usize {
+        let running = lock(&self.running);
+        running.values().for_each(|r| r.stop.store(true, Ordering::Release));
+        running.len()
     }
 
     /// Creates and starts a batch whose requests go to pool `pool` (`fulcrum batch`): the
@@ -161,8 +249,9 @@ impl Batches {
         Ok(b)
     }
 
-    /// Starts the runner of batch `id`, unless one runs.
-    pub(crate) fn start(self: &Arc<Self>, id: &str) {
+    /// Starts the runner of batch `id`, unless one runs. When the store is shared, the
+    /// caller holds the batch.
+    pub fn start(self: &Arc<Self>, id: &str) {
         let running = {
             let mut map = lock(&self.running);
             if map.contains_key(id) {
@@ -175,17 +264,40 @@ impl Batches {
         let this = self.clone();
         let id = id.to_owned();
         tokio::spawn(async move {
-            if let Err(e) = run::run(&this, &id, &running).await {
-                tracing::error!(batch = %id, error = %e, "batch stopped; it resumes at the next start");
+            let ended = run::run(&this, &id, &running).await;
+            match &ended {
+                Ok(run::Ended::Finished) => {}
+                Ok(run::Ended::Stopped) => {
+                    tracing::warn!(batch = %id, "batch stopped here: this proxy no longer holds it")
+                }
+                Err(e) => {
+                    tracing::error!(batch = %id, error = %e, "batch stopped; it resumes at the next start")
+                }
             }
             running.finished.store(true, Ordering::Release);
             running.done.notify_waiters();
             lock(&this.running).remove(&id);
-            let mut gates = lock(&this.gates);
-            for g in gates.values_mut() {
-                g.active.remove(&id);
+            {
+                let mut gates = lock(&this.gates);
+                for g in gates.values_mut() {
+                    g.active.remove(&id);
+                }
+            }
+            if let (Ok(run::Ended::Finished), Some(owner)) = (&ended, this.ownership.get()) {
+                owner.release(&id).await;
             }
         });
+    }
+
+    /// Starts batch `id` here if this proxy holds it or can claim it (a shared store), or
+    /// at once (a store of its own).
+    async fn claim_and_start(self: &Arc<Self>, id: &str) {
+        if let Some(owner) = self.ownership.get()
+            && !owner.claim(id).await
+        {
+            return;
+        }
+        self.start(id);
     }
 
     /// Waits until batch `id`'s runner ends (it finished, or failed to go on); at once if
@@ -220,23 +332,26 @@ impl Batches {
         blocking(&self.store, move |s| s.counts(&id)).await
     }
 
-    /// Asks a batch to stop: requests in flight finish, the rest are not sent.
+    /// Asks a batch to stop: requests in flight finish, the rest are not sent. With a shared
+    /// store, the proxy that runs it sees the new status within a second; when none does,
+    /// this one claims it to finish it.
     pub async fn cancel(self: &Arc<Self>, id: &str) -> Result<Option<Batch>, StoreError> {
         let key = id.to_owned();
         let b = blocking(&self.store, move |s| {
-            let Some(mut b) = s.batch(&key)? else { return Ok(None) };
-            if matches!(b.status, Status::Validating | Status::InProgress) {
-                b.set_status(Status::Cancelling, unix_now());
-                s.save_batch(&b)?;
-            }
-            Ok(Some(b))
+            s.update_batch(&key, |b| {
+                let cancel = matches!(b.status, Status::Validating | Status::InProgress);
+                if cancel {
+                    b.set_status(Status::Cancelling, unix_now());
+                }
+                cancel
+            })
         })
         .await?;
         if let Some(r) = lock(&self.running).get(id) {
             r.cancel.store(true, Ordering::Release);
         }
         if b.as_ref().is_some_and(|b| b.status == Status::Cancelling) {
-            self.start(id);
+            self.claim_and_start(id).await;
         }
         Ok(b)
     }

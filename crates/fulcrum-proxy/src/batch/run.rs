@@ -1,6 +1,12 @@
 //! Runs one batch: sends its pending requests through the proxy's own request path (routes,
 //! the pool's policy, retries, breakers, metrics), as many at a time as its pools' windows
 //! allow, records each outcome once, and writes the output files at the end.
+//!
+//! With a store shared by several proxies it also reads its batch's status from the store
+//! every second: a cancel made through another proxy stops it, and a batch another proxy
+//! finished ends it. It asks at every step whether this proxy still holds the batch; when it
+//! no longer does (or is told to stop), it lets the requests in flight finish, records them,
+//! and leaves the batch unfinished.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -26,6 +32,8 @@ const FLUSH_EVERY: usize = 256;
 const FLUSH_AFTER: Duration = Duration::from_millis(100);
 /// The largest response body kept for the output file.
 const MAX_RESPONSE_BYTES: usize = 32 << 20;
+/// How often a runner reads its batch's status when the store is shared.
+const POLL_EVERY: Duration = Duration::from_secs(1);
 /// The message of requests a batch could not send before its window ended.
 const EXPIRED: (&str, &str) =
     ("batch_expired", "This request could not be executed before the completion window expired.");
@@ -53,10 +61,23 @@ fn retryable(status: StatusCode) -> bool {
     matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504)
 }
 
-pub(super) async fn run(batches: &Arc<Batches>, id: &str, running: &Running) -> Result<(), StoreError> {
+/// How a runner ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Ended {
+    /// The batch is finished (here, or already by another proxy).
+    Finished,
+    /// Stopped before the end: this proxy no longer holds the batch.
+    Stopped,
+}
+
+pub(super) async fn run(batches: &Arc<Batches>, id: &str, running: &Running) -> Result<Ended, StoreError> {
     let key = id.to_owned();
     let (batch, spec) = blocking(batches.store(), move |s| Ok((s.batch(&key)?, s.spec(&key)?))).await?;
-    let Some(mut batch) = batch else { return Ok(()) };
+    let Some(mut batch) = batch else { return Ok(Ended::Finished) };
+    if batch.status.is_terminal() {
+        // Finished meanwhile (by another proxy sharing the store): nothing to do.
+        return Ok(Ended::Finished);
+    }
     let spec: Spec = spec.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
     let batch_require = spec.require.as_deref().and_then(|r| Requirements::parse(r).ok());
     let window_secs = fulcrum_batch::object::window_secs(&batch.completion_window).unwrap_or(86_400);
@@ -78,11 +99,39 @@ pub(super) async fn run(batches: &Arc<Batches>, id: &str, running: &Running) -> 
     let mut recorded = 0u64;
     let started = tokio::time::Instant::now();
     let max_attempts = batches.config().max_attempts.max(1);
+    let shared = batches.is_shared();
+    let mut polled = tokio::time::Instant::now();
+    // Why the loop ended without a status to finish with.
+    let mut ended = Ended::Finished;
+    let mut finished_elsewhere = false;
 
     while final_status.is_none() {
+        if running.stop.load(Ordering::Acquire) || !batches.holds(id) {
+            ended = Ended::Stopped;
+            break;
+        }
         if running.cancel.load(Ordering::Acquire) {
             final_status = Some(Status::Cancelled);
             break;
+        }
+        if shared && polled.elapsed() >= POLL_EVERY {
+            polled = tokio::time::Instant::now();
+            let key = id.to_owned();
+            match blocking(batches.store(), move |s| s.batch(&key)).await?.map(|b| b.status) {
+                Some(Status::Cancelling) => {
+                    final_status = Some(Status::Cancelled);
+                    break;
+                }
+                Some(status) if status.is_terminal() => {
+                    finished_elsewhere = true;
+                    break;
+                }
+                None => {
+                    finished_elsewhere = true;
+                    break;
+                }
+                Some(_) => {}
+            }
         }
         if unix_now() >= expires_at {
             final_status = Some(Status::Expired);
@@ -170,13 +219,25 @@ pub(super) async fn run(batches: &Arc<Batches>, id: &str, running: &Running) -> 
         }
     }
     flush(batches, id, &mut done).await?;
+    if ended == Ended::Stopped || finished_elsewhere {
+        return Ok(ended);
+    }
 
     let status = final_status.unwrap_or(Status::Completed);
     let key = id.to_owned();
     if status == Status::Completed {
-        batch.set_status(Status::Finalizing, unix_now());
-        let b = batch.clone();
-        blocking(batches.store(), move |s| s.save_batch(&b)).await?;
+        // In one transaction: a batch finished by another proxy meanwhile stays finished.
+        let key = id.to_owned();
+        blocking(batches.store(), move |s| {
+            s.update_batch(&key, |b| {
+                let go = !b.status.is_terminal();
+                if go {
+                    b.set_status(Status::Finalizing, unix_now());
+                }
+                go
+            })
+        })
+        .await?;
     }
     batch = blocking(batches.store(), move |s| {
         let mut b = s.batch(&key)?.unwrap_or(batch);
@@ -191,7 +252,7 @@ pub(super) async fn run(batches: &Arc<Batches>, id: &str, running: &Running) -> 
     })
     .await?;
     tracing::info!(batch = %id, status = ?batch.status, completed = batch.request_counts.completed, failed = batch.request_counts.failed, "batch finished");
-    Ok(())
+    Ok(Ended::Finished)
 }
 
 async fn flush(batches: &Batches, id: &str, done: &mut Vec<Done>) -> Result<usize, StoreError> {

@@ -19,19 +19,19 @@ fn fulcrum() -> Command {
 }
 
 /// A directory of its own for each test, removed at the end.
-struct Dir(fulcrum_testkit::certs::Dir);
+pub(super) struct Dir(fulcrum_testkit::certs::Dir);
 
 impl Dir {
-    fn new(tag: &str) -> Dir {
+    pub(super) fn new(tag: &str) -> Dir {
         Dir(fulcrum_testkit::certs::Dir::new(&format!("batch-{tag}")))
     }
-    fn path(&self, name: &str) -> PathBuf {
+    pub(super) fn path(&self, name: &str) -> PathBuf {
         self.0.path().join(name)
     }
 }
 
 /// A fast mock engine; `labels` are the endpoint's labels in the proxy's configuration.
-fn mock(seed: u64) -> MockChild {
+pub(super) fn mock(seed: u64) -> MockChild {
     let seed = seed.to_string();
     let args = ["--port", "0", "--speed", "50", "--seed", &seed, "--output-len-median", "4"];
     MockChild::spawn(&args.map(str::to_owned))
@@ -82,7 +82,7 @@ impl Drop for Served {
 }
 
 /// One HTTP/1.1 exchange (`Connection: close`): status and body.
-fn http(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Vec<u8>) {
+pub(super) fn http(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
     let head = format!(
@@ -116,12 +116,12 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
-fn json(addr: SocketAddr, method: &str, path: &str, body: &Value) -> (u16, Value) {
+pub(super) fn json(addr: SocketAddr, method: &str, path: &str, body: &Value) -> (u16, Value) {
     let (status, body) = http(addr, method, path, "application/json", body.to_string().as_bytes());
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
-fn upload(addr: SocketAddr, content: &[u8]) -> String {
+pub(super) fn upload(addr: SocketAddr, content: &[u8]) -> String {
     let b = "fulcrumtestboundary";
     let mut body = format!(
         "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
@@ -136,7 +136,7 @@ fn upload(addr: SocketAddr, content: &[u8]) -> String {
     v["id"].as_str().expect("file id").to_owned()
 }
 
-fn chat_lines(n: usize) -> Vec<u8> {
+pub(super) fn chat_lines(n: usize) -> Vec<u8> {
     (0..n)
         .map(|i| {
             format!(
@@ -148,7 +148,7 @@ fn chat_lines(n: usize) -> Vec<u8> {
 }
 
 /// `custom_id` to how many times it appears in JSON lines.
-fn count_ids(text: &[u8], into: &mut HashMap<String, u32>) {
+pub(super) fn count_ids(text: &[u8], into: &mut HashMap<String, u32>) {
     for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         let v: Value = serde_json::from_slice(line).expect("a JSON line");
         *into.entry(v["custom_id"].as_str().expect("custom_id").to_owned()).or_default() += 1;

@@ -5,6 +5,7 @@
 mod ai_routing;
 mod autoscale;
 mod batch;
+mod batch_mesh;
 mod chaos;
 mod child;
 mod cli;
