@@ -276,7 +276,7 @@ impl Connector {
     /// The TLS handshake over a connected `tcp` to `address`.
     pub(crate) async fn handshake(&self, address: SocketAddr, tcp: TcpStream) -> io::Result<Stream> {
         let name = self.server_name.clone().unwrap_or_else(|| ServerName::IpAddress(address.ip().into()));
-        let tls = tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp).await?;
+        let tls = tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, Tcp(tcp)).await?;
         Ok(Stream::Tls(Box::new(tls)))
     }
 }
@@ -298,7 +298,7 @@ pub(crate) async fn dial(address: SocketAddr, tls: Option<&Connector>) -> io::Re
 #[derive(Debug)]
 pub(crate) enum Stream {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::client::TlsStream<Tcp>>),
 }
 
 impl Stream {
@@ -306,7 +306,7 @@ impl Stream {
     pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
+            Stream::Tls(s) => &s.get_ref().0.0,
         }
     }
 }
@@ -358,6 +358,53 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+// === impl Tcp ===
+
+/// The TCP connection under rustls. rustls hands its records over as a vectored write; a
+/// single buffer (a small response is one record) goes out with `send(2)`, as plain
+/// connections' writes do, since `writev(2)` costs the kernel more for one buffer (its VFS
+/// path: about 0.4 µs a call more on the proxy benchmark's machine, 2% of a TLS request).
+#[derive(Debug)]
+pub(crate) struct Tcp(pub(crate) TcpStream);
+
+impl AsyncRead for Tcp {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tcp {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let tcp = &mut self.get_mut().0;
+        let mut full = bufs.iter().filter(|b| !b.is_empty());
+        match (full.next(), full.next()) {
+            (Some(one), None) => Pin::new(tcp).poll_write(cx, one),
+            (None, _) => Poll::Ready(Ok(0)),
+            _ => Pin::new(tcp).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 

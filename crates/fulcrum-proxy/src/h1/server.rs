@@ -109,7 +109,7 @@ pub(crate) async fn serve_tls(
 ) {
     let loaded = tls.current();
     let acceptor = tokio_rustls::TlsAcceptor::from(loaded.server.clone());
-    let stream = match tokio::time::timeout(loaded.handshake_timeout, acceptor.accept(stream)).await {
+    let stream = match tokio::time::timeout(loaded.handshake_timeout, acceptor.accept(crate::tls::Tcp(stream))).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(peer = %client.peer, error = %e, "TLS handshake failed");
@@ -222,7 +222,7 @@ impl ClientIo for TcpStream {
     }
 }
 
-impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+impl ClientIo for tokio_rustls::server::TlsStream<crate::tls::Tcp> {
     fn poll_gone(&mut self, rbuf: &mut InBuf, cx: &mut Context<'_>) -> Poll<()> {
         // Through rustls (a close_notify or the end of the TCP stream): a read that would
         // wait is pending, and registers the waker.
