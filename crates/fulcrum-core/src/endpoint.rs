@@ -254,6 +254,8 @@ pub struct LoadSignals {
     /// `in_flight` when the engine last reported: the rest of its report is others' load
     /// (see [`LoadSignals::engine_requests`]).
     in_flight_at_report: AtomicU64,
+    /// `background` when the engine last reported: its part of the report.
+    background_at_report: AtomicU64,
     /// What its answers taught about its speed.
     perf: perf::PerfModel,
     /// Uncached prompt tokens of requests sent here that have not had their first token.
@@ -290,6 +292,7 @@ impl LoadSignals {
             circuit_open_until: AtomicU64::new(0),
             engine: EngineSignals::new(),
             in_flight_at_report: AtomicU64::new(0),
+            background_at_report: AtomicU64::new(0),
             perf: perf::PerfModel::default(),
             prefilling: AtomicU64::new(0),
             background: AtomicU64::new(0),
@@ -441,6 +444,7 @@ impl LoadSignals {
     /// feeds dynamic weights: a scraper may call both.
     pub fn report_engine(&self, waiting: u32, running: u32, kv_usage: f64, now: Instant) {
         self.in_flight_at_report.store(self.in_flight(), Ordering::Relaxed);
+        self.background_at_report.store(self.background(), Ordering::Relaxed);
         self.engine.report(waiting, running, kv_usage, now);
         self.perf.engine_report(waiting, running);
     }
@@ -456,17 +460,25 @@ impl LoadSignals {
         self.engine.get(now, max_age)
     }
 
-    /// The requests at the engine (running and waiting): as it last reported, or more when
-    /// some of them came from elsewhere (other balancers, or requests this one gave up on)
-    /// and this balancer has sent more since: then its own requests now plus those others.
-    /// `None` without a report younger than `max_age`. A report is up to a scrape interval
-    /// old: read as it is, an endpoint that others load looked as loaded until the next one
-    /// however many requests it was sent meanwhile.
-    pub fn engine_requests(&self, now: Instant, max_age: Duration) -> Option<u64> {
+    /// The requests at the engine (running and waiting) that a new request waits behind:
+    /// as it last reported, or more when some of them came from elsewhere (other balancers,
+    /// or requests this one gave up on) and this balancer has sent more since: then its own
+    /// requests now plus those others. For an interactive request (`background` false) the
+    /// background requests are left out, the report's as they were when it was taken and the
+    /// balancer's as they are now: the engine runs them behind it. `None` without a report
+    /// younger than `max_age`.
+    ///
+    /// A report is up to a scrape interval old. Read as it is, an endpoint that others load
+    /// looked as loaded until the next one however many requests it was sent meanwhile; and
+    /// with the background requests of now taken from it, one whose batch requests had ended
+    /// since looked busy with interactive ones, and was passed over while the others filled.
+    pub fn engine_requests(&self, now: Instant, max_age: Duration, background: bool) -> Option<u64> {
         let r = self.engine(now, max_age)?;
         let reported = u64::from(r.running) + u64::from(r.waiting);
         let others = reported.saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed));
-        Some(reported.max(self.in_flight() + others))
+        let (then, now) =
+            if background { (0, 0) } else { (self.background_at_report.load(Ordering::Relaxed), self.background()) };
+        Some(reported.saturating_sub(then).max(self.in_flight().saturating_sub(now) + others))
     }
 
     /// Forgets the engine's report (the scrape failed or the endpoint stopped exporting).
@@ -847,27 +859,45 @@ mod tests {
     }
 
     #[test]
+    fn engine_reports_leave_out_background_requests_as_they_were_then() {
+        let s = signals();
+        let pool = Arc::new(PoolLoad::default());
+        let at = Instant::from_millis(1_000);
+        let age = Duration::from_secs(2);
+        let start = || InFlight::start(s.clone(), pool.clone(), 1, at);
+        let interactive: Vec<_> = (0..3).map(|_| start()).collect();
+        let mut batch: Vec<_> = (0..6).map(|_| start().in_background(true)).collect();
+        s.report_engine(1, 8, 0.5, at);
+        assert_eq!((s.engine_requests(at, age, false), s.engine_requests(at, age, true)), (Some(3), Some(9)));
+        // Five batch requests end before the next report: the interactive ones ahead are
+        // still 3 (not the report's 9 less the one batch request left).
+        batch.truncate(1);
+        assert_eq!(s.engine_requests(at, age, false), Some(3));
+        drop((interactive, batch));
+    }
+
+    #[test]
     fn engine_reports_count_others_load_beside_what_was_sent_since() {
         let s = signals();
         let pool = Arc::new(PoolLoad::default());
         let at = Instant::from_millis(1_000);
         let age = Duration::from_secs(2);
-        assert_eq!(s.engine_requests(at, age), None);
+        assert_eq!(s.engine_requests(at, age, true), None);
         let old = InFlight::start(s.clone(), pool.clone(), 1, at);
         // One of ours and 5 from elsewhere at the engine.
         s.report_engine(2, 4, 0.5, at);
-        assert_eq!(s.engine_requests(at, age), Some(6));
+        assert_eq!(s.engine_requests(at, age, true), Some(6));
         let sent: Vec<_> = (0..3).map(|_| InFlight::start(s.clone(), pool.clone(), 1, at)).collect();
-        assert_eq!(s.engine_requests(at, age), Some(9));
+        assert_eq!(s.engine_requests(at, age, true), Some(9));
         // Ended since: the report stands until the next.
         drop(old);
         drop(sent);
-        assert_eq!(s.engine_requests(at, age), Some(6));
+        assert_eq!(s.engine_requests(at, age, true), Some(6));
         // Only ours at the engine (or fewer: some on their way): ours count.
         let ours: Vec<_> = (0..4).map(|_| InFlight::start(s.clone(), pool.clone(), 1, at)).collect();
         s.report_engine(0, 3, 0.5, at);
-        assert_eq!(s.engine_requests(at, age), Some(4));
+        assert_eq!(s.engine_requests(at, age, true), Some(4));
         drop(ours);
-        assert_eq!(s.engine_requests(at, age), Some(3));
+        assert_eq!(s.engine_requests(at, age, true), Some(3));
     }
 }

@@ -100,8 +100,11 @@ pub fn predict_now(e: &Endpoint, perf: &Perf, uncached: u64, now: Instant, engin
 
 /// [`predict_now`] for a request in the background or not: an interactive request does not
 /// wait for background requests (the engine runs them behind it), so they are left out of the
-/// requests ahead of it, in flight and in the engine's report alike; a background request
-/// waits for everything.
+/// requests ahead of it, in flight and in the engine's report alike (the report's as they were
+/// when it was taken: see [`LoadSignals::engine_requests`]); a background request waits for
+/// everything.
+///
+/// [`LoadSignals::engine_requests`]: crate::endpoint::LoadSignals::engine_requests
 fn predict_for(
     e: &Endpoint,
     perf: &Perf,
@@ -113,8 +116,8 @@ fn predict_for(
     let s = e.signals();
     let behind = if background { 0 } else { s.background() };
     let mut n = s.in_flight().saturating_sub(behind);
-    if let Some(engine) = s.engine_requests(now, engine_max_age) {
-        n = n.max(engine.saturating_sub(behind));
+    if let Some(engine) = s.engine_requests(now, engine_max_age, background) {
+        n = n.max(engine);
     }
     let queue = match perf.slots {
         0 => 0.0,
