@@ -476,9 +476,10 @@ impl LoadSignals {
         let r = self.engine(now, max_age)?;
         let reported = u64::from(r.running) + u64::from(r.waiting);
         let others = reported.saturating_sub(self.in_flight_at_report.load(Ordering::Relaxed));
-        let (then, now) =
+        // The background requests in the report, and those in flight now.
+        let (reported_behind, behind) =
             if background { (0, 0) } else { (self.background_at_report.load(Ordering::Relaxed), self.background()) };
-        Some(reported.saturating_sub(then).max(self.in_flight().saturating_sub(now) + others))
+        Some(reported.saturating_sub(reported_behind).max(self.in_flight().saturating_sub(behind) + others))
     }
 
     /// Forgets the engine's report (the scrape failed or the endpoint stopped exporting).
