@@ -147,6 +147,20 @@ pub(super) fn chat_lines(n: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// `custom_id` to how many times it appears in a finished batch's output and error files,
+/// downloaded through `addr`.
+pub(super) fn ids_in_results(addr: SocketAddr, batch: &Value) -> HashMap<String, u32> {
+    let mut seen = HashMap::new();
+    for key in ["output_file_id", "error_file_id"] {
+        if let Some(f) = batch[key].as_str() {
+            let (status, content) = http(addr, "GET", &format!("/v1/files/{f}/content"), "text/plain", b"");
+            assert_eq!(status, 200);
+            count_ids(&content, &mut seen);
+        }
+    }
+    seen
+}
+
 /// `custom_id` to how many times it appears in JSON lines.
 pub(super) fn count_ids(text: &[u8], into: &mut HashMap<String, u32>) {
     for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
@@ -232,14 +246,7 @@ fn every_custom_id_once_through_three_kill_9s() {
         assert!(Instant::now() < deadline, "batch not completed after the restarts: {b}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut seen = HashMap::new();
-    for key in ["output_file_id", "error_file_id"] {
-        if let Some(f) = batch[key].as_str() {
-            let (status, content) = http(served.addr, "GET", &format!("/v1/files/{f}/content"), "text/plain", b"");
-            assert_eq!(status, 200);
-            count_ids(&content, &mut seen);
-        }
-    }
+    let seen = ids_in_results(served.addr, &batch);
     let missing = (0..N).filter(|i| !seen.contains_key(&format!("req-{i}"))).count();
     let twice = seen.values().filter(|&&n| n > 1).count();
     assert_eq!((seen.len(), missing, twice), (N, 0, 0), "progress at the kills: {progress:?}");

@@ -6,7 +6,6 @@
 //! once. Everything runs on 127.0.0.1: a real etcd (Debian's
 //! `etcd-server`), mock backends and the proxies as child processes, each stopped by its PID.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -17,7 +16,7 @@ use std::time::{Duration, Instant};
 use fulcrum_discovery::testing::Etcd;
 use serde_json::{Value, json};
 
-use super::batch::{Dir, chat_lines, count_ids, http, upload};
+use super::batch::{Dir, chat_lines, ids_in_results, json as json_call, upload};
 use super::child::MockChild;
 
 /// The lease TTL of these tests (the default is 10 s).
@@ -140,10 +139,6 @@ fn admin_get(admin: SocketAddr, path: &str) -> Vec<u8> {
     raw[split..].to_vec()
 }
 
-fn json_call(addr: SocketAddr, method: &str, path: &str, body: &Value) -> (u16, Value) {
-    super::batch::json(addr, method, path, body)
-}
-
 fn create(addr: SocketAddr, n: usize) -> String {
     let file = upload(addr, &chat_lines(n));
     let body = json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"});
@@ -223,14 +218,7 @@ fn batch_mesh_one_proxy_runs_a_batch_and_another_takes_it_over_after_kill_9() {
     }
 
     // Every custom_id once in output + error files.
-    let mut seen = HashMap::new();
-    for key in ["output_file_id", "error_file_id"] {
-        if let Some(f) = batch[key].as_str() {
-            let (status, content) = http(b.addr, "GET", &format!("/v1/files/{f}/content"), "text/plain", b"");
-            assert_eq!(status, 200);
-            count_ids(&content, &mut seen);
-        }
-    }
+    let seen = ids_in_results(b.addr, &batch);
     let missing = (0..N).filter(|i| !seen.contains_key(&format!("req-{i}"))).count();
     let twice = seen.values().filter(|&&n| n > 1).count();
     assert_eq!((seen.len(), missing, twice), (N, 0, 0), "taken over after {took:?}, {at_kill} done at the kill");
