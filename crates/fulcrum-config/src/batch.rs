@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! [batch]
-//! database = "fulcrum-batch.db"   # SQLite file (relative to this file); created if missing
+//! database = "fulcrum-batch.db"   # SQLite file (relative to this file); created if missing,
+//!                                 # or a PostgreSQL server: "postgres://USER@HOST:PORT/DATABASE"
 //! max_file_bytes = 209715200      # largest upload (200 MiB)
 //! max_requests = 50000            # requests in one batch
 //! max_in_flight = 64              # batch requests in flight per pool, at most (default: 4 per endpoint)
@@ -23,11 +24,38 @@ use serde::Deserialize;
 /// Default database file name, in the configuration file's directory.
 pub const DEFAULT_DATABASE: &str = "fulcrum-batch.db";
 
+/// Where files, batches and each request's outcome are kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Database {
+    /// An SQLite file: one proxy, or proxies on one host sharing it.
+    File(PathBuf),
+    /// A PostgreSQL server's URL (`postgres://` or `postgresql://`): proxies on any hosts
+    /// share it.
+    Postgres(String),
+}
+
+impl Database {
+    /// Reads `database`: a URL with a PostgreSQL scheme, else a file path.
+    fn parse(text: &str) -> Result<Database, String> {
+        if text.is_empty() {
+            return Err("must be a file path or a postgres:// URL".into());
+        }
+        let scheme = text.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("postgres" | "postgresql") => Ok(Database::Postgres(text.to_owned())),
+            Some(other) if !other.contains(['/', '\\']) => Err(format!(
+                "`{other}://` is not a database this proxy keeps batches in: use a file path or postgres://"
+            )),
+            _ => Ok(Database::File(PathBuf::from(text))),
+        }
+    }
+}
+
 /// Batch settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchConfig {
-    /// The SQLite database of files, batches and each request's outcome.
-    pub database: PathBuf,
+    /// The database of files, batches and each request's outcome.
+    pub database: Database,
     /// The largest file a client may upload.
     pub max_file_bytes: usize,
     /// Requests in one batch.
@@ -42,7 +70,8 @@ pub struct BatchConfig {
     /// gaps and preempts them for interactive ones; the batches may then fill the engines'
     /// batch slots. `None`: the engines are first come, first served.
     pub engine_priority: Option<i32>,
-    /// Mesh mode (`fulcrum serve --control etcd://...`) with proxies sharing one database:
+    /// Mesh mode (`fulcrum serve --control etcd://...`) with proxies sharing one database (a
+    /// file on one host, or a PostgreSQL server):
     /// the TTL of the etcd lease under which a proxy holds the batches it runs. A proxy that
     /// dies keeps them this long at most before another takes them over.
     pub lease_ttl: Duration,
@@ -58,7 +87,7 @@ pub const MAX_LEASE_TTL: Duration = Duration::from_secs(600);
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
-            database: PathBuf::from(DEFAULT_DATABASE),
+            database: Database::File(PathBuf::from(DEFAULT_DATABASE)),
             max_file_bytes: 200 << 20,
             max_requests: 50_000,
             max_in_flight: None,
@@ -73,7 +102,7 @@ impl Default for BatchConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBatch {
-    pub database: Option<PathBuf>,
+    pub database: Option<String>,
     pub max_file_bytes: Option<usize>,
     pub max_requests: Option<usize>,
     pub max_in_flight: Option<u32>,
@@ -122,17 +151,17 @@ impl RawBatch {
                 d.lease_ttl
             }
         };
-        let database = match self.database {
-            Some(p) if p.as_os_str().is_empty() => {
-                errors.push(("database".to_owned(), "must be a file path".to_owned()));
+        let database = match self.database.as_deref().map(Database::parse) {
+            None => d.database.clone(),
+            Some(Ok(db)) => db,
+            Some(Err(e)) => {
+                errors.push(("database".to_owned(), e));
                 d.database.clone()
             }
-            Some(p) => p,
-            None => d.database.clone(),
         };
-        let database = match dir {
-            Some(dir) if database.is_relative() => dir.join(database),
-            _ => database,
+        let database = match (dir, database) {
+            (Some(dir), Database::File(path)) if path.is_relative() => Database::File(dir.join(path)),
+            (_, database) => database,
         };
         if !errors.is_empty() {
             return Err(errors);
@@ -162,6 +191,17 @@ mod tests {
         let defaults = Config::parse("[batch]\n", None).unwrap().batch.unwrap();
         assert_eq!((defaults.engine_priority, defaults.lease_ttl), (None, super::DEFAULT_LEASE_TTL));
         let ttl = Config::parse("[batch]\nlease_ttl = \"3s\"\n", None).unwrap().batch.unwrap().lease_ttl;
+        let dir = std::path::Path::new("/etc/fulcrum");
+        for (text, db) in [
+            ("postgres://f@db:5432/b", super::Database::Postgres("postgres://f@db:5432/b".into())),
+            ("PostgreSQL://f@db/b", super::Database::Postgres("PostgreSQL://f@db/b".into())),
+            ("state/b.db", super::Database::File(dir.join("state/b.db"))),
+            ("/var/b.db", super::Database::File("/var/b.db".into())),
+        ] {
+            let file = dir.join("fulcrum.toml");
+            let parsed = Config::parse(&format!("[batch]\ndatabase = \"{text}\"\n"), Some(&file)).unwrap();
+            assert_eq!(parsed.batch.unwrap().database, db, "{text}");
+        }
         assert_eq!(ttl, std::time::Duration::from_secs(3));
         for (text, field) in [
             ("engine_priority = 0", "engine_priority"),
@@ -171,6 +211,8 @@ mod tests {
             ("lease_ttl = \"1s\"", "lease_ttl"),
             ("lease_ttl = \"2.5s\"", "lease_ttl"),
             ("lease_ttl = \"10\"", "lease_ttl"),
+            ("database = \"\"", "database"),
+            ("database = \"mysql://db/b\"", "database"),
         ] {
             let err = Config::parse(&format!("[batch]\n{text}\n"), None).unwrap_err().to_string();
             assert!(err.contains(field), "{text}: {err}");

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use fulcrum_config::Config;
-use fulcrum_config::batch::BatchConfig;
+use fulcrum_config::batch::{BatchConfig, Database};
 use fulcrum_proxy::Proxy;
 use fulcrum_proxy::batch::fulcrum_batch::object::Status;
 
@@ -115,7 +115,7 @@ pub fn batch(args: &BatchArgs) -> anyhow::Result<()> {
         std::fs::read(&args.input).with_context(|| format!("--input {}", args.input.display()))?
     };
     config.batch = Some(BatchConfig {
-        database: state.clone(),
+        database: Database::File(state.clone()),
         max_in_flight: args.max_in_flight.or(defaults.max_in_flight),
         ..defaults
     });

@@ -1,8 +1,8 @@
 //! One proxy runs each batch: ownership of batches in mesh mode, with etcd leases.
 //!
-//! Proxies of a mesh whose own files point `[batch] database` at one file share their
-//! batches (the file must be on one host: [`fulcrum_proxy::batch::fulcrum_batch::store`]
-//! says why). Each batch then runs on one proxy at a time, the one that holds its key
+//! Proxies of a mesh whose own files point `[batch] database` at one database share their
+//! batches: one SQLite file for proxies on one host, one PostgreSQL server for proxies on
+//! several ([`fulcrum_proxy::batch::fulcrum_batch::store`] says why). Each batch then runs on one proxy at a time, the one that holds its key
 //! `{control key}/batches/{batch id}` (`/fulcrum/config/batches/batch_...` by default). A
 //! key is created only if absent, in one transaction, under its proxy's lease; its value
 //! names the proxy (host, address, pid).

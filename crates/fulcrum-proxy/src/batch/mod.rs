@@ -2,12 +2,13 @@
 //! the runner that sends each batch's requests through the same request path as clients'
 //! (`run`), in the gaps interactive traffic leaves ([`fulcrum_core::batch`]).
 //!
-//! State lives in the [`Store`] (SQLite, `[batch] database`): a batch survives a restart,
-//! and resumes where it stopped (see [`fulcrum_batch::store`]).
+//! State lives in the [`Store`] (`[batch] database`: an SQLite file, or a PostgreSQL
+//! server): a batch survives a restart, and resumes where it stopped (see
+//! [`fulcrum_batch::store`]).
 //!
-//! **Several proxies, one store.** Proxies of a mesh may share one database file (on one
-//! host: see [`fulcrum_batch::store`]) so that one takes over the batches of another that
-//! died. Each batch then runs on one proxy at a time, the one that holds it: an [`Ownership`]
+//! **Several proxies, one store.** Proxies of a mesh may share one database, an SQLite file
+//! on one host or a PostgreSQL server for proxies on several, so that one takes over the
+//! batches of another that died. Each batch then runs on one proxy at a time, the one that holds it: an [`Ownership`]
 //! given to [`Batches::share`] (mesh mode implements it with etcd leases) is asked before a
 //! batch starts here, at creation, at start and on a cancel, and stops the runners here with
 //! [`Batches::stop_all`] when it loses what it held. Any proxy answers reads and cancels from
@@ -25,7 +26,7 @@ use futures_util::future::BoxFuture;
 
 use fulcrum_batch::object::{Batch, RequestCounts, Status};
 use fulcrum_batch::store::{Store, StoreError};
-use fulcrum_config::batch::BatchConfig;
+use fulcrum_config::batch::{BatchConfig, Database};
 use fulcrum_core::batch::Room;
 use serde::{Deserialize, Serialize};
 
@@ -125,11 +126,17 @@ pub(crate) async fn blocking<T: Send + 'static>(
 impl Batches {
     /// Opens the store.
     pub fn open(config: &BatchConfig) -> Result<Arc<Batches>, StoreError> {
-        if let Some(dir) = config.database.parent().filter(|d| !d.as_os_str().is_empty()) {
-            let _ = std::fs::create_dir_all(dir);
-        }
+        let store = match &config.database {
+            Database::File(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                Store::open(path)?
+            }
+            Database::Postgres(url) => Store::open_postgres(url)?,
+        };
         Ok(Arc::new(Batches {
-            store: Arc::new(Store::open(&config.database)?),
+            store: Arc::new(store),
             config: config.clone(),
             live: OnceLock::new(),
             running: Mutex::new(HashMap::new()),

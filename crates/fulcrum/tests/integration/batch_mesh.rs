@@ -1,10 +1,12 @@
 //! Batches in mesh mode (issue P2.2): two `fulcrum serve --control etcd://...` proxies share
-//! one batch database and one mock fleet. A batch runs only on the proxy that holds it in
+//! one batch database (an SQLite file, or a PostgreSQL server as proxies on several hosts do)
+//! and one mock fleet. A batch runs only on the proxy that holds it in
 //! etcd; killed with SIGKILL, that proxy's batch is taken over by the other within the lease
 //! TTL and a moment, and every `custom_id` is in the output once. A cancel through one proxy
 //! stops a batch that runs on the other; a proxy stopped with SIGTERM hands its batch over at
-//! once. Everything runs on 127.0.0.1: a real etcd (Debian's
-//! `etcd-server`), mock backends and the proxies as child processes, each stopped by its PID.
+//! once. Everything runs on 127.0.0.1: a real etcd (Debian's `etcd-server`), a real
+//! PostgreSQL (Debian's `postgresql`), mock backends and the proxies as child processes, each
+//! stopped by its PID.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -30,8 +32,8 @@ fn slow_mock(seed: u64) -> MockChild {
 }
 
 /// A proxy's own file: its listener and admin API on ports of their own, the shared pools,
-/// and the batch database every proxy of the test shares.
-fn own_file(dir: &Dir, name: &str, endpoints: &[SocketAddr], database: &Path) -> PathBuf {
+/// and the batch database every proxy of the test shares (a path or a URL).
+fn own_file(dir: &Dir, name: &str, endpoints: &[SocketAddr], database: &str) -> PathBuf {
     let endpoints: Vec<String> = endpoints.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
     let text = format!(
         "[proxy]\nadmin = \"127.0.0.1:0\"\n\n\
@@ -39,7 +41,7 @@ fn own_file(dir: &Dir, name: &str, endpoints: &[SocketAddr], database: &Path) ->
          [pool.llm]\nendpoints = [{}]\n\n\
          [batch]\ndatabase = \"{}\"\nmax_in_flight = 4\nlease_ttl = \"{}s\"\n",
         endpoints.join(", "),
-        database.display(),
+        database,
         TTL.as_secs()
     );
     let path = dir.path(name);
@@ -172,15 +174,36 @@ fn start_etcd() -> Option<(tokio::runtime::Runtime, Etcd)> {
 
 #[test]
 fn batch_mesh_one_proxy_runs_a_batch_and_another_takes_it_over_after_kill_9() {
+    let dir = Dir::new("mesh-takeover");
+    let database = dir.path("shared/batches.db");
+    takeover_after_kill_9(&dir, &database.display().to_string());
+}
+
+/// As above, with the batch state in a PostgreSQL server: what proxies on several hosts
+/// share. The two proxies share no file: each has its own directory, and they meet only in
+/// etcd, PostgreSQL and the fleet.
+#[test]
+fn batch_mesh_takeover_with_the_state_in_postgres() {
+    let Some(pg) = fulcrum_testkit::postgres::Postgres::start() else { return };
+    let dir = Dir::new("mesh-takeover-pg");
+    takeover_after_kill_9(&dir, &pg.database("mesh"));
+    // The proxies' directories hold their own files only: no batch state.
+    let files: Vec<String> = std::fs::read_dir(dir.path("."))
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(files.iter().all(|f| f.ends_with(".toml")), "{files:?}");
+}
+
+fn takeover_after_kill_9(dir: &Dir, database: &str) {
     const N: usize = 400;
     let Some((_rt, etcd)) = start_etcd() else { return };
     let control = format!("etcd://127.0.0.1:{}/test/batch-mesh", etcd.port);
-    let dir = Dir::new("mesh-takeover");
-    let database = dir.path("shared/batches.db");
     let fleet = [slow_mock(31), slow_mock(32)];
     let addrs: Vec<SocketAddr> = fleet.iter().map(|m| m.addr).collect();
-    let mut a = Member::start(&own_file(&dir, "a.toml", &addrs, &database), &control);
-    let mut b = Member::start(&own_file(&dir, "b.toml", &addrs, &database), &control);
+    let mut a = Member::start(&own_file(dir, "a.toml", &addrs, database), &control);
+    let mut b = Member::start(&own_file(dir, "b.toml", &addrs, database), &control);
 
     let id = create(a.addr, N);
     // Read through B (the shared store), until a quarter is done and B has had at least two
@@ -231,7 +254,7 @@ fn batch_mesh_a_cancel_through_another_proxy_stops_the_batch_and_sigterm_hands_o
     let Some((_rt, etcd)) = start_etcd() else { return };
     let control = format!("etcd://127.0.0.1:{}/test/batch-mesh-cancel", etcd.port);
     let dir = Dir::new("mesh-cancel");
-    let database = dir.path("batches.db");
+    let database = dir.path("batches.db").display().to_string();
     let fleet = [slow_mock(33)];
     let addrs = [fleet[0].addr];
     let mut a = Member::start(&own_file(&dir, "a.toml", &addrs, &database), &control);
