@@ -152,18 +152,20 @@ impl Proxy {
         let refresher = tokio::spawn(refresh_loop(self.live.clone()));
         let certificates = tokio::spawn(watch_certificates(self.live.clone()));
         let supervisor = tokio::spawn(supervise_pools(self.live.clone()));
-        if let Some(b) = self.live.batches() {
-            // Batches left unfinished by the last run (a crash, a restart) go on.
-            if let Err(e) = b.resume().await {
-                tracing::error!(error = %e, "batches could not be resumed");
-            }
-        }
+        let resumer = self.live.batches().map(|b| {
+            // Batches left unfinished by the last run (a crash, a restart) go on, once the
+            // database answers.
+            tokio::spawn(b.clone().resume_when_reachable())
+        });
         shutdown.await;
         let drain_timeout = self.live.drain_timeout();
         tracing::info!(?drain_timeout, "shutting down: no new connections, draining");
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         refresher.abort();
+        if let Some(r) = resumer {
+            r.abort();
+        }
         certificates.abort();
         supervisor.abort();
         self.live.shutdown_tracing().await;

@@ -44,17 +44,20 @@ pub enum StoreError {
     /// An SQLite query failed (a full disk, a corrupt file).
     #[error("batch database: {0}")]
     Sql(#[from] rusqlite::Error),
-    /// The PostgreSQL server could not be reached, or refused the connection.
+    /// The PostgreSQL server could not be reached, refused the connection, dropped it, or
+    /// failed a query.
     #[cfg(feature = "postgres")]
     #[error("batch database {url}: {source}")]
-    Connect {
+    Server {
         /// Its URL, without the password.
         url: String,
         /// The client's error.
         source: tokio_postgres::Error,
     },
-    /// A PostgreSQL query failed.
+    /// A PostgreSQL error before the store names its server: the store returns
+    /// [`Server`](Self::Server) instead.
     #[cfg(feature = "postgres")]
+    #[doc(hidden)]
     #[error("batch database: {0}")]
     Postgres(#[from] tokio_postgres::Error),
     /// The PostgreSQL server did not answer in time.
@@ -76,6 +79,26 @@ pub enum StoreError {
     /// A stored row did not read back (a database written by another program).
     #[error("batch database: bad row: {0}")]
     Row(#[from] serde_json::Error),
+}
+
+impl StoreError {
+    /// Whether the call may succeed if made again later: the database server was not
+    /// reached, did not answer, dropped the connection, is shutting down or starting, or
+    /// gave up a transaction for a conflict. A query or a row at fault is not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Timeout { .. } => true,
+            #[cfg(feature = "postgres")]
+            StoreError::Server { source, .. } | StoreError::Postgres(source) => match source.as_db_error() {
+                // Not the server's answer: the connection failed.
+                None => true,
+                // Connection exception, operator intervention (a shutdown), transaction
+                // rollback (deadlock, serialization), insufficient resources.
+                Some(db) => ["08", "57", "40", "53"].iter().any(|class| db.code().code().starts_with(class)),
+            },
+            _ => false,
+        }
+    }
 }
 
 /// A request's outcome.
@@ -160,11 +183,15 @@ impl Store {
 
     /// Connects to the PostgreSQL server at `url` (`postgres://user@host:port/database`; the
     /// password, when the URL has none, from `PGPASSWORD`) and creates the tables if missing.
-    /// Fails when this build lacks the cargo feature `postgres`.
-    pub fn open_postgres(url: &str) -> Result<Store, StoreError> {
+    ///
+    /// A server that cannot be reached now (down, a network cut: [`StoreError::is_transient`])
+    /// does not keep the store from opening: the error comes beside it, and the store
+    /// connects at the first call after the server is back. A bad URL, a wrong password or a
+    /// missing database fail; so does a build without the cargo feature `postgres`.
+    pub fn open_postgres(url: &str) -> Result<(Store, Option<StoreError>), StoreError> {
         #[cfg(feature = "postgres")]
         {
-            postgres::Postgres::open(url).map(|p| Store::Postgres(Box::new(p)))
+            postgres::Postgres::open(url).map(|(p, e)| (Store::Postgres(Box::new(p)), e))
         }
         #[cfg(not(feature = "postgres"))]
         {

@@ -1,6 +1,6 @@
 //! The store in a PostgreSQL server (13 or later), shared by proxies on any number of hosts.
 //!
-//! The tables are SQLite's, prefixed `fulcrum_batch_`, created at the first connection if
+//! The tables are SQLite's, prefixed `fulcrum_batch_`, created at each connection if
 //! missing (under an advisory lock, so that proxies starting together do not race). Locks
 //! stand in for SQLite's one writer at a time:
 //! - a read-modify-write of a batch locks its row (`SELECT ... FOR UPDATE`);
@@ -9,7 +9,8 @@
 //!
 //! One connection, taken in turn, driven by a runtime of its own on the calling thread: the
 //! calls stay synchronous, like SQLite's. A connection found closed (the server restarted, a
-//! network cut) is opened again at the next call. Each call has 30 s; one that takes longer
+//! network cut) is opened again at the next call; a server down when the store opens is
+//! reached at the first call after it is back. Each call has 30 s; one that takes longer
 //! fails with [`StoreError::Timeout`] and its connection is dropped.
 //!
 //! The connection is plain TCP: run the server on a network the proxies trust, or behind a
@@ -87,7 +88,10 @@ impl Drop for Postgres {
 }
 
 impl Postgres {
-    pub(super) fn open(url: &str) -> Result<Postgres, StoreError> {
+    /// The store, and the error that kept it from reaching the server now when that may pass
+    /// (the server down, the network cut): it connects at the next call. An error that will
+    /// not pass (a bad URL, a wrong password, no such database) is returned as such.
+    pub(super) fn open(url: &str) -> Result<(Postgres, Option<StoreError>), StoreError> {
         let redacted = redact(url);
         let unusable = |reason: String| StoreError::Unusable { url: redacted.clone(), reason };
         let mut config =
@@ -106,17 +110,16 @@ impl Postgres {
             .build()
             .map_err(|e| unusable(format!("no runtime for its client: {e}")))?;
         let store = Postgres { url: redacted, config, runtime: Some(runtime), client: Mutex::new(None) };
-        // On a thread of its own: the caller may be on an async runtime's thread, where
-        // another runtime cannot block.
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    store.call(async |client| Ok(client.batch_execute(&format!("BEGIN;{SCHEMA}COMMIT;")).await?))
-                })
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e))
-        })?;
-        Ok(store)
+        // Connects (and creates the tables): on a thread of its own, as the caller may be on
+        // an async runtime's thread, where another runtime cannot block.
+        let first = std::thread::scope(|scope| {
+            scope.spawn(|| store.call(async |_| Ok(()))).join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+        });
+        match first {
+            Ok(()) => Ok((store, None)),
+            Err(e) if e.is_transient() => Ok((store, Some(e))),
+            Err(e) => Err(e),
+        }
     }
 
     fn client(&self) -> MutexGuard<'_, Option<Client>> {
@@ -138,8 +141,10 @@ impl Postgres {
                             .config
                             .connect(NoTls)
                             .await
-                            .map_err(|source| StoreError::Connect { url: self.url.clone(), source })?;
+                            .map_err(|source| StoreError::Server { url: self.url.clone(), source })?;
                         tokio::spawn(connection);
+                        // The tables, if missing (cheap when they are there).
+                        client.batch_execute(&format!("BEGIN;{SCHEMA}COMMIT;")).await?;
                         slot.insert(client)
                     }
                 };
@@ -148,6 +153,7 @@ impl Postgres {
             .await
         });
         match result {
+            Ok(Err(StoreError::Postgres(source))) => Err(StoreError::Server { url: self.url.clone(), source }),
             Ok(r) => r,
             Err(_) => {
                 // The call was abandoned midway: its connection's state is unknown.

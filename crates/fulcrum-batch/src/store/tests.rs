@@ -20,7 +20,11 @@ impl Db {
         match self {
             Db::File(dir) => Store::open(&dir.join("b.db")).unwrap(),
             #[cfg(feature = "postgres")]
-            Db::Postgres(_, url) => Store::open_postgres(url).unwrap(),
+            Db::Postgres(_, url) => {
+                let (store, unreachable) = Store::open_postgres(url).unwrap();
+                assert!(unreachable.is_none(), "{unreachable:?}");
+                store
+            }
         }
     }
 }
@@ -217,9 +221,31 @@ fn a_bad_postgres_url_or_an_unreachable_server_names_what_is_wrong() {
     assert!(e.contains("not a PostgreSQL URL") && e.contains("u:***@") && !e.contains("pw"), "{e}");
     let e = Store::open_postgres("postgres://127.0.0.1:1/b").unwrap_err().to_string();
     assert!(e.contains("names no user"), "{e}");
-    // Port 1: nothing listens there.
-    let e = Store::open_postgres("postgres://u:pw@127.0.0.1:1/b").unwrap_err().to_string();
+    // Port 1: nothing listens there. The store opens, and says why it has no connection.
+    let (s, e) = Store::open_postgres("postgres://u:pw@127.0.0.1:1/b").unwrap();
+    let e = e.expect("no server").to_string();
     assert!(e.starts_with("batch database postgres://u:***@127.0.0.1:1/b: ") && !e.contains("pw"), "{e}");
+    let e = s.counts("batch_x").unwrap_err();
+    assert!(e.is_transient() && e.to_string().starts_with("batch database postgres://u:***@"), "{e}");
+    // A server that answers with a refusal that will not pass fails the open.
+    let Some(pg) = fulcrum_testkit::postgres::Postgres::start() else { return };
+    let e = Store::open_postgres(&format!("postgres://fulcrum@127.0.0.1:{}/nosuch", pg.port)).unwrap_err();
+    assert!(!e.is_transient() && e.to_string().contains("nosuch"), "{e}");
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn a_store_opened_while_the_server_is_down_connects_when_it_is_back() {
+    let Some(mut pg) = fulcrum_testkit::postgres::Postgres::start() else { return };
+    let url = pg.database("later");
+    pg.stop();
+    let (s, e) = Store::open_postgres(&url).unwrap();
+    assert!(e.is_some_and(|e| e.is_transient()));
+    pg.restart();
+    // The tables are created at the first connection.
+    let b = new_batch(&s, 0);
+    s.create_batch(&b, "{}", &tasks(2)).unwrap();
+    assert_eq!(s.counts(&b.id).unwrap().total, 2);
 }
 
 #[cfg(feature = "postgres")]
@@ -227,7 +253,7 @@ fn a_bad_postgres_url_or_an_unreachable_server_names_what_is_wrong() {
 fn a_store_reconnects_after_the_server_restarts() {
     let Some(mut pg) = fulcrum_testkit::postgres::Postgres::start() else { return };
     let url = pg.database("restart");
-    let s = Store::open_postgres(&url).unwrap();
+    let (s, _) = Store::open_postgres(&url).unwrap();
     let b = new_batch(&s, 0);
     s.create_batch(&b, "{}", &tasks(3)).unwrap();
     pg.restart();

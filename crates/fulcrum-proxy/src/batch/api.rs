@@ -66,9 +66,11 @@ impl Refused {
         Refused::new(StatusCode::NOT_FOUND, "not_found", None, format!("no {what} with id `{id}`"))
     }
 
+    /// The store failed: 503 when that may pass (its server does not answer), else 500.
     pub(crate) fn store(e: StoreError) -> Self {
         tracing::error!(error = %e, "batch store failed");
-        Refused::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, e.to_string())
+        let status = if e.is_transient() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::INTERNAL_SERVER_ERROR };
+        Refused::new(status, "server_error", None, e.to_string())
     }
 
     fn response(&self) -> Response {

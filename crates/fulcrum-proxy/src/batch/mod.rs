@@ -106,6 +106,12 @@ pub struct Batches {
     ownership: OnceLock<Arc<dyn Ownership>>,
 }
 
+/// The wait before trying the database again after `attempt` calls in a row failed for
+/// lack of an answer: 1 s, doubled each time, up to 30 s.
+fn retry_delay(attempt: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(1 << attempt.min(5)).min(std::time::Duration::from_secs(30))
+}
+
 /// Unix seconds now.
 pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
@@ -133,7 +139,13 @@ impl Batches {
                 }
                 Store::open(path)?
             }
-            Database::Postgres(url) => Store::open_postgres(url)?,
+            Database::Postgres(url) => {
+                let (store, unreachable) = Store::open_postgres(url)?;
+                if let Some(e) = unreachable {
+                    tracing::warn!(error = %e, "batch database unreachable; batches wait for it, other traffic does not");
+                }
+                store
+            }
         };
         Ok(Arc::new(Batches {
             store: Arc::new(store),
@@ -180,6 +192,27 @@ impl Batches {
     /// holds it with a shared one.
     fn holds(&self, id: &str) -> bool {
         self.ownership.get().is_none_or(|o| o.holds(id))
+    }
+
+    /// Resumes every unfinished batch ([`resume`](Self::resume)), trying again while the
+    /// database does not answer (every second at first, then up to every 30 s).
+    pub async fn resume_when_reachable(self: Arc<Self>) {
+        let mut attempt = 0u32;
+        loop {
+            match self.resume().await {
+                Ok(_) => return,
+                Err(e) if e.is_transient() => {
+                    let delay = retry_delay(attempt);
+                    tracing::warn!(error = %e, retry_in = ?delay, "batches not resumed yet: the database did not answer");
+                    tokio::time::sleep(delay).await;
+                    attempt = attempt.saturating_add(1);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "batches could not be resumed");
+                    return;
+                }
+            }
+        }
     }
 
     /// Resumes every unfinished batch (at start); when the store is shared, those this
@@ -259,6 +292,12 @@ impl Batches {
     /// Starts the runner of batch `id`, unless one runs. When the store is shared, the
     /// caller holds the batch.
     pub fn start(self: &Arc<Self>, id: &str) {
+        self.start_attempt(id, 0);
+    }
+
+    /// Starts a runner; `attempt` counts the runs that ended because the database did not
+    /// answer, and sets the wait before the next one.
+    fn start_attempt(self: &Arc<Self>, id: &str, attempt: u32) {
         let running = {
             let mut map = lock(&self.running);
             if map.contains_key(id) {
@@ -272,10 +311,16 @@ impl Batches {
         let id = id.to_owned();
         tokio::spawn(async move {
             let ended = run::run(&this, &id, &running).await;
+            let mut retry = None;
             match &ended {
                 Ok(run::Ended::Finished) => {}
                 Ok(run::Ended::Stopped) => {
                     tracing::warn!(batch = %id, "batch stopped here: this proxy no longer holds it")
+                }
+                Err(e) if e.is_transient() && !running.stop.load(Ordering::Acquire) => {
+                    let delay = retry_delay(attempt);
+                    tracing::error!(batch = %id, error = %e, retry_in = ?delay, "batch paused: the database did not answer");
+                    retry = Some(delay);
                 }
                 Err(e) => {
                     tracing::error!(batch = %id, error = %e, "batch stopped; it resumes at the next start")
@@ -292,6 +337,17 @@ impl Batches {
             }
             if let (Ok(run::Ended::Finished), Some(owner)) = (&ended, this.ownership.get()) {
                 owner.release(&id).await;
+            }
+            if let Some(delay) = retry {
+                tokio::time::sleep(delay).await;
+                // In mesh mode, only if this proxy still holds it (the claim rounds may have
+                // started it again meanwhile: then this start does nothing).
+                if let Some(owner) = this.ownership.get()
+                    && !owner.claim(&id).await
+                {
+                    return;
+                }
+                this.start_attempt(&id, attempt.saturating_add(1));
             }
         });
     }

@@ -1,7 +1,8 @@
 //! Batches end to end (issue P2.2): the official `openai` client against the Batch API, a
 //! 10,000-request batch through three `kill -9`s of the proxy, constraints, bad input, and
-//! `fulcrum batch` with `--resume` after its own `kill -9`. Everything runs as child
-//! processes on 127.0.0.1: mock backends, `fulcrum serve`, `fulcrum batch`, Python.
+//! `fulcrum batch` with `--resume` after its own `kill -9`, and a PostgreSQL outage mid-batch.
+//! Everything runs as child processes on 127.0.0.1: mock backends, `fulcrum serve`, `fulcrum
+//! batch`, Python, PostgreSQL.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -539,4 +540,73 @@ fn engine_priority_reaches_the_engines() {
     let (summary, errors) = run(&with_priority("b.toml", b.addr), "b.jsonl");
     assert!(summary.contains("40 failed"), "{summary}");
     assert!(errors.contains("priority scheduling"), "{errors}");
+}
+
+/// A standalone proxy with its batch state in PostgreSQL: the server stops mid-batch and
+/// starts again. Meanwhile interactive requests are served, the Batch API answers 503 naming
+/// the database, and the batch pauses; once the server is back it goes on and completes with
+/// every `custom_id` once.
+#[test]
+fn a_batch_waits_out_a_database_outage() {
+    const N: usize = 300;
+    let Some(mut pg) = fulcrum_testkit::postgres::Postgres::start() else { return };
+    let url = pg.database("outage");
+    let dir = Dir::new("pg-outage");
+    let args = ["--port", "0", "--speed", "0.1", "--seed", "41", "--output-len-median", "4"];
+    let engine = MockChild::spawn(&args.map(str::to_owned));
+    let text = format!(
+        "[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\npool = \"llm\"\n\n\
+         [pool.llm]\nendpoints = [{{ address = \"{}\" }}]\n\n[batch]\ndatabase = \"{url}\"\nmax_in_flight = 4\n",
+        engine.addr
+    );
+    let config = dir.path("fulcrum.toml");
+    std::fs::write(&config, text).expect("config");
+    let served = Served::start(&config);
+    let file = upload(served.addr, &chat_lines(N));
+    let body =
+        serde_json::json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "1h"});
+    let (status, batch) = json(served.addr, "POST", "/v1/batches", &body);
+    assert_eq!(status, 200, "{batch}");
+    let id = batch["id"].as_str().expect("id").to_owned();
+    let done = |b: &Value| {
+        b["request_counts"]["completed"].as_u64().unwrap_or(0) + b["request_counts"]["failed"].as_u64().unwrap_or(0)
+    };
+    let started = Instant::now();
+    loop {
+        let (_, b) = json(served.addr, "GET", &format!("/v1/batches/{id}"), &Value::Null);
+        if done(&b) >= 30 {
+            assert!(done(&b) < N as u64 / 2, "the batch ran too fast to be cut midway: {b}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the batch does not progress: {b}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    pg.stop();
+    let (status, b) = json(served.addr, "GET", &format!("/v1/batches/{id}"), &Value::Null);
+    assert_eq!(status, 503, "{b}");
+    assert!(b["error"]["message"].as_str().is_some_and(|m| m.contains("batch database postgres://")), "{b}");
+    let chat =
+        serde_json::json!({"model": "mock-llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    for _ in 0..3 {
+        let (status, answer) = json(served.addr, "POST", "/v1/chat/completions", &chat);
+        assert_eq!(status, 200, "interactive traffic goes on without the batch database: {answer}");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    pg.restart();
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let batch = loop {
+        let (status, b) = json(served.addr, "GET", &format!("/v1/batches/{id}"), &Value::Null);
+        if status == 200 && b["status"] == "completed" {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "the batch did not complete after the database came back: {b}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let seen = ids_in_results(served.addr, &batch);
+    let missing = (0..N).filter(|i| !seen.contains_key(&format!("req-{i}"))).count();
+    let twice = seen.values().filter(|&&n| n > 1).count();
+    assert_eq!((seen.len(), missing, twice), (N, 0, 0), "{batch}");
+    assert_eq!(batch["request_counts"]["completed"], N as u64, "{batch}");
 }
