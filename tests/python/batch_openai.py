@@ -62,6 +62,14 @@ assert set(seen) == {l["custom_id"] for l in lines}, "the output does not answer
 page = client.batches.list(limit=1)
 assert page.data[0].id == b.id, page
 
+# Files list newest first; the output file is there under its purpose, the input under its.
+outputs = [x.id for x in client.files.list(purpose="batch_output")]
+assert outputs == [b.output_file_id], outputs
+inputs = client.files.list(purpose="batch", order="asc", limit=1)
+assert [x.id for x in inputs.data] == [f.id] and inputs.has_more is False, inputs
+every = [x.id for x in client.files.list()]
+assert every == [b.output_file_id, f.id], every
+
 # Bad calls get OpenAI-shaped errors.
 try:
     client.batches.create(input_file_id="file-missing", endpoint="/v1/chat/completions", completion_window="24h")

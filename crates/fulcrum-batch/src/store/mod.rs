@@ -233,6 +233,19 @@ impl Store {
         each!(self, s => s.file_content(id))
     }
 
+    /// Files, newest first (or oldest first: `ascending`), of one purpose or all, after the
+    /// one named `after` (OpenAI's cursor; an unknown one starts from the first); and whether
+    /// more follow.
+    pub fn list_files(
+        &self,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        ascending: bool,
+    ) -> Result<(Vec<FileObject>, bool), StoreError> {
+        page(each!(self, s => s.list_files(purpose, after, limit + 1, ascending))?, limit)
+    }
+
     /// Deletes a file; whether it was there.
     pub fn delete_file(&self, id: &str) -> Result<bool, StoreError> {
         each!(self, s => s.delete_file(id))
@@ -280,11 +293,7 @@ impl Store {
     /// Batches, newest first, after the one named `after` (OpenAI's cursor); and whether more
     /// follow.
     pub fn list_batches(&self, after: Option<&str>, limit: usize) -> Result<(Vec<Batch>, bool), StoreError> {
-        let rows = each!(self, s => s.list_batches(after, limit + 1))?;
-        let mut out = rows.iter().map(|r| serde_json::from_str::<Batch>(r)).collect::<Result<Vec<_>, _>>()?;
-        let more = out.len() > limit;
-        out.truncate(limit);
-        Ok((out, more))
+        page(each!(self, s => s.list_batches(after, limit + 1))?, limit)
     }
 
     /// Batches not yet finished (to resume after a restart), oldest first.
@@ -438,6 +447,14 @@ impl Finish<'_> {
         self.batch.set_status(self.status, self.now);
         Ok(serde_json::to_string(&*self.batch)?)
     }
+}
+
+/// Up to `limit` objects of a listing read with one more row than that (JSON), and whether
+/// more follow.
+fn page<T: serde::de::DeserializeOwned>(rows: Vec<String>, limit: usize) -> Result<(Vec<T>, bool), StoreError> {
+    let more = rows.len() > limit;
+    let out = rows.iter().take(limit).map(|r| serde_json::from_str(r)).collect::<Result<_, _>>()?;
+    Ok((out, more))
 }
 
 /// `url` without its password, for messages and logs.

@@ -35,6 +35,7 @@ const INSERT_CHUNK: usize = 10_000;
 const SCHEMA: &str = "
 SELECT pg_advisory_xact_lock(7262846914771035904);
 CREATE TABLE IF NOT EXISTS fulcrum_batch_files (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
     id TEXT PRIMARY KEY,
     object TEXT NOT NULL,
     content BYTEA NOT NULL
@@ -189,6 +190,27 @@ impl Postgres {
         self.call(async |c| {
             let row = c.query_opt("SELECT content FROM fulcrum_batch_files WHERE id = $1", &[&id]).await?;
             Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    pub(super) fn list_files(
+        &self,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        ascending: bool,
+    ) -> Result<Vec<String>, StoreError> {
+        let (cmp, order, none) = if ascending { (">", "ASC", 0) } else { ("<", "DESC", i64::MAX) };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let query = format!(
+            "SELECT object FROM fulcrum_batch_files
+             WHERE seq {cmp} coalesce((SELECT seq FROM fulcrum_batch_files WHERE id = $1), $2)
+               AND ($3::text IS NULL OR object::jsonb ->> 'purpose' = $3)
+             ORDER BY seq {order} LIMIT $4"
+        );
+        self.call(async |c| {
+            let rows = c.query(&query, &[&after, &none, &purpose, &limit]).await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
         })
     }
 

@@ -106,6 +106,30 @@ impl Sqlite {
         Ok(self.conn().query_row("SELECT content FROM files WHERE id = ?1", [id], |r| r.get(0)).optional()?)
     }
 
+    pub(super) fn list_files(
+        &self,
+        purpose: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        ascending: bool,
+    ) -> Result<Vec<String>, StoreError> {
+        // Upload order is rowid order (the table has a rowid; ids are random).
+        let (cmp, order, none) = if ascending { (">", "ASC", 0) } else { ("<", "DESC", i64::MAX) };
+        let conn = self.conn();
+        let from = match after {
+            Some(id) => {
+                conn.query_row("SELECT rowid FROM files WHERE id = ?1", [id], |r| r.get::<_, i64>(0)).optional()?
+            }
+            None => None,
+        };
+        let mut stmt = conn.prepare(&format!(
+            "SELECT object FROM files WHERE rowid {cmp} ?1 AND (?2 IS NULL OR json_extract(object, '$.purpose') = ?2)
+             ORDER BY rowid {order} LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![from.unwrap_or(none), purpose, limit as i64], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub(super) fn delete_file(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self.conn().execute("DELETE FROM files WHERE id = ?1", [id])? > 0)
     }

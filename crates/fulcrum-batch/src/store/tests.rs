@@ -89,6 +89,27 @@ fn files_round_trip_and_delete() {
 }
 
 #[test]
+fn files_list_in_upload_order_by_purpose_and_page() {
+    for db in databases("file-list") {
+        let s = db.open();
+        let ids: Vec<String> = (0..5)
+            .map(|i| s.put_file(if i == 2 { "batch_output" } else { "batch" }, "f", b"x", i).unwrap().id)
+            .collect();
+        let list = |purpose, after, limit, ascending| {
+            let (files, more) = s.list_files(purpose, after, limit, ascending).unwrap();
+            (files.into_iter().map(|f| f.id).collect::<Vec<_>>(), more)
+        };
+        assert_eq!(list(None, None, 10, false), (ids.iter().rev().cloned().collect(), false), "{s:?}");
+        assert_eq!(list(None, None, 2, true), (ids[..2].to_vec(), true), "{s:?}");
+        assert_eq!(list(None, Some(ids[1].as_str()), 2, true), (ids[2..4].to_vec(), true), "{s:?}");
+        let batch_only = list(Some("batch"), Some(ids[4].as_str()), 10, false);
+        assert_eq!(batch_only, (vec![ids[3].clone(), ids[1].clone(), ids[0].clone()], false), "{s:?}");
+        assert_eq!(list(Some("batch_output"), None, 10, true), (vec![ids[2].clone()], false), "{s:?}");
+        assert_eq!(list(Some("none"), None, 10, true), (vec![], false), "{s:?}");
+    }
+}
+
+#[test]
 fn outcomes_are_recorded_once_and_files_hold_each_request_once() {
     for db in databases("outcomes") {
         let s = db.open();

@@ -170,31 +170,24 @@ async fn route(
             let b = create_from_json(batches, ctx, parts, &body).await?;
             Ok(to_json(&b))
         }
+        (&Method::GET, ["v1", "files"]) => {
+            // OpenAI's defaults: up to 10,000, newest first.
+            let q = Listing::read(parts, 10_000, 10_000)?;
+            let (page, more) =
+                blocking(store, move |s| s.list_files(q.purpose.as_deref(), q.after.as_deref(), q.limit, q.ascending))
+                    .await
+                    .map_err(Refused::store)?;
+            Ok(list_reply(&page, |f| &f.id, more))
+        }
         (&Method::GET, ["v1", "batches"]) => {
-            let query = parts.uri.query().unwrap_or("");
-            let mut limit = 20usize;
-            let mut after: Option<String> = None;
-            for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
-                match k {
-                    "limit" => {
-                        limit = v.parse().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| {
-                            Refused::bad("invalid_value", "limit", format!("limit must be from 1 to 100, got `{v}`"))
-                        })?;
-                    }
-                    "after" => after = Some(v.to_owned()),
-                    _ => {}
-                }
+            let q = Listing::read(parts, 20, 100)?;
+            if q.ascending || q.purpose.is_some() {
+                let param = if q.ascending { "order" } else { "purpose" };
+                return Err(Refused::bad("invalid_value", param, "batches list newest first, of every kind"));
             }
             let (page, more) =
-                blocking(store, move |s| s.list_batches(after.as_deref(), limit)).await.map_err(Refused::store)?;
-            let data: Vec<Value> = page.iter().map(value).collect();
-            Ok(Reply::Json(json!({
-                "object": "list",
-                "first_id": page.first().map(|b| &b.id),
-                "last_id": page.last().map(|b| &b.id),
-                "has_more": more,
-                "data": data,
-            })))
+                blocking(store, move |s| s.list_batches(q.after.as_deref(), q.limit)).await.map_err(Refused::store)?;
+            Ok(list_reply(&page, |b| &b.id, more))
         }
         (&Method::GET, ["v1", "batches", id]) => match batches.get(id).await.map_err(Refused::store)? {
             Some(b) => Ok(to_json(&b)),
@@ -211,6 +204,59 @@ async fn route(
             format!("{} {} is not a Batch API call", parts.method, parts.uri.path()),
         )),
     }
+}
+
+/// A listing's query: `limit` (from 1 to the listing's maximum; by default 20 batches or
+/// 10,000 files, as OpenAI's), `after` (a cursor), `order` (`asc` or `desc`), `purpose`.
+struct Listing {
+    limit: usize,
+    after: Option<String>,
+    ascending: bool,
+    purpose: Option<String>,
+}
+
+impl Listing {
+    fn read(parts: &http::request::Parts, default: usize, max: usize) -> Result<Listing, Refused> {
+        let mut q = Listing { limit: default, after: None, ascending: false, purpose: None };
+        for (k, v) in parts.uri.query().unwrap_or("").split('&').filter_map(|kv| kv.split_once('=')) {
+            match k {
+                "limit" => {
+                    q.limit = v.parse().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| {
+                        Refused::bad("invalid_value", "limit", format!("limit must be from 1 to {max}, got `{v}`"))
+                    })?;
+                }
+                "after" => q.after = Some(v.to_owned()),
+                "order" => {
+                    q.ascending = match v {
+                        "asc" => true,
+                        "desc" => false,
+                        _ => {
+                            return Err(Refused::bad(
+                                "invalid_value",
+                                "order",
+                                format!("order must be asc or desc, got `{v}`"),
+                            ));
+                        }
+                    }
+                }
+                "purpose" => q.purpose = Some(v.to_owned()),
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// OpenAI's list object.
+fn list_reply<T: serde::Serialize>(page: &[T], id: impl Fn(&T) -> &String, more: bool) -> Reply {
+    let data: Vec<Value> = page.iter().map(value).collect();
+    Reply::Json(json!({
+        "object": "list",
+        "first_id": page.first().map(&id),
+        "last_id": page.last().map(&id),
+        "has_more": more,
+        "data": data,
+    }))
 }
 
 fn value<T: serde::Serialize>(v: &T) -> Value {

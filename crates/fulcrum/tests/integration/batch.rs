@@ -374,6 +374,10 @@ fn bad_input_gets_clear_errors() {
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")), "{body}");
     let (status, _) = json(served.addr, "GET", "/v1/batches?limit=1000", &Value::Null);
     assert_eq!(status, 400);
+    for (query, param) in [("limit=0", "limit"), ("limit=10001", "limit"), ("order=sideways", "order")] {
+        let (status, body) = json(served.addr, "GET", &format!("/v1/files?{query}"), &Value::Null);
+        assert_eq!((status, body["error"]["param"].as_str()), (400, Some(param)), "{query}: {body}");
+    }
 }
 
 #[test]
