@@ -605,6 +605,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             &state.live.pools(),
             &state.discovery.as_ref().map(|d| d.status().snapshot()).unwrap_or_default(),
             state.mesh.as_ref().map(Mesh::status).as_ref(),
+            state.live.batches().map(|b| b.stats()).as_ref(),
         ),
     )
         .into_response()

@@ -40,6 +40,13 @@ fn gauge(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Floa
     f
 }
 
+/// A counter without labels, at `value`.
+fn single_counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
+}
+
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
@@ -191,7 +198,29 @@ impl ScaleFamilies {
 
 /// The metrics of `pools`, in Prometheus text format.
 pub fn render(pools: &[Arc<PoolRuntime>]) -> String {
-    render_with(pools, &[], None)
+    render_with(pools, &[], None, None)
+}
+
+/// The batch runners' figures (with `[batch]`).
+fn batches(r: &mut Registry, b: &fulcrum_proxy::batch::BatchStats) {
+    let running = FloatGauge::default();
+    running.set(b.running as f64);
+    r.register("fulcrum_batches_running", "Batches whose runners run on this proxy", running);
+    let in_flight = gauge(r, "fulcrum_batch_in_flight", "Batch requests in flight on the pool from this proxy");
+    for (pool, n) in &b.in_flight {
+        in_flight.get_or_create(&labels(&[("pool", pool)])).set(f64::from(*n));
+    }
+    let requests = counter(
+        r,
+        "fulcrum_batch_requests",
+        "Batch requests whose outcome this proxy recorded: answered (2xx, the output file) or failed for good",
+    );
+    requests.get_or_create(&labels(&[("outcome", "answered")])).inc_by(b.answered);
+    requests.get_or_create(&labels(&[("outcome", "failed")])).inc_by(b.failed);
+    let help = "Batch requests sent again after a 429 or 5xx, after a backoff";
+    single_counter(r, "fulcrum_batch_resends", help, b.resends);
+    let help = "Batch runs stopped because the batch database did not answer (each goes on when it does)";
+    single_counter(r, "fulcrum_batch_interruptions", help, b.interruptions);
 }
 
 /// The control plane's own state beside the pools': discovery providers and the mesh link.
@@ -236,15 +265,19 @@ fn control_plane(
     }
 }
 
-/// The metrics of `pools`, the discovery `providers` and the `mesh` link, in Prometheus
-/// text format.
+/// The metrics of `pools`, the discovery `providers`, the `mesh` link and the batch
+/// runners, in Prometheus text format.
 pub fn render_with(
     pools: &[Arc<PoolRuntime>],
     providers: &[fulcrum_discovery::ProviderStatus],
     mesh: Option<&crate::mesh::MeshStatus>,
+    batch: Option<&fulcrum_proxy::batch::BatchStats>,
 ) -> String {
     let mut r = Registry::default();
     control_plane(&mut r, providers, mesh);
+    if let Some(b) = batch {
+        batches(&mut r, b);
+    }
     let requests =
         counter(&mut r, "fulcrum_endpoint_requests", "Requests sent to the endpoint (tries, retries included)");
     let failures = counter(

@@ -19,7 +19,7 @@ pub(crate) mod api;
 mod run;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use futures_util::future::BoxFuture;
@@ -104,6 +104,34 @@ pub struct Batches {
     released: tokio::sync::Notify,
     /// Who runs which batch, when several proxies share the store.
     ownership: OnceLock<Arc<dyn Ownership>>,
+    counters: Counters,
+}
+
+/// What this proxy's runners did (since it started).
+#[derive(Debug, Default)]
+struct Counters {
+    answered: AtomicU64,
+    failed: AtomicU64,
+    resends: AtomicU64,
+    interruptions: AtomicU64,
+}
+
+/// The batches' figures for `/metrics`: this proxy's runners.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Batches whose runners run here now.
+    pub running: usize,
+    /// Batch requests in flight here, by pool.
+    pub in_flight: Vec<(String, u32)>,
+    /// Requests whose outcome this proxy recorded: answered with a 2xx status (the output
+    /// file), and failed for good (the error file).
+    pub answered: u64,
+    /// See `answered`.
+    pub failed: u64,
+    /// Requests sent again after a retryable answer (429, 5xx), after a backoff.
+    pub resends: u64,
+    /// Runs stopped by a database that did not answer (each goes on when it does).
+    pub interruptions: u64,
 }
 
 /// The wait before trying the database again after `attempt` calls in a row failed for
@@ -155,6 +183,7 @@ impl Batches {
             gates: Mutex::new(HashMap::new()),
             released: tokio::sync::Notify::new(),
             ownership: OnceLock::new(),
+            counters: Counters::default(),
         }))
     }
 
@@ -244,6 +273,21 @@ impl Batches {
         lock(&self.running).keys().cloned().collect()
     }
 
+    /// This proxy's runners' figures.
+    pub fn stats(&self) -> BatchStats {
+        let c = &self.counters;
+        let mut in_flight: Vec<(String, u32)> = lock(&self.gates).iter().map(|(p, g)| (p.clone(), g.total)).collect();
+        in_flight.sort();
+        BatchStats {
+            running: lock(&self.running).len(),
+            in_flight,
+            answered: c.answered.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            resends: c.resends.load(Ordering::Relaxed),
+            interruptions: c.interruptions.load(Ordering::Relaxed),
+        }
+    }
+
     /// Stops batch `id`'s runner here without finishing the batch (this proxy no longer
     /// holds it): requests in flight finish and are recorded, the others stay pending for
     /// the proxy that holds it. Whether one ran.
@@ -321,6 +365,7 @@ impl Batches {
                     let delay = retry_delay(attempt);
                     tracing::error!(batch = %id, error = %e, retry_in = ?delay, "batch paused: the database did not answer");
                     retry = Some(delay);
+                    this.counters.interruptions.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::error!(batch = %id, error = %e, "batch stopped; it resumes at the next start")

@@ -202,6 +202,7 @@ pub(super) async fn run(batches: &Arc<Batches>, id: &str, running: &Running) -> 
                 let backoff = Duration::from_millis(500u64 << (sent.attempts - 1).min(6));
                 tracing::debug!(batch = %id, line = sent.item.line, status = sent.status.as_u16(), ?backoff, "batch request sent again later");
                 retries.push((tokio::time::Instant::now() + backoff, sent.item, sent.attempts));
+                batches.counters.resends.fetch_add(1, Ordering::Relaxed);
             } else {
                 done.push(sent.done(&hex));
             }
@@ -260,8 +261,13 @@ async fn flush(batches: &Batches, id: &str, done: &mut Vec<Done>) -> Result<usiz
         return Ok(0);
     }
     let chunk = std::mem::take(done);
+    let answered = chunk.iter().filter(|d| d.outcome == Outcome::Answered).count() as u64;
+    let failed = chunk.len() as u64 - answered;
     let key = id.to_owned();
-    blocking(batches.store(), move |s| s.record(&key, &chunk)).await
+    let new = blocking(batches.store(), move |s| s.record(&key, &chunk)).await?;
+    batches.counters.answered.fetch_add(answered, Ordering::Relaxed);
+    batches.counters.failed.fetch_add(failed, Ordering::Relaxed);
+    Ok(new)
 }
 
 /// Sends one request through the listener's request path, as if a client had; the answer's

@@ -102,6 +102,14 @@ impl Member {
             .sum()
     }
 
+    /// A sample of this proxy's metrics (`name` or `name{labels}`), 0 when absent.
+    fn metric(&self, name: &str) -> f64 {
+        String::from_utf8_lossy(&admin_get(self.admin, "/metrics"))
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// What `GET /control` says of the batches this proxy holds.
     fn held(&self) -> Value {
         let v: Value = serde_json::from_slice(&admin_get(self.admin, "/control")).expect("json");
@@ -220,6 +228,7 @@ fn takeover_after_kill_9(dir: &Dir, database: &str) {
     assert_eq!(b.sent(), 0.0, "B sent requests while A lives");
     assert!(!b.logged("batch claimed", &id) && !b.logged("batch taken over", &id), "{:#?}", b.log());
     assert_eq!((a.held()["held"].as_u64(), b.held()["held"].as_u64()), (Some(1), Some(0)));
+    assert_eq!((a.metric("fulcrum_batches_running"), b.metric("fulcrum_batches_running")), (1.0, 0.0));
 
     // A dies mid-batch; B takes the batch over once A's lease ends, and finishes it.
     a.kill();
@@ -246,6 +255,10 @@ fn takeover_after_kill_9(dir: &Dir, database: &str) {
     let twice = seen.values().filter(|&&n| n > 1).count();
     assert_eq!((seen.len(), missing, twice), (N, 0, 0), "taken over after {took:?}, {at_kill} done at the kill");
     assert_eq!(batch["request_counts"]["total"], N as u64);
+    // B recorded exactly what A had not: its own counters say so.
+    let recorded = b.metric("fulcrum_batch_requests_total{outcome=\"answered\"}")
+        + b.metric("fulcrum_batch_requests_total{outcome=\"failed\"}");
+    assert_eq!(recorded as u64, N as u64 - at_kill, "B's metrics");
     println!("taken over {took:?} after the kill ({at_kill} of {N} done then)");
 }
 
