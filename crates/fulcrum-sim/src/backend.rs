@@ -180,6 +180,8 @@ pub struct Backend {
     rng: SplitMix64,
     seed: u64,
     generation: u64,
+    /// Whether the engine schedules by priority (kept across restarts).
+    priority_scheduling: bool,
 }
 
 impl std::fmt::Debug for Backend {
@@ -200,6 +202,16 @@ impl Backend {
             rng: SplitMix64::new(mix(seed, 0x4552)),
             seed,
             generation: 0,
+            priority_scheduling: false,
+        }
+    }
+
+    /// Priority scheduling in the engine model (vLLM's `--scheduling-policy priority`, see
+    /// [`Engine::set_priority_scheduling`]), now and after every restart; FIFO without.
+    pub fn set_priority_scheduling(&mut self, on: bool) {
+        self.priority_scheduling = on;
+        if let Model::Engine(e) = &mut self.model {
+            e.set_priority_scheduling(on);
         }
     }
 
@@ -220,6 +232,7 @@ impl Backend {
         self.generation += 1;
         self.model = Self::fresh(&self.spec, mix(self.seed, self.generation));
         if let Model::Engine(e) = &mut self.model {
+            e.set_priority_scheduling(self.priority_scheduling);
             e.advance(now);
         }
     }
@@ -245,7 +258,9 @@ impl Backend {
         }
     }
 
-    /// Submits a request at `now`.
+    /// Submits a request at `now`, at the engine's scheduling `priority` (lower first; not 0
+    /// needs [`set_priority_scheduling`](Self::set_priority_scheduling); the exponential model
+    /// ignores it).
     pub fn submit(
         &mut self,
         now: Instant,
@@ -253,11 +268,12 @@ impl Backend {
         block_hashes: Vec<u64>,
         output_tokens: u32,
         seed: u64,
+        priority: i32,
     ) -> Result<SeqId, SubmitError> {
         match &mut self.model {
             Model::Engine(e) => {
                 let prompt = Prompt { tokens: prompt_tokens, block_hashes };
-                e.submit(now, RequestSpec { prompt, max_tokens: Some(output_tokens), seed, priority: 0 })
+                e.submit(now, RequestSpec { prompt, max_tokens: Some(output_tokens), seed, priority })
             }
             Model::Exp(x) => Ok(x.submit(now)),
         }

@@ -7,6 +7,8 @@
 //!   balancer is told, network delay, faults at given times;
 //! - [`workload`]: arrivals (Poisson, on/off bursts, diurnal, a daily profile) and requests (shared-prefix
 //!   multi-turn chat, random prompts, or a JSONL trace);
+//! - [`others`]: traffic from other clients that goes straight to the backends, which the
+//!   balancer sees only in the engines' metrics;
 //! - [`drive`]: every call into the core's routing, behind a narrow interface;
 //! - [`run`](mod@run): the event loop; [`report`]: the figures, the table, the JSON; [`svg`]:
 //!   the plots; [`matrix`]: the scenario matrix.
@@ -33,6 +35,7 @@ pub mod backend;
 pub mod drive;
 pub mod fleet;
 pub mod matrix;
+pub mod others;
 pub mod report;
 pub mod run;
 pub mod svg;

@@ -10,6 +10,8 @@
 //! workload = { requests = 5000, arrival = { load = 0.6 }, prompts = { kind = "chat" } }  # ...or inline
 //! load = 0.6                             # optional: overrides the workload's rate
 //! requests = 5000                        # optional: overrides the workload's count
+//! others = { load = 0.3, spread = "round_robin", priority = 0, prompts = { kind = "random" } }
+//!                                        # optional: traffic straight to the backends (a path or inline)
 //! ```
 //!
 //! Each scenario runs under every policy with the same seed, so the policies see the same
@@ -20,6 +22,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::fleet::Fleet;
+use crate::others::Others;
 use crate::run::Scenario;
 use crate::workload::{Rate, Workload};
 use crate::{SimError, read, toml_from};
@@ -52,6 +55,7 @@ struct RawScenario {
     workload: toml::Value,
     load: Option<f64>,
     requests: Option<u64>,
+    others: Option<toml::Value>,
 }
 
 /// Policies compared when a matrix names none.
@@ -76,8 +80,9 @@ impl Matrix {
         let mut scenarios = Vec::new();
         for (i, s) in raw.scenario.into_iter().enumerate() {
             let field = |f: &str| format!("scenario[{i}].{f}");
-            if !crate::is_name(&s.name) {
-                return Err(SimError::field(field("name"), "use letters, digits, `-`, `_` and `.`"));
+            // `+` too, for a sum of loads (`others-chat-50+30`); names are also file names.
+            if !crate::is_name(&s.name.replace('+', "-")) {
+                return Err(SimError::field(field("name"), "use letters, digits, `-`, `_`, `.` and `+`"));
             }
             let in_scenario = |e: SimError, f: &str| {
                 if e.file.is_some() { e } else { SimError { field: format!("{}.{}", field(f), e.field), ..e } }
@@ -104,7 +109,16 @@ impl Matrix {
                 }
                 workload.requests = n;
             }
-            scenarios.push(Scenario::new(s.name, fleet, workload));
+            let others = match &s.others {
+                None => None,
+                Some(toml::Value::String(p)) => Some(Others::load(&dir.join(p))),
+                Some(v) => Some(Others::parse(&toml_text(v))),
+            }
+            .transpose()
+            .map_err(|e| in_scenario(e, "others"))?;
+            let mut scenario = Scenario::new(s.name, fleet, workload);
+            scenario.others = others;
+            scenarios.push(scenario);
         }
         if scenarios.is_empty() {
             return Err(SimError::field("scenario", "the matrix needs at least one [[scenario]]"));

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::fleet::Fleet;
+use crate::others::OthersReport;
 
 /// Why a request or an attempt failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -132,6 +133,10 @@ pub struct Report {
     pub wait_batches: Vec<(f64, f64)>,
     /// Prompt tokens found in the backends' prefix caches / prompt tokens.
     pub prefix_hit_rate: f64,
+    /// Whether the workload's prompts share leading blocks (system prompts, conversation
+    /// histories, a shared prefix), which prefix-aware routing can exploit; see
+    /// [`Workload::shares_prefixes`](crate::workload::Workload::shares_prefixes).
+    pub shared_prefixes: bool,
     /// Per backend.
     pub backends: Vec<BackendReport>,
     /// Autoscaled fleets: replicas serving over time, `(seconds, count)`.
@@ -140,6 +145,10 @@ pub struct Report {
     /// Autoscaled fleets: each decision that changed the count, `(seconds, words)`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub scaling: Vec<(f64, String)>,
+    /// Traffic from other clients, straight to the backends: its own figures (the ones
+    /// above are the balancer's requests only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub others: Option<OthersReport>,
     /// What the plots draw.
     #[serde(skip)]
     pub plot: PlotData,
@@ -340,9 +349,11 @@ impl Collector {
             idle_while_queued: ratio(self.idle_while_queued, self.samples),
             wait_batches,
             prefix_hit_rate: ratio(self.cached_tokens, self.prompt_tokens),
+            shared_prefixes: true,
             backends,
             replicas: Vec::new(),
             scaling: Vec::new(),
+            others: None,
             plot: PlotData { ttft_sorted, sample_every: sample_every.as_secs_f64(), load: self.load },
         }
     }
@@ -368,7 +379,7 @@ fn ratio(a: u64, b: u64) -> f64 {
 }
 
 /// Sorts `v` and reads its mean and percentiles.
-fn quantiles(v: &mut [f64]) -> Quantiles {
+pub(crate) fn quantiles(v: &mut [f64]) -> Quantiles {
     if v.is_empty() {
         return Quantiles::default();
     }
@@ -434,6 +445,21 @@ pub fn table(reports: &[Report]) -> String {
     for r in reports.iter().filter(|r| r.failed > 0) {
         let reasons: Vec<String> = r.failures.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "{} failures: {}", r.policy, reasons.join(", "));
+    }
+    for r in reports {
+        let Some(o) = &r.others else { continue };
+        let failed = if o.failed > 0 { format!(", {} failed", o.failed) } else { String::new() };
+        let _ = writeln!(
+            out,
+            "{} others (straight to the backends, spread {}, priority {}): {:.2} req/s, {} requests{failed}, ttft p50 {} p99 {}",
+            r.policy,
+            o.spread.as_str(),
+            o.priority,
+            o.offered_rate,
+            o.requests,
+            ms(o.ttft_ms.p50),
+            ms(o.ttft_ms.p99)
+        );
     }
     for r in reports.iter().filter(|r| !r.replicas.is_empty()) {
         let counts = r.replicas.iter().map(|&(_, n)| n);

@@ -23,6 +23,11 @@
 //! backoff). Active health checks and the outlier detector's timers run as the proxy runs
 //! them, so crashed or hung backends are found and routed around as they would be.
 //!
+//! Traffic from other clients ([`crate::others`]) goes into the same backends without the
+//! balancer: an arrival picks a backend that is up, is submitted after the network delay, and
+//! its engine events go to its own table instead of a request's life; the balancer learns of
+//! it only from the scrapes, which read the engines whole.
+//!
 //! Cost: O(log n) per event and per backend wake-up; memory O(requests in flight) plus
 //! 24 bytes per finished request for the percentiles.
 
@@ -40,12 +45,17 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use crate::SimError;
-use crate::autoscale::{Action, Scaler};
+use crate::autoscale::Scaler;
 use crate::backend::{Backend, SeqTable, State};
 use crate::drive::{Attempt, Drive, Facts, Request, Step, endpoint_spec, observed, policy_named};
-use crate::fleet::{FaultKind, Fleet};
+use crate::fleet::Fleet;
+use crate::others::{Direct, Others};
 use crate::report::{Collector, Failure, Report};
 use crate::workload::{Generator, SimRequest, Workload};
+
+mod faults;
+#[cfg(test)]
+mod tests;
 
 /// Told how far a run is, now and then.
 pub trait Progress {
@@ -80,6 +90,8 @@ pub struct Scenario {
     /// retries (`true` unless a `--config` says otherwise: see
     /// [`Config::has_inference_route`]).
     pub inference_route: bool,
+    /// Traffic from other clients, straight to the backends (none by default).
+    pub others: Option<Others>,
 }
 
 /// The pool configuration used without a `--config`: round robin, the proxy's defaults,
@@ -108,6 +120,8 @@ enum Ev {
     Fault(u32),
     Scrape,
     Sample,
+    Other,
+    OtherDeliver(u32),
 }
 
 struct Live {
@@ -159,6 +173,18 @@ struct Sim<'a> {
     slots: Vec<u32>,
     sample_every: Duration,
     stats: Collector,
+    seed: u64,
+    rate: Option<f64>,
+    capacity: f64,
+    /// The other client's traffic, when the scenario has one.
+    others: Option<Direct>,
+    /// Per backend, the balancer's requests submitted and not yet admitted to a batch slot
+    /// (the engine's waiting requests less the other client's).
+    main_waiting: Vec<u32>,
+    /// Each scrape: the requests the engines reported, as the balancer reads them, and the
+    /// requests it had in flight.
+    #[cfg(test)]
+    scraped: Vec<(u64, u64)>,
 }
 
 // === impl Scenario ===
@@ -166,7 +192,15 @@ struct Sim<'a> {
 impl Scenario {
     /// A scenario under the default pool configuration.
     pub fn new(name: impl Into<String>, fleet: Fleet, workload: Workload) -> Self {
-        Scenario { name: name.into(), fleet, workload, pool: default_pool(), warmup: 0, inference_route: true }
+        Scenario {
+            name: name.into(),
+            fleet,
+            workload,
+            pool: default_pool(),
+            warmup: 0,
+            inference_route: true,
+            others: None,
+        }
     }
 
     /// The mean arrival rate this scenario offers, in requests a second (`None`: a trace at
@@ -184,6 +218,14 @@ impl Scenario {
 
     /// Runs under `policy` with `seed`.
     pub fn run(&self, policy: Policy, seed: u64, progress: &mut dyn Progress) -> Result<Report, SimError> {
+        let mut sim = self.sim(policy, seed)?;
+        sim.start();
+        sim.run(progress);
+        Ok(sim.report())
+    }
+
+    /// The simulation of a run, ready to start.
+    fn sim(&self, policy: Policy, seed: u64) -> Result<Sim<'_>, SimError> {
         let specs = self
             .fleet
             .backends
@@ -216,7 +258,9 @@ impl Scenario {
                 _ => 1.0,
             },
         };
-        let mut sim = Sim {
+        let others = self.others.as_ref().map(|o| Direct::new(o, &self.fleet, self.workload.model.clone(), seed));
+        let by_priority = others.as_ref().is_some_and(|o| o.priority() != 0);
+        Ok(Sim {
             scenario: self,
             drive,
             scaler,
@@ -226,7 +270,11 @@ impl Scenario {
                 .backends
                 .iter()
                 .enumerate()
-                .map(|(i, b)| Backend::new(b.clone(), mix(seed, i as u64)))
+                .map(|(i, b)| {
+                    let mut backend = Backend::new(b.clone(), mix(seed, i as u64));
+                    backend.set_priority_scheduling(by_priority);
+                    backend
+                })
                 .collect(),
             next_at: vec![None; n],
             wakeups: BinaryHeap::new(),
@@ -248,23 +296,35 @@ impl Scenario {
             slots: self.fleet.backends.iter().map(crate::fleet::BackendSpec::slots).collect(),
             sample_every: Duration::from_secs_f64((span / 200.0).max(0.01)),
             stats: Collector::new(n, self.warmup, total),
-        };
-        sim.start();
-        sim.run(progress);
-        let policy_name = sim.drive.policy().kind().as_str().to_owned();
-        let mut report =
-            sim.stats.report(&self.name, &policy_name, seed, rate, capacity, &self.fleet, sim.sample_every);
-        if let Some(scaler) = sim.scaler {
-            report.replicas = scaler.series;
-            report.scaling = scaler.decisions;
-        }
-        Ok(report)
+            seed,
+            rate,
+            capacity,
+            others,
+            main_waiting: vec![0; n],
+            #[cfg(test)]
+            scraped: Vec::new(),
+        })
     }
 }
 
 // === impl Sim ===
 
 impl Sim<'_> {
+    /// The run's figures.
+    fn report(self) -> Report {
+        let s = self.scenario;
+        let policy_name = self.drive.policy().kind().as_str().to_owned();
+        let mut report =
+            self.stats.report(&s.name, &policy_name, self.seed, self.rate, self.capacity, &s.fleet, self.sample_every);
+        if let Some(scaler) = self.scaler {
+            report.replicas = scaler.series;
+            report.scaling = scaler.decisions;
+        }
+        report.shared_prefixes = s.workload.shares_prefixes();
+        report.others = self.others.map(Direct::report);
+        report
+    }
+
     fn at(&mut self, at: Instant, ev: Ev) {
         self.order += 1;
         self.heap.push(Reverse((at, self.order, ev)));
@@ -272,6 +332,9 @@ impl Sim<'_> {
 
     fn start(&mut self) {
         self.schedule_arrival();
+        if let Some(at) = self.others.as_mut().and_then(Direct::next_arrival) {
+            self.at(at, Ev::Other);
+        }
         for (i, f) in self.scenario.fleet.faults.iter().enumerate() {
             self.at(Instant::ZERO + f.at, Ev::Fault(i as u32));
         }
@@ -385,7 +448,16 @@ impl Sim<'_> {
         let delay = self.backends[b].spec.network_delay;
         let learns = self.drive.learns();
         while let Some(e) = self.backends[b].poll_event() {
-            let Some(live) = self.seqs[b].get(e.seq) else { continue };
+            let Some(live) = self.seqs[b].get(e.seq) else {
+                // Not the balancer's: the other client's, or a request already given up.
+                if let Some(others) = self.others.as_mut() {
+                    others.on_event(b, &e, delay);
+                }
+                continue;
+            };
+            if matches!(e.kind, EventKind::Admitted { .. }) {
+                self.main_waiting[b] = self.main_waiting[b].saturating_sub(1);
+            }
             let Some(l) = self.lives.get_mut(live as usize).and_then(Option::as_mut) else { continue };
             let attempt = l.attempt;
             match e.kind {
@@ -454,18 +526,34 @@ impl Sim<'_> {
                 }
             }
             Ev::Fault(i) => self.fault(i as usize),
+            Ev::Other => self.other_arrival(),
+            Ev::OtherDeliver(id) => {
+                let now = self.now;
+                let Some(others) = self.others.as_mut() else { return };
+                if let Some(b) = others.deliver(id, &mut self.backends, now) {
+                    self.drain(b);
+                }
+            }
             Ev::Scrape => {
                 for b in 0..self.backends.len() {
                     self.drive.scrape(b, self.backends[b].report(), self.now);
                 }
                 self.drive.refresh(self.now);
+                #[cfg(test)]
+                {
+                    let reading = self.drive.reading(self.now);
+                    let reported = reading.engines.iter().map(|e| u64::from(e.running) + u64::from(e.waiting)).sum();
+                    self.scraped.push((reported, reading.in_flight));
+                }
                 if self.busy() {
                     let next = self.now + self.scenario.fleet.scrape_interval;
                     self.at(next, Ev::Scrape);
                 }
             }
             Ev::Sample => {
-                let loads: Vec<(u32, u32)> = self.backends.iter().map(Backend::load).collect();
+                // Waiting: the balancer's requests only (the other client's are not its to place).
+                let loads: Vec<(u32, u32)> =
+                    self.backends.iter().zip(&self.main_waiting).map(|(b, &w)| (b.load().0, w)).collect();
                 let serving: Vec<bool> = (0..self.backends.len())
                     .map(|b| self.backends[b].state == State::Up && self.drive.is_member(b))
                     .collect();
@@ -475,6 +563,25 @@ impl Sim<'_> {
                     self.at(next, Ev::Sample);
                 }
             }
+        }
+    }
+
+    /// The other client's arrival: sent to a backend after its network delay; the next one
+    /// drawn, until the balancer's arrivals end.
+    fn other_arrival(&mut self) {
+        let Some(others) = self.others.as_mut() else { return };
+        if self.pending.is_none() {
+            // The balancer's last request has arrived: the other client stops too.
+            return;
+        }
+        let sent = others.arrive(&self.backends);
+        let next = others.next_arrival();
+        if let Some((id, b)) = sent {
+            let delay = self.backends[b].spec.network_delay;
+            self.at(self.now + delay, Ev::OtherDeliver(id));
+        }
+        if let Some(at) = next {
+            self.at(at.max(self.now), Ev::Other);
         }
     }
 
@@ -552,23 +659,6 @@ impl Sim<'_> {
         self.at(now + delay, Ev::Deliver { live: id, attempt: n });
     }
 
-    /// Checks a backend as an active health check would: an answer after a round trip, or
-    /// none within the check's timeout from a hung one.
-    fn probe(&mut self, b: usize) {
-        let Some(check) = self.drive.health_check() else { return };
-        if !self.drive.is_member(b) {
-            // Out of the pool (scaled in): its checker stops; it starts again when it rejoins.
-            return;
-        }
-        let backend = &self.backends[b];
-        let (ok, after) = match backend.state {
-            State::Up => (true, backend.spec.network_delay * 2),
-            State::Down => (false, backend.spec.network_delay * 2),
-            State::Hung => (false, check.timeout()),
-        };
-        self.at(self.now + after, Ev::Probed { backend: b as u32, ok });
-    }
-
     fn current(&mut self, id: u32, attempt: u32) -> Option<&mut Live> {
         self.lives.get_mut(id as usize).and_then(Option::as_mut).filter(|l| l.attempt == attempt && l.guard.is_some())
     }
@@ -591,8 +681,9 @@ impl Sim<'_> {
             State::Up => {
                 let hashes = l.req.content.engine_blocks(&l.req.model, backend.block_size());
                 let seed = mix(l.index, u64::from(attempt));
-                match backend.submit(now, l.req.prompt_tokens, hashes, l.req.output_tokens, seed) {
+                match backend.submit(now, l.req.prompt_tokens, hashes, l.req.output_tokens, seed, 0) {
                     Ok(seq) => {
+                        self.main_waiting[b] += 1;
                         // The response head comes back at once, before any token (the mock
                         // backend and vLLM send a stream's headers when it starts): the proxy
                         // records that as the try's answer and time to first byte.
@@ -706,81 +797,6 @@ impl Sim<'_> {
             }
             self.queue.pop_front();
             self.admit(id);
-        }
-    }
-
-    /// One autoscaler tick: its decision carried out.
-    fn scale(&mut self) {
-        let Some(scaler) = self.scaler.as_mut() else { return };
-        let actions = scaler.tick(self.now, &self.drive, &self.in_flight);
-        let next = self.now + scaler.interval();
-        let mut changed = false;
-        for action in actions {
-            match action {
-                Action::Start { backend, ready } => self.at(ready, Ev::Ready(backend as u32)),
-                Action::Drain(b) => self.drive.drain(b, self.now),
-                Action::Stop(b) => {
-                    // A drain that timed out cuts what is left, as stopping the process does.
-                    self.apply_fault(b, FaultKind::Crash);
-                    changed = true;
-                }
-            }
-        }
-        if changed {
-            self.set_members();
-        }
-        if self.busy() {
-            self.at(next, Ev::Scale);
-        }
-    }
-
-    fn set_members(&mut self) {
-        let Some(scaler) = &self.scaler else { return };
-        let members = scaler.members();
-        // The endpoints come from the fleet, which was valid at the start: this cannot fail.
-        let _ = self.drive.set_members(&members, self.now);
-    }
-
-    fn fault(&mut self, i: usize) {
-        let Some(f) = self.scenario.fleet.faults.get(i) else { return };
-        let (b, kind) = (f.backend, f.kind);
-        self.apply_fault(b, kind);
-    }
-
-    fn apply_fault(&mut self, b: usize, kind: FaultKind) {
-        let now = self.now;
-        let delay = self.backends[b].spec.network_delay;
-        match kind {
-            FaultKind::Crash | FaultKind::Hang => {
-                let (state, at, why) = match kind {
-                    FaultKind::Crash => (State::Down, now + delay, Failure::Reset),
-                    _ => (State::Hung, now + self.scenario.pool.rules().first_byte, Failure::Timeout),
-                };
-                self.backends[b].state = state;
-                let mut victims: Vec<(u32, u32)> = self.seqs[b].lives().map(|id| (id, 0)).collect();
-                victims.sort_unstable();
-                for (id, _) in victims {
-                    if let Some(l) = self.lives.get(id as usize).and_then(Option::as_ref) {
-                        let attempt = l.attempt;
-                        self.at(at, Ev::Fail { live: id, attempt, why });
-                    }
-                }
-                self.seqs[b].clear();
-                self.backends[b].reset(now);
-                self.set_wakeup(b, None);
-            }
-            FaultKind::Restart | FaultKind::Recover => {
-                if self.backends[b].state != State::Up {
-                    self.backends[b].reset(now);
-                    self.backends[b].state = State::Up;
-                }
-                if kind == FaultKind::Recover {
-                    self.backends[b].error_rate = 0.0;
-                    self.backends[b].set_slowdown(now, 1.0);
-                }
-            }
-            FaultKind::Errors(rate) => self.backends[b].error_rate = rate,
-            FaultKind::Slow(fraction) => self.backends[b].set_slowdown(now, fraction),
         }
     }
 }

@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 use fulcrum_config::Config;
 use fulcrum_sim::fleet::Fleet;
 use fulcrum_sim::matrix::{DEFAULT_POLICIES, Matrix};
+use fulcrum_sim::others::Others;
 use fulcrum_sim::report::{Report, table};
 use fulcrum_sim::workload::Workload;
 use fulcrum_sim::{Progress, Scenario, svg};
@@ -29,6 +30,11 @@ pub struct SimulateArgs {
     /// The workload: arrivals and requests (TOML).
     #[arg(long, value_name = "FILE", requires = "fleet")]
     pub workload: Option<PathBuf>,
+    /// Traffic from other clients that goes straight to the backends, not through the
+    /// balancer (TOML: `load` or `rate`, `spread`, `priority`, `[prompts]`); with --matrix, a
+    /// scenario's `others` field.
+    #[arg(long, value_name = "FILE", requires = "fleet", conflicts_with = "matrix")]
+    pub others: Option<PathBuf>,
     /// A scenario matrix (TOML): every scenario under every policy.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["fleet", "workload"])]
     pub matrix: Option<PathBuf>,
@@ -116,7 +122,9 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
                 .as_ref()
                 .and_then(|p| p.file_stem())
                 .map_or("sim".into(), |s| s.to_string_lossy().into_owned());
-            (vec![Scenario::new(name, fleet, workload)], Vec::new(), 1)
+            let mut scenario = Scenario::new(name, fleet, workload);
+            scenario.others = args.others.as_deref().map(Others::load).transpose()?;
+            (vec![scenario], Vec::new(), 1)
         }
         _ => bail!("give --fleet and --workload, or --matrix"),
     };

@@ -46,7 +46,7 @@ pub struct ChatConfig {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawPrompts {
+pub(crate) struct RawPrompts {
     kind: Option<String>,
     prompt_tokens: Option<u32>,
     shared_prefix_tokens: Option<u32>,
@@ -71,7 +71,7 @@ fn range(value: Option<u32>, default: u32, field: &str, lo: u32, hi: u32) -> Res
 }
 
 impl RawPrompts {
-    pub(super) fn validate(self) -> Result<Prompts, SimError> {
+    pub(crate) fn validate(self) -> Result<Prompts, SimError> {
         let median = self.output_tokens.unwrap_or(150.0);
         if !(median.is_finite() && (1.0..=1e6).contains(&median)) {
             return Err(SimError::field("prompts.output_tokens", format!("{median} is not in 1..=1000000")));

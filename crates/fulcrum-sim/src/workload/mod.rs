@@ -359,6 +359,19 @@ impl Workload {
         Ok(Workload { requests, model, rate, arrival, prompts })
     }
 
+    /// Whether prompts share leading blocks that prefix-aware routing can exploit: at least
+    /// one of the balancer's 64-token blocks (a shared prefix, a system prompt, or a chat
+    /// history resent by later turns). A trace is taken to share them (what it holds is not
+    /// examined).
+    pub fn shares_prefixes(&self) -> bool {
+        const BLOCK: u32 = 64;
+        match &self.prompts {
+            Prompts::Random { shared_prefix_tokens, .. } => *shared_prefix_tokens >= BLOCK,
+            Prompts::Chat(c) => c.system_tokens >= BLOCK || c.turns > 1,
+            Prompts::Trace(_) => true,
+        }
+    }
+
     /// Mean prompt and output tokens, for capacity.
     pub fn shape(&self) -> Shape {
         match &self.prompts {
