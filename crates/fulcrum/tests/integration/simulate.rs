@@ -124,5 +124,13 @@ fn bad_input_names_the_field_or_line() {
         failure(&["--fleet", &fleet, "--workload", &good, "--policy", "fastest"]).contains("unknown policy `fastest`")
     );
     ok(&simulate(&["--fleet", &fleet, "--workload", &good, "--policy", "least_connections"]));
+    // Another client straight to the backends: reported apart; a bad one named.
+    let others = file("others.toml", "rate = 3.0\nspread = \"random\"\n");
+    let table =
+        ok(&simulate(&["--fleet", &fleet, "--workload", &good, "--others", &others, "--policy", "round_robin"]));
+    assert!(table.contains("others (straight to the backends, spread random, priority 0)"), "{table}");
+    let sideways = file("sideways.toml", "rate = 3.0\nspread = \"sideways\"\n");
+    let err = failure(&["--fleet", &fleet, "--workload", &good, "--others", &sideways]);
+    assert!(err.contains("sideways.toml") && err.contains("spread"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
