@@ -373,6 +373,7 @@ pub(crate) fn describe(pool: &PoolRuntime) -> Value {
                 "batch_slots": (perf.slots > 0).then_some(perf.slots),
                 "samples": perf.confidence,
                 "speed": s.learned_speed(),
+                "others_weight": perf.others,
                 "predicted_ttft_ms_1k_tokens": predict_now(e, &perf, 1_000, now, engine_age) * 1e3,
             });
             json!({

@@ -317,6 +317,11 @@ pub fn render_with(
         "fulcrum_endpoint_learned_itl_seconds",
         "Time an output token, learned from the endpoint's streams (pool prior blended in)",
     );
+    let others = gauge(
+        &mut r,
+        "fulcrum_endpoint_learned_others_weight",
+        "Share of other clients' requests at the endpoint (in its engine's metrics) that delays this proxy's (1: all)",
+    );
     let speed = gauge(
         &mut r,
         "fulcrum_endpoint_learned_speed",
@@ -440,6 +445,7 @@ pub fn render_with(
             prefill_rate.get_or_create(&l).set(perf.prefill_rate());
             speed.get_or_create(&l).set(s.learned_speed());
             itl.get_or_create(&l).set(perf.itl);
+            others.get_or_create(&l).set(perf.others);
             predicted
                 .get_or_create(&l)
                 .set(fulcrum_core::balance::predicted_ttft::predict_now(e, &perf, 1_000, now, engine_age));

@@ -25,6 +25,9 @@
 //!   slots (the running count the engine last reported while it queued),
 //!   *max(0, n_i + 1 - 0.8 B_i) x occupancy_i / 0.8 B_i* ([`KNEE`]), where
 //!   *occupancy_i* is how long a request holds the endpoint; 0 while the slots are unknown.
+//!   Others' requests count by the learned share of them that delays this balancer's
+//!   ([`Perf::others`]: 1 until first tokens show less, as behind engines that run a
+//!   low-priority batch client's requests after ours).
 //! - The last term ([`SPREAD`]) is a small load cost that spreads requests among endpoints
 //!   that are otherwise equal.
 //!
@@ -114,22 +117,45 @@ fn predict_for(
     background: bool,
 ) -> f64 {
     let s = e.signals();
+    let (own, others) = ahead(e, now, engine_max_age, background);
+    // Others' requests by how much they delay this balancer's (learned; 1 until then).
+    let n = own as f64 + perf.others * others as f64;
+    let spread = SPREAD * n * perf.overhead;
+    let behind_tokens = if background { 0 } else { s.background_prefilling_tokens() };
+    let backlog = s.prefilling_tokens().saturating_sub(behind_tokens);
+    perf.prefill_time(uncached) + BACKLOG * backlog as f64 * perf.prefill + wait(perf, n) + spread
+}
+
+/// The requests ahead of a new one at `e`: this balancer's own (less the background ones, for
+/// an interactive request), and other clients' (those of the engine's report beyond them; 0
+/// without a report).
+fn ahead(e: &Endpoint, now: Instant, engine_max_age: Duration, background: bool) -> (u64, u64) {
+    let s = e.signals();
     let behind = if background { 0 } else { s.background() };
-    let mut n = s.in_flight().saturating_sub(behind);
-    if let Some(engine) = s.engine_requests(now, engine_max_age, background) {
-        n = n.max(engine);
-    }
-    let queue = match perf.slots {
+    let own = s.in_flight().saturating_sub(behind);
+    let others = s.engine_requests(now, engine_max_age, background).map_or(0, |engine| engine.saturating_sub(own));
+    (own, others)
+}
+
+/// The expected wait for a batch slot with `n` requests ahead: *max(0, n + 1 - 0.8 B) x
+/// occupancy / 0.8 B* with *B* the learned slots; 0 while they are unknown.
+fn wait(perf: &Perf, n: f64) -> f64 {
+    match perf.slots {
         0 => 0.0,
         b => {
             let b = f64::from(b) * KNEE;
-            ((n + 1) as f64 - b).max(0.0) * perf.occupancy / b
+            ((n + 1.0) - b).max(0.0) * perf.occupancy / b
         }
-    };
-    let spread = SPREAD * n as f64 * perf.overhead;
-    let behind_tokens = if background { 0 } else { s.background_prefilling_tokens() };
-    let backlog = s.prefilling_tokens().saturating_sub(behind_tokens);
-    perf.prefill_time(uncached) + BACKLOG * backlog as f64 * perf.prefill + queue + spread
+    }
+}
+
+/// The predicted wait for a batch slot of a request sent to `e` now: behind this balancer's
+/// own requests, and how much longer behind all of other clients' (what the first token then
+/// shows teaches [`Perf::others`]).
+pub(crate) fn waits(e: &Endpoint, perf: &Perf, now: Instant, engine_max_age: Duration, background: bool) -> (f64, f64) {
+    let (own, others) = ahead(e, now, engine_max_age, background);
+    let own_wait = wait(perf, own as f64);
+    (own_wait, wait(perf, (own + others) as f64) - own_wait)
 }
 
 /// The most requests an endpoint may hold: (1 + [`LOAD_EPSILON`]) x its capacity's share of
@@ -273,7 +299,7 @@ mod tests {
         let prior = pool.pool_perf();
         for i in 0..50u64 {
             let u = 200 + i * 20;
-            let sent = Sent { uncached: u, queued: false, streams: true };
+            let sent = Sent { uncached: u, queued: false, streams: true, ..Sent::default() };
             let y = Duration::from_secs_f64(0.005 + u as f64 / rate);
             m.first_token(&sent, y, &prior, Instant::from_millis(i * 10));
         }

@@ -16,6 +16,15 @@
 //!   time-decayed means.
 //! - **Slots.** How many requests the engine runs before it queues: the running count of the
 //!   last engine report that showed a queue (zero: not seen yet).
+//! - **Others' weight.** How much the requests other clients have at the endpoint (those in
+//!   the engine's report that this balancer did not send) delay this balancer's: 1 when the
+//!   engine serves in arrival order, near 0 when it runs them after ours (engines that
+//!   schedule by priority, with others at a lower one). Each streamed first token sent while
+//!   others' requests predicted a wait is a sample: the share of that wait it took, beyond
+//!   the prefill and the balancer's own queue, clamped to 0..1; a time-decayed mean
+//!   ([`OTHERS_HALF_LIFE`]) blended with the pool's (whose own prior is 1), so nothing changes
+//!   until such samples say so, and an endpoint the pool avoids for its others' queue reads as
+//!   the endpoints that did learn (the pool's engines share a scheduling policy, as a rule).
 //!
 //! A new or restarted endpoint has no samples: it reads as the pool's prior, blended away as
 //! its own samples gain weight ([`PerfModel::estimate`]). A backend that slows to half speed
@@ -78,9 +87,20 @@ const PREFILL_RANGE: (f64, f64) = (1e-8, 0.1);
 const SPEED_DEAD_ZONE: f64 = 1.25;
 /// Longest durations taken as samples.
 const MAX_SECONDS: f64 = 3_600.0;
+/// How fast old samples of the others' weight lose weight.
+pub const OTHERS_HALF_LIFE: Duration = Duration::from_secs(10);
+/// A first token teaches the others' weight only when the others' predicted wait is at least
+/// this share of its predicted prefill time (and [`MIN_OTHERS_WAIT`]): below, noise decides.
+const OTHERS_SIGNIFICANT: f64 = 0.5;
+/// ...and at least this many seconds.
+const MIN_OTHERS_WAIT: f64 = 0.002;
 
 fn decay(age: Duration) -> f64 {
-    (-age.as_secs_f64() / HALF_LIFE.as_secs_f64() * std::f64::consts::LN_2).exp()
+    decay_over(age, HALF_LIFE)
+}
+
+fn decay_over(age: Duration, half_life: Duration) -> f64 {
+    (-age.as_secs_f64() / half_life.as_secs_f64() * std::f64::consts::LN_2).exp()
 }
 
 /// What the model currently says about one endpoint.
@@ -106,6 +126,11 @@ pub struct Perf {
     /// The 95th percentile of the last [`HEAD_SAMPLES`] times to a response head (0: fewer
     /// than [`MIN_HEDGE_SAMPLES`] seen).
     pub head_p95: f64,
+    /// The share of other clients' requests at the endpoint that delays this balancer's (1:
+    /// all of it, as in arrival order; see the module docs).
+    pub others: f64,
+    /// Decayed number of samples behind `others`.
+    pub others_samples: f64,
 }
 
 impl Perf {
@@ -120,6 +145,8 @@ impl Perf {
         served: 0.0,
         head_peak: 0.0,
         head_p95: 0.0,
+        others: 1.0,
+        others_samples: 0.0,
     };
 
     /// Predicted time to first token of `uncached` prompt tokens, queueing aside.
@@ -186,7 +213,7 @@ impl Perf {
 }
 
 /// A sample's facts, taken when the try was sent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Sent {
     /// Prompt tokens the endpoint had to compute (the prompt less its cached prefix).
     pub uncached: u64,
@@ -195,6 +222,13 @@ pub struct Sent {
     /// Whether the response streams (its first body bytes are its first token). Other
     /// answers come whole, and teach only occupancy.
     pub streams: bool,
+    /// Predicted seconds of waiting for a batch slot behind this balancer's own requests at
+    /// the endpoint...
+    pub own_wait: f64,
+    /// ...and the predicted seconds more behind other clients' requests, all of them counted
+    /// (0: none, or no engine report). What of it the first token took teaches
+    /// [`Perf::others`].
+    pub others_wait: f64,
 }
 
 #[derive(Debug, Default)]
@@ -210,6 +244,9 @@ struct Fit {
     head_at: Option<Instant>,
     /// The last times to a response head.
     heads: HeadRing,
+    /// Decayed (weight, weighted sum) of the others' weight samples, as of `others_at`.
+    others: (f64, f64),
+    others_at: Option<Instant>,
 }
 
 /// The last [`HEAD_SAMPLES`] times to a response head, in seconds.
@@ -307,6 +344,8 @@ struct Published {
     served: AtomicU64,
     head_peak: AtomicU64,
     head_p95: AtomicU64,
+    others: AtomicU64,
+    others_samples: AtomicU64,
     slots: AtomicU32,
     /// When the last response head came (nanoseconds of [`Instant`], plus one; 0: never).
     last_head: AtomicU64,
@@ -325,6 +364,8 @@ impl Default for Published {
             served: f(p.served),
             head_peak: f(p.head_peak),
             head_p95: f(p.head_p95),
+            others: f(p.others),
+            others_samples: f(p.others_samples),
             slots: AtomicU32::new(p.slots),
             last_head: AtomicU64::new(0),
         }
@@ -351,6 +392,8 @@ impl Published {
             served: load(&self.served),
             head_peak: load(&self.head_peak),
             head_p95: load(&self.head_p95),
+            others: load(&self.others),
+            others_samples: load(&self.others_samples),
         }
     }
 
@@ -363,6 +406,8 @@ impl Published {
         store(&self.served, p.served);
         store(&self.head_peak, p.head_peak);
         store(&self.head_p95, p.head_p95);
+        store(&self.others, p.others);
+        store(&self.others_samples, p.others_samples);
         self.slots.store(p.slots, Ordering::Relaxed);
     }
 }
@@ -401,6 +446,8 @@ impl PerfModel {
             served: own.served,
             head_peak: own.head_peak,
             head_p95: own.head_p95,
+            others: mix(own.others_samples, own.others, prior.others),
+            others_samples: own.others_samples,
         }
     }
 
@@ -423,6 +470,23 @@ impl PerfModel {
     /// with (the estimate before the sample), for the prediction-error histogram.
     pub fn first_token(&self, sent: &Sent, ttft: Duration, prior: &Perf, now: Instant) -> f64 {
         let before = self.estimate(prior).prefill_time(sent.uncached);
+        if sent.streams && sent.others_wait >= MIN_OTHERS_WAIT && sent.others_wait >= OTHERS_SIGNIFICANT * before {
+            // The share of the others' predicted wait this first token took.
+            let waited = ttft.as_secs_f64().min(MAX_SECONDS) - before - sent.own_wait;
+            let share = (waited / sent.others_wait).clamp(0.0, 1.0);
+            let mut fit = self.lock();
+            if let Some(at) = fit.others_at {
+                let d = decay_over(now.saturating_since(at), OTHERS_HALF_LIFE);
+                fit.others.0 *= d;
+                fit.others.1 *= d;
+            }
+            fit.others_at = Some(now);
+            fit.others.0 += 1.0;
+            fit.others.1 += share;
+            // The pool's prior is blended in by [`estimate`](Self::estimate).
+            store(&self.published.others, fit.others.1 / fit.others.0);
+            store(&self.published.others_samples, fit.others.0);
+        }
         if !sent.streams || sent.queued {
             return before;
         }
@@ -522,15 +586,20 @@ impl PoolPerf {
     /// The prior new endpoints start from.
     #[inline]
     pub fn get(&self) -> Perf {
-        Perf { confidence: PRIOR_WEIGHT, served: PRIOR_WEIGHT, ..self.published.get() }
+        Perf { confidence: PRIOR_WEIGHT, served: PRIOR_WEIGHT, others_samples: PRIOR_WEIGHT, ..self.published.get() }
     }
 
     /// Recomputes the prior from the endpoints' own estimates.
     pub fn update<'a>(&self, models: impl Iterator<Item = &'a PerfModel>) {
         // Prefill figures weighted by prefill samples, occupancy and ITL by answers served.
         let (mut w, mut acc, mut slots) = ([0.0; 2], [0.0; 4], Vec::new());
+        // The others' weight, by its samples, with 1 (all of it) as one more.
+        let mut others = (PRIOR_WEIGHT, PRIOR_WEIGHT);
         for m in models {
             let own = m.own();
+            let o = own.others_samples.min(100.0);
+            others.0 += o;
+            others.1 += o * own.others;
             if own.slots > 0 {
                 slots.push(own.slots);
             }
@@ -552,6 +621,7 @@ impl PoolPerf {
             slots.sort_unstable();
             prior.slots = slots[slots.len() / 2];
         }
+        prior.others = others.1 / others.0;
         self.published.set(&prior);
     }
 }
@@ -596,7 +666,42 @@ mod tests {
     }
 
     fn stream(uncached: u64) -> Sent {
-        Sent { uncached, queued: false, streams: true }
+        Sent { uncached, queued: false, streams: true, ..Sent::default() }
+    }
+
+    #[test]
+    fn others_weight_learns_whether_other_clients_requests_delay_ours() {
+        let prior = Perf { confidence: 100.0, ..Perf::PRIOR };
+        let before = prior.prefill_time(1_000);
+        // 200 ms of others' requests predicted ahead of each request, 10 ms of ours.
+        let sent = Sent { own_wait: 0.010, others_wait: 0.200, queued: true, ..stream(1_000) };
+        let at = |i: u64| Instant::from_millis(i * 50);
+        let secs = |s: f64| Duration::from_secs_f64(s);
+        // Served in arrival order: each first token waits the whole of it. The weight stays 1.
+        let fifo = PerfModel::default();
+        for i in 0..40 {
+            fifo.first_token(&sent, secs(before + 0.010 + 0.200), &prior, at(i));
+        }
+        assert!((fifo.own().others - 1.0).abs() < 1e-9, "{}", fifo.own().others);
+        // Run after ours (engine priority): first tokens take the prefill and our own queue.
+        let priority = PerfModel::default();
+        for i in 0..40 {
+            priority.first_token(&sent, secs(before + 0.010), &prior, at(i));
+        }
+        let w = priority.own().others;
+        assert!(w < 0.1, "{w}");
+        // Then the engine turns to arrival order: within 20 s (two half-lives) it is back up.
+        for i in 40..440 {
+            priority.first_token(&sent, secs(before + 0.210), &prior, at(i));
+        }
+        assert!(priority.own().others > 0.8, "{}", priority.own().others);
+        // Others' waits too small next to the prefill teach nothing; nor does a restart keep it.
+        let small = Sent { others_wait: before * 0.1, ..sent };
+        let quiet = PerfModel::default();
+        quiet.first_token(&small, secs(before), &prior, at(0));
+        assert_eq!(quiet.own().others, 1.0);
+        priority.reset();
+        assert_eq!(priority.own().others, 1.0);
     }
 
     /// Feeds `n` samples of a backend with `overhead` and `rate` tokens a second, one every 10 ms.

@@ -510,3 +510,102 @@ async fn a_ttft_budget_no_endpoint_can_meet_is_queued_or_shed_by_class() {
     running.shutdown().await;
     a.shutdown().await;
 }
+
+/// Another client fills the engines' queues with low-priority requests (a naive batch client;
+/// the engines schedule by priority, so its requests run after the proxy's). The default policy
+/// reads those queues in the engines' metrics; its first tokens show they do not delay its
+/// requests, and it learns so (the others' weight) instead of reading them as a wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_clients_low_priority_queues_are_learned_not_to_delay_ours() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut mocks = Vec::new();
+    for seed in 1..=2 {
+        let mut config = MockConfig {
+            models: vec!["llama".to_owned()],
+            engine: EngineConfig { speed: 4.0, max_num_seqs: 4, ..EngineConfig::preset(Gpu::H100) },
+            seed,
+            ..MockConfig::default()
+        };
+        config.server.scheduling_policy = fulcrum_mock::config::SchedulingPolicy::Priority;
+        mocks.push(MockServer::bind(config, SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("mock"));
+    }
+    // The other client: 12 requests at a time on each engine, at priority 10, long answers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut naive = Vec::new();
+    for m in &mocks {
+        for i in 0..12 {
+            let (addr, stop) = (m.local_addr(), stop.clone());
+            naive.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let body = serde_json::json!({
+                        "model": "llama", "max_tokens": 200, "priority": 10,
+                        "messages": [{"role": "user", "content": format!("batch item {i}")}],
+                    });
+                    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else { break };
+                    let (mut s, conn) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
+                    tokio::spawn(conn);
+                    let req = http::Request::post("/v1/chat/completions")
+                        .header("host", "mock")
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(body.to_string())))
+                        .expect("request");
+                    if let Ok(resp) = s.send_request(req).await {
+                        let _ = resp.into_body().collect().await;
+                    }
+                }
+            }));
+        }
+    }
+    let eps = vec![("a", mocks[0].local_addr(), ""), ("b", mocks[1].local_addr(), "")];
+    let running = proxy(&format!("engine_metrics = {{ interval = \"100ms\" }}\n{}", endpoints(&eps))).await;
+    // The weight the policy routes on: each endpoint's own, blended with the pool's.
+    let others = |i: usize| {
+        let snapshot = running.pool.snapshot();
+        let prior = snapshot.selector.pool_perf();
+        snapshot.selector.endpoints()[i].signals().perf().estimate(&prior).others
+    };
+    let queued = |i: usize| {
+        let snapshot = running.pool.snapshot();
+        let max_age = snapshot.selector.options().engine_max_age();
+        let e = &snapshot.selector.endpoints()[i];
+        e.signals().engine(fulcrum_proxy::clock::now(), max_age).is_some_and(|r| r.waiting >= 4)
+    };
+    until("both engines report the other client's queue", || queued(0) && queued(1)).await;
+    assert_eq!((others(0), others(1)), (1.0, 1.0), "nothing learned yet");
+    // Interactive streams through the proxy, four at a time, in rounds of 80, until both
+    // weights are learned (at most 10 rounds; 2 are enough on an idle machine).
+    let mut rounds = 0;
+    while rounds < 10 && !(others(0) < 0.5 && others(1) < 0.5) {
+        rounds += 1;
+        let clients: Vec<_> = (0..4)
+            .map(|c| {
+                let addr = running.addr;
+                tokio::spawn(async move {
+                    let mut failed = 0;
+                    for i in 0..20 {
+                        let (status, complete, _) =
+                            chat_once(addr, &format!("user {c} round {rounds} turn {i}"), true, 4).await;
+                        failed += u32::from(status != 200 || !complete);
+                    }
+                    failed
+                })
+            })
+            .collect();
+        for c in clients {
+            assert_eq!(c.await.expect("client"), 0, "interactive requests failed");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let learned = (others(0), others(1));
+    assert!(learned.0 < 0.5 && learned.1 < 0.5, "others' weight after {rounds} rounds: {learned:?}");
+    let counts: Vec<u64> = running.counts().iter().map(|c| c.1).collect();
+    assert!(counts.iter().all(|&n| n >= 20), "both endpoints serve: {counts:?}");
+    running.shutdown().await;
+    for t in naive {
+        t.abort();
+    }
+    for m in mocks {
+        m.shutdown().await;
+    }
+}
