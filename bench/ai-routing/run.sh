@@ -94,8 +94,9 @@ trap 'stop_all; rm -rf "$WORK"' EXIT
 
 PY=$(command -v python3)
 BIN=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
-SMG_VER=$("$PY" -m pip show smg 2>/dev/null | awk '/^Version/ {print $2}')
-VLR_VER=$("$PY" -m pip show vllm-router 2>/dev/null | awk '/^Version/ {print $2}')
+# `pip show` fails for a package that is not installed: not an error here (pipefail).
+SMG_VER=$("$PY" -m pip show smg 2>/dev/null | awk '/^Version/ {print $2}' || true)
+VLR_VER=$("$PY" -m pip show vllm-router 2>/dev/null | awk '/^Version/ {print $2}' || true)
 if ! "$PY" -c "import aiohttp" 2>/dev/null || [[ $SMG_VER != 1.13.* ]] || [ "$VLR_VER" != 0.1.17 ] \
   || [ ! -x "$BIN/smg" ] || [ ! -x "$BIN/vllm-router" ]; then
   echo "== installing smg 1.13, vllm-router 0.1.17 and aiohttp (PyPI)"
