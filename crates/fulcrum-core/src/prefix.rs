@@ -272,15 +272,21 @@ impl PrefixIndex {
     /// The share of its capacity each slot of `keys` holds (0 for a slot gone), under one
     /// lock.
     pub(crate) fn occupancy(&self, keys: &[SlotKey]) -> Vec<f64> {
+        let mut out = vec![0.0; keys.len()];
+        self.occupancy_into(keys.iter().map(|&k| Some(k)), &mut out);
+        out
+    }
+
+    /// [`occupancy`](Self::occupancy) written into `out`, one value a key (0 for `None` and
+    /// for a slot gone), under one lock and without allocating.
+    pub(crate) fn occupancy_into(&self, keys: impl Iterator<Item = Option<SlotKey>>, out: &mut [f64]) {
         let inner = self.lock();
-        keys.iter()
-            .map(|k| match inner.slot(k.index) {
-                Some(s) if s.generation == k.generation => {
-                    f64::from(s.len) / f64::from(s.capacity.unwrap_or(inner.default_capacity).max(1))
-                }
-                _ => 0.0,
-            })
-            .collect()
+        for (o, key) in out.iter_mut().zip(keys) {
+            *o = match key.and_then(|k| inner.slot(k.index).filter(|s| s.generation == k.generation)) {
+                Some(s) => f64::from(s.len) / f64::from(s.capacity.unwrap_or(inner.default_capacity).max(1)),
+                None => 0.0,
+            };
+        }
     }
 
     pub(crate) fn record_slot(&self, key: SlotKey, blocks: &[u64]) {

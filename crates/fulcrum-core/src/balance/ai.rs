@@ -123,10 +123,10 @@ impl IndexView {
         self.index.occupancy(&self.keys)
     }
 
-    /// The share of its index capacity each of the endpoints `idxs` holds, in that order.
-    pub(crate) fn occupancy_of(&self, idxs: &[usize]) -> Vec<f64> {
-        let keys: Vec<SlotKey> = idxs.iter().filter_map(|&i| self.keys.get(i).copied()).collect();
-        self.index.occupancy(&keys)
+    /// The share of its index capacity each of the endpoints `idxs` holds, written into `out`
+    /// in that order (one lock, no allocation).
+    pub(crate) fn occupancy_of(&self, idxs: &[usize], out: &mut [f64]) {
+        self.index.occupancy_into(idxs.iter().map(|&i| self.keys.get(i).copied()), out);
     }
 
     /// Records that endpoint `idx` now holds `prefix`.
