@@ -487,9 +487,13 @@ impl Selector {
         // which the engine keeps waiting first, so a queue no longer than them is no queue.
         let behind = if facts.background { 0 } else { signals.background() };
         let queued = signals.engine(now, self.options.engine_max_age).is_some_and(|r| u64::from(r.waiting) > behind);
-        let perf = signals.perf().estimate(&self.load.perf().get());
-        let (own_wait, others_wait) =
-            crate::balance::predicted_ttft::waits(endpoint, &perf, now, self.options.engine_max_age, facts.background);
+        // Only a streamed first token teaches the others' weight: nothing to predict otherwise.
+        let (own_wait, others_wait) = if facts.stream {
+            let perf = signals.perf().estimate(&self.load.perf().get());
+            crate::balance::predicted_ttft::waits(endpoint, &perf, now, self.options.engine_max_age, facts.background)
+        } else {
+            (0.0, 0.0)
+        };
         let sent =
             Sent { uncached: facts.uncached(cached_blocks), queued, streams: facts.stream, own_wait, others_wait };
         let first_new = facts.prefix.get(cached_blocks as usize).copied().filter(|_| sent.uncached > 0);

@@ -122,6 +122,20 @@ pub(crate) fn toml_from<T: serde::de::DeserializeOwned>(text: &str) -> Result<T,
     })
 }
 
+/// Puts `value` in a free slot of `slots` (one from `free`, else a new one) and returns its id.
+pub(crate) fn slab_insert<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<u32>, value: T) -> u32 {
+    match free.pop() {
+        Some(id) => {
+            slots[id as usize] = Some(value);
+            id
+        }
+        None => {
+            slots.push(Some(value));
+            (slots.len() - 1) as u32
+        }
+    }
+}
+
 /// Names use letters, digits, `-`, `_` and `.`.
 pub(crate) fn is_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))

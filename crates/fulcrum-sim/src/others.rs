@@ -101,9 +101,6 @@ struct RawOthers {
     prompts: Option<RawPrompts>,
 }
 
-/// Highest `load` (as a workload's `arrival.load`).
-pub const MAX_LOAD: f64 = 10.0;
-
 /// Seed streams of the other client, apart from the balancer's workload's.
 const REQUESTS_STREAM: u64 = 0x4F54_4845_5253; // "OTHERS"
 const SPREAD_STREAM: u64 = 0x5350_5245_4144; // "SPREAD"
@@ -120,16 +117,9 @@ impl Others {
     /// Parses and validates the other client's traffic (see the [module](self) docs).
     pub fn parse(text: &str) -> Result<Others, SimError> {
         let raw: RawOthers = crate::toml_from(text)?;
-        let rate = match (raw.rate, raw.load) {
-            (Some(_), Some(_)) => return Err(SimError::field("rate", "give `rate` or `load`, not both")),
-            (Some(r), None) if r.is_finite() && r > 0.0 && r <= 1e7 => Rate::PerSecond(r),
-            (Some(r), None) => return Err(SimError::field("rate", format!("{r} is not in (0, 1e7]"))),
-            (None, Some(l)) if l.is_finite() && l > 0.0 && l <= MAX_LOAD => Rate::Load(l),
-            (None, Some(l)) => return Err(SimError::field("load", format!("{l} is not in (0, {MAX_LOAD}]"))),
-            (None, None) => {
-                let msg = "give `load` (fraction of the fleet's capacity) or `rate` (requests a second)";
-                return Err(SimError::field("load", msg));
-            }
+        let Some(rate) = Rate::parse(raw.rate, raw.load, "")? else {
+            let msg = "give `load` (fraction of the fleet's capacity) or `rate` (requests a second)";
+            return Err(SimError::field("load", msg));
         };
         let spread = match raw.spread.as_deref().unwrap_or("round_robin") {
             "round_robin" => Spread::RoundRobin,
@@ -276,16 +266,7 @@ impl Direct {
         };
         let (at, prompt_tokens) = (req.at, req.prompt_tokens);
         let sent = Sent { req: Some(req), at, backend: b, prompt_tokens, cached: 0, first_token: None };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.sent[id as usize] = Some(sent);
-                id
-            }
-            None => {
-                self.sent.push(Some(sent));
-                (self.sent.len() - 1) as u32
-            }
-        };
+        let id = crate::slab_insert(&mut self.sent, &mut self.free, sent);
         Some((id, b))
     }
 

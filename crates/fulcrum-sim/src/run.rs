@@ -613,16 +613,7 @@ impl Sim<'_> {
             admitted: None,
             cached: 0,
         };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.lives[id as usize] = Some(live);
-                id
-            }
-            None => {
-                self.lives.push(Some(live));
-                (self.lives.len() - 1) as u32
-            }
-        };
+        let id = crate::slab_insert(&mut self.lives, &mut self.free, live);
         self.live_count += 1;
         self.admit(id);
         self.schedule_arrival();

@@ -248,9 +248,10 @@ impl Balance for PredictedTtft {
             self.index.occupancy_of(candidates, &mut occ_large);
             &occ_large
         };
+        // (endpoint, cost, cached blocks, cache fullness) of the best candidate...
         let mut best: Option<(usize, f64, u32, f64)> = None;
-        // The best over its load bound, taken only when every candidate is.
-        let mut over: Option<(usize, f64, u32)> = None;
+        // ...and of the best over its load bound, taken only when every candidate is.
+        let mut over: Option<(usize, f64, u32, f64)> = None;
         let bound = LoadBound::new(pool, cx.facts.background);
         for (pos, &idx) in candidates.iter().enumerate() {
             let e = &pool.endpoints[idx];
@@ -268,8 +269,8 @@ impl Balance for PredictedTtft {
                 cost += EVICT * uncached as f64 * perf.prefill;
             }
             if !bound.admits(e) {
-                if over.is_none_or(|(_, c, _)| cost < c) && cx.accepts(pool, idx) {
-                    over = Some((idx, cost, blocks));
+                if over.is_none_or(|(_, c, _, _)| cost < c) && cx.accepts(pool, idx) {
+                    over = Some((idx, cost, blocks, full));
                 }
                 continue;
             }
@@ -291,8 +292,8 @@ impl Balance for PredictedTtft {
             }
         }
         // A sampled pick whose candidates were all vetoed: any acceptable endpoint.
-        let chosen = match best.map(|(idx, cost, blocks, _)| (idx, cost, blocks)).or(over) {
-            Some((idx, _, blocks)) => {
+        let chosen = match best.or(over) {
+            Some((idx, _, blocks, _)) => {
                 cx.cached_blocks = blocks;
                 Some(idx)
             }

@@ -43,6 +43,26 @@ pub enum Rate {
     Load(f64),
 }
 
+/// Highest `load` accepted: ten times the fleet's capacity.
+pub const MAX_LOAD: f64 = 10.0;
+
+impl Rate {
+    /// Validates a `rate` or `load` pair (`at`: the fields' prefix, such as `arrival.`): at
+    /// most one given, each in range; `None` when neither is.
+    pub(crate) fn parse(rate: Option<f64>, load: Option<f64>, at: &str) -> Result<Option<Rate>, SimError> {
+        Ok(match (rate, load) {
+            (Some(_), Some(_)) => return Err(SimError::field(format!("{at}rate"), "give `rate` or `load`, not both")),
+            (Some(r), None) if r.is_finite() && r > 0.0 && r <= 1e7 => Some(Rate::PerSecond(r)),
+            (Some(r), None) => return Err(SimError::field(format!("{at}rate"), format!("{r} is not in (0, 1e7]"))),
+            (None, Some(l)) if l.is_finite() && l > 0.0 && l <= MAX_LOAD => Some(Rate::Load(l)),
+            (None, Some(l)) => {
+                return Err(SimError::field(format!("{at}load"), format!("{l} is not in (0, {MAX_LOAD}]")));
+            }
+            (None, None) => None,
+        })
+    }
+}
+
 /// The arrival process.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Arrival {
@@ -275,14 +295,7 @@ impl Workload {
             return Err(SimError::field("model", "must be 1 to 256 characters"));
         }
         let a = raw.arrival.unwrap_or_default();
-        let rate = match (a.rate, a.load) {
-            (Some(_), Some(_)) => return Err(SimError::field("arrival.rate", "give `rate` or `load`, not both")),
-            (Some(r), None) if r.is_finite() && r > 0.0 && r <= 1e7 => Some(Rate::PerSecond(r)),
-            (Some(r), None) => return Err(SimError::field("arrival.rate", format!("{r} is not in (0, 1e7]"))),
-            (None, Some(l)) if l.is_finite() && l > 0.0 && l <= 10.0 => Some(Rate::Load(l)),
-            (None, Some(l)) => return Err(SimError::field("arrival.load", format!("{l} is not in (0, 10]"))),
-            (None, None) => None,
-        };
+        let rate = Rate::parse(a.rate, a.load, "arrival.")?;
         let arrival = match a.process.as_deref().unwrap_or("poisson") {
             "poisson" => Arrival::Poisson,
             "bursty" => {
