@@ -228,43 +228,48 @@ const UNKNOWN_UTILIZATION: u32 = u32::MAX;
 /// Live load signals of one endpoint, shared by the data plane and the balancers.
 ///
 /// Every field is an atomic: the request path never takes a lock.
+///
+/// The fields a pick reads sit in three cache lines (`repr(C)`, checked by a unit test): the
+/// counts and capacity in the first; the engine's report (after its adapters), availability
+/// and the learned performance in the fourth and fifth. The rest follows.
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub struct LoadSignals {
     in_flight: AtomicU64,
-    in_flight_tokens: AtomicU64,
-    latency: PeakEwma,
-    consecutive_failures: AtomicU32,
-    /// Utilization reported by the backend, in parts per million; `u32::MAX` when unknown.
-    utilization_ppm: AtomicU32,
+    /// Of the requests in flight, those the engine runs behind interactive ones (batch
+    /// requests of a lower engine priority): no load ahead of an interactive request.
+    background: AtomicU64,
+    /// Uncached prompt tokens of requests sent here that have not had their first token.
+    prefilling: AtomicU64,
+    /// Of `prefilling`, the background requests' tokens.
+    background_prefilling: AtomicU64,
     /// Effective weight (`f64` bits), kept current by [`Selector::refresh`](crate::Selector::refresh).
     effective_weight: AtomicU64,
-    /// Slow-start factor of the last refresh (`f64` bits), 1 outside a ramp.
-    ramp_factor: AtomicU64,
     /// Learned speed against the pool (`f64` bits), kept current by the refresh: 1 until
     /// answers teach otherwise.
     learned_speed: AtomicU64,
-    /// Start of the current slow-start ramp (nanoseconds), or `NO_RAMP`.
-    ramp_since: AtomicU64,
-    /// [`Unavailable`] bits.
-    unavailable: AtomicU8,
-    /// Nanoseconds until which the endpoint's circuit is open (0: closed).
-    circuit_open_until: AtomicU64,
-    /// What the engine last reported, and its loaded LoRA adapters.
-    engine: EngineSignals,
     /// `in_flight` when the engine last reported: the rest of its report is others' load
     /// (see [`LoadSignals::engine_requests`]).
     in_flight_at_report: AtomicU64,
     /// `background` when the engine last reported: its part of the report.
     background_at_report: AtomicU64,
+    /// What the engine last reported, and its loaded LoRA adapters.
+    engine: EngineSignals,
+    /// Nanoseconds until which the endpoint's circuit is open (0: closed).
+    circuit_open_until: AtomicU64,
+    /// [`Unavailable`] bits.
+    unavailable: AtomicU8,
     /// What its answers taught about its speed.
     perf: perf::PerfModel,
-    /// Uncached prompt tokens of requests sent here that have not had their first token.
-    prefilling: AtomicU64,
-    /// Of the requests in flight, those the engine runs behind interactive ones (batch
-    /// requests of a lower engine priority): no load ahead of an interactive request.
-    background: AtomicU64,
-    /// Of `prefilling`, the background requests' tokens.
-    background_prefilling: AtomicU64,
+    in_flight_tokens: AtomicU64,
+    latency: PeakEwma,
+    consecutive_failures: AtomicU32,
+    /// Utilization reported by the backend, in parts per million; `u32::MAX` when unknown.
+    utilization_ppm: AtomicU32,
+    /// Slow-start factor of the last refresh (`f64` bits), 1 outside a ramp.
+    ramp_factor: AtomicU64,
+    /// Start of the current slow-start ramp (nanoseconds), or `NO_RAMP`.
+    ramp_since: AtomicU64,
     /// The first block each such request computes (0: a free slot): a prefix the index says
     /// is here is not cached yet from that block on.
     computing: [AtomicU64; COMPUTING_SLOTS],
@@ -768,6 +773,40 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pick_reads_three_cache_lines_of_an_endpoint() {
+        use std::mem::{offset_of, size_of};
+        type L = LoadSignals;
+        // Counts and capacity: the first line.
+        for end in [
+            offset_of!(L, in_flight),
+            offset_of!(L, background),
+            offset_of!(L, prefilling),
+            offset_of!(L, background_prefilling),
+            offset_of!(L, effective_weight),
+            offset_of!(L, learned_speed),
+            offset_of!(L, in_flight_at_report),
+            offset_of!(L, background_at_report),
+        ] {
+            assert!(end + 8 <= 64, "{end}");
+        }
+        // The engine's report, availability and the start of the learned performance: the
+        // fourth; the rest of it, the fifth.
+        let engine = offset_of!(L, engine);
+        for at in [
+            engine + offset_of!(EngineSignals, packed),
+            engine + offset_of!(EngineSignals, at),
+            offset_of!(L, circuit_open_until),
+            offset_of!(L, unavailable),
+        ] {
+            assert_eq!(at / 64, 3, "{at}");
+        }
+        let published = offset_of!(L, perf) + offset_of!(perf::PerfModel, published);
+        assert_eq!(published / 64, 3);
+        assert_eq!((published + size_of::<perf::Published>() - 1) / 64, 4);
+        assert_eq!(std::mem::align_of::<L>(), 64);
+    }
 
     fn signals() -> Arc<LoadSignals> {
         Arc::new(LoadSignals::new(NonZeroU32::MIN, &LatencyConfig::default(), Instant::ZERO))

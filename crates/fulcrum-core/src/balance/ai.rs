@@ -125,8 +125,8 @@ impl IndexView {
 
     /// The share of its index capacity each of the endpoints `idxs` holds, written into `out`
     /// in that order (one lock, no allocation).
-    pub(crate) fn occupancy_of(&self, idxs: &[usize], out: &mut [f64]) {
-        self.index.occupancy_into(idxs.iter().map(|&i| self.keys.get(i).copied()), out);
+    pub(crate) fn occupancy_of(&self, idxs: impl Iterator<Item = usize>, out: &mut [f64]) {
+        self.index.occupancy_into(idxs.map(|i| self.keys.get(i).copied()), out);
     }
 
     /// Records that endpoint `idx` now holds `prefix`.

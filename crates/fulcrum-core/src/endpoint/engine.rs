@@ -42,14 +42,18 @@ pub struct EngineLoad {
 }
 
 /// Lock-free storage of the latest engine report and loaded adapters.
+///
+/// The report comes last (`repr(C)`): [`LoadSignals`](super::LoadSignals) lays it out in one
+/// cache line with the fields a pick reads after it.
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct EngineSignals {
-    /// waiting | running << 21 | kv ppm << 42.
-    packed: AtomicU64,
-    /// Nanoseconds of the report, plus one; `NEVER` when there is none.
-    at: AtomicU64,
     /// Adapter name hashes (never zero); zero marks a free slot.
     adapters: [AtomicU64; MAX_ADAPTERS],
+    /// waiting | running << 21 | kv ppm << 42.
+    pub(super) packed: AtomicU64,
+    /// Nanoseconds of the report, plus one; `NEVER` when there is none.
+    pub(super) at: AtomicU64,
 }
 
 fn adapter_hash(name: &str) -> u64 {

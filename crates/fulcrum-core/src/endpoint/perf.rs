@@ -333,9 +333,11 @@ fn mean((w, s): (f64, f64), prior: f64) -> f64 {
     (s + PRIOR_WEIGHT * prior) / (w + PRIOR_WEIGHT)
 }
 
-/// A [`Perf`] readers load without a lock: each field an atomic.
+/// A [`Perf`] readers load without a lock: each field an atomic, in the order declared
+/// (`repr(C)`: 96 bytes, for [`LoadSignals`](super::LoadSignals)'s layout).
 #[derive(Debug)]
-struct Published {
+#[repr(C)]
+pub(super) struct Published {
     prefill: AtomicU64,
     overhead: AtomicU64,
     occupancy: AtomicU64,
@@ -412,10 +414,11 @@ impl Published {
     }
 }
 
-/// One endpoint's learned performance.
+/// One endpoint's learned performance: what readers load first (`repr(C)`).
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct PerfModel {
-    published: Published,
+    pub(super) published: Published,
     fit: Mutex<Fit>,
 }
 
