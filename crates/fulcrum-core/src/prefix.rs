@@ -60,8 +60,10 @@ use crate::hash::Keyed;
 /// Default capacity of each endpoint's list, in blocks: 8,192 blocks of 64 tokens hold
 /// 512 Ki tokens, about the KV cache of an 80 GB GPU serving an 8B model.
 pub const DEFAULT_CACHE_BLOCKS: u32 = 8_192;
-/// Most endpoints a block is known on.
-pub const MAX_HOLDERS: usize = 8;
+/// Most endpoints a block is known on: enough that in a large pool a system prompt most
+/// endpoints have cached is known as cached on many (8 was too few: bench/RESULTS.md, "A pick
+/// under 1 µs"), few enough to bound a lookup.
+pub const MAX_HOLDERS: usize = 32;
 
 const NIL: u32 = u32::MAX;
 

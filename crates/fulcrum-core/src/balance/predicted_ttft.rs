@@ -59,13 +59,17 @@
 //! is replicated as soon as its holder's queue or prefill backlog costs more than computing
 //! the prefix elsewhere. The prompt's blocks are then recorded against the chosen endpoint.
 //!
-//! **Cost**: one prefix-index lookup (O(blocks x 8) under its lock) plus O(1) a candidate,
-//! without allocating. In pools of more than [`SAMPLE_ABOVE`] endpoints the candidates are the
-//! endpoints holding a prefix of the prompt (at most 8) plus [`SAMPLED`] others drawn at random
-//! (power of k choices), so a pick stays O(blocks + k) at any pool size: about 0.6 µs at 1,000
-//! endpoints and 0.45 µs at 8 (criterion, `bench/RESULTS.md`). On the matrix's pools of 64,
-//! 128 and 256 endpoints, sampling 8 or 16, or weighing every endpoint, routed alike (TTFT p99
-//! and hit rate within the seeds' spread).
+//! **Cost**: one prefix-index lookup (O(blocks x holders) under its lock) plus O(1) a
+//! candidate, without allocating. In pools of more than [`SAMPLE_ABOVE`] endpoints the
+//! candidates are at most [`HOLDER_CANDIDATES`] endpoints holding a prefix of the prompt (the
+//! holder of the longest, and others drawn at random) plus [`SAMPLED`] others drawn at random
+//! (power of k choices), so a pick stays O(blocks + k) at any pool size: about 0.65 µs at 1,000
+//! endpoints and 0.45 µs at 8 (`bench/RESULTS.md`). On the matrix's pools of 64, 128 and 256
+//! endpoints, sampling 8 or 16, or weighing every endpoint, routed alike (TTFT p99 and hit rate
+//! within the seeds' spread). What mattered there was how many holders of a block the index
+//! knows ([`MAX_HOLDERS`], 32): with 8, a system prompt that every
+//! endpoint had cached counted as cached on 8 of them only, and TTFT p99 on 256 endpoints at
+//! uneven speeds was twice as high.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -79,8 +83,13 @@ use std::time::Duration;
 
 /// Pools larger than this sample their candidates.
 pub const SAMPLE_ABOVE: usize = 32;
-// A sampled pick's candidates fit where a small pool's do.
-const _: () = assert!(MAX_HOLDERS + SAMPLED <= SAMPLE_ABOVE);
+/// Prefix holders weighed in a sampled pick: the holder of the longest prefix and others drawn
+/// at random (the index knows up to [`MAX_HOLDERS`] of each block; the others count their
+/// blocks when drawn among the endpoints).
+pub const HOLDER_CANDIDATES: usize = 8;
+/// Room for a pick's candidates: a small pool's endpoints, or a sampled pick's holders (all of
+/// them, before the longest are chosen) and draws.
+const MAX_CANDIDATES: usize = if MAX_HOLDERS + SAMPLED > SAMPLE_ABOVE { MAX_HOLDERS + SAMPLED } else { SAMPLE_ABOVE };
 /// Endpoints drawn at random in a sampled pick, besides the prefix holders.
 pub const SAMPLED: usize = 8;
 /// Share of the prefill backlog a new request is taken to wait for.
@@ -234,7 +243,7 @@ impl Balance for PredictedTtft {
         // The candidates and the blocks each holds, on the stack (no allocation a pick): in
         // small pools every endpoint, from a rotating start; in large ones the holders and a
         // sample.
-        let mut candidates = [(0usize, 0u32); SAMPLE_ABOVE];
+        let mut candidates = [(0usize, 0u32); MAX_CANDIDATES];
         let len = if n <= SAMPLE_ABOVE {
             for (i, slot) in candidates[..n].iter_mut().enumerate() {
                 let idx = if start + i < n { start + i } else { start + i - n };
@@ -242,14 +251,25 @@ impl Balance for PredictedTtft {
             }
             n
         } else {
-            // The holders, then distinct endpoints drawn at random (a multiply and shift maps
-            // the draw onto the pool: no division).
+            // A multiply and shift maps a draw onto `0..k`: no division.
+            let mut draw = |k: usize| ((u128::from(cx.rng.next_u64()) * k as u128) >> 64) as usize;
+            // The holders: when there are more than HOLDER_CANDIDATES, the holder of the
+            // longest prefix and others drawn at random. Then distinct endpoints drawn at
+            // random.
+            let mut len = held.min(HOLDER_CANDIDATES);
             candidates[..held].copy_from_slice(holders);
-            let mut len = held;
+            if held > len {
+                let top = (0..held).max_by_key(|&i| candidates[i].1).unwrap_or(0);
+                candidates.swap(0, top);
+                for i in 1..len {
+                    let j = i + draw(held - i);
+                    candidates.swap(i, j);
+                }
+            }
             for _ in 0..SAMPLED {
-                let idx = ((u128::from(cx.rng.next_u64()) * n as u128) >> 64) as usize;
+                let idx = draw(n);
                 if !candidates[..len].iter().any(|c| c.0 == idx) {
-                    candidates[len] = (idx, 0);
+                    candidates[len] = (idx, blocks_of(idx));
                     len += 1;
                 }
             }
@@ -258,7 +278,7 @@ impl Balance for PredictedTtft {
         let candidates = &candidates[..len];
         // How full each candidate's index is, under one lock (for the eviction cost and near
         // ties; nothing to read for a request without a prefix).
-        let mut fullness = [0.0f64; SAMPLE_ABOVE];
+        let mut fullness = [0.0f64; MAX_CANDIDATES];
         if !prefix.is_empty() {
             self.index.occupancy_of(candidates.iter().map(|c| c.0), &mut fullness[..len]);
         }
@@ -535,6 +555,32 @@ mod tests {
         computing.first_token(Instant::from_millis(900));
         let ready = pool.endpoints()[first].signals().ready_blocks(&prefix, prefix.len() as u32);
         assert_eq!(ready, prefix.len() as u32);
+    }
+
+    #[test]
+    fn among_many_holders_of_a_system_prompt_the_conversation_finds_its_own() {
+        // 24 endpoints of 200 hold a system prompt (more than a sampled pick weighs); one of
+        // them also holds the conversation that follows it.
+        let pool = pool(200);
+        let mut rng = SmallRng::seed_from_u64(5);
+        let system = "s".repeat(8_000);
+        let prompt = text_prefix("m", &system, 256, 100);
+        let conversation = text_prefix("m", &format!("{system}{}", "c".repeat(4_000)), 256, 100);
+        let on = |pool: &Selector, idx: usize, prefix: &[u64], rng: &mut SmallRng| {
+            let f = facts(prefix, 3_000);
+            let now = Instant::from_millis(600);
+            let p = pool.pick_detailed(&f, now, rng, |e| *e.id() == *pool.endpoints()[idx].id()).unwrap();
+            assert_eq!(p.index, idx);
+        };
+        for idx in 0..24 {
+            on(&pool, idx * 7, &prompt, &mut rng);
+        }
+        on(&pool, 70, &conversation, &mut rng);
+        for _ in 0..20 {
+            let (idx, done) = send(&pool, &facts(&conversation, 3_000), &mut rng);
+            assert_eq!(idx, 70);
+            drop(done);
+        }
     }
 
     #[test]
