@@ -67,9 +67,9 @@
 //! endpoints and 0.45 µs at 8 (`bench/RESULTS.md`). On the matrix's pools of 64, 128 and 256
 //! endpoints, sampling 8 or 16, or weighing every endpoint, routed alike (TTFT p99 and hit rate
 //! within the seeds' spread). What mattered there was how many holders of a block the index
-//! knows ([`MAX_HOLDERS`], 32): with 8, a system prompt that every
-//! endpoint had cached counted as cached on 8 of them only, and TTFT p99 on 256 endpoints at
-//! uneven speeds was twice as high.
+//! knows ([`MAX_HOLDERS`], 32): with 8, a system prompt that every endpoint had cached counted
+//! as cached on 8 of them only, and TTFT p99 on 256 endpoints at uneven speeds was twice as
+//! high.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -88,7 +88,7 @@ pub const SAMPLE_ABOVE: usize = 32;
 /// blocks when drawn among the endpoints).
 pub const HOLDER_CANDIDATES: usize = 8;
 /// Room for a pick's candidates: a small pool's endpoints, or a sampled pick's holders (all of
-/// them, before the longest are chosen) and draws.
+/// them, before [`HOLDER_CANDIDATES`] are chosen) and draws.
 const MAX_CANDIDATES: usize = if MAX_HOLDERS + SAMPLED > SAMPLE_ABOVE { MAX_HOLDERS + SAMPLED } else { SAMPLE_ABOVE };
 /// Endpoints drawn at random in a sampled pick, besides the prefix holders.
 pub const SAMPLED: usize = 8;

@@ -599,8 +599,11 @@ async fn other_clients_low_priority_queues_are_learned_not_to_delay_ours() {
     stop.store(true, Ordering::Relaxed);
     let learned = (others(0), others(1));
     assert!(learned.0 < 0.5 && learned.1 < 0.5, "others' weight after {rounds} rounds: {learned:?}");
+    // Neither endpoint is left out. One round (80 requests) can be all there is, and on a
+    // loaded machine its split is uneven (17 / 63 was seen in CI): at least an eighth each.
     let counts: Vec<u64> = running.counts().iter().map(|c| c.1).collect();
-    assert!(counts.iter().all(|&n| n >= 20), "both endpoints serve: {counts:?}");
+    let total: u64 = counts.iter().sum();
+    assert!(counts.iter().all(|&n| n * 8 >= total), "both endpoints serve: {counts:?}");
     running.shutdown().await;
     for t in naive {
         t.abort();
