@@ -61,8 +61,8 @@ use crate::hash::Keyed;
 /// 512 Ki tokens, about the KV cache of an 80 GB GPU serving an 8B model.
 pub const DEFAULT_CACHE_BLOCKS: u32 = 8_192;
 /// Most endpoints a block is known on: enough that in a large pool a system prompt most
-/// endpoints have cached is known as cached on many (8 was too few: bench/RESULTS.md, "A pick
-/// under 1 µs"), few enough to bound a lookup.
+/// endpoints have cached is known as cached on many (8 was too few: bench/RESULTS.md, "The index
+/// knows 32 holders of a block, not 8"), few enough to bound a lookup.
 pub const MAX_HOLDERS: usize = 32;
 
 const NIL: u32 = u32::MAX;

@@ -246,8 +246,11 @@ impl Balance for PredictedTtft {
         let mut candidates = [(0usize, 0u32); MAX_CANDIDATES];
         let len = if n <= SAMPLE_ABOVE {
             for (i, slot) in candidates[..n].iter_mut().enumerate() {
-                let idx = if start + i < n { start + i } else { start + i - n };
-                *slot = (idx, blocks_of(idx));
+                *slot = (if start + i < n { start + i } else { start + i - n }, 0);
+            }
+            // Each holder's blocks at its place in the rotation.
+            for &(idx, blocks) in holders {
+                candidates[if idx >= start { idx - start } else { idx + n - start }].1 = blocks;
             }
             n
         } else {
@@ -287,10 +290,10 @@ impl Balance for PredictedTtft {
         // ...and of the best over its load bound, taken only when every candidate is.
         let mut over: Option<(usize, f64, u32, f64)> = None;
         let bound = LoadBound::new(pool, cx.facts.background);
-        for (&(idx, held), &full) in candidates.iter().zip(&fullness) {
+        for (&(idx, indexed), &full) in candidates.iter().zip(&fullness) {
             let e = &pool.endpoints[idx];
             // Blocks a prefill still in progress there computes are not cached yet.
-            let blocks = match held {
+            let blocks = match indexed {
                 0 => 0,
                 m => e.signals().ready_blocks(prefix, m),
             };
